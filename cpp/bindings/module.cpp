@@ -1,0 +1,159 @@
+// qdqfold_native: the thin binding. Arguments are converted with the GIL held, the C++ work runs inside one
+// explicit gil_scoped_release block, and the Python objects are made after it. The input is read in place
+// through the buffer protocol (bytes, bytearray, memoryview, mmap): it is never copied.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <functional>
+#include <string>
+
+#include "../core/api.h"
+
+namespace py = pybind11;
+using qdqfold::Options;
+
+#ifndef QDQFOLD_VERSION
+#define QDQFOLD_VERSION "0.0.0"
+#endif
+
+namespace {
+
+// Every option: its keyword, the member it sets. Kept in one table so the binding, the error for an unknown
+// keyword and `options()` agree.
+struct OptionSpec {
+  const char* name;
+  bool Options::*member;
+};
+const OptionSpec kOptions[] = {
+    {"fold_backward", &Options::fold_backward},
+    {"fold_forward", &Options::fold_forward},
+    {"pad_correction", &Options::pad_correction},
+    {"allow_opset_upgrade", &Options::allow_opset_upgrade},
+    {"allow_nonzero_zero_point", &Options::allow_nonzero_zero_point},
+    {"materialize_quantized_weights", &Options::materialize_quantized_weights},
+    {"drop_activation_quantizers", &Options::drop_activation_quantizers},
+};
+
+Options parse_options(const py::kwargs& kwargs) {
+  Options options;
+  for (auto item : kwargs) {
+    const auto key = py::cast<std::string>(item.first);
+    const OptionSpec* spec = nullptr;
+    for (const auto& s : kOptions)
+      if (key == s.name) spec = &s;
+    if (!spec) {
+      std::string known;
+      for (const auto& s : kOptions) known += std::string(known.empty() ? "" : ", ") + s.name;
+      throw py::type_error("unknown option '" + key + "'; the options are: " + known);
+    }
+    if (!PyBool_Check(item.second.ptr()))
+      throw py::type_error("option '" + key + "' takes True or False");
+    options.*(spec->member) = item.second.cast<bool>();
+  }
+  return options;
+}
+
+// Holds a Py_buffer for the duration of a call.
+class InputBuffer {
+ public:
+  explicit InputBuffer(const py::object& obj) {
+    if (PyUnicode_Check(obj.ptr()))
+      throw py::type_error("fold() takes the model's bytes (bytes, bytearray, memoryview or mmap), not a str path");
+    if (PyObject_GetBuffer(obj.ptr(), &view_, PyBUF_SIMPLE) != 0) throw py::error_already_set();
+  }
+  ~InputBuffer() { PyBuffer_Release(&view_); }
+  InputBuffer(const InputBuffer&) = delete;
+  InputBuffer& operator=(const InputBuffer&) = delete;
+  std::string_view bytes() const { return {static_cast<const char*>(view_.buf), static_cast<size_t>(view_.len)}; }
+
+ private:
+  Py_buffer view_{};
+};
+
+py::dict report_to_dict(const qdqfold::Report& report) {
+  py::list bns;
+  for (const auto& r : report.batchnorms) {
+    py::dict d;
+    d["graph"] = r.graph;
+    d["node"] = r.node;
+    d["folded"] = r.folded;
+    d["direction"] = r.direction.empty() ? py::object(py::none()) : py::object(py::str(r.direction));
+    d["into"] = r.into;
+    d["into_op"] = r.into_op.empty() ? py::object(py::none()) : py::object(py::str(r.into_op));
+    d["code"] = r.code;
+    d["message"] = r.message;
+    d["exact"] = r.exact;
+    d["new_tensors"] = r.new_tensors;
+    py::dict metrics;
+    for (const auto& [k, v] : r.metrics) metrics[py::str(k)] = v;
+    d["metrics"] = metrics;
+    bns.append(d);
+  }
+  py::dict out;
+  out["batchnorms"] = bns;
+  return out;
+}
+
+// Parses and folds with the GIL released, allocates the result bytes with it held, then fills them with the
+// GIL released again: the output is written once, into its final buffer.
+std::pair<py::bytes, qdqfold::Report> run(const py::object& model, const py::kwargs& kwargs) {
+  const Options options = parse_options(kwargs);
+  InputBuffer input(model);
+  std::unique_ptr<qdqfold::FoldPlan> plan;
+  {
+    py::gil_scoped_release release;
+    plan = qdqfold::plan_fold(input.bytes(), options);
+  }
+  PyObject* out = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(plan->pieces.size()));
+  if (!out) throw py::error_already_set();
+  py::bytes result = py::reinterpret_steal<py::bytes>(out);
+  {
+    py::gil_scoped_release release;
+    plan->pieces.write_to(PyBytes_AS_STRING(out));
+  }
+  return {std::move(result), std::move(plan->report)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(qdqfold_native, m) {
+  m.doc() = "qdqfold's native core: folds BatchNormalization into neighbouring layers of an ONNX model, "
+            "quantized (QDQ) weights included, reading and writing the protobuf wire format directly.";
+  m.attr("__version__") = QDQFOLD_VERSION;
+  static py::exception<qdqfold::FoldError> fold_error(m, "FoldError", PyExc_ValueError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const qdqfold::FoldError& e) {
+      py::set_error(fold_error, e.what());
+    }
+  });
+
+  m.def(
+      "fold", [](const py::object& model, const py::kwargs& kwargs) { return run(model, kwargs).first; },
+      py::arg("model"),
+      "fold(model, **options) -> bytes\n\n"
+      "Folds every BatchNormalization it can fold exactly and returns the new model's bytes. `model` is any\n"
+      "bytes-like object holding a serialized ModelProto; it is read in place. Raises FoldError (a ValueError)\n"
+      "for input that is not a valid ONNX model. See options() for the keyword options and their defaults.");
+  m.def(
+      "fold_with_report",
+      [](const py::object& model, const py::kwargs& kwargs) {
+        auto [bytes, report] = run(model, kwargs);
+        return py::make_tuple(bytes, report_to_dict(report));
+      },
+      py::arg("model"),
+      "fold_with_report(model, **options) -> (bytes, dict)\n\n"
+      "As fold(), and also returns the report: {'batchnorms': [...]}, one entry per BatchNormalization\n"
+      "(subgraphs and functions included) with its graph, node name, whether it was folded, the direction\n"
+      "and the layer(s) it went into, or the reason code and sentence for keeping it.");
+  m.def(
+      "options",
+      []() {
+        py::dict d;
+        const Options defaults;
+        for (const auto& s : kOptions) d[s.name] = defaults.*(s.member);
+        return d;
+      },
+      "options() -> dict: every keyword option of fold() and its default.");
+}

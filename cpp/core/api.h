@@ -1,0 +1,28 @@
+// The core's entry point: parse a model, run every fold, and plan the output. The caller allocates
+// `pieces.size()` bytes (for Python, the bytes object itself) and calls `pieces.write_to`.
+#pragma once
+
+#include <memory>
+#include <string_view>
+
+#include "../graph/graph.h"
+#include "../wire/reader.h"
+#include "../wire/writer.h"
+#include "options.h"
+#include "report.h"
+
+namespace qdqfold {
+
+// Raised for input that is not a valid ONNX model; the message names the problem and where it was found.
+using FoldError = wire::WireError;
+
+struct FoldPlan {
+  std::unique_ptr<graph::Model> model;  // views into the input: the input must outlive the plan
+  wire::Arena arena;
+  wire::Pieces pieces;
+  Report report;
+};
+
+std::unique_ptr<FoldPlan> plan_fold(std::string_view model_bytes, const Options& options);
+
+}  // namespace qdqfold

@@ -1,0 +1,27 @@
+// Switches of a fold run. Each one is a keyword argument of qdqfold_native.fold with the same name and
+// default; bindings/module.cpp lists them, and python/qdqfold/__init__.pyi documents them.
+#pragma once
+
+namespace qdqfold {
+
+struct Options {
+  // Fold BN into the layer that produces its input (Conv/ConvTranspose/Gemm/MatMul -> BN).
+  bool fold_backward = true;
+  // Fold BN into the layer(s) that read its output (BN -> Conv/ConvTranspose/Gemm/MatMul), where exact.
+  bool fold_forward = true;
+  // BN -> padded Conv: fold anyway and add the exact border correction as one constant Add.
+  bool pad_correction = false;
+  // A per-tensor quantization scale needs DequantizeLinear's `axis` (opset >= 13) to become per-channel:
+  // allow raising the model's default-domain opset to 13 for that.
+  bool allow_opset_upgrade = false;
+  // Negative BN factor on an int8 channel holding -128: use the always-exact complement form
+  // (q' = -1 - q, z' = -1 - z), which gives a nonzero zero point.
+  bool allow_nonzero_zero_point = false;
+  // Float W -> QuantizeLinear -> DequantizeLinear: write the folded weight as integers behind a lone
+  // DequantizeLinear (ModelOpt's --dq_only form) instead of a float weight on the quantization grid.
+  bool materialize_quantized_weights = false;
+  // Conv -> Q -> DQ -> BN: drop that activation quantizer and fold anyway. Not exact; reported approximate.
+  bool drop_activation_quantizers = false;
+};
+
+}  // namespace qdqfold

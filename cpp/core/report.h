@@ -1,0 +1,29 @@
+// What a fold run did to each BatchNormalization: folded (into what, which way, exactly or not) or kept
+// (a stable reason code and a sentence naming what blocked it and which option, if any, would fold it).
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace qdqfold {
+
+struct BatchNormRecord {
+  std::string graph;       // "main", "main/<node>:<attribute>" for subgraphs, "function:<domain>.<name>"
+  std::string node;        // the BN node's name (or "BatchNormalization#<index>" when unnamed)
+  bool folded = false;
+  std::string direction;   // "backward" (into its producer) or "forward" (into its readers); empty if kept
+  std::vector<std::string> into;  // names of the layer node(s) that absorbed it
+  std::string into_op;     // their op type
+  std::string code;        // folded: the fold's name (e.g. "conv-bn"); kept: the reason code
+  std::string message;     // one sentence for people
+  bool exact = true;       // false only for folds an approximate option allowed
+  std::vector<std::string> new_tensors;
+  std::vector<std::pair<std::string, double>> metrics;  // e.g. largest bias rounding error
+};
+
+struct Report {
+  std::vector<BatchNormRecord> batchnorms;
+};
+
+}  // namespace qdqfold

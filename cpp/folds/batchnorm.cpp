@@ -1,0 +1,133 @@
+#include "batchnorm.h"
+
+#include <cmath>
+
+namespace qdqfold::folds {
+
+using graph::Graph;
+using graph::Node;
+
+bool BatchNormAffine::zero_shift() const {
+  for (double v : shift)
+    if (v != 0.0) return false;
+  return true;
+}
+
+// Dequantizes constant integers: (q - z) * s, per tensor or along `axis`.
+static std::optional<std::vector<double>> dequantized_constant(Graph& g, const Node& dq) {
+  if (dq.inputs.empty()) return std::nullopt;
+  auto q = g.constant(dq.inputs[0]);
+  auto s = dq.inputs.size() > 1 ? g.constant(dq.inputs[1]) : std::nullopt;
+  if (!q || !s) return std::nullopt;
+  std::optional<graph::ConstRef> z;
+  if (dq.inputs.size() > 2 && !dq.inputs[2].empty()) {
+    z = g.constant(dq.inputs[2]);
+    if (!z) return std::nullopt;
+  }
+  if (dq.attr_int("block_size", 0) != 0) return std::nullopt;
+  auto qv = q->tensor.values();
+  auto sv = s->tensor.values();
+  std::optional<std::vector<double>> zv = z ? z->tensor.values() : std::vector<double>(sv ? sv->size() : 0, 0.0);
+  if (!qv || !sv || !zv || zv->size() != sv->size() || sv->empty()) return std::nullopt;
+  const auto& dims = q->tensor.dims;
+  std::vector<double> out(qv->size());
+  if (sv->size() == 1) {
+    for (size_t i = 0; i < out.size(); ++i) out[i] = ((*qv)[i] - (*zv)[0]) * (*sv)[0];
+    return out;
+  }
+  int64_t rank = static_cast<int64_t>(dims.size());
+  int64_t axis = dq.attr_int("axis", 1);
+  if (axis < 0) axis += rank;
+  if (axis < 0 || axis >= rank || dims[axis] != static_cast<int64_t>(sv->size())) return std::nullopt;
+  int64_t inner = 1;
+  for (int64_t d = axis + 1; d < rank; ++d) inner *= dims[d];
+  for (size_t i = 0; i < out.size(); ++i) {
+    size_t c = (i / static_cast<size_t>(inner)) % sv->size();
+    out[i] = ((*qv)[i] - (*zv)[c]) * (*sv)[c];
+  }
+  return out;
+}
+
+std::optional<std::vector<double>> constant_values(Graph& g, const std::string& value) {
+  if (auto c = g.constant(value)) return c->tensor.values();
+  int p = g.producer(value);
+  if (p >= 0 && g.nodes[p].is("DequantizeLinear")) return dequantized_constant(g, g.nodes[p]);
+  return std::nullopt;
+}
+
+bool read_only_by(const Graph& g, const std::string& value, int reader) {
+  if (g.is_graph_output(value)) return false;
+  const auto& uses = g.uses(value);
+  return uses.size() == 1 && uses[0].node == reader && uses[0].slot >= 0;
+}
+
+std::variant<BatchNormAffine, Outcome> read_batchnorm(FoldContext& ctx, int bn) {
+  Graph& g = ctx.graph;
+  const Node& n = g.nodes[bn];
+  const int64_t version = g.opset("");
+  if (n.outputs.size() > 1) {
+    for (size_t k = 1; k < n.outputs.size(); ++k)
+      if (!n.outputs[k].empty())
+        return Outcome::kept("training-form", "it has running-statistics outputs (training form), so it is not an "
+                                              "inference BatchNormalization");
+  }
+  if (n.attr_int("training_mode", 0) != 0)
+    return Outcome::kept("training-mode", "training_mode=1: it normalizes with batch statistics, not a fixed map");
+  if (version < 6 && n.attr("is_test") && n.attr_int("is_test", 0) == 0)
+    return Outcome::kept("training-mode", "is_test=0 (opset " + std::to_string(version) + "): training form");
+  if (version < 9 && n.attr_int("spatial", 1) != 1)
+    return Outcome::kept("not-per-channel", "spatial=0: its statistics are per element, not per channel");
+  if (n.inputs.size() < 5)
+    return Outcome::kept("malformed", "it has " + std::to_string(n.inputs.size()) + " inputs instead of 5");
+
+  BatchNormAffine affine;
+  static const char* names[] = {"scale", "B", "mean", "var"};
+  std::vector<double> p[4];
+  for (int k = 0; k < 4; ++k) {
+    const std::string& v = n.inputs[k + 1];
+    auto values = constant_values(g, v);
+    if (!values)
+      return Outcome::kept("non-constant-parameters",
+                           std::string("its ") + names[k] + " input '" + v + "' is not a constant");
+    p[k] = std::move(*values);
+    affine.parameter_values.push_back(v);
+  }
+  const size_t c = p[0].size();
+  for (int k = 1; k < 4; ++k)
+    if (p[k].size() != c)
+      return Outcome::kept("shape-mismatch", std::string("its ") + names[k] + " has " + std::to_string(p[k].size()) +
+                                                 " values but scale has " + std::to_string(c));
+  if (c == 0) return Outcome::kept("shape-mismatch", "its parameters are empty");
+  const double eps = n.attr_float("epsilon", 1e-5f);
+  affine.scale.resize(c);
+  affine.shift.resize(c);
+  for (size_t i = 0; i < c; ++i) {
+    for (int k = 0; k < 4; ++k)
+      if (!std::isfinite(p[k][i]))
+        return Outcome::kept("non-finite-parameters", std::string("its ") + names[k] + " holds NaN or Inf in channel " +
+                                                          std::to_string(i));
+    const double denom = p[3][i] + eps;
+    if (!(denom > 0))
+      return Outcome::kept("non-positive-variance", "var + epsilon <= 0 in channel " + std::to_string(i) +
+                                                        ": the original output is NaN there, a fold would hide it");
+    affine.scale[i] = p[0][i] / std::sqrt(denom);
+    affine.shift[i] = p[1][i] - p[2][i] * affine.scale[i];
+  }
+  if (auto x = g.shape_of(n.inputs[0]); x && x->size() >= 2 && (*x)[1] >= 0 && (*x)[1] != static_cast<int64_t>(c))
+    return Outcome::kept("shape-mismatch", "its input has " + std::to_string((*x)[1]) + " channels but " +
+                                               std::to_string(c) + " parameters");
+  return affine;
+}
+
+void remove_folded_batchnorm(Graph& g, int bn, const BatchNormAffine& affine) {
+  const std::string bn_input = g.nodes[bn].inputs[0];
+  g.remove_node(bn);
+  g.remove_value_info(bn_input);
+  for (const auto& v : affine.parameter_values) g.drop_if_unused(v);
+}
+
+std::string new_tensor_name(graph::Model& model, const std::string& old_name, const char* suffix) {
+  return model.fresh_name(old_name + suffix);
+}
+
+}  // namespace qdqfold::folds

@@ -1,0 +1,55 @@
+// The contract between the fold driver and the folds. A fold looks at one BatchNormalization node and either
+// does not apply (the pattern is not its own), keeps the BN for a stated reason (the pattern is its own but
+// a condition fails), or folds it. Conditions are checked cheapest first and nothing is edited until all of
+// them hold, so "kept" never leaves a half-edited graph.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "../core/options.h"
+#include "../core/report.h"
+#include "../graph/graph.h"
+
+namespace qdqfold::folds {
+
+struct FoldContext {
+  graph::Model& model;
+  graph::Graph& graph;
+  const Options& options;
+};
+
+enum class Verdict { NotApplicable, Kept, Folded };
+
+struct Outcome {
+  Verdict verdict = Verdict::NotApplicable;
+  std::string code;     // reason code (kept) or fold name (folded)
+  std::string message;
+  std::vector<std::string> into;
+  std::string into_op;
+  bool exact = true;
+  std::vector<std::string> new_tensors;
+  std::vector<std::pair<std::string, double>> metrics;
+
+  static Outcome not_applicable() { return {}; }
+  static Outcome kept(std::string code, std::string message) {
+    Outcome o;
+    o.verdict = Verdict::Kept;
+    o.code = std::move(code);
+    o.message = std::move(message);
+    return o;
+  }
+};
+
+using FoldFunction = Outcome (*)(FoldContext&, int bn_node);
+
+struct FoldRule {
+  const char* name;       // e.g. "conv-bn"
+  const char* direction;  // "backward" or "forward"
+  FoldFunction apply;
+};
+
+// Every fold, in the order the driver tries them (folds/registry.cpp).
+const std::vector<FoldRule>& fold_rules();
+
+}  // namespace qdqfold::folds

@@ -1,0 +1,353 @@
+// Graph queries and edits. Every edit keeps the producer/consumer index current, so a fold sees the graph
+// as the folds before it left it.
+#include <algorithm>
+
+#include "../wire/fields.h"
+#include "../wire/writer.h"
+#include "graph.h"
+
+namespace qdqfold::graph {
+
+using namespace wire;
+
+// ---------------------------------------------------------------- Node
+
+const Attribute* Node::attr(std::string_view n) const {
+  for (const auto& a : attributes)
+    if (a.name == n) return &a;
+  return nullptr;
+}
+int64_t Node::attr_int(std::string_view n, int64_t fallback) const {
+  const Attribute* a = attr(n);
+  return a && a->has_i ? a->i : fallback;
+}
+float Node::attr_float(std::string_view n, float fallback) const {
+  const Attribute* a = attr(n);
+  return a && a->has_f ? a->f : fallback;
+}
+std::vector<int64_t> Node::attr_ints(std::string_view n) const {
+  const Attribute* a = attr(n);
+  return a ? a->ints : std::vector<int64_t>{};
+}
+std::string Node::attr_string(std::string_view n, std::string fallback) const {
+  const Attribute* a = attr(n);
+  return a && a->has_s ? std::string(a->s) : fallback;
+}
+std::string Node::display_name(int index) const {
+  return name.empty() ? op_type + "#" + std::to_string(index) : name;
+}
+
+// ---------------------------------------------------------------- Graph: index
+
+static const std::vector<Use> kNoUses;
+
+void Graph::add_use(const std::string& value, Use use) {
+  if (!value.empty()) uses_[value].push_back(use);
+}
+void Graph::remove_use(const std::string& value, Use use) {
+  auto it = uses_.find(value);
+  if (it == uses_.end()) return;
+  auto& v = it->second;
+  auto pos = std::find_if(v.begin(), v.end(), [&](const Use& u) { return u.node == use.node && u.slot == use.slot; });
+  if (pos != v.end()) v.erase(pos);
+}
+
+bool Graph::defines(const std::string& value) const {
+  return producer_.count(value) || initializer_index_.count(value) || graph_inputs_.count(value);
+}
+
+void Graph::build_index() {
+  producer_.clear();
+  initializer_index_.clear();
+  uses_.clear();
+  graph_inputs_.clear();
+  graph_outputs_.clear();
+  outer_reads.clear();
+  for (size_t k = 0; k < initializers.size(); ++k) initializer_index_[initializers[k].name] = static_cast<int>(k);
+  for (const auto& v : inputs) graph_inputs_.insert(v.name);
+  for (const auto& v : outputs) graph_outputs_.insert(v.name);
+  for (size_t k = 0; k < nodes.size(); ++k) {
+    const Node& n = nodes[k];
+    if (n.removed) continue;
+    for (const auto& o : n.outputs)
+      if (!o.empty()) producer_[o] = static_cast<int>(k);
+  }
+  for (size_t k = 0; k < nodes.size(); ++k) {
+    const Node& n = nodes[k];
+    if (n.removed) continue;
+    for (size_t s = 0; s < n.inputs.size(); ++s) {
+      add_use(n.inputs[s], Use{static_cast<int>(k), static_cast<int>(s)});
+      if (!n.inputs[s].empty() && !defines(n.inputs[s])) outer_reads.insert(n.inputs[s]);
+    }
+    // Values read inside a subgraph but defined outside it are reads by this node.
+    std::unordered_set<std::string> seen;
+    for (const auto& sub : n.subgraphs)
+      for (const auto& v : sub->outer_reads)
+        if (seen.insert(v).second) {
+          add_use(v, Use{static_cast<int>(k), -1});
+          if (!defines(v)) outer_reads.insert(v);
+        }
+  }
+  for (const auto& v : outputs)
+    if (!defines(v.name)) outer_reads.insert(v.name);
+}
+
+const std::vector<Use>& Graph::uses(const std::string& value) const {
+  auto it = uses_.find(value);
+  return it == uses_.end() ? kNoUses : it->second;
+}
+int Graph::producer(const std::string& value) const {
+  auto it = producer_.find(value);
+  return it == producer_.end() ? -1 : it->second;
+}
+size_t Graph::reader_count(const std::string& value) const {
+  return uses(value).size() + (is_graph_output(value) ? 1 : 0);
+}
+
+int64_t Graph::opset(const std::string& domain) const {
+  const std::string d = domain == "ai.onnx" ? "" : domain;
+  if (kind == GraphKind::Function) {
+    auto it = function_opsets.find(d);
+    if (it != function_opsets.end()) return it->second;
+  }
+  const Graph* g = this;
+  while (g->parent) g = g->parent;
+  if (g->kind == GraphKind::Function) {
+    auto it = g->function_opsets.find(d);
+    if (it != g->function_opsets.end()) return it->second;
+  }
+  auto it = model->opsets.find(d);
+  return it == model->opsets.end() ? 0 : it->second;
+}
+
+std::optional<ConstRef> Graph::constant(const std::string& value) {
+  if (value.empty()) return std::nullopt;
+  auto init = initializer_index_.find(value);
+  if (init != initializer_index_.end()) {
+    // An initializer that is also a graph input can be overridden at run time: not a constant.
+    if (graph_inputs_.count(value) || initializer_removed[init->second]) return std::nullopt;
+    return ConstRef{this, init->second, -1, initializers[init->second]};
+  }
+  int p = producer(value);
+  if (p >= 0) {
+    const Node& n = nodes[p];
+    if (!n.is("Constant") || n.created) return std::nullopt;
+    ConstRef ref{this, -1, p, {}};
+    const std::string where = path + " Constant '" + n.display_name(p) + "'";
+    if (const Attribute* a = n.attr("value"); a && a->has_t) {
+      ref.tensor = parse_tensor(a->t, model->buffer.data(), where);
+      ref.tensor.name = value;
+      return ref;
+    }
+    return std::nullopt;  // value_float(s)/value_int(s) and sparse constants: not read as weights
+  }
+  if (graph_inputs_.count(value)) return std::nullopt;
+  if (parent) {
+    auto outer = parent->constant(value);
+    return outer;
+  }
+  return std::nullopt;
+}
+
+std::optional<std::vector<int64_t>> Graph::shape_of(const std::string& value) const {
+  auto from = [&](const std::vector<ValueInfo>& list) -> std::optional<std::vector<int64_t>> {
+    for (const auto& v : list) {
+      if (v.name != value || v.body.empty()) continue;
+      // ValueInfoProto.type -> TypeProto.tensor_type -> shape -> dim*
+      auto sub = [&](std::string_view body, uint32_t field) -> std::optional<std::string_view> {
+        Reader r(body, model->buffer.data());
+        std::optional<std::string_view> found;
+        while (!r.done()) {
+          Field f = r.next("value_info");
+          if (f.number == field && f.type == WireType::Bytes) found = f.bytes;
+        }
+        return found;
+      };
+      auto type = sub(v.body, num(ValueInfoField::Type));
+      if (!type) return std::nullopt;
+      auto tensor = sub(*type, num(TypeField::TensorType));
+      if (!tensor) return std::nullopt;
+      auto shape = sub(*tensor, num(TensorTypeField::Shape));
+      if (!shape) return std::nullopt;
+      std::vector<int64_t> dims;
+      Reader r(*shape, model->buffer.data());
+      while (!r.done()) {
+        Field f = r.next("shape");
+        if (f.number != num(ShapeField::Dim) || f.type != WireType::Bytes) continue;
+        int64_t d = -1;
+        Reader dr(f.bytes, model->buffer.data());
+        while (!dr.done()) {
+          Field g = dr.next("dim");
+          if (g.number == num(DimensionField::DimValue) && g.type == WireType::Varint) d = static_cast<int64_t>(g.scalar);
+        }
+        dims.push_back(d < 0 ? -1 : d);
+      }
+      return dims;
+    }
+    return std::nullopt;
+  };
+  if (auto s = from(inputs)) return s;
+  if (auto s = from(value_info)) return s;
+  if (auto s = from(outputs)) return s;
+  return std::nullopt;
+}
+
+// ---------------------------------------------------------------- Graph: edits
+
+void Graph::mark_dirty() {
+  for (Graph* g = this; g && !g->dirty; g = g->parent) g->dirty = true;
+}
+
+void Graph::set_input(int node, int slot, const std::string& value) {
+  Node& n = nodes[node];
+  if (slot >= static_cast<int>(n.inputs.size())) n.inputs.resize(slot + 1);
+  remove_use(n.inputs[slot], Use{node, slot});
+  n.inputs[slot] = value;
+  add_use(value, Use{node, slot});
+  n.edited = true;
+  mark_dirty();
+}
+
+void Graph::set_output(int node, int slot, const std::string& value) {
+  Node& n = nodes[node];
+  auto it = producer_.find(n.outputs[slot]);
+  if (it != producer_.end() && it->second == node) producer_.erase(it);
+  n.outputs[slot] = value;
+  producer_[value] = node;
+  n.edited = true;
+  mark_dirty();
+}
+
+void Graph::set_op_type(int node, const std::string& op_type) {
+  nodes[node].op_type = op_type;
+  nodes[node].edited = true;
+  mark_dirty();
+}
+
+void Graph::set_attribute(int node, const std::string& name, std::string payload) {
+  Node& n = nodes[node];
+  for (auto& [k, v] : n.set_attributes)
+    if (k == name) { v = std::move(payload); mark_dirty(); return; }
+  n.set_attributes.emplace_back(name, std::move(payload));
+  n.edited = true;
+  mark_dirty();
+}
+
+void Graph::remove_node(int node) {
+  Node& n = nodes[node];
+  if (n.removed) return;
+  for (size_t s = 0; s < n.inputs.size(); ++s) remove_use(n.inputs[s], Use{node, static_cast<int>(s)});
+  for (const auto& sub : n.subgraphs)
+    for (const auto& v : sub->outer_reads) remove_use(v, Use{node, -1});
+  for (const auto& o : n.outputs) {
+    auto it = producer_.find(o);
+    if (it != producer_.end() && it->second == node) producer_.erase(it);
+  }
+  n.removed = true;
+  mark_dirty();
+}
+
+int Graph::add_node(Node node, int insert_before) {
+  node.created = true;
+  node.insert_before = insert_before;
+  int k = static_cast<int>(nodes.size());
+  nodes.push_back(std::move(node));
+  const Node& n = nodes.back();
+  for (const auto& o : n.outputs) {
+    producer_[o] = k;
+    model->note_name(o);
+  }
+  for (size_t s = 0; s < n.inputs.size(); ++s) add_use(n.inputs[s], Use{k, static_cast<int>(s)});
+  mark_dirty();
+  return k;
+}
+
+void Graph::add_tensor(const std::string& name, std::string tensor_payload) {
+  model->note_name(name);
+  if (kind == GraphKind::Function) {
+    Node c;
+    c.op_type = "Constant";
+    c.name = name;  // node names are free-form; the value name is unique, so it serves
+    c.outputs = {name};
+    std::string attr;
+    put_bytes_field(attr, num(AttributeField::Name), "value");
+    put_varint_field(attr, num(AttributeField::Type), static_cast<uint64_t>(AttributeType::Tensor));
+    put_bytes_field(attr, num(AttributeField::T), tensor_payload);
+    c.set_attributes.emplace_back("value", std::move(attr));
+    add_node(std::move(c), 0);
+    return;
+  }
+  initializer_added.push_back(std::make_unique<std::string>(std::move(tensor_payload)));
+  // Index it as a constant: parse back the payload we just wrote (cheap: header fields only).
+  const std::string& stored = *initializer_added.back();
+  Tensor parsed = parse_tensor(stored, stored.data(), path + " new initializer");
+  int k = static_cast<int>(initializers.size());
+  initializers.push_back(parsed);
+  initializer_removed.push_back(false);
+  initializer_replaced.push_back(nullptr);
+  initializer_index_[name] = k;
+  mark_dirty();
+}
+
+void Graph::replace_initializer(int index, std::string tensor_payload) {
+  initializer_replaced[index] = std::make_unique<std::string>(std::move(tensor_payload));
+  const std::string& stored = *initializer_replaced[index];
+  initializers[index] = parse_tensor(stored, stored.data(), path + " replaced initializer");
+  mark_dirty();
+}
+
+void Graph::remove_value_info(const std::string& value) {
+  for (size_t k = 0; k < value_info.size(); ++k)
+    if (value_info[k].name == value && !value_info_removed[k]) {
+      value_info_removed[k] = true;
+      mark_dirty();
+    }
+}
+
+void Graph::drop_if_unused(const std::string& value) {
+  if (value.empty() || reader_count(value) > 0) return;
+  auto init = initializer_index_.find(value);
+  if (init != initializer_index_.end()) {
+    if (graph_inputs_.count(value) || initializer_removed[init->second]) return;
+    initializer_removed[init->second] = true;
+    initializer_index_.erase(init);
+    mark_dirty();
+    return;
+  }
+  int p = producer(value);
+  if (p >= 0 && nodes[p].is("Constant") && nodes[p].outputs.size() == 1) {
+    remove_node(p);
+  } else if (p >= 0 && nodes[p].is("DequantizeLinear") && nodes[p].outputs.size() == 1 && nodes[p].subgraphs.empty()) {
+    // A DequantizeLinear of constants that fed only the folded node goes with it, and so do its inputs.
+    for (const auto& in : nodes[p].inputs)
+      if (!in.empty() && !constant(in)) return;
+    const std::vector<std::string> dq_inputs = nodes[p].inputs;
+    remove_node(p);
+    for (const auto& in : dq_inputs) drop_if_unused(in);
+  } else if (p < 0 && parent) {
+    parent->drop_if_unused(value);
+  }
+}
+
+// ---------------------------------------------------------------- Model
+
+std::string Model::fresh_name(const std::string& base) {
+  std::string name = base;
+  for (int k = 1; names_.count(name); ++k) name = base + "_" + std::to_string(k);
+  names_.insert(name);
+  return name;
+}
+
+std::vector<Graph*> Model::all_graphs() {
+  std::vector<Graph*> out;
+  auto visit = [&](auto&& self, Graph* g) -> void {
+    out.push_back(g);
+    for (auto& n : g->nodes)
+      for (auto& s : n.subgraphs) self(self, s.get());
+  };
+  visit(visit, graph.get());
+  for (auto& f : functions) visit(visit, f.get());
+  return out;
+}
+
+}  // namespace qdqfold::graph

@@ -1,0 +1,186 @@
+// The graph index: a parsed view of a ModelProto that folds query and edit. Names, op types and attributes
+// are small copies; tensor data and every untouched message stay views into the caller's buffer. Edits are
+// recorded on the objects (removed, replaced, added) and applied by the writer (write.cpp), which copies
+// everything else through as byte ranges.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "../wire/reader.h"
+#include "../wire/writer.h"
+#include "tensor.h"
+
+namespace qdqfold::graph {
+
+struct Attribute {
+  std::string name;
+  int type = 0;  // AttributeProto.type as written (0 when the exporter left it out)
+  bool has_i = false, has_f = false, has_s = false, has_t = false;
+  int64_t i = 0;
+  float f = 0;
+  std::string_view s;
+  std::string_view t;  // TensorProto payload
+  std::vector<int64_t> ints;
+  std::vector<float> floats;
+  int graph_count = 0;  // how many graphs (g or graphs) it holds
+};
+
+class Graph;
+class Model;
+
+struct Node {
+  std::string name, op_type, domain;
+  std::vector<std::string> inputs, outputs;
+  std::vector<Attribute> attributes;
+  std::vector<std::unique_ptr<Graph>> subgraphs;
+  std::string_view body;  // NodeProto payload (empty for nodes a fold created)
+
+  // Edits, applied by the writer.
+  bool removed = false;
+  bool edited = false;                      // inputs, outputs, op_type or attributes changed
+  std::vector<std::pair<std::string, std::string>> set_attributes;  // name -> AttributeProto payload
+  bool created = false;                     // made by a fold; written from the fields above
+  int insert_before = -1;                   // for created nodes: position among the original nodes
+
+  bool is(std::string_view op) const { return op_type == op && (domain.empty() || domain == "ai.onnx"); }
+  const Attribute* attr(std::string_view n) const;
+  int64_t attr_int(std::string_view n, int64_t fallback) const;
+  float attr_float(std::string_view n, float fallback) const;
+  std::vector<int64_t> attr_ints(std::string_view n) const;
+  std::string attr_string(std::string_view n, std::string fallback = "") const;
+  std::string display_name(int index) const;
+};
+
+enum class GraphKind { Main, Subgraph, Function };
+
+struct Use {
+  int node;
+  int slot;  // input position; -1 when the value is read inside one of the node's subgraphs
+};
+
+// Where a constant came from, and its tensor.
+struct ConstRef {
+  Graph* graph = nullptr;  // the graph that holds it (may be an outer graph of the one asked)
+  int initializer = -1;    // index into graph->initializers, or
+  int constant_node = -1;  // index of the Constant node in graph->nodes
+  Tensor tensor;
+};
+
+struct ValueInfo {
+  std::string name;
+  std::string_view body;
+};
+
+class Graph {
+ public:
+  GraphKind kind = GraphKind::Main;
+  Graph* parent = nullptr;
+  Model* model = nullptr;
+  std::string path;        // for reports: "main", "main/If_0:then_branch", "function:domain.name"
+  std::string_view body;   // GraphProto / FunctionProto payload
+  int owner_attribute = -1, owner_position = -1;  // for subgraphs: which attribute of the owner node
+
+  std::vector<Node> nodes;
+  std::vector<Tensor> initializers;
+  std::vector<ValueInfo> inputs, outputs, value_info;
+  std::map<std::string, int64_t> function_opsets;  // FunctionProto.opset_import (functions only)
+
+  struct FieldRef {
+    uint32_t number;
+    std::string_view whole;
+    int index;  // position in nodes / initializers / value_info for those fields, else -1
+  };
+  std::vector<FieldRef> fields;
+
+  // Edits to initializers and value_info.
+  std::vector<bool> initializer_removed;
+  // New TensorProto payloads; heap strings, because the parsed Tensor views point into them.
+  std::vector<std::unique_ptr<std::string>> initializer_replaced;  // null where unchanged
+  std::vector<std::unique_ptr<std::string>> initializer_added;
+  std::vector<bool> value_info_removed;
+  size_t original_initializer_count = 0;  // initializers past this index were added by folds
+  bool dirty = false;
+
+  // ---- queries
+  const std::vector<Use>& uses(const std::string& value) const;
+  int producer(const std::string& value) const;  // node index, or -1
+  bool is_graph_output(const std::string& value) const { return graph_outputs_.count(value) > 0; }
+  bool is_graph_input(const std::string& value) const { return graph_inputs_.count(value) > 0; }
+  // Number of readers of a value: node inputs, subgraph reads and graph outputs.
+  size_t reader_count(const std::string& value) const;
+  // A constant by name: an initializer (not overridable as a graph input) or a Constant node's value, here
+  // or in an enclosing graph when this graph does not define the name.
+  std::optional<ConstRef> constant(const std::string& value);
+  // Static shape from value_info / inputs / outputs: dims, -1 where a dim is symbolic or unknown.
+  std::optional<std::vector<int64_t>> shape_of(const std::string& value) const;
+  int64_t opset(const std::string& domain = "") const;
+
+  // ---- edits (each keeps the index current and marks the graph dirty)
+  void set_input(int node, int slot, const std::string& value);
+  void set_output(int node, int slot, const std::string& value);
+  void set_op_type(int node, const std::string& op_type);
+  void set_attribute(int node, const std::string& name, std::string payload);
+  void remove_node(int node);
+  int add_node(Node node, int insert_before);
+  // Stores a tensor under `name` (a fresh name): an initializer in a graph, a Constant node in a function.
+  void add_tensor(const std::string& name, std::string tensor_payload);
+  void replace_initializer(int index, std::string tensor_payload);
+  void remove_value_info(const std::string& value);
+  // Removes the initializer or Constant node behind `value` if nothing reads it any more.
+  void drop_if_unused(const std::string& value);
+  void mark_dirty();
+
+  // Built by the parser.
+  void build_index();
+  std::unordered_set<std::string> outer_reads;  // names read here (or in nested graphs) but defined outside
+
+ private:
+  std::unordered_map<std::string, int> producer_;
+  std::unordered_map<std::string, int> initializer_index_;
+  std::unordered_map<std::string, std::vector<Use>> uses_;
+  std::unordered_set<std::string> graph_inputs_, graph_outputs_;
+  void add_use(const std::string& value, Use use);
+  void remove_use(const std::string& value, Use use);
+  bool defines(const std::string& value) const;
+};
+
+class Model {
+ public:
+  std::string_view buffer;
+  struct FieldRef {
+    uint32_t number;
+    std::string_view whole;
+    int index;  // graph: 0; functions: position in `functions`; else -1
+  };
+  std::vector<FieldRef> fields;
+  int64_t ir_version = 0;
+  std::map<std::string, int64_t> opsets;
+  std::unique_ptr<Graph> graph;
+  std::vector<std::unique_ptr<Graph>> functions;
+
+  // A name used nowhere in the model yet, derived from `base`.
+  std::string fresh_name(const std::string& base);
+  void note_name(const std::string& name) { names_.insert(name); }
+
+  // Every graph, outer before inner, then every function and its subgraphs.
+  std::vector<Graph*> all_graphs();
+
+ private:
+  std::unordered_set<std::string> names_;
+};
+
+// Serializes the model with its edits: untouched fields as views of the input, the rest re-encoded.
+wire::Pieces write_model(Model& model, wire::Arena& arena);
+
+// Parses a serialized ModelProto. Throws wire::WireError naming the problem and its byte offset.
+std::unique_ptr<Model> parse_model(std::string_view buffer);
+
+}  // namespace qdqfold::graph

@@ -1,0 +1,219 @@
+// Model -> bytes. Walks the recorded field list of every message on the path to an edit; everything else is
+// a view of the input, so a model with no edits is one view of the whole buffer: byte-identical.
+#include <unordered_map>
+
+#include "../wire/fields.h"
+#include "../wire/writer.h"
+#include "graph.h"
+
+namespace qdqfold::graph {
+
+using namespace wire;
+
+namespace {
+
+struct Writer {
+  explicit Writer(Arena& a) : arena(a) {}
+  Arena& arena;
+
+  void message(Pieces& out, uint32_t field, const Pieces& payload) {
+    out.view(arena.keep(bytes_header(field, payload.size())));
+    out.append(payload);
+  }
+  void owned(Pieces& out, uint32_t field, std::string_view payload_bytes) {
+    std::string s = bytes_header(field, payload_bytes.size());
+    s.append(payload_bytes);
+    out.view(arena.keep(std::move(s)));
+  }
+  void owned_string(Pieces& out, uint32_t field, std::string payload) {
+    out.view(arena.keep(bytes_header(field, payload.size())));
+    out.view(arena.keep(std::move(payload)));
+  }
+
+  bool has_dirty_subgraph(const Node& n, int attribute) const {
+    for (const auto& s : n.subgraphs)
+      if (s->owner_attribute == attribute && s->dirty) return true;
+    return false;
+  }
+
+  Pieces attribute_with_subgraphs(const Node& n, int attribute, std::string_view body) {
+    Pieces out;
+    Reader r(body, body.data());
+    int position = 0;
+    while (!r.done()) {
+      Field f = r.next("attribute");
+      if (f.number == num(AttributeField::G) || f.number == num(AttributeField::Graphs)) {
+        Graph* sub = nullptr;
+        for (const auto& s : n.subgraphs)
+          if (s->owner_attribute == attribute && s->owner_position == position) sub = s.get();
+        ++position;
+        if (sub && sub->dirty) {
+          message(out, f.number, graph(*sub));
+          continue;
+        }
+      }
+      out.view(f.whole);
+    }
+    return out;
+  }
+
+  std::string created_node(const Node& n) {
+    std::string s;
+    for (const auto& i : n.inputs) put_bytes_field(s, num(NodeField::Input), i);
+    for (const auto& o : n.outputs) put_bytes_field(s, num(NodeField::Output), o);
+    if (!n.name.empty()) put_bytes_field(s, num(NodeField::Name), n.name);
+    put_bytes_field(s, num(NodeField::OpType), n.op_type);
+    for (const auto& [name, payload] : n.set_attributes) put_bytes_field(s, num(NodeField::Attribute), payload);
+    if (!n.domain.empty()) put_bytes_field(s, num(NodeField::Domain), n.domain);
+    return s;
+  }
+
+  // An edited node keeps its fields in their places; inputs and outputs are written positionally, and
+  // attributes set by a fold replace the ones of the same name or follow the others.
+  Pieces edited_node(const Node& n) {
+    Pieces out;
+    if (n.created) {
+      out.view(arena.keep(created_node(n)));
+      return out;
+    }
+    size_t in = 0, outp = 0;
+    int attribute = 0;
+    std::vector<bool> attr_done(n.set_attributes.size(), false);
+    Reader r(n.body, n.body.data());
+    while (!r.done()) {
+      Field f = r.next("node");
+      switch (static_cast<NodeField>(f.number)) {
+        case NodeField::Input:
+          if (in < n.inputs.size()) owned(out, f.number, n.inputs[in]);
+          ++in;
+          break;
+        case NodeField::Output:
+          if (outp < n.outputs.size()) owned(out, f.number, n.outputs[outp]);
+          ++outp;
+          break;
+        case NodeField::OpType: owned(out, f.number, n.op_type); break;
+        case NodeField::Attribute: {
+          const std::string& name = n.attributes[attribute].name;
+          bool replaced = false;
+          for (size_t k = 0; k < n.set_attributes.size(); ++k)
+            if (n.set_attributes[k].first == name) {
+              owned(out, f.number, n.set_attributes[k].second);
+              attr_done[k] = true;
+              replaced = true;
+            }
+          if (!replaced) {
+            if (has_dirty_subgraph(n, attribute)) message(out, f.number, attribute_with_subgraphs(n, attribute, f.bytes));
+            else out.view(f.whole);
+          }
+          ++attribute;
+          break;
+        }
+        default: out.view(f.whole);
+      }
+    }
+    for (; in < n.inputs.size(); ++in) owned(out, num(NodeField::Input), n.inputs[in]);
+    for (; outp < n.outputs.size(); ++outp) owned(out, num(NodeField::Output), n.outputs[outp]);
+    for (size_t k = 0; k < n.set_attributes.size(); ++k)
+      if (!attr_done[k]) owned(out, num(NodeField::Attribute), n.set_attributes[k].second);
+    return out;
+  }
+
+  bool node_changed(const Node& n) const {
+    if (n.edited || n.created) return true;
+    for (const auto& s : n.subgraphs)
+      if (s->dirty) return true;
+    return false;
+  }
+
+  void node(Pieces& out, uint32_t field, const Node& n, std::string_view whole) {
+    if (n.removed) return;
+    if (!node_changed(n)) out.view(whole);
+    else message(out, field, edited_node(n));
+  }
+
+  // Nodes created by folds, by the position they go before (-1: after the last node).
+  std::unordered_map<int, std::vector<int>> created_at;
+
+  void created_before(Pieces& out, Graph& g, uint32_t field, int position) {
+    auto it = created_at.find(position);
+    if (it == created_at.end()) return;
+    for (int k : it->second)
+      if (!g.nodes[k].removed) message(out, field, edited_node(g.nodes[k]));
+  }
+
+  void initializer(Pieces& out, Graph& g, size_t k, std::string_view whole) {
+    if (g.initializer_removed[k]) return;
+    const uint32_t field = num(GraphField::Initializer);
+    if (g.initializer_replaced[k]) owned(out, field, *g.initializer_replaced[k]);
+    else if (k < g.original_initializer_count) out.view(whole);
+    else owned(out, field, *g.initializer_added[k - g.original_initializer_count]);
+  }
+
+  Pieces graph(Graph& g) {
+    Pieces out;
+    if (!g.dirty) {
+      out.view(g.body);
+      return out;
+    }
+    const bool function = g.kind == GraphKind::Function;
+    const uint32_t node_field = function ? num(FunctionField::Node) : num(GraphField::Node);
+    const uint32_t value_info_field = function ? num(FunctionField::ValueInfo) : num(GraphField::ValueInfo);
+    std::unordered_map<int, std::vector<int>> outer_created = std::move(created_at);
+    created_at.clear();
+    int original_nodes = 0;
+    for (size_t k = 0; k < g.nodes.size(); ++k) {
+      if (g.nodes[k].created) created_at[g.nodes[k].insert_before].push_back(static_cast<int>(k));
+      else ++original_nodes;
+    }
+    int last_node_field = -1, last_initializer_field = -1;
+    for (size_t k = 0; k < g.fields.size(); ++k) {
+      if (g.fields[k].number == node_field) last_node_field = static_cast<int>(k);
+      if (!function && g.fields[k].number == num(GraphField::Initializer)) last_initializer_field = static_cast<int>(k);
+    }
+    auto added_initializers = [&] {
+      for (size_t k = g.original_initializer_count; k < g.initializers.size(); ++k) initializer(out, g, k, {});
+    };
+    // New initializers go first when the graph has none, so that they precede the nodes like the rest.
+    if (!function && last_initializer_field < 0) added_initializers();
+    if (last_node_field < 0) created_before(out, g, node_field, 0);
+    for (size_t k = 0; k < g.fields.size(); ++k) {
+      const auto& f = g.fields[k];
+      if (f.number == node_field) {
+        created_before(out, g, node_field, f.index);
+        node(out, node_field, g.nodes[f.index], f.whole);
+        if (static_cast<int>(k) == last_node_field) created_before(out, g, node_field, -1);
+        if (static_cast<int>(k) == last_node_field && original_nodes > 0) created_before(out, g, node_field, original_nodes);
+      } else if (!function && f.number == num(GraphField::Initializer)) {
+        initializer(out, g, f.index, f.whole);
+        if (static_cast<int>(k) == last_initializer_field) added_initializers();
+      } else if (f.number == value_info_field && f.index >= 0) {
+        if (!g.value_info_removed[f.index]) out.view(f.whole);
+      } else {
+        out.view(f.whole);
+      }
+    }
+    if (last_node_field < 0) created_before(out, g, node_field, -1);
+    created_at = std::move(outer_created);  // subgraphs are written while their owner is being written
+    return out;
+  }
+
+  Pieces model(Model& m) {
+    Pieces out;
+    for (const auto& f : m.fields) {
+      if (f.number == num(ModelField::Graph) && m.graph->dirty) {
+        message(out, f.number, graph(*m.graph));
+      } else if (f.number == num(ModelField::Functions) && f.index >= 0 && m.functions[f.index]->dirty) {
+        message(out, f.number, graph(*m.functions[f.index]));
+      } else {
+        out.view(f.whole);
+      }
+    }
+    return out;
+  }
+};
+
+}  // namespace
+
+Pieces write_model(Model& model, Arena& arena) { return Writer(arena).model(model); }
+
+}  // namespace qdqfold::graph

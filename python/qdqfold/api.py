@@ -1,0 +1,93 @@
+"""The model-level API: fold an ``onnx.ModelProto``, serialized bytes, or a file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+import onnx
+import qdqfold_native
+
+from .report import FoldReport
+
+#: Every fold option and its default (keyword arguments of fold_model, fold_bytes and qdqfold_native.fold).
+OPTIONS: dict[str, bool] = qdqfold_native.options()
+
+ModelLike = Union[onnx.ModelProto, bytes, bytearray, memoryview, str, os.PathLike]
+
+
+def fold_bytes(data: bytes | bytearray | memoryview, **options: bool) -> tuple[bytes, FoldReport]:
+    """Folds a serialized model; returns the new model's bytes and the report."""
+    out, report = qdqfold_native.fold_with_report(data, **options)
+    return out, FoldReport.from_native(report)
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(
+        t.data_location == onnx.TensorProto.EXTERNAL
+        for t in onnx.external_data_helper._get_all_tensors(model)  # noqa: SLF001 (onnx's own walker)
+    )
+
+
+def load_model_bytes(path: str | os.PathLike) -> bytes:
+    """The serialized model at ``path``, with external data (if any) loaded through onnx's helpers."""
+    path = Path(path)
+    data = path.read_bytes()
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception:  # not parseable by protobuf either: let the native core name the problem
+        return data
+    if not _has_external_data(model):
+        return data
+    onnx.load_external_data_for_model(model, str(path.parent))
+    return model.SerializeToString()
+
+
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to a temporary file beside ``path`` and renames it, so ``path`` is never half-written."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def fold_model(model: ModelLike, *, output: str | os.PathLike | None = None, report: bool = False,
+               **options: bool) -> Any:
+    """Folds BatchNormalization nodes of ``model`` and returns the folded model in the same kind:
+
+    - an ``onnx.ModelProto`` gives a new ``onnx.ModelProto`` (the argument is not modified);
+    - bytes-like gives ``bytes``;
+    - a path gives a ``ModelProto``, or, when ``output`` is given, writes the folded model there
+      (atomically) and returns ``output`` as a ``Path``.
+
+    With ``report=True`` the result is a pair ``(folded, FoldReport)``. Keyword options are those of
+    :data:`OPTIONS`. Raises :class:`qdqfold.FoldError` for input that is not a valid ONNX model.
+    """
+    if isinstance(model, onnx.ModelProto):
+        folded_bytes, rep = fold_bytes(model.SerializeToString(), **options)
+        result: Any = onnx.ModelProto()
+        result.ParseFromString(folded_bytes)
+    elif isinstance(model, (bytes, bytearray, memoryview)):
+        result, rep = fold_bytes(model, **options)
+    elif isinstance(model, (str, os.PathLike)):
+        folded_bytes, rep = fold_bytes(load_model_bytes(model), **options)
+        if output is not None:
+            write_atomically(output, folded_bytes)
+            result = Path(output)
+        else:
+            result = onnx.ModelProto()
+            result.ParseFromString(folded_bytes)
+    else:
+        raise TypeError(f"fold_model() takes an onnx.ModelProto, bytes or a path, not {type(model).__name__}")
+    return (result, rep) if report else result
