@@ -5,9 +5,8 @@ fresh child process. Its peak RSS is the ru_maxrss that os.wait4() returns for e
 (no other process is counted, and nothing the parent does leaks into it). Runs go one at a time.
 After the last run of a tool its output is checked in yet another child: BatchNormalization nodes
 left, and the max |output deviation| from the original model, both run by onnxruntime with graph
-optimizations disabled on the same seeded random input.
-
-Models are built and checked in child processes too; see README.md for the columns.
+optimizations disabled on the same seeded random input. Models are built in a child as well.
+See README.md for the method and the columns.
 """
 
 from __future__ import annotations
@@ -130,8 +129,11 @@ def probe_tool(tool: Tool, env: dict) -> dict | None:
     """{"version", "file"} when the tool imports in a fresh interpreter, else None."""
     if tool.module is None:
         return {"version": "", "file": None}
-    proc = subprocess.run([sys.executable, str(TOOLS_SCRIPT), "probe", tool.module, tool.dist],
-                          env=env, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+    try:
+        proc = subprocess.run([sys.executable, str(TOOLS_SCRIPT), "probe", tool.module, tool.dist],
+                              env=env, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return None
     return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
 
 
@@ -147,9 +149,9 @@ def child_env(extra_paths: list[Path]) -> dict:
 
 def find_native_paths() -> list[Path]:
     """Folders in the repo that hold a built qdqfold_native*.so and the qdqfold package."""
-    found = {so.parent for so in REPO_DIR.glob("build*/**/qdqfold_native*.so")}
-    found |= {so.parent for so in (REPO_DIR / "python").glob("qdqfold_native*.so")}
-    paths = sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)[:1]  # newest build
+    built = [*REPO_DIR.glob("build*/**/qdqfold_native*.so"),
+             *(REPO_DIR / "python").glob("qdqfold_native*.so")]
+    paths = [max(built, key=lambda so: so.stat().st_mtime).parent] if built else []  # newest
     if (REPO_DIR / "python" / "qdqfold" / "__init__.py").exists():
         paths.append(REPO_DIR / "python")
     return paths
@@ -220,12 +222,14 @@ def _median_extra(extras: list[dict]) -> dict:
 
 def measure(tool: Tool, model: Model, runner: Runner, repeat: int, out_dir: Path,
             keep_outputs: bool) -> Measurement:
-    dst = out_dir / f"{model.name}.{tool.key}.onnx"
-    result = out_dir / f"{model.name}.{tool.key}.json"
+    name = f"{model.name}.{tool.key}"
+    dst = out_dir / f"{name}.onnx"
+    result = runner.log_dir / f"{name}.json"
     procs, seconds, extras = [], [], []
     for i in range(repeat):
         progress(f"  {tool.label}: run {i + 1}/{repeat}")
-        proc = runner.run(tool.command(model.path, dst, result), f"{model.name}.{tool.key}")
+        dst.unlink(missing_ok=True)  # never verify a stale output
+        proc = runner.run(tool.command(model.path, dst, result), name)
         if proc.status != "ok":
             dst.unlink(missing_ok=True)
             return Measurement(proc.status, note=proc.reason())
@@ -239,8 +243,7 @@ def measure(tool: Tool, model: Model, runner: Runner, repeat: int, out_dir: Path
     m = Measurement("ok", statistics.median(seconds), statistics.median(p.wall for p in procs),
                     max(p.maxrss_mb for p in procs), extra=_median_extra(extras))
     try:
-        check = runner.run_json(["verify", str(dst), str(model.reference)],
-                                f"{model.name}.{tool.key}.verify")
+        check = runner.run_json(["verify", str(dst), str(model.reference)], f"{name}.verify")
         m.bn_left, m.max_dev = check["bn_left"], check["max_dev"]
     except RuntimeError as err:
         m.note = f"output check failed: {str(err)[-60:]}"
@@ -363,14 +366,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def bench_model(kind: str, size: float, args: argparse.Namespace, runner: Runner,
+                available: dict[str, dict | None]) -> tuple[str, list[list[str]]]:
+    """Title and table rows for one model."""
+    progress(f"{kind} {size:g} MB: preparing model")
+    model = prepare_model(kind, size, args.seed, args.workdir, runner, args.rebuild)
+    repeat = args.repeat or (3 if model.path.stat().st_size < SMALL_MODEL_BYTES else 1)
+    out_dir = args.workdir / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = [(t, measure(t, model, runner, repeat, out_dir, args.keep_outputs)
+                if available[t.key] else Measurement("n/a", note="not importable"))
+               for t in TOOLS if t.key in args.tools]
+    return model_title(model, repeat), table_rows(results)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     env = child_env(qdqfold_paths(args.native_path))
-    tools = [t for t in TOOLS if t.key in args.tools]
     available = {t.key: probe_tool(t, env) for t in TOOLS}
     runner = Runner(env, args.timeout, args.workdir / "logs")
-    out_dir = args.workdir / "out"
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     print(machine_info())
     print(tools_info(available))
@@ -379,20 +393,16 @@ def main(argv: list[str] | None = None) -> None:
     tables = []
     for size in args.sizes:
         for kind in args.kinds:
-            progress(f"{kind} {size:g} MB: preparing model")
-            model = prepare_model(kind, size, args.seed, args.workdir, runner, args.rebuild)
-            repeat = args.repeat or (3 if model.path.stat().st_size < SMALL_MODEL_BYTES else 1)
-            results = [(t, measure(t, model, runner, repeat, out_dir, args.keep_outputs)
-                        if available[t.key] else Measurement("n/a", note="not importable"))
-                       for t in tools]
-            rows = table_rows(results)
-            title = model_title(model, repeat)
+            try:
+                title, rows = bench_model(kind, size, args, runner, available)
+            except RuntimeError as err:  # the model could not be built or run
+                print(f"\n{kind} {size:g} MB: skipped: {err}", flush=True)
+                continue
             tables.append((title, rows))
             print(f"\n{title}\n{format_table(HEADERS, rows, markdown=False)}", flush=True)
     if args.markdown:
         for title, rows in tables:
             print(f"\n**{title}**\n\n{format_table(HEADERS, rows, markdown=True)}")
-
 
 if __name__ == "__main__":
     main()

@@ -249,7 +249,7 @@ def width_for_size(kind: str, size_mb: float, fc_bn: bool = True) -> int:
     sizes = [initializer_bytes(build_model(kind, int(w), fc_bn=fc_bn)) for w in widths]
     a, b, c = np.polyfit(widths, sizes, 2)
     target = size_mb * 1e6
-    root = (-b + math.sqrt(b * b - 4 * a * (c - target))) / (2 * a)
+    root = (-b + math.sqrt(max(0.0, b * b - 4 * a * (c - target)))) / (2 * a)
     candidates = {max(1, math.floor(root)), max(1, math.ceil(root))}
     return min(candidates, key=lambda w: abs(a * w * w + b * w + c - target))
 

@@ -7,7 +7,7 @@
     python tools.py probe MODULE DIST                print {"version", "file"} if MODULE imports
 
 ``run`` imports the tool first, then times only the work (read, transform, write), and writes
-``{"seconds": ..., "extra": {...}}`` to RESULT.json. Tools print what they like to stdout; bench.py
+``{"seconds": ..., "extra": {...}}`` to RESULT.json; ``extra`` holds a tool's own side timings. Tools print what they like to stdout; bench.py
 sends it to a log file.
 """
 
@@ -51,13 +51,16 @@ def qdqfold_tool() -> Runner:
     import qdqfold_native
 
     def run(src: str, dst: str) -> dict:
+        start = time.perf_counter()
         data = _read(src)
-        # The floor for making a new buffer of the model's size: one fresh copy of the bytes.
-        copy, copy_s = _timed(lambda: bytearray(data))
-        del copy
         out, fold_s = _timed(lambda: qdqfold_native.fold(data))
         _write(dst, out)
-        return {"fold_s": fold_s, "copy_s": copy_s}
+        seconds = time.perf_counter() - start
+        del out
+        # Not part of the file -> file time: the floor for making a new buffer of the model's
+        # size, one fresh copy of the bytes, for the fold()/copy ratio.
+        _, copy_s = _timed(lambda: bytearray(data))
+        return {"seconds": seconds, "fold_s": fold_s, "copy_s": copy_s}
     return run
 
 
@@ -204,7 +207,8 @@ def main(argv: list[str]) -> None:
         name, src, dst, result = args
         run = TOOLS[name]()
         extra, seconds = _timed(lambda: run(src, dst))
-        out = {"seconds": seconds, "extra": extra}
+        # A tool that also times something besides its work reports its own work time.
+        out = {"seconds": extra.pop("seconds", seconds), "extra": extra}
     elif command in ("reference", "verify"):
         model, npz, result = args
         out = (reference if command == "reference" else verify)(model, npz)
