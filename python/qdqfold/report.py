@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .graphinfo import ModelInfo
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,11 @@ class FoldReport:
     def from_native(cls, data: dict[str, Any]) -> "FoldReport":
         return cls([BatchNormEntry(**entry) for entry in data["batchnorms"]])
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FoldReport":
+        """The inverse of :meth:`to_dict` (totals are recomputed, not read)."""
+        return cls.from_native(data)
+
     @property
     def folded(self) -> list[BatchNormEntry]:
         return [b for b in self.batchnorms if b.folded]
@@ -50,11 +58,67 @@ class FoldReport:
     def kept(self) -> list[BatchNormEntry]:
         return [b for b in self.batchnorms if not b.folded]
 
+    @property
+    def approximate(self) -> list[BatchNormEntry]:
+        """Folded BNs whose fold is not exact (only an approximate option allows those)."""
+        return [b for b in self.batchnorms if b.folded and not b.exact]
+
+    @property
+    def new_tensors(self) -> list[str]:
+        return [name for b in self.batchnorms for name in b.new_tensors]
+
     def kept_by_reason(self) -> Counter:
         return Counter(b.code for b in self.kept)
 
+    def folded_by_fold(self) -> Counter:
+        """Folded BNs counted by the fold that took them (its name, e.g. ``conv-bn``)."""
+        return Counter(b.code for b in self.folded)
+
+    def totals(self) -> dict[str, int]:
+        return {
+            "batchnorms": len(self.batchnorms),
+            "folded": len(self.folded),
+            "kept": len(self.kept),
+            "exact": sum(1 for b in self.folded if b.exact),
+            "approximate": len(self.approximate),
+            "backward": sum(1 for b in self.folded if b.direction == "backward"),
+            "forward": sum(1 for b in self.folded if b.direction == "forward"),
+            "new_tensors": len(self.new_tensors),
+        }
+
     def find(self, node: str) -> BatchNormEntry | None:
         return next((b for b in self.batchnorms if b.node == node), None)
+
+    def explain(self, node: str, model: "ModelInfo | None" = None) -> str:
+        """One BN's story for people: where it sits (when the original model's ``ModelInfo`` is given), what
+        happened to it and why. Raises ``KeyError`` (listing the BN names) when there is no such BN."""
+        entry = self.find(node)
+        if entry is None:
+            names = ", ".join(b.node for b in self.batchnorms) or "none"
+            raise KeyError(f"no BatchNormalization named {node!r}; the model's are: {names}")
+        lines = [f"BatchNormalization {entry.node}" + ("" if entry.graph == "main" else f" (graph {entry.graph})")]
+        if model is not None:
+            bn = next((n for n in model.nodes if n.graph == entry.graph and n.name == entry.node), None)
+            if bn is not None and bn.inputs and bn.outputs:
+                producer = model.producer(bn.inputs[0], entry.graph)
+                lines.append(f"  reads   {bn.inputs[0]!r} from "
+                             + (f"{producer.op_type} {producer.name}" if producer else "a graph input or constant"))
+                readers = model.readers(bn.outputs[0], entry.graph)
+                read_by = ", ".join(f"{r.op_type} {r.name}" for r in readers)
+                lines.append(f"  writes  {bn.outputs[0]!r}, read by " + (read_by or "nothing (a graph output)"))
+        if entry.folded:
+            how = "exactly" if entry.exact else "APPROXIMATELY (an approximate option allowed it)"
+            lines.append(f"  folded  {entry.direction} into {entry.into_op} {', '.join(entry.into)}, {how}"
+                         f" (fold {entry.code})")
+            if entry.new_tensors:
+                lines.append(f"  new tensors: {', '.join(entry.new_tensors)}")
+        else:
+            lines.append(f"  kept    [{entry.code}]")
+        if entry.message:
+            lines.append(f"  why     {entry.message}")
+        for key, value in entry.metrics.items():
+            lines.append(f"  {key} = {value:.6g}")
+        return "\n".join(lines)
 
     def summary(self) -> str:
         """A short summary: how many folded, how many kept and why."""
@@ -69,7 +133,9 @@ class FoldReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "totals": {"batchnorms": len(self.batchnorms), "folded": len(self.folded), "kept": len(self.kept)},
+            "totals": self.totals(),
+            "kept_by_reason": dict(sorted(self.kept_by_reason().items())),
+            "folded_by_fold": dict(sorted(self.folded_by_fold().items())),
             "batchnorms": [asdict(b) for b in self.batchnorms],
         }
 

@@ -1,0 +1,264 @@
+"""Folding model files: one (``fold_file_result``) or many in parallel (``fold_many``).
+
+Every model goes through :func:`fold_file_result`, which reads, folds, counts op types, writes and (on
+request) verifies one file, and reports any failure as a :class:`ModelError` naming the path. It is a plain
+module-level function taking plain arguments, so any ``concurrent.futures.Executor`` can run it: threads (the
+native fold releases the GIL), processes, or a Dask ``Client.get_executor()``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import onnx
+from qdqfold_native import FoldError
+
+from .api import fold_bytes, load_model_bytes, write_atomically
+from .graphinfo import ModelInfo, WireFormatError, read_model_info
+from .report import FoldReport
+from .verify import DEFAULT_TOLERANCE, VerifyError, VerifyResult, verify
+
+MODEL_SUFFIX = ".onnx"
+
+
+class ModelError(Exception):
+    """One model could not be folded; the message is one line that names the path."""
+
+
+@dataclass
+class VerifySettings:
+    """How to verify a fold (see :func:`qdqfold.verify`)."""
+
+    tolerance: float = DEFAULT_TOLERANCE
+    seed: int = 0
+    symbolic_size: int = 1
+    dims: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class ModelResult:
+    """What happened to one model file. ``error`` is set (and ``report`` is None) when it failed."""
+
+    input: str
+    output: str | None  # None for a dry run
+    written: bool = False
+    report: FoldReport | None = None
+    ops_before: dict[str, int] = field(default_factory=dict)
+    ops_after: dict[str, int] = field(default_factory=dict)
+    size_before: int = 0
+    size_after: int = 0
+    seconds: float = 0.0
+    verification: VerifyResult | None = None
+    error: str | None = None
+    traceback: str | None = None
+    model_info: ModelInfo | None = field(default=None, repr=False)  # the original's nodes, for --explain
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"input": self.input, "output": self.output, "written": self.written}
+        if self.error is not None:
+            data["error"] = self.error
+            return data
+        assert self.report is not None
+        data.update(self.report.to_dict())
+        data["op_types"] = {"before": self.ops_before, "after": self.ops_after}
+        data["size"] = {"before": self.size_before, "after": self.size_after}
+        data["seconds"] = round(self.seconds, 6)
+        if self.verification is not None:
+            data["verify"] = self.verification.to_dict()
+        return data
+
+
+def _missing_external_data(src: Path) -> list[str]:
+    """The external data files a model names that do not exist beside it."""
+    model = onnx.load_model(str(src), load_external_data=False)
+    missing = []
+    for tensor in onnx.external_data_helper._get_all_tensors(model):  # noqa: SLF001 (onnx's own walker)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            path = src.parent / location
+            if not path.is_file() and str(path) not in missing:
+                missing.append(str(path))
+    return missing
+
+
+def _read_model(src: Path) -> bytes:
+    if not src.exists():
+        raise ModelError(f"{src}: no such file")
+    if src.is_dir():
+        raise ModelError(f"{src}: is a directory, not a model file")
+    try:
+        return load_model_bytes(src)
+    except OSError as e:
+        raise ModelError(f"{src}: cannot read: {e.strerror or e}") from e
+    except Exception as e:  # onnx's external-data loader raises its own types
+        try:
+            missing = _missing_external_data(src)
+        except Exception:
+            missing = []
+        if missing:
+            raise ModelError(f"{src}: external data file missing: {', '.join(missing)}") from e
+        raise ModelError(f"{src}: cannot load: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def _fold_file(src: Path, dst: Path | None, options: dict[str, bool], make_parents: bool
+               ) -> tuple[bytes, bytes, FoldReport]:
+    """Reads ``src``, folds it and writes ``dst`` (unless None); returns (original, folded, report).
+
+    The one place where a file is folded: when the native core can fold file to file itself
+    (``qdqfold_native.fold_file``), this is what switches to it."""
+    data = _read_model(src)
+    try:
+        folded, report = fold_bytes(data, **options)
+    except FoldError as e:
+        raise ModelError(f"{src}: not a valid ONNX model: {e}") from e
+    if dst is not None:
+        try:
+            if make_parents:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(dst, folded)
+        except OSError as e:
+            raise ModelError(f"{dst}: cannot write: {e.strerror or e}") from e
+    return data, folded, report
+
+
+def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, options: dict[str, bool] | None = None,
+                     *, verification: VerifySettings | None = None, make_parents: bool = False) -> ModelResult:
+    """Folds the model file ``src`` into ``dst`` (None: a dry run, nothing written) and, with
+    ``verification``, runs both in onnxruntime. Raises :class:`ModelError` (one line naming the path)."""
+    start = time.perf_counter()
+    src, dst = Path(src), (Path(dst) if dst is not None else None)
+    original, folded, report = _fold_file(src, dst, options or {}, make_parents)
+    result = ModelResult(str(src), str(dst) if dst is not None else None, written=dst is not None, report=report,
+                         size_before=len(original), size_after=len(folded))
+    try:
+        result.model_info = read_model_info(original)
+        result.ops_before = dict(result.model_info.op_counts())
+        result.ops_after = dict(read_model_info(folded).op_counts())
+    except WireFormatError as e:  # the native core accepted it, so this is not expected; report, do not fail
+        raise ModelError(f"{src}: cannot list its nodes: {e}") from e
+    if verification is not None:
+        try:
+            result.verification = verify(original, folded, tolerance=verification.tolerance, seed=verification.seed,
+                                         symbolic_size=verification.symbolic_size, dims=verification.dims)
+        except VerifyError as e:
+            raise ModelError(f"{src}: cannot verify: {e}") from e
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def fold_file_captured(src: str, dst: str | None, options: dict[str, bool] | None = None,
+                       verification: VerifySettings | None = None, make_parents: bool = True,
+                       keep_traceback: bool = False) -> ModelResult:
+    """As :func:`fold_file_result`, but a failure comes back as a result with ``error`` set, never raised.
+    Unexpected exceptions are caught too, so one bad model never stops a batch."""
+    try:
+        result = fold_file_result(src, dst, options, verification=verification, make_parents=make_parents)
+        result.model_info = None  # not needed by batch callers; keeps results small to send between processes
+        return result
+    except ModelError as e:
+        return ModelResult(str(src), dst, error=str(e), traceback=traceback.format_exc() if keep_traceback else None)
+    except Exception as e:  # a bug: still one line, the traceback on request
+        return ModelResult(str(src), dst, error=f"{src}: internal error: {type(e).__name__}: {e}",
+                           traceback=traceback.format_exc() if keep_traceback else None)
+
+
+def _is_within(path: Path, directory: Path) -> bool:
+    try:
+        path.resolve().relative_to(directory.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def plan_outputs(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike | None, *,
+                 in_place: bool = False) -> list[tuple[Path, Path | None]]:
+    """(input, output) for every model: a directory contributes every ``*.onnx`` below it (recursively; a
+    model ``D/a/b.onnx`` goes to ``OUT/a/b.onnx``), a file ``F`` goes to ``OUT/<name of F>``. With
+    ``in_place`` each model is its own output; with neither ``out_dir`` nor ``in_place``, outputs are None
+    (a dry run). A path that does not exist is kept, so that its job reports it. Raises ``ValueError`` when
+    two inputs would be written to the same output."""
+    out = Path(out_dir) if out_dir is not None else None
+    plan: list[tuple[Path, Path | None]] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            # An output directory inside the input directory holds earlier outputs, not inputs.
+            skip = out if out is not None and _is_within(out, path) and out.resolve() != path.resolve() else None
+            found = sorted(p for p in path.rglob(f"*{MODEL_SUFFIX}")
+                           if p.is_file() and not p.name.startswith(".")
+                           and not (skip is not None and _is_within(p, skip)))
+            pairs = [(p, p.relative_to(path)) for p in found]
+        else:
+            pairs = [(path, Path(path.name))]
+        for src, relative in pairs:
+            dst = src if in_place else (out / relative if out is not None else None)
+            plan.append((src, dst))
+    seen: dict[Path, Path] = {}
+    for src, dst in plan:
+        if dst is None:
+            continue
+        key = dst.resolve()
+        if key in seen and seen[key] != src:
+            raise ValueError(f"{seen[key]} and {src} would both be written to {dst}")
+        seen[key] = src
+        if not in_place and src.exists() and src.resolve() == key:
+            raise ValueError(f"{dst} is its own input; pass --in-place to overwrite it")
+    return plan
+
+
+def iter_fold_many(plan: list[tuple[Path, Path | None]], executor: concurrent.futures.Executor, *,
+                   options: dict[str, bool] | None = None, verification: VerifySettings | None = None,
+                   keep_traceback: bool = False) -> Iterator[tuple[int, ModelResult]]:
+    """Submits every (input, output) of ``plan`` to ``executor`` and yields (index in plan, result) as each
+    finishes. A model that fails yields a result with ``error`` set; the others go on."""
+    futures = {
+        executor.submit(fold_file_captured, str(src), str(dst) if dst is not None else None, dict(options or {}),
+                        verification, True, keep_traceback): index
+        for index, (src, dst) in enumerate(plan)
+    }
+    for future in concurrent.futures.as_completed(futures):
+        index = futures[future]
+        try:
+            result = future.result()
+        except Exception as e:  # the executor itself failed (e.g. a worker died)
+            src, dst = plan[index]
+            result = ModelResult(str(src), str(dst) if dst is not None else None,
+                                 error=f"{src}: the executor failed: {type(e).__name__}: {e}")
+        yield index, result
+
+
+def fold_many(paths: Iterable[str | os.PathLike] | str | os.PathLike, out_dir: str | os.PathLike | None,
+              executor: concurrent.futures.Executor | None = None, *, dry_run: bool = False, in_place: bool = False,
+              verification: VerifySettings | None = None, **options: bool) -> list[ModelResult]:
+    """Folds every model among ``paths`` (files, or directories searched recursively for ``*.onnx``) into
+    ``out_dir``, keeping each directory's relative layout, and returns one :class:`ModelResult` per model in
+    the order of the plan. Models that fail have ``error`` set; the others are folded all the same.
+
+    ``executor`` is any ``concurrent.futures.Executor`` (default: a thread pool with one thread per core):
+    e.g. a Dask ``Client.get_executor()`` to spread a model zoo over a cluster that sees the same files.
+    ``dry_run`` folds and reports without writing; ``in_place`` overwrites each model. Keyword ``options`` are
+    those of :data:`qdqfold.OPTIONS`."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if out_dir is None and not (dry_run or in_place):
+        raise ValueError("give out_dir, or dry_run=True, or in_place=True")
+    plan = plan_outputs(paths, None if dry_run else out_dir, in_place=in_place and not dry_run)
+    results: list[ModelResult | None] = [None] * len(plan)
+    own = executor is None
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) if own else executor
+    try:
+        for index, result in iter_fold_many(plan, pool, options=options, verification=verification):
+            results[index] = result
+    finally:
+        if own:
+            pool.shutdown()
+    return [r for r in results if r is not None]

@@ -1,0 +1,169 @@
+"""A light look at a serialized model: its nodes (op type, name, inputs, outputs), in every graph.
+
+Reads the protobuf wire format directly and skips tensors without copying them, so counting op types of a
+large model costs a walk over its node list, not a parse of its weights (``onnx.load`` would copy every
+initializer into Python). Field numbers are those of ``onnx.proto`` (the same as ``cpp/wire/fields.h``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator, Union
+
+BytesLike = Union[bytes, bytearray, memoryview]
+
+# onnx.proto field numbers used here.
+_MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
+_GRAPH_NODE, _GRAPH_NAME = 1, 2
+_FUNCTION_NAME, _FUNCTION_NODE, _FUNCTION_DOMAIN = 1, 7, 10
+_NODE_INPUT, _NODE_OUTPUT, _NODE_NAME, _NODE_OP_TYPE, _NODE_ATTRIBUTE, _NODE_DOMAIN = 1, 2, 3, 4, 5, 7
+_ATTRIBUTE_NAME, _ATTRIBUTE_G, _ATTRIBUTE_GRAPHS = 1, 6, 11
+
+_VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
+
+
+class WireFormatError(ValueError):
+    """The bytes are not a protobuf message of the expected shape."""
+
+
+def _fields(buf: memoryview, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, object]]:
+    """(field number, wire type, value) of each field in buf[start:end]; a length-delimited value is the
+    (start, end) pair of its payload, so nothing is copied."""
+    pos, end = start, len(buf) if end is None else end
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == _VARINT:
+            value, pos = _varint(buf, pos, end)
+        elif wire_type == _LENGTH:
+            length, pos = _varint(buf, pos, end)
+            if pos + length > end:
+                raise WireFormatError(f"field {number} runs past the end of its message at byte {pos}")
+            value, pos = (pos, pos + length), pos + length
+        elif wire_type == _FIXED64:
+            value, pos = None, pos + 8
+        elif wire_type == _FIXED32:
+            value, pos = None, pos + 4
+        else:
+            raise WireFormatError(f"unsupported wire type {wire_type} at byte {pos}")
+        if pos > end:
+            raise WireFormatError("truncated message")
+        yield number, wire_type, value
+
+
+def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise WireFormatError(f"bad varint at byte {pos}")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _text(buf: memoryview, span: tuple[int, int]) -> str:
+    return bytes(buf[span[0]:span[1]]).decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    op_type: str
+    domain: str
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    graph: str  # "main", "main/<node>:<attribute>" for subgraphs, "function:<domain>.<name>"
+
+
+@dataclass
+class ModelInfo:
+    """Every node of a model, in the order of its graphs (main graph first, then subgraphs and functions)."""
+
+    nodes: list[NodeInfo] = field(default_factory=list)
+
+    def op_counts(self) -> Counter:
+        """How many nodes of each op type (custom domains as ``domain.OpType``)."""
+        return Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in self.nodes)
+
+    def producer(self, tensor: str, graph: str = "main") -> NodeInfo | None:
+        return next((n for n in self.nodes if n.graph == graph and tensor in n.outputs), None)
+
+    def readers(self, tensor: str, graph: str = "main") -> list[NodeInfo]:
+        return [n for n in self.nodes if n.graph == graph and tensor in n.inputs]
+
+    def find(self, name: str) -> NodeInfo | None:
+        return next((n for n in self.nodes if n.name == name), None)
+
+
+def read_model_info(data: BytesLike) -> ModelInfo:
+    """The nodes of the serialized model ``data``. Raises :class:`WireFormatError` for malformed bytes."""
+    buf = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+    info = ModelInfo()
+    functions = []
+    for number, wire_type, value in _fields(buf):
+        if wire_type != _LENGTH:
+            continue
+        if number == _MODEL_GRAPH:
+            _read_graph(buf, value, "main", info)
+        elif number == _MODEL_FUNCTIONS:
+            functions.append(value)
+    for span in functions:
+        name = domain = ""
+        node_spans = []
+        for number, wire_type, value in _fields(buf, *span):
+            if wire_type != _LENGTH:
+                continue
+            if number == _FUNCTION_NAME:
+                name = _text(buf, value)
+            elif number == _FUNCTION_DOMAIN:
+                domain = _text(buf, value)
+            elif number == _FUNCTION_NODE:
+                node_spans.append(value)
+        for node_span in node_spans:
+            _read_node(buf, node_span, f"function:{domain}.{name}", info)
+    return info
+
+
+def _read_graph(buf: memoryview, span: tuple[int, int], path: str, info: ModelInfo) -> None:
+    for number, wire_type, value in _fields(buf, *span):
+        if wire_type == _LENGTH and number == _GRAPH_NODE:
+            _read_node(buf, value, path, info)
+
+
+def _read_node(buf: memoryview, span: tuple[int, int], graph: str, info: ModelInfo) -> None:
+    op_type = domain = name = ""
+    inputs: list[str] = []
+    outputs: list[str] = []
+    attributes = []
+    for number, wire_type, value in _fields(buf, *span):
+        if wire_type != _LENGTH:
+            continue
+        if number == _NODE_OP_TYPE:
+            op_type = _text(buf, value)
+        elif number == _NODE_DOMAIN:
+            domain = _text(buf, value)
+        elif number == _NODE_NAME:
+            name = _text(buf, value)
+        elif number == _NODE_INPUT:
+            inputs.append(_text(buf, value))
+        elif number == _NODE_OUTPUT:
+            outputs.append(_text(buf, value))
+        elif number == _NODE_ATTRIBUTE:
+            attributes.append(value)
+    info.nodes.append(NodeInfo(op_type, domain, name, tuple(inputs), tuple(outputs), graph))
+    for attribute in attributes:  # subgraphs (If/Loop/Scan bodies) after their node, as the native report does
+        attribute_name = ""
+        graphs = []
+        for number, wire_type, value in _fields(buf, *attribute):
+            if wire_type != _LENGTH:
+                continue
+            if number == _ATTRIBUTE_NAME:
+                attribute_name = _text(buf, value)
+            elif number in (_ATTRIBUTE_G, _ATTRIBUTE_GRAPHS):
+                graphs.append(value)
+        for g in graphs:
+            _read_graph(buf, g, f"{graph}/{name}:{attribute_name}", info)
