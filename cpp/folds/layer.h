@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../graph/graph.h"
+#include "../kernels/per_channel.h"
 
 namespace qdqfold::folds {
 
@@ -32,6 +33,16 @@ struct WeightLayout {
   int64_t input_of(int64_t p, int64_t q) const {
     if (!p_is_output) return p;
     return groups == 1 ? q : (p / (P / groups)) * Q + q;
+  }
+
+  // The weight viewed for kernels/per_channel.h, channel = output channel or input channel of each element.
+  kernels::ChannelAxis output_axis() const {
+    if (p_is_output) return {1, 1, P, Q * R};
+    return {groups, P / groups, Q, R};
+  }
+  kernels::ChannelAxis input_axis() const {
+    if (!p_is_output) return {1, 1, P, Q * R};
+    return {groups, P / groups, Q, R};
   }
 };
 

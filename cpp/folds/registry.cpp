@@ -1,11 +1,14 @@
 // The folds the driver tries on each BatchNormalization, in order: backward folds (into the producer) before
 // forward folds (into the readers). A new fold adds one file under folds/ and one line here.
 #include "fold.h"
+#include "folds.h"
 
 namespace qdqfold::folds {
 
 const std::vector<FoldRule>& fold_rules() {
   static const std::vector<FoldRule> rules = {
+      {"conv-bn", "backward", fold_conv_bn},
+      {"gemm-bn", "backward", fold_gemm_bn},
   };
   return rules;
 }

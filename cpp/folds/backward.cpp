@@ -1,0 +1,134 @@
+#include "backward.h"
+
+#include "../kernels/per_channel.h"
+
+namespace qdqfold::folds {
+
+using graph::Graph;
+using graph::Node;
+
+std::optional<Outcome> layer_output_blocker(const Graph& g, int layer, const std::string& value, int reader,
+                                            int slot) {
+  const std::string who = g.nodes[layer].op_type + " '" + g.nodes[layer].display_name(layer) + "'";
+  if (g.is_graph_output(value))
+    return Outcome::kept("layer-output-is-graph-output",
+                         "the output of " + who + " is also a graph output, which must keep its values");
+  const auto& uses = g.uses(value);
+  for (const auto& u : uses)
+    if (u.node != reader || u.slot != slot)
+      return Outcome::kept("layer-output-read-elsewhere",
+                           "the output of " + who + " is also read by " + g.nodes[u.node].op_type + " '" +
+                               g.nodes[u.node].display_name(u.node) + "', which must keep seeing the unnormalized values");
+  return std::nullopt;
+}
+
+bool produced_by_dequantize(const Graph& g, const std::string& value) {
+  const int p = g.producer(value);
+  return p >= 0 && g.nodes[p].is("DequantizeLinear");
+}
+
+std::variant<FloatWeight, Outcome> read_float_weight(FoldContext& ctx, int layer) {
+  Graph& g = ctx.graph;
+  const Node& n = g.nodes[layer];
+  const std::string who = n.op_type + " '" + n.display_name(layer) + "'";
+  if (n.inputs.size() < 2 || n.inputs[1].empty())
+    return Outcome::kept("malformed", who + " has no weight input");
+  const std::string& name = n.inputs[1];
+  if (produced_by_dequantize(g, name)) return Outcome::not_applicable();
+  auto ref = g.constant(name);
+  if (!ref)
+    return Outcome::kept("non-constant-weight", "the weight '" + name + "' of " + who + " is not a constant");
+  FloatWeight w;
+  w.tensor = ref->tensor;
+  if (!kernels::is_supported_float(w.tensor.data_type))
+    return Outcome::kept("unsupported-dtype", "the weight '" + name + "' of " + who + " is " +
+                                                  graph::data_type_name(w.tensor.data_type) +
+                                                  ", not float32, float16, bfloat16 or float64");
+  std::string why;
+  auto layout = weight_layout(n, w.tensor.dims, why);
+  if (!layout) return Outcome::kept("unsupported-layer", who + ": " + why);
+  w.layout = *layout;
+  auto bytes = w.tensor.bytes(w.storage);
+  if (!bytes)
+    return Outcome::kept("unreadable-weight", "the data of weight '" + name + "' of " + who +
+                                                  " is not in the model file (external data) or cannot be decoded");
+  w.bytes = *bytes;
+  return w;
+}
+
+std::optional<std::vector<int64_t>> constant_dims(Graph& g, const std::string& value) {
+  if (auto c = g.constant(value)) return c->tensor.dims;
+  const int p = g.producer(value);
+  if (p >= 0 && g.nodes[p].is("DequantizeLinear") && !g.nodes[p].inputs.empty())
+    if (auto q = g.constant(g.nodes[p].inputs[0])) return q->tensor.dims;
+  return std::nullopt;
+}
+
+std::variant<std::vector<double>, Outcome> read_bias(Graph& g, const std::string& value, int64_t count,
+                                                     const char* what) {
+  if (value.empty()) return std::vector<double>(static_cast<size_t>(count), 0.0);
+  auto values = constant_values(g, value);
+  if (!values) return Outcome::kept("non-constant-bias", std::string("the ") + what + " '" + value + "' is not a constant");
+  if (static_cast<int64_t>(values->size()) != count)
+    return Outcome::kept("shape-mismatch", std::string("the ") + what + " '" + value + "' has " +
+                                               std::to_string(values->size()) + " values for " +
+                                               std::to_string(count) + " output channels");
+  return std::move(*values);
+}
+
+std::variant<std::string, Outcome> rescale_weight(const FloatWeight& w, const std::vector<double>& scale) {
+  std::string out;
+  const auto axis = w.layout.output_axis();
+  if (axis.channel_count() != static_cast<int64_t>(scale.size()))
+    return Outcome::kept("shape-mismatch", "the BN has " + std::to_string(scale.size()) + " channels but the layer has " +
+                                               std::to_string(axis.channel_count()) + " output channels");
+  auto r = kernels::scale_channels(w.tensor.data_type, w.bytes, axis, scale, out);
+  if (!r.ok) return Outcome::kept("unreadable-weight", "the weight '" + w.tensor.name + "' does not match its dims");
+  if (r.overflowed)
+    return Outcome::kept("overflow", std::to_string(r.overflowed) + " weight values of channel " +
+                                         std::to_string(r.first_overflow_channel) + " and beyond would overflow " +
+                                         graph::data_type_name(w.tensor.data_type) + " once scaled");
+  return out;
+}
+
+std::variant<std::string, Outcome> store_or_keep(int32_t data_type, const std::vector<double>& values, const char* what) {
+  auto raw = kernels::store_values(data_type, values);
+  if (!raw)
+    return Outcome::kept("overflow", std::string("the folded ") + what + " does not fit in " +
+                                         graph::data_type_name(data_type));
+  return std::move(*raw);
+}
+
+void write_layer_input(FoldContext& ctx, int layer, int slot, int32_t data_type, const std::vector<int64_t>& dims,
+                       const std::string& raw, const std::string& fallback_base, Outcome& outcome) {
+  Graph& g = ctx.graph;
+  const std::string old = slot < static_cast<int>(g.nodes[layer].inputs.size()) ? g.nodes[layer].inputs[slot] : "";
+  if (!old.empty()) {
+    auto ref = g.constant(old);
+    if (ref && ref->graph == &g && ref->initializer >= 0 && read_only_by(g, old, layer)) {
+      if (ref->tensor.dims != dims) g.remove_value_info(old);  // its recorded shape would be stale
+      g.replace_initializer(ref->initializer, graph::reencode_tensor(ref->tensor, data_type, dims, raw));
+      return;
+    }
+  }
+  const std::string name = new_tensor_name(ctx.model, old.empty() ? fallback_base : old, "_bnfolded");
+  g.add_tensor(name, graph::encode_tensor(name, data_type, dims, raw));
+  g.set_input(layer, slot, name);
+  outcome.new_tensors.push_back(name);
+  if (!old.empty()) g.drop_if_unused(old);
+}
+
+void take_over_batchnorm_output(Graph& g, int layer, int slot, int bn, const BatchNormAffine& affine) {
+  const std::string bn_output = g.nodes[bn].outputs[0];
+  remove_folded_batchnorm(g, bn, affine);
+  g.set_output(layer, slot, bn_output);
+}
+
+std::optional<size_t> known_rank(const Graph& g, const std::string& value) {
+  if (auto s = g.shape_of(value)) return s->size();
+  const int p = g.producer(value);
+  if (p >= 0 && (g.nodes[p].is("Flatten") || g.nodes[p].is("Gemm"))) return 2;
+  return std::nullopt;
+}
+
+}  // namespace qdqfold::folds

@@ -1,0 +1,67 @@
+// Pieces every backward fold (layer -> BatchNormalization, folded into the layer) needs: may the layer give
+// its output to the BN, reading the layer's float weight and bias, writing their new values without touching
+// a tensor anyone else reads, and handing the BN's output name to the layer.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "batchnorm.h"
+#include "layer.h"
+
+namespace qdqfold::folds {
+
+// A Kept outcome when `layer`'s output `value` cannot be handed on: it is a graph output, or something other
+// than input `slot` of node `reader` (the BN, or the Add after a MatMul) also reads it. nullopt when that
+// input is its only reader.
+std::optional<Outcome> layer_output_blocker(const graph::Graph& g, int layer, const std::string& value, int reader,
+                                            int slot = 0);
+
+// True when `value` comes out of a DequantizeLinear: a quantized weight, the QDQ folds' pattern.
+bool produced_by_dequantize(const graph::Graph& g, const std::string& value);
+
+// The constant float weight (input 1) of `layer` and where its channels are.
+struct FloatWeight {
+  graph::Tensor tensor;
+  std::string storage;    // holds the element bytes when the tensor has no raw_data
+  std::string_view bytes; // element bytes in raw_data layout
+  WeightLayout layout;
+};
+
+// Reads `layer`'s weight. NotApplicable when a DequantizeLinear produces it (another fold's pattern); Kept
+// with a reason when it is not a constant, not a float type we compute in, unreadable, or of a shape the
+// layer does not fit.
+std::variant<FloatWeight, Outcome> read_float_weight(FoldContext& ctx, int layer);
+
+// Dims of a constant (initializer, Constant node, or DequantizeLinear of constant integers).
+std::optional<std::vector<int64_t>> constant_dims(graph::Graph& g, const std::string& value);
+
+// Values of the layer's bias `value` (empty name: no bias, all zeros), which must hold `count` values.
+std::variant<std::vector<double>, Outcome> read_bias(graph::Graph& g, const std::string& value, int64_t count,
+                                                     const char* what);
+
+// W' = W * scale[output channel], rounded once to the weight's type; Kept when a value overflows the type.
+std::variant<std::string, Outcome> rescale_weight(const FloatWeight& w, const std::vector<double>& scale);
+
+// `values` in `data_type`; Kept ("overflow") when one does not fit.
+std::variant<std::string, Outcome> store_or_keep(int32_t data_type, const std::vector<double>& values, const char* what);
+
+// Makes input `slot` of `layer` read a tensor with the given type, dims and raw bytes. The tensor it read
+// is replaced in place when it is an initializer of this graph read by nothing else; otherwise a new
+// tensor with a fresh name (derived from the old name, or from `fallback_base` when the slot was empty) is
+// written in this graph (a Constant node in a function), the layer is rewired, and the old one is dropped
+// if nothing reads it any more. New names are added to `outcome.new_tensors`.
+void write_layer_input(FoldContext& ctx, int layer, int slot, int32_t data_type, const std::vector<int64_t>& dims,
+                       const std::string& raw, const std::string& fallback_base, Outcome& outcome);
+
+// The last step of a backward fold: BN `bn` is removed and output `slot` of `layer` takes over the BN's
+// output name (so graph outputs and value_info keep their names).
+void take_over_batchnorm_output(graph::Graph& g, int layer, int slot, int bn, const BatchNormAffine& affine);
+
+// The rank of `value` when it is known: from shape information, or because its producer always makes
+// rank-2 outputs (Flatten, Gemm).
+std::optional<size_t> known_rank(const graph::Graph& g, const std::string& value);
+
+}  // namespace qdqfold::folds

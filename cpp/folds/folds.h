@@ -1,0 +1,16 @@
+// Declarations of the fold functions that folds/registry.cpp lists. One fold per file; each file opens with
+// the graph before and after and the formula. Keep this list additive: one block per file.
+#pragma once
+
+#include "fold.h"
+
+namespace qdqfold::folds {
+
+// conv_bn.cpp: Conv / ConvTranspose (float weight) -> BatchNormalization, folded into the layer.
+Outcome fold_conv_bn(FoldContext& ctx, int bn);
+
+// gemm_bn.cpp: Gemm, or MatMul with a constant 2-D weight (optionally followed by Add of a constant bias)
+// -> BatchNormalization over the 2-D output's features, folded into the layer.
+Outcome fold_gemm_bn(FoldContext& ctx, int bn);
+
+}  // namespace qdqfold::folds

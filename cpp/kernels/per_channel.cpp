@@ -1,0 +1,154 @@
+#include "per_channel.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "../wire/fields.h"
+#include "numeric.h"
+
+namespace qdqfold::kernels {
+
+using wire::DataType;
+
+ChannelAxis ChannelAxis::of_dimension(const std::vector<int64_t>& dims, size_t axis) {
+  ChannelAxis a;
+  for (size_t d = 0; d < dims.size(); ++d) {
+    if (d < axis) a.outer *= dims[d];
+    else if (d == axis) a.channels = dims[d];
+    else a.inner *= dims[d];
+  }
+  return a;
+}
+
+bool is_supported_float(int32_t t) {
+  auto d = static_cast<DataType>(t);
+  return d == DataType::Float || d == DataType::Float16 || d == DataType::Bfloat16 || d == DataType::Double;
+}
+
+// Rounds to float32 with "round to odd": the result is exact, or the neighbour whose last mantissa bit is 1.
+// Rounding that value to a format with at least two fewer mantissa bits (float16: 11, bfloat16: 8 vs 24)
+// gives the correctly rounded result of the original double.
+static float to_float_round_to_odd(double v) {
+  float f = static_cast<float>(v);
+  if (!std::isfinite(f) || static_cast<double>(f) == v) return f;
+  if (std::fabs(static_cast<double>(f)) > std::fabs(v)) f = std::nextafter(f, 0.0f);  // truncate
+  return bits_to_float(float_to_bits(f) | 1u);
+}
+
+uint16_t double_to_half(double v) { return float_to_half(to_float_round_to_odd(v)); }
+uint16_t double_to_bf16(double v) { return float_to_bf16(to_float_round_to_odd(v)); }
+
+namespace {
+
+// Element codecs: the stored type and its conversions from and to double.
+struct Float32 {
+  using Stored = float;
+  static double load(float x) { return x; }
+  static float store(double v) { return static_cast<float>(v); }
+};
+struct Float64 {
+  using Stored = double;
+  static double load(double x) { return x; }
+  static double store(double v) { return v; }
+};
+struct Float16 {
+  using Stored = uint16_t;
+  static double load(uint16_t x) { return half_to_float(x); }
+  static uint16_t store(double v) { return double_to_half(v); }
+};
+struct Bfloat16 {
+  using Stored = uint16_t;
+  static double load(uint16_t x) { return bf16_to_float(x); }
+  static uint16_t store(double v) { return double_to_bf16(v); }
+};
+
+template <class Codec>
+AffineResult affine_typed(std::string_view src, const ChannelAxis& a, const double* scale, const double* shift,
+                          std::string& dst) {
+  using T = typename Codec::Stored;
+  AffineResult result;
+  const int64_t n = a.element_count();
+  if (n < 0 || src.size() != static_cast<size_t>(n) * sizeof(T)) return result;
+  // Copy into typed, aligned storage (src may be an unaligned view of the model buffer).
+  std::vector<T> in(static_cast<size_t>(n)), out(static_cast<size_t>(n));
+  if (n) std::memcpy(in.data(), src.data(), src.size());
+
+  // Contiguous spans with one factor each (inner > 1), or rows whose factor changes per element (inner == 1);
+  // both inner loops are straight-line and vectorise for float32/float64.
+  int64_t base = 0;
+  for (int64_t g = 0; g < a.groups; ++g) {
+    const double* s = scale + g * a.channels;
+    const double* t = shift ? shift + g * a.channels : nullptr;
+    for (int64_t o = 0; o < a.outer; ++o) {
+      if (a.inner == 1) {
+        const T* x = in.data() + base;
+        T* y = out.data() + base;
+        if (t) for (int64_t c = 0; c < a.channels; ++c) y[c] = Codec::store(Codec::load(x[c]) * s[c] + t[c]);
+        else for (int64_t c = 0; c < a.channels; ++c) y[c] = Codec::store(Codec::load(x[c]) * s[c]);
+        base += a.channels;
+        continue;
+      }
+      for (int64_t c = 0; c < a.channels; ++c, base += a.inner) {
+        const T* x = in.data() + base;
+        T* y = out.data() + base;
+        const double f = s[c];
+        if (t) {
+          const double add = t[c];
+          for (int64_t i = 0; i < a.inner; ++i) y[i] = Codec::store(Codec::load(x[i]) * f + add);
+        } else {
+          for (int64_t i = 0; i < a.inner; ++i) y[i] = Codec::store(Codec::load(x[i]) * f);
+        }
+      }
+    }
+  }
+
+  // Overflow: an element that was finite and is not any more (the fold would change the results).
+  for (int64_t e = 0; e < n; ++e) {
+    if (std::isfinite(Codec::load(in[e])) && !std::isfinite(Codec::load(out[e]))) {
+      if (result.overflowed++ == 0) {
+        const int64_t c = (e / a.inner) % a.channels, g = e / (a.outer * a.channels * a.inner);
+        result.first_overflow_channel = g * a.channels + c;
+      }
+    }
+  }
+  dst.assign(reinterpret_cast<const char*>(out.data()), out.size() * sizeof(T));
+  result.ok = true;
+  return result;
+}
+
+template <class Codec>
+std::optional<std::string> store_typed(const std::vector<double>& values) {
+  using T = typename Codec::Stored;
+  std::vector<T> out(values.size());
+  for (size_t i = 0; i < values.size(); ++i) {
+    out[i] = Codec::store(values[i]);
+    if (std::isfinite(values[i]) && !std::isfinite(Codec::load(out[i]))) return std::nullopt;
+  }
+  return std::string(reinterpret_cast<const char*>(out.data()), out.size() * sizeof(T));
+}
+
+}  // namespace
+
+AffineResult affine_channels(int32_t data_type, std::string_view src, const ChannelAxis& axis, const double* scale,
+                             const double* shift, std::string& dst) {
+  if (axis.groups < 1 || axis.outer < 0 || axis.channels < 0 || axis.inner < 1) return {};
+  switch (static_cast<DataType>(data_type)) {
+    case DataType::Float: return affine_typed<Float32>(src, axis, scale, shift, dst);
+    case DataType::Double: return affine_typed<Float64>(src, axis, scale, shift, dst);
+    case DataType::Float16: return affine_typed<Float16>(src, axis, scale, shift, dst);
+    case DataType::Bfloat16: return affine_typed<Bfloat16>(src, axis, scale, shift, dst);
+    default: return {};
+  }
+}
+
+std::optional<std::string> store_values(int32_t data_type, const std::vector<double>& values) {
+  switch (static_cast<DataType>(data_type)) {
+    case DataType::Float: return store_typed<Float32>(values);
+    case DataType::Double: return store_typed<Float64>(values);
+    case DataType::Float16: return store_typed<Float16>(values);
+    case DataType::Bfloat16: return store_typed<Bfloat16>(values);
+    default: return std::nullopt;
+  }
+}
+
+}  // namespace qdqfold::kernels
