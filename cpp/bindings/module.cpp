@@ -8,6 +8,7 @@
 #include <string>
 
 #include "../core/api.h"
+#include "../core/files.h"
 
 namespace py = pybind11;
 using qdqfold::Options;
@@ -147,6 +148,27 @@ PYBIND11_MODULE(qdqfold_native, m) {
       "As fold(), and also returns the report: {'batchnorms': [...]}, one entry per BatchNormalization\n"
       "(subgraphs and functions included) with its graph, node name, whether it was folded, the direction\n"
       "and the layer(s) it went into, or the reason code and sentence for keeping it.");
+  m.def(
+      "fold_file",
+      [](const py::object& src, const py::object& dst, const py::kwargs& kwargs) {
+        const Options options = parse_options(kwargs);
+        const auto fspath = py::module_::import("os").attr("fspath");
+        const auto source = py::cast<std::string>(fspath(src));
+        const auto destination = py::cast<std::string>(fspath(dst));
+        qdqfold::Report report;
+        {
+          py::gil_scoped_release release;
+          report = qdqfold::fold_file(source, destination, options);
+        }
+        return report_to_dict(report);
+      },
+      py::arg("src"), py::arg("dst"),
+      "fold_file(src, dst, **options) -> dict\n\n"
+      "Folds the model file `src` into `dst` (may be the same path) and returns the report. The input is mapped,\n"
+      "not read; the output is written once, to a temporary file renamed over `dst`. External data files are\n"
+      "read where the model points and written beside `dst` with the same offsets (prefixed with dst's file name\n"
+      "when `dst` is in the input's directory). Raises FoldError for an invalid model or a path that cannot be\n"
+      "read or written.");
   m.def(
       "options",
       []() {

@@ -4,8 +4,6 @@
 
 namespace qdqfold {
 
-namespace {
-
 Report run_folds(graph::Model& model, const Options& options) {
   Report report;
   const auto& rules = folds::fold_rules();
@@ -53,8 +51,6 @@ Report run_folds(graph::Model& model, const Options& options) {
   }
   return report;
 }
-
-}  // namespace
 
 std::unique_ptr<FoldPlan> plan_fold(std::string_view model_bytes, const Options& options) {
   auto plan = std::make_unique<FoldPlan>();

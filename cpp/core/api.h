@@ -23,6 +23,9 @@ struct FoldPlan {
   Report report;
 };
 
+// Tries every fold on every BatchNormalization of the model (subgraphs and functions included), in order.
+Report run_folds(graph::Model& model, const Options& options);
+
 std::unique_ptr<FoldPlan> plan_fold(std::string_view model_bytes, const Options& options);
 
 }  // namespace qdqfold

@@ -120,6 +120,24 @@ int64_t Graph::opset(const std::string& domain) const {
   return it == model->opsets.end() ? 0 : it->second;
 }
 
+// A Constant node a fold wrote (functions hold new tensors that way): its value is in set_attributes, so a
+// later fold (a BN chain) can read it like any other constant.
+std::optional<ConstRef> Graph::created_constant(int node, const std::string& value) {
+  for (const auto& [name, payload] : nodes[node].set_attributes) {
+    if (name != "value") continue;
+    Reader r(payload, payload.data());
+    while (!r.done()) {
+      Field f = r.next("attribute");
+      if (f.number != num(AttributeField::T) || f.type != WireType::Bytes) continue;
+      ConstRef ref{this, -1, node, {}};
+      ref.tensor = parse_tensor(f.bytes, payload.data(), path + " Constant written by a fold");
+      ref.tensor.name = value;
+      return ref;
+    }
+  }
+  return std::nullopt;
+}
+
 std::optional<ConstRef> Graph::constant(const std::string& value) {
   if (value.empty()) return std::nullopt;
   auto init = initializer_index_.find(value);
@@ -131,11 +149,12 @@ std::optional<ConstRef> Graph::constant(const std::string& value) {
   int p = producer(value);
   if (p >= 0) {
     const Node& n = nodes[p];
-    if (!n.is("Constant") || n.created) return std::nullopt;
+    if (n.is("Constant") && n.created) return created_constant(p, value);
+    if (!n.is("Constant")) return std::nullopt;
     ConstRef ref{this, -1, p, {}};
     const std::string where = path + " Constant '" + n.display_name(p) + "'";
     if (const Attribute* a = n.attr("value"); a && a->has_t) {
-      ref.tensor = parse_tensor(a->t, model->buffer.data(), where);
+      ref.tensor = parse_tensor(a->t, model->buffer.data(), where, model->external);
       ref.tensor.name = value;
       return ref;
     }
@@ -281,16 +300,62 @@ void Graph::add_tensor(const std::string& name, std::string tensor_payload) {
   // Index it as a constant: parse back the payload we just wrote (cheap: header fields only).
   const std::string& stored = *initializer_added.back();
   Tensor parsed = parse_tensor(stored, stored.data(), path + " new initializer");
+  index_added_initializer(name, std::move(parsed));
+}
+
+void Graph::index_added_initializer(const std::string& name, Tensor tensor) {
   int k = static_cast<int>(initializers.size());
-  initializers.push_back(parsed);
+  initializers.push_back(std::move(tensor));
   initializer_removed.push_back(false);
   initializer_replaced.push_back(nullptr);
+  initializer_lazy.push_back(nullptr);
   initializer_index_[name] = k;
+  mark_dirty();
+}
+
+// A Tensor for a lazily produced payload: its header fields, and data that materializes on demand.
+static Tensor lazy_tensor(const std::string& header, const std::shared_ptr<const LazyBytes>& data,
+                          const std::string& where) {
+  Tensor t = parse_tensor(header, header.data(), where);
+  t.lazy = data;
+  t.has_raw = false;
+  t.typed_field = 0;
+  t.typed_payloads.clear();
+  return t;
+}
+
+void Graph::add_tensor_lazy(const std::string& name, std::string header, LazyBytes data) {
+  if (kind == GraphKind::Function) {  // functions hold constants as Constant nodes: materialize
+    std::string raw(data.size, '\0');
+    data.fill(raw.data());
+    std::string payload = std::move(header);
+    put_bytes_field(payload, num(TensorField::RawData), raw);
+    add_tensor(name, std::move(payload));
+    return;
+  }
+  model->note_name(name);
+  auto lazy = std::make_unique<LazyInitializer>();
+  lazy->header = std::move(header);
+  lazy->data = std::make_shared<const LazyBytes>(std::move(data));
+  Tensor t = lazy_tensor(lazy->header, lazy->data, path + " new initializer");
+  initializer_added.push_back(nullptr);
+  index_added_initializer(name, std::move(t));
+  initializer_lazy.back() = std::move(lazy);
+}
+
+void Graph::replace_initializer_lazy(int index, std::string header, LazyBytes data) {
+  auto lazy = std::make_unique<LazyInitializer>();
+  lazy->header = std::move(header);
+  lazy->data = std::make_shared<const LazyBytes>(std::move(data));
+  initializers[index] = lazy_tensor(lazy->header, lazy->data, path + " replaced initializer");
+  initializer_replaced[index] = nullptr;
+  initializer_lazy[index] = std::move(lazy);
   mark_dirty();
 }
 
 void Graph::replace_initializer(int index, std::string tensor_payload) {
   initializer_replaced[index] = std::make_unique<std::string>(std::move(tensor_payload));
+  initializer_lazy[index] = nullptr;
   const std::string& stored = *initializer_replaced[index];
   initializers[index] = parse_tensor(stored, stored.data(), path + " replaced initializer");
   mark_dirty();

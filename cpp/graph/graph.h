@@ -104,7 +104,14 @@ class Graph {
   std::vector<bool> initializer_removed;
   // New TensorProto payloads; heap strings, because the parsed Tensor views point into them.
   std::vector<std::unique_ptr<std::string>> initializer_replaced;  // null where unchanged
-  std::vector<std::unique_ptr<std::string>> initializer_added;
+  std::vector<std::unique_ptr<std::string>> initializer_added;    // null where added lazily
+  // Replacement or added data produced lazily (see LazyBytes): the TensorProto is `header` + raw_data.
+  struct LazyInitializer {
+    std::string header;
+    std::shared_ptr<const LazyBytes> data;
+  };
+  std::vector<std::unique_ptr<LazyInitializer>> initializer_lazy;  // null where not lazy
+  std::vector<ExternalRef> original_external;  // per original initializer: where its data lived, if external
   std::vector<bool> value_info_removed;
   size_t original_initializer_count = 0;  // initializers past this index were added by folds
   bool dirty = false;
@@ -133,6 +140,10 @@ class Graph {
   // Stores a tensor under `name` (a fresh name): an initializer in a graph, a Constant node in a function.
   void add_tensor(const std::string& name, std::string tensor_payload);
   void replace_initializer(int index, std::string tensor_payload);
+  // The same, with data produced when the output is written: `header` is every TensorProto field but the
+  // data (reencode_tensor_header / encode_tensor_header).
+  void replace_initializer_lazy(int index, std::string header, LazyBytes data);
+  void add_tensor_lazy(const std::string& name, std::string header, LazyBytes data);
   void remove_value_info(const std::string& value);
   // Removes the initializer or Constant node behind `value` if nothing reads it any more.
   void drop_if_unused(const std::string& value);
@@ -148,13 +159,30 @@ class Graph {
   std::unordered_map<std::string, std::vector<Use>> uses_;
   std::unordered_set<std::string> graph_inputs_, graph_outputs_;
   void add_use(const std::string& value, Use use);
+  void index_added_initializer(const std::string& name, Tensor tensor);
   void remove_use(const std::string& value, Use use);
   bool defines(const std::string& value) const;
+  std::optional<ConstRef> created_constant(int node, const std::string& value);
+};
+
+// File mode: where external data goes. The file writer fills `location_out` before writing the model; the
+// model writer records the tensors whose data must overwrite the copied data files.
+struct ExternalOutput {
+  std::map<std::string, std::string> location_out;  // input location -> output location
+  struct Overwrite {
+    std::string location;  // output location
+    int64_t offset = 0;
+    std::string_view bytes;                 // or
+    std::shared_ptr<const LazyBytes> lazy;  // data to write there
+  };
+  std::vector<Overwrite> overwrites;
 };
 
 class Model {
  public:
   std::string_view buffer;
+  ExternalResolver* external = nullptr;         // maps external data (file mode); null for bytes in memory
+  ExternalOutput* external_output = nullptr;    // file mode: how external data is written
   struct FieldRef {
     uint32_t number;
     std::string_view whole;
@@ -180,7 +208,8 @@ class Model {
 // Serializes the model with its edits: untouched fields as views of the input, the rest re-encoded.
 wire::Pieces write_model(Model& model, wire::Arena& arena);
 
-// Parses a serialized ModelProto. Throws wire::WireError naming the problem and its byte offset.
-std::unique_ptr<Model> parse_model(std::string_view buffer);
+// Parses a serialized ModelProto. Throws wire::WireError naming the problem and its byte offset. External
+// data is mapped through `external` when given.
+std::unique_ptr<Model> parse_model(std::string_view buffer, ExternalResolver* external = nullptr);
 
 }  // namespace qdqfold::graph

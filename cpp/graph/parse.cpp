@@ -164,7 +164,8 @@ struct Parser {
           case GraphField::Initializer: {
             need_bytes(f, r, w);
             index = static_cast<int>(g.initializers.size());
-            g.initializers.push_back(parse_tensor(f.bytes, base, g.path + " initializer #" + std::to_string(index)));
+            g.initializers.push_back(
+                parse_tensor(f.bytes, base, g.path + " initializer #" + std::to_string(index), model.external));
             model.note_name(g.initializers.back().name);
             break;
           }
@@ -205,6 +206,8 @@ struct Parser {
     g.initializer_removed.assign(g.initializers.size(), false);
     g.initializer_replaced.resize(g.initializers.size());
     g.original_initializer_count = g.initializers.size();
+    g.initializer_lazy.resize(g.initializers.size());
+    for (const auto& t : g.initializers) g.original_external.push_back(t.external ? t.external_ref : ExternalRef{});
     g.value_info_removed.assign(g.value_info.size(), false);
     g.build_index();
   }
@@ -236,10 +239,11 @@ struct Parser {
 
 }  // namespace
 
-std::unique_ptr<Model> parse_model(std::string_view buffer) {
+std::unique_ptr<Model> parse_model(std::string_view buffer, ExternalResolver* external) {
   if (buffer.empty()) throw WireError("the input is empty (0 bytes), not an ONNX model");
   auto model = std::make_unique<Model>();
   model->buffer = buffer;
+  model->external = external;
   Parser p{buffer.data(), *model};
   Reader r(buffer, buffer.data());
   const char* w = "ModelProto";

@@ -71,12 +71,31 @@ static WireType expected_scalar_wire_type(TensorField field) {
   return WireType::Varint;
 }
 
-Tensor parse_tensor(std::string_view body, const char* base, const std::string& context) {
+static ExternalRef parse_external_entry(ExternalRef ref, std::string_view entry, const char* base, const char* where) {
+  std::string key, value;
+  Reader r(entry, base);
+  while (!r.done()) {
+    Field f = r.next(where);
+    if (f.type != WireType::Bytes) continue;
+    if (f.number == num(wire::StringStringField::Key)) key = std::string(f.bytes);
+    else if (f.number == num(wire::StringStringField::Value)) value = std::string(f.bytes);
+  }
+  auto number = [&](const std::string& text) -> int64_t {
+    if (text.empty() || text.size() > 18 || text.find_first_not_of("0123456789") != std::string::npos)
+      throw WireError(std::string(where) + ": external_data " + key + " '" + text + "' is not a non-negative integer");
+    return std::stoll(text);
+  };
+  if (key == "location") ref.location = value;
+  else if (key == "offset") ref.offset = number(value);
+  else if (key == "length") ref.length = number(value);
+  return ref;
+}
+
+Tensor parse_tensor(std::string_view body, const char* base, const std::string& context, ExternalResolver* external) {
   Tensor t;
   t.body = body;
   Reader r(body, base);
   const std::string where = context + " (TensorProto)";
-  bool has_data_location = false;
   while (!r.done()) {
     Field f = r.next(where.c_str());
     switch (static_cast<TensorField>(f.number)) {
@@ -97,8 +116,11 @@ Tensor parse_tensor(std::string_view body, const char* base, const std::string& 
         t.raw = f.bytes;
         break;
       case TensorField::DataLocation:
-        has_data_location = true;
         t.external = f.type == WireType::Varint && f.scalar == 1;
+        break;
+      case TensorField::ExternalData:
+        if (f.type != WireType::Bytes) r.fail(where.c_str(), f.whole.data(), "external_data has the wrong wire type");
+        t.external_ref = parse_external_entry(t.external_ref, f.bytes, base, where.c_str());
         break;
       case TensorField::FloatData: case TensorField::Int32Data: case TensorField::Int64Data:
       case TensorField::DoubleData: case TensorField::Uint64Data: case TensorField::StringData:
@@ -112,7 +134,6 @@ Tensor parse_tensor(std::string_view body, const char* base, const std::string& 
       default: break;  // other fields (doc_string, segment, external_data, metadata) pass through untouched
     }
   }
-  (void)has_data_location;
   // Validate the shape: no negative dims, no overflowing product.
   int64_t count = 1;
   for (int64_t d : t.dims) {
@@ -122,7 +143,18 @@ Tensor parse_tensor(std::string_view body, const char* base, const std::string& 
     count *= d;
   }
   t.count = count;
-  if (t.has_raw && !t.external) {
+  if (t.external) {
+    if (t.external_ref.location.empty())
+      throw WireError(where + " '" + t.name + "': external data without a location");
+    t.has_raw = false;
+    t.raw = {};
+    if (external) {
+      t.raw = external->resolve(t.external_ref, t.name);
+      t.has_raw = true;
+      t.external_ref.length = static_cast<int64_t>(t.raw.size());
+    }
+  }
+  if (t.has_raw) {
     auto expected = raw_size(t.data_type, count);
     if (expected && *expected != t.raw.size())
       throw WireError(where + " '" + t.name + "': raw_data holds " + std::to_string(t.raw.size()) +
@@ -191,8 +223,13 @@ bool decode_typed(const Tensor& t, std::string& out) {
 }  // namespace
 
 std::optional<std::string_view> Tensor::bytes(std::string& storage) const {
-  if (external) return std::nullopt;
+  if (lazy) {
+    storage.resize(lazy->size);
+    lazy->fill(storage.data());
+    return std::string_view(storage);
+  }
   if (has_raw) return raw;
+  if (external) return std::nullopt;
   if (!decode_typed(*this, storage)) return std::nullopt;
   return std::string_view(storage);
 }
@@ -231,18 +268,30 @@ std::optional<std::vector<double>> Tensor::values() const {
   return v;
 }
 
-std::string encode_tensor(const std::string& name, int32_t data_type, const std::vector<int64_t>& dims,
-                          std::string_view raw) {
+std::string encode_tensor_header(const std::string& name, int32_t data_type, const std::vector<int64_t>& dims) {
   std::string out;
   for (int64_t d : dims) wire::put_varint_field(out, num(TensorField::Dims), static_cast<uint64_t>(d));
   wire::put_varint_field(out, num(TensorField::DataType), static_cast<uint64_t>(data_type));
   wire::put_bytes_field(out, num(TensorField::Name), name);
+  return out;
+}
+
+std::string encode_tensor(const std::string& name, int32_t data_type, const std::vector<int64_t>& dims,
+                          std::string_view raw) {
+  std::string out = encode_tensor_header(name, data_type, dims);
   wire::put_bytes_field(out, num(TensorField::RawData), raw);
   return out;
 }
 
 std::string reencode_tensor(const Tensor& original, int32_t data_type, const std::vector<int64_t>& dims,
                             std::string_view raw, const std::string* name) {
+  std::string out = reencode_tensor_header(original, data_type, dims, name);
+  wire::put_bytes_field(out, num(TensorField::RawData), raw);
+  return out;
+}
+
+std::string reencode_tensor_header(const Tensor& original, int32_t data_type, const std::vector<int64_t>& dims,
+                                   const std::string* name) {
   std::string out;
   for (int64_t d : dims) wire::put_varint_field(out, num(TensorField::Dims), static_cast<uint64_t>(d));
   wire::put_varint_field(out, num(TensorField::DataType), static_cast<uint64_t>(data_type));
@@ -261,7 +310,6 @@ std::string reencode_tensor(const Tensor& original, int32_t data_type, const std
       default: out.append(f.whole);
     }
   }
-  wire::put_bytes_field(out, num(TensorField::RawData), raw);
   return out;
 }
 

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -23,12 +25,37 @@ bool is_float_type(int32_t data_type);    // float32/16/64, bfloat16
 bool is_integer_type(int32_t data_type);  // 8/16/32-bit and 4-bit integers
 const char* data_type_name(int32_t data_type);
 
+// Where an external tensor's bytes live (TensorProto.external_data).
+struct ExternalRef {
+  std::string location;
+  int64_t offset = 0;
+  int64_t length = -1;  // -1: up to the end of the file
+};
+
+// Maps external data files (relative to the model's directory) and returns a tensor's bytes. Throws
+// wire::WireError naming the file when it is missing, escapes the model's directory, or is too short.
+class ExternalResolver {
+ public:
+  virtual ~ExternalResolver() = default;
+  virtual std::string_view resolve(const ExternalRef& ref, const std::string& tensor_name) = 0;
+};
+
+// Bytes a fold computes from other bytes. They are produced when the output is written, straight into the
+// output buffer, so a folded weight is written once and never held twice; a later fold that reads the
+// tensor materializes them.
+struct LazyBytes {
+  size_t size = 0;
+  std::function<void(char* dst)> fill;
+};
+
 struct Tensor {
   std::string name;
   int32_t data_type = 0;
   std::vector<int64_t> dims;
   int64_t count = 1;             // product of dims
   bool external = false;         // data_location == EXTERNAL: the bytes live in another file
+  ExternalRef external_ref;      // where, when `external` (raw views the mapped file once resolved)
+  std::shared_ptr<const LazyBytes> lazy;  // set for tensors a fold produces lazily (raw is then empty)
   bool has_raw = false;
   std::string_view raw;          // raw_data payload
   uint32_t typed_field = 0;      // which *_data field holds the values when there is no raw_data
@@ -45,14 +72,22 @@ struct Tensor {
 };
 
 // Parses and validates a TensorProto payload. `context` names where it was found, for error messages.
-Tensor parse_tensor(std::string_view body, const char* base, const std::string& context);
+// External data is resolved (mapped) through `external` when given; without it the bytes stay unknown.
+Tensor parse_tensor(std::string_view body, const char* base, const std::string& context,
+                    ExternalResolver* external = nullptr);
 
 // Encodes a TensorProto with the given name, type, dims and raw element bytes.
 std::string encode_tensor(const std::string& name, int32_t data_type, const std::vector<int64_t>& dims,
                           std::string_view raw);
+// Every field of such a tensor but raw_data.
+std::string encode_tensor_header(const std::string& name, int32_t data_type, const std::vector<int64_t>& dims);
 // Re-encodes `original` with new dims, type and raw data, keeping every other field (doc_string,
 // metadata_props, unknown fields) as it was. `name` replaces the name when given.
 std::string reencode_tensor(const Tensor& original, int32_t data_type, const std::vector<int64_t>& dims,
                             std::string_view raw, const std::string* name = nullptr);
+// Every field of that re-encoding but raw_data (and the external-data fields): the writer appends the data,
+// inline or as external_data entries.
+std::string reencode_tensor_header(const Tensor& original, int32_t data_type, const std::vector<int64_t>& dims,
+                                   const std::string* name = nullptr);
 
 }  // namespace qdqfold::graph

@@ -13,8 +13,9 @@ using namespace wire;
 namespace {
 
 struct Writer {
-  explicit Writer(Arena& a) : arena(a) {}
+  Writer(Arena& a, ExternalOutput* ext) : arena(a), external_output(ext) {}
   Arena& arena;
+  ExternalOutput* external_output;
 
   void message(Pieces& out, uint32_t field, const Pieces& payload) {
     out.view(arena.keep(bytes_header(field, payload.size())));
@@ -141,12 +142,76 @@ struct Writer {
       if (!g.nodes[k].removed) message(out, field, edited_node(g.nodes[k]));
   }
 
+  // An initializer: as it was, replaced, added, or produced lazily; in file mode an initializer whose data
+  // lived in an external file keeps living there (see external_initializer).
   void initializer(Pieces& out, Graph& g, size_t k, std::string_view whole) {
     if (g.initializer_removed[k]) return;
     const uint32_t field = num(GraphField::Initializer);
-    if (g.initializer_replaced[k]) owned(out, field, *g.initializer_replaced[k]);
-    else if (k < g.original_initializer_count) out.view(whole);
-    else owned(out, field, *g.initializer_added[k - g.original_initializer_count]);
+    const Graph::LazyInitializer* lazy = g.initializer_lazy[k].get();
+    if (external_output && k < g.original_initializer_count && !g.original_external[k].location.empty()) {
+      external_initializer(out, g, k, whole);
+    } else if (lazy) {
+      lazy_tensor(out, field, lazy->header, lazy->data);
+    } else if (g.initializer_replaced[k]) {
+      owned(out, field, *g.initializer_replaced[k]);
+    } else if (k < g.original_initializer_count) {
+      out.view(whole);
+    } else {
+      owned(out, field, *g.initializer_added[k - g.original_initializer_count]);
+    }
+  }
+
+  // TensorProto = header + raw_data, the data written by its generator straight into the output.
+  void lazy_tensor(Pieces& out, uint32_t field, const std::string& header, const std::shared_ptr<const LazyBytes>& data) {
+    std::string raw_header = bytes_header(num(TensorField::RawData), data->size);
+    out.view(arena.keep(bytes_header(field, header.size() + raw_header.size() + data->size)));
+    out.view(header);
+    out.view(arena.keep(std::move(raw_header)));
+    out.generated(data->size, [data](char* dst) { data->fill(dst); });
+  }
+
+  // File mode, for an initializer whose data was external: the data files are copied, so unchanged data stays
+  // where it was and new data of the same size overwrites it in place (offsets and alignment kept); only the
+  // location may change. Data of another size is written inline.
+  void external_initializer(Pieces& out, Graph& g, size_t k, std::string_view whole) {
+    const ExternalRef& ref = g.original_external[k];
+    const std::string& location = external_output->location_out.at(ref.location);
+    const Tensor& current = g.initializers[k];
+    const Graph::LazyInitializer* lazy = g.initializer_lazy[k].get();
+    const bool changed = lazy || g.initializer_replaced[k];
+    const uint32_t field = num(GraphField::Initializer);
+    if (!changed && location == ref.location) {
+      out.view(whole);
+      return;
+    }
+    const size_t size = lazy ? lazy->data->size : current.raw.size();
+    const int64_t length = ref.length;  // resolved on parse in file mode
+    if (changed && static_cast<int64_t>(size) != length) {  // another size: inline
+      if (lazy) lazy_tensor(out, field, lazy->header, lazy->data);
+      else owned(out, field, *g.initializer_replaced[k]);
+      return;
+    }
+    if (changed) {
+      ExternalOutput::Overwrite w;
+      w.location = location;
+      w.offset = ref.offset;
+      if (lazy) w.lazy = lazy->data;
+      else w.bytes = current.raw;
+      external_output->overwrites.push_back(std::move(w));
+    }
+    std::string payload = reencode_tensor_header(current, current.data_type, current.dims);
+    put_varint_field(payload, num(TensorField::DataLocation), 1);
+    auto entry = [&](const char* key, const std::string& value) {
+      std::string e;
+      put_bytes_field(e, num(StringStringField::Key), key);
+      put_bytes_field(e, num(StringStringField::Value), value);
+      put_bytes_field(payload, num(TensorField::ExternalData), e);
+    };
+    entry("location", location);
+    entry("offset", std::to_string(ref.offset));
+    entry("length", std::to_string(length));
+    out.view(arena.keep(bytes_header(field, payload.size())));
+    out.view(arena.keep(std::move(payload)));
   }
 
   Pieces graph(Graph& g) {
@@ -214,6 +279,20 @@ struct Writer {
 
 }  // namespace
 
-Pieces write_model(Model& model, Arena& arena) { return Writer(arena).model(model); }
+// In file mode every graph holding an initializer whose external data moves to another location is rewritten.
+static void mark_moved_external_data(Model& model) {
+  if (!model.external_output) return;
+  for (Graph* g : model.all_graphs())
+    for (const auto& ref : g->original_external)
+      if (!ref.location.empty() && model.external_output->location_out.at(ref.location) != ref.location) {
+        g->mark_dirty();
+        break;
+      }
+}
+
+Pieces write_model(Model& model, Arena& arena) {
+  mark_moved_external_data(model);
+  return Writer(arena, model.external_output).model(model);
+}
 
 }  // namespace qdqfold::graph

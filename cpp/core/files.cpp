@@ -1,0 +1,237 @@
+#include "files.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <vector>
+
+namespace qdqfold {
+
+namespace {
+
+std::string os_error(const std::string& what, const std::string& path) {
+  return path + ": " + what + ": " + std::strerror(errno);
+}
+
+std::string directory_of(const std::string& path) {
+  auto slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+std::string file_name_of(const std::string& path) {
+  auto slash = path.find_last_of('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+bool same_directory(const std::string& a, const std::string& b) {
+  struct stat sa {}, sb {};
+  if (stat(a.c_str(), &sa) != 0 || stat(b.c_str(), &sb) != 0) return a == b;
+  return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+// A read-only mapping of a whole file.
+class MappedFile {
+ public:
+  explicit MappedFile(const std::string& path) : path_(path) {
+    fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd_ < 0) throw FoldError(os_error("cannot open", path));
+    struct stat st {};
+    if (fstat(fd_, &st) != 0) throw FoldError(os_error("cannot stat", path));
+    if (S_ISDIR(st.st_mode)) throw FoldError(path + ": is a directory, not a file");
+    size_ = static_cast<size_t>(st.st_size);
+    if (size_ > 0) {
+      void* p = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd_, 0);
+      if (p == MAP_FAILED) throw FoldError(os_error("cannot map", path));
+      data_ = static_cast<const char*>(p);
+      madvise(p, size_, MADV_SEQUENTIAL);
+    }
+  }
+  ~MappedFile() {
+    if (data_) munmap(const_cast<char*>(data_), size_);
+    if (fd_ >= 0) ::close(fd_);
+  }
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+
+  std::string_view view() const { return {data_ ? data_ : "", size_}; }
+  bool contains(const char* p) const { return data_ && p >= data_ && p < data_ + size_; }
+  int64_t offset_of(const char* p) const { return p - data_; }
+  int fd() const { return fd_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  const char* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Maps external data files on first use; a location must stay inside the model's directory.
+class FileResolver : public graph::ExternalResolver {
+ public:
+  explicit FileResolver(std::string directory) : directory_(std::move(directory)) {}
+
+  std::string_view resolve(const graph::ExternalRef& ref, const std::string& tensor) override {
+    const MappedFile& file = open(ref.location, tensor);
+    const auto size = static_cast<int64_t>(file.view().size());
+    const int64_t length = ref.length >= 0 ? ref.length : size - ref.offset;
+    if (ref.offset > size || length < 0 || length > size - ref.offset)
+      throw FoldError(file.path() + ": external data of tensor '" + tensor + "' (offset " + std::to_string(ref.offset) +
+                      ", length " + std::to_string(length) + ") runs past the end of the file (" +
+                      std::to_string(size) + " bytes)");
+    return file.view().substr(static_cast<size_t>(ref.offset), static_cast<size_t>(length));
+  }
+
+  const MappedFile& open(const std::string& location, const std::string& tensor) {
+    auto it = files_.find(location);
+    if (it != files_.end()) return *it->second;
+    if (location.empty() || location[0] == '/' || location.find("..") != std::string::npos)
+      throw FoldError("external data location '" + location + "' of tensor '" + tensor +
+                      "' is not a path inside the model's directory");
+    const std::string path = directory_ + "/" + location;
+    if (access(path.c_str(), F_OK) != 0)
+      throw FoldError(path + ": external data file of tensor '" + tensor + "' is missing");
+    auto file = std::make_unique<MappedFile>(path);
+    return *files_.emplace(location, std::move(file)).first->second;
+  }
+
+  const std::map<std::string, std::unique_ptr<MappedFile>>& files() const { return files_; }
+
+ private:
+  std::string directory_;
+  std::map<std::string, std::unique_ptr<MappedFile>> files_;
+};
+
+// A temporary file beside its destination, renamed over it by commit(); removed if never committed.
+class OutputFile {
+ public:
+  explicit OutputFile(std::string destination) : destination_(std::move(destination)) {
+    temp_ = directory_of(destination_) + "/." + file_name_of(destination_) + ".XXXXXX.tmp";
+    fd_ = mkstemps(temp_.data(), 4);
+    if (fd_ < 0) throw FoldError(os_error("cannot write", destination_));
+  }
+  ~OutputFile() {
+    if (fd_ >= 0) ::close(fd_);
+    if (!committed_) ::unlink(temp_.c_str());
+  }
+  OutputFile(const OutputFile&) = delete;
+  OutputFile& operator=(const OutputFile&) = delete;
+
+  void write(const char* p, size_t n) {
+    while (n > 0) {
+      ssize_t w = ::write(fd_, p, n);
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) throw FoldError(os_error("cannot write", destination_));
+      p += w;
+      n -= static_cast<size_t>(w);
+    }
+  }
+  void pwrite_all(const char* p, size_t n, int64_t offset) {
+    while (n > 0) {
+      ssize_t w = ::pwrite(fd_, p, n, offset);
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) throw FoldError(os_error("cannot write", destination_));
+      p += w;
+      n -= static_cast<size_t>(w);
+      offset += w;
+    }
+  }
+  // Copies [offset, offset + n) of `in` to the current end, inside the kernel where it can.
+  void copy_from(const MappedFile& in, int64_t offset, size_t n) {
+    loff_t from = offset;
+    while (n > 0) {
+      ssize_t c = copy_file_range(in.fd(), &from, fd_, nullptr, n, 0);
+      if (c < 0 && errno == EINTR) continue;
+      if (c <= 0) {  // not supported here (or nothing copied): fall back to writing from the mapping
+        write(in.view().data() + from, n);
+        return;
+      }
+      n -= static_cast<size_t>(c);
+    }
+  }
+  void commit() {
+    // The new file gets the permissions a plain create would give it (mkstemp makes it 0600).
+    mode_t mask = umask(0);
+    umask(mask);
+    fchmod(fd_, 0666 & ~mask);
+    if (::close(fd_) != 0) {
+      fd_ = -1;
+      throw FoldError(os_error("cannot write", destination_));
+    }
+    fd_ = -1;
+    if (::rename(temp_.c_str(), destination_.c_str()) != 0) throw FoldError(os_error("cannot write", destination_));
+    committed_ = true;
+  }
+
+ private:
+  std::string destination_, temp_;
+  int fd_ = -1;
+  bool committed_ = false;
+};
+
+// Writes pieces in order: views of the input file are copied file to file, everything else is written.
+void write_pieces(const wire::Pieces& pieces, const MappedFile& input, OutputFile& out) {
+  std::string buffer;
+  for (const auto& p : pieces.list()) {
+    if (p.generate) {
+      buffer.resize(p.size);
+      p.generate(buffer.data());
+      out.write(buffer.data(), p.size);
+    } else if (input.contains(p.data)) {
+      out.copy_from(input, input.offset_of(p.data), p.size);
+    } else {
+      out.write(p.data, p.size);
+    }
+  }
+}
+
+}  // namespace
+
+Report fold_file(const std::string& src, const std::string& dst, const Options& options) {
+  MappedFile input(src);
+  FileResolver resolver(directory_of(src));
+  graph::ExternalOutput external;
+  auto plan = std::make_unique<FoldPlan>();
+  plan->model = graph::parse_model(input.view(), &resolver);
+  plan->report = run_folds(*plan->model, options);
+
+  // External data files are copied beside the output under the same names, unless the output sits in the
+  // input's directory, where those names are taken: then they are prefixed with the output's file name.
+  const bool beside_input = same_directory(directory_of(src), directory_of(dst));
+  for (const auto& [location, file] : resolver.files())
+    external.location_out[location] = beside_input ? file_name_of(dst) + "." + location : location;
+  plan->model->external_output = &external;
+  plan->pieces = graph::write_model(*plan->model, plan->arena);
+
+  std::vector<std::unique_ptr<OutputFile>> data_files;
+  for (const auto& [location, file] : resolver.files()) {
+    auto out = std::make_unique<OutputFile>(directory_of(dst) + "/" + external.location_out[location]);
+    out->copy_from(*file, 0, file->view().size());
+    std::string buffer;
+    for (const auto& w : external.overwrites) {
+      if (w.location != external.location_out[location]) continue;
+      if (w.lazy) {
+        buffer.resize(w.lazy->size);
+        w.lazy->fill(buffer.data());
+        out->pwrite_all(buffer.data(), buffer.size(), w.offset);
+      } else {
+        out->pwrite_all(w.bytes.data(), w.bytes.size(), w.offset);
+      }
+    }
+    data_files.push_back(std::move(out));
+  }
+  OutputFile model_out(dst);
+  write_pieces(plan->pieces, input, model_out);
+  for (auto& f : data_files) f->commit();
+  model_out.commit();
+  return std::move(plan->report);
+}
+
+}  // namespace qdqfold

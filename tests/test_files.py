@@ -1,0 +1,105 @@
+"""File to file (qdqfold_native.fold_file): mapped input, atomic output, external data kept external."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qdqfold_native
+from conftest import MODELS, assert_same_outputs
+
+
+def conv_bn_model(channels: int = 8, size: int = 64) -> onnx.ModelProto:
+    """Conv (pad 1) -> BN -> Relu with weights large enough to be saved as external data."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((channels, channels, 3, 3)).astype(np.float32)
+    c = channels
+    inits = [numpy_helper.from_array(w, "w"),
+             numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "beta"),
+             numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "mean"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "var")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b"], name="bn"),
+             helper.make_node("Relu", ["b"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, size, size])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_fold_file_matches_fold_on_bytes(tmp_path):
+    source = MODELS / "unet_up.onnx"
+    out = tmp_path / "out.onnx"
+    report = qdqfold_native.fold_file(source, out)
+    expected, expected_report = qdqfold_native.fold_with_report(source.read_bytes())
+    assert out.read_bytes() == expected
+    assert report == expected_report
+
+
+def test_fold_file_errors_name_the_path(tmp_path):
+    with pytest.raises(qdqfold_native.FoldError, match="missing.onnx: cannot open"):
+        qdqfold_native.fold_file(tmp_path / "missing.onnx", tmp_path / "out.onnx")
+    with pytest.raises(qdqfold_native.FoldError, match="cannot write"):
+        qdqfold_native.fold_file(MODELS / "seed_prebn.onnx", tmp_path / "no" / "out.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08")
+    with pytest.raises(qdqfold_native.FoldError):
+        qdqfold_native.fold_file(bad, tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("beside_input", [False, True])
+def test_external_data_is_folded_and_stays_external(tmp_path, beside_input):
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    onnx.save(conv_bn_model(), src_dir / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.data", size_threshold=1024)
+    out_dir = src_dir if beside_input else tmp_path / "out"
+    out_dir.mkdir(exist_ok=True)
+    report = qdqfold_native.fold_file(src_dir / "m.onnx", out_dir / "folded.onnx")
+    assert [b["folded"] for b in report["batchnorms"]] == [True]
+
+    folded = onnx.load(out_dir / "folded.onnx", load_external_data=False)
+    weight = next(t for t in folded.graph.initializer if t.name.startswith("w"))
+    assert weight.data_location == TensorProto.EXTERNAL
+    location = {e.key: e.value for e in weight.external_data}["location"]
+    assert location == ("folded.onnx.m.data" if beside_input else "m.data")
+    original_entries = {e.key: e.value for e in onnx.load(src_dir / "m.onnx", load_external_data=False)
+                        .graph.initializer[0].external_data}
+    assert {e.key: e.value for e in weight.external_data}["offset"] == original_entries["offset"]
+    # The input's data file is untouched, and the folded model computes what the original did.
+    assert (src_dir / "m.data").stat().st_size == os.path.getsize(out_dir / location)
+    assert_same_outputs(conv_bn_model(), onnx.load(out_dir / "folded.onnx"))  # onnx.save made the other external
+
+
+def test_missing_external_data_file_names_it(tmp_path):
+    onnx.save(conv_bn_model(), tmp_path / "m.onnx", save_as_external_data=True, location="m.data",
+              size_threshold=1024)
+    (tmp_path / "m.data").unlink()
+    with pytest.raises(qdqfold_native.FoldError, match="m.data: external data file of tensor 'w' is missing"):
+        qdqfold_native.fold_file(tmp_path / "m.onnx", tmp_path / "out.onnx")
+
+
+def test_external_data_location_outside_the_model_directory_is_refused(tmp_path):
+    onnx.save(conv_bn_model(), tmp_path / "m.onnx", save_as_external_data=True, location="m.data",
+              size_threshold=1024)
+    loaded = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    for e in loaded.graph.initializer[0].external_data:
+        if e.key == "location":
+            e.value = "../../etc/passwd"
+    (tmp_path / "evil.onnx").write_bytes(loaded.SerializeToString())
+    with pytest.raises(qdqfold_native.FoldError, match="not a path inside the model's directory"):
+        qdqfold_native.fold_file(tmp_path / "evil.onnx", tmp_path / "out.onnx")
+
+
+def test_external_data_shorter_than_declared(tmp_path):
+    onnx.save(conv_bn_model(), tmp_path / "m.onnx", save_as_external_data=True, location="m.data",
+              size_threshold=1024)
+    with open(tmp_path / "m.data", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(qdqfold_native.FoldError, match="runs past the end of the file"):
+        qdqfold_native.fold_file(tmp_path / "m.onnx", tmp_path / "out.onnx")
