@@ -73,8 +73,11 @@ std::variant<BatchNormAffine, Outcome> read_batchnorm(FoldContext& ctx, int bn) 
   }
   if (n.attr_int("training_mode", 0) != 0)
     return Outcome::kept("training-mode", "training_mode=1: it normalizes with batch statistics, not a fixed map");
-  if (version < 6 && n.attr("is_test") && n.attr_int("is_test", 0) == 0)
-    return Outcome::kept("training-mode", "is_test=0 (opset " + std::to_string(version) + "): training form");
+  // Opset 1-6 have is_test, default 0: without is_test=1 the node normalizes with batch statistics.
+  if (version < 7 && n.attr_int("is_test", 0) == 0)
+    return Outcome::kept("training-mode", std::string(n.attr("is_test") ? "is_test=0" : "is_test is absent (default 0)") +
+                                              " in opset " + std::to_string(version) +
+                                              ": it normalizes with batch statistics (training form)");
   if (version < 9 && n.attr_int("spatial", 1) != 1)
     return Outcome::kept("not-per-channel", "spatial=0: its statistics are per element, not per channel");
   if (n.inputs.size() < 5)

@@ -61,6 +61,9 @@ static std::optional<uint64_t> raw_size(int32_t t, int64_t count) {
   if (is_packed_4bit(t)) return (static_cast<uint64_t>(count) + 1) / 2;
   size_t es = element_size(t);
   if (es == 0) return std::nullopt;
+  // count * es can pass 2**64 (dims [2**62] of float32 is 0 bytes modulo 2**64): no buffer is that large.
+  if (static_cast<uint64_t>(count) > std::numeric_limits<uint64_t>::max() / es)
+    return std::numeric_limits<uint64_t>::max();
   return static_cast<uint64_t>(count) * es;
 }
 
@@ -173,6 +176,11 @@ bool decode_typed(const Tensor& t, std::string& out) {
   const auto field = static_cast<TensorField>(t.typed_field);
   if (t.typed_field == 0) return t.count == 0;
   if (es == 0) return false;
+  // Every value takes at least one byte of its field: a count beyond that is wrong and must not size the
+  // allocation below (dims of 2**40 with one value in float_data).
+  size_t payload_bytes = 0;
+  for (auto payload : t.typed_payloads) payload_bytes += payload.size();
+  if (static_cast<uint64_t>(t.count) > payload_bytes) return false;
   out.clear();
   out.reserve(static_cast<size_t>(t.count) * es);
   auto push = [&](const void* p, size_t n) { out.append(static_cast<const char*>(p), n); };
@@ -235,6 +243,8 @@ std::optional<std::string_view> Tensor::bytes(std::string& storage) const {
 }
 
 std::optional<std::vector<double>> Tensor::values() const {
+  // Types without a fixed element size skip the raw_data size check: never size an allocation by them.
+  if (!is_float_type(data_type) && !is_integer_type(data_type)) return std::nullopt;
   std::string storage;
   auto b = bytes(storage);
   if (!b) return std::nullopt;
