@@ -1,0 +1,91 @@
+"""A model over 2 GB (external data) folds through fold_file, and its tensors are checked with numpy.
+
+The 2.4 GB weight is all zeros and stored as a hole in a sparse file, so the test writes little to disk; the
+fold still reads and rescales every byte of it."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qdqfold_native
+
+BIG = 24576  # Conv weight [BIG, BIG, 1, 1] float32: 2.4 GB, past protobuf's 2 GB limit for one message
+
+
+def _external(name: str, dims: list[int], location: str, offset: int, length: int) -> TensorProto:
+    t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=dims, data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+def _bn_params(prefix: str, c: int, rng) -> list[TensorProto]:
+    return [numpy_helper.from_array(v.astype(np.float32), f"{prefix}_{n}") for n, v in
+            (("gamma", rng.standard_normal(c)), ("beta", rng.standard_normal(c)),
+             ("mean", rng.standard_normal(c)), ("var", rng.uniform(0.5, 2.0, c)))]
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("big")
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((BIG, 3, 1, 1)).astype(np.float32)
+    big_offset = 1 << 20  # aligned, after w1
+    big_length = BIG * BIG * 4
+    with open(directory / "big.data", "wb") as f:
+        f.write(w1.tobytes())
+        f.truncate(big_offset + big_length)  # the zero weight is a hole: nothing written
+    inits = [_external("w1", list(w1.shape), "big.data", 0, w1.nbytes),
+             _external("w2", [BIG, BIG, 1, 1], "big.data", big_offset, big_length),
+             *_bn_params("bn1", BIG, rng), *_bn_params("bn2", BIG, rng)]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             helper.make_node("BatchNormalization", ["c1", "bn1_gamma", "bn1_beta", "bn1_mean", "bn1_var"], ["b1"],
+                              name="bn1"),
+             helper.make_node("Conv", ["b1", "w2"], ["c2"], name="conv2"),
+             helper.make_node("BatchNormalization", ["c2", "bn2_gamma", "bn2_beta", "bn2_mean", "bn2_var"], ["y"],
+                              name="bn2")]
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, BIG, 1, 1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (directory / "big.onnx").write_bytes(model.SerializeToString())
+    return directory, w1, model
+
+
+def _bn_affine(model: onnx.ModelProto, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    p = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer
+         if t.name.startswith(prefix + "_")}
+    a = p[f"{prefix}_gamma"] / np.sqrt(p[f"{prefix}_var"] + float(np.float32(1e-5)))  # epsilon is a float attribute
+    return a, p[f"{prefix}_beta"] - p[f"{prefix}_mean"] * a
+
+
+def test_model_over_2gb_folds_with_external_data(big_model, tmp_path):
+    directory, w1, original = big_model
+    out = tmp_path / "folded.onnx"
+    report = qdqfold_native.fold_file(directory / "big.onnx", out)
+    assert [b["folded"] for b in report["batchnorms"]] == [True, True]
+
+    folded = onnx.load(out, load_external_data=False)
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Conv"]
+    inits = {t.name: t for t in folded.graph.initializer}
+    conv1, conv2 = folded.graph.node
+    data = np.memmap(tmp_path / "big.data", dtype=np.uint8, mode="r")
+    assert data.size == (directory / "big.data").stat().st_size  # same layout: same offsets, same size
+
+    def external_array(name: str, shape) -> np.ndarray:
+        entries = {e.key: e.value for e in inits[name].external_data}
+        assert entries["location"] == "big.data"
+        offset, length = int(entries["offset"]), int(entries["length"])
+        return data[offset:offset + length].view(np.float32).reshape(shape)
+
+    a1, t1 = _bn_affine(original, "bn1")
+    np.testing.assert_array_equal(external_array(conv1.input[1], w1.shape),
+                                  (w1.astype(np.float64) * a1[:, None, None, None]).astype(np.float32))
+    np.testing.assert_array_equal(numpy_helper.to_array(inits[conv1.input[2]]), t1.astype(np.float32))
+    a2, t2 = _bn_affine(original, "bn2")
+    big = external_array(conv2.input[1], (BIG, BIG, 1, 1))
+    assert not big[:: BIG // 7].any() and not big[-1].any()  # zeros stay zeros (samples across the 2.4 GB)
+    np.testing.assert_array_equal(numpy_helper.to_array(inits[conv2.input[2]]), t2.astype(np.float32))
