@@ -9,6 +9,7 @@ native fold releases the GIL), processes, or a Dask ``Client.get_executor()``.
 from __future__ import annotations
 
 import concurrent.futures
+import mmap
 import os
 import time
 import traceback
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import onnx
+import qdqfold_native
 from qdqfold_native import FoldError
 
 from .api import fold_bytes, load_model_bytes, write_atomically
@@ -91,11 +93,16 @@ def _missing_external_data(src: Path) -> list[str]:
     return missing
 
 
-def _read_model(src: Path) -> bytes:
+def _check_source(src: Path) -> None:
     if not src.exists():
         raise ModelError(f"{src}: no such file")
     if src.is_dir():
         raise ModelError(f"{src}: is a directory, not a model file")
+
+
+def _read_model(src: Path) -> bytes:
+    """The model at ``src`` as bytes, external data (if any) loaded in."""
+    _check_source(src)
     try:
         return load_model_bytes(src)
     except OSError as e:
@@ -110,25 +117,56 @@ def _read_model(src: Path) -> bytes:
         raise ModelError(f"{src}: cannot load: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
-def _fold_file(src: Path, dst: Path | None, options: dict[str, bool], make_parents: bool
-               ) -> tuple[bytes, bytes, FoldReport]:
-    """Reads ``src``, folds it and writes ``dst`` (unless None); returns (original, folded, report).
+def _model_info(path: Path) -> ModelInfo:
+    """The nodes of the model file at ``path``, read through a mapping (its weights are skipped, not read)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return read_model_info(b"")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return read_model_info(mapped)
 
-    The one place where a file is folded: when the native core can fold file to file itself
-    (``qdqfold_native.fold_file``), this is what switches to it."""
-    data = _read_model(src)
-    try:
-        folded, report = fold_bytes(data, **options)
-    except FoldError as e:
-        raise ModelError(f"{src}: not a valid ONNX model: {e}") from e
-    if dst is not None:
+
+def _native_error(error: FoldError, src: Path, dst: Path | None) -> str:
+    """One line naming the path: the native core names the file it could not open, map or write; an invalid
+    model's message names the problem only, so the input's path is put in front."""
+    message = str(error)
+    names_a_path = message.startswith((f"{src}:", f"{dst}:")) or "external data" in message
+    return message if names_a_path else f"{src}: not a valid ONNX model: {message}"
+
+
+def _fold_file(src: Path, dst: Path | None, options: dict[str, bool], make_parents: bool
+               ) -> tuple[FoldReport, bytes | None]:
+    """Folds ``src`` into ``dst``: the one place where a file is folded. With a destination, the native core
+    folds file to file (input mapped, output written once, external data kept external); a dry run
+    (``dst`` None) folds the bytes in memory and returns them. Returns (report, folded bytes or None)."""
+    if dst is None or not hasattr(qdqfold_native, "fold_file"):
+        data = _read_model(src)
         try:
-            if make_parents:
-                dst.parent.mkdir(parents=True, exist_ok=True)
+            folded, report = fold_bytes(data, **options)
+        except FoldError as e:
+            raise ModelError(f"{src}: not a valid ONNX model: {e}") from e
+        if dst is None:
+            return report, folded
+        _make_parent(dst, make_parents)
+        try:
             write_atomically(dst, folded)
         except OSError as e:
             raise ModelError(f"{dst}: cannot write: {e.strerror or e}") from e
-    return data, folded, report
+        return report, None
+    _check_source(src)
+    _make_parent(dst, make_parents)
+    try:
+        return FoldReport.from_native(qdqfold_native.fold_file(src, dst, **options)), None
+    except FoldError as e:
+        raise ModelError(_native_error(e, src, dst)) from e
+
+
+def _make_parent(dst: Path, make_parents: bool) -> None:
+    if make_parents:
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ModelError(f"{dst.parent}: cannot create the directory: {e.strerror or e}") from e
 
 
 def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, options: dict[str, bool] | None = None,
@@ -137,19 +175,34 @@ def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, opti
     ``verification``, runs both in onnxruntime. Raises :class:`ModelError` (one line naming the path)."""
     start = time.perf_counter()
     src, dst = Path(src), (Path(dst) if dst is not None else None)
-    original, folded, report = _fold_file(src, dst, options or {}, make_parents)
-    result = ModelResult(str(src), str(dst) if dst is not None else None, written=dst is not None, report=report,
-                         size_before=len(original), size_after=len(folded))
+    _check_source(src)
+    # Read what is needed of the original before folding: with --in-place the fold replaces it.
+    original = _read_model(src) if verification is not None else None
     try:
-        result.model_info = read_model_info(original)
-        result.ops_before = dict(result.model_info.op_counts())
-        result.ops_after = dict(read_model_info(folded).op_counts())
-    except WireFormatError as e:  # the native core accepted it, so this is not expected; report, do not fail
-        raise ModelError(f"{src}: cannot list its nodes: {e}") from e
+        info_before = read_model_info(original) if original is not None else _model_info(src)
+    except WireFormatError:
+        info_before = None  # not a model: the fold below says so, in the native core's words
+    except OSError as e:
+        raise ModelError(f"{src}: cannot read: {e.strerror or e}") from e
+    size_before = src.stat().st_size
+    report, folded = _fold_file(src, dst, options or {}, make_parents)
+    if info_before is None:  # the native core accepted what the walker did not: not expected
+        raise ModelError(f"{src}: cannot list its nodes")
+    try:
+        info_after = read_model_info(folded) if folded is not None else _model_info(dst)
+    except (WireFormatError, OSError) as e:
+        raise ModelError(f"{dst}: cannot read the folded model back: {e}") from e
+    result = ModelResult(str(src), str(dst) if dst is not None else None, written=dst is not None, report=report,
+                         ops_before=dict(info_before.op_counts()), ops_after=dict(info_after.op_counts()),
+                         size_before=size_before,
+                         size_after=len(folded) if folded is not None else dst.stat().st_size,
+                         model_info=info_before)
     if verification is not None:
+        folded_model = folded if folded is not None else _read_model(dst)
         try:
-            result.verification = verify(original, folded, tolerance=verification.tolerance, seed=verification.seed,
-                                         symbolic_size=verification.symbolic_size, dims=verification.dims)
+            result.verification = verify(original, folded_model, tolerance=verification.tolerance,
+                                         seed=verification.seed, symbolic_size=verification.symbolic_size,
+                                         dims=verification.dims)
         except VerifyError as e:
             raise ModelError(f"{src}: cannot verify: {e}") from e
     result.seconds = time.perf_counter() - start

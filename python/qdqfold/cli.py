@@ -480,3 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qdqfold: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug in qdqfold: still one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"qdqfold: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_FAILED

@@ -101,7 +101,12 @@ class ModelInfo:
 
 def read_model_info(data: BytesLike) -> ModelInfo:
     """The nodes of the serialized model ``data``. Raises :class:`WireFormatError` for malformed bytes."""
-    buf = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+    # Views released on the way out, even on error, so a caller may close the mmap they point into.
+    with memoryview(data) as raw, raw.cast("B") as buf:
+        return _read_model(buf)
+
+
+def _read_model(buf: memoryview) -> ModelInfo:
     info = ModelInfo()
     functions = []
     for number, wire_type, value in _fields(buf):
