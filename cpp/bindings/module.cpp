@@ -35,17 +35,41 @@ const OptionSpec kOptions[] = {
     {"drop_activation_quantizers", &Options::drop_activation_quantizers},
 };
 
+// The `shapes` option: {value name: [dims]}, a dim None or negative where unknown.
+std::map<std::string, std::vector<int64_t>> parse_shapes(const py::handle& value) {
+  const char* usage = "option 'shapes' takes a dict of value name -> list of dims (int, or None if unknown)";
+  if (!PyDict_Check(value.ptr())) throw py::type_error(usage);
+  std::map<std::string, std::vector<int64_t>> shapes;
+  for (auto entry : py::reinterpret_borrow<py::dict>(value)) {
+    if (!PyUnicode_Check(entry.first.ptr()) || !PySequence_Check(entry.second.ptr()) ||
+        PyUnicode_Check(entry.second.ptr()))
+      throw py::type_error(usage);
+    std::vector<int64_t> dims;
+    for (auto d : py::reinterpret_borrow<py::sequence>(entry.second)) {
+      if (d.is_none()) dims.push_back(-1);
+      else if (PyLong_Check(d.ptr()) && !PyBool_Check(d.ptr())) dims.push_back(std::max<int64_t>(-1, d.cast<int64_t>()));
+      else throw py::type_error(usage);
+    }
+    shapes[py::cast<std::string>(entry.first)] = std::move(dims);
+  }
+  return shapes;
+}
+
 Options parse_options(const py::kwargs& kwargs) {
   Options options;
   for (auto item : kwargs) {
     const auto key = py::cast<std::string>(item.first);
+    if (key == "shapes") {
+      options.shapes = parse_shapes(item.second);
+      continue;
+    }
     const OptionSpec* spec = nullptr;
     for (const auto& s : kOptions)
       if (key == s.name) spec = &s;
     if (!spec) {
       std::string known;
       for (const auto& s : kOptions) known += std::string(known.empty() ? "" : ", ") + s.name;
-      throw py::type_error("unknown option '" + key + "'; the options are: " + known);
+      throw py::type_error("unknown option '" + key + "'; the options are: " + known + ", shapes");
     }
     if (!PyBool_Check(item.second.ptr()))
       throw py::type_error("option '" + key + "' takes True or False");

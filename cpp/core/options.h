@@ -2,6 +2,11 @@
 // default; bindings/module.cpp lists them, and python/qdqfold/__init__.pyi documents them.
 #pragma once
 
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
 namespace qdqfold {
 
 struct Options {
@@ -22,6 +27,10 @@ struct Options {
   bool materialize_quantized_weights = false;
   // Conv -> Q -> DQ -> BN: drop that activation quantizer and fold anyway. Not exact; reported approximate.
   bool drop_activation_quantizers = false;
+  // Static shapes of values (dims, -1 where unknown) that the model's own value_info lacks, e.g. from onnx
+  // shape inference run on a copy by the Python layer; pad_correction reads the spatial size from them.
+  // Keyword `shapes` ({name: [dims]}); not a switch, so options() does not list it.
+  std::map<std::string, std::vector<int64_t>> shapes;
 };
 
 }  // namespace qdqfold

@@ -9,6 +9,8 @@ const std::vector<FoldRule>& fold_rules() {
   static const std::vector<FoldRule> rules = {
       {"conv-bn", "backward", fold_conv_bn},
       {"gemm-bn", "backward", fold_gemm_bn},
+      // Forward folds last: a BN that can fold backwards does so first.
+      {"bn-layer", "forward", fold_bn_forward},
   };
   return rules;
 }

@@ -18,9 +18,43 @@ OPTIONS: dict[str, bool] = qdqfold_native.options()
 ModelLike = Union[onnx.ModelProto, bytes, bytearray, memoryview, str, os.PathLike]
 
 
-def fold_bytes(data: bytes | bytearray | memoryview, **options: bool) -> tuple[bytes, FoldReport]:
-    """Folds a serialized model; returns the new model's bytes and the report."""
-    out, report = qdqfold_native.fold_with_report(data, **options)
+def inferred_shapes(data: bytes | bytearray | memoryview) -> dict[str, list[int]]:
+    """Static shapes onnx shape inference finds for the values of a serialized model ({} if it fails).
+
+    It runs on a copy: the model's own value_info is never altered. Unknown dims are -1.
+    """
+    try:
+        inferred = onnx.shape_inference.infer_shapes(onnx.load_from_string(bytes(data)))
+    except Exception:  # noqa: BLE001 (a model shape inference cannot read simply gets no shapes)
+        return {}
+    shapes: dict[str, list[int]] = {}
+
+    def collect(graph: onnx.GraphProto) -> None:
+        for info in (*graph.input, *graph.value_info, *graph.output):
+            tensor = info.type.tensor_type
+            if info.type.HasField("tensor_type") and tensor.HasField("shape"):
+                shapes.setdefault(info.name, [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim])
+        for node in graph.node:
+            for attribute in node.attribute:
+                for sub in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                    collect(sub)
+
+    collect(inferred.graph)
+    return shapes
+
+
+def with_inferred_shapes(data: bytes | bytearray | memoryview, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` plus ``shapes`` from onnx shape inference when ``pad_correction`` needs static sizes and the
+    caller gave none."""
+    if options.get("pad_correction") and "shapes" not in options:
+        return {**options, "shapes": inferred_shapes(data)}
+    return options
+
+
+def fold_bytes(data: bytes | bytearray | memoryview, **options: Any) -> tuple[bytes, FoldReport]:
+    """Folds a serialized model; returns the new model's bytes and the report. With ``pad_correction`` the
+    static shapes the correction needs come from onnx shape inference (on a copy) unless ``shapes`` is given."""
+    out, report = qdqfold_native.fold_with_report(data, **with_inferred_shapes(data, options))
     return out, FoldReport.from_native(report)
 
 

@@ -1,0 +1,143 @@
+// BN -> Conv / ConvTranspose (fold forwards), any rank, any group:
+//
+//   before:  x -> BatchNormalization(a, t) -> Conv(W, b)              -> y
+//   after:   x ->                             Conv(W', b') [-> Add(C)] -> y
+//
+//   W'[o, c, k] = W[o, c, k] * a[c]        (c: input channel, through o's group; ConvTranspose: W[c, o, k])
+//   b'[o]       = b[o] + sum over c, k of W[o, c, k] * t[c]                   (double, rounded once)
+//
+// Exact when every output position receives every kernel tap: a Conv without zero padding, a stride-1
+// ConvTranspose whose pads crop the kernel's reach, or t == 0. Otherwise BN's shift becomes a map that
+// differs from the interior constant at the borders (padding_correction.h); with pad_correction it is
+// added by one Add of a constant [1, M, out...] tensor, else BN is kept ("padding" / "uneven-taps").
+#include <cmath>
+
+#include "forward.h"
+#include "padding_correction.h"
+
+namespace qdqfold::folds {
+
+using graph::Graph;
+
+namespace {
+
+// Correction maps beyond this many elements are not worth a constant in the model.
+constexpr int64_t kMaxCorrectionElements = int64_t{1} << 26;
+
+std::string dims_text(const std::vector<int64_t>& dims) {
+  std::string s = "[";
+  for (size_t k = 0; k < dims.size(); ++k) s += (k ? ", " : "") + (dims[k] < 0 ? std::string("?") : std::to_string(dims[k]));
+  return s + "]";
+}
+
+// Spatial dims of the layer's input when every one is known.
+std::optional<std::vector<int64_t>> spatial_input(const std::optional<std::vector<int64_t>>& shape, size_t rank) {
+  if (!shape || shape->size() != rank + 2) return std::nullopt;
+  std::vector<int64_t> spatial(shape->begin() + 2, shape->end());
+  for (int64_t d : spatial)
+    if (d < 1) return std::nullopt;
+  return spatial;
+}
+
+}  // namespace
+
+PlanOrKept plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine& affine, const ForwardReader& reader) {
+  Graph& g = ctx.graph;
+  const int layer = reader.layer;
+  const std::string who = describe_node(g, layer);
+  auto weight = read_forward_weight(ctx, layer);
+  if (auto* o = std::get_if<Outcome>(&weight)) return std::move(*o);
+  const FloatWeight w = std::move(std::get<FloatWeight>(weight));
+  const auto channels = static_cast<int64_t>(affine.scale.size());
+  if (w.layout.in_channels != channels)
+    return Outcome::kept("shape-mismatch", who + " has " + std::to_string(w.layout.in_channels) +
+                                               " input channels but BN has " + std::to_string(channels));
+  auto geometry = read_conv_geometry(g.nodes[layer], w.tensor.dims);
+  if (auto* o = std::get_if<Outcome>(&geometry)) return std::move(*o);
+  const ConvGeometry geo = std::move(std::get<ConvGeometry>(geometry));
+  const std::string bias_name = g.nodes[layer].inputs.size() > 2 ? g.nodes[layer].inputs[2] : "";
+  if (!bias_name.empty() && produced_by_dequantize(g, bias_name))
+    return Outcome::kept("quantized-bias", who + " takes its bias through " + describe_node(g, g.producer(bias_name)));
+  auto bias_values = read_bias(g, bias_name, w.layout.out_channels, "bias");
+  if (auto* o = std::get_if<Outcome>(&bias_values)) return std::move(*o);
+
+  // Does BN's shift reach every output position as the same constant?
+  const bool shifted = !affine.zero_shift();
+  std::optional<TapMap> map;
+  bool uniform = !shifted || every_position_gets_every_tap(geo);
+  const auto shape = activation_shape(ctx, bn, reader);
+  const auto spatial = spatial_input(shape, geo.rank());
+  if (!uniform && spatial) {
+    auto m = tap_map(geo, *spatial, g.nodes[layer].display_name(layer));
+    if (auto* o = std::get_if<Outcome>(&m)) return std::move(*o);
+    map = std::move(std::get<TapMap>(m));
+    uniform = map->uniform;  // e.g. end pads that no window reaches
+  }
+  if (!uniform && !ctx.options.pad_correction) {
+    if (geo.transposed)
+      return Outcome::kept("uneven-taps", who + " (" + geo.describe() + ") does not give every output position "
+                                           "every kernel tap, so BN's shift would become a position-dependent map, "
+                                           "not a bias; the option pad_correction=True folds it exactly with one "
+                                           "constant correction Add");
+    return Outcome::kept("padding", who + " pads its input (" + geo.describe() + ") and BN's shift is nonzero: "
+                                    "after folding, the padded zeros would act as BN's shift t instead of 0; "
+                                    "the option pad_correction=True folds it exactly with one constant "
+                                    "border-correction Add");
+  }
+  if (!uniform && !map)
+    return Outcome::kept("dynamic-shape", "pad_correction needs the static spatial size of the input of " + who +
+                                              " to build its correction map, and its shape is " +
+                                              (shape ? dims_text(*shape) : std::string("unknown")));
+
+  // The numbers.
+  const int32_t dtype = w.tensor.data_type;
+  auto scaled = scale_input_features(w, affine.scale, 1);
+  if (auto* o = std::get_if<Outcome>(&scaled)) return std::move(*o);
+  LayerPlan plan;
+  plan.layer = layer;
+  plan.fold_name = geo.transposed ? "bn-convtranspose" : "bn-conv";
+  std::optional<std::string> bias_raw, correction_raw;
+  std::vector<int64_t> correction_dims;
+  if (shifted) {
+    const auto sums = shift_through_weight(w, affine.shift, 1);
+    std::vector<double> bias = std::get<std::vector<double>>(bias_values);
+    for (size_t o = 0; o < bias.size(); ++o)
+      for (double v : sums[o]) bias[o] += v;
+    auto stored = store_or_keep(dtype, bias, "bias");
+    if (auto* o = std::get_if<Outcome>(&stored)) return std::move(*o);
+    bias_raw = std::move(std::get<std::string>(stored));
+    if (!uniform) {
+      correction_dims = {1, w.layout.out_channels};
+      int64_t elements = w.layout.out_channels;
+      for (int64_t d : map->output_dims) {
+        correction_dims.push_back(d);
+        elements *= d;
+      }
+      if (elements > kMaxCorrectionElements)
+        return Outcome::kept("correction-too-large", "the border correction of " + who + " would be a constant of " +
+                                                         std::to_string(elements) + " elements");
+      const auto correction = border_correction(*map, geo.kernel, sums);
+      double largest = 0.0;
+      for (double v : correction) largest = std::max(largest, std::fabs(v));
+      auto c = store_or_keep(dtype, correction, "border correction");
+      if (auto* o = std::get_if<Outcome>(&c)) return std::move(*o);
+      correction_raw = std::move(std::get<std::string>(c));
+      plan.metrics = {{"max_abs_correction", largest}, {"correction_elements", static_cast<double>(elements)}};
+      plan.note = "border correction added as a constant " + dims_text(correction_dims) + " (max |C| = " +
+                  std::to_string(largest) + ")";
+    }
+  }
+  plan.apply = [layer, dtype, weight_dims = w.tensor.dims, out_channels = w.layout.out_channels,
+                scaled = std::move(std::get<std::string>(scaled)), bias_raw, correction_raw,
+                correction_dims](FoldContext& ctx, Outcome& outcome) {
+    write_layer_input(ctx, layer, 1, dtype, weight_dims, scaled, "", outcome);
+    if (bias_raw)
+      write_layer_input(ctx, layer, 2, dtype, {out_channels}, *bias_raw,
+                        ctx.graph.nodes[layer].display_name(layer) + "_bias", outcome);
+    if (correction_raw)
+      add_constant_after(ctx, layer, dtype, correction_dims, *correction_raw, "_bn_border_correction", outcome);
+  };
+  return plan;
+}
+
+}  // namespace qdqfold::folds

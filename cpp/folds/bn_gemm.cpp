@@ -1,0 +1,178 @@
+// BN -> [Flatten | Reshape to 2-D] -> Gemm / MatMul (fold forwards):
+//
+//   before:  x [N, C, H, W] -> BatchNormalization(a, t) -> Flatten -> Gemm(B, C_bias; alpha, beta)   -> y
+//   after:   x [N, C, H, W] ->                             Flatten -> Gemm(B', C'; alpha, beta' = 1) -> y
+//            (MatMul(B) becomes MatMul(B') -> Add(d))
+//
+// Feature f of the flattened input belongs to channel c = f / HW, HW = K / C (K: the weight's input width):
+//   B'[f, o] = B[f, o] * a[f / HW]
+//   d[o]     = alpha * sum over f of B[f, o] * t[f / HW]                       (double, rounded once)
+//   C'       = beta * C + d  (broadcast to [.., N]), and beta' = 1
+// Exact: a Gemm has no padding. A BN read directly by a Gemm (2-D input) is the case HW = 1.
+#include "forward.h"
+
+#include "../wire/fields.h"
+#include "../wire/writer.h"
+
+namespace qdqfold::folds {
+
+using graph::Graph;
+using graph::Node;
+
+namespace {
+
+std::string dims_text(const std::vector<int64_t>& dims) {
+  std::string s = "[";
+  for (size_t k = 0; k < dims.size(); ++k) s += (k ? ", " : "") + std::to_string(dims[k]);
+  return s + "]";
+}
+
+// How many input features of the layer belong to each BN channel (HW), or why the layout is not known.
+std::variant<int64_t, Outcome> features_per_channel(FoldContext& ctx, int bn, const ForwardReader& reader,
+                                                    int64_t channels, int64_t width) {
+  Graph& g = ctx.graph;
+  const std::string who = describe_node(g, reader.layer);
+  const auto shape = activation_shape(ctx, bn, reader);
+  if (width % channels != 0)
+    return Outcome::kept("shape-mismatch", who + " takes " + std::to_string(width) + " input features, not a multiple "
+                                               "of BN's " + std::to_string(channels) + " channels");
+  const int64_t hw = width / channels;
+  std::optional<int64_t> known_hw;  // from the activation's shape, when every spatial dim is known
+  if (shape && shape->size() >= 2) {
+    int64_t p = 1;
+    for (size_t d = 2; d < shape->size() && p > 0; ++d) p = (*shape)[d] < 0 ? -1 : p * (*shape)[d];
+    if (p > 0) known_hw = p;
+  }
+  if (known_hw && *known_hw != hw)
+    return Outcome::kept("shape-mismatch", "BN's output has " + std::to_string(channels * *known_hw) +
+                                               " features per sample but " + who + " takes " + std::to_string(width));
+  if (reader.reshape < 0) {
+    // Gemm reads a 2-D input by definition; a MatMul must be shown one.
+    if (g.nodes[reader.layer].is("MatMul") && (!shape || shape->size() != 2))
+      return Outcome::kept("unknown-rank", who + " reads BN's output directly and its rank is not known to be 2 "
+                                                 "(MatMul would contract its last axis, not the channels)");
+    if (hw != 1)
+      return Outcome::kept("shape-mismatch", who + " takes " + std::to_string(width) + " features, BN has " +
+                                                 std::to_string(channels) + " channels");
+    return hw;
+  }
+  const Node& reshape = g.nodes[reader.reshape];
+  const std::string how = describe_node(g, reader.reshape);
+  if (reshape.is("Flatten")) {
+    int64_t axis = reshape.attr_int("axis", 1);
+    if (axis < 0 && shape) axis += static_cast<int64_t>(shape->size());
+    if (axis != 1)
+      return Outcome::kept("unsupported-reshape", how + " flattens from axis " +
+                                                      std::to_string(reshape.attr_int("axis", 1)) + ", not 1");
+    return hw;
+  }
+  // Reshape: the rows must stay the samples, [N, C*H*W].
+  auto target = reshape.inputs.size() > 1 ? constant_values(g, reshape.inputs[1]) : std::nullopt;
+  const bool allow_zero = reshape.attr_int("allowzero", 0) != 0;
+  if (!target || target->size() != 2)
+    return Outcome::kept("unsupported-reshape", how + " does not reshape to a constant 2-D shape");
+  const double rows = (*target)[0], cols = (*target)[1];
+  if (rows == 0 && cols == -1 && !allow_zero) return hw;  // [0, -1]: keep the batch, flatten the rest
+  if (shape && shape->size() >= 2 && (*shape)[0] > 0 && known_hw) {
+    const int64_t batch = (*shape)[0], per_sample = channels * *known_hw;
+    auto resolve = [&](double v, int64_t copied) { return v == 0 && !allow_zero ? static_cast<double>(copied) : v; };
+    double r = resolve(rows, batch), c = resolve(cols, (*shape)[1]);
+    if (r == -1 && c > 0) r = static_cast<double>(batch * per_sample) / c;
+    if (c == -1 && r > 0) c = static_cast<double>(batch * per_sample) / r;
+    if (r == static_cast<double>(batch) && c == static_cast<double>(per_sample)) return hw;
+  }
+  return Outcome::kept("unsupported-reshape", how + " reshapes to [" + std::to_string(static_cast<int64_t>(rows)) +
+                                                  ", " + std::to_string(static_cast<int64_t>(cols)) +
+                                                  "], which is not known to keep one sample per row");
+}
+
+std::string float_attribute(const char* name, float value) {
+  std::string a;
+  wire::put_bytes_field(a, wire::num(wire::AttributeField::Name), name);
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  wire::put_fixed32_field(a, wire::num(wire::AttributeField::F), bits);
+  wire::put_varint_field(a, wire::num(wire::AttributeField::Type), static_cast<uint64_t>(wire::AttributeType::Float));
+  return a;
+}
+
+}  // namespace
+
+PlanOrKept plan_bn_gemm(FoldContext& ctx, int bn, const BatchNormAffine& affine, const ForwardReader& reader) {
+  Graph& g = ctx.graph;
+  const int layer = reader.layer;
+  const std::string who = describe_node(g, layer);
+  auto weight = read_forward_weight(ctx, layer);
+  if (auto* o = std::get_if<Outcome>(&weight)) return std::move(*o);
+  const FloatWeight w = std::move(std::get<FloatWeight>(weight));
+  const auto channels = static_cast<int64_t>(affine.scale.size());
+  auto hw_or = features_per_channel(ctx, bn, reader, channels, w.layout.in_channels);
+  if (auto* o = std::get_if<Outcome>(&hw_or)) return std::move(*o);
+  const int64_t hw = std::get<int64_t>(hw_or);
+  const bool is_gemm = g.nodes[layer].is("Gemm");
+  const int64_t outputs = w.layout.out_channels;
+  const int32_t dtype = w.tensor.data_type;
+
+  // Gemm's C: any shape that broadcasts to [rows, N]: [], [1], [N], [r, 1], [r, N].
+  const std::string c_name = is_gemm && g.nodes[layer].inputs.size() > 2 ? g.nodes[layer].inputs[2] : "";
+  const double alpha = is_gemm ? g.nodes[layer].attr_float("alpha", 1.0f) : 1.0;
+  const double beta = is_gemm ? g.nodes[layer].attr_float("beta", 1.0f) : 1.0;
+  std::vector<double> c_values;
+  std::vector<int64_t> c_dims;
+  if (!c_name.empty()) {
+    if (produced_by_dequantize(g, c_name))
+      return Outcome::kept("quantized-bias", who + " takes its bias through " + describe_node(g, g.producer(c_name)));
+    auto ref = g.constant(c_name);
+    auto values = ref ? ref->tensor.values() : std::nullopt;
+    if (!values) return Outcome::kept("non-constant-bias", "the bias '" + c_name + "' of " + who + " is not a constant");
+    c_values = std::move(*values);
+    c_dims = ref->tensor.dims;
+    const int64_t last = c_dims.empty() ? 1 : c_dims.back();
+    if (c_dims.size() > 2 || (last != 1 && last != outputs))
+      return Outcome::kept("shape-mismatch", "the bias '" + c_name + "' of " + who + " has shape " + dims_text(c_dims) +
+                                                 ", which does not broadcast to " + std::to_string(outputs) + " outputs");
+  }
+
+  auto scaled = scale_input_features(w, affine.scale, hw);
+  if (auto* o = std::get_if<Outcome>(&scaled)) return std::move(*o);
+  LayerPlan plan;
+  plan.layer = layer;
+  plan.fold_name = is_gemm ? "bn-gemm" : "bn-matmul";
+  if (hw > 1) plan.note = "feature f of " + std::to_string(w.layout.in_channels) + " belongs to channel f / " + std::to_string(hw);
+  std::optional<std::string> bias_raw;
+  std::vector<int64_t> bias_dims{outputs};
+  if (!affine.zero_shift()) {
+    const auto sums = shift_through_weight(w, affine.shift, hw);
+    std::vector<double> bias;
+    if (c_values.empty() || beta == 0.0) {
+      for (int64_t o = 0; o < outputs; ++o) bias.push_back(alpha * sums[static_cast<size_t>(o)][0]);
+    } else {
+      const int64_t rows = c_dims.size() == 2 ? c_dims[0] : 1;
+      const int64_t cols = c_dims.empty() ? 1 : c_dims.back();
+      if (c_dims.size() == 2) bias_dims = {rows, outputs};
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t o = 0; o < outputs; ++o)
+          bias.push_back(beta * c_values[static_cast<size_t>(r * cols + (cols == 1 ? 0 : o))] +
+                         alpha * sums[static_cast<size_t>(o)][0]);
+    }
+    auto stored = store_or_keep(dtype, bias, is_gemm ? "bias" : "shift");
+    if (auto* o = std::get_if<Outcome>(&stored)) return std::move(*o);
+    bias_raw = std::move(std::get<std::string>(stored));
+  }
+  plan.apply = [layer, dtype, is_gemm, beta, weight_dims = w.tensor.dims,
+                scaled = std::move(std::get<std::string>(scaled)), bias_raw,
+                bias_dims](FoldContext& ctx, Outcome& outcome) {
+    write_layer_input(ctx, layer, 1, dtype, weight_dims, scaled, "", outcome);
+    if (!bias_raw) return;
+    if (!is_gemm) {
+      add_constant_after(ctx, layer, dtype, bias_dims, *bias_raw, "_bn_shift", outcome);
+      return;
+    }
+    write_layer_input(ctx, layer, 2, dtype, bias_dims, *bias_raw,
+                      ctx.graph.nodes[layer].display_name(layer) + "_bias", outcome);
+    if (beta != 1.0) ctx.graph.set_attribute(layer, "beta", float_attribute("beta", 1.0f));
+  };
+  return plan;
+}
+
+}  // namespace qdqfold::folds

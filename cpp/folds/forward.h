@@ -1,0 +1,83 @@
+// BN -> layer (fold forwards): the pieces every forward fold shares.
+//
+//   before:  x -> BN(a, t) -> [Identity | Dropout]* -> [Flatten | Reshape] -> layer(W, b)   (one or more layers)
+//   after:   x ->              [Identity | Dropout]* -> [Flatten | Reshape] -> layer(W', b')
+//
+// With BN(x)[c] = a[c] * x[c] + t[c] and the layer's input channel c (feature f = c * HW + p after a Flatten):
+//   W'[o, c, k] = W[o, c, k] * a[c],   b'[o] = b[o] + sum over c, k of W[o, c, k] * t[c]   (double)
+// exact when every output position of the layer receives every kernel tap (no zero padding); otherwise the
+// difference is a constant map, added by one Add (padding_correction.h).
+//
+// The fold finds every layer that reads BN's output (seeing through inference-time identities), asks the
+// layer's planner (bn_conv.cpp, bn_gemm.cpp) whether it can take BN exactly, and only when every planner
+// agrees edits anything: the layers' weights, then the readers rewired to BN's input and BN removed.
+#pragma once
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "batchnorm.h"
+#include "backward.h"
+
+namespace qdqfold::folds {
+
+// One layer that reads BN's output, directly or through see-through nodes and at most one Flatten/Reshape.
+struct ForwardReader {
+  int layer = -1;
+  int reshape = -1;                 // the Flatten or Reshape on the way (Gemm/MatMul readers), or -1
+  std::vector<std::string> values;  // values on the way that have BN's output shape (BN's output first)
+};
+
+// Every layer reading BN `bn`'s output, or the outcome when BN cannot fold forwards: NotApplicable when no
+// layer reads it, Kept when one does but something else also sees BN's output (a graph output, a non-layer
+// reader, a subgraph) or an activation quantizer stands between BN and the layer.
+std::variant<std::vector<ForwardReader>, Outcome> forward_readers(FoldContext& ctx, int bn);
+
+// The static shape of `value`: the model's shape information, completed by the `shapes` option.
+std::optional<std::vector<int64_t>> known_shape(const FoldContext& ctx, const std::string& value);
+
+// The shape of BN's input (= output) from any value that carries it, preferring one with every dim known.
+std::optional<std::vector<int64_t>> activation_shape(const FoldContext& ctx, int bn, const ForwardReader& reader);
+
+// What a planner decided for one layer: the edits to make once every layer of the BN said yes.
+struct LayerPlan {
+  int layer = -1;
+  std::string fold_name;  // "bn-conv", "bn-convtranspose", "bn-gemm", "bn-matmul"
+  std::string note;       // appended to the report sentence (e.g. the correction's size), may be empty
+  std::vector<std::pair<std::string, double>> metrics;
+  std::function<void(FoldContext&, Outcome&)> apply;
+};
+using PlanOrKept = std::variant<LayerPlan, Outcome>;
+
+// The BN shift carried through the weight: tap_sums[o][r] = sum over (p, q) with output o of
+// W[p, q, r] * t[channel of input(p, q)], where input feature f belongs to channel f / features_per_channel.
+std::vector<std::vector<double>> shift_through_weight(const FloatWeight& w, const std::vector<double>& shift,
+                                                      int64_t features_per_channel);
+
+// W' = W * scale[channel of each input feature], rounded once; Kept when a value would overflow.
+std::variant<std::string, Outcome> scale_input_features(const FloatWeight& w, const std::vector<double>& scale,
+                                                        int64_t features_per_channel);
+
+// The weight of a layer BN feeds, with the forward fold's own reasons for keeping BN: a quantized weight, a
+// weight other nodes read too.
+std::variant<FloatWeight, Outcome> read_forward_weight(FoldContext& ctx, int layer);
+
+// Adds a constant after `layer`: its output 0 is renamed, and Add(renamed, constant) produces the old name
+// (graph outputs, value_info and readers keep theirs). The constant is a new tensor named after the layer.
+void add_constant_after(FoldContext& ctx, int layer, int32_t data_type, const std::vector<int64_t>& dims,
+                        const std::string& raw, const char* suffix, Outcome& outcome);
+
+// "Conv '/c1/Conv'" for messages.
+std::string describe_node(const graph::Graph& g, int node);
+
+// The forward fold (registered in registry.cpp after the backward folds).
+Outcome fold_bn_forward(FoldContext& ctx, int bn);
+
+// Planners, one per layer family.
+PlanOrKept plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine& affine, const ForwardReader& reader);  // bn_conv.cpp
+PlanOrKept plan_bn_gemm(FoldContext& ctx, int bn, const BatchNormAffine& affine, const ForwardReader& reader);  // bn_gemm.cpp
+
+}  // namespace qdqfold::folds
