@@ -1,6 +1,6 @@
 """Type stubs for qdqfold's native core (see qdqfold_native.__doc__)."""
 
-from typing import Any, TypedDict, Union
+from typing import Any, Mapping, Sequence, TypedDict, Union
 import mmap
 
 __version__: str
@@ -36,6 +36,7 @@ def fold(
     allow_nonzero_zero_point: bool = False,
     materialize_quantized_weights: bool = False,
     drop_activation_quantizers: bool = False,
+    shapes: Mapping[str, Sequence[int | None]] = ...,
 ) -> bytes: ...
 def fold_with_report(
     model: BytesLike,
@@ -47,5 +48,6 @@ def fold_with_report(
     allow_nonzero_zero_point: bool = False,
     materialize_quantized_weights: bool = False,
     drop_activation_quantizers: bool = False,
+    shapes: Mapping[str, Sequence[int | None]] = ...,
 ) -> tuple[bytes, Report]: ...
 def options() -> dict[str, Any]: ...

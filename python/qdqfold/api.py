@@ -18,13 +18,16 @@ OPTIONS: dict[str, bool] = qdqfold_native.options()
 ModelLike = Union[onnx.ModelProto, bytes, bytearray, memoryview, str, os.PathLike]
 
 
-def inferred_shapes(data: bytes | bytearray | memoryview) -> dict[str, list[int]]:
-    """Static shapes onnx shape inference finds for the values of a serialized model ({} if it fails).
+def inferred_shapes(model: bytes | bytearray | memoryview | str | os.PathLike) -> dict[str, list[int]]:
+    """Static shapes onnx shape inference finds for the values of a serialized model or a model file ({} if
+    it fails; a file's external data is not loaded).
 
     It runs on a copy: the model's own value_info is never altered. Unknown dims are -1.
     """
     try:
-        inferred = onnx.shape_inference.infer_shapes(onnx.load_from_string(bytes(data)))
+        proto = (onnx.load(os.fspath(model), load_external_data=False) if isinstance(model, (str, os.PathLike))
+                 else onnx.load_from_string(bytes(model)))
+        inferred = onnx.shape_inference.infer_shapes(proto)
     except Exception:  # noqa: BLE001 (a model shape inference cannot read simply gets no shapes)
         return {}
     shapes: dict[str, list[int]] = {}
@@ -43,11 +46,12 @@ def inferred_shapes(data: bytes | bytearray | memoryview) -> dict[str, list[int]
     return shapes
 
 
-def with_inferred_shapes(data: bytes | bytearray | memoryview, options: dict[str, Any]) -> dict[str, Any]:
+def with_inferred_shapes(model: bytes | bytearray | memoryview | str | os.PathLike,
+                         options: dict[str, Any]) -> dict[str, Any]:
     """``options`` plus ``shapes`` from onnx shape inference when ``pad_correction`` needs static sizes and the
     caller gave none."""
     if options.get("pad_correction") and "shapes" not in options:
-        return {**options, "shapes": inferred_shapes(data)}
+        return {**options, "shapes": inferred_shapes(model)}
     return options
 
 

@@ -21,7 +21,7 @@ import onnx
 import qdqfold_native
 from qdqfold_native import FoldError
 
-from .api import fold_bytes, load_model_bytes, write_atomically
+from .api import fold_bytes, load_model_bytes, with_inferred_shapes, write_atomically
 from .graphinfo import ModelInfo, WireFormatError, read_model_info
 from .report import FoldReport
 from .verify import DEFAULT_TOLERANCE, VerifyError, VerifyResult, verify
@@ -156,7 +156,7 @@ def _fold_file(src: Path, dst: Path | None, options: dict[str, bool], make_paren
     _check_source(src)
     _make_parent(dst, make_parents)
     try:
-        return FoldReport.from_native(qdqfold_native.fold_file(src, dst, **options)), None
+        return FoldReport.from_native(qdqfold_native.fold_file(src, dst, **with_inferred_shapes(src, options))), None
     except FoldError as e:
         raise ModelError(_native_error(e, src, dst)) from e
 
