@@ -13,6 +13,10 @@ Outcome fold_conv_bn(FoldContext& ctx, int bn);
 // -> BatchNormalization over the 2-D output's features, folded into the layer.
 Outcome fold_gemm_bn(FoldContext& ctx, int bn);
 
+// qdq_layer_bn.cpp: Conv / ConvTranspose / Gemm / MatMul whose weight comes through DequantizeLinear (int
+// weight, or float weight -> QuantizeLinear) -> BatchNormalization, folded into the quantization scale.
+Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn);
+
 // forward.cpp (with bn_conv.cpp, bn_gemm.cpp): BatchNormalization -> [Identity/Dropout] -> [Flatten/Reshape]
 // -> Conv / ConvTranspose / Gemm / MatMul, folded into every layer that reads it.
 Outcome fold_bn_forward(FoldContext& ctx, int bn);

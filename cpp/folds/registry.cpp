@@ -7,6 +7,8 @@ namespace qdqfold::folds {
 
 const std::vector<FoldRule>& fold_rules() {
   static const std::vector<FoldRule> rules = {
+      // Quantized weights first: the float folds leave weights behind DequantizeLinear to it.
+      {"qdq-layer-bn", "backward", fold_qdq_layer_bn},
       {"conv-bn", "backward", fold_conv_bn},
       {"gemm-bn", "backward", fold_gemm_bn},
       // Forward folds last: a BN that can fold backwards does so first.

@@ -1,0 +1,494 @@
+#include "quantized_weight.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "../kernels/numeric.h"
+#include "../kernels/per_channel.h"
+#include "../wire/fields.h"
+#include "../wire/writer.h"
+#include "batchnorm.h"
+
+namespace qdqfold::folds {
+
+using graph::Graph;
+using graph::Node;
+using graph::Use;
+using wire::DataType;
+
+bool is_quantize(const Node& n) { return n.op_type == "QuantizeLinear" && (n.is("QuantizeLinear") || n.domain == "com.microsoft"); }
+bool is_dequantize(const Node& n) {
+  return n.op_type == "DequantizeLinear" && (n.is("DequantizeLinear") || n.domain == "com.microsoft");
+}
+
+std::string int_attribute(const std::string& name, int64_t value) {
+  std::string a;
+  wire::put_bytes_field(a, wire::num(wire::AttributeField::Name), name);
+  wire::put_varint_field(a, wire::num(wire::AttributeField::I), static_cast<uint64_t>(value));
+  wire::put_varint_field(a, wire::num(wire::AttributeField::Type), static_cast<uint64_t>(wire::AttributeType::Int));
+  return a;
+}
+
+// Sets an int attribute in the written node and in the parsed view, so that a later fold reading this node
+// (a second BN folded into the same layer) sees the new value.
+void set_int_attribute(Graph& g, int node, const std::string& name, int64_t value) {
+  g.set_attribute(node, name, int_attribute(name, value));
+  for (auto& a : g.nodes[node].attributes)
+    if (a.name == name) {
+      a.has_i = true;
+      a.i = value;
+      return;
+    }
+  graph::Attribute a;
+  a.name = name;
+  a.type = static_cast<int>(wire::AttributeType::Int);
+  a.has_i = true;
+  a.i = value;
+  g.nodes[node].attributes.push_back(a);
+}
+
+// ---------------------------------------------------------------- QuantLayout
+
+void QuantLayout::prepare(const std::vector<int64_t>& dims) {
+  if (per_tensor()) return;
+  inner_ = 1;
+  for (size_t d = static_cast<size_t>(axis) + 1; d < dims.size(); ++d) inner_ *= dims[d];
+  axis_dim_ = dims[axis];
+  blocks_ = block_size > 0 ? (axis_dim_ + block_size - 1) / block_size : axis_dim_;
+}
+
+int64_t QuantLayout::scale_index(int64_t i) const {
+  if (per_tensor()) return 0;
+  const int64_t along = (i / inner_) % axis_dim_;
+  if (block_size <= 0) return along;
+  const int64_t outer = i / (inner_ * axis_dim_);
+  return (outer * blocks_ + along / block_size) * inner_ + i % inner_;
+}
+
+int64_t QuantLayout::scale_count() const {
+  int64_t n = 1;
+  for (int64_t d : scale_dims) n *= d;
+  return n;
+}
+
+// ---------------------------------------------------------------- reading
+
+namespace {
+
+std::string node_label(const Graph& g, int n) { return g.nodes[n].op_type + " '" + g.nodes[n].display_name(n) + "'"; }
+
+Outcome malformed(const std::string& who, const std::string& why) {
+  return Outcome::kept("malformed-quantization", who + ": " + why);
+}
+
+// Values of optional input `slot` of node `n` (a constant), or nullopt when it is not a constant.
+struct ConstInput {
+  bool present = false;
+  std::optional<graph::ConstRef> ref;
+};
+ConstInput const_input(Graph& g, const Node& n, size_t slot) {
+  ConstInput c;
+  if (slot >= n.inputs.size() || n.inputs[slot].empty()) return c;
+  c.present = true;
+  c.ref = g.constant(n.inputs[slot]);
+  return c;
+}
+
+std::optional<std::vector<int64_t>> quantized_values(const graph::Tensor& t) {
+  std::string storage;
+  auto bytes = t.bytes(storage);
+  if (!bytes) return std::nullopt;
+  return kernels::read_quantized(*bytes, t.data_type, t.count);
+}
+
+bool same_constant(Graph& g, const std::string& a, const std::string& b) {
+  if (a == b) return true;
+  auto ra = g.constant(a), rb = g.constant(b);
+  if (!ra || !rb || ra->tensor.data_type != rb->tensor.data_type || ra->tensor.dims != rb->tensor.dims) return false;
+  auto va = ra->tensor.values(), vb = rb->tensor.values();
+  if (va && vb) return *va == *vb;
+  std::string sa, sb;
+  auto ba = ra->tensor.bytes(sa), bb = rb->tensor.bytes(sb);
+  return ba && bb && *ba == *bb;
+}
+
+}  // namespace
+
+std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, int layer) {
+  const Node& d = g.nodes[dq];
+  if (!is_dequantize(d)) return Outcome::not_applicable();
+  const std::string who = "the weight of " + node_label(g, layer);
+  if (d.inputs.size() < 2 || d.inputs[0].empty() || d.inputs[1].empty())
+    return malformed(who, node_label(g, dq) + " lacks its input or scale");
+  QuantizedWeight w;
+  w.dq = dq;
+  const bool ms_domain = d.domain == "com.microsoft";
+  const int64_t opset = g.opset(ms_domain ? "com.microsoft" : "");
+  w.axis_supported = ms_domain || opset >= 13;
+
+  // Scale and zero point.
+  ConstInput scale = const_input(g, d, 1), zero = const_input(g, d, 2);
+  if (!scale.ref || (zero.present && !zero.ref))
+    return Outcome::kept("non-constant-quantization-parameters",
+                         "the scale or zero point of " + node_label(g, dq) + " (" + who + ") is not a constant");
+  w.scale_type = scale.ref->tensor.data_type;
+  if (!graph::is_float_type(w.scale_type) || w.scale_type == static_cast<int32_t>(DataType::Double))
+    return malformed(who, std::string("its scale is ") + graph::data_type_name(w.scale_type));
+  auto scale_values = scale.ref->tensor.values();
+  if (!scale_values || scale_values->empty()) return malformed(who, "its scale cannot be read");
+  w.scale = std::move(*scale_values);
+  for (double s : w.scale)
+    if (!std::isfinite(s))
+      return Outcome::kept("non-finite-scale", "the scale of " + who + " holds NaN or Inf");
+
+  // The integers: a constant, or what QuantizeLinear makes of a constant float weight.
+  const std::string& x = d.inputs[0];
+  std::optional<graph::ConstRef> int_ref = g.constant(x);
+  std::optional<graph::ConstRef> float_ref;
+  if (!int_ref) {
+    const int qn = g.producer(x);
+    if (qn < 0 || !is_quantize(g.nodes[qn]))
+      return Outcome::kept("non-constant-weight", "the input of " + node_label(g, dq) + " (" + who + ") is not a constant");
+    const Node& q = g.nodes[qn];
+    if (q.inputs.size() < 2 || q.inputs[0].empty()) return malformed(who, node_label(g, qn) + " lacks its inputs");
+    if (!read_only_by(g, x, dq))
+      return Outcome::kept("shared-weight", "the quantized weight '" + x + "' of " + who +
+                                                " is also read by another node, which must keep its values");
+    float_ref = g.constant(q.inputs[0]);
+    if (!float_ref)
+      return Outcome::kept("non-constant-weight", "the float weight '" + q.inputs[0] + "' quantized by " +
+                                                      node_label(g, qn) + " (" + who + ") is not a constant");
+    // Q and DQ must describe the same grid.
+    const std::string q_zero = q.inputs.size() > 2 ? q.inputs[2] : "", d_zero = d.inputs.size() > 2 ? d.inputs[2] : "";
+    if (!same_constant(g, q.inputs[1], d.inputs[1]) || q_zero.empty() != d_zero.empty() ||
+        (!q_zero.empty() && !same_constant(g, q_zero, d_zero)) ||
+        q.attr_int("axis", 1) != d.attr_int("axis", 1) || q.attr_int("block_size", 0) != d.attr_int("block_size", 0))
+      return Outcome::kept("mismatched-qdq", node_label(g, qn) + " and " + node_label(g, dq) +
+                                                 " use different scales, zero points or axes for " + who);
+    w.q = qn;
+    w.float_type = float_ref->tensor.data_type;
+    if (w.float_type != static_cast<int32_t>(DataType::Float) && w.float_type != static_cast<int32_t>(DataType::Float16) &&
+        w.float_type != static_cast<int32_t>(DataType::Bfloat16))
+      return Outcome::kept("unsupported-weight-type", "the float weight of " + who + " is " +
+                                                          graph::data_type_name(w.float_type));
+    if (zero.ref) w.int_type = zero.ref->tensor.data_type;
+    else w.int_type = static_cast<int32_t>(q.attr_int("output_dtype", static_cast<int64_t>(DataType::Uint8)));
+    w.dims = float_ref->tensor.dims;
+  } else {
+    w.int_type = int_ref->tensor.data_type;
+    w.dims = int_ref->tensor.dims;
+  }
+  if (w.float8() && w.qat())
+    return Outcome::kept("float8-quantizer", "the QuantizeLinear of " + who + " makes float8 values, whose rounding "
+                                             "qdqfold does not reproduce; the weight cannot be snapped to its grid");
+  auto range = kernels::integer_range(w.int_type);
+  if (!range && !w.float8())
+    return Outcome::kept("unsupported-weight-type", who + " is quantized to " + graph::data_type_name(w.int_type));
+  if (range) w.range = *range;
+  if (zero.ref && zero.ref->tensor.data_type != w.int_type)
+    return malformed(who, "its zero point type differs from the quantized type");
+
+  // Layout of the scale.
+  const auto rank = static_cast<int64_t>(w.dims.size());
+  const auto& sdims = scale.ref->tensor.dims;
+  w.layout.scale_dims = sdims;
+  w.layout.block_size = d.attr_int("block_size", 0);
+  if (w.scale.size() == 1 && w.layout.block_size == 0) {
+    w.layout.axis = -1;
+  } else {
+    if (!w.axis_supported) return malformed(who, "a scale with several values needs DequantizeLinear opset >= 13");
+    int64_t axis = d.attr_int("axis", 1);
+    if (axis < 0) axis += rank;
+    if (axis < 0 || axis >= rank) return malformed(who, "its quantization axis is out of range");
+    w.layout.axis = axis;
+    if (w.layout.block_size > 0) {
+      bool ok = static_cast<int64_t>(sdims.size()) == rank;
+      for (int64_t k = 0; ok && k < rank; ++k)
+        ok = sdims[k] == (k == axis ? (w.dims[k] + w.layout.block_size - 1) / w.layout.block_size : w.dims[k]);
+      if (!ok) return malformed(who, "its blocked scale does not match the weight's dims and block_size");
+    } else if (sdims.size() != 1 || sdims[0] != w.dims[axis]) {
+      return malformed(who, "its per-axis scale does not have one value per slice of axis " + std::to_string(axis));
+    }
+  }
+  w.layout.prepare(w.dims);
+  w.has_zero = zero.present;
+  if (zero.ref) {
+    auto z = quantized_values(zero.ref->tensor);
+    if (!z || z->size() != w.scale.size()) return malformed(who, "its zero point does not match its scale");
+    w.zero = std::move(*z);
+    if (w.float8())
+      for (int64_t v : w.zero)
+        if (v != 0) return malformed(who, "a float8 zero point must be 0");
+  } else {
+    w.zero.assign(w.scale.size(), 0);
+  }
+
+  // The integers.
+  int64_t count = 1;
+  for (int64_t v : w.dims) count *= v;
+  if (int_ref) {
+    auto q = quantized_values(int_ref->tensor);
+    if (!q) return Outcome::kept("unreadable-weight", "the integers of " + who + " cannot be read (external data?)");
+    w.ints = std::move(*q);
+  } else {
+    auto f = float_ref->tensor.values();
+    if (!f || static_cast<int64_t>(f->size()) != count)
+      return Outcome::kept("unreadable-weight", "the float weight of " + who + " cannot be read (external data?)");
+    w.ints.resize(static_cast<size_t>(count));
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t k = w.layout.scale_index(i);
+      w.ints[i] = kernels::quantize_element(static_cast<float>((*f)[i]), static_cast<float>(w.scale[k]), w.zero[k],
+                                            w.range);
+    }
+  }
+  return w;
+}
+
+// ---------------------------------------------------------------- rescaling
+
+namespace {
+
+// What the output channels covered by each scale element need: one factor |a|, and whether any of them is
+// negated (and any not), with the extreme integers of the negated elements.
+struct Coverage {
+  std::vector<double> factor;
+  std::vector<char> negative, positive;
+  std::vector<int64_t> neg_min, neg_max, min_channel, max_channel, first_channel;
+  std::string conflict;
+};
+
+Coverage cover(const QuantizedWeight& w, const WeightLayout& wl, const QuantLayout& layout, const std::vector<double>& a) {
+  Coverage c;
+  const auto n = static_cast<size_t>(layout.scale_count());
+  c.factor.assign(n, -1.0);
+  c.negative.assign(n, 0);
+  c.positive.assign(n, 0);
+  c.neg_min.assign(n, std::numeric_limits<int64_t>::max());
+  c.neg_max.assign(n, std::numeric_limits<int64_t>::min());
+  c.min_channel.assign(n, -1);
+  c.max_channel.assign(n, -1);
+  c.first_channel.assign(n, -1);
+  const int64_t QR = wl.Q * wl.R;
+  for (int64_t i = 0; i < static_cast<int64_t>(w.ints.size()); ++i) {
+    const int64_t o = wl.output_of(i / QR, (i / wl.R) % wl.Q);
+    const auto k = static_cast<size_t>(layout.scale_index(i));
+    const double f = std::fabs(a[o]);
+    if (c.factor[k] < 0) {
+      c.factor[k] = f;
+      c.first_channel[k] = o;
+    } else if (c.factor[k] != f) {
+      c.conflict = "one scale value covers output channels " + std::to_string(c.first_channel[k]) + " and " +
+                   std::to_string(o) + ", whose BN factors differ";
+      return c;
+    }
+    if (a[o] < 0) {
+      c.negative[k] = 1;
+      if (w.ints[i] < c.neg_min[k]) { c.neg_min[k] = w.ints[i]; c.min_channel[k] = o; }
+      if (w.ints[i] > c.neg_max[k]) { c.neg_max[k] = w.ints[i]; c.max_channel[k] = o; }
+    } else {
+      c.positive[k] = 1;
+    }
+  }
+  return c;
+}
+
+}  // namespace
+
+std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWeight& w, const WeightLayout& wl,
+                                                               const std::vector<double>& a, const Options& options,
+                                                               bool keep_quantizer, const std::string& who) {
+  if (wl.P * wl.Q * wl.R != static_cast<int64_t>(w.ints.size()) || static_cast<int64_t>(a.size()) != wl.out_channels)
+    return Outcome::kept("shape-mismatch", "the BN has " + std::to_string(a.size()) + " channels but " + who + " has " +
+                                               std::to_string(wl.out_channels) + " output channels");
+  RescaledWeight r;
+  // Keep the scale's layout when every scale value covers channels with one factor |a|; a per-tensor scale
+  // otherwise becomes one scale per slice of the weight's output-channel axis.
+  r.layout = w.layout;
+  Coverage c = cover(w, wl, r.layout, a);
+  if (!c.conflict.empty() && w.layout.per_tensor()) {
+    if (!w.axis_supported)
+      return Outcome::kept("opset-too-old",
+                           "the BN factors differ per channel, so the per-tensor scale of " + who +
+                               " must become per-channel, which needs DequantizeLinear's axis attribute (opset >= 13); "
+                               "the model's opset is older");
+    r.layout.axis = wl.out_axis;
+    r.layout.block_size = 0;
+    r.layout.scale_dims = {w.dims[wl.out_axis]};
+    r.layout.prepare(w.dims);
+    r.promoted = true;
+    c = cover(w, wl, r.layout, a);
+  }
+  if (!c.conflict.empty())
+    return Outcome::kept("scale-layout", "the quantization scale of " + who + " cannot absorb the BN factors: " + c.conflict);
+
+  const auto n = static_cast<size_t>(r.layout.scale_count());
+  auto old_index = [&](size_t k) { return r.promoted ? size_t{0} : k; };
+  const int64_t complement_c = w.range.lo + w.range.hi;
+  std::vector<int64_t> mirror(n, 0);  // q' = mirror - q in negated elements
+  r.scale.resize(n);
+  r.zero.resize(n);
+  for (size_t k = 0; k < n; ++k) {
+    const double s = w.scale[old_index(k)];
+    const int64_t z = w.zero[old_index(k)];
+    r.scale[k] = kernels::round_to_float_type(s * c.factor[k], w.scale_type);
+    if (!std::isfinite(r.scale[k]))
+      return Outcome::kept("scale-overflow", "the rescaled scale of " + who + " overflows in channel " +
+                                                 std::to_string(c.first_channel[k]));
+    if (keep_quantizer && r.scale[k] == 0)
+      return Outcome::kept("zero-factor",
+                           "the BN factor of channel " + std::to_string(c.first_channel[k]) + " is 0 (or the scale of " +
+                               who + " underflows to 0): its QuantizeLinear would divide by a zero scale; "
+                               "materialize_quantized_weights=True folds it with integer weights");
+    r.zero[k] = z;
+    if (!c.negative[k] || w.float8()) continue;
+    auto fits = [&](int64_t m) {
+      return w.range.contains(m - z) && w.range.contains(m - c.neg_min[k]) && w.range.contains(m - c.neg_max[k]);
+    };
+    std::vector<int64_t> candidates = {2 * z};                       // zero point unchanged (negation when z = 0)
+    if (!c.positive[k]) {
+      candidates.push_back(0);                                       // q' = -q, z' = -z
+      if (options.allow_nonzero_zero_point || z != 0) candidates.push_back(complement_c);
+    }
+    bool found = false;
+    for (int64_t m : candidates)
+      if (fits(m)) {
+        mirror[k] = m;
+        r.zero[k] = m - z;
+        r.complement = r.complement || (m == complement_c && m != 2 * z && m != 0);
+        found = true;
+        break;
+      }
+    if (!found) {
+      const bool low = !w.range.contains(2 * z - c.neg_min[k]);
+      const int64_t channel = low ? c.min_channel[k] : c.max_channel[k];
+      const int64_t value = low ? c.neg_min[k] : c.neg_max[k];
+      std::string msg = "channel " + std::to_string(channel) + " of " + who + " has a negative BN factor and holds the " +
+                        graph::data_type_name(w.int_type) + " value " + std::to_string(value) +
+                        ", whose negation does not fit the type";
+      if (!options.allow_nonzero_zero_point && !c.positive[k])
+        msg += "; allow_nonzero_zero_point=True folds it exactly with the complement form (q' = " +
+               std::string(w.range.lo < 0 ? "-1 - q" : std::to_string(complement_c) + " - q") +
+               "), which makes the zero point nonzero";
+      return Outcome::kept("negation-overflow", msg);
+    }
+  }
+  r.zero_changed = r.zero != w.zero || (r.promoted && w.has_zero);
+
+  const int64_t QR = wl.Q * wl.R;
+  const bool fnuz = kernels::is_fnuz_float8(w.int_type);
+  r.ints = w.ints;
+  std::vector<char> negated(static_cast<size_t>(wl.out_channels), 0);
+  for (int64_t i = 0; i < static_cast<int64_t>(r.ints.size()); ++i) {
+    const int64_t o = wl.output_of(i / QR, (i / wl.R) % wl.Q);
+    if (!(a[o] < 0)) continue;
+    negated[o] = 1;
+    const int64_t k = r.layout.scale_index(i);
+    r.ints[i] = w.float8() ? kernels::negate_float8(static_cast<uint8_t>(r.ints[i]), fnuz) : mirror[k] - r.ints[i];
+  }
+  r.negated_channels = static_cast<int>(std::count(negated.begin(), negated.end(), 1));
+  r.ints_changed = r.ints != w.ints;
+
+  if (w.qat() && keep_quantizer) {
+    // W' = (q' - z') * s' in the weight's type; QuantizeLinear(W') must give back q' exactly.
+    r.float_weight.resize(r.ints.size());
+    for (int64_t i = 0; i < static_cast<int64_t>(r.ints.size()); ++i) {
+      const int64_t k = r.layout.scale_index(i);
+      const double snapped =
+          kernels::round_to_float_type(static_cast<double>(r.ints[i] - r.zero[k]) * r.scale[k], w.float_type);
+      r.float_weight[i] = snapped;
+      if (kernels::quantize_element(static_cast<float>(snapped), static_cast<float>(r.scale[k]), r.zero[k], w.range) !=
+          r.ints[i])
+        return Outcome::kept("snap-failed", "the rescaled float weight of " + who + " does not quantize back to its "
+                                            "integers in " + graph::data_type_name(w.float_type) + " (element " +
+                                            std::to_string(i) + ")");
+    }
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------- writing
+
+std::string write_constant_for(FoldContext& ctx, const std::vector<Use>& readers, std::string old,
+                               int32_t data_type, const std::vector<int64_t>& dims, const std::string& raw,
+                               const std::string& base, Outcome& outcome) {
+  Graph& g = ctx.graph;
+  if (!old.empty()) {
+    auto ref = g.constant(old);
+    const auto& uses = g.uses(old);
+    bool only_ours = !g.is_graph_output(old) && uses.size() == readers.size();
+    for (const Use& u : uses)
+      only_ours = only_ours && std::any_of(readers.begin(), readers.end(),
+                                           [&](const Use& r) { return r.node == u.node && r.slot == u.slot; });
+    if (ref && ref->graph == &g && ref->initializer >= 0 && only_ours) {
+      if (ref->tensor.dims != dims) g.remove_value_info(old);
+      g.replace_initializer(ref->initializer, graph::reencode_tensor(ref->tensor, data_type, dims, raw));
+      return old;
+    }
+  }
+  const std::string name = new_tensor_name(ctx.model, old.empty() ? base : old, "_bnfolded");
+  g.add_tensor(name, graph::encode_tensor(name, data_type, dims, raw));
+  for (const Use& u : readers) g.set_input(u.node, u.slot, name);
+  outcome.new_tensors.push_back(name);
+  if (!old.empty()) g.drop_if_unused(old);
+  return name;
+}
+
+namespace {
+
+// Writes one quantization parameter (slot 1 scale, slot 2 zero point) for the given Q/DQ nodes. Nodes that
+// read different tensors for it (equal in value) get one new tensor each.
+void write_parameter(FoldContext& ctx, const std::vector<int>& nodes, int slot, int32_t data_type,
+                     const std::vector<int64_t>& dims, const std::string& raw, const std::string& base,
+                     Outcome& outcome) {
+  Graph& g = ctx.graph;
+  std::vector<std::pair<std::string, std::vector<Use>>> groups;
+  for (int n : nodes) {
+    const std::string name = slot < static_cast<int>(g.nodes[n].inputs.size()) ? g.nodes[n].inputs[slot] : "";
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& p) { return p.first == name; });
+    if (it == groups.end()) groups.push_back({name, {Use{n, slot}}});
+    else it->second.push_back(Use{n, slot});
+  }
+  for (const auto& [name, readers] : groups) write_constant_for(ctx, readers, name, data_type, dims, raw, base, outcome);
+}
+
+}  // namespace
+
+void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const RescaledWeight& r, bool materialize,
+                            Outcome& outcome) {
+  Graph& g = ctx.graph;
+  const Node& d = g.nodes[w.dq];
+  const std::string base = d.name.empty() ? d.outputs[0] : d.name;
+  std::vector<int> qdq = {w.dq};
+  if (w.qat() && materialize) {
+    // int initializer -> DequantizeLinear: the QuantizeLinear goes, its float weight too if nothing else reads it.
+    const std::vector<std::string> q_inputs = g.nodes[w.q].inputs;
+    const std::string q_output = g.nodes[w.q].outputs[0];
+    const std::string name = new_tensor_name(ctx.model, q_inputs[0], "_quantized");
+    g.add_tensor(name, graph::encode_tensor(name, w.int_type, w.dims, kernels::write_quantized(r.ints, w.int_type)));
+    g.set_input(w.dq, 0, name);
+    outcome.new_tensors.push_back(name);
+    g.remove_node(w.q);
+    g.remove_value_info(q_output);
+    for (const auto& v : q_inputs) g.drop_if_unused(v);
+  } else if (w.qat()) {
+    qdq.push_back(w.q);
+    auto raw = kernels::store_values(w.float_type, r.float_weight);
+    write_constant_for(ctx, {Use{w.q, 0}}, g.nodes[w.q].inputs[0], w.float_type, w.dims, raw ? *raw : std::string(),
+                       base + "_weight", outcome);
+  } else if (r.ints_changed) {
+    write_constant_for(ctx, {Use{w.dq, 0}}, d.inputs[0], w.int_type, w.dims, kernels::write_quantized(r.ints, w.int_type),
+                       base + "_weight", outcome);
+  }
+  const std::vector<int64_t>& pdims = r.layout.scale_dims;
+  auto scale_raw = kernels::store_values(w.scale_type, r.scale);
+  write_parameter(ctx, qdq, 1, w.scale_type, pdims, scale_raw ? *scale_raw : std::string(), base + "_scale", outcome);
+  bool any_nonzero = std::any_of(r.zero.begin(), r.zero.end(), [](int64_t z) { return z != 0; });
+  if ((w.has_zero && r.zero_changed) || (!w.has_zero && any_nonzero))
+    write_parameter(ctx, qdq, 2, w.int_type, pdims, kernels::write_quantized(r.zero, w.int_type), base + "_zero_point",
+                    outcome);
+  if (r.promoted)
+    for (int n : qdq) set_int_attribute(g, n, "axis", r.layout.axis);
+}
+
+}  // namespace qdqfold::folds

@@ -1,0 +1,107 @@
+// A layer's weight that reaches it through DequantizeLinear, in one of the two forms exporters write:
+//
+//   int form:  q (int initializer) -> DequantizeLinear(s, z) -> layer          (onnxruntime, ModelOpt --dq_only)
+//   QAT form:  W (float) -> QuantizeLinear(s, z) -> DequantizeLinear(s, z) -> layer   (pytorch_quantization, ModelOpt)
+//
+// read_quantized_weight() reads either into integers, scale, zero point and their layout (per tensor, per
+// axis, or blocked along an axis); rescale_quantized_weight() multiplies the dequantized weight by a factor
+// per output channel without re-quantizing (s' = s * |a|, integers mirrored where a < 0); and
+// write_quantized_weight() puts the result into the graph without touching tensors other nodes read.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "../kernels/quantized.h"
+#include "fold.h"
+#include "layer.h"
+
+namespace qdqfold::folds {
+
+// Where a quantization scale or zero point belongs: per tensor (axis -1), per slice of `axis`, or per block
+// of `block_size` consecutive elements along `axis`.
+struct QuantLayout {
+  int64_t axis = -1;
+  int64_t block_size = 0;
+  std::vector<int64_t> scale_dims;
+
+  bool per_tensor() const { return axis < 0; }
+  // Index into the scale of element `i` of a tensor with `dims` (strides precomputed by `prepare`).
+  int64_t scale_index(int64_t i) const;
+  void prepare(const std::vector<int64_t>& dims);
+  int64_t scale_count() const;
+
+ private:
+  int64_t inner_ = 1, axis_dim_ = 1, blocks_ = 1;
+};
+
+struct QuantizedWeight {
+  int dq = -1;                 // the DequantizeLinear node
+  int q = -1;                  // QAT form: the QuantizeLinear node, else -1
+  int32_t int_type = 0;        // element type of the integers (float8 types: their bytes)
+  kernels::IntegerRange range; // valid integers (unused for float8)
+  std::vector<int64_t> dims;   // weight dims
+  std::vector<int64_t> ints;   // integers (QAT form: what QuantizeLinear makes of W)
+  int32_t float_type = 0;      // QAT form: type of W
+  int32_t scale_type = 0;
+  std::vector<double> scale;
+  bool has_zero = false;       // a zero-point input is present
+  std::vector<int64_t> zero;   // one per scale element (zeros when absent)
+  QuantLayout layout;
+  bool axis_supported = false;  // the Q/DQ version has an `axis` attribute (opset >= 13 or com.microsoft)
+
+  bool qat() const { return q >= 0; }
+  bool float8() const { return kernels::is_float8(int_type); }
+};
+
+// Reads the weight DequantizeLinear node `dq` feeds to `layer`. NotApplicable when `dq` is not a
+// DequantizeLinear; Kept with a reason when the pattern is a quantized weight that cannot be read (not
+// constant, unsupported type, malformed scale, Q and DQ disagreeing, ...).
+std::variant<QuantizedWeight, Outcome> read_quantized_weight(graph::Graph& g, int dq, int layer);
+
+// The weight after multiplying output channel o by a[o].
+struct RescaledWeight {
+  std::vector<int64_t> ints;
+  std::vector<double> scale;        // already rounded to scale_type
+  std::vector<int64_t> zero;
+  QuantLayout layout;
+  bool promoted = false;            // per-tensor scale became per-channel (new axis attribute)
+  bool ints_changed = false, zero_changed = false;
+  std::vector<double> float_weight;  // QAT form kept: W' on the grid, rounded to float_type
+  int negated_channels = 0;
+  bool complement = false;          // the complement form was used somewhere (zero point became nonzero)
+};
+
+// Rescales `w` by the factors `a` (one per output channel of `layer`, whose weight layout is `wl`).
+// `keep_quantizer`: the QAT form stays Q -> DQ, so the new float weight must quantize to the new integers.
+std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWeight& w, const WeightLayout& wl,
+                                                               const std::vector<double>& a, const Options& options,
+                                                               bool keep_quantizer, const std::string& who);
+
+// Writes `r` into the graph for weight `w`: new scale and zero point for this layer's Q/DQ only (a tensor
+// that any other node reads is never edited), new integers or snapped float weight, axis attribute when the
+// scale was promoted. `materialize`: the QAT form becomes int initializer -> DequantizeLinear (Q removed).
+void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const RescaledWeight& r, bool materialize,
+                            Outcome& outcome);
+
+// Writes a constant read by the given (node, slot) inputs: replaced in place when those are its only
+// readers and it is an initializer of this graph, otherwise written under a fresh name and those inputs
+// rewired (the old one is dropped when nothing reads it any more). Empty `old` creates a new tensor named
+// from `base`. Returns the name now read.
+std::string write_constant_for(FoldContext& ctx, const std::vector<graph::Use>& readers, std::string old,
+                               int32_t data_type, const std::vector<int64_t>& dims, const std::string& raw,
+                               const std::string& base, Outcome& outcome);
+
+// An AttributeProto payload holding one int.
+std::string int_attribute(const std::string& name, int64_t value);
+// Sets int attribute `name` of `node`, in the written node and in its parsed view (so a later fold reading
+// the node sees the new value).
+void set_int_attribute(graph::Graph& g, int node, const std::string& name, int64_t value);
+
+// True for QuantizeLinear / DequantizeLinear in the default domain or com.microsoft.
+bool is_quantize(const graph::Node& n);
+bool is_dequantize(const graph::Node& n);
+
+}  // namespace qdqfold::folds
