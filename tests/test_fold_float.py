@@ -691,3 +691,68 @@ def test_model_local_function_with_constant_nodes_folds_including_a_chain():
     assert [n.op_type for n in f.node].count("Constant") == 2  # the folded W and B; the BN parameters are gone
     onnx.checker.check_model(folded, full_check=True)
     assert_same_outputs(model, folded)
+
+
+# ---------------------------------------------------------------- more preconditions and rounding
+
+
+def test_gemm_with_non_constant_c_keeps_bn():
+    model = gemm_model(c_shape=(8,))
+    c = [i for i in model.graph.initializer if i.name == "C"][0]
+    model.graph.initializer.remove(c)
+    model.graph.input.append(vi("C", [8]))
+    assert_kept(model, "non-constant-bias")
+
+
+def test_gemm_with_c_that_does_not_broadcast_over_the_features_keeps_bn():
+    model = gemm_model(c_shape=(8,))
+    c = [i for i in model.graph.initializer if i.name == "C"][0]
+    c.CopyFrom(weight("C", [2, 8, 1]))
+    assert_kept(model, "shape-mismatch")
+
+
+def test_matmul_output_read_by_another_node_keeps_bn():
+    model = matmul_model(add_bias=(8,))
+    model.graph.node.append(helper.make_node("Relu", ["mm"], ["r"], name="relu"))
+    model.graph.output.append(vi("r", [3, 8]))
+    assert_kept(model, "layer-output-read-elsewhere")
+
+
+def test_shared_bias_alone_gets_a_new_tensor():
+    model = conv_bn_model(bias=True)
+    model.graph.node.append(helper.make_node("Add", ["z", "B4"], ["z2"], name="uses_b"))
+    model.graph.node.insert(0, helper.make_node("Reshape", ["B", "shape"], ["B4"], name="reshape_b"))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1, 6, 1, 1], np.int64), "shape"))
+    model.graph.output[0].name = "z2"
+    folded, report = assert_folded(model)
+    new = report["batchnorms"][0]["new_tensors"]
+    assert len(new) == 1 and new[0].startswith("B")  # only the bias; W was replaced in place
+    assert "W" in {i.name for i in folded.graph.initializer}
+
+
+def test_weight_from_a_constant_node_becomes_an_initializer():
+    model = conv_bn_model(bias=False)
+    w = model.graph.initializer[0]
+    model.graph.initializer.remove(w)
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["W"], value=w, name="w_const"))
+    folded, report = assert_folded(model)
+    assert op_types(folded) == ["Conv"]
+    assert set(report["batchnorms"][0]["new_tensors"]) <= {i.name for i in folded.graph.initializer}
+
+
+@pytest.mark.parametrize("dtype,elem,offset", [(np.float16, TensorProto.FLOAT16, 2.0 ** -11),
+                                               (ml_dtypes.bfloat16, TensorProto.BFLOAT16, 2.0 ** -8)])
+def test_scaled_weight_is_rounded_once_not_through_float32(dtype, elem, offset):
+    # a = 1 + half an ulp of the weight type + 2^-30: float32 would round it to the tie and then to 1.0;
+    # the correctly rounded result is 1 + one ulp. BN scale in float64 (opset 15 allows T1 != T), eps = 0.
+    a = 1.0 + offset + 2.0 ** -30
+    model = conv_bn_model(opset=15, dtype=dtype, elem=elem, bias=False, cin=1, cout=1, rank=1,
+                          bn_attrs=dict(epsilon=0.0))
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones([1, 1, 3], dtype), "W"))
+    params = {"bn_scale": a, "bn_bias": 0.0, "bn_mean": 0.0, "bn_var": 1.0}
+    for init in model.graph.initializer[1:]:
+        init.CopyFrom(numpy_helper.from_array(np.array([params[init.name]], np.float64), init.name))
+    folded, report, _, _ = fold(model)
+    assert report["batchnorms"][0]["folded"]
+    w2 = numpy_helper.to_array(folded.graph.initializer[0]).astype(np.float64)
+    np.testing.assert_array_equal(w2, np.full([1, 1, 3], 1.0 + 2 * offset))
