@@ -24,11 +24,13 @@ bool is_inference_dropout(Graph& g, const Node& n) {
   if (!n.is("Dropout")) return false;
   const int64_t version = g.opset("");
   if (version < 7) return n.attr_int("is_test", 0) != 0;
-  if (n.inputs.size() > 2 && !n.inputs[2].empty()) {
-    auto training = constant_values(g, n.inputs[2]);
-    if (!training) return false;
-    for (double v : *training)
-      if (v != 0) return false;
+  if (n.inputs.size() > 2 && !n.inputs[2].empty()) {  // a bool: every byte of a constant false is 0
+    auto training = g.constant(n.inputs[2]);
+    std::string storage;
+    auto bytes = training ? training->tensor.bytes(storage) : std::nullopt;
+    if (!bytes) return false;
+    for (char b : *bytes)
+      if (b != 0) return false;
   }
   return true;
 }
