@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import qdqfold
 from qdqfold.verify import is_quantized_unit, random_inputs, verify
 
-from conftest import MODELS, op_types, run, session
+from conftest import MODELS, op_types, session
 
 QAT_SEED = MODELS / "qat_seed_prebn.onnx"
 ORTQ = MODELS / "ortq_seed_prebn_pc.onnx"
@@ -54,7 +54,13 @@ def _perturbed(model: onnx.ModelProto, name: str, delta: float) -> onnx.ModelPro
 
 
 def _ort_outputs(model, feeds):
-    return [np.asarray(o, np.float64) for o in run(model, feeds)]
+    """Outputs in float64, run on one thread as verify runs (thread count can change the order of sums)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else bytes(model)
+    outputs = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"]).run(None, feeds)
+    return [np.asarray(o, np.float64) for o in outputs]
 
 
 def test_identical_models_show_no_difference():

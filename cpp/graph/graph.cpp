@@ -66,6 +66,15 @@ void Graph::build_index() {
   for (size_t k = 0; k < initializers.size(); ++k) initializer_index_[initializers[k].name] = static_cast<int>(k);
   for (const auto& v : inputs) graph_inputs_.insert(v.name);
   for (const auto& v : outputs) graph_outputs_.insert(v.name);
+  value_info_refs_.clear();
+  const std::vector<ValueInfo>* lists[3] = {&inputs, &value_info, &outputs};
+  for (int l = 0; l < 3; ++l)
+    for (size_t k = 0; k < lists[l]->size(); ++k) {
+      const ValueInfo& v = (*lists[l])[k];
+      ValueInfoRefs& refs = value_info_refs_[v.name];
+      if (refs.first[l] < 0 && !v.body.empty()) refs.first[l] = static_cast<int>(k);
+      if (l == 1) refs.value_info.push_back(static_cast<int>(k));
+    }
   for (size_t k = 0; k < nodes.size(); ++k) {
     const Node& n = nodes[k];
     if (n.removed) continue;
@@ -169,9 +178,8 @@ std::optional<ConstRef> Graph::constant(const std::string& value) {
 }
 
 std::optional<std::vector<int64_t>> Graph::shape_of(const std::string& value) const {
-  auto from = [&](const std::vector<ValueInfo>& list) -> std::optional<std::vector<int64_t>> {
-    for (const auto& v : list) {
-      if (v.name != value || v.body.empty()) continue;
+  auto from = [&](const ValueInfo& v) -> std::optional<std::vector<int64_t>> {
+    {
       // ValueInfoProto.type -> TypeProto.tensor_type -> shape -> dim*
       auto sub = [&](std::string_view body, uint32_t field) -> std::optional<std::string_view> {
         Reader r(body, model->buffer.data());
@@ -205,9 +213,12 @@ std::optional<std::vector<int64_t>> Graph::shape_of(const std::string& value) co
     }
     return std::nullopt;
   };
-  if (auto s = from(inputs)) return s;
-  if (auto s = from(value_info)) return s;
-  if (auto s = from(outputs)) return s;
+  auto refs = value_info_refs_.find(value);
+  if (refs == value_info_refs_.end()) return std::nullopt;
+  const std::vector<ValueInfo>* lists[3] = {&inputs, &value_info, &outputs};  // the order they are consulted
+  for (int l = 0; l < 3; ++l)
+    if (int k = refs->second.first[l]; k >= 0)
+      if (auto s = from((*lists[l])[k])) return s;
   return std::nullopt;
 }
 
@@ -362,8 +373,10 @@ void Graph::replace_initializer(int index, std::string tensor_payload) {
 }
 
 void Graph::remove_value_info(const std::string& value) {
-  for (size_t k = 0; k < value_info.size(); ++k)
-    if (value_info[k].name == value && !value_info_removed[k]) {
+  auto refs = value_info_refs_.find(value);
+  if (refs == value_info_refs_.end()) return;
+  for (int k : refs->second.value_info)
+    if (!value_info_removed[k]) {
       value_info_removed[k] = true;
       mark_dirty();
     }

@@ -163,6 +163,13 @@ class Graph {
   void remove_use(const std::string& value, Use use);
   bool defines(const std::string& value) const;
   std::optional<ConstRef> created_constant(int node, const std::string& value);
+  // Per name: the first entry with a body in inputs, value_info and outputs (-1: none), and every value_info
+  // entry; so that shape_of and remove_value_info do not scan (100,000-node models stay linear).
+  struct ValueInfoRefs {
+    int first[3] = {-1, -1, -1};
+    std::vector<int> value_info;
+  };
+  std::unordered_map<std::string, ValueInfoRefs> value_info_refs_;
 };
 
 // File mode: where external data goes. The file writer fills `location_out` before writing the model; the

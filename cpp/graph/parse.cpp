@@ -14,6 +14,48 @@ namespace {
 // the stack.
 constexpr int kMaxGraphDepth = 128;
 
+// What ONNX requires of a graph and a fold relies on: every value defined once, no cycle, and (in a graph
+// nothing encloses) no read of a value nothing defines. onnxruntime refuses models that break these; a fold
+// on one could rewire the wrong writer of a name or close a loop, so they are FoldErrors.
+void check_structure(const Graph& g) {
+  auto node_name = [&](size_t k) { return "node '" + g.nodes[k].display_name(static_cast<int>(k)) + "'"; };
+  for (size_t k = 0; k < g.nodes.size(); ++k)
+    for (const auto& o : g.nodes[k].outputs)
+      if (!o.empty() && (g.producer(o) != static_cast<int>(k) || g.is_graph_input(o)))
+        throw WireError(g.path + ": " + node_name(k) + " writes '" + o + "', which " +
+                        (g.is_graph_input(o) ? "is a graph input" : "another node also writes"));
+  for (const auto& t : g.initializers)
+    if (int p = g.producer(t.name); p >= 0)
+      throw WireError(g.path + ": " + node_name(p) + " writes '" + t.name + "', which is also an initializer");
+  // Kahn's algorithm over the edges writer -> reader (reads inside a node's subgraphs included).
+  std::vector<size_t> pending(g.nodes.size(), 0);
+  for (const auto& n : g.nodes)
+    for (const auto& o : n.outputs)
+      if (!o.empty())
+        for (const Use& u : g.uses(o)) ++pending[u.node];
+  std::vector<size_t> ready;
+  for (size_t k = 0; k < g.nodes.size(); ++k)
+    if (pending[k] == 0) ready.push_back(k);
+  size_t sorted = 0;
+  while (!ready.empty()) {
+    const size_t k = ready.back();
+    ready.pop_back();
+    ++sorted;
+    for (const auto& o : g.nodes[k].outputs)
+      if (!o.empty())
+        for (const Use& u : g.uses(o))
+          if (--pending[u.node] == 0) ready.push_back(u.node);
+  }
+  if (sorted != g.nodes.size()) {
+    const size_t k = std::find_if(pending.begin(), pending.end(), [](size_t p) { return p > 0; }) - pending.begin();
+    throw WireError(g.path + ": the graph has a cycle through " + node_name(k));
+  }
+  if (g.kind != GraphKind::Subgraph && !g.outer_reads.empty()) {
+    const std::string& v = *std::min_element(g.outer_reads.begin(), g.outer_reads.end());
+    throw WireError(g.path + ": '" + v + "' is read, but no node, initializer or graph input defines it");
+  }
+}
+
 struct Parser {
   const char* base;
   Model& model;
@@ -210,6 +252,7 @@ struct Parser {
     for (const auto& t : g.initializers) g.original_external.push_back(t.external ? t.external_ref : ExternalRef{});
     g.value_info_removed.assign(g.value_info.size(), false);
     g.build_index();
+    check_structure(g);
   }
 
   std::pair<std::string, int64_t> parse_opset(std::string_view body, const char* where) {

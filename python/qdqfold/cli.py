@@ -211,12 +211,24 @@ def _bn_lines(report, style: Style, limit: int = 20) -> list[str]:
     rows += [[style.warn("kept"), str(n), code] for code, n in sorted(report.kept_by_reason().items())]
     if rows:
         lines += _table(rows, ["", "count", "fold / reason"], style, "lrl")
-    kept = report.kept
-    for entry in kept[:limit]:
-        lines.append(f"  - {entry.describe()}")
-    if len(kept) > limit:
-        lines.append(style.dim(f"  ... and {len(kept) - limit} more kept (see --report-json)"))
+    # A small model lists every BN; a large one the kept ones (the folded ones are in --report-json).
+    shown = report.batchnorms if len(report.batchnorms) <= limit // 2 else report.kept
+    for entry in shown[:limit]:
+        mark = style.good("+") if entry.folded else style.warn("-")
+        lines += _wrapped(f"{mark} {entry.describe()}", "  ", "    ")
+    if len(shown) > limit:
+        lines.append(style.dim(f"  ... and {len(shown) - limit} more kept (see --report-json)"))
     return lines
+
+
+def _wrapped(text: str, first: str, rest: str) -> list[str]:
+    """``text`` wrapped to the terminal's width (100 columns when not a terminal)."""
+    import shutil
+    import textwrap
+
+    width = max(60, shutil.get_terminal_size((100, 24)).columns - 1)
+    return textwrap.wrap(text, width, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False,
+                         break_long_words=False) or [first]
 
 
 def _fmt(x: float | None) -> str:
@@ -334,7 +346,8 @@ def run_single(args: argparse.Namespace, style: Style) -> int:
         except KeyError as e:
             raise UsageError(e.args[0]) from e
         if not args.json:
-            print(story)
+            for line in story.splitlines():
+                print("\n".join(_wrapped(line, "", " " * 10)))
     elif not args.quiet and not args.json:
         _print_single(result, args, style, sys.stdout)
     failure = _verification_failure(result)
@@ -480,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qdqfold: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (e.g. piped into head): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
     except Exception as e:  # a bug in qdqfold: still one line, the traceback with --debug
         if args.debug:
             raise
