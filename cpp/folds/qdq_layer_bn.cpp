@@ -50,6 +50,17 @@ std::optional<double> input_scale(Graph& g, const Node& layer) {
   return (*v)[0];
 }
 
+// The rank of `value`, looking through the activation quantizers (elementwise) in front of it.
+std::optional<size_t> rank_through_quantizers(const Graph& g, std::string value) {
+  for (int hops = 0; hops < 4; ++hops) {
+    if (auto r = known_rank(g, value)) return r;
+    const int p = g.producer(value);
+    if (p < 0 || !(is_quantize(g.nodes[p]) || is_dequantize(g.nodes[p])) || g.nodes[p].inputs.empty()) break;
+    value = g.nodes[p].inputs[0];
+  }
+  return std::nullopt;
+}
+
 // The weight scale that applies to output channel o, when the scale is per tensor or per output channel.
 std::optional<double> channel_scale(const QuantLayout& l, const std::vector<double>& scale, const WeightLayout& wl,
                                     int64_t o) {
@@ -145,8 +156,10 @@ std::variant<BiasPlan, Outcome> plan_bias(FoldContext& ctx, int layer, const Wei
       plan.kind = BiasPlan::Int32New;
       plan.data_type = w.scale_type;
       plan.dims = {static_cast<int64_t>(M)};
-      if (auto kept = requantize(target, plan, who)) return *kept;
-      return plan;
+      if (!requantize(target, plan, who)) return plan;
+      // Not representable as int32 (a zero scale or overflow): a float bias carries it exactly.
+      plan.ints.clear();
+      plan.max_error = 0;
     }
     plan.kind = BiasPlan::Float;
     plan.data_type = layer_type;
@@ -327,7 +340,7 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
   if (static_cast<int64_t>(affine.scale.size()) != wl->out_channels)
     return Outcome::kept("shape-mismatch", "the BN has " + std::to_string(affine.scale.size()) + " channels but " + who +
                                                " has " + std::to_string(wl->out_channels) + " output channels");
-  if (ln.is("MatMul") && known_rank(g, ln.inputs[0]) != std::optional<size_t>(2))
+  if (ln.is("MatMul") && rank_through_quantizers(g, ln.inputs[0]) != std::optional<size_t>(2))
     return Outcome::kept("not-2d", "the input of " + who + " is not known to be 2-D, so BN's channel axis 1 may not "
                                    "be the MatMul's output features");
   const double beta = ln.is("Gemm") ? ln.attr_float("beta", 1.0f) : 1.0;

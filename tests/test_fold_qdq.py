@@ -1,0 +1,918 @@
+"""Layer -> BatchNormalization folds through quantized weights (qdq-layer-bn).
+
+Every case builds a small graph with onnx.helper, folds it, asserts the folded integers, scales and zero points
+directly against numpy, and compares onnxruntime's outputs (optimisations off) of the original and the folded
+model.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+import qdqfold_native
+from conftest import random_inputs, run
+
+RANGES = {T.INT8: (-128, 127), T.UINT8: (0, 255), T.INT16: (-32768, 32767), T.UINT16: (0, 65535),
+          T.INT4: (-8, 7), T.UINT4: (0, 15)}
+NUMPY = {T.INT8: np.int8, T.UINT8: np.uint8, T.INT16: np.int16, T.UINT16: np.uint16, T.INT4: ml_dtypes.int4,
+         T.UINT4: ml_dtypes.uint4, T.INT32: np.int32, T.FLOAT8E4M3FN: ml_dtypes.float8_e4m3fn,
+         T.FLOAT8E5M2: ml_dtypes.float8_e5m2}
+FLOAT8 = (T.FLOAT8E4M3FN, T.FLOAT8E5M2)
+EPS = 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def mid_zero(qtype):
+    lo, hi = RANGES[qtype]
+    return 0 if lo < 0 else (hi + 1) // 2
+
+
+class Case:
+    """A layer with a quantized weight followed by BN, built from options; keeps the numbers it used."""
+
+    def __init__(self, layer="Conv", form="int", qtype=T.INT8, per_channel=True, block_size=0, zero=None,
+                 bias=None, act_in=True, act_between=False, out_quant=False, gamma=None, opset=None, rank=2,
+                 group=1, cin=8, cout=6, trans_b=1, alpha=1.0, beta=1.0, ints=None, seed=0, ties=True,
+                 block_axis=None):
+        rng = np.random.default_rng(seed)
+        self.layer, self.form, self.qtype, self.group = layer, form, qtype, group
+        self.opset = opset or (21 if qtype in (T.INT16, T.UINT16, T.INT4, T.UINT4) or block_size else
+                               19 if qtype in FLOAT8 else 13)
+        self.trans_b = trans_b
+        nodes, inits = [], []
+        if layer in ("Conv", "ConvTranspose"):
+            spatial = [5, 6, 4][:rank]
+            x_shape = [2, cin] + spatial
+            if layer == "Conv":
+                wdims = [cout, cin // group] + [3] * rank
+                out_axis = 0
+            else:
+                wdims = [cin, cout // group] + [3] * rank
+                out_axis = 1
+        else:
+            x_shape = [3, cin]
+            wdims = [cout, cin] if (layer == "Gemm" and trans_b) else [cin, cout]
+            out_axis = 0 if (layer == "Gemm" and trans_b) else 1
+        self.wdims, self.out_axis = wdims, out_axis
+        in_axis = 1 - out_axis
+        # Which output channel every weight element belongs to.
+        idx = np.indices(wdims)
+        if layer == "ConvTranspose":
+            self.out_ch = (idx[0] // (cin // group)) * (cout // group) + idx[1]
+        else:
+            self.out_ch = idx[out_axis]
+
+        # Quantization layout.
+        if block_size:
+            self.axis = in_axis if block_axis is None else block_axis
+            sdims = list(wdims)
+            sdims[self.axis] = -(-wdims[self.axis] // block_size)
+        elif per_channel:
+            self.axis = out_axis
+            sdims = [wdims[out_axis]]
+        else:
+            self.axis = None
+            sdims = []
+        self.block_size = block_size
+        nscale = int(np.prod(sdims)) if sdims else 1
+        if qtype in FLOAT8:
+            zero_values = np.zeros(nscale)
+        else:
+            lo, hi = RANGES[qtype]
+            zero_values = np.full(nscale, mid_zero(qtype) if zero is None else zero)
+        scale_values = rng.uniform(0.01, 0.05, nscale).astype(np.float32)
+        self.scale0 = scale_values.reshape(sdims) if sdims else scale_values.reshape([])
+        self.zero0 = zero_values.reshape(sdims) if sdims else zero_values.reshape([])
+        zel = self.expand(self.zero0)
+        sel = self.expand(self.scale0)
+
+        if qtype in FLOAT8:
+            floats = rng.standard_normal(wdims) * 4
+            q = floats.astype(NUMPY[qtype])
+            self.q0 = q.view(np.uint8).astype(np.int64)
+            self.w_float = None
+        elif form == "int":
+            lo, hi = RANGES[qtype]
+            q = rng.integers(lo + 1, hi + 1, size=wdims) if ints is None else np.asarray(ints).reshape(wdims)
+            self.q0 = q.astype(np.int64)
+            self.w_float = None
+        else:
+            lo, hi = RANGES[qtype]
+            span = np.minimum(hi - zel, zel - lo - 1).astype(np.float32)
+            w = (rng.uniform(-1, 1, wdims).astype(np.float32) * span * sel).astype(np.float32)
+            if ties:  # exact ties of round(W / s): the classic place where re-rounding flips
+                flat = w.reshape(-1)
+                sflat = np.broadcast_to(sel, wdims).reshape(-1)
+                for k in range(0, flat.size, 7):
+                    flat[k] = np.float32((np.floor(flat[k] / sflat[k]) + 0.5) * sflat[k])
+            self.w_float = w
+            self.q0 = np.clip(np.round(w / sel) + zel, lo, hi).astype(np.int64)
+
+        # BN: a few negative gammas.
+        gamma = rng.uniform(0.5, 1.5, cout) * np.where(np.arange(cout) % 3 == 1, -1, 1) if gamma is None else np.asarray(gamma, float)
+        self.gamma = gamma.astype(np.float32)
+        self.beta = rng.standard_normal(cout).astype(np.float32)
+        self.mean = rng.standard_normal(cout).astype(np.float32) * 0.3
+        self.var = rng.uniform(0.5, 2.0, cout).astype(np.float32)
+        self.a = self.gamma.astype(np.float64) / np.sqrt(self.var.astype(np.float64) + np.float64(np.float32(EPS)))
+        self.t = self.beta.astype(np.float64) - self.mean.astype(np.float64) * self.a
+
+        # Graph.
+        x = "x"
+        if act_in:
+            self.s_x = np.float32(0.02)
+            inits += [nh.from_array(np.array(self.s_x, np.float32), "x_scale"),
+                      nh.from_array(np.array(128, np.uint8), "x_zero")]
+            nodes += [h.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"], name="x_Q"),
+                      h.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"], name="x_DQ")]
+            x = "xd"
+        qattrs = {}
+        if self.axis is not None:
+            qattrs["axis"] = self.axis
+        if block_size:
+            qattrs["block_size"] = block_size
+        inits.append(nh.from_array(self.scale0.astype(np.float32), "w_scale"))
+        zero_inputs = []
+        if qtype in FLOAT8 or not (qtype == T.UINT8 and zero == "absent"):
+            inits.append(self.make_zero("w_zero"))
+            zero_inputs = ["w_zero"]
+        if form == "int":
+            inits.append(self.make_ints(self.q0, "w_q"))
+            nodes.append(h.make_node("DequantizeLinear", ["w_q", "w_scale"] + zero_inputs, ["w"], name="w_DQ", **qattrs))
+        else:
+            inits.append(nh.from_array(self.w_float, "w_float"))
+            nodes += [h.make_node("QuantizeLinear", ["w_float", "w_scale"] + zero_inputs, ["w_qq"], name="w_Q", **qattrs),
+                      h.make_node("DequantizeLinear", ["w_qq", "w_scale"] + zero_inputs, ["w"], name="w_DQ", **qattrs)]
+        layer_inputs = [x, "w"]
+        self.b_float = None
+        self.b_int = None
+        if bias == "float":
+            self.b_float = rng.standard_normal(cout).astype(np.float32)
+            inits.append(nh.from_array(self.b_float, "b"))
+            layer_inputs.append("b")
+        elif bias == "int32":
+            sw = np.broadcast_to(self.scale0, [cout]) if self.axis is None else self.scale0
+            self.sb = (self.s_x * sw.astype(np.float32)).astype(np.float32)
+            self.b_int = rng.integers(-2000, 2000, cout).astype(np.int32)
+            inits += [nh.from_array(self.b_int, "b_q"), nh.from_array(self.sb.reshape(-1) if self.axis is not None else self.sb[:1].reshape([]), "b_scale"),
+                      nh.from_array(np.zeros(cout if self.axis is not None else [], np.int32), "b_zero")]
+            battrs = {"axis": 0} if self.axis is not None else {}
+            nodes.append(h.make_node("DequantizeLinear", ["b_q", "b_scale", "b_zero"], ["b"], name="b_DQ", **battrs))
+            layer_inputs.append("b")
+        attrs = {}
+        if layer in ("Conv", "ConvTranspose"):
+            attrs = {"group": group, "pads": [1] * (2 * rank)}
+        if layer == "Gemm":
+            attrs = {"transB": trans_b, "alpha": alpha, "beta": beta}
+        nodes.append(h.make_node(layer, layer_inputs, ["y"], name="layer", **attrs))
+        bn_in = "y"
+        if act_between:
+            inits += [nh.from_array(np.array(0.2, np.float32), "y_scale"), nh.from_array(np.array(128, np.uint8), "y_zero")]
+            nodes += [h.make_node("QuantizeLinear", ["y", "y_scale", "y_zero"], ["yq"], name="act_Q"),
+                      h.make_node("DequantizeLinear", ["yq", "y_scale", "y_zero"], ["yd"], name="act_DQ")]
+            bn_in = "yd"
+        for name, v in (("gamma", self.gamma), ("beta", self.beta), ("mean", self.mean), ("var", self.var)):
+            inits.append(nh.from_array(v, name))
+        bn_out = "z" if out_quant else "out"
+        nodes.append(h.make_node("BatchNormalization", [bn_in, "gamma", "beta", "mean", "var"], [bn_out], name="bn",
+                                 epsilon=EPS))
+        self.out_step = None
+        if out_quant:
+            self.out_step = np.float32(0.05)
+            inits += [nh.from_array(np.array(self.out_step, np.float32), "z_scale"),
+                      nh.from_array(np.array(128, np.uint8), "z_zero")]
+            nodes += [h.make_node("QuantizeLinear", ["z", "z_scale", "z_zero"], ["zq"], name="out_Q"),
+                      h.make_node("DequantizeLinear", ["zq", "z_scale", "z_zero"], ["out"], name="out_DQ")]
+        graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, x_shape)],
+                             [h.make_tensor_value_info("out", T.FLOAT, [None] * len(x_shape))], inits)
+        self.model = h.make_model(graph, opset_imports=[h.make_opsetid("", self.opset)])
+        self.model.ir_version = 10 if self.opset >= 21 else 9 if self.opset >= 19 else 8
+
+    def expand(self, per_scale):
+        """A scale or zero point broadcast to every weight element."""
+        per_scale = np.asarray(per_scale)
+        if per_scale.ndim == 0 or per_scale.size == 1 and self.axis is None:
+            return np.broadcast_to(per_scale.reshape([]), self.wdims)
+        if self.block_size:
+            return np.repeat(per_scale, self.block_size, axis=self.axis).take(range(self.wdims[self.axis]), axis=self.axis)
+        shape = [1] * len(self.wdims)
+        shape[self.axis] = -1
+        return np.broadcast_to(per_scale.reshape(shape), self.wdims)
+
+    def make_ints(self, values, name):
+        if self.qtype in FLOAT8:
+            return nh.from_array(np.asarray(values).astype(np.uint8).view(NUMPY[self.qtype]), name)
+        return nh.from_array(np.asarray(values).astype(NUMPY[self.qtype]), name)
+
+    def make_zero(self, name):
+        return self.make_ints(np.asarray(self.zero0), name)
+
+    @property
+    def bytes(self):
+        return self.model.SerializeToString()
+
+
+def fold(model_bytes, **options):
+    out, report = qdqfold_native.fold_with_report(model_bytes, **options)
+    return out, {r["node"]: r for r in report["batchnorms"]}
+
+
+def constants(model):
+    """Every initializer and Constant node value of the main graph, by name, as numpy arrays."""
+    values = {i.name: nh.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            values[n.output[0]] = nh.to_array(n.attribute[0].t)
+    return values
+
+
+def folded_weight(model_bytes):
+    """Integers, scale, zero point, axis (and QAT float weight) behind the layer's weight input."""
+    m = onnx.load_from_string(model_bytes)
+    by_output = {o: n for n in m.graph.node for o in n.output}
+    consts = constants(m)
+    layer = next(n for n in m.graph.node if n.name == "layer")
+    dq = by_output[layer.input[1]]
+    assert dq.op_type == "DequantizeLinear"
+    attrs = {a.name: h.get_attribute_value(a) for a in dq.attribute}
+    result = {"scale": consts[dq.input[1]], "axis": attrs.get("axis"), "node": dq, "layer": layer, "model": m,
+              "consts": consts, "by_output": by_output}
+    result["zero"] = consts[dq.input[2]] if len(dq.input) > 2 and dq.input[2] else None
+    if dq.input[0] in consts:
+        raw = consts[dq.input[0]]
+        is_float8 = raw.dtype in [np.dtype(NUMPY[t]) for t in FLOAT8]
+        result["q"] = raw.view(np.uint8).astype(np.int64) if is_float8 else raw.astype(np.int64)
+        result["float"] = None
+    else:
+        q = by_output[dq.input[0]]
+        assert q.op_type == "QuantizeLinear"
+        result["float"] = consts[q.input[0]]
+        result["q_node"] = q
+    return result
+
+
+def dequantize_layout(case, values, axis):
+    """Broadcast a folded per-channel scale/zero (on `axis`) or the original layout to the weight's shape."""
+    values = np.asarray(values)
+    if values.size == 1:
+        return np.broadcast_to(values.reshape([]), case.wdims)
+    if case.block_size:
+        return case.expand(values)
+    shape = [1] * len(case.wdims)
+    shape[axis] = -1
+    return np.broadcast_to(values.reshape(shape), case.wdims)
+
+
+def expected_integers(case):
+    """q' where a < 0: the mirror about the zero point, c - q with c = 2z (= -q for z = 0)."""
+    a_el = case.a[case.out_ch]
+    z_el = case.expand(case.zero0).astype(np.int64)
+    if case.qtype in FLOAT8:
+        return np.where(a_el < 0, case.q0 ^ 0x80, case.q0)
+    return np.where(a_el < 0, 2 * z_el - case.q0, case.q0)
+
+
+def assert_folded_weight(case, folded_bytes):
+    """The folded weight equals a * (original dequantized weight) per output channel, integers exactly."""
+    f = folded_weight(folded_bytes)
+    a_el = case.a[case.out_ch]
+    if case.form == "int" or case.qtype in FLOAT8:
+        q_new = f["q"]
+    else:
+        q_new = None
+    expected_q = expected_integers(case)
+    axis = f["axis"] if f["axis"] is not None else 1
+    s_new = dequantize_layout(case, f["scale"], axis).astype(np.float64)
+    z_new = dequantize_layout(case, f["zero"], axis).astype(np.int64) if f["zero"] is not None else 0
+    # The scale: s' = float32(s * |a|) exactly.
+    s_old = case.expand(case.scale0).astype(np.float64)
+    np.testing.assert_array_equal(s_new, (s_old * np.abs(a_el)).astype(np.float32).astype(np.float64))
+    if f["float"] is not None:
+        # QAT form: re-quantizing the new float weight with (s', z') gives exactly the mirrored integers.
+        lo, hi = RANGES[case.qtype]
+        w_new = f["float"]
+        q_new = np.clip(np.round(w_new / s_new.astype(np.float32)) + z_new, lo, hi).astype(np.int64)
+    np.testing.assert_array_equal(q_new, expected_q)
+    if case.qtype in FLOAT8:
+        deq_new = q_new.astype(np.uint8).view(NUMPY[case.qtype]).astype(np.float64) * s_new
+        deq_old = case.q0.astype(np.uint8).view(NUMPY[case.qtype]).astype(np.float64) * s_old
+    else:
+        deq_new = (q_new - z_new) * s_new
+        deq_old = (case.q0 - case.expand(case.zero0).astype(np.int64)) * s_old
+    np.testing.assert_allclose(deq_new, a_el * deq_old, rtol=1e-6, atol=1e-12)
+    return f
+
+
+def with_outputs(model, *names):
+    """A copy of `model` that also outputs the given intermediate values."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for n in names:
+        m.graph.output.append(h.make_tensor_value_info(n, T.FLOAT, None))
+    return m
+
+
+def assert_same(case, folded_bytes, record, feeds=None, rtol_of_range=1e-5):
+    """onnxruntime outputs of original and folded: identical up to float rounding plus the reported int32
+    bias rounding. With an output quantizer after the BN, an output may move by one quantization step only
+    where the original BN output lay within that error of the quantizer's rounding boundary, and such flips
+    that float rounding alone explains stay under 0.1% of the elements."""
+    feeds = feeds if feeds is not None else random_inputs(case.model)
+    bias_error = dict(record["metrics"]).get("bias_requantization_error", 0.0)
+    if case.out_step is None:
+        expected = run(case.model, feeds)[0].astype(np.float64)
+        actual = run(folded_bytes, feeds)[0].astype(np.float64)
+        assert expected.shape == actual.shape
+        tol = rtol_of_range * np.ptp(expected) + bias_error * (1 + 1e-6)
+        diff = np.abs(expected - actual)
+        assert diff.max() <= tol, f"max error {diff.max()} > {tol}"
+        return diff.max()
+    expected, z = (o.astype(np.float64) for o in run(with_outputs(case.model, "z"), feeds))
+    actual = run(folded_bytes, feeds)[0].astype(np.float64)
+    step = float(case.out_step)
+    diff = np.abs(expected - actual)
+    flips = diff > 1e-3 * step
+    assert diff.max() <= step + rtol_of_range * np.ptp(expected), "a flip is at most one quantization step"
+    ratio = z / step
+    to_boundary = np.abs(ratio - np.floor(ratio) - 0.5) * step
+    float_band = rtol_of_range * np.ptp(z)
+    assert np.all(to_boundary[flips] <= bias_error * (1 + 1e-6) + float_band), "a flip not explained by the fold"
+    if bias_error == 0:
+        assert flips.mean() <= 1e-3, f"{flips.sum()} of {diff.size} outputs differ"
+    return diff.max()
+
+
+def fold_and_check(case, **options):
+    out, records = fold(case.bytes, **options)
+    r = records["bn"]
+    assert r["folded"], r
+    assert r["code"] == "qdq-layer-bn"
+    assert r["direction"] == "backward"
+    assert r["into"] == ["layer"]
+    assert "BatchNormalization" not in [n.op_type for n in onnx.load_from_string(out).graph.node]
+    onnx.checker.check_model(onnx.load_from_string(out), full_check=True)
+    assert_same(case, out, r)
+    return out, r
+
+
+def assert_kept(case, code, *words, **options):
+    out, records = fold(case.bytes, **options)
+    r = records["bn"]
+    assert not r["folded"], r
+    assert r["code"] == code, r
+    for w in words:
+        assert w in r["message"], r["message"]
+    assert out == case.bytes  # nothing edited
+    return r
+
+
+# ------------------------------------------------------------------------------------------------ forms
+
+
+@pytest.mark.parametrize("form", ["int", "qat"])
+@pytest.mark.parametrize("qtype", [T.INT8, T.UINT8, T.INT16, T.UINT16, T.INT4, T.UINT4],
+                         ids=["int8", "uint8", "int16", "uint16", "int4", "uint4"])
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
+def test_integer_types(form, qtype, per_channel):
+    case = Case(form=form, qtype=qtype, per_channel=per_channel)
+    assert (case.a < 0).any()
+    out, r = fold_and_check(case)
+    f = assert_folded_weight(case, out)
+    assert r["exact"]
+    # A per-tensor scale became per-channel on the output-channel axis; zero points keep their values.
+    assert f["scale"].shape == (case.wdims[case.out_axis],)
+    assert f["axis"] == case.out_axis
+    np.testing.assert_array_equal(np.unique(f["zero"].astype(np.int64)), [mid_zero(qtype)])
+    if form == "qat":
+        assert "q_node" in f  # TensorRT's convention: Q -> DQ stays
+        assert {a.name: h.get_attribute_value(a) for a in f["q_node"].attribute}.get("axis") == case.out_axis
+
+
+@pytest.mark.parametrize("qtype", [T.INT8, T.UINT8, T.INT4], ids=["int8", "uint8", "int4"])
+def test_qat_materialized(qtype):
+    case = Case(form="qat", qtype=qtype)
+    out, r = fold_and_check(case, materialize_quantized_weights=True)
+    assert "QuantizeLinear" not in [n.op_type for n in onnx.load_from_string(out).graph.node if n.name == "w_Q"]
+    f = folded_weight(out)
+    assert f["float"] is None, "the weight is now an int initializer behind a lone DequantizeLinear"
+    np.testing.assert_array_equal(f["q"], expected_integers(case))
+    assert "w_float" not in f["consts"]
+
+
+def test_qat_ties_do_not_flip():
+    """round(W * a / (s * |a|)) would flip ties; the snapped weight re-quantizes to exactly -q / q."""
+    case = Case(form="qat", qtype=T.INT8, seed=3)
+    w = case.w_float
+    sel = case.expand(case.scale0)
+    ratio = w / sel
+    assert np.any(np.abs(ratio - np.floor(ratio) - 0.5) < 1e-6), "the case holds exact ties"
+    out, _ = fold_and_check(case)
+    assert_folded_weight(case, out)
+
+
+@pytest.mark.parametrize("qtype", FLOAT8, ids=["e4m3fn", "e5m2"])
+def test_float8_weights(qtype):
+    case = Case(form="int", qtype=qtype, act_in=False)
+    out, r = fold_and_check(case)
+    f = assert_folded_weight(case, out)
+    neg = case.a[case.out_ch] < 0
+    np.testing.assert_array_equal(f["q"][neg], case.q0[neg] ^ 0x80)  # sign bit flipped
+
+
+def test_float8_quantizer_is_kept():
+    case = Case(form="int", qtype=T.FLOAT8E4M3FN, act_in=False)
+    # Rebuild as QAT: float weight -> Q(float8) -> DQ.
+    m = case.model
+    nodes = list(m.graph.node)
+    dq = next(n for n in nodes if n.name == "w_DQ")
+    w = case.q0.astype(np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32) * case.expand(case.scale0)
+    m.graph.initializer.append(nh.from_array(w.astype(np.float32), "w_float"))
+    q = h.make_node("QuantizeLinear", ["w_float", "w_scale", "w_zero"], ["w_qq"], name="w_Q", axis=0)
+    dq.input[0] = "w_qq"
+    m.graph.node.insert(0, q)
+    r = assert_kept(case, "float8-quantizer", "float8")
+    assert r["node"] == "bn"
+
+
+# ------------------------------------------------------------------------------------------------ layers
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("group", [1, 2, 6], ids=["g1", "g2", "depthwise"])
+def test_conv_ranks_and_groups(rank, group):
+    cin = 6 if group == 6 else 8
+    case = Case(layer="Conv", rank=rank, group=group, cin=cin, cout=6)
+    out, _ = fold_and_check(case)
+    assert_folded_weight(case, out)
+
+
+@pytest.mark.parametrize("form", ["int", "qat"])
+def test_conv_transpose(form):
+    case = Case(layer="ConvTranspose", form=form, cin=4, cout=6)
+    out, _ = fold_and_check(case)
+    f = assert_folded_weight(case, out)
+    assert f["axis"] == 1
+
+
+def test_grouped_conv_transpose_with_tied_factors_folds():
+    # Groups 2, out channels 6: channel j and j + 3 share the scale slice j of axis 1, so their |a| must agree.
+    gamma = np.array([1.2, -0.7, 0.9, -1.2, 0.7, 0.9])
+    case = Case(layer="ConvTranspose", cin=4, cout=6, group=2, gamma=gamma)
+    case.var[3:] = case.var[:3]
+    case.a = case.gamma.astype(np.float64) / np.sqrt(case.var.astype(np.float64) + np.float64(np.float32(EPS)))
+    case.t = case.beta.astype(np.float64) - case.mean.astype(np.float64) * case.a
+    for init in case.model.graph.initializer:
+        if init.name == "var":
+            init.CopyFrom(nh.from_array(case.var, "var"))
+    out, _ = fold_and_check(case)
+    assert_folded_weight(case, out)
+
+
+def test_grouped_conv_transpose_with_different_factors_is_kept():
+    case = Case(layer="ConvTranspose", cin=4, cout=6, group=2)
+    assert_kept(case, "scale-layout", "output channels")
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("bias", [None, "float", "int32"])
+def test_gemm(trans_b, bias):
+    case = Case(layer="Gemm", trans_b=trans_b, bias=bias, cin=10, cout=7, alpha=0.5, beta=2.0 if bias == "float" else 1.0)
+    out, r = fold_and_check(case)
+    assert_folded_weight(case, out)
+
+
+@pytest.mark.parametrize("form", ["int", "qat"])
+def test_matmul_becomes_gemm(form):
+    case = Case(layer="MatMul", form=form, cin=10, cout=7)
+    out, r = fold_and_check(case)
+    assert_folded_weight(case, out)
+    assert r["into_op"] == "MatMul"
+    assert [n.op_type for n in onnx.load_from_string(out).graph.node if n.name == "layer"] == ["Gemm"]
+
+
+def test_matmul_with_unknown_rank_is_kept():
+    case = Case(layer="MatMul", cin=10, cout=7)
+    case.model.graph.input[0].type.tensor_type.ClearField("shape")
+    assert_kept(case, "not-2d")
+
+
+# ------------------------------------------------------------------------------------------------ negative factors
+
+
+def test_int8_minus_128_in_a_negative_channel_is_kept_by_default():
+    case = Case(qtype=T.INT8, seed=1)
+    neg = int(np.flatnonzero(case.a < 0)[0])
+    q = case.q0.copy()
+    q[neg, 0, 0, 0] = -128
+    case = Case(qtype=T.INT8, seed=1, ints=q)
+    r = assert_kept(case, "negation-overflow", f"channel {neg}", "-128", "allow_nonzero_zero_point")
+    # The option folds it exactly with the complement form (q' = -1 - q, z' = -1) in that channel only;
+    # the other negative channels keep zero point 0 with q' = -q.
+    out, r = fold_and_check(case, allow_nonzero_zero_point=True)
+    f = folded_weight(out)
+    expected_zero = np.zeros(6, np.int64)
+    expected_zero[neg] = -1
+    np.testing.assert_array_equal(f["zero"], expected_zero)
+    np.testing.assert_array_equal(f["q"][neg], -1 - case.q0[neg])
+    others = (case.a[case.out_ch] < 0) & (case.out_ch != neg)
+    assert others.any()
+    np.testing.assert_array_equal(f["q"][others], -case.q0[others])
+    assert "complement" in r["message"]
+
+
+def test_minus_128_in_a_positive_channel_folds():
+    case = Case(qtype=T.INT8, seed=1)
+    pos = int(np.flatnonzero(case.a > 0)[0])
+    q = case.q0.copy()
+    q[pos, 0, 0, 0] = -128
+    case = Case(qtype=T.INT8, seed=1, ints=q)
+    out, _ = fold_and_check(case)
+    assert_folded_weight(case, out)
+
+
+def test_uint8_zero_point_0_needs_the_option():
+    case = Case(qtype=T.UINT8, zero=0)
+    assert_kept(case, "negation-overflow", "uint8", "allow_nonzero_zero_point")
+    out, r = fold_and_check(case, allow_nonzero_zero_point=True)
+    f = folded_weight(out)
+    neg = case.a < 0
+    np.testing.assert_array_equal(f["zero"][neg], 255)
+    np.testing.assert_array_equal(f["q"][neg], 255 - case.q0[neg])
+
+
+def test_no_negative_factor_keeps_integers():
+    case = Case(gamma=np.linspace(0.5, 1.5, 6))
+    out, r = fold_and_check(case)
+    f = assert_folded_weight(case, out)
+    np.testing.assert_array_equal(f["q"], case.q0)
+    assert "w_q" in f["consts"], "integers untouched: the initializer keeps its name"
+
+
+def test_zero_factor_int_form_folds_with_zero_scale():
+    gamma = np.array([1.0, 0.0, -1.0, 0.5, 0.7, 1.1])
+    case = Case(gamma=gamma)
+    out, _ = fold_and_check(case)
+    f = assert_folded_weight(case, out)
+    assert f["scale"][1] == 0
+
+
+def test_zero_factor_qat_form_is_kept_unless_materialized():
+    gamma = np.array([1.0, 0.0, -1.0, 0.5, 0.7, 1.1])
+    case = Case(form="qat", gamma=gamma)
+    assert_kept(case, "zero-factor", "channel 1", "materialize_quantized_weights")
+    fold_and_check(case, materialize_quantized_weights=True)
+
+
+# ------------------------------------------------------------------------------------------------ blocked
+
+
+def test_blocked_along_input_axis_folds():
+    case = Case(qtype=T.INT4, block_size=4, cin=8, cout=6)
+    out, _ = fold_and_check(case)
+    f = folded_weight(out)
+    assert f["scale"].shape == tuple(case.scale0.shape)
+    assert {a.name: h.get_attribute_value(a) for a in f["node"].attribute}["block_size"] == 4
+    a_el = case.a[case.out_ch]
+    expected = (case.expand(case.scale0).astype(np.float64) * np.abs(a_el)).astype(np.float32)
+    np.testing.assert_array_equal(case.expand(f["scale"]), expected)
+    np.testing.assert_array_equal(f["q"], expected_integers(case))
+
+
+def test_blocked_across_output_channels_is_kept():
+    # Blocks of 2 along the output axis: one scale covers two output channels with different BN factors.
+    case = Case(qtype=T.INT8, block_size=2, block_axis=0, cin=8, cout=6)
+    assert_kept(case, "scale-layout", "output channels")
+
+
+def test_blocked_across_output_channels_with_tied_factors_folds():
+    gamma = np.array([1.1, 1.1, -0.8, -0.8, 0.6, 0.6])
+    case = Case(qtype=T.INT8, block_size=2, block_axis=0, cin=8, cout=6, gamma=gamma)
+    case.var[:] = 1.0
+    for init in case.model.graph.initializer:
+        if init.name == "var":
+            init.CopyFrom(nh.from_array(case.var, "var"))
+    case.a = case.gamma.astype(np.float64) / np.sqrt(1.0 + np.float64(np.float32(EPS)))
+    case.t = case.beta.astype(np.float64) - case.mean.astype(np.float64) * case.a
+    out, _ = fold_and_check(case)
+    f = folded_weight(out)
+    np.testing.assert_array_equal(f["q"], expected_integers(case))
+
+
+# ------------------------------------------------------------------------------------------------ bias
+
+
+@pytest.mark.parametrize("form", ["int", "qat"])
+def test_float_bias(form):
+    case = Case(form=form, bias="float")
+    out, r = fold_and_check(case)
+    f = folded_weight(out)
+    b = f["consts"][f["layer"].input[2]]
+    np.testing.assert_allclose(b, (case.a * case.b_float + case.t).astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
+def test_int32_bias_requantized(per_channel):
+    case = Case(form="int", bias="int32", per_channel=per_channel)
+    out, r = fold_and_check(case)
+    f = assert_folded_weight(case, out)
+    bdq = f["by_output"][f["layer"].input[2]]
+    b_int = f["consts"][bdq.input[0]]
+    b_scale = f["consts"][bdq.input[1]]
+    assert b_int.dtype == np.int32 and b_scale.shape == (6,)
+    # onnxruntime's convention holds after the fold: bias scale = s_x * s'_w.
+    np.testing.assert_array_equal(b_scale, (case.s_x * f["scale"].astype(np.float32)).astype(np.float32))
+    sb_old = np.broadcast_to(case.sb.reshape(-1), [6]).astype(np.float64)
+    target = case.a * case.b_int * sb_old + case.t
+    np.testing.assert_array_equal(b_int, np.round(target / b_scale.astype(np.float64)).astype(np.int32))
+    err = np.max(np.abs(b_int * b_scale.astype(np.float64) - target))
+    assert dict(r["metrics"])["bias_requantization_error"] == pytest.approx(err, rel=1e-9)
+    assert err <= 0.5 * b_scale.max()
+
+
+def test_no_bias_int_form_gains_int32_bias():
+    case = Case(form="int", bias=None)
+    out, r = fold_and_check(case)
+    f = folded_weight(out)
+    bdq = f["by_output"][f["layer"].input[2]]
+    assert bdq.op_type == "DequantizeLinear"
+    assert f["consts"][bdq.input[0]].dtype == np.int32
+    assert "bias_requantization_error" in dict(r["metrics"])
+
+
+def test_no_bias_qat_form_gains_float_bias():
+    case = Case(form="qat", bias=None)
+    out, r = fold_and_check(case)
+    f = folded_weight(out)
+    b = f["consts"][f["layer"].input[2]]
+    assert b.dtype == np.float32
+    np.testing.assert_allclose(b, case.t.astype(np.float32))
+
+
+def test_int32_bias_overflow_is_kept():
+    case = Case(form="int", bias="int32", seed=2)
+    # Tiny bias scale: the BN shift t / (s_x * s'_w) does not fit int32.
+    for init in case.model.graph.initializer:
+        if init.name == "b_scale":
+            init.CopyFrom(nh.from_array(np.full(6, 1e-12, np.float32), "b_scale"))
+    assert_kept(case, "bias-overflow", "int32")
+
+
+def test_shared_int32_bias_is_kept():
+    case = Case(form="int", bias="int32")
+    m = case.model
+    m.graph.node.append(h.make_node("Identity", ["b"], ["b_copy"], name="other"))
+    m.graph.output.append(h.make_tensor_value_info("b_copy", T.FLOAT, None))
+    assert_kept(case, "shared-bias")
+
+
+# ------------------------------------------------------------------------------------------------ quantizers
+
+
+def test_output_quantizer_after_bn_stays_and_fold_is_exact():
+    case = Case(form="int", out_quant=True, bias="float")
+    out, r = fold_and_check(case)
+    assert r["exact"]
+    m = onnx.load_from_string(out)
+    q = next(n for n in m.graph.node if n.name == "out_Q")
+    assert q.input[0] == "z"  # the layer now produces the BN's output name
+    assert next(n for n in m.graph.node if n.name == "layer").output[0] == "z"
+
+
+@pytest.mark.parametrize("form", ["int", "qat"])
+def test_activation_quantizer_between_is_kept(form):
+    case = Case(form=form, act_between=True)
+    assert_kept(case, "activation-quantizer", "act_Q", "drop_activation_quantizers")
+
+
+def test_activation_quantizer_dropped_on_request_is_approximate():
+    case = Case(form="int", act_between=True, bias="int32")
+    out, records = fold(case.bytes, drop_activation_quantizers=True)
+    r = records["bn"]
+    assert r["folded"] and not r["exact"]
+    names = [n.name for n in onnx.load_from_string(out).graph.node]
+    assert "act_Q" not in names and "act_DQ" not in names
+    metrics = dict(r["metrics"])
+    assert metrics["dropped_quantizer_scale"] == pytest.approx(0.2)
+    # The deviation is exactly what the dropped quantizer did: BN(y) instead of BN(DQ(Q(y))), i.e.
+    # a * (y - DQ(Q(y))) per channel (rounding and clamping), up to float rounding and the int32 bias rounding.
+    feeds = random_inputs(case.model)
+    e, y, yd = (o.astype(np.float64) for o in run(with_outputs(case.model, "y", "yd"), feeds))
+    a = run(out, feeds)[0].astype(np.float64)
+    predicted = e + case.a[None, :, None, None] * (y - yd)
+    tol = 1e-5 * np.ptp(e) + metrics["bias_requantization_error"] * (1 + 1e-6)
+    assert np.abs(a - predicted).max() <= tol
+    assert np.abs(e - a).max() > 100 * tol  # not exact, and the report says so
+    print(f"deviation from dropping the quantizer: max {np.abs(e - a).max():.4g} of output range {np.ptp(e):.4g}")
+
+
+def test_qat_q_and_dq_share_one_scale_and_another_layer_shares_it_too():
+    case = Case(form="qat")
+    m = case.model
+    # A second QAT conv reading the same scale and zero point tensors, no BN.
+    m.graph.initializer.append(nh.from_array(case.w_float * 0.5, "w2_float"))
+    m.graph.node.extend([
+        h.make_node("QuantizeLinear", ["w2_float", "w_scale", "w_zero"], ["w2_qq"], name="w2_Q", axis=0),
+        h.make_node("DequantizeLinear", ["w2_qq", "w_scale", "w_zero"], ["w2"], name="w2_DQ", axis=0),
+        h.make_node("Conv", ["xd", "w2"], ["out2"], name="layer2", pads=[1, 1, 1, 1]),
+    ])
+    m.graph.output.append(h.make_tensor_value_info("out2", T.FLOAT, None))
+    out, records = fold(case.bytes)
+    assert records["bn"]["folded"]
+    fm = onnx.load_from_string(out)
+    consts = constants(fm)
+    np.testing.assert_array_equal(consts["w_scale"], case.scale0)  # the shared tensor is untouched
+    by_name = {n.name: n for n in fm.graph.node}
+    assert by_name["w2_Q"].input[1] == "w_scale" and by_name["w2_DQ"].input[1] == "w_scale"
+    # This layer's Q and DQ read one new scale together.
+    assert by_name["w_Q"].input[1] == by_name["w_DQ"].input[1] != "w_scale"
+    assert by_name["w_Q"].input[1] in records["bn"]["new_tensors"]
+    feeds = random_inputs(case.model)
+    for e, a in zip(run(case.model, feeds), run(out, feeds)):
+        assert np.abs(e - a).max() <= 1e-5 * np.ptp(e)
+
+
+def test_shared_integer_weight_gets_new_tensor():
+    case = Case(form="int")
+    m = case.model
+    m.graph.node.extend([
+        h.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w2"], name="w2_DQ", axis=0),
+        h.make_node("Conv", ["xd", "w2"], ["out2"], name="layer2", pads=[1, 1, 1, 1]),
+    ])
+    m.graph.output.append(h.make_tensor_value_info("out2", T.FLOAT, None))
+    out, records = fold(case.bytes)
+    assert records["bn"]["folded"]
+    consts = constants(onnx.load_from_string(out))
+    np.testing.assert_array_equal(consts["w_q"].astype(np.int64), case.q0)
+    np.testing.assert_array_equal(consts["w_scale"], case.scale0)
+    feeds = random_inputs(case.model)
+    for e, a in zip(run(case.model, feeds), run(out, feeds)):
+        assert np.abs(e - a).max() <= 1e-5 * np.ptp(e)
+
+
+def test_scale_from_constant_nodes():
+    case = Case(form="qat")
+    m = case.model
+    for name in ("w_scale", "w_zero"):
+        init = next(i for i in m.graph.initializer if i.name == name)
+        m.graph.node.insert(0, h.make_node("Constant", [], [name], value=init))
+        m.graph.initializer.remove(init)
+    out, r = fold_and_check(case)
+    assert_folded_weight(case, out)
+
+
+# ------------------------------------------------------------------------------------------------ kept
+
+
+def test_dequantized_weight_read_by_another_node_is_kept():
+    case = Case()
+    case.model.graph.node.append(h.make_node("Conv", ["xd", "w"], ["out2"], name="layer2", pads=[1, 1, 1, 1]))
+    case.model.graph.output.append(h.make_tensor_value_info("out2", T.FLOAT, None))
+    assert_kept(case, "shared-weight", "layer")
+
+
+def test_second_consumer_of_layer_output_is_kept():
+    case = Case()
+    case.model.graph.node.append(h.make_node("Relu", ["y"], ["r"], name="relu"))
+    case.model.graph.output.append(h.make_tensor_value_info("r", T.FLOAT, None))
+    assert_kept(case, "layer-output-read-elsewhere", "relu")
+
+
+def test_layer_output_as_graph_output_is_kept():
+    case = Case()
+    case.model.graph.output.append(h.make_tensor_value_info("y", T.FLOAT, None))
+    assert_kept(case, "layer-output-is-graph-output")
+
+
+def test_non_constant_integer_weight_is_kept():
+    case = Case()
+    m = case.model
+    init = next(i for i in m.graph.initializer if i.name == "w_q")
+    m.graph.initializer.remove(init)
+    m.graph.input.append(h.make_tensor_value_info("w_q", T.INT8, case.wdims))
+    assert_kept(case, "non-constant-weight")
+
+
+def test_non_constant_float_weight_is_kept():
+    case = Case(form="qat")
+    m = case.model
+    init = next(i for i in m.graph.initializer if i.name == "w_float")
+    m.graph.initializer.remove(init)
+    m.graph.input.append(h.make_tensor_value_info("w_float", T.FLOAT, case.wdims))
+    assert_kept(case, "non-constant-weight", "w_float")
+
+
+def test_non_constant_scale_is_kept():
+    case = Case()
+    m = case.model
+    init = next(i for i in m.graph.initializer if i.name == "w_scale")
+    m.graph.initializer.remove(init)
+    m.graph.input.append(h.make_tensor_value_info("w_scale", T.FLOAT, [6]))
+    assert_kept(case, "non-constant-quantization-parameters")
+
+
+def test_mismatched_q_and_dq_are_kept():
+    case = Case(form="qat")
+    m = case.model
+    m.graph.initializer.append(nh.from_array(case.scale0 * 2, "w_scale2"))
+    next(n for n in m.graph.node if n.name == "w_DQ").input[1] = "w_scale2"
+    assert_kept(case, "mismatched-qdq")
+
+
+def test_old_opset_per_tensor_is_kept():
+    case = Case(per_channel=False, opset=10)
+    case.model.ir_version = 7
+    r = assert_kept(case, "opset-too-old", "opset >= 13")
+
+
+def test_old_opset_per_tensor_with_equal_factors_folds():
+    # Every |a| equal: the per-tensor scale absorbs it without an axis; negative channels still mirror.
+    case = Case(per_channel=False, opset=10, gamma=np.array([1.3, -1.3, 1.3, 1.3, -1.3, 1.3]))
+    case.model.ir_version = 7
+    case.var[:] = 1.0
+    for init in case.model.graph.initializer:
+        if init.name == "var":
+            init.CopyFrom(nh.from_array(case.var, "var"))
+    case.a = case.gamma.astype(np.float64) / np.sqrt(1.0 + np.float64(np.float32(EPS)))
+    case.t = case.beta.astype(np.float64) - case.mean.astype(np.float64) * case.a
+    out, _ = fold_and_check(case)
+    f = folded_weight(out)
+    assert f["scale"].size == 1 and f["axis"] is None
+    np.testing.assert_array_equal(f["q"], expected_integers(case))
+
+
+def test_training_mode_bn_is_kept():
+    case = Case(opset=15)
+    bn = next(n for n in case.model.graph.node if n.name == "bn")
+    bn.attribute.append(h.make_attribute("training_mode", 1))
+    assert_kept(case, "training-mode")
+
+
+# ------------------------------------------------------------------------------------------------ chains
+
+
+def test_two_bns_fold_into_one_quantized_layer():
+    case = Case(form="int", per_channel=False)
+    m = case.model
+    bn = next(n for n in m.graph.node if n.name == "bn")
+    bn.output[0] = "mid"
+    rng = np.random.default_rng(9)
+    for name, v in (("g2", rng.uniform(-1.5, 1.5, 6)), ("b2", rng.standard_normal(6)), ("m2", rng.standard_normal(6)),
+                    ("v2", rng.uniform(0.5, 2, 6))):
+        m.graph.initializer.append(nh.from_array(v.astype(np.float32), name))
+    m.graph.node.append(h.make_node("BatchNormalization", ["mid", "g2", "b2", "m2", "v2"], ["out"], name="bn2"))
+    out, records = fold(case.bytes)
+    assert records["bn"]["folded"] and records["bn2"]["folded"]
+    assert "BatchNormalization" not in [n.op_type for n in onnx.load_from_string(out).graph.node]
+    tol = sum(dict(records[b]["metrics"]).get("bias_requantization_error", 0) for b in ("bn", "bn2"))
+    feeds = random_inputs(case.model)
+    e, a = run(case.model, feeds)[0], run(out, feeds)[0]
+    assert np.abs(e - a).max() <= 1e-5 * np.ptp(e) + 2 * tol
+
+
+# ------------------------------------------------------------------------------------------------ deployability
+
+
+QUANT_UNITS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger")
+
+
+def quantized_units(model_bytes) -> int:
+    """Quantized node units onnxruntime forms (CPU, extended optimisations, saved optimized model)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "opt.onnx")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = path
+        so.log_severity_level = 3
+        ort.InferenceSession(bytes(model_bytes), so, providers=["CPUExecutionProvider"])
+        counts = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+    return sum(counts[k] for k in QUANT_UNITS)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(layer="Conv", form="int", out_quant=True),
+    dict(layer="Conv", form="int", out_quant=True, per_channel=False),
+    dict(layer="Conv", form="int", out_quant=True, bias="int32"),
+    dict(layer="Conv", form="qat", out_quant=True, bias="float"),
+    dict(layer="Gemm", form="int", out_quant=True, bias="int32", cin=10, cout=7),
+    dict(layer="MatMul", form="int", out_quant=True, cin=16, cout=8),
+], ids=["conv", "conv_per_tensor", "conv_int32_bias", "conv_qat", "gemm", "matmul"])
+def test_deployability(kwargs):
+    case = Case(**kwargs)
+    out, r = fold_and_check(case)
+    before, after = quantized_units(case.bytes), quantized_units(out)
+    assert after >= before
+    if kwargs["layer"] == "Conv" and kwargs["form"] == "int":
+        assert after >= 1, "with BN gone, DQ -> Conv -> Q becomes one QLinearConv"
