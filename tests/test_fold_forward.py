@@ -620,3 +620,23 @@ def test_bfloat16_weights_are_rounded_once():
     expected_b = (init["b"] + (w[:, :, 0, 0] * t[None, :]).sum(1)).astype(ml_dtypes.bfloat16).astype(np.float64)
     np.testing.assert_allclose(new["w"], expected_w, rtol=2 ** -8)
     np.testing.assert_allclose(new["b"], expected_b, rtol=2 ** -7, atol=1e-2)
+
+
+# ---------------------------------------------------------------- odd input: kept, never a crash
+
+
+def test_absurd_spatial_size_from_value_info_is_kept_not_allocated():
+    model = bn_conv_model([1, 4, 8, 8], pads=[1, 1, 1, 1])
+    model.graph.value_info.append(vi("r", [1, 4, 2 ** 40, 2 ** 40]))
+    data = model.SerializeToString()
+    out, report = qdqfold_native.fold_with_report(data, pad_correction=True)
+    assert report["batchnorms"][0]["code"] == "correction-too-large" and out == data
+
+
+@pytest.mark.parametrize("attrs", [dict(dilations=[2 ** 62, 1]), dict(strides=[0, 1]), dict(pads=[1, 1, -1, 1]),
+                                   dict(pads=[1, 1]), dict(auto_pad="SIDEWAYS")])
+def test_malformed_conv_attributes_keep_the_bn(attrs):
+    model = bn_conv_model([1, 4, 8, 8], **attrs)
+    data = model.SerializeToString()
+    out, report = qdqfold_native.fold_with_report(data, pad_correction=True, shapes={"r": [1, 4, 8, 8]})
+    assert report["batchnorms"][0]["code"] == "malformed-layer" and out == data

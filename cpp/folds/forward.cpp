@@ -188,8 +188,8 @@ std::variant<std::string, Outcome> scale_input_features(const FloatWeight& w, co
 std::variant<FloatWeight, Outcome> read_forward_weight(FoldContext& ctx, int layer) {
   Graph& g = ctx.graph;
   const Node& n = g.nodes[layer];
-  if (n.inputs.size() < 2 || n.inputs[1].empty())
-    return Outcome::kept("malformed-layer", describe_node(g, layer) + " has no weight input");
+  if (n.inputs.size() < 2 || n.inputs[1].empty() || n.outputs.empty() || n.outputs[0].empty())
+    return Outcome::kept("malformed-layer", describe_node(g, layer) + " has no weight input or no output");
   const std::string& weight = n.inputs[1];
   if (produced_by_dequantize(g, weight))
     return Outcome::kept("quantized-weight", describe_node(g, layer) + " takes its weight through " +

@@ -7,6 +7,12 @@ namespace qdqfold::folds {
 
 namespace {
 
+// Bounds on one spatial dimension (positions, positions x taps) for a correction map worth computing; they
+// also keep the index arithmetic of sizes taken from a model's shape information far from overflow.
+constexpr int64_t kMaxPositions = int64_t{1} << 26;
+// Strides, dilations and pads beyond this are malformed (and would overflow (k - 1) * dilation).
+constexpr int64_t kMaxAttribute = int64_t{1} << 31;
+
 std::string list(const std::vector<int64_t>& v) {
   std::ostringstream s;
   s << "[";
@@ -28,7 +34,7 @@ std::optional<std::vector<int64_t>> spatial_ints(const graph::Node& n, const cha
   if (!n.attr(name)) v.assign(count, fallback);
   if (v.size() != count) return std::nullopt;
   for (int64_t e : v)
-    if (e < minimum) return std::nullopt;
+    if (e < minimum || e > kMaxAttribute) return std::nullopt;
   return v;
 }
 
@@ -56,7 +62,7 @@ std::variant<ConvGeometry, Outcome> read_conv_geometry(const graph::Node& layer,
   const size_t n = weight_dims.size() - 2;
   g.kernel.assign(weight_dims.begin() + 2, weight_dims.end());
   for (int64_t k : g.kernel)
-    if (k < 1) return malformed(layer, "an empty kernel " + list(g.kernel));
+    if (k < 1 || k > kMaxAttribute) return malformed(layer, "a kernel " + list(g.kernel));
   if (layer.attr("kernel_shape") && layer.attr_ints("kernel_shape") != g.kernel)
     return malformed(layer, "kernel_shape=" + list(layer.attr_ints("kernel_shape")) +
                                 " but a weight with kernel " + list(g.kernel));
@@ -122,6 +128,8 @@ std::variant<TapMap, Outcome> tap_map(const ConvGeometry& g, const std::vector<i
     const int64_t in = input_dims[d], k = g.kernel[d], s = g.strides[d], dil = g.dilations[d];
     const int64_t k_eff = g.effective_kernel(d);
     if (in < 1) return kept("shape-mismatch", "has an empty input");
+    if (in > kMaxPositions || k_eff > kMaxPositions)
+      return kept("correction-too-large", "has a spatial dimension too large for a correction map");
     int64_t begin = g.pads_begin[d], end = g.pads_end[d], out = 0;
     if (!g.transposed) {
       if (g.auto_pad == "SAME_UPPER" || g.auto_pad == "SAME_LOWER") {
@@ -150,6 +158,9 @@ std::variant<TapMap, Outcome> tap_map(const ConvGeometry& g, const std::vector<i
       }
     }
     if (out < 1) return kept("shape-mismatch", "has an empty output");
+    if (in > kMaxPositions || out > kMaxPositions || out * k > kMaxPositions)
+      return kept("correction-too-large", "has " + std::to_string(out) + " output positions in spatial dimension " +
+                                              std::to_string(d) + ", too many for a correction map");
     map.output_dims.push_back(out);
     auto& taps = map.taps[d];
     taps.resize(static_cast<size_t>(out));
