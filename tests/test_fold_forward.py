@@ -640,3 +640,20 @@ def test_malformed_conv_attributes_keep_the_bn(attrs):
     data = model.SerializeToString()
     out, report = qdqfold_native.fold_with_report(data, pad_correction=True, shapes={"r": [1, 4, 8, 8]})
     assert report["batchnorms"][0]["code"] == "malformed-layer" and out == data
+
+
+def test_bn_in_an_if_branch_folds_without_editing_the_outer_weight():
+    c = 4
+    outer = [*bn_params("bn", c), tensor("w", [3, c, 3, 3]), numpy_helper.from_array(np.array(True), "cond")]
+    branch_nodes = [helper.make_node("Relu", ["x"], ["r"]), bn_node("r", "n"),
+                    helper.make_node("Conv", ["n", "w"], ["yb"], name="conv")]
+    then_branch = helper.make_graph(branch_nodes, "then", [], [vi("yb", [1, 3, 4, 4])])
+    else_branch = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["ye"])], "else", [], [vi("ye", [1, 3, 4, 4])])
+    nodes = [helper.make_node("If", ["cond"], ["y"], then_branch=then_branch, else_branch=else_branch)]
+    model = make_model(nodes, [vi("x", [1, c, 6, 6])], [vi("y", [1, 3, 4, 4])], outer)
+    folded, report, data, out = fold(model)
+    entry = report.batchnorms[0]
+    assert entry.folded and entry.graph != "main" and entry.new_tensors
+    assert numpy_helper.to_array(next(i for i in folded.graph.initializer if i.name == "w")).tobytes() == \
+        numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w")).tobytes()
+    assert_same_outputs(data, out)
