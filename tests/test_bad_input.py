@@ -110,8 +110,9 @@ def _nested_if_model(depth: int) -> bytes:
     for _ in range(depth):
         attribute = _field(1, b"then_branch") + bytes([0xA0, 0x01, 5]) + _field(6, graph)  # name, type=GRAPH, g
         graph = _field(1, _field(1, b"c") + _field(2, b"y") + _field(4, b"If") + _field(5, attribute))
+    inputs = _field(11, _field(1, b"c")) + _field(11, _field(1, b"x"))  # GraphProto.input: what the If nodes read
     opset = _field(8, bytes([0x10, 17]))  # OperatorSetIdProto{version: 17}
-    return bytes([0x08, 0x08]) + _field(7, graph) + opset  # ir_version 8, graph, opset_import
+    return bytes([0x08, 0x08]) + _field(7, graph + inputs) + opset  # ir_version 8, graph, opset_import
 
 
 def test_nesting_deeper_than_any_real_model():
@@ -119,3 +120,11 @@ def test_nesting_deeper_than_any_real_model():
         qdqfold_native.fold(_nested_if_model(200))
     deep_but_fine = _nested_if_model(100)
     assert qdqfold_native.fold(deep_but_fine) == deep_but_fine
+
+
+def test_error_quoting_a_name_that_is_not_utf8_is_still_a_fold_error():
+    t = numpy_helper.from_array(np.zeros(3, dtype=np.float32), "w_bad")
+    t.raw_data = t.raw_data[:-4]
+    data = _model_with_initializer(t).replace(b"w_bad", b"w\xff\xfe\x80d")  # same length: the framing holds
+    with pytest.raises(FoldError, match="raw_data holds 8 bytes"):
+        qdqfold_native.fold(data)

@@ -150,7 +150,12 @@ PYBIND11_MODULE(qdqfold_native, m) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const qdqfold::FoldError& e) {
-      py::set_error(fold_error, e.what());
+      // Messages quote names from the model, which need not be UTF-8: decode with replacement, so that a
+      // FoldError is what arrives, not a UnicodeDecodeError.
+      const std::string what = e.what();
+      py::set_error(fold_error, py::reinterpret_steal<py::str>(PyUnicode_DecodeUTF8(what.data(),
+                                                                                   static_cast<Py_ssize_t>(what.size()),
+                                                                                   "replace")));
     }
   });
 
