@@ -24,12 +24,6 @@ namespace {
 // Correction maps beyond this many elements are not worth a constant in the model.
 constexpr int64_t kMaxCorrectionElements = int64_t{1} << 26;
 
-std::string dims_text(const std::vector<int64_t>& dims) {
-  std::string s = "[";
-  for (size_t k = 0; k < dims.size(); ++k) s += (k ? ", " : "") + (dims[k] < 0 ? std::string("?") : std::to_string(dims[k]));
-  return s + "]";
-}
-
 // Spatial dims of the layer's input when every one is known.
 std::optional<std::vector<int64_t>> spatial_input(const std::optional<std::vector<int64_t>>& shape, size_t rank) {
   if (!shape || shape->size() != rank + 2) return std::nullopt;

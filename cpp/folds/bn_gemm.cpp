@@ -9,7 +9,10 @@
 //   d[o]     = alpha * sum over f of B[f, o] * t[f / HW]                       (double, rounded once)
 //   C'       = beta * C + d  (broadcast to [.., N]), and beta' = 1
 // Exact: a Gemm has no padding. A BN read directly by a Gemm (2-D input) is the case HW = 1.
+#include <cstring>
+
 #include "forward.h"
+#include "padding_correction.h"
 
 #include "../wire/fields.h"
 #include "../wire/writer.h"
@@ -20,12 +23,6 @@ using graph::Graph;
 using graph::Node;
 
 namespace {
-
-std::string dims_text(const std::vector<int64_t>& dims) {
-  std::string s = "[";
-  for (size_t k = 0; k < dims.size(); ++k) s += (k ? ", " : "") + std::to_string(dims[k]);
-  return s + "]";
-}
 
 // How many input features of the layer belong to each BN channel (HW), or why the layout is not known.
 std::variant<int64_t, Outcome> features_per_channel(FoldContext& ctx, int bn, const ForwardReader& reader,

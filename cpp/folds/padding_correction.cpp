@@ -5,6 +5,18 @@
 
 namespace qdqfold::folds {
 
+std::string dims_text(const std::vector<int64_t>& dims) {
+  std::ostringstream s;
+  s << "[";
+  for (size_t k = 0; k < dims.size(); ++k) {
+    s << (k ? ", " : "");
+    if (dims[k] < 0) s << "?";
+    else s << dims[k];
+  }
+  s << "]";
+  return s.str();
+}
+
 namespace {
 
 // Bounds on one spatial dimension (positions, positions x taps) for a correction map worth computing; they
@@ -12,14 +24,6 @@ namespace {
 constexpr int64_t kMaxPositions = int64_t{1} << 26;
 // Strides, dilations and pads beyond this are malformed (and would overflow (k - 1) * dilation).
 constexpr int64_t kMaxAttribute = int64_t{1} << 31;
-
-std::string list(const std::vector<int64_t>& v) {
-  std::ostringstream s;
-  s << "[";
-  for (size_t k = 0; k < v.size(); ++k) s << (k ? ", " : "") << v[k];
-  s << "]";
-  return s.str();
-}
 
 bool all_equal(const std::vector<int64_t>& v, int64_t x) {
   for (int64_t e : v)
@@ -45,12 +49,12 @@ Outcome malformed(const graph::Node& layer, const std::string& what) {
 }  // namespace
 
 std::string ConvGeometry::describe() const {
-  std::string s = auto_pad == "NOTSET" ? "pads=" + list(pads_begin) + "+" + list(pads_end) : "auto_pad=" + auto_pad;
-  s += ", kernel " + list(kernel);
-  if (!all_equal(strides, 1)) s += ", strides=" + list(strides);
-  if (!all_equal(dilations, 1)) s += ", dilations=" + list(dilations);
-  if (!output_padding.empty() && !all_equal(output_padding, 0)) s += ", output_padding=" + list(output_padding);
-  if (!output_shape.empty()) s += ", output_shape=" + list(output_shape);
+  std::string s = auto_pad == "NOTSET" ? "pads=" + dims_text(pads_begin) + "+" + dims_text(pads_end) : "auto_pad=" + auto_pad;
+  s += ", kernel " + dims_text(kernel);
+  if (!all_equal(strides, 1)) s += ", strides=" + dims_text(strides);
+  if (!all_equal(dilations, 1)) s += ", dilations=" + dims_text(dilations);
+  if (!output_padding.empty() && !all_equal(output_padding, 0)) s += ", output_padding=" + dims_text(output_padding);
+  if (!output_shape.empty()) s += ", output_shape=" + dims_text(output_shape);
   return s;
 }
 
@@ -62,10 +66,10 @@ std::variant<ConvGeometry, Outcome> read_conv_geometry(const graph::Node& layer,
   const size_t n = weight_dims.size() - 2;
   g.kernel.assign(weight_dims.begin() + 2, weight_dims.end());
   for (int64_t k : g.kernel)
-    if (k < 1 || k > kMaxAttribute) return malformed(layer, "a kernel " + list(g.kernel));
+    if (k < 1 || k > kMaxAttribute) return malformed(layer, "a kernel " + dims_text(g.kernel));
   if (layer.attr("kernel_shape") && layer.attr_ints("kernel_shape") != g.kernel)
-    return malformed(layer, "kernel_shape=" + list(layer.attr_ints("kernel_shape")) +
-                                " but a weight with kernel " + list(g.kernel));
+    return malformed(layer, "kernel_shape=" + dims_text(layer.attr_ints("kernel_shape")) +
+                                " but a weight with kernel " + dims_text(g.kernel));
   auto strides = spatial_ints(layer, "strides", n, 1, 1);
   auto dilations = spatial_ints(layer, "dilations", n, 1, 1);
   auto pads = spatial_ints(layer, "pads", 2 * n, 0, 0);
@@ -90,7 +94,7 @@ std::variant<ConvGeometry, Outcome> read_conv_geometry(const graph::Node& layer,
     g.output_shape = layer.attr_ints("output_shape");
     if (g.output_shape.size() == n + 2) g.output_shape.erase(g.output_shape.begin(), g.output_shape.begin() + 2);
     if (!g.output_shape.empty() && g.output_shape.size() != n)
-      return malformed(layer, "output_shape=" + list(layer.attr_ints("output_shape")));
+      return malformed(layer, "output_shape=" + dims_text(layer.attr_ints("output_shape")));
   }
   return g;
 }

@@ -21,6 +21,9 @@
 
 namespace qdqfold::folds {
 
+// "[1, 32, ?, ?]": dims for messages, "?" where unknown (negative).
+std::string dims_text(const std::vector<int64_t>& dims);
+
 // The spatial attributes of a Conv or ConvTranspose, read and validated against its weight.
 struct ConvGeometry {
   bool transposed = false;
