@@ -193,3 +193,33 @@ def test_fold_many_on_a_local_dask_cluster(zoo, tmp_path):
     assert all(r.ok for r in results)
     for relative in LAYOUT:
         assert_same_outputs(onnx.load(zoo / relative), onnx.load(tmp_path / "out" / relative))
+
+
+def _on_a_terminal(*args) -> str:
+    """Runs the CLI with stdout and stderr on a pseudo-terminal; returns all it wrote."""
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "qdqfold", *map(str, args)], stdin=subprocess.DEVNULL,
+                            stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    proc.wait(timeout=600)
+    os.close(leader)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_only(zoo, tmp_path):
+    assert f"/{len(LAYOUT)} [" in _on_a_terminal(zoo, "-o", tmp_path / "a")  # tqdm's "k/N [elapsed..."
+    piped = qdqfold_cli(zoo, "-o", tmp_path / "b")
+    assert piped.returncode == 0 and f"/{len(LAYOUT)} [" not in piped.stderr + piped.stdout
+    assert f"/{len(LAYOUT)} [" not in _on_a_terminal(zoo, "-o", tmp_path / "c", "--no-progress")

@@ -6,6 +6,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -223,7 +224,6 @@ def _bn_lines(report, style: Style, limit: int = 20) -> list[str]:
 
 def _wrapped(text: str, first: str, rest: str) -> list[str]:
     """``text`` wrapped to the terminal's width (100 columns when not a terminal)."""
-    import shutil
     import textwrap
 
     width = max(60, shutil.get_terminal_size((100, 24)).columns - 1)
@@ -418,11 +418,13 @@ def run_many(args: argparse.Namespace, style: Style) -> int:
             raise InputError(f"{out_dir}: cannot write into the output directory")
 
     show_progress = not (args.quiet or args.json or args.no_progress) and sys.stderr.isatty()
+    terminal = shutil.get_terminal_size((80, 24))  # a terminal that reports 0 x 0 gets 80 x 24, not no bar
     results: list[ModelResult | None] = [None] * len(plan)
     from tqdm import tqdm
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool, \
-            tqdm(total=len(plan), unit="model", file=sys.stderr, disable=not show_progress, leave=False) as bar:
+            tqdm(total=len(plan), unit="model", file=sys.stderr, disable=not show_progress, leave=False,
+                 ncols=min(terminal.columns, 100), nrows=terminal.lines) as bar:
         for index, result in iter_fold_many(plan, pool, options=_options(args), verification=_verification(args),
                                             keep_traceback=args.debug):
             results[index] = result
