@@ -756,3 +756,14 @@ def test_scaled_weight_is_rounded_once_not_through_float32(dtype, elem, offset):
     assert report["batchnorms"][0]["folded"]
     w2 = numpy_helper.to_array(folded.graph.initializer[0]).astype(np.float64)
     np.testing.assert_array_equal(w2, np.full([1, 1, 3], 1.0 + 2 * offset))
+
+
+@pytest.mark.parametrize("attrs", [dict(strides=[0, 1]), dict(pads=[1, 1]), dict(dilations=[-1, 1]),
+                                   dict(kernel_shape=[2, 2])])
+def test_conv_with_attributes_no_runtime_accepts_keeps_bn(attrs):
+    model = conv_bn_model(bias=True)
+    conv = model.graph.node[0]
+    kept = [a for a in conv.attribute if a.name not in attrs]
+    del conv.attribute[:]
+    conv.attribute.extend(kept + [helper.make_attribute(k, v) for k, v in attrs.items()])
+    assert_kept(model, "malformed-layer")

@@ -11,6 +11,7 @@
 // A weight produced by DequantizeLinear is the QDQ fold's pattern (qdq_*.cpp): not applicable here.
 #include "backward.h"
 #include "folds.h"
+#include "padding_correction.h"
 
 namespace qdqfold::folds {
 
@@ -27,6 +28,9 @@ Outcome fold_conv_bn(FoldContext& ctx, int bn) {
   const graph::Node& conv = g.nodes[layer];
   if (conv.outputs.size() != 1) return Outcome::kept("malformed", conv.op_type + " has more than one output");
   if (auto blocked = layer_output_blocker(g, layer, conv.outputs[0], bn)) return *blocked;
+  // A layer no runtime accepts (strides 0, pads of the wrong length, ...) is not folded into.
+  auto geometry = read_conv_geometry(conv, weight.tensor.dims);
+  if (auto* o = std::get_if<Outcome>(&geometry)) return *o;
 
   const std::string bias_name = conv.inputs.size() > 2 ? conv.inputs[2] : "";
   auto bias_or = read_bias(g, bias_name, weight.layout.out_channels, "bias");
