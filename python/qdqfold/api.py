@@ -5,17 +5,21 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
-import onnx
 import qdqfold_native
+
+if TYPE_CHECKING:
+    import onnx
+
+# onnx is imported where it is used, so the command line starts without it (about 0.1 s).
 
 from .report import FoldReport
 
 #: Every fold option and its default (keyword arguments of fold_model, fold_bytes and qdqfold_native.fold).
 OPTIONS: dict[str, bool] = qdqfold_native.options()
 
-ModelLike = Union[onnx.ModelProto, bytes, bytearray, memoryview, str, os.PathLike]
+ModelLike = Union["onnx.ModelProto", bytes, bytearray, memoryview, str, os.PathLike]
 
 
 def inferred_shapes(model: bytes | bytearray | memoryview | str | os.PathLike) -> dict[str, list[int]]:
@@ -24,6 +28,8 @@ def inferred_shapes(model: bytes | bytearray | memoryview | str | os.PathLike) -
 
     It runs on a copy: the model's own value_info is never altered. Unknown dims are -1.
     """
+    import onnx
+
     try:
         proto = (onnx.load(os.fspath(model), load_external_data=False) if isinstance(model, (str, os.PathLike))
                  else onnx.load_from_string(bytes(model)))
@@ -63,6 +69,8 @@ def fold_bytes(data: bytes | bytearray | memoryview, **options: Any) -> tuple[by
 
 
 def _has_external_data(model: onnx.ModelProto) -> bool:
+    import onnx
+
     return any(
         t.data_location == onnx.TensorProto.EXTERNAL
         for t in onnx.external_data_helper._get_all_tensors(model)  # noqa: SLF001 (onnx's own walker)
@@ -71,6 +79,8 @@ def _has_external_data(model: onnx.ModelProto) -> bool:
 
 def load_model_bytes(path: str | os.PathLike) -> bytes:
     """The serialized model at ``path``, with external data (if any) loaded through onnx's helpers."""
+    import onnx
+
     path = Path(path)
     data = path.read_bytes()
     model = onnx.ModelProto()
@@ -112,6 +122,8 @@ def fold_model(model: ModelLike, *, output: str | os.PathLike | None = None, rep
     With ``report=True`` the result is a pair ``(folded, FoldReport)``. Keyword options are those of
     :data:`OPTIONS`. Raises :class:`qdqfold.FoldError` for input that is not a valid ONNX model.
     """
+    import onnx
+
     if isinstance(model, onnx.ModelProto):
         folded_bytes, rep = fold_bytes(model.SerializeToString(), **options)
         result: Any = onnx.ModelProto()

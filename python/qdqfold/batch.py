@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import onnx
 import qdqfold_native
 from qdqfold_native import FoldError
 
 from .api import fold_bytes, load_model_bytes, with_inferred_shapes, write_atomically
 from .graphinfo import ModelInfo, WireFormatError, read_model_info
 from .report import FoldReport
-from .verify import DEFAULT_TOLERANCE, VerifyError, VerifyResult, verify
+from .verify import DEFAULT_TOLERANCE, VerifyError, VerifyResult, verify  # numpy, onnx: imported on use
 
 MODEL_SUFFIX = ".onnx"
 
@@ -82,6 +81,8 @@ class ModelResult:
 
 def _missing_external_data(src: Path) -> list[str]:
     """The external data files a model names that do not exist beside it."""
+    import onnx
+
     model = onnx.load_model(str(src), load_external_data=False)
     missing = []
     for tensor in onnx.external_data_helper._get_all_tensors(model):  # noqa: SLF001 (onnx's own walker)

@@ -6,8 +6,10 @@ import argparse
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
@@ -129,6 +131,9 @@ class InputError(Exception):
 
 # ---------------------------------------------------------------------------------------------- presentation
 
+_ANSI = re.compile(r"\033\[[0-9;]*m")
+
+
 class Style:
     """ANSI colour when enabled; plain text otherwise."""
 
@@ -173,10 +178,9 @@ def _size(n: int) -> str:
 
 def _table(rows: list[list[str]], header: list[str], style: Style, align: str) -> list[str]:
     """A plain aligned table; ``align`` holds 'l' or 'r' per column. Cells may carry colour codes."""
-    import re
 
     def width(cell: str) -> int:
-        return len(re.sub(r"\033\[[0-9;]*m", "", cell))
+        return len(_ANSI.sub("", cell))
 
     widths = [max(width(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
@@ -224,8 +228,6 @@ def _bn_lines(report, style: Style, limit: int = 20) -> list[str]:
 
 def _wrapped(text: str, first: str, rest: str) -> list[str]:
     """``text`` wrapped to the terminal's width (100 columns when not a terminal)."""
-    import textwrap
-
     width = max(60, shutil.get_terminal_size((100, 24)).columns - 1)
     return textwrap.wrap(text, width, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False,
                          break_long_words=False) or [first]
@@ -255,7 +257,7 @@ def _verify_lines(v: VerifyResult, style: Style) -> list[str]:
     return lines
 
 
-def _print_single(result: ModelResult, args: argparse.Namespace, style: Style, out: TextIO) -> None:
+def _print_single(result: ModelResult, style: Style, out: TextIO) -> None:
     assert result.report is not None
     target = "dry run, nothing written" if result.output is None else result.output
     print(f"{style.bold(result.input)} -> {target}" + style.dim(f"  ({result.seconds:.2f} s)"), file=out)
@@ -349,7 +351,7 @@ def run_single(args: argparse.Namespace, style: Style) -> int:
             for line in story.splitlines():
                 print("\n".join(_wrapped(line, "", " " * 10)))
     elif not args.quiet and not args.json:
-        _print_single(result, args, style, sys.stdout)
+        _print_single(result, style, sys.stdout)
     failure = _verification_failure(result)
     if failure:
         print(f"qdqfold: {failure}", file=sys.stderr)

@@ -22,13 +22,14 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
-import numpy as np
-import onnx
-from onnx import numpy_helper
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
 
-ModelLike = Union[onnx.ModelProto, bytes, bytearray, memoryview, str, os.PathLike]
+# numpy, onnx and onnxruntime are imported where they are used: folding without --verify never loads them.
+ModelLike = Union["onnx.ModelProto", bytes, bytearray, memoryview, str, os.PathLike]
 
 #: Default tolerance: the largest difference allowed, as a share of each output's range.
 DEFAULT_TOLERANCE = 1e-5
@@ -98,6 +99,8 @@ class VerifyError(ValueError):
 
 
 def _as_bytes(model: ModelLike) -> bytes:
+    import onnx
+
     if isinstance(model, onnx.ModelProto):
         return model.SerializeToString()
     if isinstance(model, (bytes, bytearray, memoryview)):
@@ -123,9 +126,9 @@ def _session(data: bytes, level: Any = None, optimized_path: str | None = None):
 
 
 _NUMPY_TYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(bfloat16)": None, "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(bool)": np.bool_,
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64", "tensor(int64)": "int64",
+    "tensor(int32)": "int32", "tensor(int16)": "int16", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16", "tensor(bool)": "bool",
 }
 
 
@@ -134,15 +137,17 @@ def random_inputs(session, seed: int = 0, symbolic_size: int = 1,
     """Seeded random inputs shaped from the session's inputs. A symbolic dimension takes ``dims[name]`` when
     given, else ``symbolic_size``; floats are standard normal, integers small non-negative values (safe as
     indices), 8-bit integers span their whole range."""
+    import numpy as np
+
     dims = dims or {}
     rng = np.random.default_rng(seed)
     feeds = {}
     for i in session.get_inputs():
         shape = [d if isinstance(d, int) and d >= 0 else dims.get(d, symbolic_size) if isinstance(d, str)
                  else symbolic_size for d in i.shape]
-        dtype = _NUMPY_TYPES.get(i.type)
-        if dtype is None:
+        if i.type not in _NUMPY_TYPES:
             raise VerifyError(f"cannot generate random values for input {i.name!r} of type {i.type}")
+        dtype = np.dtype(_NUMPY_TYPES[i.type]).type
         if dtype == np.bool_:
             feeds[i.name] = rng.random(shape) > 0.5
         elif dtype in (np.int8, np.uint8):
@@ -157,6 +162,9 @@ def random_inputs(session, seed: int = 0, symbolic_size: int = 1,
 
 def quantization_steps(model: onnx.ModelProto) -> dict[str, float]:
     """For each main-graph output fed by an activation quantizer: the smallest scale among those quantizers."""
+    import numpy as np
+    from onnx import numpy_helper
+
     graph = model.graph
     constants = {t.name: t for t in graph.initializer}
     for node in graph.node:
@@ -225,6 +233,9 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
     inputs and compares every output. An output passes when its largest absolute difference is at most
     ``tolerance`` times its range in the original (a constant output: at most ``tolerance``).
     Raises :class:`VerifyError` when a model cannot be run."""
+    import numpy as np
+    import onnx
+
     original_bytes, folded_bytes = _as_bytes(original), _as_bytes(folded)
     before, after = _session(original_bytes), _session(folded_bytes)
     feeds = random_inputs(before, seed, symbolic_size, dims)
@@ -251,6 +262,8 @@ def _op_set(data: bytes) -> set[str]:
 
 
 def _compare(name: str, expected: np.ndarray, actual: np.ndarray, step: float | None, tolerance: float) -> OutputCheck:
+    import numpy as np
+
     if expected.shape != actual.shape:
         return OutputCheck(name, list(expected.shape), float("inf"), float("inf"), 0.0, float("inf"), step, None,
                            int(expected.size), False)
