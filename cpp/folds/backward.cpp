@@ -1,5 +1,7 @@
 #include "backward.h"
 
+#include <cstring>
+
 #include "../kernels/per_channel.h"
 
 namespace qdqfold::folds {
@@ -48,7 +50,8 @@ std::variant<FloatWeight, Outcome> read_float_weight(FoldContext& ctx, int layer
   auto layout = weight_layout(n, w.tensor.dims, why);
   if (!layout) return Outcome::kept("unsupported-layer", who + ": " + why);
   w.layout = *layout;
-  auto bytes = w.tensor.bytes(w.storage);
+  w.storage = std::make_shared<std::string>();
+  auto bytes = w.tensor.bytes(*w.storage);
   if (!bytes)
     return Outcome::kept("unreadable-weight", "the data of weight '" + name + "' of " + who +
                                                   " is not in the model file (external data) or cannot be decoded");
@@ -76,19 +79,35 @@ std::variant<std::vector<double>, Outcome> read_bias(Graph& g, const std::string
   return std::move(*values);
 }
 
-std::variant<std::string, Outcome> rescale_weight(const FloatWeight& w, const std::vector<double>& scale) {
-  std::string out;
+std::variant<graph::LazyBytes, Outcome> rescale_weight(FoldContext& ctx, const FloatWeight& w,
+                                                       const std::vector<double>& scale) {
   const auto axis = w.layout.output_axis();
   if (axis.channel_count() != static_cast<int64_t>(scale.size()))
     return Outcome::kept("shape-mismatch", "the BN has " + std::to_string(scale.size()) + " channels but the layer has " +
                                                std::to_string(axis.channel_count()) + " output channels");
-  auto r = kernels::scale_channels(w.tensor.data_type, w.bytes, axis, scale, out);
+  const int32_t dtype = w.tensor.data_type;
+  auto r = kernels::affine_channels(dtype, w.bytes, axis, scale.data(), nullptr, static_cast<char*>(nullptr));
   if (!r.ok) return Outcome::kept("unreadable-weight", "the weight '" + w.tensor.name + "' does not match its dims");
   if (r.overflowed)
     return Outcome::kept("overflow", std::to_string(r.overflowed) + " weight values of channel " +
                                          std::to_string(r.first_overflow_channel) + " and beyond would overflow " +
-                                         graph::data_type_name(w.tensor.data_type) + " once scaled");
-  return out;
+                                         graph::data_type_name(dtype) + " once scaled");
+  // The source must outlive the fold: the model's buffer does; anything else (decoded typed data, a tensor
+  // another fold wrote and may replace again) is kept alive by the generator.
+  const std::string_view buffer = ctx.model.buffer;
+  std::shared_ptr<const std::string> owner;
+  std::string_view src = w.bytes;
+  const bool in_buffer = src.data() >= buffer.data() && src.data() + src.size() <= buffer.data() + buffer.size();
+  if (!in_buffer) {
+    owner = w.storage && w.storage->data() == src.data() ? w.storage : std::make_shared<std::string>(src);
+    src = *owner;
+  }
+  graph::LazyBytes data;
+  data.size = src.size();
+  data.fill = [owner, src, dtype, axis, scale](char* dst) {
+    kernels::affine_channels(dtype, src, axis, scale.data(), nullptr, dst);
+  };
+  return data;
 }
 
 std::variant<std::string, Outcome> store_or_keep(int32_t data_type, const std::vector<double>& values, const char* what) {
@@ -101,18 +120,28 @@ std::variant<std::string, Outcome> store_or_keep(int32_t data_type, const std::v
 
 void write_layer_input(FoldContext& ctx, int layer, int slot, int32_t data_type, const std::vector<int64_t>& dims,
                        const std::string& raw, const std::string& fallback_base, Outcome& outcome) {
+  auto owned = std::make_shared<const std::string>(raw);
+  graph::LazyBytes data;
+  data.size = owned->size();
+  data.fill = [owned](char* dst) { std::memcpy(dst, owned->data(), owned->size()); };
+  write_layer_input(ctx, layer, slot, data_type, dims, std::move(data), fallback_base, outcome);
+}
+
+void write_layer_input(FoldContext& ctx, int layer, int slot, int32_t data_type, const std::vector<int64_t>& dims,
+                       graph::LazyBytes data, const std::string& fallback_base, Outcome& outcome) {
   Graph& g = ctx.graph;
   const std::string old = slot < static_cast<int>(g.nodes[layer].inputs.size()) ? g.nodes[layer].inputs[slot] : "";
   if (!old.empty()) {
     auto ref = g.constant(old);
     if (ref && ref->graph == &g && ref->initializer >= 0 && read_only_by(g, old, layer)) {
       if (ref->tensor.dims != dims) g.remove_value_info(old);  // its recorded shape would be stale
-      g.replace_initializer(ref->initializer, graph::reencode_tensor(ref->tensor, data_type, dims, raw));
+      g.replace_initializer_lazy(ref->initializer, graph::reencode_tensor_header(ref->tensor, data_type, dims),
+                                 std::move(data));
       return;
     }
   }
   const std::string name = new_tensor_name(ctx.model, old.empty() ? fallback_base : old, "_bnfolded");
-  g.add_tensor(name, graph::encode_tensor(name, data_type, dims, raw));
+  g.add_tensor_lazy(name, graph::encode_tensor_header(name, data_type, dims), std::move(data));
   g.set_input(layer, slot, name);
   outcome.new_tensors.push_back(name);
   if (!old.empty()) g.drop_if_unused(old);

@@ -3,6 +3,7 @@
 // a tensor anyone else reads, and handing the BN's output name to the layer.
 #pragma once
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <variant>
@@ -25,8 +26,9 @@ bool produced_by_dequantize(const graph::Graph& g, const std::string& value);
 // The constant float weight (input 1) of `layer` and where its channels are.
 struct FloatWeight {
   graph::Tensor tensor;
-  std::string storage;    // holds the element bytes when the tensor has no raw_data
-  std::string_view bytes; // element bytes in raw_data layout
+  std::shared_ptr<std::string> storage;  // holds the element bytes when the tensor has no raw_data (stable
+                                         // address: `bytes` survives moving the FloatWeight)
+  std::string_view bytes;                // element bytes in raw_data layout
   WeightLayout layout;
 };
 
@@ -43,7 +45,10 @@ std::variant<std::vector<double>, Outcome> read_bias(graph::Graph& g, const std:
                                                      const char* what);
 
 // W' = W * scale[output channel], rounded once to the weight's type; Kept when a value overflows the type.
-std::variant<std::string, Outcome> rescale_weight(const FloatWeight& w, const std::vector<double>& scale);
+// Checked now; the values are computed when the model is written, straight into the output (a weight is
+// written once and never held twice).
+std::variant<graph::LazyBytes, Outcome> rescale_weight(FoldContext& ctx, const FloatWeight& w,
+                                                       const std::vector<double>& scale);
 
 // `values` in `data_type`; Kept ("overflow") when one does not fit.
 std::variant<std::string, Outcome> store_or_keep(int32_t data_type, const std::vector<double>& values, const char* what);
@@ -53,6 +58,8 @@ std::variant<std::string, Outcome> store_or_keep(int32_t data_type, const std::v
 // tensor with a fresh name (derived from the old name, or from `fallback_base` when the slot was empty) is
 // written in this graph (a Constant node in a function), the layer is rewired, and the old one is dropped
 // if nothing reads it any more. New names are added to `outcome.new_tensors`.
+void write_layer_input(FoldContext& ctx, int layer, int slot, int32_t data_type, const std::vector<int64_t>& dims,
+                       graph::LazyBytes data, const std::string& fallback_base, Outcome& outcome);
 void write_layer_input(FoldContext& ctx, int layer, int slot, int32_t data_type, const std::vector<int64_t>& dims,
                        const std::string& raw, const std::string& fallback_base, Outcome& outcome);
 

@@ -41,7 +41,7 @@ Outcome fold_conv_bn(FoldContext& ctx, int bn) {
   if (auto* o = std::get_if<Outcome>(&affine_or)) return *o;
   const BatchNormAffine& affine = std::get<BatchNormAffine>(affine_or);
 
-  auto new_weight = rescale_weight(weight, affine.scale);
+  auto new_weight = rescale_weight(ctx, weight, affine.scale);
   if (auto* o = std::get_if<Outcome>(&new_weight)) return *o;
   std::vector<double> folded_bias(bias.size());
   for (size_t o = 0; o < bias.size(); ++o) folded_bias[o] = affine.scale[o] * bias[o] + affine.shift[o];
@@ -58,7 +58,7 @@ Outcome fold_conv_bn(FoldContext& ctx, int bn) {
   const std::string layer_name = conv.name.empty() ? conv.outputs[0] : conv.name;
   const int32_t dtype = weight.tensor.data_type;
   const std::vector<int64_t> weight_dims = weight.tensor.dims;
-  write_layer_input(ctx, layer, 1, dtype, weight_dims, std::get<std::string>(new_weight), layer_name + "_W", out);
+  write_layer_input(ctx, layer, 1, dtype, weight_dims, std::move(std::get<graph::LazyBytes>(new_weight)), layer_name + "_W", out);
   write_layer_input(ctx, layer, 2, dtype, {weight.layout.out_channels}, std::get<std::string>(new_bias),
                     layer_name + "_B", out);
   take_over_batchnorm_output(g, layer, 0, bn, affine);

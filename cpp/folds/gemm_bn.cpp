@@ -130,7 +130,7 @@ Outcome fold_into_gemm(FoldContext& ctx, int gemm, int bn) {
   if (auto* o = std::get_if<Outcome>(&affine_or)) return *o;
   const BatchNormAffine& affine = std::get<BatchNormAffine>(affine_or);
 
-  auto new_weight = rescale_weight(weight, affine.scale);
+  auto new_weight = rescale_weight(ctx, weight, affine.scale);
   if (auto* o = std::get_if<Outcome>(&new_weight)) return *o;
   const double beta = n.attr_float("beta", 1.0f);
   std::vector<double> c_factor(affine.scale);
@@ -145,7 +145,7 @@ Outcome fold_into_gemm(FoldContext& ctx, int gemm, int bn) {
   const std::string base = base_name(n);
   const int32_t dtype = weight.tensor.data_type;
   const std::vector<int64_t> weight_dims = weight.tensor.dims;
-  write_layer_input(ctx, gemm, 1, dtype, weight_dims, std::get<std::string>(new_weight), base + "_B", out);
+  write_layer_input(ctx, gemm, 1, dtype, weight_dims, std::move(std::get<graph::LazyBytes>(new_weight)), base + "_B", out);
   write_layer_input(ctx, gemm, 2, dtype, bias.dims, std::get<std::string>(new_bias), base + "_C", out);
   if (beta != 1.0) g.set_attribute(gemm, "beta", float_attribute("beta", 1.0f));
   take_over_batchnorm_output(g, gemm, 0, bn, affine);
@@ -166,7 +166,7 @@ Outcome fold_into_matmul(FoldContext& ctx, int matmul, int bn) {
   auto affine_or = read_batchnorm(ctx, bn);
   if (auto* o = std::get_if<Outcome>(&affine_or)) return *o;
   const BatchNormAffine& affine = std::get<BatchNormAffine>(affine_or);
-  auto new_weight = rescale_weight(weight, affine.scale);
+  auto new_weight = rescale_weight(ctx, weight, affine.scale);
   if (auto* o = std::get_if<Outcome>(&new_weight)) return *o;
   auto new_bias = store_or_keep(weight.tensor.data_type, affine.shift, "bias");
   if (auto* o = std::get_if<Outcome>(&new_bias)) return *o;
@@ -176,7 +176,7 @@ Outcome fold_into_matmul(FoldContext& ctx, int matmul, int bn) {
   const int32_t dtype = weight.tensor.data_type;
   const std::vector<int64_t> weight_dims = weight.tensor.dims;
   const int64_t features = weight.layout.out_channels;
-  write_layer_input(ctx, matmul, 1, dtype, weight_dims, std::get<std::string>(new_weight), base + "_B", out);
+  write_layer_input(ctx, matmul, 1, dtype, weight_dims, std::move(std::get<graph::LazyBytes>(new_weight)), base + "_B", out);
   g.set_op_type(matmul, "Gemm");
   write_layer_input(ctx, matmul, 2, dtype, {features}, std::get<std::string>(new_bias), base + "_C", out);
   // Before opset 7, Gemm broadcasts C only when told to.
@@ -218,7 +218,7 @@ Outcome fold_into_matmul_add(FoldContext& ctx, int add, int bn) {
   auto affine_or = read_batchnorm(ctx, bn);
   if (auto* o = std::get_if<Outcome>(&affine_or)) return *o;
   const BatchNormAffine& affine = std::get<BatchNormAffine>(affine_or);
-  auto new_weight = rescale_weight(weight, affine.scale);
+  auto new_weight = rescale_weight(ctx, weight, affine.scale);
   if (auto* o = std::get_if<Outcome>(&new_weight)) return *o;
   auto bias_or = fold_bias(bias_dims, *bias_values, affine.scale, affine.shift, "the bias '" + bias_name + "'");
   if (auto* o = std::get_if<Outcome>(&bias_or)) return *o;
@@ -230,7 +230,7 @@ Outcome fold_into_matmul_add(FoldContext& ctx, int add, int bn) {
   const std::string base = base_name(m);
   const int32_t dtype = weight.tensor.data_type;
   const std::vector<int64_t> weight_dims = weight.tensor.dims;
-  write_layer_input(ctx, matmul, 1, dtype, weight_dims, std::get<std::string>(new_weight), base + "_B", out);
+  write_layer_input(ctx, matmul, 1, dtype, weight_dims, std::move(std::get<graph::LazyBytes>(new_weight)), base + "_B", out);
   write_layer_input(ctx, add, bias_slot, dtype, bias.dims, std::get<std::string>(new_bias), base + "_bias", out);
   take_over_batchnorm_output(g, add, 0, bn, affine);
   return out;

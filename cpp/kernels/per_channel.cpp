@@ -1,5 +1,6 @@
 #include "per_channel.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -62,56 +63,65 @@ struct Bfloat16 {
   static uint16_t store(double v) { return double_to_bf16(v); }
 };
 
+// y[i] = x[i] * s[i] + t[i] over one contiguous run of n elements, with the factors per element
+// (PerElement) or one for the whole run. Works through aligned chunks (the source may be an unaligned view
+// of the model, the destination a position in the output buffer); the inner loops are straight-line and
+// vectorise for float32/float64. Counts the elements that were finite and are not any more.
+template <class Codec, bool PerElement>
+int64_t affine_run(const char* src, char* dst, int64_t n, const double* s, const double* t) {
+  using T = typename Codec::Stored;
+  constexpr int64_t kChunk = 1024;
+  T in[kChunk], out[kChunk];
+  int64_t overflowed = 0;
+  for (int64_t done = 0; done < n; done += kChunk) {
+    const int64_t k = std::min(kChunk, n - done);
+    std::memcpy(in, src + done * sizeof(T), static_cast<size_t>(k) * sizeof(T));
+    const double* sc = PerElement ? s + done : s;
+    const double* sh = t ? (PerElement ? t + done : t) : nullptr;
+    if (sh) {
+      for (int64_t i = 0; i < k; ++i)
+        out[i] = Codec::store(Codec::load(in[i]) * sc[PerElement ? i : 0] + sh[PerElement ? i : 0]);
+    } else {
+      for (int64_t i = 0; i < k; ++i) out[i] = Codec::store(Codec::load(in[i]) * sc[PerElement ? i : 0]);
+    }
+    for (int64_t i = 0; i < k; ++i)
+      overflowed += std::isfinite(Codec::load(in[i])) && !std::isfinite(Codec::load(out[i]));
+    if (dst) std::memcpy(dst + done * sizeof(T), out, static_cast<size_t>(k) * sizeof(T));
+  }
+  return overflowed;
+}
+
 template <class Codec>
 AffineResult affine_typed(std::string_view src, const ChannelAxis& a, const double* scale, const double* shift,
-                          std::string& dst) {
+                          char* dst) {
   using T = typename Codec::Stored;
   AffineResult result;
   const int64_t n = a.element_count();
   if (n < 0 || src.size() != static_cast<size_t>(n) * sizeof(T)) return result;
-  // Copy into typed, aligned storage (src may be an unaligned view of the model buffer).
-  std::vector<T> in(static_cast<size_t>(n)), out(static_cast<size_t>(n));
-  if (n) std::memcpy(in.data(), src.data(), src.size());
-
-  // Contiguous spans with one factor each (inner > 1), or rows whose factor changes per element (inner == 1);
-  // both inner loops are straight-line and vectorise for float32/float64.
-  int64_t base = 0;
+  auto note = [&](int64_t overflowed, int64_t channel) {
+    if (overflowed && result.overflowed == 0) result.first_overflow_channel = channel;
+    result.overflowed += overflowed;
+  };
+  int64_t base = 0;  // element index of the current run
   for (int64_t g = 0; g < a.groups; ++g) {
     const double* s = scale + g * a.channels;
     const double* t = shift ? shift + g * a.channels : nullptr;
     for (int64_t o = 0; o < a.outer; ++o) {
-      if (a.inner == 1) {
-        const T* x = in.data() + base;
-        T* y = out.data() + base;
-        if (t) for (int64_t c = 0; c < a.channels; ++c) y[c] = Codec::store(Codec::load(x[c]) * s[c] + t[c]);
-        else for (int64_t c = 0; c < a.channels; ++c) y[c] = Codec::store(Codec::load(x[c]) * s[c]);
+      if (a.inner == 1) {  // one row of `channels` elements, a factor each
+        const int64_t over = affine_run<Codec, true>(src.data() + base * sizeof(T), dst ? dst + base * sizeof(T) : nullptr,
+                                                     a.channels, s, t);
+        note(over, g * a.channels);
         base += a.channels;
         continue;
       }
-      for (int64_t c = 0; c < a.channels; ++c, base += a.inner) {
-        const T* x = in.data() + base;
-        T* y = out.data() + base;
-        const double f = s[c];
-        if (t) {
-          const double add = t[c];
-          for (int64_t i = 0; i < a.inner; ++i) y[i] = Codec::store(Codec::load(x[i]) * f + add);
-        } else {
-          for (int64_t i = 0; i < a.inner; ++i) y[i] = Codec::store(Codec::load(x[i]) * f);
-        }
+      for (int64_t c = 0; c < a.channels; ++c, base += a.inner) {  // `inner` elements sharing one factor
+        const int64_t over = affine_run<Codec, false>(src.data() + base * sizeof(T),
+                                                      dst ? dst + base * sizeof(T) : nullptr, a.inner, s + c,
+                                                      t ? t + c : nullptr);
+        note(over, g * a.channels + c);
       }
     }
   }
-
-  // Overflow: an element that was finite and is not any more (the fold would change the results).
-  for (int64_t e = 0; e < n; ++e) {
-    if (std::isfinite(Codec::load(in[e])) && !std::isfinite(Codec::load(out[e]))) {
-      if (result.overflowed++ == 0) {
-        const int64_t c = (e / a.inner) % a.channels, g = e / (a.outer * a.channels * a.inner);
-        result.first_overflow_channel = g * a.channels + c;
-      }
-    }
-  }
-  dst.assign(reinterpret_cast<const char*>(out.data()), out.size() * sizeof(T));
   result.ok = true;
   return result;
 }
@@ -131,6 +141,12 @@ std::optional<std::string> store_typed(const std::vector<double>& values) {
 
 AffineResult affine_channels(int32_t data_type, std::string_view src, const ChannelAxis& axis, const double* scale,
                              const double* shift, std::string& dst) {
+  dst.resize(src.size());
+  return affine_channels(data_type, src, axis, scale, shift, dst.data());
+}
+
+AffineResult affine_channels(int32_t data_type, std::string_view src, const ChannelAxis& axis, const double* scale,
+                             const double* shift, char* dst) {
   if (axis.groups < 1 || axis.outer < 0 || axis.channels < 0 || axis.inner < 1) return {};
   switch (static_cast<DataType>(data_type)) {
     case DataType::Float: return affine_typed<Float32>(src, axis, scale, shift, dst);

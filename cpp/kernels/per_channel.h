@@ -38,8 +38,14 @@ struct AffineResult {
 };
 
 // dst = src * scale[ch] + shift[ch] for every element (shift may be null: no shift). `src` holds
-// axis.element_count() elements of `data_type` in raw_data layout (any alignment); `dst` is overwritten with
-// the result in the same layout. scale and shift hold axis.channel_count() values.
+// axis.element_count() elements of `data_type` in raw_data layout; `dst` receives src.size() bytes in the
+// same layout (both any alignment, e.g. straight into an output buffer). dst == nullptr only checks: the
+// result tells whether the values would overflow, and nothing is written. scale and shift hold
+// axis.channel_count() values.
+AffineResult affine_channels(int32_t data_type, std::string_view src, const ChannelAxis& axis, const double* scale,
+                             const double* shift, char* dst);
+
+// The same into a string (resized to src.size()).
 AffineResult affine_channels(int32_t data_type, std::string_view src, const ChannelAxis& axis, const double* scale,
                              const double* shift, std::string& dst);
 
