@@ -767,3 +767,16 @@ def test_conv_with_attributes_no_runtime_accepts_keeps_bn(attrs):
     del conv.attribute[:]
     conv.attribute.extend(kept + [helper.make_attribute(k, v) for k, v in attrs.items()])
     assert_kept(model, "malformed-layer")
+
+
+@pytest.mark.parametrize("elements", [3, 40])
+def test_weight_stored_in_typed_float_data_fields(elements):
+    # float_data instead of raw_data, small enough (12 bytes) to live inside a std::string object
+    model = conv_bn_model(bias=True, rank=1, cin=1, cout=elements)
+    w = model.graph.initializer[0]
+    values = numpy_helper.to_array(w)[:, :, :1].copy()  # kernel 1: 3 weights = 12 bytes
+    model.graph.node[0].ClearField("attribute")
+    typed = helper.make_tensor("W", F32, list(values.shape), values.flatten().tolist(), raw=False)
+    assert not typed.raw_data
+    w.CopyFrom(typed)
+    assert_folded(model)
