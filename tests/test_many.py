@@ -97,16 +97,25 @@ def test_jobs_give_the_same_bytes_as_one_job(zoo, tmp_path):
 
 def test_jobs_run_models_at_the_same_time(zoo, tmp_path, monkeypatch):
     # Each fold waits at a barrier for a second one: this only gets through if two run concurrently.
-    barrier = threading.Barrier(2, timeout=30)
-    real_fold = qdqfold.batch.fold_bytes
+    # (_fold_file is the one function every model file goes through.)
+    barrier = threading.Barrier(2, timeout=20)
+    real_fold = qdqfold.batch._fold_file
+    calls = []
 
-    def fold_in_pairs(data, **options):
+    def fold_in_pairs(*args, **kwargs):
+        calls.append(args[0])
         barrier.wait()
-        return real_fold(data, **options)
+        return real_fold(*args, **kwargs)
 
-    monkeypatch.setattr(qdqfold.batch, "fold_bytes", fold_in_pairs)
+    monkeypatch.setattr(qdqfold.batch, "_fold_file", fold_in_pairs)
     assert main([str(zoo), "-o", str(tmp_path / "out"), "--jobs", "2", "-q"]) == EXIT_OK
-    assert _relative_models(tmp_path / "out") == set(LAYOUT)
+    assert len(calls) == len(LAYOUT) and _relative_models(tmp_path / "out") == set(LAYOUT)
+    # One job at a time cannot pass the barrier: the first model fails (and the run says so), proving the
+    # check above measured concurrency.
+    barrier.reset()
+    barrier_one = threading.Barrier(2, timeout=1)
+    monkeypatch.setattr(barrier, "wait", barrier_one.wait)
+    assert main([str(zoo), "-o", str(tmp_path / "one"), "--jobs", "1", "-q"]) == EXIT_FAILED
 
 
 def test_output_directory_inside_the_input_is_not_read_back(zoo):
