@@ -834,7 +834,29 @@ def test_mismatched_q_and_dq_are_kept():
 def test_old_opset_per_tensor_is_kept():
     case = Case(per_channel=False, opset=10)
     case.model.ir_version = 7
-    r = assert_kept(case, "opset-too-old", "opset >= 13")
+    r = assert_kept(case, "opset-too-old", "opset >= 13", "allow_opset_upgrade")
+
+
+@pytest.mark.parametrize("form", ["int", "qat"])
+def test_old_opset_raised_to_13_on_request(form):
+    case = Case(per_channel=False, opset=10, form=form, bias="float", out_quant=True)
+    case.model.ir_version = 7
+    out, r = fold_and_check(case, allow_opset_upgrade=True)
+    m = onnx.load_from_string(out)
+    assert [(o.domain, o.version) for o in m.opset_import] == [("", 13)]
+    assert "opset was raised to 13" in r["message"]
+    f = assert_folded_weight(case, out)
+    assert f["axis"] == 0 and f["scale"].shape == (6,)
+
+
+def test_old_opset_with_an_op_that_changed_is_not_raised():
+    case = Case(per_channel=False, opset=10)
+    case.model.ir_version = 7
+    m = case.model
+    out = next(o for o in m.graph.output if o.name == "out")
+    m.graph.node.append(h.make_node("Softmax", ["out"], ["soft"], name="softmax", axis=1))
+    out.name = "soft"
+    assert_kept(case, "opset-too-old", "Softmax", allow_opset_upgrade=True)
 
 
 def test_old_opset_per_tensor_with_equal_factors_folds():

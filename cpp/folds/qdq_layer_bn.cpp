@@ -20,6 +20,7 @@
 // pair and folds; the report marks the fold approximate.
 #include <cmath>
 #include <limits>
+#include <unordered_set>
 
 #include "../kernels/per_channel.h"
 #include "backward.h"
@@ -67,6 +68,36 @@ std::optional<double> channel_scale(const QuantLayout& l, const std::vector<doub
   if (l.per_tensor()) return scale[0];
   if (l.block_size > 0 || l.axis != wl.out_axis) return std::nullopt;
   return scale[static_cast<size_t>(wl.p_is_output ? o : o % wl.Q)];
+}
+
+// allow_opset_upgrade: a per-tensor scale needs DequantizeLinear's `axis` (opset 13) to become per-channel.
+// Raising the default-domain opset of a whole model is safe only when every op in it means at 13 what it
+// meant before; these did not change between opset 10 and 13 beyond new types and optional inputs (Clip,
+// Pad, Resize, Split, Squeeze, Unsqueeze, ReduceSum, Softmax and friends did, so a model with them stays).
+bool can_raise_opset_to_13(graph::Model& m, std::string& why) {
+  static const std::unordered_set<std::string> unchanged = {
+      "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "PRelu",
+      "Sigmoid", "Tanh", "HardSigmoid", "Elu", "Selu", "Softplus", "Softsign", "Exp", "Log", "Sqrt", "Abs", "Neg",
+      "Pow", "Floor", "Ceil", "Erf", "Sign", "BatchNormalization", "InstanceNormalization", "QuantizeLinear",
+      "DequantizeLinear", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape",
+      "Concat", "Transpose", "Identity", "Constant", "Shape", "Size", "Gather", "Cast", "Sum", "Mean", "Max", "Min",
+      "Equal", "Less", "Greater", "Where", "Not", "And", "Or", "Expand", "Tile", "ConstantOfShape", "MatMulInteger",
+      "ConvInteger", "QLinearConv", "QLinearMatMul", "LRN"};
+  if (m.ir_version < 7) {
+    why = "its IR version " + std::to_string(m.ir_version) + " predates opset 13";
+    return false;
+  }
+  if (!m.functions.empty()) {
+    why = "it has model-local functions with their own opset imports";
+    return false;
+  }
+  for (Graph* g : m.all_graphs())
+    for (const Node& n : g->nodes)
+      if (!n.removed && (n.domain.empty() || n.domain == "ai.onnx") && !unchanged.count(n.op_type)) {
+        why = "it uses " + n.op_type + ", whose definition changed by opset 13";
+        return false;
+      }
+  return true;
 }
 
 // How the other quantized layers of the graph carry their bias: int32 behind DequantizeLinear, float, or
@@ -124,7 +155,7 @@ std::optional<Outcome> requantize(const std::vector<double>& target, BiasPlan& p
 
 std::variant<BiasPlan, Outcome> plan_bias(FoldContext& ctx, int layer, const WeightLayout& wl, const QuantizedWeight& w,
                                           const RescaledWeight& r, const BatchNormAffine& bn, double beta,
-                                          const std::string& who) {
+                                          bool raising_opset, const std::string& who) {
   Graph& g = ctx.graph;
   const Node& n = g.nodes[layer];
   const auto M = static_cast<size_t>(wl.out_channels);
@@ -194,7 +225,7 @@ std::variant<BiasPlan, Outcome> plan_bias(FoldContext& ctx, int layer, const Wei
     plan.data_type = bs->tensor.data_type;
     plan.dims = {static_cast<int64_t>(M)};
     plan.promote = sv->size() == 1 && M > 1;
-    const bool axis_ok = bd.domain == "com.microsoft" || g.opset("") >= 13;
+    const bool axis_ok = bd.domain == "com.microsoft" || g.opset("") >= 13 || raising_opset;
     if (plan.promote && !axis_ok)
       return Outcome::kept("opset-too-old", "the per-tensor scale of the int32 bias of " + who +
                                                 " must become per-channel, which needs opset >= 13");
@@ -333,7 +364,7 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
   const BatchNormAffine& affine = std::get<BatchNormAffine>(affine_or);
   auto weight_or = read_quantized_weight(g, wdq, layer);
   if (auto* o = std::get_if<Outcome>(&weight_or)) return *o;
-  const QuantizedWeight& weight = std::get<QuantizedWeight>(weight_or);
+  QuantizedWeight& weight = std::get<QuantizedWeight>(weight_or);
   std::string why;
   auto wl = weight_layout(ln, weight.dims, why);
   if (!wl) return Outcome::kept("unsupported-layer", who + ": " + why);
@@ -349,9 +380,24 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
 
   const bool materialize = weight.qat() && ctx.options.materialize_quantized_weights;
   auto rescaled_or = rescale_quantized_weight(weight, *wl, affine.scale, ctx.options, weight.qat() && !materialize, who);
+  bool raising_opset = false;
+  if (auto* o = std::get_if<Outcome>(&rescaled_or); o && o->code == "opset-too-old") {
+    std::string blocker;
+    if (!ctx.options.allow_opset_upgrade) {
+      o->message += "; allow_opset_upgrade=True raises the model's opset to 13 where that is safe";
+      return *o;
+    }
+    if (!can_raise_opset_to_13(ctx.model, blocker)) {
+      o->message += "; allow_opset_upgrade cannot raise it: " + blocker;
+      return *o;
+    }
+    weight.axis_supported = true;  // once the model is at opset 13
+    raising_opset = true;
+    rescaled_or = rescale_quantized_weight(weight, *wl, affine.scale, ctx.options, weight.qat() && !materialize, who);
+  }
   if (auto* o = std::get_if<Outcome>(&rescaled_or)) return *o;
   const RescaledWeight& rescaled = std::get<RescaledWeight>(rescaled_or);
-  auto bias_or = plan_bias(ctx, layer, *wl, weight, rescaled, affine, beta, who);
+  auto bias_or = plan_bias(ctx, layer, *wl, weight, rescaled, affine, beta, raising_opset, who);
   if (auto* o = std::get_if<Outcome>(&bias_or)) return *o;
   const BiasPlan& bias = std::get<BiasPlan>(bias_or);
 
@@ -371,6 +417,10 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
                               : "") +
                 (bias.kind == BiasPlan::Int32Existing || bias.kind == BiasPlan::Int32New ? ", int32 bias re-quantized"
                                                                                           : "");
+  if (raising_opset) {
+    ctx.model.raise_opset("", 13);
+    out.message += "; the model's opset was raised to 13 for the per-channel axis";
+  }
   const std::string layer_output = ln.outputs[0];  // nodes may move once edits add nodes
   write_quantized_weight(ctx, weight, rescaled, materialize, out);
   write_bias(ctx, layer, wdq, bias, out);

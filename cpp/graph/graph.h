@@ -198,6 +198,13 @@ class Model {
   std::vector<FieldRef> fields;
   int64_t ir_version = 0;
   std::map<std::string, int64_t> opsets;
+  // Opset versions a fold raised (domain "" is the default domain); the writer rewrites those opset_import
+  // entries. raise_opset also updates `opsets`, so later queries see the new version.
+  std::map<std::string, int64_t> raised_opsets;
+  void raise_opset(const std::string& domain, int64_t version) {
+    opsets[domain] = version;
+    raised_opsets[domain] = version;
+  }
   std::unique_ptr<Graph> graph;
   std::vector<std::unique_ptr<Graph>> functions;
 

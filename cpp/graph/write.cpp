@@ -262,6 +262,25 @@ struct Writer {
     return out;
   }
 
+  // Writes an opset_import entry whose domain a fold raised, with the new version; false for other domains.
+  bool raised_opset(Pieces& out, const Model& m, std::string_view whole) {
+    Reader outer(whole, whole.data());
+    const Field entry = outer.next("opset_import");
+    std::string domain;
+    Reader r(entry.bytes, whole.data());
+    while (!r.done()) {
+      Field f = r.next("opset_import");
+      if (f.number == num(OpsetField::Domain) && f.type == WireType::Bytes) domain = std::string(f.bytes);
+    }
+    auto it = m.raised_opsets.find(domain == "ai.onnx" ? "" : domain);
+    if (it == m.raised_opsets.end()) return false;
+    std::string payload;
+    if (!domain.empty()) put_bytes_field(payload, num(OpsetField::Domain), domain);
+    put_varint_field(payload, num(OpsetField::Version), static_cast<uint64_t>(it->second));
+    owned_string(out, num(ModelField::OpsetImport), std::move(payload));
+    return true;
+  }
+
   Pieces model(Model& m) {
     Pieces out;
     for (const auto& f : m.fields) {
@@ -269,6 +288,8 @@ struct Writer {
         message(out, f.number, graph(*m.graph));
       } else if (f.number == num(ModelField::Functions) && f.index >= 0 && m.functions[f.index]->dirty) {
         message(out, f.number, graph(*m.functions[f.index]));
+      } else if (f.number == num(ModelField::OpsetImport) && !m.raised_opsets.empty() && raised_opset(out, m, f.whole)) {
+        // rewritten with the raised version
       } else {
         out.view(f.whole);
       }
