@@ -938,3 +938,45 @@ def test_deployability(kwargs):
     assert after >= before
     if kwargs["layer"] == "Conv" and kwargs["form"] == "int":
         assert after >= 1, "with BN gone, DQ -> Conv -> Q becomes one QLinearConv"
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("form", ["int", "qat"])
+@pytest.mark.parametrize("opset", [13, 21])
+def test_odd_quantization_parameters_keep_or_fold_exactly(form, opset):
+    """Axes out of range, block sizes where there are none, scales and zero points of every wrong shape: never a
+    crash; the BN is kept with a reason, or folded only where onnxruntime runs the original and agrees."""
+    seen = collections.Counter()
+    for axis, block, scale_shape, zero in [(ax, b, s, z) for ax in (None, -5, -1, 0, 3, 7) for b in (None, -1, 0, 3)
+                                           for s in ([], [1], [6], [5], [6, 3, 3, 3], [0])
+                                           for z in ("same", "scalar", "none")]:
+        case = Case(form=form, opset=opset)
+        m = case.model
+        qdq = [n for n in m.graph.node if n.name in ("w_DQ", "w_Q")]
+        for n in qdq:
+            del n.attribute[:]
+            if axis is not None:
+                n.attribute.append(h.make_attribute("axis", axis))
+            if block is not None:
+                n.attribute.append(h.make_attribute("block_size", block))
+        for init in list(m.graph.initializer):
+            if init.name == "w_scale":
+                init.CopyFrom(nh.from_array(np.full(scale_shape, 0.02, np.float32), "w_scale"))
+            elif init.name == "w_zero" and zero == "none":
+                m.graph.initializer.remove(init)
+                for n in qdq:
+                    del n.input[2]
+            elif init.name == "w_zero":
+                init.CopyFrom(nh.from_array(np.zeros(scale_shape if zero == "same" else [], np.int8), "w_zero"))
+        out, records = fold(case.bytes)
+        r = records["bn"]
+        seen[r["code"]] += 1
+        if not r["folded"]:
+            assert r["code"] in ("malformed-quantization", "negation-overflow"), r
+            assert out == case.bytes
+            continue
+        run(case.model, random_inputs(case.model))  # the original is valid
+        assert_same(case, out, r)
+    assert seen["qdq-layer-bn"] > 0 and seen["malformed-quantization"] > 0

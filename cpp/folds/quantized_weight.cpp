@@ -194,6 +194,11 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
   const auto& sdims = scale.ref->tensor.dims;
   w.layout.scale_dims = sdims;
   w.layout.block_size = d.attr_int("block_size", 0);
+  if (w.layout.block_size < 0 || (d.attr("block_size") && !ms_domain && opset < 21))
+    return malformed(who, "block_size=" + std::to_string(w.layout.block_size) + " is not valid at opset " +
+                              std::to_string(opset));
+  if (const graph::Attribute* axis = d.attr("axis"); axis && (axis->i < -rank || axis->i >= rank))
+    return malformed(who, "its axis attribute " + std::to_string(axis->i) + " is out of range");
   if (w.scale.size() == 1 && w.layout.block_size == 0) {
     w.layout.axis = -1;
   } else {
