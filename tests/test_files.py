@@ -103,3 +103,38 @@ def test_external_data_shorter_than_declared(tmp_path):
         f.truncate(100)
     with pytest.raises(qdqfold_native.FoldError, match="runs past the end of the file"):
         qdqfold_native.fold_file(tmp_path / "m.onnx", tmp_path / "out.onnx")
+
+
+def _layer_bn(op: str, weight: np.ndarray, x_shape: list[int], rng, **attrs) -> onnx.ModelProto:
+    channels = weight.shape[1] * attrs.get("group", 1) if op == "ConvTranspose" else weight.shape[0]
+    if op == "Gemm":
+        channels = weight.shape[0] if attrs.get("transB") else weight.shape[1]
+    inits = [numpy_helper.from_array(weight, "w"),
+             numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), "beta"),
+             numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), "mean"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, channels).astype(np.float32), "var")]
+    nodes = [helper.make_node(op, ["x", "w"], ["c"], **attrs),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("op, weight_shape, x_shape, attrs", [
+    ("Gemm", (2600, 1024), [1, 1024], {"transB": 1}),            # 10.6 MB, per-row factors
+    ("Gemm", (1024, 2600), [1, 1024], {}),                        # per-column factors: one factor per element
+    ("Conv", (256, 64, 13, 13), [1, 256, 13, 13], {"group": 4}),  # 11 MB, grouped
+    ("ConvTranspose", (512, 32, 13, 13), [1, 512, 2, 2], {"group": 4}),
+])
+def test_weights_larger_than_a_write_chunk_fold_identically_to_and_from_files(tmp_path, op, weight_shape, x_shape,
+                                                                               attrs):
+    """fold_file writes generated weights 8 MB at a time; the bytes must equal fold() on the whole buffer."""
+    rng = np.random.default_rng(1)
+    model = _layer_bn(op, rng.standard_normal(weight_shape).astype(np.float32), x_shape, rng, **attrs)
+    data = model.SerializeToString()
+    (tmp_path / "m.onnx").write_bytes(data)
+    report = qdqfold_native.fold_file(tmp_path / "m.onnx", tmp_path / "out.onnx")
+    assert [b["folded"] for b in report["batchnorms"]] == [True]
+    assert (tmp_path / "out.onnx").read_bytes() == qdqfold_native.fold(data)
+    assert_same_outputs(model, (tmp_path / "out.onnx").read_bytes())

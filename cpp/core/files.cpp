@@ -6,7 +6,9 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <vector>
@@ -176,14 +178,32 @@ class OutputFile {
   bool committed_ = false;
 };
 
+// Generated data goes through a buffer of this size at most, when its generator can produce ranges: the
+// process never holds a whole folded weight.
+constexpr size_t kChunk = size_t(8) << 20;
+
+void write_generated(const std::function<void(char*)>& whole, const std::function<void(char*, size_t, size_t)>& range,
+                     size_t size, std::string& buffer, OutputFile& out) {
+  if (!range) {
+    buffer.resize(size);
+    whole(buffer.data());
+    out.write(buffer.data(), size);
+    return;
+  }
+  buffer.resize(std::min(size, kChunk));
+  for (size_t begin = 0; begin < size; begin += kChunk) {
+    const size_t end = std::min(size, begin + kChunk);
+    range(buffer.data(), begin, end);
+    out.write(buffer.data(), end - begin);
+  }
+}
+
 // Writes pieces in order: views of the input file are copied file to file, everything else is written.
 void write_pieces(const wire::Pieces& pieces, const MappedFile& input, OutputFile& out) {
   std::string buffer;
   for (const auto& p : pieces.list()) {
     if (p.generate) {
-      buffer.resize(p.size);
-      p.generate(buffer.data());
-      out.write(buffer.data(), p.size);
+      write_generated(p.generate, p.generate_range, p.size, buffer, out);
     } else if (input.contains(p.data)) {
       out.copy_from(input, input.offset_of(p.data), p.size);
     } else {
@@ -217,7 +237,14 @@ Report fold_file(const std::string& src, const std::string& dst, const Options& 
     std::string buffer;
     for (const auto& w : external.overwrites) {
       if (w.location != external.location_out[location]) continue;
-      if (w.lazy) {
+      if (w.lazy && w.lazy->fill_range) {
+        for (size_t begin = 0; begin < w.lazy->size; begin += kChunk) {
+          const size_t end = std::min(w.lazy->size, begin + kChunk);
+          buffer.resize(end - begin);
+          w.lazy->fill_range(buffer.data(), begin, end);
+          out->pwrite_all(buffer.data(), buffer.size(), w.offset + static_cast<int64_t>(begin));
+        }
+      } else if (w.lazy) {
         buffer.resize(w.lazy->size);
         w.lazy->fill(buffer.data());
         out->pwrite_all(buffer.data(), buffer.size(), w.offset);

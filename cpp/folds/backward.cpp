@@ -1,5 +1,6 @@
 #include "backward.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "../kernels/per_channel.h"
@@ -106,6 +107,12 @@ std::variant<graph::LazyBytes, Outcome> rescale_weight(FoldContext& ctx, const F
   data.size = src.size();
   data.fill = [owner, src, dtype, axis, scale](char* dst) {
     kernels::affine_channels(dtype, src, axis, scale.data(), nullptr, dst);
+  };
+  // Chunks are cut on element boundaries by the file writer's chunk size (a multiple of every element size).
+  const size_t element = src.size() / static_cast<size_t>(std::max<int64_t>(axis.element_count(), 1));
+  data.fill_range = [owner, src, dtype, axis, scale, element](char* dst, size_t begin, size_t end) {
+    kernels::affine_channels(dtype, src, axis, scale.data(), nullptr, dst, static_cast<int64_t>(begin / element),
+                             static_cast<int64_t>(end / element));
   };
   return data;
 }

@@ -46,6 +46,8 @@ class ExternalResolver {
 struct LazyBytes {
   size_t size = 0;
   std::function<void(char* dst)> fill;
+  // Optional: writes bytes [begin, end) to dst, so a file can be written a chunk at a time.
+  std::function<void(char* dst, size_t begin, size_t end)> fill_range;
 };
 
 struct Tensor {

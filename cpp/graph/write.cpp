@@ -167,7 +167,9 @@ struct Writer {
     out.view(arena.keep(bytes_header(field, header.size() + raw_header.size() + data->size)));
     out.view(header);
     out.view(arena.keep(std::move(raw_header)));
-    out.generated(data->size, [data](char* dst) { data->fill(dst); });
+    std::function<void(char*, size_t, size_t)> range;
+    if (data->fill_range) range = [data](char* dst, size_t begin, size_t end) { data->fill_range(dst, begin, end); };
+    out.generated(data->size, [data](char* dst) { data->fill(dst); }, std::move(range));
   }
 
   // File mode, for an initializer whose data was external: the data files are copied, so unchanged data stays

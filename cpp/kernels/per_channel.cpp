@@ -91,35 +91,47 @@ int64_t affine_run(const char* src, char* dst, int64_t n, const double* s, const
   return overflowed;
 }
 
+// Elements [first, last) of the tensor (all of it by default); dst receives them from its start.
 template <class Codec>
 AffineResult affine_typed(std::string_view src, const ChannelAxis& a, const double* scale, const double* shift,
-                          char* dst) {
+                          char* dst, int64_t first, int64_t last) {
   using T = typename Codec::Stored;
   AffineResult result;
   const int64_t n = a.element_count();
   if (n < 0 || src.size() != static_cast<size_t>(n) * sizeof(T)) return result;
+  if (last < 0) last = n;
+  if (first < 0 || first > last || last > n) return result;
   auto note = [&](int64_t overflowed, int64_t channel) {
     if (overflowed && result.overflowed == 0) result.first_overflow_channel = channel;
     result.overflowed += overflowed;
   };
-  int64_t base = 0;  // element index of the current run
-  for (int64_t g = 0; g < a.groups; ++g) {
+  // One run of `len` elements starting at element `base`, clipped to [first, last).
+  auto run = [&](int64_t base, int64_t len, const double* s, const double* t, int64_t channel, bool per_element) {
+    const int64_t from = std::max(base, first), to = std::min(base + len, last);
+    if (from >= to) return;
+    const char* in = src.data() + from * sizeof(T);
+    char* out = dst ? dst + (from - first) * sizeof(T) : nullptr;
+    const int64_t skip = from - base;
+    const int64_t over = per_element ? affine_run<Codec, true>(in, out, to - from, s + skip, t ? t + skip : nullptr)
+                                     : affine_run<Codec, false>(in, out, to - from, s, t);
+    note(over, channel + (per_element ? skip : 0));
+  };
+  const int64_t group_size = a.outer * a.channels * a.inner;
+  for (int64_t g = first / std::max<int64_t>(group_size, 1); g < a.groups; ++g) {
     const double* s = scale + g * a.channels;
     const double* t = shift ? shift + g * a.channels : nullptr;
-    for (int64_t o = 0; o < a.outer; ++o) {
+    const int64_t row = a.channels * a.inner;
+    int64_t base = g * group_size;
+    if (base >= last) break;
+    for (int64_t o = 0; o < a.outer; ++o, base += row) {
+      if (base + row <= first) continue;
+      if (base >= last) break;
       if (a.inner == 1) {  // one row of `channels` elements, a factor each
-        const int64_t over = affine_run<Codec, true>(src.data() + base * sizeof(T), dst ? dst + base * sizeof(T) : nullptr,
-                                                     a.channels, s, t);
-        note(over, g * a.channels);
-        base += a.channels;
+        run(base, a.channels, s, t, g * a.channels, true);
         continue;
       }
-      for (int64_t c = 0; c < a.channels; ++c, base += a.inner) {  // `inner` elements sharing one factor
-        const int64_t over = affine_run<Codec, false>(src.data() + base * sizeof(T),
-                                                      dst ? dst + base * sizeof(T) : nullptr, a.inner, s + c,
-                                                      t ? t + c : nullptr);
-        note(over, g * a.channels + c);
-      }
+      for (int64_t c = 0; c < a.channels; ++c)  // `inner` elements sharing one factor
+        run(base + c * a.inner, a.inner, s + c, t ? t + c : nullptr, g * a.channels + c, false);
     }
   }
   result.ok = true;
@@ -146,13 +158,13 @@ AffineResult affine_channels(int32_t data_type, std::string_view src, const Chan
 }
 
 AffineResult affine_channels(int32_t data_type, std::string_view src, const ChannelAxis& axis, const double* scale,
-                             const double* shift, char* dst) {
+                             const double* shift, char* dst, int64_t first, int64_t last) {
   if (axis.groups < 1 || axis.outer < 0 || axis.channels < 0 || axis.inner < 1) return {};
   switch (static_cast<DataType>(data_type)) {
-    case DataType::Float: return affine_typed<Float32>(src, axis, scale, shift, dst);
-    case DataType::Double: return affine_typed<Float64>(src, axis, scale, shift, dst);
-    case DataType::Float16: return affine_typed<Float16>(src, axis, scale, shift, dst);
-    case DataType::Bfloat16: return affine_typed<Bfloat16>(src, axis, scale, shift, dst);
+    case DataType::Float: return affine_typed<Float32>(src, axis, scale, shift, dst, first, last);
+    case DataType::Double: return affine_typed<Float64>(src, axis, scale, shift, dst, first, last);
+    case DataType::Float16: return affine_typed<Float16>(src, axis, scale, shift, dst, first, last);
+    case DataType::Bfloat16: return affine_typed<Bfloat16>(src, axis, scale, shift, dst, first, last);
     default: return {};
   }
 }

@@ -41,9 +41,10 @@ struct AffineResult {
 // axis.element_count() elements of `data_type` in raw_data layout; `dst` receives src.size() bytes in the
 // same layout (both any alignment, e.g. straight into an output buffer). dst == nullptr only checks: the
 // result tells whether the values would overflow, and nothing is written. scale and shift hold
-// axis.channel_count() values.
+// axis.channel_count() values. With an element range [first, last) only those elements are computed, and
+// dst receives them from its start (a chunk of the output at a time); last = -1 means the end.
 AffineResult affine_channels(int32_t data_type, std::string_view src, const ChannelAxis& axis, const double* scale,
-                             const double* shift, char* dst);
+                             const double* shift, char* dst, int64_t first = 0, int64_t last = -1);
 
 // The same into a string (resized to src.size()).
 AffineResult affine_channels(int32_t data_type, std::string_view src, const ChannelAxis& axis, const double* scale,

@@ -19,6 +19,7 @@ struct Piece {
   const char* data = nullptr;                // view or owned bytes (owned ones live in Output::arena_)
   size_t size = 0;
   std::function<void(char*)> generate;       // set instead of data: writes exactly `size` bytes
+  std::function<void(char*, size_t, size_t)> generate_range;  // optional: bytes [begin, end) only
 };
 
 class Pieces {
@@ -33,14 +34,14 @@ class Pieces {
     }
     size_ += bytes.size();
   }
-  void generated(size_t n, std::function<void(char*)> gen) {
+  void generated(size_t n, std::function<void(char*)> gen, std::function<void(char*, size_t, size_t)> range = {}) {
     if (n == 0) return;
-    list_.push_back(Piece{nullptr, n, std::move(gen)});
+    list_.push_back(Piece{nullptr, n, std::move(gen), std::move(range)});
     size_ += n;
   }
   void append(const Pieces& other) {
     for (const Piece& p : other.list_) {
-      if (p.generate) generated(p.size, p.generate);
+      if (p.generate) generated(p.size, p.generate, p.generate_range);
       else view(std::string_view(p.data, p.size));
     }
   }
