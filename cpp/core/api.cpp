@@ -68,6 +68,7 @@ Report run_folds(graph::Model& model, const Options& options) {
         }
         if (o.verdict == folds::Verdict::Kept && p.chosen.verdict == folds::Verdict::NotApplicable) p.chosen = std::move(o);
       }
+      if (model.after_each_fold) model.after_each_fold();
     }
   }
   Report report;

@@ -63,6 +63,11 @@ class MappedFile {
   MappedFile& operator=(const MappedFile&) = delete;
 
   std::string_view view() const { return {data_ ? data_ : "", size_}; }
+  // Gives back the resident pages of the mapping: they stay in the page cache, and a later read maps them
+  // again, but this process's memory does not grow with every weight it reads.
+  void drop_resident() const {
+    if (data_) madvise(const_cast<char*>(data_), size_, MADV_DONTNEED);
+  }
   bool contains(const char* p) const { return data_ && p >= data_ && p < data_ + size_; }
   int64_t offset_of(const char* p) const { return p - data_; }
   int fd() const { return fd_; }
@@ -105,6 +110,9 @@ class FileResolver : public graph::ExternalResolver {
   }
 
   const std::map<std::string, std::unique_ptr<MappedFile>>& files() const { return files_; }
+  void drop_resident() const {
+    for (const auto& [location, file] : files_) file->drop_resident();
+  }
 
  private:
   std::string directory_;
@@ -204,6 +212,7 @@ void write_pieces(const wire::Pieces& pieces, const MappedFile& input, OutputFil
   for (const auto& p : pieces.list()) {
     if (p.generate) {
       write_generated(p.generate, p.generate_range, p.size, buffer, out);
+      input.drop_resident();  // the generator read its source from the mapping
     } else if (input.contains(p.data)) {
       out.copy_from(input, input.offset_of(p.data), p.size);
     } else {
@@ -220,6 +229,10 @@ Report fold_file(const std::string& src, const std::string& dst, const Options& 
   graph::ExternalOutput external;
   auto plan = std::make_unique<FoldPlan>();
   plan->model = graph::parse_model(input.view(), &resolver);
+  plan->model->after_each_fold = [&] {
+    input.drop_resident();
+    resolver.drop_resident();
+  };
   plan->report = run_folds(*plan->model, options);
 
   // External data files are copied beside the output under the same names, unless the output sits in the
@@ -235,6 +248,7 @@ Report fold_file(const std::string& src, const std::string& dst, const Options& 
     auto out = std::make_unique<OutputFile>(directory_of(dst) + "/" + external.location_out[location]);
     out->copy_from(*file, 0, file->view().size());
     std::string buffer;
+    file->drop_resident();
     for (const auto& w : external.overwrites) {
       if (w.location != external.location_out[location]) continue;
       if (w.lazy && w.lazy->fill_range) {

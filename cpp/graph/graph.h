@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -190,6 +191,9 @@ class Model {
   std::string_view buffer;
   ExternalResolver* external = nullptr;         // maps external data (file mode); null for bytes in memory
   ExternalOutput* external_output = nullptr;    // file mode: how external data is written
+  // File mode: called after each BatchNormalization is dealt with, so the file writer can give back the
+  // pages of the mapped input that the fold read (they stay in the page cache).
+  std::function<void()> after_each_fold;
   struct FieldRef {
     uint32_t number;
     std::string_view whole;
