@@ -287,6 +287,17 @@ def test_gemm_bn_honours_alpha_beta_and_every_c_shape(trans_b, alpha, beta, c_sh
     assert list(c.dims)[-1] == 8  # widened along the features where it broadcast
 
 
+@pytest.mark.parametrize("beta", [0.5, 0.0])
+def test_gemm_bn_bn_chain_sees_the_beta_the_first_fold_wrote(beta):
+    # The first fold rewrites C and sets beta = 1; the second must fold against that beta, not the old one.
+    model = gemm_model(beta=beta, c_shape=(8,))
+    model.graph.node[1].output[0] = "z1"
+    model.graph.node.append(bn_node("z1", "z", "bn2"))
+    model.graph.initializer.extend(bn_params("bn2", 8))
+    folded, _ = assert_folded(model, expect_codes=["gemm-bn", "gemm-bn"])
+    assert op_types(folded) == ["Gemm"]
+
+
 def test_gemm_trans_a_is_kept_with_a_reason():
     model = gemm_model(trans_b=1)
     model.graph.node[0].attribute.append(helper.make_attribute("transA", 1))

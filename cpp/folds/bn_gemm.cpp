@@ -9,7 +9,6 @@
 //   d[o]     = alpha * sum over f of B[f, o] * t[f / HW]                       (double, rounded once)
 //   C'       = beta * C + d  (broadcast to [.., N]), and beta' = 1
 // Exact: a Gemm has no padding. A BN read directly by a Gemm (2-D input) is the case HW = 1.
-#include <cstring>
 
 #include "forward.h"
 #include "padding_correction.h"
@@ -81,16 +80,6 @@ std::variant<int64_t, Outcome> features_per_channel(FoldContext& ctx, int bn, co
   return Outcome::kept("unsupported-reshape", how + " reshapes to [" + std::to_string(static_cast<int64_t>(rows)) +
                                                   ", " + std::to_string(static_cast<int64_t>(cols)) +
                                                   "], which is not known to keep one sample per row");
-}
-
-std::string float_attribute(const char* name, float value) {
-  std::string a;
-  wire::put_bytes_field(a, wire::num(wire::AttributeField::Name), name);
-  uint32_t bits;
-  std::memcpy(&bits, &value, 4);
-  wire::put_fixed32_field(a, wire::num(wire::AttributeField::F), bits);
-  wire::put_varint_field(a, wire::num(wire::AttributeField::Type), static_cast<uint64_t>(wire::AttributeType::Float));
-  return a;
 }
 
 }  // namespace
@@ -167,7 +156,7 @@ PlanOrKept plan_bn_gemm(FoldContext& ctx, int bn, const BatchNormAffine& affine,
     }
     write_layer_input(ctx, layer, 2, dtype, bias_dims, *bias_raw,
                       ctx.graph.nodes[layer].display_name(layer) + "_bias", outcome);
-    if (beta != 1.0) ctx.graph.set_attribute(layer, "beta", float_attribute("beta", 1.0f));
+    if (beta != 1.0) ctx.graph.set_float_attribute(layer, "beta", 1.0f);
   };
   return plan;
 }

@@ -15,7 +15,6 @@
 // is L, not the MatMul's feature axis, and the BN is kept. A MatMul without a bias becomes a Gemm (its input
 // is 2-D, so Gemm computes the same product and carries the bias). A weight produced by DequantizeLinear is
 // the QDQ fold's pattern: not applicable here.
-#include <cstring>
 
 #include "../wire/fields.h"
 #include "../wire/writer.h"
@@ -28,24 +27,6 @@ namespace {
 
 using graph::Graph;
 using graph::Node;
-
-std::string float_attribute(const std::string& name, float value) {
-  std::string a;
-  uint32_t bits;
-  std::memcpy(&bits, &value, 4);
-  wire::put_bytes_field(a, wire::num(wire::AttributeField::Name), name);
-  wire::put_fixed32_field(a, wire::num(wire::AttributeField::F), bits);
-  wire::put_varint_field(a, wire::num(wire::AttributeField::Type), static_cast<uint64_t>(wire::AttributeType::Float));
-  return a;
-}
-
-std::string int_attribute(const std::string& name, int64_t value) {
-  std::string a;
-  wire::put_bytes_field(a, wire::num(wire::AttributeField::Name), name);
-  wire::put_varint_field(a, wire::num(wire::AttributeField::I), static_cast<uint64_t>(value));
-  wire::put_varint_field(a, wire::num(wire::AttributeField::Type), static_cast<uint64_t>(wire::AttributeType::Int));
-  return a;
-}
 
 // A bias added to a 2-D [rows, features] output, with the BN applied to it: dims and values after the fold.
 struct FoldedBias {
@@ -147,7 +128,7 @@ Outcome fold_into_gemm(FoldContext& ctx, int gemm, int bn) {
   const std::vector<int64_t> weight_dims = weight.tensor.dims;
   write_layer_input(ctx, gemm, 1, dtype, weight_dims, std::move(std::get<graph::LazyBytes>(new_weight)), base + "_B", out);
   write_layer_input(ctx, gemm, 2, dtype, bias.dims, std::get<std::string>(new_bias), base + "_C", out);
-  if (beta != 1.0) g.set_attribute(gemm, "beta", float_attribute("beta", 1.0f));
+  if (beta != 1.0) g.set_float_attribute(gemm, "beta", 1.0f);
   take_over_batchnorm_output(g, gemm, 0, bn, affine);
   return out;
 }
@@ -180,7 +161,7 @@ Outcome fold_into_matmul(FoldContext& ctx, int matmul, int bn) {
   g.set_op_type(matmul, "Gemm");
   write_layer_input(ctx, matmul, 2, dtype, {features}, std::get<std::string>(new_bias), base + "_C", out);
   // Before opset 7, Gemm broadcasts C only when told to.
-  if (g.opset("") < 7) g.set_attribute(matmul, "broadcast", int_attribute("broadcast", 1));
+  if (g.opset("") < 7) g.set_int_attribute(matmul, "broadcast", 1);
   take_over_batchnorm_output(g, matmul, 0, bn, affine);
   return out;
 }

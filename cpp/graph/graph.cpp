@@ -1,6 +1,7 @@
 // Graph queries and edits. Every edit keeps the producer/consumer index current, so a fold sees the graph
 // as the folds before it left it.
 #include <algorithm>
+#include <cstring>
 
 #include "../wire/fields.h"
 #include "../wire/writer.h"
@@ -261,6 +262,41 @@ void Graph::set_attribute(int node, const std::string& name, std::string payload
   n.set_attributes.emplace_back(name, std::move(payload));
   n.edited = true;
   mark_dirty();
+}
+
+// The parsed attribute `name` of `n`, added when the node has none.
+static Attribute& parsed_attribute(Node& n, const std::string& name, AttributeType type) {
+  for (auto& a : n.attributes)
+    if (a.name == name) return a;
+  Attribute a;
+  a.name = name;
+  a.type = static_cast<int>(type);
+  n.attributes.push_back(std::move(a));
+  return n.attributes.back();
+}
+
+void Graph::set_int_attribute(int node, const std::string& name, int64_t value) {
+  std::string a;
+  put_bytes_field(a, num(AttributeField::Name), name);
+  put_varint_field(a, num(AttributeField::I), static_cast<uint64_t>(value));
+  put_varint_field(a, num(AttributeField::Type), static_cast<uint64_t>(AttributeType::Int));
+  set_attribute(node, name, std::move(a));
+  Attribute& parsed = parsed_attribute(nodes[node], name, AttributeType::Int);
+  parsed.has_i = true;
+  parsed.i = value;
+}
+
+void Graph::set_float_attribute(int node, const std::string& name, float value) {
+  std::string a;
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  put_bytes_field(a, num(AttributeField::Name), name);
+  put_fixed32_field(a, num(AttributeField::F), bits);
+  put_varint_field(a, num(AttributeField::Type), static_cast<uint64_t>(AttributeType::Float));
+  set_attribute(node, name, std::move(a));
+  Attribute& parsed = parsed_attribute(nodes[node], name, AttributeType::Float);
+  parsed.has_f = true;
+  parsed.f = value;
 }
 
 void Graph::remove_node(int node) {

@@ -136,6 +136,10 @@ class Graph {
   void set_output(int node, int slot, const std::string& value);
   void set_op_type(int node, const std::string& op_type);
   void set_attribute(int node, const std::string& name, std::string payload);
+  // Sets an int or float attribute both in the written node and in its parsed view, so a later fold reading
+  // the node (a second BN folded into the same layer) sees the new value.
+  void set_int_attribute(int node, const std::string& name, int64_t value);
+  void set_float_attribute(int node, const std::string& name, float value);
   void remove_node(int node);
   int add_node(Node node, int insert_before);
   // Stores a tensor under `name` (a fresh name): an initializer in a graph, a Constant node in a function.

@@ -30,7 +30,7 @@ class Pieces {
     if (!list_.empty() && !list_.back().generate && list_.back().data + list_.back().size == bytes.data()) {
       list_.back().size += bytes.size();  // adjacent views of the input coalesce into one copy
     } else {
-      list_.push_back(Piece{bytes.data(), bytes.size(), {}});
+      list_.push_back(Piece{bytes.data(), bytes.size(), {}, {}});
     }
     size_ += bytes.size();
   }
