@@ -9,6 +9,8 @@ no fold touched; for the messages a fold edits, every field other than those the
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 from hypothesis import HealthCheck, given, settings
@@ -18,6 +20,9 @@ from onnx import TensorProto, helper, numpy_helper
 import qdqfold_native
 
 from conftest import random_inputs, run
+
+# CI runs a fixed budget; QDQFOLD_PROPERTY_EXAMPLES=2000 for a longer hunt (see the README, Development).
+EXAMPLES = int(os.environ.get("QDQFOLD_PROPERTY_EXAMPLES", "60"))
 
 F32 = TensorProto.FLOAT
 
@@ -235,7 +240,7 @@ def check_nothing_lost(data: bytes, out: bytes, report: dict) -> None:
     assert m_out.training_info == m_in.training_info
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(models())
 def test_everything_but_the_folded_parts_comes_back_byte_identical(model):
     data = model.SerializeToString()
