@@ -422,7 +422,7 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
     out.message += "; the model's opset was raised to 13 for the per-channel axis";
   }
   const std::string layer_output = ln.outputs[0];  // nodes may move once edits add nodes
-  write_quantized_weight(ctx, weight, rescaled, materialize, out);
+  write_quantized_weight(ctx, weight, *wl, rescaled, materialize, out);
   write_bias(ctx, layer, wdq, bias, out);
   if (bias.kind == BiasPlan::Int32Existing || bias.kind == BiasPlan::Int32New)
     out.metrics.emplace_back("bias_requantization_error", bias.max_error);

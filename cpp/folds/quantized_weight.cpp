@@ -2,6 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <functional>
+#include <numeric>
 #include <limits>
 
 #include "../kernels/numeric.h"
@@ -64,6 +67,13 @@ int64_t QuantLayout::scale_index(int64_t i) const {
   if (block_size <= 0) return along;
   const int64_t outer = i / (inner_ * axis_dim_);
   return (outer * blocks_ + along / block_size) * inner_ + i % inner_;
+}
+
+int64_t QuantLayout::run_length() const {
+  if (per_tensor()) return 0;
+  if (block_size <= 0) return inner_;
+  // Blocks along the last axis: block and row boundaries both fall on multiples of gcd(block_size, axis dim).
+  return inner_ == 1 ? std::gcd(block_size, axis_dim_) : 1;
 }
 
 int64_t QuantLayout::scale_count() const {
@@ -229,23 +239,24 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
     w.zero.assign(w.scale.size(), 0);
   }
 
-  // The integers.
-  int64_t count = 1;
-  for (int64_t v : w.dims) count *= v;
-  if (int_ref) {
-    auto q = quantized_values(int_ref->tensor);
-    if (!q) return Outcome::kept("unreadable-weight", "the integers of " + who + " cannot be read (external data?)");
-    w.ints = std::move(*q);
-  } else {
-    auto f = float_ref->tensor.values();
-    if (!f || static_cast<int64_t>(f->size()) != count)
-      return Outcome::kept("unreadable-weight", "the float weight of " + who + " cannot be read (external data?)");
-    w.ints.resize(static_cast<size_t>(count));
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t k = w.layout.scale_index(i);
-      w.ints[i] = kernels::quantize_element(static_cast<float>((*f)[i]), static_cast<float>(w.scale[k]), w.zero[k],
-                                            w.range);
-    }
+  // The integers or the float weight: a view of their raw data (checked for size, never copied). Data that is
+  // not in the model's buffer (decoded typed data, a tensor an earlier fold produced) is kept by `owner`.
+  w.count = 1;
+  for (int64_t v : w.dims) w.count *= v;
+  const graph::Tensor& t = int_ref ? int_ref->tensor : float_ref->tensor;
+  auto storage = std::make_shared<std::string>();
+  auto bytes = t.bytes(*storage);
+  const auto need = int_ref ? kernels::quantized_bytes(w.int_type, w.count)
+                            : std::optional<size_t>(static_cast<size_t>(w.count) * graph::element_size(w.float_type));
+  if (!bytes || !need || bytes->size() < *need)
+    return Outcome::kept("unreadable-weight", int_ref ? "the integers of " + who + " cannot be read (external data?)"
+                                                      : "the float weight of " + who + " cannot be read (external data?)");
+  w.data = bytes->substr(0, *need);
+  const std::string_view buffer = g.model->buffer;
+  const bool in_buffer = w.data.data() >= buffer.data() && w.data.data() + w.data.size() <= buffer.data() + buffer.size();
+  if (!in_buffer) {
+    w.owner = storage->data() == w.data.data() ? storage : std::make_shared<std::string>(w.data);
+    w.data = std::string_view(w.owner->data(), *need);
   }
   return w;
 }
@@ -254,12 +265,29 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
 
 namespace {
 
+// Walks elements [first, last) of the weight in order, as runs that share one output channel o and one scale
+// element k: f(begin, length, o, k), which returns false to stop. The output channel depends on i / R (Conv,
+// Gemm transB=1: on i / (Q * R)) and the scale element is constant on aligned runs of layout.run_length(),
+// so aligned runs of their gcd share both (a whole input-channel block for a per-channel Conv).
+template <class F>
+void for_each_run(const WeightLayout& wl, const QuantLayout& layout, int64_t count, int64_t first, int64_t last, F&& f) {
+  const int64_t QR = wl.Q * wl.R;
+  const int64_t by_channel = wl.p_is_output ? QR : wl.R;
+  const int64_t by_scale = layout.per_tensor() ? count : layout.run_length();
+  const int64_t L = std::max<int64_t>(std::gcd(by_channel, by_scale), 1);
+  for (int64_t i = first - first % L; i < last; i += L) {
+    const int64_t from = std::max(i, first), to = std::min(i + L, last);
+    if (!f(from, to - from, wl.output_of(i / QR, (i / wl.R) % wl.Q), layout.scale_index(i))) return;
+  }
+}
+
 // What the output channels covered by each scale element need: one factor |a|, and whether any of them is
-// negated (and any not), with the extreme integers of the negated elements.
+// negated (and any not). Depends on the layouts only, not on the weight's values.
 struct Coverage {
   std::vector<double> factor;
   std::vector<char> negative, positive;
-  std::vector<int64_t> neg_min, neg_max, min_channel, max_channel, first_channel;
+  std::vector<int64_t> first_channel;
+  std::vector<char> negated_channel;  // per output channel: a < 0 and it holds elements
   std::string conflict;
 };
 
@@ -269,15 +297,9 @@ Coverage cover(const QuantizedWeight& w, const WeightLayout& wl, const QuantLayo
   c.factor.assign(n, -1.0);
   c.negative.assign(n, 0);
   c.positive.assign(n, 0);
-  c.neg_min.assign(n, std::numeric_limits<int64_t>::max());
-  c.neg_max.assign(n, std::numeric_limits<int64_t>::min());
-  c.min_channel.assign(n, -1);
-  c.max_channel.assign(n, -1);
   c.first_channel.assign(n, -1);
-  const int64_t QR = wl.Q * wl.R;
-  for (int64_t i = 0; i < static_cast<int64_t>(w.ints.size()); ++i) {
-    const int64_t o = wl.output_of(i / QR, (i / wl.R) % wl.Q);
-    const auto k = static_cast<size_t>(layout.scale_index(i));
+  c.negated_channel.assign(static_cast<size_t>(wl.out_channels), 0);
+  for_each_run(wl, layout, w.count, 0, w.count, [&](int64_t, int64_t, int64_t o, int64_t k) {
     const double f = std::fabs(a[o]);
     if (c.factor[k] < 0) {
       c.factor[k] = f;
@@ -285,17 +307,109 @@ Coverage cover(const QuantizedWeight& w, const WeightLayout& wl, const QuantLayo
     } else if (c.factor[k] != f) {
       c.conflict = "one scale value covers output channels " + std::to_string(c.first_channel[k]) + " and " +
                    std::to_string(o) + ", whose BN factors differ";
-      return c;
+      return false;
     }
-    if (a[o] < 0) {
-      c.negative[k] = 1;
-      if (w.ints[i] < c.neg_min[k]) { c.neg_min[k] = w.ints[i]; c.min_channel[k] = o; }
-      if (w.ints[i] > c.neg_max[k]) { c.neg_max[k] = w.ints[i]; c.max_channel[k] = o; }
-    } else {
-      c.positive[k] = 1;
-    }
-  }
+    (a[o] < 0 ? c.negative[k] : c.positive[k]) = 1;
+    if (a[o] < 0) c.negated_channel[o] = 1;
+    return true;
+  });
   return c;
+}
+
+// The extreme integers q of the negated elements of each scale element k, and the first output channel (in
+// element order) holding each: read from the integers, or for the QAT form from the extreme float weights
+// (QuantizeLinear is monotone in x for a fixed scale: increasing for s > 0, decreasing for s < 0; a NaN
+// weight quantizes to the zero point). For float8 only whether negation changes any byte.
+struct NegatedExtremes {
+  std::vector<int64_t> min, max, min_channel, max_channel;
+  bool float8_changes = false;
+};
+
+NegatedExtremes negated_extremes(const QuantizedWeight& w, const WeightLayout& wl, const QuantLayout& layout,
+                                 bool promoted, const std::vector<double>& a) {
+  NegatedExtremes e;
+  const auto n = static_cast<size_t>(layout.scale_count());
+  e.min.assign(n, std::numeric_limits<int64_t>::max());
+  e.max.assign(n, std::numeric_limits<int64_t>::min());
+  e.min_channel.assign(n, -1);
+  e.max_channel.assign(n, -1);
+  const bool fnuz = kernels::is_fnuz_float8(w.int_type);
+  for_each_run(wl, layout, w.count, 0, w.count, [&](int64_t begin, int64_t len, int64_t o, int64_t k) {
+    if (!(a[o] < 0) || len == 0) return true;
+    int64_t lo, hi;
+    if (w.float8()) {
+      for (int64_t i = begin; i < begin + len && !e.float8_changes; ++i)
+        e.float8_changes = !fnuz || (static_cast<uint8_t>(w.data[i]) & 0x7f) != 0;
+      return true;
+    }
+    if (!w.qat()) {
+      const auto x = kernels::integer_extremes(w.data.data(), w.int_type, begin, len);
+      lo = x.min;
+      hi = x.max;
+    } else {
+      kernels::FloatExtremes x;
+      kernels::float_extremes(w.data.data(), w.float_type, begin, len, x);
+      const size_t old = promoted ? 0 : static_cast<size_t>(k);
+      const auto s = static_cast<float>(w.scale[old]);
+      const int64_t z = w.zero[old];
+      lo = std::numeric_limits<int64_t>::max();
+      hi = std::numeric_limits<int64_t>::min();
+      if (x.any_number) {
+        const int64_t q1 = kernels::quantize_element(x.min, s, z, w.range), q2 = kernels::quantize_element(x.max, s, z, w.range);
+        lo = std::signbit(s) ? q2 : q1;
+        hi = std::signbit(s) ? q1 : q2;
+      }
+      if (x.any_nan) {
+        const int64_t q = w.range.contains(z) ? z : w.range.lo;
+        lo = std::min(lo, q);
+        hi = std::max(hi, q);
+      }
+    }
+    if (lo < e.min[k]) { e.min[k] = lo; e.min_channel[k] = o; }
+    if (hi > e.max[k]) { e.max[k] = hi; e.max_channel[k] = o; }
+    return true;
+  });
+  return e;
+}
+
+// QAT form kept: W' = (q' - z') * s' rounded to the weight's type must quantize back to q'. Whether it does
+// depends on q' and the scale element only, so every integer of the type is tried per scale element when that
+// is cheaper than the weight; only if one fails are the elements scanned (in order, naming the first that
+// fails), since that integer may not occur.
+std::optional<Outcome> check_snap(const QuantizedWeight& w, const WeightLayout& wl, const RescaledWeight& r,
+                                  const std::vector<double>& a, const std::string& who) {
+  auto snaps = [&](int64_t v, size_t k) {
+    const double snapped = kernels::round_to_float_type(static_cast<double>(v - r.zero[k]) * r.scale[k], w.float_type);
+    return kernels::quantize_element(static_cast<float>(snapped), static_cast<float>(r.scale[k]), r.zero[k], w.range) == v;
+  };
+  const size_t n = r.scale.size();
+  const int64_t values = w.range.hi - w.range.lo + 1;
+  if (values <= w.count / static_cast<int64_t>(std::max<size_t>(n, 1))) {
+    bool all = true;
+    for (size_t k = 0; k < n && all; ++k)
+      for (int64_t v = w.range.lo; v <= w.range.hi && all; ++v) all = snaps(v, k);
+    if (all) return std::nullopt;
+  }
+  std::optional<Outcome> failed;
+  std::vector<double> q(1024);
+  for_each_run(wl, r.layout, w.count, 0, w.count, [&](int64_t begin, int64_t len, int64_t o, int64_t k) {
+    const size_t old = r.promoted ? 0 : static_cast<size_t>(k);
+    for (int64_t done = 0; done < len; done += 1024) {
+      const int64_t m = std::min<int64_t>(1024, len - done);
+      kernels::quantize_elements(w.data.data(), w.float_type, begin + done, m, static_cast<float>(w.scale[old]),
+                                 w.zero[old], w.range, q.data());
+      for (int64_t j = 0; j < m; ++j) {
+        const auto v = static_cast<int64_t>(q[j]);
+        if (snaps(a[o] < 0 ? r.mirror[k] - v : v, static_cast<size_t>(k))) continue;
+        failed = Outcome::kept("snap-failed", "the rescaled float weight of " + who + " does not quantize back to its "
+                                              "integers in " + graph::data_type_name(w.float_type) + " (element " +
+                                              std::to_string(begin + done + j) + ")");
+        return false;
+      }
+    }
+    return true;
+  });
+  return failed;
 }
 
 }  // namespace
@@ -303,7 +417,7 @@ Coverage cover(const QuantizedWeight& w, const WeightLayout& wl, const QuantLayo
 std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWeight& w, const WeightLayout& wl,
                                                                const std::vector<double>& a, const Options& options,
                                                                bool keep_quantizer, const std::string& who) {
-  if (wl.P * wl.Q * wl.R != static_cast<int64_t>(w.ints.size()) || static_cast<int64_t>(a.size()) != wl.out_channels)
+  if (wl.P * wl.Q * wl.R != w.count || static_cast<int64_t>(a.size()) != wl.out_channels)
     return Outcome::kept("shape-mismatch", "the BN has " + std::to_string(a.size()) + " channels but " + who + " has " +
                                                std::to_string(wl.out_channels) + " output channels");
   RescaledWeight r;
@@ -326,11 +440,14 @@ std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWe
   }
   if (!c.conflict.empty())
     return Outcome::kept("scale-layout", "the quantization scale of " + who + " cannot absorb the BN factors: " + c.conflict);
+  // Only the negated elements' values matter for what follows: read them once (none when no factor is negative).
+  const bool any_negative = std::any_of(c.negative.begin(), c.negative.end(), [](char v) { return v != 0; });
+  const NegatedExtremes e = any_negative ? negated_extremes(w, wl, r.layout, r.promoted, a) : NegatedExtremes{};
 
   const auto n = static_cast<size_t>(r.layout.scale_count());
   auto old_index = [&](size_t k) { return r.promoted ? size_t{0} : k; };
   const int64_t complement_c = w.range.lo + w.range.hi;
-  std::vector<int64_t> mirror(n, 0);  // q' = mirror - q in negated elements
+  r.mirror.assign(n, 0);
   r.scale.resize(n);
   r.zero.resize(n);
   for (size_t k = 0; k < n; ++k) {
@@ -348,7 +465,7 @@ std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWe
     r.zero[k] = z;
     if (!c.negative[k] || w.float8()) continue;
     auto fits = [&](int64_t m) {
-      return w.range.contains(m - z) && w.range.contains(m - c.neg_min[k]) && w.range.contains(m - c.neg_max[k]);
+      return w.range.contains(m - z) && w.range.contains(m - e.min[k]) && w.range.contains(m - e.max[k]);
     };
     std::vector<int64_t> candidates = {2 * z};                       // zero point unchanged (negation when z = 0)
     if (!c.positive[k]) {
@@ -358,16 +475,16 @@ std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWe
     bool found = false;
     for (int64_t m : candidates)
       if (fits(m)) {
-        mirror[k] = m;
+        r.mirror[k] = m;
         r.zero[k] = m - z;
         r.complement = r.complement || (m == complement_c && m != 2 * z && m != 0);
         found = true;
         break;
       }
     if (!found) {
-      const bool low = !w.range.contains(2 * z - c.neg_min[k]);
-      const int64_t channel = low ? c.min_channel[k] : c.max_channel[k];
-      const int64_t value = low ? c.neg_min[k] : c.neg_max[k];
+      const bool low = !w.range.contains(2 * z - e.min[k]);
+      const int64_t channel = low ? e.min_channel[k] : e.max_channel[k];
+      const int64_t value = low ? e.min[k] : e.max[k];
       std::string msg = "channel " + std::to_string(channel) + " of " + who + " has a negative BN factor and holds the " +
                         graph::data_type_name(w.int_type) + " value " + std::to_string(value) +
                         ", whose negation does not fit the type";
@@ -380,63 +497,178 @@ std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWe
   }
   r.zero_changed = r.zero != w.zero || (r.promoted && w.has_zero);
 
-  const int64_t QR = wl.Q * wl.R;
-  const bool fnuz = kernels::is_fnuz_float8(w.int_type);
-  r.ints = w.ints;
-  std::vector<char> negated(static_cast<size_t>(wl.out_channels), 0);
-  for (int64_t i = 0; i < static_cast<int64_t>(r.ints.size()); ++i) {
-    const int64_t o = wl.output_of(i / QR, (i / wl.R) % wl.Q);
-    if (!(a[o] < 0)) continue;
-    negated[o] = 1;
-    const int64_t k = r.layout.scale_index(i);
-    r.ints[i] = w.float8() ? kernels::negate_float8(static_cast<uint8_t>(r.ints[i]), fnuz) : mirror[k] - r.ints[i];
+  // q' = mirror - q leaves a negated element as it was only where q = mirror / 2: so the integers of scale
+  // element k are unchanged exactly when all its negated ones equal mirror / 2.
+  r.negative.assign(a.size(), 0);
+  for (size_t o = 0; o < a.size(); ++o) r.negative[o] = a[o] < 0;
+  r.negated_channels = static_cast<int>(std::count(c.negated_channel.begin(), c.negated_channel.end(), 1));
+  if (w.float8()) {
+    r.ints_changed = e.float8_changes;
+  } else {
+    for (size_t k = 0; k < n && !r.ints_changed; ++k)
+      r.ints_changed = c.negative[k] && !(e.min[k] == e.max[k] && 2 * e.min[k] == r.mirror[k]);
   }
-  r.negated_channels = static_cast<int>(std::count(negated.begin(), negated.end(), 1));
-  r.ints_changed = r.ints != w.ints;
 
-  if (w.qat() && keep_quantizer) {
-    // W' = (q' - z') * s' in the weight's type; QuantizeLinear(W') must give back q' exactly.
-    r.float_weight.resize(r.ints.size());
-    for (int64_t i = 0; i < static_cast<int64_t>(r.ints.size()); ++i) {
-      const int64_t k = r.layout.scale_index(i);
-      const double snapped =
-          kernels::round_to_float_type(static_cast<double>(r.ints[i] - r.zero[k]) * r.scale[k], w.float_type);
-      r.float_weight[i] = snapped;
-      if (kernels::quantize_element(static_cast<float>(snapped), static_cast<float>(r.scale[k]), r.zero[k], w.range) !=
-          r.ints[i])
-        return Outcome::kept("snap-failed", "the rescaled float weight of " + who + " does not quantize back to its "
-                                            "integers in " + graph::data_type_name(w.float_type) + " (element " +
-                                            std::to_string(i) + ")");
-    }
-  }
+  if (w.qat() && keep_quantizer)
+    if (auto failed = check_snap(w, wl, r, a, who)) return *failed;
   return r;
 }
 
+// ---------------------------------------------------------------- the new weight
+
+namespace {
+
+// Everything the generator needs, owned: it runs when the output is written, after the fold has returned.
+struct WeightGenerator {
+  std::shared_ptr<const std::string> owner;
+  std::string_view data;  // the integers or W (a view of the model's buffer, or of *owner)
+  int64_t count = 0;
+  int32_t int_type = 0, float_type = 0;
+  bool qat = false, as_integers = true, fnuz = false, float8 = false, promoted = false;
+  WeightLayout wl;
+  QuantLayout layout;
+  kernels::IntegerRange range;
+  std::vector<char> negative;
+  std::vector<int64_t> mirror, old_zero, zero;
+  std::vector<double> old_scale, scale;
+
+  size_t size() const {
+    return as_integers ? *kernels::quantized_bytes(int_type, count) : static_cast<size_t>(count) * element_width();
+  }
+  size_t element_width() const { return as_integers ? kernels::quantized_width(int_type) : graph::element_size(float_type); }
+  bool packed() const { return as_integers && kernels::quantized_width(int_type) == 0; }
+
+  // Output bytes [begin, end) (whole elements: 4-bit data in whole bytes) into dst.
+  void fill(char* dst, size_t begin, size_t end) const {
+    int64_t first, last;
+    if (packed()) {
+      first = static_cast<int64_t>(begin) * 2;
+      last = std::min<int64_t>(static_cast<int64_t>(end) * 2, count);
+      std::memset(dst, 0, end - begin);  // nibbles are or-ed in; an odd count's padding nibble stays 0
+    } else {
+      first = static_cast<int64_t>(begin / element_width());
+      last = static_cast<int64_t>(end / element_width());
+    }
+    std::vector<double> q(qat ? 1024 : 0);
+    for_each_run(wl, layout, count, first, last, [&](int64_t from, int64_t len, int64_t o, int64_t k) {
+      const bool neg = negative[o];
+      if (!qat) {
+        if (!neg) kernels::copy_integers(data.data(), dst, int_type, from, len, first);
+        else if (float8) kernels::negate_float8_bytes(data.data(), dst, from, len, first, fnuz);
+        else kernels::mirror_integers(data.data(), dst, int_type, from, len, first, mirror[k]);
+        return true;
+      }
+      const size_t old = promoted ? 0 : static_cast<size_t>(k);
+      for (int64_t done = 0; done < len; done += 1024) {
+        const int64_t m = std::min<int64_t>(1024, len - done);
+        kernels::quantize_elements(data.data(), float_type, from + done, m, static_cast<float>(old_scale[old]),
+                                   old_zero[old], range, q.data());
+        if (neg) {
+          const auto c = static_cast<double>(mirror[k]);
+          for (int64_t j = 0; j < m; ++j) q[j] = c - q[j];
+        }
+        if (as_integers)
+          kernels::store_integers(q.data(), m, int_type, dst, from + done - first);
+        else
+          kernels::store_dequantized(q.data(), m, static_cast<double>(zero[k]), scale[k], float_type,
+                                     dst + (from + done - first) * static_cast<int64_t>(element_width()));
+      }
+      return true;
+    });
+  }
+};
+
+}  // namespace
+
+graph::LazyBytes rescaled_weight_data(const QuantizedWeight& w, const WeightLayout& wl, const RescaledWeight& r,
+                                      bool as_integers) {
+  auto gen = std::make_shared<WeightGenerator>();
+  gen->owner = w.owner;
+  gen->data = w.data;
+  gen->count = w.count;
+  gen->int_type = w.int_type;
+  gen->float_type = w.float_type;
+  gen->qat = w.qat();
+  gen->as_integers = as_integers;
+  gen->float8 = w.float8();
+  gen->fnuz = kernels::is_fnuz_float8(w.int_type);
+  gen->promoted = r.promoted;
+  gen->wl = wl;
+  gen->layout = r.layout;
+  gen->range = w.range;
+  gen->negative = r.negative;
+  gen->mirror = r.mirror;
+  gen->old_zero = w.zero;
+  gen->zero = r.zero;
+  gen->old_scale = w.scale;
+  gen->scale = r.scale;
+  graph::LazyBytes bytes;
+  bytes.size = gen->size();
+  bytes.fill = [gen](char* dst) { gen->fill(dst, 0, gen->size()); };
+  bytes.fill_range = [gen](char* dst, size_t begin, size_t end) { gen->fill(dst, begin, end); };
+  return bytes;
+}
+
 // ---------------------------------------------------------------- writing
+
+namespace {
+
+// The initializer write_constant_for replaces in place (when the given readers are all that read `old` and it
+// is an initializer of this graph): its index, else -1.
+int replaceable_initializer(Graph& g, const std::vector<Use>& readers, const std::string& old,
+                            std::optional<graph::ConstRef>& ref) {
+  if (old.empty()) return -1;
+  ref = g.constant(old);
+  const auto& uses = g.uses(old);
+  bool only_ours = !g.is_graph_output(old) && uses.size() == readers.size();
+  for (const Use& u : uses)
+    only_ours = only_ours && std::any_of(readers.begin(), readers.end(),
+                                         [&](const Use& r) { return r.node == u.node && r.slot == u.slot; });
+  return ref && ref->graph == &g && ref->initializer >= 0 && only_ours ? ref->initializer : -1;
+}
+
+// Otherwise: a new tensor (made by `add`) under a fresh name, the readers rewired to it.
+std::string rewire_to_new(FoldContext& ctx, const std::vector<Use>& readers, const std::string& old,
+                          const std::string& base, Outcome& outcome, const std::function<void(const std::string&)>& add) {
+  Graph& g = ctx.graph;
+  const std::string name = new_tensor_name(ctx.model, old.empty() ? base : old, "_bnfolded");
+  add(name);
+  for (const Use& u : readers) g.set_input(u.node, u.slot, name);
+  outcome.new_tensors.push_back(name);
+  if (!old.empty()) g.drop_if_unused(old);
+  return name;
+}
+
+}  // namespace
 
 std::string write_constant_for(FoldContext& ctx, const std::vector<Use>& readers, std::string old,
                                int32_t data_type, const std::vector<int64_t>& dims, const std::string& raw,
                                const std::string& base, Outcome& outcome) {
   Graph& g = ctx.graph;
-  if (!old.empty()) {
-    auto ref = g.constant(old);
-    const auto& uses = g.uses(old);
-    bool only_ours = !g.is_graph_output(old) && uses.size() == readers.size();
-    for (const Use& u : uses)
-      only_ours = only_ours && std::any_of(readers.begin(), readers.end(),
-                                           [&](const Use& r) { return r.node == u.node && r.slot == u.slot; });
-    if (ref && ref->graph == &g && ref->initializer >= 0 && only_ours) {
-      if (ref->tensor.dims != dims) g.remove_value_info(old);
-      g.replace_initializer(ref->initializer, graph::reencode_tensor(ref->tensor, data_type, dims, raw));
-      return old;
-    }
+  std::optional<graph::ConstRef> ref;
+  if (int k = replaceable_initializer(g, readers, old, ref); k >= 0) {
+    if (ref->tensor.dims != dims) g.remove_value_info(old);
+    g.replace_initializer(k, graph::reencode_tensor(ref->tensor, data_type, dims, raw));
+    return old;
   }
-  const std::string name = new_tensor_name(ctx.model, old.empty() ? base : old, "_bnfolded");
-  g.add_tensor(name, graph::encode_tensor(name, data_type, dims, raw));
-  for (const Use& u : readers) g.set_input(u.node, u.slot, name);
-  outcome.new_tensors.push_back(name);
-  if (!old.empty()) g.drop_if_unused(old);
-  return name;
+  return rewire_to_new(ctx, readers, old, base, outcome, [&](const std::string& name) {
+    g.add_tensor(name, graph::encode_tensor(name, data_type, dims, raw));
+  });
+}
+
+std::string write_constant_for(FoldContext& ctx, const std::vector<Use>& readers, std::string old,
+                               int32_t data_type, const std::vector<int64_t>& dims, graph::LazyBytes data,
+                               const std::string& base, Outcome& outcome) {
+  Graph& g = ctx.graph;
+  std::optional<graph::ConstRef> ref;
+  if (int k = replaceable_initializer(g, readers, old, ref); k >= 0) {
+    if (ref->tensor.dims != dims) g.remove_value_info(old);
+    g.replace_initializer_lazy(k, graph::reencode_tensor_header(ref->tensor, data_type, dims), std::move(data));
+    return old;
+  }
+  return rewire_to_new(ctx, readers, old, base, outcome, [&](const std::string& name) {
+    g.add_tensor_lazy(name, graph::encode_tensor_header(name, data_type, dims), std::move(data));
+  });
 }
 
 namespace {
@@ -459,8 +691,8 @@ void write_parameter(FoldContext& ctx, const std::vector<int>& nodes, int slot, 
 
 }  // namespace
 
-void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const RescaledWeight& r, bool materialize,
-                            Outcome& outcome) {
+void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const WeightLayout& wl,
+                            const RescaledWeight& r, bool materialize, Outcome& outcome) {
   Graph& g = ctx.graph;
   const Node& d = g.nodes[w.dq];
   const std::string base = d.name.empty() ? d.outputs[0] : d.name;
@@ -470,7 +702,7 @@ void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const Re
     const std::vector<std::string> q_inputs = g.nodes[w.q].inputs;
     const std::string q_output = g.nodes[w.q].outputs[0];
     const std::string name = new_tensor_name(ctx.model, q_inputs[0], "_quantized");
-    g.add_tensor(name, graph::encode_tensor(name, w.int_type, w.dims, kernels::write_quantized(r.ints, w.int_type)));
+    g.add_tensor_lazy(name, graph::encode_tensor_header(name, w.int_type, w.dims), rescaled_weight_data(w, wl, r, true));
     g.set_input(w.dq, 0, name);
     outcome.new_tensors.push_back(name);
     g.remove_node(w.q);
@@ -478,11 +710,10 @@ void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const Re
     for (const auto& v : q_inputs) g.drop_if_unused(v);
   } else if (w.qat()) {
     qdq.push_back(w.q);
-    auto raw = kernels::store_values(w.float_type, r.float_weight);
-    write_constant_for(ctx, {Use{w.q, 0}}, g.nodes[w.q].inputs[0], w.float_type, w.dims, raw ? *raw : std::string(),
-                       base + "_weight", outcome);
-  } else if (r.ints_changed) {
-    write_constant_for(ctx, {Use{w.dq, 0}}, d.inputs[0], w.int_type, w.dims, kernels::write_quantized(r.ints, w.int_type),
+    write_constant_for(ctx, {Use{w.q, 0}}, g.nodes[w.q].inputs[0], w.float_type, w.dims,
+                       rescaled_weight_data(w, wl, r, false), base + "_weight", outcome);
+  } else if (r.ints_changed) {  // else the integers stay as they are: not read, not copied
+    write_constant_for(ctx, {Use{w.dq, 0}}, d.inputs[0], w.int_type, w.dims, rescaled_weight_data(w, wl, r, true),
                        base + "_weight", outcome);
   }
   const std::vector<int64_t>& pdims = r.layout.scale_dims;

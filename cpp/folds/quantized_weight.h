@@ -3,12 +3,16 @@
 //   int form:  q (int initializer) -> DequantizeLinear(s, z) -> layer          (onnxruntime, ModelOpt --dq_only)
 //   QAT form:  W (float) -> QuantizeLinear(s, z) -> DequantizeLinear(s, z) -> layer   (pytorch_quantization, ModelOpt)
 //
-// read_quantized_weight() reads either into integers, scale, zero point and their layout (per tensor, per
-// axis, or blocked along an axis); rescale_quantized_weight() multiplies the dequantized weight by a factor
-// per output channel without re-quantizing (s' = s * |a|, integers mirrored where a < 0); and
-// write_quantized_weight() puts the result into the graph without touching tensors other nodes read.
+// read_quantized_weight() reads scale, zero point and their layout (per tensor, per axis, or blocked along an
+// axis) and keeps the weight itself as a view of its raw data; rescale_quantized_weight() multiplies the
+// dequantized weight by a factor per output channel without re-quantizing (s' = s * |a|, integers mirrored
+// where a < 0), checking everything with read-only passes over that data; and write_quantized_weight() puts
+// the result into the graph without touching tensors other nodes read. A new weight is generated straight
+// into the output when it is written (graph::LazyBytes), one run of elements sharing an output channel and a
+// scale element at a time; where no factor is negative the integers are not touched at all.
 #pragma once
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <variant>
@@ -32,6 +36,8 @@ struct QuantLayout {
   int64_t scale_index(int64_t i) const;
   void prepare(const std::vector<int64_t>& dims);
   int64_t scale_count() const;
+  // Aligned runs of this many elements share one scale element (0: the whole tensor). After `prepare`.
+  int64_t run_length() const;
 
  private:
   int64_t inner_ = 1, axis_dim_ = 1, blocks_ = 1;
@@ -43,7 +49,9 @@ struct QuantizedWeight {
   int32_t int_type = 0;        // element type of the integers (float8 types: their bytes)
   kernels::IntegerRange range; // valid integers (unused for float8)
   std::vector<int64_t> dims;   // weight dims
-  std::vector<int64_t> ints;   // integers (QAT form: what QuantizeLinear makes of W)
+  int64_t count = 0;           // elements
+  std::string_view data;       // raw_data of the integers (int form) or of W (QAT form): read, never copied
+  std::shared_ptr<const std::string> owner;  // holds `data` when it is not a view of the model's buffer
   int32_t float_type = 0;      // QAT form: type of W
   int32_t scale_type = 0;
   std::vector<double> scale;
@@ -63,19 +71,20 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(graph::Graph& g, in
 
 // The weight after multiplying output channel o by a[o].
 struct RescaledWeight {
-  std::vector<int64_t> ints;
+  std::vector<char> negative;       // per output channel: a < 0, integers mirrored there
+  std::vector<int64_t> mirror;      // per scale element: q' = mirror - q in mirrored elements (not float8)
   std::vector<double> scale;        // already rounded to scale_type
   std::vector<int64_t> zero;
   QuantLayout layout;
   bool promoted = false;            // per-tensor scale became per-channel (new axis attribute)
   bool ints_changed = false, zero_changed = false;
-  std::vector<double> float_weight;  // QAT form kept: W' on the grid, rounded to float_type
   int negated_channels = 0;
   bool complement = false;          // the complement form was used somewhere (zero point became nonzero)
 };
 
 // Rescales `w` by the factors `a` (one per output channel of `layer`, whose weight layout is `wl`).
-// `keep_quantizer`: the QAT form stays Q -> DQ, so the new float weight must quantize to the new integers.
+// `keep_quantizer`: the QAT form stays Q -> DQ, so the new float weight must quantize to the new integers
+// (checked here for every element that occurs; the weight itself is computed when written).
 std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWeight& w, const WeightLayout& wl,
                                                                const std::vector<double>& a, const Options& options,
                                                                bool keep_quantizer, const std::string& who);
@@ -83,8 +92,13 @@ std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWe
 // Writes `r` into the graph for weight `w`: new scale and zero point for this layer's Q/DQ only (a tensor
 // that any other node reads is never edited), new integers or snapped float weight, axis attribute when the
 // scale was promoted. `materialize`: the QAT form becomes int initializer -> DequantizeLinear (Q removed).
-void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const RescaledWeight& r, bool materialize,
-                            Outcome& outcome);
+void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const WeightLayout& wl,
+                            const RescaledWeight& r, bool materialize, Outcome& outcome);
+
+// The new weight's raw data, produced when written: integers of w.int_type (`as_integers`: the int form, or
+// the QAT form materialized) or W' = (q' - z') * s' in w.float_type (the QAT form kept).
+graph::LazyBytes rescaled_weight_data(const QuantizedWeight& w, const WeightLayout& wl, const RescaledWeight& r,
+                                      bool as_integers);
 
 // Writes a constant read by the given (node, slot) inputs: replaced in place when those are its only
 // readers and it is an initializer of this graph, otherwise written under a fresh name and those inputs
@@ -92,6 +106,10 @@ void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const Re
 // from `base`. Returns the name now read.
 std::string write_constant_for(FoldContext& ctx, const std::vector<graph::Use>& readers, std::string old,
                                int32_t data_type, const std::vector<int64_t>& dims, const std::string& raw,
+                               const std::string& base, Outcome& outcome);
+// The same with data produced when the output is written.
+std::string write_constant_for(FoldContext& ctx, const std::vector<graph::Use>& readers, std::string old,
+                               int32_t data_type, const std::vector<int64_t>& dims, graph::LazyBytes data,
                                const std::string& base, Outcome& outcome);
 
 // An AttributeProto payload holding one int.

@@ -50,4 +50,44 @@ inline int64_t quantize_element(float x, float s, int64_t z, IntegerRange range)
   return static_cast<int64_t>(r);
 }
 
+// ---- Streaming kernels: element ranges of raw_data-layout tensors, never widened to whole int64 vectors.
+// `first` / `n` count elements of the source tensor; for the packed 4-bit types `dst_first` is the element
+// that dst's first byte starts with (even), and dst must be zeroed before nibbles are written into it.
+
+// Smallest and largest of elements [first, first + n) (n > 0) of an integer tensor (not float8).
+struct IntegerExtremes {
+  int64_t min, max;
+};
+IntegerExtremes integer_extremes(const char* src, int32_t data_type, int64_t first, int64_t n);
+
+// Smallest and largest number among elements [first, first + n) of a float32/16 or bfloat16 tensor, and
+// whether any is NaN; accumulated over calls.
+struct FloatExtremes {
+  float min = INFINITY, max = -INFINITY;
+  bool any_number = false, any_nan = false;
+};
+void float_extremes(const char* src, int32_t float_type, int64_t first, int64_t n, FloatExtremes& acc);
+
+// Elements [first, first + n) written to dst (from element dst_first) unchanged, or as c - q: computed modulo
+// 2^bits on the stored bits, which is exact for signed and unsigned types whenever c - q fits the type.
+void copy_integers(const char* src, char* dst, int32_t data_type, int64_t first, int64_t n, int64_t dst_first);
+void mirror_integers(const char* src, char* dst, int32_t data_type, int64_t first, int64_t n, int64_t dst_first,
+                     int64_t c);
+// Float8 bytes [first, first + n) negated (negate_float8).
+void negate_float8_bytes(const char* src, char* dst, int64_t first, int64_t n, int64_t dst_first, bool fnuz);
+
+// quantize_element() of elements [first, first + n) of a float32/16 or bfloat16 tensor, as exact integers
+// in doubles (vectorisable: no per-element call).
+void quantize_elements(const char* src, int32_t float_type, int64_t first, int64_t n, float s, int64_t z,
+                       IntegerRange range, double* q);
+// q[0..n) stored as integers of `data_type` at element dst_first + j of dst (4-bit: dst zeroed first).
+void store_integers(const double* q, int64_t n, int32_t data_type, char* dst, int64_t dst_first);
+// round_to_float_type((q[j] - z) * s) stored as float32/16 or bfloat16 at dst (element j).
+void store_dequantized(const double* q, int64_t n, double z, double s, int32_t float_type, char* dst);
+
+// Bytes per element of the integer and float8 types (0 for the packed 4-bit ones and any other type).
+size_t quantized_width(int32_t data_type);
+// Bytes taken by `count` elements of a quantized type (4-bit: packed), or nullopt for another type.
+std::optional<size_t> quantized_bytes(int32_t data_type, int64_t count);
+
 }  // namespace qdqfold::kernels
