@@ -653,6 +653,41 @@ def test_if_branches_fold_with_outer_weights_left_untouched():
         assert_same_outputs(model, folded, feeds=feeds)
 
 
+def test_outer_weight_read_only_by_the_branches_is_dropped_once_both_folded():
+    # Both branches read the outer W and B; each fold writes new tensors in its branch, after which nothing
+    # reads the outer ones, so they go (an unused initializer would only bloat the model).
+    model = make_model(
+        [helper.make_node("If", ["cond"], ["out"], then_branch=_branch("then", "W", "B"),
+                          else_branch=_branch("else", "W", "B"), name="if")],
+        [vi("x", [1, 4, 5, 5]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [vi("out", [1, 6, 5, 5])], [weight("W", [6, 4, 3, 3]), weight("B", [6])])
+    folded, report, _, _ = fold(model)
+    assert [e["folded"] for e in report["batchnorms"]] == [True, True]
+    assert [i.name for i in folded.graph.initializer] == []
+    onnx.checker.check_model(folded, full_check=True)
+    for cond in (True, False):
+        feeds = random_inputs(model)
+        feeds["cond"] = np.array(cond)
+        assert_same_outputs(model, folded, feeds=feeds)
+
+
+def test_outer_weight_still_read_by_one_branch_stays():
+    then_g = _branch("then", "W", None)
+    else_g = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["else_z"], pads=[1, 1, 1, 1])], "else", [],
+                               [vi("else_z", [1, 6, 5, 5])])
+    model = make_model(
+        [helper.make_node("If", ["cond"], ["out"], then_branch=then_g, else_branch=else_g, name="if")],
+        [vi("x", [1, 4, 5, 5]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [vi("out", [1, 6, 5, 5])], [weight("W", [6, 4, 3, 3])])
+    folded, report, _, _ = fold(model)
+    assert [e["folded"] for e in report["batchnorms"]] == [True]
+    assert [i.name for i in folded.graph.initializer] == ["W"]
+    for cond in (True, False):
+        feeds = random_inputs(model)
+        feeds["cond"] = np.array(cond)
+        assert_same_outputs(model, folded, feeds=feeds)
+
+
 def test_loop_and_scan_bodies_fold():
     # Loop body: (iter, cond, carried) -> Conv -> BN -> carried
     body_inits = [weight("Wl", [4, 4, 3, 3])] + bn_params("lbn", 4)

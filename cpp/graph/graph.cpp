@@ -418,6 +418,19 @@ void Graph::remove_value_info(const std::string& value) {
     }
 }
 
+void Graph::release_outer_read(int owner, const std::string& value) {
+  for (const auto& sub : nodes[owner].subgraphs)
+    if (sub->reader_count(value) > 0) return;
+  remove_use(value, Use{owner, -1});
+  for (const auto& sub : nodes[owner].subgraphs) sub->outer_reads.erase(value);
+  if (!defines(value) && parent && uses(value).empty()) {
+    outer_reads.erase(value);
+    parent->release_outer_read(owner_node, value);
+    return;
+  }
+  drop_if_unused(value);
+}
+
 void Graph::drop_if_unused(const std::string& value) {
   if (value.empty() || reader_count(value) > 0) return;
   auto init = initializer_index_.find(value);
@@ -438,8 +451,8 @@ void Graph::drop_if_unused(const std::string& value) {
     const std::vector<std::string> dq_inputs = nodes[p].inputs;
     remove_node(p);
     for (const auto& in : dq_inputs) drop_if_unused(in);
-  } else if (p < 0 && parent) {
-    parent->drop_if_unused(value);
+  } else if (p < 0 && parent && !defines(value)) {
+    parent->release_outer_read(owner_node, value);
   }
 }
 

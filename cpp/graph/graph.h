@@ -87,7 +87,8 @@ class Graph {
   Model* model = nullptr;
   std::string path;        // for reports: "main", "main/If_0:then_branch", "function:domain.name"
   std::string_view body;   // GraphProto / FunctionProto payload
-  int owner_attribute = -1, owner_position = -1;  // for subgraphs: which attribute of the owner node
+  int owner_node = -1;  // for subgraphs: the node of `parent` that holds this graph,
+  int owner_attribute = -1, owner_position = -1;  // in which attribute, at which position
 
   std::vector<Node> nodes;
   std::vector<Tensor> initializers;
@@ -166,6 +167,9 @@ class Graph {
   void add_use(const std::string& value, Use use);
   void index_added_initializer(const std::string& name, Tensor tensor);
   void remove_use(const std::string& value, Use use);
+  // Called by a subgraph of node `owner` that no longer reads outer value `value`: when no subgraph of that
+  // node reads it any more, the node's read goes, and the value is dropped if nothing else reads it.
+  void release_outer_read(int owner, const std::string& value);
   bool defines(const std::string& value) const;
   std::optional<ConstRef> created_constant(int node, const std::string& value);
   // Per name: the first entry with a body in inputs, value_info and outputs (-1: none), and every value_info

@@ -79,7 +79,7 @@ struct Parser {
     while (!r.done()) r.next(where);
   }
 
-  Attribute parse_attribute(std::string_view body, Node& node, Graph& owner, int attr_index, int depth,
+  Attribute parse_attribute(std::string_view body, Node& node, int node_index, Graph& owner, int attr_index, int depth,
                             const std::string& where) {
     Attribute a;
     Reader r(body, base);
@@ -141,6 +141,7 @@ struct Parser {
       sub->parent = &owner;
       sub->owner_attribute = attr_index;
       sub->owner_position = position++;
+      sub->owner_node = node_index;
       sub->path = owner.path + "/" + (node.name.empty() ? node.op_type : node.name) + ":" + a.name;
       parse_graph(*sub, payload, depth + 1);
       node.subgraphs.push_back(std::move(sub));
@@ -170,7 +171,7 @@ struct Parser {
     if (!n.name.empty()) where = owner.path + " node '" + n.name + "'";
     for (auto a : attrs) {
       int k = static_cast<int>(n.attributes.size());
-      n.attributes.push_back(parse_attribute(a, n, owner, k, depth, where + " attribute"));
+      n.attributes.push_back(parse_attribute(a, n, index, owner, k, depth, where + " attribute"));
     }
     for (auto& o : n.outputs) model.note_name(o);
   }
