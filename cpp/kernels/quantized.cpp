@@ -259,9 +259,12 @@ void quantize_elements(const char* src, int32_t t, int64_t first, int64_t n, flo
       const double r = ratio;
       // nearbyint (ties to even) without a library call: adding and removing 1.5 * 2^52 rounds a double of
       // magnitude below 2^51 to an integer; floats of magnitude 2^23 and more are integers already.
-      const double rounded = std::fabs(r) < 0x1p31 ? (r + 0x1.8p52) - 0x1.8p52 : r;
+      // (Both sides are computed and then selected: no floating-point work under a condition, so it vectorises.)
+      const double magic = (r + 0x1.8p52) - 0x1.8p52;
+      const double rounded = std::fabs(r) < 0x1p31 ? magic : r;
       const double v = rounded + zd;  // -0 + z is +0: no negative zero reaches the integers
-      const double clamped = v <= lo ? lo : (v >= hi ? hi : v);
+      const double low = v <= lo ? lo : v;
+      const double clamped = low >= hi ? hi : low;
       out[i] = ratio != ratio ? nan_value : clamped;
     }
   }
