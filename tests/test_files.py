@@ -138,3 +138,17 @@ def test_weights_larger_than_a_write_chunk_fold_identically_to_and_from_files(tm
     assert [b["folded"] for b in report["batchnorms"]] == [True]
     assert (tmp_path / "out.onnx").read_bytes() == qdqfold_native.fold(data)
     assert_same_outputs(model, (tmp_path / "out.onnx").read_bytes())
+
+
+def test_fold_model_path_to_path_goes_file_to_file(tmp_path):
+    import qdqfold
+
+    onnx.save(conv_bn_model(), tmp_path / "m.onnx", save_as_external_data=True, location="m.data",
+              size_threshold=1024)
+    (tmp_path / "out").mkdir()
+    result, report = qdqfold.fold_model(tmp_path / "m.onnx", output=tmp_path / "out" / "f.onnx", report=True)
+    assert result == tmp_path / "out" / "f.onnx"
+    assert [b.folded for b in report.batchnorms] == [True]
+    folded = onnx.load(result, load_external_data=False)
+    assert any(t.data_location == TensorProto.EXTERNAL for t in folded.graph.initializer)  # stayed external
+    assert_same_outputs(conv_bn_model(), onnx.load(result))

@@ -116,8 +116,9 @@ def fold_model(model: ModelLike, *, output: str | os.PathLike | None = None, rep
 
     - an ``onnx.ModelProto`` gives a new ``onnx.ModelProto`` (the argument is not modified);
     - bytes-like gives ``bytes``;
-    - a path gives a ``ModelProto``, or, when ``output`` is given, writes the folded model there
-      (atomically) and returns ``output`` as a ``Path``.
+    - a path gives a ``ModelProto`` (external data loaded through onnx's helpers), or, when ``output`` is
+      given, is folded file to file by ``qdqfold_native.fold_file`` (the input mapped, the output written
+      atomically, external data kept external beside it) and returns ``output`` as a ``Path``.
 
     With ``report=True`` the result is a pair ``(folded, FoldReport)``. Keyword options are those of
     :data:`OPTIONS`. Raises :class:`qdqfold.FoldError` for input that is not a valid ONNX model.
@@ -131,13 +132,12 @@ def fold_model(model: ModelLike, *, output: str | os.PathLike | None = None, rep
     elif isinstance(model, (bytes, bytearray, memoryview)):
         result, rep = fold_bytes(model, **options)
     elif isinstance(model, (str, os.PathLike)):
+        if output is not None:  # file to file in the native core: mapped, external data kept external
+            native = qdqfold_native.fold_file(model, output, **with_inferred_shapes(model, options))
+            return (Path(output), FoldReport.from_native(native)) if report else Path(output)
         folded_bytes, rep = fold_bytes(load_model_bytes(model), **options)
-        if output is not None:
-            write_atomically(output, folded_bytes)
-            result = Path(output)
-        else:
-            result = onnx.ModelProto()
-            result.ParseFromString(folded_bytes)
+        result = onnx.ModelProto()
+        result.ParseFromString(folded_bytes)
     else:
         raise TypeError(f"fold_model() takes an onnx.ModelProto, bytes or a path, not {type(model).__name__}")
     return (result, rep) if report else result
