@@ -128,14 +128,19 @@ def test_big_qat_weight_snapped_in_chunks(tmp_path, materialize):
     np.testing.assert_array_equal(np.clip(np.rint(w_new / s_new), -128, 127), q_new)
 
 
-@pytest.mark.parametrize("form", ["int", "qat"])
-def test_big_matmul_weight(tmp_path, form):
-    # Output channels along the last axis: every element starts a new run of the generator.
-    m, q, a, scale, _ = model("MatMul", [4099, 2053], 1, T.INT8, form)
+@pytest.mark.parametrize("form, qtype, wdims", [("int", T.INT8, [4099, 2053]), ("qat", T.INT8, [4099, 2053]),
+                                                ("int", T.INT4, [4097, 4100]), ("int", T.UINT4, [2049, 8194]),
+                                                ("qat", T.UINT8, [1031, 2054])])
+def test_big_matmul_weight(tmp_path, form, qtype, wdims):
+    # Output channels along the last axis: generated a row at a time; the file writer's 8 MB chunks cut rows
+    # (4-bit rows of even length are processed two columns per byte).
+    zero = 8 if qtype == T.UINT4 else 128 if qtype == T.UINT8 else 0
+    m, q, a, scale, _ = model("MatMul", wdims, 1, qtype, form, zero=zero)
     folded = tensors(fold_both(tmp_path, m))
-    q_new = expected(q, a, 1)
+    q_new = expected(q, a, 1, zero)
     if form == "int":
         np.testing.assert_array_equal(folded[[n for n in folded if n.startswith("w_q")][0]].astype(np.int64), q_new)
     else:
         s_new = (scale * np.abs(a)).astype(np.float32)
-        np.testing.assert_array_equal(np.clip(np.rint(folded["w_float"] / s_new), -128, 127), q_new)
+        lo, hi = (-128, 127) if qtype == T.INT8 else (0, 255)
+        np.testing.assert_array_equal(np.clip(np.rint(folded["w_float"] / s_new) + zero, lo, hi), q_new)

@@ -76,6 +76,16 @@ int64_t QuantLayout::run_length() const {
   return inner_ == 1 ? std::gcd(block_size, axis_dim_) : 1;
 }
 
+int QuantLayout::row_step(int64_t n) const {
+  if (per_tensor()) return 0;
+  if (block_size <= 0) {
+    if (inner_ % n == 0) return 0;                 // k = (i / inner) % axis_dim: one value per row
+    return inner_ == 1 && axis_dim_ == n ? 1 : -1;  // the last axis: k = j
+  }
+  // Blocks along an axis that spans whole rows: i % inner = (r % (inner / n)) * n + j.
+  return inner_ % n == 0 ? 1 : -1;
+}
+
 int64_t QuantLayout::scale_count() const {
   int64_t n = 1;
   for (int64_t d : scale_dims) n *= d;
@@ -281,6 +291,59 @@ void for_each_run(const WeightLayout& wl, const QuantLayout& layout, int64_t cou
   }
 }
 
+// Weights whose output channel is the last axis (MatMul [K, N], Gemm transB=0, 1x1 ConvTranspose): element
+// i = r * n + j belongs to output channel j and, for the scale layouts met there (QuantLayout::row_step), to
+// scale element base(r) + step * j. for_each_run would see runs of one element; these weights are walked a
+// row at a time with per-column parameters instead. (Float8 weights keep the run walk.)
+struct RowView {
+  int64_t n = 0;  // row length: the output channels
+  int64_t step = 0;
+};
+
+std::optional<RowView> row_view(const WeightLayout& wl, const QuantLayout& layout, int32_t int_type) {
+  if (wl.p_is_output || wl.R != 1 || wl.groups != 1 || wl.Q <= 0 || kernels::is_float8(int_type)) return std::nullopt;
+  const int step = layout.row_step(wl.Q);
+  if (step < 0) return std::nullopt;
+  return RowView{wl.Q, step};
+}
+
+// Rows [0, rows) in groups of consecutive rows with one scale base: f(first_row, rows, base), false to stop.
+template <class F>
+void for_each_row_group(const RowView& v, const QuantLayout& layout, int64_t rows, F&& f) {
+  for (int64_t r = 0; r < rows;) {
+    const int64_t base = layout.scale_index(r * v.n);
+    int64_t end = r + 1;
+    while (end < rows && layout.scale_index(end * v.n) == base) ++end;
+    if (!f(r, end - r, base)) return;
+    r = end;
+  }
+}
+
+// Elements [first, last) as pieces of rows (a piece is partial where [first, last) cuts a row):
+// f(i, j0, j1, base) for columns [j0, j1) of the row whose column j0 is element i; false to stop.
+template <class F>
+void for_each_row_piece(const RowView& v, const QuantLayout& layout, int64_t first, int64_t last, F&& f) {
+  for (int64_t r = first / v.n; r * v.n < last; ++r) {
+    const int64_t row = r * v.n, i0 = std::max(first, row), i1 = std::min(last, row + v.n);
+    if (!f(i0, i0 - row, i1 - row, layout.scale_index(row))) return;
+  }
+}
+
+// f(o, k) with the output channel and scale element of every element in element order (a row view visits one
+// row of each group of rows with the same pairs); f returns false to stop.
+template <class F>
+void for_each_channel_scale(const QuantizedWeight& w, const WeightLayout& wl, const QuantLayout& layout, F&& f) {
+  if (auto v = row_view(wl, layout, w.int_type)) {
+    for_each_row_group(*v, layout, w.count / v->n, [&](int64_t, int64_t, int64_t base) {
+      for (int64_t j = 0; j < v->n; ++j)
+        if (!f(j, base + v->step * j)) return false;
+      return true;
+    });
+    return;
+  }
+  for_each_run(wl, layout, w.count, 0, w.count, [&](int64_t, int64_t, int64_t o, int64_t k) { return f(o, k); });
+}
+
 // What the output channels covered by each scale element need: one factor |a|, and whether any of them is
 // negated (and any not). Depends on the layouts only, not on the weight's values.
 struct Coverage {
@@ -299,7 +362,7 @@ Coverage cover(const QuantizedWeight& w, const WeightLayout& wl, const QuantLayo
   c.positive.assign(n, 0);
   c.first_channel.assign(n, -1);
   c.negated_channel.assign(static_cast<size_t>(wl.out_channels), 0);
-  for_each_run(wl, layout, w.count, 0, w.count, [&](int64_t, int64_t, int64_t o, int64_t k) {
+  for_each_channel_scale(w, wl, layout, [&](int64_t o, int64_t k) {
     const double f = std::fabs(a[o]);
     if (c.factor[k] < 0) {
       c.factor[k] = f;
@@ -316,14 +379,31 @@ Coverage cover(const QuantizedWeight& w, const WeightLayout& wl, const QuantLayo
   return c;
 }
 
-// The extreme integers q of the negated elements of each scale element k, and the first output channel (in
-// element order) holding each: read from the integers, or for the QAT form from the extreme float weights
-// (QuantizeLinear is monotone in x for a fixed scale: increasing for s > 0, decreasing for s < 0; a NaN
-// weight quantizes to the zero point). For float8 only whether negation changes any byte.
+// The extreme integers q of the negated elements of each scale element k: read from the integers, or for the
+// QAT form from the extreme float weights (QuantizeLinear is monotone in x for a fixed scale: increasing for
+// s > 0, decreasing for s < 0; a NaN weight quantizes to the zero point). For float8 only whether negation
+// changes any byte.
 struct NegatedExtremes {
-  std::vector<int64_t> min, max, min_channel, max_channel;
+  std::vector<int64_t> min, max;
   bool float8_changes = false;
 };
+
+// The integers QuantizeLinear(s, z) makes of floats with extremes x: [lo, hi], empty (lo > hi) for none.
+std::pair<int64_t, int64_t> quantized_extremes(const kernels::FloatExtremes& x, float s, int64_t z,
+                                               kernels::IntegerRange range) {
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+  if (x.any_number) {
+    const int64_t q1 = kernels::quantize_element(x.min, s, z, range), q2 = kernels::quantize_element(x.max, s, z, range);
+    lo = std::signbit(s) ? q2 : q1;
+    hi = std::signbit(s) ? q1 : q2;
+  }
+  if (x.any_nan) {
+    const int64_t q = range.contains(z) ? z : range.lo;
+    lo = std::min(lo, q);
+    hi = std::max(hi, q);
+  }
+  return {lo, hi};
+}
 
 NegatedExtremes negated_extremes(const QuantizedWeight& w, const WeightLayout& wl, const QuantLayout& layout,
                                  bool promoted, const std::vector<double>& a) {
@@ -331,45 +411,132 @@ NegatedExtremes negated_extremes(const QuantizedWeight& w, const WeightLayout& w
   const auto n = static_cast<size_t>(layout.scale_count());
   e.min.assign(n, std::numeric_limits<int64_t>::max());
   e.max.assign(n, std::numeric_limits<int64_t>::min());
-  e.min_channel.assign(n, -1);
-  e.max_channel.assign(n, -1);
+  auto merge = [&](int64_t k, std::pair<int64_t, int64_t> x) {
+    e.min[k] = std::min(e.min[k], x.first);
+    e.max[k] = std::max(e.max[k], x.second);
+  };
+  auto quantized = [&](const kernels::FloatExtremes& x, int64_t k) {
+    const size_t old = promoted ? 0 : static_cast<size_t>(k);
+    return quantized_extremes(x, static_cast<float>(w.scale[old]), w.zero[old], w.range);
+  };
+  if (auto v = row_view(wl, layout, w.int_type)) {
+    // Column-wise extremes over each group of rows sharing their scale elements, merged for negated columns.
+    const auto cols = static_cast<size_t>(v->n);
+    std::vector<int64_t> lo(cols), hi(cols);
+    std::vector<float> flo(cols), fhi(cols);
+    std::vector<char> nan(cols);
+    for_each_row_group(*v, layout, w.count / v->n, [&](int64_t r, int64_t rows, int64_t base) {
+      if (w.qat()) {
+        std::fill(flo.begin(), flo.end(), INFINITY);
+        std::fill(fhi.begin(), fhi.end(), -INFINITY);
+        std::fill(nan.begin(), nan.end(), 0);
+        kernels::float_column_extremes(w.data.data(), w.float_type, r * v->n, rows, v->n, flo.data(), fhi.data(),
+                                       nan.data());
+      } else {
+        std::fill(lo.begin(), lo.end(), std::numeric_limits<int64_t>::max());
+        std::fill(hi.begin(), hi.end(), std::numeric_limits<int64_t>::min());
+        kernels::integer_column_extremes(w.data.data(), w.int_type, r * v->n, rows, v->n, lo.data(), hi.data());
+      }
+      for (size_t j = 0; j < cols; ++j) {
+        if (!(a[j] < 0)) continue;
+        const int64_t k = base + v->step * static_cast<int64_t>(j);
+        if (w.qat()) merge(k, quantized({flo[j], fhi[j], flo[j] <= fhi[j], nan[j] != 0}, k));
+        else merge(k, {lo[j], hi[j]});
+      }
+      return true;
+    });
+    return e;
+  }
   const bool fnuz = kernels::is_fnuz_float8(w.int_type);
   for_each_run(wl, layout, w.count, 0, w.count, [&](int64_t begin, int64_t len, int64_t o, int64_t k) {
     if (!(a[o] < 0) || len == 0) return true;
-    int64_t lo, hi;
     if (w.float8()) {
       for (int64_t i = begin; i < begin + len && !e.float8_changes; ++i)
         e.float8_changes = !fnuz || (static_cast<uint8_t>(w.data[i]) & 0x7f) != 0;
-      return true;
-    }
-    if (!w.qat()) {
+    } else if (!w.qat()) {
       const auto x = kernels::integer_extremes(w.data.data(), w.int_type, begin, len);
-      lo = x.min;
-      hi = x.max;
+      merge(k, {x.min, x.max});
     } else {
       kernels::FloatExtremes x;
       kernels::float_extremes(w.data.data(), w.float_type, begin, len, x);
-      const size_t old = promoted ? 0 : static_cast<size_t>(k);
-      const auto s = static_cast<float>(w.scale[old]);
-      const int64_t z = w.zero[old];
-      lo = std::numeric_limits<int64_t>::max();
-      hi = std::numeric_limits<int64_t>::min();
-      if (x.any_number) {
-        const int64_t q1 = kernels::quantize_element(x.min, s, z, w.range), q2 = kernels::quantize_element(x.max, s, z, w.range);
-        lo = std::signbit(s) ? q2 : q1;
-        hi = std::signbit(s) ? q1 : q2;
-      }
-      if (x.any_nan) {
-        const int64_t q = w.range.contains(z) ? z : w.range.lo;
-        lo = std::min(lo, q);
-        hi = std::max(hi, q);
-      }
+      merge(k, quantized(x, k));
     }
-    if (lo < e.min[k]) { e.min[k] = lo; e.min_channel[k] = o; }
-    if (hi > e.max[k]) { e.max[k] = hi; e.max_channel[k] = o; }
     return true;
   });
   return e;
+}
+
+// For the message when a negation does not fit: the output channel of the first negated element (in element
+// order) of scale element k whose integer is `value`.
+int64_t channel_holding(const QuantizedWeight& w, const WeightLayout& wl, const QuantLayout& layout, bool promoted,
+                        const std::vector<double>& a, int64_t k, int64_t value) {
+  int64_t channel = -1;
+  const size_t old = promoted ? 0 : static_cast<size_t>(k);
+  for_each_run(wl, layout, w.count, 0, w.count, [&](int64_t begin, int64_t len, int64_t o, int64_t run_k) {
+    if (run_k != k || !(a[o] < 0)) return true;
+    for (int64_t i = begin; i < begin + len && channel < 0; ++i) {
+      double q;
+      if (w.qat())
+        kernels::quantize_elements(w.data.data(), w.float_type, i, 1, static_cast<float>(w.scale[old]), w.zero[old],
+                                   w.range, &q);
+      if ((w.qat() ? static_cast<int64_t>(q) : kernels::integer_extremes(w.data.data(), w.int_type, i, 1).min) == value)
+        channel = o;
+    }
+    return channel < 0;
+  });
+  return channel;
+}
+
+// The rescale per scale element (old scale and zero point: one when the scale was promoted), and per column
+// for a row view.
+struct Rescale {
+  bool promoted = false;
+  std::vector<char> negative;  // per output channel
+  std::vector<int64_t> mirror, old_zero, zero;
+  std::vector<double> old_scale, scale;
+
+  size_t old(int64_t k) const { return promoted ? 0 : static_cast<size_t>(k); }
+};
+
+Rescale rescale_of(const QuantizedWeight& w, const RescaledWeight& r) {
+  return Rescale{r.promoted, r.negative, r.mirror, w.zero, r.zero, w.scale, r.scale};
+}
+
+// The parameters of columns 0..n of the rows with scale base `base`: for the int form the integer mirror, for
+// the QAT form the old quantizer, the mirror q' = add + sign * q and the new scale and zero point.
+struct Columns {
+  int64_t base = -1;
+  kernels::MirrorColumns mirror;
+  std::vector<float> old_scale;
+  std::vector<double> old_zero, add, sign, zero, scale;
+};
+
+Columns columns(const Rescale& p, const RowView& v, int64_t base, int32_t int_type, bool qat) {
+  Columns c;
+  c.base = base;
+  const auto n = static_cast<size_t>(v.n);
+  std::vector<int64_t> mirror(n);
+  for (size_t j = 0; j < n; ++j) mirror[j] = p.mirror[static_cast<size_t>(base + v.step * static_cast<int64_t>(j))];
+  if (!qat) {
+    c.mirror = kernels::mirror_columns(int_type, mirror, p.negative);
+    return c;
+  }
+  c.old_scale.resize(n);
+  c.old_zero.resize(n);
+  c.add.resize(n);
+  c.sign.resize(n);
+  c.zero.resize(n);
+  c.scale.resize(n);
+  for (size_t j = 0; j < n; ++j) {
+    const int64_t k = base + v.step * static_cast<int64_t>(j);
+    c.old_scale[j] = static_cast<float>(p.old_scale[p.old(k)]);
+    c.old_zero[j] = static_cast<double>(p.old_zero[p.old(k)]);
+    c.add[j] = p.negative[j] ? static_cast<double>(mirror[j]) : 0.0;
+    c.sign[j] = p.negative[j] ? -1.0 : 1.0;
+    c.zero[j] = static_cast<double>(p.zero[static_cast<size_t>(k)]);
+    c.scale[j] = p.scale[static_cast<size_t>(k)];
+  }
+  return c;
 }
 
 // QAT form kept: W' = (q' - z') * s' rounded to the weight's type must quantize back to q'. Whether it does
@@ -391,6 +558,27 @@ std::optional<Outcome> check_snap(const QuantizedWeight& w, const WeightLayout& 
     if (all) return std::nullopt;
   }
   std::optional<Outcome> failed;
+  auto fail_at = [&](int64_t i) {
+    failed = Outcome::kept("snap-failed", "the rescaled float weight of " + who + " does not quantize back to its "
+                                          "integers in " + graph::data_type_name(w.float_type) + " (element " +
+                                          std::to_string(i) + ")");
+    return false;
+  };
+  if (auto v = row_view(wl, r.layout, w.int_type)) {
+    const Rescale p = rescale_of(w, r);
+    Columns cols;
+    std::vector<double> q(static_cast<size_t>(v->n));
+    for_each_row_piece(*v, r.layout, 0, w.count, [&](int64_t i, int64_t j0, int64_t j1, int64_t base) {
+      if (cols.base != base) cols = columns(p, *v, base, w.int_type, true);
+      kernels::quantize_elements(w.data.data(), w.float_type, i, j1 - j0, cols.old_scale.data() + j0,
+                                 cols.old_zero.data() + j0, w.range, q.data());
+      kernels::mirror_values(q.data(), j1 - j0, cols.add.data() + j0, cols.sign.data() + j0);
+      for (int64_t j = j0; j < j1; ++j)
+        if (!snaps(static_cast<int64_t>(q[j - j0]), static_cast<size_t>(base + v->step * j))) return fail_at(i + j - j0);
+      return true;
+    });
+    return failed;
+  }
   std::vector<double> q(1024);
   for_each_run(wl, r.layout, w.count, 0, w.count, [&](int64_t begin, int64_t len, int64_t o, int64_t k) {
     const size_t old = r.promoted ? 0 : static_cast<size_t>(k);
@@ -400,11 +588,7 @@ std::optional<Outcome> check_snap(const QuantizedWeight& w, const WeightLayout& 
                                  w.zero[old], w.range, q.data());
       for (int64_t j = 0; j < m; ++j) {
         const auto v = static_cast<int64_t>(q[j]);
-        if (snaps(a[o] < 0 ? r.mirror[k] - v : v, static_cast<size_t>(k))) continue;
-        failed = Outcome::kept("snap-failed", "the rescaled float weight of " + who + " does not quantize back to its "
-                                              "integers in " + graph::data_type_name(w.float_type) + " (element " +
-                                              std::to_string(begin + done + j) + ")");
-        return false;
+        if (!snaps(a[o] < 0 ? r.mirror[k] - v : v, static_cast<size_t>(k))) return fail_at(begin + done + j);
       }
     }
     return true;
@@ -483,8 +667,8 @@ std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWe
       }
     if (!found) {
       const bool low = !w.range.contains(2 * z - e.min[k]);
-      const int64_t channel = low ? e.min_channel[k] : e.max_channel[k];
       const int64_t value = low ? e.min[k] : e.max[k];
+      const int64_t channel = channel_holding(w, wl, r.layout, r.promoted, a, static_cast<int64_t>(k), value);
       std::string msg = "channel " + std::to_string(channel) + " of " + who + " has a negative BN factor and holds the " +
                         graph::data_type_name(w.int_type) + " value " + std::to_string(value) +
                         ", whose negation does not fit the type";
@@ -524,13 +708,11 @@ struct WeightGenerator {
   std::string_view data;  // the integers or W (a view of the model's buffer, or of *owner)
   int64_t count = 0;
   int32_t int_type = 0, float_type = 0;
-  bool qat = false, as_integers = true, fnuz = false, float8 = false, promoted = false;
+  bool qat = false, as_integers = true, fnuz = false, float8 = false;
   WeightLayout wl;
   QuantLayout layout;
   kernels::IntegerRange range;
-  std::vector<char> negative;
-  std::vector<int64_t> mirror, old_zero, zero;
-  std::vector<double> old_scale, scale;
+  Rescale p;
 
   size_t size() const {
     return as_integers ? *kernels::quantized_bytes(int_type, count) : static_cast<size_t>(count) * element_width();
@@ -549,32 +731,58 @@ struct WeightGenerator {
       first = static_cast<int64_t>(begin / element_width());
       last = static_cast<int64_t>(end / element_width());
     }
+    if (auto v = row_view(wl, layout, int_type)) return fill_rows(*v, dst, first, last);
     std::vector<double> q(qat ? 1024 : 0);
     for_each_run(wl, layout, count, first, last, [&](int64_t from, int64_t len, int64_t o, int64_t k) {
-      const bool neg = negative[o];
+      const bool neg = p.negative[o];
       if (!qat) {
         if (!neg) kernels::copy_integers(data.data(), dst, int_type, from, len, first);
         else if (float8) kernels::negate_float8_bytes(data.data(), dst, from, len, first, fnuz);
-        else kernels::mirror_integers(data.data(), dst, int_type, from, len, first, mirror[k]);
+        else kernels::mirror_integers(data.data(), dst, int_type, from, len, first, p.mirror[k]);
         return true;
       }
-      const size_t old = promoted ? 0 : static_cast<size_t>(k);
       for (int64_t done = 0; done < len; done += 1024) {
         const int64_t m = std::min<int64_t>(1024, len - done);
-        kernels::quantize_elements(data.data(), float_type, from + done, m, static_cast<float>(old_scale[old]),
-                                   old_zero[old], range, q.data());
+        kernels::quantize_elements(data.data(), float_type, from + done, m, static_cast<float>(p.old_scale[p.old(k)]),
+                                   p.old_zero[p.old(k)], range, q.data());
         if (neg) {
-          const auto c = static_cast<double>(mirror[k]);
+          const auto c = static_cast<double>(p.mirror[k]);
           for (int64_t j = 0; j < m; ++j) q[j] = c - q[j];
         }
-        if (as_integers)
-          kernels::store_integers(q.data(), m, int_type, dst, from + done - first);
-        else
-          kernels::store_dequantized(q.data(), m, static_cast<double>(zero[k]), scale[k], float_type,
-                                     dst + (from + done - first) * static_cast<int64_t>(element_width()));
+        store(q.data(), m, from + done - first, dst, static_cast<double>(p.zero[k]), p.scale[k]);
       }
       return true;
     });
+  }
+
+  // The same a row piece at a time, with the parameters of the piece's columns.
+  void fill_rows(const RowView& v, char* dst, int64_t first, int64_t last) const {
+    constexpr int64_t kPiece = 4096;
+    Columns cols;
+    std::vector<double> q(qat ? kPiece : 0);
+    for_each_row_piece(v, layout, first, last, [&](int64_t i, int64_t j0, int64_t j1, int64_t base) {
+      if (cols.base != base) cols = columns(p, v, base, int_type, qat);
+      if (!qat) {
+        kernels::mirror_integers(data.data(), dst, int_type, i, j1 - j0, first, cols.mirror, j0);
+        return true;
+      }
+      for (int64_t j = j0; j < j1; j += kPiece) {
+        const int64_t m = std::min(kPiece, j1 - j), e = i + (j - j0);
+        kernels::quantize_elements(data.data(), float_type, e, m, cols.old_scale.data() + j, cols.old_zero.data() + j,
+                                   range, q.data());
+        kernels::mirror_values(q.data(), m, cols.add.data() + j, cols.sign.data() + j);
+        store<const double*>(q.data(), m, e - first, dst, cols.zero.data() + j, cols.scale.data() + j);
+      }
+      return true;
+    });
+  }
+
+  // The integers q'[0, m) as output element `at` onwards: as they are, or dequantized with zero point and scale
+  // (one for all, or one per element).
+  template <class P>
+  void store(const double* q, int64_t m, int64_t at, char* dst, P zero, P scale) const {
+    if (as_integers) kernels::store_integers(q, m, int_type, dst, at);
+    else kernels::store_dequantized(q, m, zero, scale, float_type, dst + at * static_cast<int64_t>(element_width()));
   }
 };
 
@@ -592,16 +800,10 @@ graph::LazyBytes rescaled_weight_data(const QuantizedWeight& w, const WeightLayo
   gen->as_integers = as_integers;
   gen->float8 = w.float8();
   gen->fnuz = kernels::is_fnuz_float8(w.int_type);
-  gen->promoted = r.promoted;
   gen->wl = wl;
   gen->layout = r.layout;
   gen->range = w.range;
-  gen->negative = r.negative;
-  gen->mirror = r.mirror;
-  gen->old_zero = w.zero;
-  gen->zero = r.zero;
-  gen->old_scale = w.scale;
-  gen->scale = r.scale;
+  gen->p = rescale_of(w, r);
   graph::LazyBytes bytes;
   bytes.size = gen->size();
   bytes.fill = [gen](char* dst) { gen->fill(dst, 0, gen->size()); };

@@ -9,7 +9,8 @@
 // where a < 0), checking everything with read-only passes over that data; and write_quantized_weight() puts
 // the result into the graph without touching tensors other nodes read. A new weight is generated straight
 // into the output when it is written (graph::LazyBytes), one run of elements sharing an output channel and a
-// scale element at a time; where no factor is negative the integers are not touched at all.
+// scale element at a time, or, where the output channel is the last axis (MatMul, Gemm transB=0), one row at a
+// time with per-column parameters; where no factor is negative the integers are not touched at all.
 #pragma once
 
 #include <memory>
@@ -38,6 +39,9 @@ struct QuantLayout {
   int64_t scale_count() const;
   // Aligned runs of this many elements share one scale element (0: the whole tensor). After `prepare`.
   int64_t run_length() const;
+  // Viewed as rows of n elements: 0 or 1 when the scale element of element j of row r is
+  // scale_index(r * n) + step * j (per tensor or per row: 0; per column, or blocked across rows: 1), else -1.
+  int row_step(int64_t n) const;
 
  private:
   int64_t inner_ = 1, axis_dim_ = 1, blocks_ = 1;

@@ -85,6 +85,37 @@ void store_integers(const double* q, int64_t n, int32_t data_type, char* dst, in
 // round_to_float_type((q[j] - z) * s) stored as float32/16 or bfloat16 at dst (element j).
 void store_dequantized(const double* q, int64_t n, double z, double s, int32_t float_type, char* dst);
 
+// ---- Per-column variants, for weights processed a row at a time (output channel on the last axis): the
+// parameters of element first + j are p[j], so a caller passes its column arrays offset to the row segment.
+
+// Mirror parameters in the integers' own bit layout (n columns, one element each; 4-bit: a byte each):
+// q' = (q ^ flip) + add modulo 2^bits is q where flip = add = 0, and c - q where flip = all ones and
+// add = c + 1 (two's complement: c - q = c + ~q + 1).
+struct MirrorColumns {
+  std::string flip, add;
+  // 4-bit: columns 2t and 2t + 1 as the low and high nibble of byte t, for pieces that start on a whole byte:
+  // x = b ^ flip, q' = ((x + add_low) & 0x0f) | (((x & 0xf0) + add_high) & 0xf0).
+  std::string pair_flip, pair_add_low, pair_add_high;
+};
+MirrorColumns mirror_columns(int32_t data_type, const std::vector<int64_t>& c, const std::vector<char>& negated);
+// Elements [first, first + n) written to dst (from element dst_first) as (q ^ flip[j]) + add[j], with the
+// parameters of columns [column0, column0 + n) of `m`.
+void mirror_integers(const char* src, char* dst, int32_t data_type, int64_t first, int64_t n, int64_t dst_first,
+                     const MirrorColumns& m, int64_t column0);
+// Column-wise extremes of `rows` consecutive rows of n elements starting at element `first`, merged into
+// lo[j] / hi[j] (integer tensors, not float8; float tensors: NaN only sets nan[j]).
+void integer_column_extremes(const char* src, int32_t data_type, int64_t first, int64_t rows, int64_t n, int64_t* lo,
+                             int64_t* hi);
+void float_column_extremes(const char* src, int32_t float_type, int64_t first, int64_t rows, int64_t n, float* lo,
+                           float* hi, char* nan);
+// quantize_elements() with scale s[j] and zero point z[j] for element first + j.
+void quantize_elements(const char* src, int32_t float_type, int64_t first, int64_t n, const float* s, const double* z,
+                       IntegerRange range, double* q);
+// q[j] = add[j] + sign[j] * q[j] (sign +-1: exact on integers): the mirror applied to quantized values.
+void mirror_values(double* q, int64_t n, const double* add, const double* sign);
+// store_dequantized() with zero point z[j] and scale s[j] for element j.
+void store_dequantized(const double* q, int64_t n, const double* z, const double* s, int32_t float_type, char* dst);
+
 // Bytes per element of the integer and float8 types (0 for the packed 4-bit ones and any other type).
 size_t quantized_width(int32_t data_type);
 // Bytes taken by `count` elements of a quantized type (4-bit: packed), or nullopt for another type.
