@@ -90,9 +90,14 @@ def _folds_are_registered() -> bool:
     return report["batchnorms"][0]["code"] != "not-implemented"
 
 
-# Until the first fold is registered every BN is kept as "not-implemented"; the reason-code checks below
-# become strict as soon as one is (the byte-identity checks are strict either way).
+# Until the first fold was registered every BN was kept as "not-implemented"; the reason-code checks below
+# are strict once one is (the byte-identity checks are strict either way), and the test after this says
+# that one is.
 FOLDS = _folds_are_registered()
+
+
+def test_the_reason_code_checks_are_live():
+    assert FOLDS, "a plain Conv -> BN is no longer folded: the hostile tests' reason checks would go quiet"
 
 
 # ------------------------------------------------------------------------------------------------ checks
