@@ -133,6 +133,14 @@ def test_bn_conv_without_bias_gets_one_and_strides_dilations_are_fine_without_pa
     assert len(folded.graph.node[1].input) == 3
 
 
+def test_weight_that_would_overflow_once_scaled_keeps_the_bn():
+    model = bn_conv_model([1, 4, 5, 5], pads=[0, 0, 0, 0], zero_shift=True)  # t = 0: the bias stays finite
+    gamma = next(t for t in model.graph.initializer if t.name == "bn_scale")
+    gamma.CopyFrom(numpy_helper.from_array(np.full(4, 3e38, dtype=np.float32), "bn_scale"))
+    entry = assert_kept(model, "overflow")
+    assert "weight 'w' would overflow float32" in entry.message
+
+
 def test_auto_pad_valid_is_no_padding():
     assert_folded_forward(bn_conv_model([1, 4, 9, 9], auto_pad="VALID"))
 

@@ -175,13 +175,15 @@ std::variant<std::string, Outcome> scale_input_features(const FloatWeight& w, co
     axis = l.p_is_output ? kernels::ChannelAxis{1, l.P, channels, features_per_channel}
                          : kernels::ChannelAxis{1, 1, channels, features_per_channel * l.Q};
   }
-  std::string out;
-  auto r = kernels::scale_channels(w.tensor.data_type, w.bytes, axis, scale, out);
+  // A read-only check pass first (it counts overflows), then the write.
+  auto r = kernels::affine_channels(w.tensor.data_type, w.bytes, axis, scale.data(), nullptr, static_cast<char*>(nullptr));
   if (!r.ok) return Outcome::kept("unreadable-weight", "the weight '" + w.tensor.name + "' does not match its dims");
   if (r.overflowed)
     return Outcome::kept("overflow", std::to_string(r.overflowed) + " values of weight '" + w.tensor.name +
                                          "' would overflow " + graph::data_type_name(w.tensor.data_type) +
                                          " once scaled by BN's factor");
+  std::string out;
+  kernels::scale_channels(w.tensor.data_type, w.bytes, axis, scale, out);
   return out;
 }
 

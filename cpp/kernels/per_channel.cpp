@@ -66,7 +66,8 @@ struct Bfloat16 {
 // y[i] = x[i] * s[i] + t[i] over one contiguous run of n elements, with the factors per element
 // (PerElement) or one for the whole run. Works through aligned chunks (the source may be an unaligned view
 // of the model, the destination a position in the output buffer); the inner loops are straight-line and
-// vectorise for float32/float64. Counts the elements that were finite and are not any more.
+// vectorise for float32/float64. Without a destination it only counts the elements that were finite and
+// would not be any more (the fold's check pass); with one it only writes.
 template <class Codec, bool PerElement>
 int64_t affine_run(const char* src, char* dst, int64_t n, const double* s, const double* t) {
   using T = typename Codec::Stored;
@@ -84,9 +85,12 @@ int64_t affine_run(const char* src, char* dst, int64_t n, const double* s, const
     } else {
       for (int64_t i = 0; i < k; ++i) out[i] = Codec::store(Codec::load(in[i]) * sc[PerElement ? i : 0]);
     }
+    if (dst) {  // writing: the fold's read-only check pass (dst == nullptr) already counted overflows
+      std::memcpy(dst + done * sizeof(T), out, static_cast<size_t>(k) * sizeof(T));
+      continue;
+    }
     for (int64_t i = 0; i < k; ++i)
       overflowed += std::isfinite(Codec::load(in[i])) && !std::isfinite(Codec::load(out[i]));
-    if (dst) std::memcpy(dst + done * sizeof(T), out, static_cast<size_t>(k) * sizeof(T));
   }
   return overflowed;
 }
