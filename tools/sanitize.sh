@@ -5,7 +5,7 @@
 #   tools/sanitize.sh                      # the whole suite
 #   tools/sanitize.sh tests/test_hostile.py -k nan   # any pytest arguments (paths relative to the repo root)
 #
-# Environment: BUILD_DIR (default /tmp/qdqfold-sanitize), CXX (default g++; clang++ works too), JOBS (ninja -j,
+# Environment: BUILD_DIR (default build/sanitize in the repository), CXX (default g++; clang++ works too), JOBS (ninja -j,
 # default 2).
 #
 # Python itself is not instrumented, so the sanitizer runtime has to be in the process before anything else:
@@ -13,13 +13,14 @@
 # check is on, and UBSan stops at the first report (-fno-sanitize-recover). Any report fails the run.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-build="${BUILD_DIR:-/tmp/qdqfold-sanitize}"
+build="${BUILD_DIR:-$root/build/sanitize}"
 cxx="${CXX:-g++}"
 
+mkdir -p "$build"
 pybind11_dir="$(python3 -c 'import pybind11; print(pybind11.get_cmake_dir())')"
 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DQDQFOLD_SANITIZE=ON -Dpybind11_DIR="$pybind11_dir" >"$build.cmake.log" 2>&1 \
-  || { cat "$build.cmake.log"; exit 1; }
+  -DQDQFOLD_SANITIZE=ON -Dpybind11_DIR="$pybind11_dir" >"$build/cmake.log" 2>&1 \
+  || { cat "$build/cmake.log"; exit 1; }
 ninja -C "$build" -j "${JOBS:-2}" qdqfold_native
 
 # The ASan runtime of the compiler that built the extension (plus, for GCC, its UBSan runtime).
