@@ -160,6 +160,30 @@ void take_over_batchnorm_output(Graph& g, int layer, int slot, int bn, const Bat
   g.set_output(layer, slot, bn_output);
 }
 
+std::variant<FoldedBias, Outcome> fold_bias(const std::optional<std::vector<int64_t>>& dims,
+                                            const std::vector<double>& values, const std::vector<double>& factor,
+                                            const std::vector<double>& shift, const std::string& what) {
+  const auto features = static_cast<int64_t>(shift.size());
+  FoldedBias out;
+  if (!dims) {
+    out.dims = {features};
+    out.values = shift;
+    return out;
+  }
+  const auto rank = dims->size();
+  const int64_t last = rank == 0 ? 1 : dims->back();
+  const int64_t rows = rank == 2 ? (*dims)[0] : 1;
+  if (rank > 2 || (last != 1 && last != features) || static_cast<int64_t>(values.size()) != rows * last)
+    return Outcome::kept("shape-mismatch", what + " does not broadcast against the " + std::to_string(features) +
+                                               " output features");
+  out.dims = rank == 2 ? std::vector<int64_t>{rows, features} : std::vector<int64_t>{features};
+  out.values.resize(static_cast<size_t>(rows * features));
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < features; ++j)
+      out.values[i * features + j] = factor[j] * values[i * last + (last == 1 ? 0 : j)] + shift[j];
+  return out;
+}
+
 std::optional<size_t> known_rank(const Graph& g, const std::string& value) {
   if (auto s = g.shape_of(value)) return s->size();
   const int p = g.producer(value);

@@ -67,6 +67,20 @@ void write_layer_input(FoldContext& ctx, int layer, int slot, int32_t data_type,
 // output name (so graph outputs and value_info keep their names).
 void take_over_batchnorm_output(graph::Graph& g, int layer, int slot, int bn, const BatchNormAffine& affine);
 
+// A bias added to a 2-D [rows, features] output (Gemm's C, the Add after a MatMul), with the BN applied to it:
+// dims and values after the fold.
+struct FoldedBias {
+  std::vector<int64_t> dims;
+  std::vector<double> values;
+};
+
+// bias'[i, j] = factor[j] * bias[i, j] + t[j] for a bias of dims `dims` (rank <= 2, last dim 1 or F) that
+// broadcasts against [rows, F]; one broadcasting along the features (shape [], [1], [m, 1]) is widened to [F]
+// or [m, F]. An absent bias (`dims` nullopt) is zero. Kept ("shape-mismatch") when the dims do not broadcast.
+std::variant<FoldedBias, Outcome> fold_bias(const std::optional<std::vector<int64_t>>& dims,
+                                            const std::vector<double>& values, const std::vector<double>& factor,
+                                            const std::vector<double>& shift, const std::string& what);
+
 // The rank of `value` when it is known: from shape information, or because its producer always makes
 // rank-2 outputs (Flatten, Gemm).
 std::optional<size_t> known_rank(const graph::Graph& g, const std::string& value);

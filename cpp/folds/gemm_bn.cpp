@@ -28,38 +28,6 @@ namespace {
 using graph::Graph;
 using graph::Node;
 
-// A bias added to a 2-D [rows, features] output, with the BN applied to it: dims and values after the fold.
-struct FoldedBias {
-  std::vector<int64_t> dims;
-  std::vector<double> values;
-};
-
-// bias'[i, j] = factor[j] * bias[i, j] + t[j] for a bias of dims `dims` (rank <= 2, last dim 1 or F) that
-// broadcasts against [rows, F]. An absent bias (`dims` nullopt) is zero. Kept when the dims do not broadcast.
-std::variant<FoldedBias, Outcome> fold_bias(const std::optional<std::vector<int64_t>>& dims,
-                                            const std::vector<double>& values, const std::vector<double>& factor,
-                                            const std::vector<double>& shift, const std::string& what) {
-  const auto features = static_cast<int64_t>(shift.size());
-  FoldedBias out;
-  if (!dims) {
-    out.dims = {features};
-    out.values = shift;
-    return out;
-  }
-  const auto rank = dims->size();
-  const int64_t last = rank == 0 ? 1 : dims->back();
-  const int64_t rows = rank == 2 ? (*dims)[0] : 1;
-  if (rank > 2 || (last != 1 && last != features) || static_cast<int64_t>(values.size()) != rows * last)
-    return Outcome::kept("shape-mismatch", what + " does not broadcast against the " + std::to_string(features) +
-                                               " output features");
-  out.dims = rank == 2 ? std::vector<int64_t>{rows, features} : std::vector<int64_t>{features};
-  out.values.resize(static_cast<size_t>(rows * features));
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < features; ++j)
-      out.values[i * features + j] = factor[j] * values[i * last + (last == 1 ? 0 : j)] + shift[j];
-  return out;
-}
-
 // Kept unless `value` (the layer output the BN reads) is known to be 2-D.
 std::optional<Outcome> require_2d_output(const Graph& g, const std::string& value, const std::string& bn_output,
                                          const std::string& matmul_input) {

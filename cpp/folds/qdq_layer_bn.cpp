@@ -2,6 +2,7 @@
 // comes through DequantizeLinear, without re-quantizing: the BN factor goes into the quantization scale.
 //
 //   int form:  q -> DQ(s, z) -> Conv(b) -> BN -> y      =>   q' -> DQ(s', z') -> Conv(b') -> y
+//   MatMul + Add(constant c), either operand order:      =>   q' -> DQ(s', z') -> MatMul -> Add(c' = a * c + t)
 //   QAT form:  W -> Q(s, z) -> DQ(s, z) -> Conv -> BN   =>   W' -> Q(s', z') -> DQ(s', z') -> Conv(b') -> y
 //              (materialize_quantized_weights=True:         q' -> DQ(s', z') -> Conv(b') -> y)
 //
@@ -332,6 +333,22 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
     act_q = qa;
     act_dq = producer;
   }
+  // MatMul -> Add(constant bias) -> BN (either operand order): the MatMul's weight takes the factor, the Add's
+  // bias becomes a * c + t, as in the float fold (gemm_bn).
+  int add = -1, add_bias_slot = -1;
+  if (act_q < 0 && g.nodes[producer].is("Add")) {
+    const Node& an = g.nodes[producer];
+    if (an.inputs.size() != 2 || an.outputs.size() != 1) return Outcome::not_applicable();
+    for (int s = 0; s < 2 && add < 0; ++s) {
+      const int p = g.producer(an.inputs[s]);
+      if (p >= 0 && g.nodes[p].is("MatMul") && constant_dims(g, an.inputs[1 - s])) {
+        add = producer;
+        add_bias_slot = 1 - s;
+        layer = p;
+      }
+    }
+    if (add < 0) return Outcome::not_applicable();
+  }
   const Node& ln = g.nodes[layer];
   if (!is_layer(ln) || ln.inputs.size() < 2 || ln.outputs.size() != 1) return Outcome::not_applicable();
   const int wdq = g.producer(ln.inputs[1]);
@@ -353,7 +370,13 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
                                " and the BN also feeds other nodes, so it cannot be dropped");
   } else {
     if (!quantized_weight) return Outcome::not_applicable();  // the float folds' pattern
-    if (auto blocked = layer_output_blocker(g, layer, ln.outputs[0], bn)) return *blocked;
+    if (add >= 0) {
+      if (ln.inputs.size() != 2) return Outcome::kept("malformed", who + " has an unexpected arity");
+      if (auto blocked = layer_output_blocker(g, layer, ln.outputs[0], add, 1 - add_bias_slot)) return *blocked;
+      if (auto blocked = layer_output_blocker(g, add, g.nodes[add].outputs[0], bn)) return *blocked;
+    } else if (auto blocked = layer_output_blocker(g, layer, ln.outputs[0], bn)) {
+      return *blocked;
+    }
   }
   if (!read_only_by(g, ln.inputs[1], layer))
     return Outcome::kept("shared-weight", "the dequantized weight '" + ln.inputs[1] + "' of " + who +
@@ -397,17 +420,41 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
   }
   if (auto* o = std::get_if<Outcome>(&rescaled_or)) return *o;
   const RescaledWeight& rescaled = std::get<RescaledWeight>(rescaled_or);
-  auto bias_or = plan_bias(ctx, layer, *wl, weight, rescaled, affine, beta, raising_opset, who);
-  if (auto* o = std::get_if<Outcome>(&bias_or)) return *o;
-  const BiasPlan& bias = std::get<BiasPlan>(bias_or);
+  BiasPlan bias;  // kind None for MatMul + Add: the Add's bias carries the shift
+  std::string add_bias_raw;
+  FoldedBias add_bias;
+  int32_t add_bias_type = 0;
+  if (add >= 0) {
+    const std::string& name = g.nodes[add].inputs[add_bias_slot];
+    const std::string what = "the bias '" + name + "' of " + label(g, add);
+    auto values = constant_values(g, name);
+    auto dims = constant_dims(g, name);
+    if (!values || !dims) return Outcome::kept("non-constant-bias", what + " is not a readable constant");
+    // The Add's type is the MatMul's output type, the weight DequantizeLinear's (its scale's) type.
+    auto ref = g.constant(name);
+    add_bias_type = ref && graph::is_float_type(ref->tensor.data_type) ? ref->tensor.data_type : weight.scale_type;
+    auto folded_or = fold_bias(dims, *values, affine.scale, affine.shift, what);
+    if (auto* o = std::get_if<Outcome>(&folded_or)) return *o;
+    add_bias = std::move(std::get<FoldedBias>(folded_or));
+    auto raw_or = store_or_keep(add_bias_type, add_bias.values, "bias");
+    if (auto* o = std::get_if<Outcome>(&raw_or)) return *o;
+    add_bias_raw = std::move(std::get<std::string>(raw_or));
+  } else {
+    auto bias_or = plan_bias(ctx, layer, *wl, weight, rescaled, affine, beta, raising_opset, who);
+    if (auto* o = std::get_if<Outcome>(&bias_or)) return *o;
+    bias = std::move(std::get<BiasPlan>(bias_or));
+  }
 
   // Every condition holds: edit.
   Outcome out;
   out.verdict = Verdict::Folded;
   out.code = "qdq-layer-bn";
   out.into = {ln.display_name(layer)};
+  if (add >= 0) out.into.push_back(g.nodes[add].display_name(add));
   out.into_op = ln.op_type;
-  out.message = "folded into the quantized weight of " + who + ": scale s' = s * |a|" +
+  out.message = "folded into the quantized weight of " + who +
+                (add >= 0 ? " and the bias of " + label(g, add) + " (c' = a * c + t)" : std::string()) +
+                ": scale s' = s * |a|" +
                 (rescaled.promoted ? " (per-tensor scale made per-channel)" : "") +
                 (rescaled.negated_channels ? ", integers mirrored in " + std::to_string(rescaled.negated_channels) +
                                                  " channels with a < 0"
@@ -422,7 +469,13 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
     out.message += "; the model's opset was raised to 13 for the per-channel axis";
   }
   const std::string layer_output = ln.outputs[0];  // nodes may move once edits add nodes
+  const std::string layer_base = ln.name.empty() ? ln.outputs[0] : ln.name;
   write_quantized_weight(ctx, weight, *wl, rescaled, materialize, out);
+  if (add >= 0) {
+    write_layer_input(ctx, add, add_bias_slot, add_bias_type, add_bias.dims, add_bias_raw, layer_base + "_bias", out);
+    take_over_batchnorm_output(g, add, 0, bn, affine);
+    return out;
+  }
   write_bias(ctx, layer, wdq, bias, out);
   if (bias.kind == BiasPlan::Int32Existing || bias.kind == BiasPlan::Int32New)
     out.metrics.emplace_back("bias_requantization_error", bias.max_error);
