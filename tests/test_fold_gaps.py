@@ -133,3 +133,167 @@ def test_quantized_matmul_add_of_unknown_rank_is_kept():
     out, records = fold(case.bytes)
     assert not records["bn"]["folded"] and records["bn"]["code"] == "not-2d", records["bn"]
     assert out == case.bytes
+
+
+# ------------------------------------------------------------------------------------------------ 2. outer-scope rank
+
+CIN, COUT = 6, 5
+EPS = 1e-5
+Q8 = np.random.default_rng(0).integers(-127, 128, size=(CIN, COUT)).astype(np.int8)
+SCALE = np.random.default_rng(2).uniform(0.01, 0.05, COUT).astype(np.float32)
+
+
+def bn_tensors(prefix):
+    rng = np.random.default_rng(1)
+    gamma = np.array([1.2, -0.7, 0.9, -1.5, 0.6], np.float32)
+    return {prefix + "gamma": gamma, prefix + "beta": rng.standard_normal(COUT).astype(np.float32),
+            prefix + "mean": rng.standard_normal(COUT).astype(np.float32),
+            prefix + "var": rng.uniform(0.5, 2.0, COUT).astype(np.float32)}
+
+
+def if_model(form, x_shape=(3, CIN), outer="input", act_quant=False):
+    """cond ? BN(MatMul(v, W)) : MatMul(v, W2) where v is an outer value: the graph input x (declared x_shape,
+    None: no shape) or, with outer="flatten", Flatten(x) with no value_info. W is a float initializer in the
+    branch (form "float"), or DQ(int8 outer initializer) ("int") or Q -> DQ of a float one ("qat") in the branch.
+    act_quant: v goes through an activation Q -> DQ in the outer graph first."""
+    inits, outer_nodes = [], []
+    v = "x"
+    if outer == "flatten":
+        outer_nodes.append(h.make_node("Flatten", ["x"], ["xf"], name="flatten"))
+        v = "xf"
+    if act_quant:
+        inits += [nh.from_array(np.array(0.02, np.float32), "x_scale"), nh.from_array(np.array(128, np.uint8), "x_zero")]
+        outer_nodes += [h.make_node("QuantizeLinear", [v, "x_scale", "x_zero"], ["xq"], name="x_Q"),
+                        h.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"], name="x_DQ")]
+        v = "xd"
+    bn = bn_tensors("t_")
+    then_inits = [nh.from_array(val, k) for k, val in bn.items()]
+    if form == "float":
+        then_inits.append(nh.from_array((Q8.astype(np.float32) * SCALE), "t_w"))
+        then_nodes = []
+    elif form == "int":
+        inits += [nh.from_array(Q8, "w_q"), nh.from_array(SCALE, "w_scale")]
+        then_nodes = [h.make_node("DequantizeLinear", ["w_q", "w_scale"], ["t_w"], axis=1, name="t_DQ")]
+    else:
+        w = (Q8.astype(np.float32) * SCALE).astype(np.float32)
+        w.reshape(-1)[::3] *= np.float32(1.1)  # off the grid
+        inits += [nh.from_array(SCALE, "w_scale"), nh.from_array(np.zeros(COUT, np.int8), "w_zero")]
+        then_inits.append(nh.from_array(w, "t_wf"))
+        then_nodes = [h.make_node("QuantizeLinear", ["t_wf", "w_scale", "w_zero"], ["t_wq"], axis=1, name="t_Q"),
+                      h.make_node("DequantizeLinear", ["t_wq", "w_scale", "w_zero"], ["t_w"], axis=1, name="t_DQ")]
+    then_nodes += [h.make_node("MatMul", [v, "t_w"], ["t_y"], name="t_mm"),
+                   h.make_node("BatchNormalization", ["t_y", "t_gamma", "t_beta", "t_mean", "t_var"], ["t_out"],
+                               epsilon=EPS, name="t_bn")]
+    then_g = h.make_graph(then_nodes, "then", [], [h.make_tensor_value_info("t_out", T.FLOAT, None)], then_inits)
+    else_g = h.make_graph([h.make_node("MatMul", [v, "e_w"], ["e_out"], name="e_mm")], "else", [],
+                          [h.make_tensor_value_info("e_out", T.FLOAT, None)],
+                          [nh.from_array(np.random.default_rng(4).standard_normal((CIN, COUT)).astype(np.float32), "e_w")])
+    x_vi = h.make_tensor_value_info("x", T.FLOAT, None if x_shape is None else list(x_shape))
+    graph = h.make_graph(outer_nodes + [h.make_node("If", ["cond"], ["out"], then_branch=then_g, else_branch=else_g,
+                                                    name="if")], "g",
+                         [h.make_tensor_value_info("cond", T.BOOL, []), x_vi],
+                         [h.make_tensor_value_info("out", T.FLOAT, None)], inits)
+    m = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+def fold_model(m, **options):
+    data = m.SerializeToString()
+    out, report = qdqfold_native.fold_with_report(data, **options)
+    return data, out, {r["node"]: r for r in report["batchnorms"]}
+
+
+def then_branch(model_bytes):
+    m = onnx.load_from_string(model_bytes)
+    node = next(n for n in m.graph.node if n.op_type == "If")
+    return next(a.g for a in node.attribute if a.name == "then_branch")
+
+
+def assert_if_outputs_same(m, out, x_shape=(3, CIN), exact=True):
+    for seed in range(3):
+        x = np.random.default_rng(seed).standard_normal(x_shape).astype(np.float32)
+        for cond in (True, False):
+            feeds = {"cond": np.array(cond), "x": x}
+            if exact:
+                assert_same_outputs(m, out, feeds=feeds)
+            else:
+                # QDQ: identical up to float rounding (no quantizer after the BN here, so no flips).
+                e, a = run(m, feeds)[0], run(out, feeds)[0]
+                np.testing.assert_allclose(a, e, rtol=0, atol=1e-5 * np.ptp(e))
+
+
+@pytest.mark.parametrize("outer", ["input", "flatten"])
+def test_float_matmul_in_if_branch_reading_outer_2d_value_folds(outer):
+    m = if_model("float", x_shape=(3, CIN) if outer == "input" else (3, CIN, 1, 1), outer=outer)
+    data, out, records = fold_model(m)
+    r = records["t_bn"]
+    assert r["folded"] and r["code"] == "gemm-bn", r
+    branch = then_branch(out)
+    assert [n.op_type for n in branch.node] == ["Gemm"]
+    assert_if_outputs_same(m, out, x_shape=(3, CIN) if outer == "input" else (3, CIN, 1, 1))
+
+
+@pytest.mark.parametrize("form", ["int", "qat"])
+@pytest.mark.parametrize("act_quant", [False, True], ids=["float_x", "quantized_x"])
+def test_qdq_matmul_in_if_branch_reading_outer_2d_value_folds(form, act_quant):
+    m = if_model(form, act_quant=act_quant)
+    data, out, records = fold_model(m)
+    r = records["t_bn"]
+    assert r["folded"] and r["code"] == "qdq-layer-bn" and r["exact"], r
+    branch = then_branch(out)
+    assert "BatchNormalization" not in [n.op_type for n in branch.node]
+    # Outer tensors are never edited (the branch reads new ones; outer ones nothing reads any more are dropped).
+    om = onnx.load_from_string(out)
+    before = {t.name: t.SerializeToString() for t in m.graph.initializer}
+    assert all(before[t.name] == t.SerializeToString() for t in om.graph.initializer)
+    assert "x_scale" in {t.name for t in om.graph.initializer} or not act_quant
+    bn = bn_tensors("t_")
+    a = bn["t_gamma"].astype(np.float64) / np.sqrt(bn["t_var"].astype(np.float64) + np.float64(np.float32(EPS)))
+    inner = {t.name: nh.to_array(t) for t in branch.initializer}
+    dq = next(n for n in branch.node if n.op_type == "DequantizeLinear")
+    np.testing.assert_array_equal(inner[dq.input[1]], (SCALE * np.abs(a)).astype(np.float32))
+    if form == "int":
+        np.testing.assert_array_equal(inner[dq.input[0]].astype(np.int64), np.where(a < 0, -Q8.astype(np.int64), Q8))
+    assert_if_outputs_same(m, out, exact=False)
+
+
+@pytest.mark.parametrize("form, code", [("float", "unknown-rank"), ("int", "not-2d"), ("qat", "not-2d")])
+def test_matmul_in_if_branch_reading_outer_value_of_unknown_rank_is_kept(form, code):
+    data, out, records = fold_model(if_model(form, x_shape=None))
+    r = records["t_bn"]
+    assert not r["folded"] and r["code"] == code, r
+    assert out == data
+
+
+@pytest.mark.parametrize("form, code", [("float", "channel-axis-mismatch"), ("int", "not-2d")])
+def test_matmul_in_if_branch_reading_outer_3d_value_is_kept(form, code):
+    data, out, records = fold_model(if_model(form, x_shape=(2, 3, CIN)))
+    r = records["t_bn"]
+    assert not r["folded"] and r["code"] == code, r
+    assert out == data
+
+
+@pytest.mark.parametrize("form, code", [("float", "unknown-rank"), ("int", "not-2d")])
+def test_matmul_on_function_input_is_kept(form, code):
+    # A function's inputs have no shapes, whatever the calling graph declares: the rank stays unknown.
+    bn = bn_tensors("")
+    const = lambda name, v: h.make_node("Constant", [], [name], value=nh.from_array(v, name))  # noqa: E731
+    body = [const(k, v) for k, v in bn.items()]
+    if form == "float":
+        body.append(const("w", (Q8.astype(np.float32) * SCALE).astype(np.float32)))
+    else:
+        body += [const("w_q", Q8), const("w_scale", SCALE),
+                 h.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"], axis=1)]
+    body += [h.make_node("MatMul", ["fx", "w"], ["y"]),
+             h.make_node("BatchNormalization", ["y", "gamma", "beta", "mean", "var"], ["fy"], epsilon=EPS, name="fbn")]
+    fn = h.make_function("local", "Linear", ["fx"], ["fy"], body, [h.make_opsetid("", 13)])
+    graph = h.make_graph([h.make_node("Linear", ["x"], ["out"], domain="local")], "g",
+                         [h.make_tensor_value_info("x", T.FLOAT, [3, CIN])],
+                         [h.make_tensor_value_info("out", T.FLOAT, None)])
+    m = h.make_model(graph, opset_imports=[h.make_opsetid("", 13), h.make_opsetid("local", 1)], functions=[fn])
+    m.ir_version = 8
+    data, out, records = fold_model(m)
+    r = records["fbn"]
+    assert not r["folded"] and r["code"] == code, r
+    assert out == data

@@ -1,5 +1,5 @@
-"""The QDQ fold inside subgraphs (Gemm: a MatMul there needs the rank of an input from the outer scope or the
-function signature, which the fold does not know yet and reports as not-2d) and model-local functions, and with float16 / bfloat16 scales and float16 QAT
+"""The QDQ fold inside subgraphs (Gemm here; a MatMul reading an outer-scope value: test_fold_gaps.py) and
+model-local functions, and with float16 / bfloat16 scales and float16 QAT
 weights: onnxruntime outputs (optimisations off) of original and folded agree, and the folded integers and
 scales are what numpy predicts."""
 

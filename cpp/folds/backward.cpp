@@ -188,6 +188,8 @@ std::optional<size_t> known_rank(const Graph& g, const std::string& value) {
   if (auto s = g.shape_of(value)) return s->size();
   const int p = g.producer(value);
   if (p >= 0 && (g.nodes[p].is("Flatten") || g.nodes[p].is("Gemm"))) return 2;
+  // An outer-scope value read in an If/Loop/Scan body: its producer is in the enclosing graph.
+  if (g.parent && !g.defines(value)) return known_rank(*g.parent, value);
   return std::nullopt;
 }
 

@@ -82,7 +82,7 @@ std::variant<FoldedBias, Outcome> fold_bias(const std::optional<std::vector<int6
                                             const std::vector<double>& shift, const std::string& what);
 
 // The rank of `value` when it is known: from shape information, or because its producer always makes
-// rank-2 outputs (Flatten, Gemm).
+// rank-2 outputs (Flatten, Gemm); for an outer-scope value read in a subgraph, from the enclosing graph.
 std::optional<size_t> known_rank(const graph::Graph& g, const std::string& value);
 
 }  // namespace qdqfold::folds

@@ -52,13 +52,16 @@ std::optional<double> input_scale(Graph& g, const Node& layer) {
   return (*v)[0];
 }
 
-// The rank of `value`, looking through the activation quantizers (elementwise) in front of it.
-std::optional<size_t> rank_through_quantizers(const Graph& g, std::string value) {
+// The rank of `value`, looking through the activation quantizers (elementwise) in front of it, in this graph
+// or, for an outer-scope value read in a subgraph, in the enclosing graph that makes it.
+std::optional<size_t> rank_through_quantizers(const Graph& graph, std::string value) {
+  const Graph* g = &graph;
   for (int hops = 0; hops < 4; ++hops) {
-    if (auto r = known_rank(g, value)) return r;
-    const int p = g.producer(value);
-    if (p < 0 || !(is_quantize(g.nodes[p]) || is_dequantize(g.nodes[p])) || g.nodes[p].inputs.empty()) break;
-    value = g.nodes[p].inputs[0];
+    if (auto r = known_rank(*g, value)) return r;
+    while (g->parent && !g->defines(value)) g = g->parent;
+    const int p = g->producer(value);
+    if (p < 0 || !(is_quantize(g->nodes[p]) || is_dequantize(g->nodes[p])) || g->nodes[p].inputs.empty()) break;
+    value = g->nodes[p].inputs[0];
   }
   return std::nullopt;
 }

@@ -215,11 +215,15 @@ std::optional<std::vector<int64_t>> Graph::shape_of(const std::string& value) co
     return std::nullopt;
   };
   auto refs = value_info_refs_.find(value);
-  if (refs == value_info_refs_.end()) return std::nullopt;
-  const std::vector<ValueInfo>* lists[3] = {&inputs, &value_info, &outputs};  // the order they are consulted
-  for (int l = 0; l < 3; ++l)
-    if (int k = refs->second.first[l]; k >= 0)
-      if (auto s = from((*lists[l])[k])) return s;
+  if (refs != value_info_refs_.end()) {
+    const std::vector<ValueInfo>* lists[3] = {&inputs, &value_info, &outputs};  // the order they are consulted
+    for (int l = 0; l < 3; ++l)
+      if (int k = refs->second.first[l]; k >= 0)
+        if (auto s = from((*lists[l])[k])) return s;
+  }
+  // A name this graph does not define is an enclosing graph's value (If/Loop/Scan bodies read outer values):
+  // its shape is declared there. Functions have no parent: their inputs have no shapes.
+  if (parent && !defines(value)) return parent->shape_of(value);
   return std::nullopt;
 }
 

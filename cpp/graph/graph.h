@@ -129,7 +129,11 @@ class Graph {
   // or in an enclosing graph when this graph does not define the name.
   std::optional<ConstRef> constant(const std::string& value);
   // Static shape from value_info / inputs / outputs: dims, -1 where a dim is symbolic or unknown.
+  // A name this graph does not define (no producer, initializer or input here) is read from an enclosing
+  // graph, whose shape information shape_of then consults.
   std::optional<std::vector<int64_t>> shape_of(const std::string& value) const;
+  // True when this graph itself defines `value`: a node output, an initializer or a graph input.
+  bool defines(const std::string& value) const;
   int64_t opset(const std::string& domain = "") const;
 
   // ---- edits (each keeps the index current and marks the graph dirty)
@@ -170,7 +174,6 @@ class Graph {
   // Called by a subgraph of node `owner` that no longer reads outer value `value`: when no subgraph of that
   // node reads it any more, the node's read goes, and the value is dropped if nothing else reads it.
   void release_outer_read(int owner, const std::string& value);
-  bool defines(const std::string& value) const;
   std::optional<ConstRef> created_constant(int node, const std::string& value);
   // Per name: the first entry with a body in inputs, value_info and outputs (-1: none), and every value_info
   // entry; so that shape_of and remove_value_info do not scan (100,000-node models stay linear).
