@@ -69,6 +69,21 @@ def op_types(model: onnx.ModelProto | bytes) -> list[str]:
     return [n.op_type for n in model.graph.node]
 
 
+def varint(v: int) -> bytes:
+    """A protobuf varint, encoded by hand (for messages protobuf refuses to build)."""
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def length_delimited(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (tag, length, payload), encoded by hand."""
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
 @pytest.fixture(params=SAMPLE_MODELS, ids=lambda p: p.name)
 def sample_model_path(request) -> Path:
     return request.param

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import qdqfold_native
+from conftest import length_delimited
 from qdqfold_native import FoldError
 
 
@@ -92,27 +93,17 @@ def test_wrong_wire_type_for_a_known_field():
         qdqfold_native.fold(bytes(data))
 
 
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field, encoded by hand."""
-    def varint(v: int) -> bytes:
-        out = bytearray()
-        while v >= 0x80:
-            out.append((v & 0x7F) | 0x80)
-            v >>= 7
-        out.append(v)
-        return bytes(out)
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
 def _nested_if_model(depth: int) -> bytes:
     """A model whose graph nests `depth` If bodies. Built on the wire: protobuf refuses to build it that deep."""
-    graph = _field(1, _field(4, b"Identity") + _field(1, b"x") + _field(2, b"y"))  # GraphProto.node
+    graph = length_delimited(1, length_delimited(4, b"Identity") + length_delimited(1, b"x") + length_delimited(2, b"y"))  # GraphProto.node
     for _ in range(depth):
-        attribute = _field(1, b"then_branch") + bytes([0xA0, 0x01, 5]) + _field(6, graph)  # name, type=GRAPH, g
-        graph = _field(1, _field(1, b"c") + _field(2, b"y") + _field(4, b"If") + _field(5, attribute))
-    inputs = _field(11, _field(1, b"c")) + _field(11, _field(1, b"x"))  # GraphProto.input: what the If nodes read
-    opset = _field(8, bytes([0x10, 17]))  # OperatorSetIdProto{version: 17}
-    return bytes([0x08, 0x08]) + _field(7, graph + inputs) + opset  # ir_version 8, graph, opset_import
+        attribute = length_delimited(1, b"then_branch") + bytes([0xA0, 0x01, 5]) + length_delimited(6, graph)  # name, type=GRAPH, g
+        graph = length_delimited(1, length_delimited(1, b"c") + length_delimited(2, b"y") + length_delimited(4, b"If") + length_delimited(5, attribute))
+    inputs = length_delimited(11, length_delimited(1, b"c")) + length_delimited(11, length_delimited(1, b"x"))  # GraphProto.input: what the If nodes read
+    opset = length_delimited(8, bytes([0x10, 17]))  # OperatorSetIdProto{version: 17}
+    return bytes([0x08, 0x08]) + length_delimited(7, graph + inputs) + opset  # ir_version 8, graph, opset_import
 
 
 def test_nesting_deeper_than_any_real_model():

@@ -20,27 +20,13 @@ from onnx import TensorProto, helper, numpy_helper
 import qdqfold_native
 from qdqfold_native import FoldError
 
-from conftest import random_inputs, run
+from conftest import length_delimited as field, random_inputs, run, varint
 
 SANITIZED = bool(os.environ.get("QDQFOLD_SANITIZED"))
 RNG = np.random.default_rng(1)
 
 
 # ------------------------------------------------------------------------------------------------ builders
-
-def varint(v: int) -> bytes:
-    out = bytearray()
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
-
-
-def field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field, encoded by hand (for what protobuf refuses to build)."""
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
-
 
 def bn_tensors(channels: int, *, scale=None, bias=None, mean=None, var=None, dtype=np.float32, prefix="bn"):
     values = {

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qdqfold_native
 
-from conftest import random_inputs, run
+from conftest import length_delimited, random_inputs, run
 
 # CI runs a fixed budget; QDQFOLD_PROPERTY_EXAMPLES=2000 for a longer hunt (see the README, Development).
 EXAMPLES = int(os.environ.get("QDQFOLD_PROPERTY_EXAMPLES", "60"))
@@ -79,15 +79,7 @@ def the_string(buf: bytes, number: int) -> str:
     return values[0] if values else ""
 
 
-def unknown_field(number: int, payload: bytes) -> bytes:
-    def varint(v: int) -> bytes:
-        b = bytearray()
-        while v >= 0x80:
-            b.append((v & 0x7F) | 0x80)
-            v >>= 7
-        b.append(v)
-        return bytes(b)
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
+unknown_field = length_delimited  # a field number no ONNX message uses carries an unknown field
 
 
 def with_unknown_fields(message, extra: bytes):
