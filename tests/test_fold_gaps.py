@@ -297,3 +297,92 @@ def test_matmul_on_function_input_is_kept(form, code):
     r = records["fbn"]
     assert not r["folded"] and r["code"] == code, r
     assert out == data
+
+
+# ------------------------------------------------------------------------------------------------ 3. Gemm transA=1
+
+from test_fold_float import assert_folded, bn_node, bn_params, gemm_model  # noqa: E402
+from test_fold_float import make_model as make_float_model  # noqa: E402
+from test_fold_float import vi  # noqa: E402
+
+
+def trans_a_gemm_model(trans_b, c_shape, alpha=1.0, beta=1.0, m=3, k=5, n=8):
+    """gemm_model with A given transposed: input a [k, m], Gemm(transA=1)."""
+    model = gemm_model(trans_b=trans_b, alpha=alpha, beta=beta, c_shape=c_shape, m=m, k=k, n=n)
+    model.graph.node[0].attribute.append(h.make_attribute("transA", 1))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_value, dims[1].dim_value = k, m
+    return model
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("alpha, beta", [(1.0, 1.0), (0.5, 2.0), (1.5, 0.0)])
+@pytest.mark.parametrize("c_shape", [None, (8,), (3, 8), (3, 1), ()])
+def test_float_gemm_trans_a_bn_folds(trans_b, alpha, beta, c_shape):
+    model = trans_a_gemm_model(trans_b, c_shape, alpha, beta)
+    folded, report = assert_folded(model, expect_codes=["gemm-bn"])
+    assert op_types(folded) == ["Gemm"]
+    attrs = {a.name: h.get_attribute_value(a) for a in folded.graph.node[0].attribute}
+    assert attrs["transA"] == 1 and attrs.get("transB", 0) == trans_b and attrs.get("alpha", 1.0) == alpha
+
+
+def test_float_gemm_trans_a_shape_mismatch_is_kept():
+    # BN over M = 3 channels while the Gemm makes N = 8 features: not this Gemm's output channels.
+    model = trans_a_gemm_model(1, (8,))
+    bn = model.graph.node[1]
+    model.graph.initializer.extend(bn_params("bn3", 3))
+    bn.input[1:] = [f"bn3_{p}" for p in ("scale", "bias", "mean", "var")]
+    data = model.SerializeToString()
+    out, report = qdqfold_native.fold_with_report(data, fold_forward=False)
+    r = report["batchnorms"][0]
+    assert not r["folded"] and r["code"] == "shape-mismatch", r
+    assert out == data
+
+
+def qdq_trans_a_case(form, bias, trans_b=1, **kwargs):
+    """test_fold_qdq's quantized Gemm with A given transposed: x [cin, 3] -> Q -> DQ -> Gemm(transA=1)."""
+    case = Case(layer="Gemm", form=form, bias=bias, trans_b=trans_b, cin=10, cout=7, **kwargs)
+    m = case.model
+    next(n for n in m.graph.node if n.name == "layer").attribute.append(h.make_attribute("transA", 1))
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_value, dims[1].dim_value = 10, 3
+    return case
+
+
+@pytest.mark.parametrize("form", ["int", "qat"])
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("bias", [None, "float", "int32"])
+def test_qdq_gemm_trans_a_bn_folds(form, trans_b, bias):
+    case = qdq_trans_a_case(form, bias, trans_b=trans_b, alpha=0.5)
+    out, records = fold(case.bytes)
+    r = records["bn"]
+    assert r["folded"] and r["code"] == "qdq-layer-bn" and r["into"] == ["layer"], r
+    m = onnx.load_from_string(out)
+    onnx.checker.check_model(m, full_check=True)
+    assert "BatchNormalization" not in op_types(m)
+    layer = next(n for n in m.graph.node if n.name == "layer")
+    assert {a.name: h.get_attribute_value(a) for a in layer.attribute}["transA"] == 1
+    assert_folded_weight(case, out)
+    assert_same(case, out, r)
+
+
+def test_qdq_gemm_trans_a_with_output_quantizer():
+    case = qdq_trans_a_case("qat", "int32", out_quant=True, seed=4)
+    out, records = fold(case.bytes)
+    assert records["bn"]["folded"], records["bn"]
+    assert_same(case, out, records["bn"])
+
+
+def test_bn_into_gemm_trans_a_forwards_is_still_kept():
+    # BN -> Gemm(transA=1): A's features are on its axis 0, BN's channels on axis 1; a forward fold would scale
+    # the wrong axis of B, so it is kept (backward folds into transA=1 are the ones allowed).
+    c = 4
+    inits = [*bn_params("bn", c), nh.from_array(np.random.default_rng(0).standard_normal((c, 3)).astype(np.float32), "w")]
+    nodes = [h.make_node("Relu", ["x"], ["r"], name="relu"), bn_node("r", "n", "bn"),
+             h.make_node("Gemm", ["n", "w"], ["y"], transA=1, name="fc")]
+    model = make_float_model(nodes, [vi("x", [c, c])], [vi("y", None)], inits)
+    data = model.SerializeToString()
+    out, report = qdqfold_native.fold_with_report(data)
+    r = report["batchnorms"][0]
+    assert not r["folded"] and r["code"] == "unsupported-layer" and "transA" in r["message"], r
+    assert out == data

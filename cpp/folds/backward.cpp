@@ -30,7 +30,7 @@ bool produced_by_dequantize(const Graph& g, const std::string& value) {
   return p >= 0 && g.nodes[p].is("DequantizeLinear");
 }
 
-std::variant<FloatWeight, Outcome> read_float_weight(FoldContext& ctx, int layer) {
+std::variant<FloatWeight, Outcome> read_float_weight(FoldContext& ctx, int layer, bool backward_fold) {
   Graph& g = ctx.graph;
   const Node& n = g.nodes[layer];
   const std::string who = n.op_type + " '" + n.display_name(layer) + "'";
@@ -48,7 +48,7 @@ std::variant<FloatWeight, Outcome> read_float_weight(FoldContext& ctx, int layer
                                                   graph::data_type_name(w.tensor.data_type) +
                                                   ", not float32, float16, bfloat16 or float64");
   std::string why;
-  auto layout = weight_layout(n, w.tensor.dims, why);
+  auto layout = weight_layout(n, w.tensor.dims, why, backward_fold);
   if (!layout) return Outcome::kept("unsupported-layer", who + ": " + why);
   w.layout = *layout;
   w.storage = std::make_shared<std::string>();

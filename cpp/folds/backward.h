@@ -34,8 +34,8 @@ struct FloatWeight {
 
 // Reads `layer`'s weight. NotApplicable when a DequantizeLinear produces it (another fold's pattern); Kept
 // with a reason when it is not a constant, not a float type we compute in, unreadable, or of a shape the
-// layer does not fit.
-std::variant<FloatWeight, Outcome> read_float_weight(FoldContext& ctx, int layer);
+// layer does not fit. `backward_fold`: see weight_layout (a Gemm with transA=1 is accepted only then).
+std::variant<FloatWeight, Outcome> read_float_weight(FoldContext& ctx, int layer, bool backward_fold = false);
 
 // Dims of a constant (initializer, Constant node, or DequantizeLinear of constant integers).
 std::optional<std::vector<int64_t>> constant_dims(graph::Graph& g, const std::string& value);

@@ -6,7 +6,8 @@
 //   MatMul + Add: x -> MatMul(B) -> Add(c) -> BN -> z          =>  x -> MatMul(B') -> Add(c') -> z
 //
 //   BN(y)[j] = a[j] * y[j] + t[j] for output feature j, and Gemm's y = alpha * A.B + beta * C, so
-//   B'[., j] = a[j] * B[., j]   (B[j, .] when transB = 1; alpha stays where it was)
+//   B'[., j] = a[j] * B[., j]   (B[j, .] when transB = 1; alpha stays where it was; transA does not matter:
+//                                the output features are B's, whichever way A is read)
 //   C'[i, j] = beta * a[j] * C[i, j] + t[j]   with beta then set to 1 (one rounding, no t / beta)
 //   c'[i, j] = a[j] * c[i, j] + t[j]
 // A C or c that broadcasts along the features (shape [], [1], [m, 1]) is widened to [N] or [m, N].
@@ -59,7 +60,7 @@ std::string base_name(const Node& n) { return n.name.empty() ? n.outputs[0] : n.
 // Gemm -> BN.
 Outcome fold_into_gemm(FoldContext& ctx, int gemm, int bn) {
   Graph& g = ctx.graph;
-  auto weight_or = read_float_weight(ctx, gemm);
+  auto weight_or = read_float_weight(ctx, gemm, /*backward_fold=*/true);  // transA=1 too: B holds the outputs
   if (auto* o = std::get_if<Outcome>(&weight_or)) return *o;
   const FloatWeight& weight = std::get<FloatWeight>(weight_or);
   const Node& n = g.nodes[gemm];

@@ -3,7 +3,7 @@
 namespace qdqfold::folds {
 
 std::optional<WeightLayout> weight_layout(const graph::Node& layer, const std::vector<int64_t>& dims,
-                                          std::string& why) {
+                                          std::string& why, bool backward_fold) {
   WeightLayout l;
   const auto rank = dims.size();
   auto kernel_size = [&] {
@@ -45,8 +45,8 @@ std::optional<WeightLayout> weight_layout(const graph::Node& layer, const std::v
       return std::nullopt;
     }
     const bool trans_b = layer.is("Gemm") && layer.attr_int("transB", 0) != 0;
-    if (layer.is("Gemm") && layer.attr_int("transA", 0) != 0) {
-      why = "transA=1";
+    if (layer.is("Gemm") && layer.attr_int("transA", 0) != 0 && !backward_fold) {
+      why = "transA=1: BN's channels would be A's axis 0, not its features";
       return std::nullopt;
     }
     l.P = dims[0];

@@ -48,7 +48,10 @@ struct WeightLayout {
 
 // The layout of `layer`'s weight (input 1) with dims `weight_dims`, or nullopt with `why` set when the layer
 // is not one qdqfold folds into (unsupported op or attributes, shapes that do not fit together).
+// `backward_fold`: the caller folds a BN that reads the layer's output (layer -> BN). Such a fold only scales
+// the weight's output channels, which are B's output axis whatever A's layout, so a Gemm with transA=1 is
+// accepted. A forward fold (BN -> layer) reads A's features, which transA=1 puts on A's axis 0: refused.
 std::optional<WeightLayout> weight_layout(const graph::Node& layer, const std::vector<int64_t>& weight_dims,
-                                          std::string& why);
+                                          std::string& why, bool backward_fold = false);
 
 }  // namespace qdqfold::folds

@@ -392,7 +392,7 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
   if (auto* o = std::get_if<Outcome>(&weight_or)) return *o;
   QuantizedWeight& weight = std::get<QuantizedWeight>(weight_or);
   std::string why;
-  auto wl = weight_layout(ln, weight.dims, why);
+  auto wl = weight_layout(ln, weight.dims, why, /*backward_fold=*/true);
   if (!wl) return Outcome::kept("unsupported-layer", who + ": " + why);
   if (static_cast<int64_t>(affine.scale.size()) != wl->out_channels)
     return Outcome::kept("shape-mismatch", "the BN has " + std::to_string(affine.scale.size()) + " channels but " + who +
