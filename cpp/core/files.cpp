@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -68,6 +69,14 @@ class MappedFile {
   void drop_resident() const {
     if (data_) madvise(const_cast<char*>(data_), size_, MADV_DONTNEED);
   }
+  // The same for the whole pages inside `bytes`, when they lie in this mapping.
+  void release(std::string_view bytes) const {
+    if (bytes.empty() || !contains(bytes.data()) || !contains(bytes.data() + bytes.size() - 1)) return;
+    const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+    const auto begin = (reinterpret_cast<uintptr_t>(bytes.data()) + page - 1) & ~(page - 1);
+    const auto end = (reinterpret_cast<uintptr_t>(bytes.data()) + bytes.size()) & ~(page - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+  }
   bool contains(const char* p) const { return data_ && p >= data_ && p < data_ + size_; }
   int64_t offset_of(const char* p) const { return p - data_; }
   int fd() const { return fd_; }
@@ -109,9 +118,19 @@ class FileResolver : public graph::ExternalResolver {
     return *files_.emplace(location, std::move(file)).first->second;
   }
 
+  bool holds(std::string_view bytes) const override {
+    for (const auto& [location, file] : files_)
+      if (file->contains(bytes.data()) && file->contains(bytes.data() + bytes.size() - (bytes.empty() ? 0 : 1)))
+        return true;
+    return false;
+  }
+
   const std::map<std::string, std::unique_ptr<MappedFile>>& files() const { return files_; }
   void drop_resident() const {
     for (const auto& [location, file] : files_) file->drop_resident();
+  }
+  void release(std::string_view bytes) const {
+    for (const auto& [location, file] : files_) file->release(bytes);
   }
 
  private:
@@ -233,6 +252,10 @@ Report fold_file(const std::string& src, const std::string& dst, const Options& 
     input.drop_resident();
     resolver.drop_resident();
   };
+  plan->model->release_pages = [&](std::string_view bytes) {
+    input.release(bytes);
+    resolver.release(bytes);
+  };
   plan->report = run_folds(*plan->model, options);
 
   // External data files are copied beside the output under the same names, unless the output sits in the
@@ -257,6 +280,7 @@ Report fold_file(const std::string& src, const std::string& dst, const Options& 
           buffer.resize(end - begin);
           w.lazy->fill_range(buffer.data(), begin, end);
           out->pwrite_all(buffer.data(), buffer.size(), w.offset + static_cast<int64_t>(begin));
+          resolver.drop_resident();  // the generator read its source from a mapped data file
         }
       } else if (w.lazy) {
         buffer.resize(w.lazy->size);

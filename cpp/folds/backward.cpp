@@ -80,6 +80,28 @@ std::variant<std::vector<double>, Outcome> read_bias(Graph& g, const std::string
   return std::move(*values);
 }
 
+// The read-only overflow check of W * scale, in slices of at most 64 MB whose pages are given back as it
+// goes: a weight in a mapped file is never resident all at once.
+static kernels::AffineResult check_rescale(const graph::Model& model, int32_t dtype, std::string_view bytes,
+                                           const kernels::ChannelAxis& axis, const std::vector<double>& scale) {
+  const int64_t count = axis.element_count();
+  char* const no_output = nullptr;  // check only
+  if (count <= 0 || !model.release_pages) return kernels::affine_channels(dtype, bytes, axis, scale.data(), nullptr, no_output);
+  const size_t element = bytes.size() / static_cast<size_t>(count);
+  const int64_t slice = std::max<int64_t>(1, static_cast<int64_t>((size_t(64) << 20) / std::max<size_t>(element, 1)));
+  kernels::AffineResult total;
+  total.ok = true;
+  for (int64_t first = 0; first < count && total.ok; first += slice) {
+    const int64_t last = std::min(count, first + slice);
+    auto r = kernels::affine_channels(dtype, bytes, axis, scale.data(), nullptr, no_output, first, last);
+    if (r.overflowed && total.overflowed == 0) total.first_overflow_channel = r.first_overflow_channel;
+    total.overflowed += r.overflowed;
+    total.ok = r.ok;
+    model.release_pages(bytes.substr(static_cast<size_t>(first) * element, static_cast<size_t>(last - first) * element));
+  }
+  return total;
+}
+
 std::variant<graph::LazyBytes, Outcome> rescale_weight(FoldContext& ctx, const FloatWeight& w,
                                                        const std::vector<double>& scale) {
   const auto axis = w.layout.output_axis();
@@ -87,19 +109,17 @@ std::variant<graph::LazyBytes, Outcome> rescale_weight(FoldContext& ctx, const F
     return Outcome::kept("shape-mismatch", "the BN has " + std::to_string(scale.size()) + " channels but the layer has " +
                                                std::to_string(axis.channel_count()) + " output channels");
   const int32_t dtype = w.tensor.data_type;
-  auto r = kernels::affine_channels(dtype, w.bytes, axis, scale.data(), nullptr, static_cast<char*>(nullptr));
+  auto r = check_rescale(ctx.model, dtype, w.bytes, axis, scale);
   if (!r.ok) return Outcome::kept("unreadable-weight", "the weight '" + w.tensor.name + "' does not match its dims");
   if (r.overflowed)
     return Outcome::kept("overflow", std::to_string(r.overflowed) + " weight values of channel " +
                                          std::to_string(r.first_overflow_channel) + " and beyond would overflow " +
                                          graph::data_type_name(dtype) + " once scaled");
-  // The source must outlive the fold: the model's buffer does; anything else (decoded typed data, a tensor
-  // another fold wrote and may replace again) is kept alive by the generator.
-  const std::string_view buffer = ctx.model.buffer;
+  // The source must outlive the fold: the model's buffer and mapped external data do; anything else
+  // (decoded typed data, a tensor another fold wrote and may replace again) is kept alive by the generator.
   std::shared_ptr<const std::string> owner;
   std::string_view src = w.bytes;
-  const bool in_buffer = src.data() >= buffer.data() && src.data() + src.size() <= buffer.data() + buffer.size();
-  if (!in_buffer) {
+  if (!ctx.model.outlives_writing(src)) {
     owner = w.storage && w.storage->data() == src.data() ? w.storage : std::make_shared<std::string>(src);
     src = *owner;
   }

@@ -262,9 +262,7 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
     return Outcome::kept("unreadable-weight", int_ref ? "the integers of " + who + " cannot be read (external data?)"
                                                       : "the float weight of " + who + " cannot be read (external data?)");
   w.data = bytes->substr(0, *need);
-  const std::string_view buffer = g.model->buffer;
-  const bool in_buffer = w.data.data() >= buffer.data() && w.data.data() + w.data.size() <= buffer.data() + buffer.size();
-  if (!in_buffer) {
+  if (!g.model->outlives_writing(w.data)) {  // decoded or produced by an earlier fold: the generator keeps it
     w.owner = storage->data() == w.data.data() ? storage : std::make_shared<std::string>(w.data);
     w.data = std::string_view(w.owner->data(), *need);
   }

@@ -462,6 +462,11 @@ void Graph::drop_if_unused(const std::string& value) {
 
 // ---------------------------------------------------------------- Model
 
+bool Model::outlives_writing(std::string_view bytes) const {
+  const bool in_buffer = bytes.data() >= buffer.data() && bytes.data() + bytes.size() <= buffer.data() + buffer.size();
+  return in_buffer || (external && external->holds(bytes));
+}
+
 std::string Model::fresh_name(const std::string& base) {
   std::string name = base;
   for (int k = 1; names_.count(name); ++k) name = base + "_" + std::to_string(k);

@@ -205,6 +205,9 @@ class Model {
   // File mode: called after each BatchNormalization is dealt with, so the file writer can give back the
   // pages of the mapped input that the fold read (they stay in the page cache).
   std::function<void()> after_each_fold;
+  // File mode: gives back the pages of a view of a mapped file that a fold has finished reading, so a
+  // read-only pass over a weight larger than memory does not keep it resident. Null for bytes in memory.
+  std::function<void(std::string_view)> release_pages;
   struct FieldRef {
     uint32_t number;
     std::string_view whole;
@@ -222,6 +225,10 @@ class Model {
   }
   std::unique_ptr<Graph> graph;
   std::vector<std::unique_ptr<Graph>> functions;
+
+  // True when `bytes` stay valid until the output is written: a view of the input buffer or of a mapped
+  // external data file. A fold's data generator may then keep the view instead of a copy.
+  bool outlives_writing(std::string_view bytes) const;
 
   // A name used nowhere in the model yet, derived from `base`.
   std::string fresh_name(const std::string& base);

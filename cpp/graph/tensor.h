@@ -38,6 +38,8 @@ class ExternalResolver {
  public:
   virtual ~ExternalResolver() = default;
   virtual std::string_view resolve(const ExternalRef& ref, const std::string& tensor_name) = 0;
+  // True when `bytes` lie inside a file this resolver mapped (such views stay valid while it lives).
+  virtual bool holds(std::string_view bytes) const = 0;
 };
 
 // Bytes a fold computes from other bytes. They are produced when the output is written, straight into the
