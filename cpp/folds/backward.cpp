@@ -10,6 +10,12 @@ namespace qdqfold::folds {
 using graph::Graph;
 using graph::Node;
 
+int batchnorm_input_producer(const Graph& g, int bn) {
+  const Node& n = g.nodes[bn];
+  if (n.inputs.empty() || n.outputs.empty() || n.outputs[0].empty()) return -1;
+  return g.producer(n.inputs[0]);
+}
+
 std::optional<Outcome> layer_output_blocker(const Graph& g, int layer, const std::string& value, int reader,
                                             int slot) {
   const std::string who = g.nodes[layer].op_type + " '" + g.nodes[layer].display_name(layer) + "'";

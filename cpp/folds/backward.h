@@ -14,6 +14,10 @@
 
 namespace qdqfold::folds {
 
+// The node that produces BN `bn`'s input, or -1 when there is none or the BN has no output to hand over:
+// every backward fold starts here, and -1 means the fold does not apply.
+int batchnorm_input_producer(const graph::Graph& g, int bn);
+
 // A Kept outcome when `layer`'s output `value` cannot be handed on: it is a graph output, or something other
 // than input `slot` of node `reader` (the BN, or the Add after a MatMul) also reads it. nullopt when that
 // input is its only reader.

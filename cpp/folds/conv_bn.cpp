@@ -17,9 +17,7 @@ namespace qdqfold::folds {
 
 Outcome fold_conv_bn(FoldContext& ctx, int bn) {
   graph::Graph& g = ctx.graph;
-  const graph::Node& bn_node = g.nodes[bn];
-  if (bn_node.inputs.empty() || bn_node.outputs.empty() || bn_node.outputs[0].empty()) return Outcome::not_applicable();
-  const int layer = g.producer(bn_node.inputs[0]);
+  const int layer = batchnorm_input_producer(g, bn);
   if (layer < 0 || !(g.nodes[layer].is("Conv") || g.nodes[layer].is("ConvTranspose"))) return Outcome::not_applicable();
 
   auto weight_or = read_float_weight(ctx, layer);

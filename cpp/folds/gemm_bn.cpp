@@ -190,9 +190,7 @@ Outcome fold_into_matmul_add(FoldContext& ctx, int add, int bn) {
 
 Outcome fold_gemm_bn(FoldContext& ctx, int bn) {
   Graph& g = ctx.graph;
-  const Node& bn_node = g.nodes[bn];
-  if (bn_node.inputs.empty() || bn_node.outputs.empty() || bn_node.outputs[0].empty()) return Outcome::not_applicable();
-  const int layer = g.producer(bn_node.inputs[0]);
+  const int layer = batchnorm_input_producer(g, bn);
   if (layer < 0) return Outcome::not_applicable();
   if (g.nodes[layer].is("Gemm")) return fold_into_gemm(ctx, layer, bn);
   if (g.nodes[layer].is("MatMul")) return fold_into_matmul(ctx, layer, bn);

@@ -320,9 +320,7 @@ void write_bias(FoldContext& ctx, int layer, int weight_dq, const BiasPlan& plan
 
 Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
   Graph& g = ctx.graph;
-  const Node& bn_node = g.nodes[bn];
-  if (bn_node.inputs.empty() || bn_node.outputs.empty() || bn_node.outputs[0].empty()) return Outcome::not_applicable();
-  const int producer = g.producer(bn_node.inputs[0]);
+  const int producer = batchnorm_input_producer(g, bn);
   if (producer < 0) return Outcome::not_applicable();
 
   // Layer -> BN, or layer -> Q -> DQ -> BN (an activation quantizer between them).
