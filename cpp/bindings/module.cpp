@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <functional>
+#include <stdexcept>
 #include <string>
 
 #include "../core/api.h"
@@ -124,19 +125,23 @@ py::dict report_to_dict(const qdqfold::Report& report) {
 std::pair<py::bytes, qdqfold::Report> run(const py::object& model, const py::kwargs& kwargs) {
   const Options options = parse_options(kwargs);
   InputBuffer input(model);
-  std::unique_ptr<qdqfold::FoldPlan> plan;
-  {
-    py::gil_scoped_release release;
-    plan = qdqfold::plan_fold(input.bytes(), options);
+  // First with the checks deferred to the writing; in the rare case one fails, once more checking first.
+  for (const bool defer_checks : {true, false}) {
+    std::unique_ptr<qdqfold::FoldPlan> plan;
+    {
+      py::gil_scoped_release release;
+      plan = qdqfold::plan_fold(input.bytes(), options, defer_checks);
+    }
+    PyObject* out = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(plan->pieces.size()));
+    if (!out) throw py::error_already_set();
+    py::bytes result = py::reinterpret_steal<py::bytes>(out);
+    {
+      py::gil_scoped_release release;
+      plan->pieces.write_to(PyBytes_AS_STRING(out));
+    }
+    if (!qdqfold::checks_failed(*plan->model)) return {std::move(result), std::move(plan->report)};
   }
-  PyObject* out = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(plan->pieces.size()));
-  if (!out) throw py::error_already_set();
-  py::bytes result = py::reinterpret_steal<py::bytes>(out);
-  {
-    py::gil_scoped_release release;
-    plan->pieces.write_to(PyBytes_AS_STRING(out));
-  }
-  return {std::move(result), std::move(plan->report)};
+  throw std::logic_error("qdqfold: a deferred check failed in the run that defers none");
 }
 
 }  // namespace

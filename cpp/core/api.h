@@ -26,6 +26,14 @@ struct FoldPlan {
 // Tries every fold on every BatchNormalization of the model (subgraphs and functions included), in order.
 Report run_folds(graph::Model& model, const Options& options);
 
-std::unique_ptr<FoldPlan> plan_fold(std::string_view model_bytes, const Options& options);
+// `defer_checks`: the optimistic first run (graph::Model::DeferredChecks). After writing `pieces`, the caller
+// asks checks_failed(); when true, that output is wrong and must be thrown away and the model planned again
+// with defer_checks = false, which checks everything before writing.
+std::unique_ptr<FoldPlan> plan_fold(std::string_view model_bytes, const Options& options, bool defer_checks = false);
+
+// True when a check deferred to the writing of `plan` failed (see plan_fold).
+inline bool checks_failed(const graph::Model& model) {
+  return model.deferred_checks && model.deferred_checks->failed.load(std::memory_order_relaxed);
+}
 
 }  // namespace qdqfold

@@ -12,6 +12,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <vector>
 
 namespace qdqfold {
@@ -242,12 +243,16 @@ void write_pieces(const wire::Pieces& pieces, const MappedFile& input, OutputFil
 
 }  // namespace
 
-Report fold_file(const std::string& src, const std::string& dst, const Options& options) {
-  MappedFile input(src);
-  FileResolver resolver(directory_of(src));
+namespace {
+
+// One run of fold_file. With `defer_checks` (see plan_fold), nullopt when a deferred check failed: the
+// temporary outputs are then removed and nothing is committed.
+std::optional<Report> fold_file_once(MappedFile& input, FileResolver& resolver, const std::string& src,
+                                     const std::string& dst, const Options& options, bool defer_checks) {
   graph::ExternalOutput external;
   auto plan = std::make_unique<FoldPlan>();
   plan->model = graph::parse_model(input.view(), &resolver);
+  if (defer_checks) plan->model->deferred_checks = std::make_shared<graph::Model::DeferredChecks>();
   plan->model->after_each_fold = [&] {
     input.drop_resident();
     resolver.drop_resident();
@@ -294,9 +299,20 @@ Report fold_file(const std::string& src, const std::string& dst, const Options& 
   }
   OutputFile model_out(dst);
   write_pieces(plan->pieces, input, model_out);
+  if (checks_failed(*plan->model)) return std::nullopt;  // the OutputFiles remove their temporary files
   for (auto& f : data_files) f->commit();
   model_out.commit();
   return std::move(plan->report);
+}
+
+}  // namespace
+
+Report fold_file(const std::string& src, const std::string& dst, const Options& options) {
+  MappedFile input(src);
+  FileResolver resolver(directory_of(src));
+  // First with the checks deferred to the writing; in the rare case one fails, once more checking first.
+  if (auto report = fold_file_once(input, resolver, src, dst, options, true)) return std::move(*report);
+  return *fold_file_once(input, resolver, src, dst, options, false);
 }
 
 }  // namespace qdqfold

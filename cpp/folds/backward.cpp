@@ -115,12 +115,18 @@ std::variant<graph::LazyBytes, Outcome> rescale_weight(FoldContext& ctx, const F
     return Outcome::kept("shape-mismatch", "the BN has " + std::to_string(scale.size()) + " channels but the layer has " +
                                                std::to_string(axis.channel_count()) + " output channels");
   const int32_t dtype = w.tensor.data_type;
-  auto r = check_rescale(ctx.model, dtype, w.bytes, axis, scale);
-  if (!r.ok) return Outcome::kept("unreadable-weight", "the weight '" + w.tensor.name + "' does not match its dims");
-  if (r.overflowed)
-    return Outcome::kept("overflow", std::to_string(r.overflowed) + " weight values of channel " +
-                                         std::to_string(r.first_overflow_channel) + " and beyond would overflow " +
-                                         graph::data_type_name(dtype) + " once scaled");
+  // Deferred: the generator counts overflows as it writes (one pass over the weight instead of two).
+  const auto deferred = ctx.model.deferred_checks;
+  if (!deferred) {
+    auto r = check_rescale(ctx.model, dtype, w.bytes, axis, scale);
+    if (!r.ok) return Outcome::kept("unreadable-weight", "the weight '" + w.tensor.name + "' does not match its dims");
+    if (r.overflowed)
+      return Outcome::kept("overflow", std::to_string(r.overflowed) + " weight values of channel " +
+                                           std::to_string(r.first_overflow_channel) + " and beyond would overflow " +
+                                           graph::data_type_name(dtype) + " once scaled");
+  } else if (w.bytes.size() != static_cast<size_t>(axis.element_count()) * graph::element_size(dtype)) {
+    return Outcome::kept("unreadable-weight", "the weight '" + w.tensor.name + "' does not match its dims");
+  }
   // The source must outlive the fold: the model's buffer and mapped external data do; anything else
   // (decoded typed data, a tensor another fold wrote and may replace again) is kept alive by the generator.
   std::shared_ptr<const std::string> owner;
@@ -131,14 +137,16 @@ std::variant<graph::LazyBytes, Outcome> rescale_weight(FoldContext& ctx, const F
   }
   graph::LazyBytes data;
   data.size = src.size();
-  data.fill = [owner, src, dtype, axis, scale](char* dst) {
-    kernels::affine_channels(dtype, src, axis, scale.data(), nullptr, dst);
+  data.fill = [owner, src, dtype, axis, scale, deferred](char* dst) {
+    auto r = kernels::affine_channels(dtype, src, axis, scale.data(), nullptr, dst);
+    if (deferred && r.overflowed) deferred->fail();
   };
   // Chunks are cut on element boundaries by the file writer's chunk size (a multiple of every element size).
   const size_t element = src.size() / static_cast<size_t>(std::max<int64_t>(axis.element_count(), 1));
-  data.fill_range = [owner, src, dtype, axis, scale, element](char* dst, size_t begin, size_t end) {
-    kernels::affine_channels(dtype, src, axis, scale.data(), nullptr, dst, static_cast<int64_t>(begin / element),
-                             static_cast<int64_t>(end / element));
+  data.fill_range = [owner, src, dtype, axis, scale, element, deferred](char* dst, size_t begin, size_t end) {
+    auto r = kernels::affine_channels(dtype, src, axis, scale.data(), nullptr, dst,
+                                      static_cast<int64_t>(begin / element), static_cast<int64_t>(end / element));
+    if (deferred && r.overflowed) deferred->fail();
   };
   return data;
 }

@@ -4,6 +4,7 @@
 // everything else through as byte ranges.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -208,6 +209,16 @@ class Model {
   // File mode: gives back the pages of a view of a mapped file that a fold has finished reading, so a
   // read-only pass over a weight larger than memory does not keep it resident. Null for bytes in memory.
   std::function<void(std::string_view)> release_pages;
+  // Set by the caller for a first, optimistic run (see api.h, plan_fold): a fold may then skip a read-only
+  // pass over a whole weight whose only purpose is a check that almost never fails (a value overflowing once
+  // scaled, a negated integer leaving its type), and have the weight's generator make that check while it
+  // writes. A generator whose check fails calls fail(); the caller throws that output away and runs again
+  // without deferral, so the result is the same as with every check done first. Null: check first.
+  struct DeferredChecks {
+    std::atomic<bool> failed{false};
+    void fail() { failed.store(true, std::memory_order_relaxed); }
+  };
+  std::shared_ptr<DeferredChecks> deferred_checks;
   struct FieldRef {
     uint32_t number;
     std::string_view whole;

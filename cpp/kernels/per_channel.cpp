@@ -75,8 +75,8 @@ struct Bfloat16 {
 // y[i] = x[i] * s[i] + t[i] over one contiguous run of n elements, with the factors per element
 // (PerElement) or one for the whole run. Works through aligned chunks (the source may be an unaligned view
 // of the model, the destination a position in the output buffer); the inner loops are straight-line and
-// vectorise for float32/float64. Without a destination it only counts the elements that were finite and
-// would not be any more (the fold's check pass); with one it only writes.
+// vectorise for float32/float64. It counts the elements that were finite and are not any more (overflow),
+// and writes them when given a destination: a check-only pass, or the writing and its check in one pass.
 template <class Codec, bool PerElement>
 int64_t affine_run(const char* src, char* dst, int64_t n, const double* s, const double* t) {
   using T = typename Codec::Stored;
@@ -94,10 +94,7 @@ int64_t affine_run(const char* src, char* dst, int64_t n, const double* s, const
     } else {
       for (int64_t i = 0; i < k; ++i) out[i] = Codec::store(Codec::load(in[i]) * sc[PerElement ? i : 0]);
     }
-    if (dst) {  // writing: the fold's read-only check pass (dst == nullptr) already counted overflows
-      std::memcpy(dst + done * sizeof(T), out, static_cast<size_t>(k) * sizeof(T));
-      continue;
-    }
+    if (dst) std::memcpy(dst + done * sizeof(T), out, static_cast<size_t>(k) * sizeof(T));
     for (int64_t i = 0; i < k; ++i)  // & rather than &&: no branch, so the loop vectorises
       overflowed += static_cast<int>(Codec::finite(in[i])) & static_cast<int>(!Codec::finite(out[i]));
   }

@@ -39,8 +39,8 @@ struct AffineResult {
 
 // dst = src * scale[ch] + shift[ch] for every element (shift may be null: no shift). `src` holds
 // axis.element_count() elements of `data_type` in raw_data layout; `dst` receives src.size() bytes in the
-// same layout (both any alignment, e.g. straight into an output buffer). dst == nullptr only checks: the
-// result tells whether the values would overflow, and nothing is written. scale and shift hold
+// same layout (both any alignment, e.g. straight into an output buffer). The result counts the values that
+// overflow, written or not; dst == nullptr only checks, and nothing is written. scale and shift hold
 // axis.channel_count() values. With an element range [first, last) only those elements are computed, and
 // dst receives them from its start (a chunk of the output at a time); last = -1 means the end.
 AffineResult affine_channels(int32_t data_type, std::string_view src, const ChannelAxis& axis, const double* scale,
