@@ -125,3 +125,93 @@ def test_no_failure_means_one_run_and_the_same_bytes_from_both_entry_points(tmp_
     w1.CopyFrom(numpy_helper.from_array(w, "W1"))
     _, report = _fold_both_ways(model, tmp_path)
     assert _outcomes(report) == {"bn1": (True, "conv-bn"), "bn2": (True, "conv-bn")}
+
+
+def qat_conv_bn(lowest_in_negated_channel: bool) -> onnx.ModelProto:
+    """float W -> QuantizeLinear -> DequantizeLinear (int8, per channel, zero point 0) -> Conv -> BN, with a
+    negative BN factor on channel 0. 288 weights per channel: more than the 256 int8 values, so the fold's
+    snap check tries the values rather than the weights and does not read them."""
+    rng = np.random.default_rng(3)
+    w = rng.uniform(-1, 1, (4, 32, 3, 3)).astype(np.float32)
+    scale = (np.abs(w).reshape(4, -1).max(axis=1) / 127).astype(np.float32)
+    if lowest_in_negated_channel:
+        w[0, 5, 1, 1] = -128 * scale[0]  # quantizes to -128, whose negation does not fit int8
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(scale, "w_scale"),
+             numpy_helper.from_array(np.zeros(4, np.int8), "w_zero")]
+    gamma = np.array([-1.5, 0.5, 2.0, 1.0], np.float32)
+    for n, v in zip(["scale", "bias", "mean", "var"], [gamma, np.linspace(-1, 1, 4), np.linspace(0.5, -0.5, 4),
+                                                       np.full(4, 0.8)]):
+        inits.append(numpy_helper.from_array(np.asarray(v, np.float32), f"bn_{n}"))
+    nodes = [helper.make_node("QuantizeLinear", ["W", "w_scale", "w_zero"], ["Wq"], name="w_Q", axis=0),
+             helper.make_node("DequantizeLinear", ["Wq", "w_scale", "w_zero"], ["Wdq"], name="w_DQ", axis=0),
+             helper.make_node("Conv", ["x", "Wdq"], ["y"], name="conv"),
+             helper.make_node("BatchNormalization", ["y", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["z"], name="bn")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 5, 5])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 3, 3])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_lowest_integer_found_while_writing_gives_the_checked_first_outcome(tmp_path):
+    model = qat_conv_bn(lowest_in_negated_channel=True)
+    out, report = _fold_both_ways(model, tmp_path)
+    [entry] = report["batchnorms"]
+    assert (entry["folded"], entry["code"]) == (False, "negation-overflow")
+    assert "channel 0" in entry["message"] and "-128" in entry["message"]
+    assert out == model.SerializeToString(), "a kept BN leaves the model byte-identical"
+
+
+def test_lowest_integer_with_the_complement_form_allowed_folds_exactly():
+    model = qat_conv_bn(lowest_in_negated_channel=True)
+    out, report = qdqfold_native.fold_with_report(model.SerializeToString(), allow_nonzero_zero_point=True)
+    [entry] = report["batchnorms"]
+    assert entry["folded"], entry
+    folded = onnx.load_from_string(out)
+    zero = next(numpy_helper.to_array(i) for i in folded.graph.initializer if "zero" in i.name)
+    assert zero[0] == -1, "channel 0 takes the complement form q' = -1 - q, z' = -1"
+    assert_same_outputs(model, folded, rtol_of_range=1e-5)
+
+
+def test_negation_without_the_lowest_integer_folds_in_one_run(tmp_path):
+    model = qat_conv_bn(lowest_in_negated_channel=False)
+    out, report = _fold_both_ways(model, tmp_path)
+    [entry] = report["batchnorms"]
+    assert entry["folded"], entry
+    folded = onnx.load_from_string(out)
+    zero = next(numpy_helper.to_array(i) for i in folded.graph.initializer if "zero" in i.name)
+    assert not zero.any(), "q' = -q keeps the zero points at 0"
+    assert_same_outputs(model, folded, rtol_of_range=1e-5)
+
+
+def qat_matmul_bn() -> onnx.ModelProto:
+    """The same through a MatMul [1, 260] x [260, 4] (per-column scale, the generator's row-at-a-time walk),
+    with the lowest int8 value in the negated column 0."""
+    rng = np.random.default_rng(4)
+    w = rng.uniform(-1, 1, (260, 4)).astype(np.float32)
+    scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+    w[17, 0] = -128 * scale[0]
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(scale, "w_scale"),
+             numpy_helper.from_array(np.zeros(4, np.int8), "w_zero")]
+    for n, v in zip(["scale", "bias", "mean", "var"], [[-1.5, 0.5, 2.0, 1.0], [0.1, 0.2, 0.3, 0.4], [0.0] * 4, [1.0] * 4]):
+        inits.append(numpy_helper.from_array(np.asarray(v, np.float32), f"bn_{n}"))
+    nodes = [helper.make_node("QuantizeLinear", ["W", "w_scale", "w_zero"], ["Wq"], name="w_Q", axis=1),
+             helper.make_node("DequantizeLinear", ["Wq", "w_scale", "w_zero"], ["Wdq"], name="w_DQ", axis=1),
+             helper.make_node("MatMul", ["x", "Wdq"], ["y"], name="matmul"),
+             helper.make_node("BatchNormalization", ["y", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["z"], name="bn")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 260])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, 4])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_lowest_integer_found_while_writing_a_matmul_weight_row_by_row(tmp_path):
+    model = qat_matmul_bn()
+    out, report = _fold_both_ways(model, tmp_path)
+    [entry] = report["batchnorms"]
+    assert (entry["folded"], entry["code"]) == (False, "negation-overflow"), entry
+    assert out == model.SerializeToString()
+    out, report = qdqfold_native.fold_with_report(model.SerializeToString(), allow_nonzero_zero_point=True)
+    assert report["batchnorms"][0]["folded"]
+    assert_same_outputs(model, onnx.load_from_string(out), rtol_of_range=1e-5)

@@ -403,7 +403,8 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
     return Outcome::kept("unsupported-bias", who + " has beta=0, so it cannot carry the BN shift in its bias");
 
   const bool materialize = weight.qat() && ctx.options.materialize_quantized_weights;
-  auto rescaled_or = rescale_quantized_weight(weight, *wl, affine.scale, ctx.options, weight.qat() && !materialize, who);
+  auto rescaled_or = rescale_quantized_weight(weight, *wl, affine.scale, ctx.options, weight.qat() && !materialize, who,
+                                         ctx.model.deferred_checks);
   bool raising_opset = false;
   if (auto* o = std::get_if<Outcome>(&rescaled_or); o && o->code == "opset-too-old") {
     std::string blocker;
@@ -417,7 +418,8 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
     }
     weight.axis_supported = true;  // once the model is at opset 13
     raising_opset = true;
-    rescaled_or = rescale_quantized_weight(weight, *wl, affine.scale, ctx.options, weight.qat() && !materialize, who);
+    rescaled_or = rescale_quantized_weight(weight, *wl, affine.scale, ctx.options, weight.qat() && !materialize, who,
+                                         ctx.model.deferred_checks);
   }
   if (auto* o = std::get_if<Outcome>(&rescaled_or)) return *o;
   const RescaledWeight& rescaled = std::get<RescaledWeight>(rescaled_or);

@@ -598,7 +598,8 @@ std::optional<Outcome> check_snap(const QuantizedWeight& w, const WeightLayout& 
 
 std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWeight& w, const WeightLayout& wl,
                                                                const std::vector<double>& a, const Options& options,
-                                                               bool keep_quantizer, const std::string& who) {
+                                                               bool keep_quantizer, const std::string& who,
+                                                               std::shared_ptr<graph::Model::DeferredChecks> deferred) {
   if (wl.P * wl.Q * wl.R != w.count || static_cast<int64_t>(a.size()) != wl.out_channels)
     return Outcome::kept("shape-mismatch", "the BN has " + std::to_string(a.size()) + " channels but " + who + " has " +
                                                std::to_string(wl.out_channels) + " output channels");
@@ -624,10 +625,18 @@ std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWe
     return Outcome::kept("scale-layout", "the quantization scale of " + who + " cannot absorb the BN factors: " + c.conflict);
   // Only the negated elements' values matter for what follows: read them once (none when no factor is negative).
   const bool any_negative = std::any_of(c.negative.begin(), c.negative.end(), [](char v) { return v != 0; });
-  const NegatedExtremes e = any_negative ? negated_extremes(w, wl, r.layout, r.promoted, a) : NegatedExtremes{};
-
   const auto n = static_cast<size_t>(r.layout.scale_count());
   auto old_index = [&](size_t k) { return r.promoted ? size_t{0} : k; };
+  // With a signed type and zero points of 0 the negation q' = -q is the first candidate below, and it fits
+  // unless q is the type's lowest value. In the QAT form (whose integers are rewritten anyway, so
+  // ints_changed does not matter) the generator can check that while it writes, instead of a read-only pass
+  // quantizing the whole weight first.
+  bool defer_negation = deferred && any_negative && w.qat() && !w.float8() && w.range.lo == -w.range.hi - 1;
+  for (size_t k = 0; k < n && defer_negation; ++k) defer_negation = !c.negative[k] || w.zero[old_index(k)] == 0;
+  const NegatedExtremes e =
+      any_negative && !defer_negation ? negated_extremes(w, wl, r.layout, r.promoted, a) : NegatedExtremes{};
+  if (defer_negation) r.negation_check = deferred;
+
   const int64_t complement_c = w.range.lo + w.range.hi;
   r.mirror.assign(n, 0);
   r.scale.resize(n);
@@ -645,7 +654,7 @@ std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWe
                                who + " underflows to 0): its QuantizeLinear would divide by a zero scale; "
                                "materialize_quantized_weights=True folds it with integer weights");
     r.zero[k] = z;
-    if (!c.negative[k] || w.float8()) continue;
+    if (!c.negative[k] || w.float8() || defer_negation) continue;  // deferred: mirror 0, zero point 0 (= z)
     auto fits = [&](int64_t m) {
       return w.range.contains(m - z) && w.range.contains(m - e.min[k]) && w.range.contains(m - e.max[k]);
     };
@@ -686,13 +695,19 @@ std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWe
   r.negated_channels = static_cast<int>(std::count(c.negated_channel.begin(), c.negated_channel.end(), 1));
   if (w.float8()) {
     r.ints_changed = e.float8_changes;
+  } else if (defer_negation) {
+    r.ints_changed = true;
   } else {
     for (size_t k = 0; k < n && !r.ints_changed; ++k)
       r.ints_changed = c.negative[k] && !(e.min[k] == e.max[k] && 2 * e.min[k] == r.mirror[k]);
   }
 
   if (w.qat() && keep_quantizer)
-    if (auto failed = check_snap(w, wl, r, a, who)) return *failed;
+    if (auto failed = check_snap(w, wl, r, a, who)) {
+      // With the negation deferred, q' = -q of the lowest value fails here too: decide the negation first.
+      if (defer_negation) return rescale_quantized_weight(w, wl, a, options, keep_quantizer, who, nullptr);
+      return *failed;
+    }
   return r;
 }
 
@@ -711,6 +726,7 @@ struct WeightGenerator {
   QuantLayout layout;
   kernels::IntegerRange range;
   Rescale p;
+  std::shared_ptr<graph::Model::DeferredChecks> negation_check;  // see RescaledWeight::negation_check
 
   size_t size() const {
     return as_integers ? *kernels::quantized_bytes(int_type, count) : static_cast<size_t>(count) * element_width();
@@ -744,6 +760,7 @@ struct WeightGenerator {
         kernels::quantize_elements(data.data(), float_type, from + done, m, static_cast<float>(p.old_scale[p.old(k)]),
                                    p.old_zero[p.old(k)], range, q.data());
         if (neg) {
+          if (negation_check && lowest_in(q.data(), m)) negation_check->fail();
           const auto c = static_cast<double>(p.mirror[k]);
           for (int64_t j = 0; j < m; ++j) q[j] = c - q[j];
         }
@@ -768,11 +785,20 @@ struct WeightGenerator {
         const int64_t m = std::min(kPiece, j1 - j), e = i + (j - j0);
         kernels::quantize_elements(data.data(), float_type, e, m, cols.old_scale.data() + j, cols.old_zero.data() + j,
                                    range, q.data());
+        if (negation_check && lowest_in(q.data(), m, cols.sign.data() + j)) negation_check->fail();
         kernels::mirror_values(q.data(), m, cols.add.data() + j, cols.sign.data() + j);
         store<const double*>(q.data(), m, e - first, dst, cols.zero.data() + j, cols.scale.data() + j);
       }
       return true;
     });
+  }
+
+  // Deferred negation check: does q[0, m) (only where sign[j] < 0, when given) hold the type's lowest value?
+  bool lowest_in(const double* q, int64_t m, const double* sign = nullptr) const {
+    const auto lowest = static_cast<double>(range.lo);
+    int hits = 0;  // | rather than a branch: the loop vectorises
+    for (int64_t j = 0; j < m; ++j) hits |= static_cast<int>(q[j] == lowest) & static_cast<int>(!sign || sign[j] < 0);
+    return hits != 0;
   }
 
   // The integers q'[0, m) as output element `at` onwards: as they are, or dequantized with zero point and scale
@@ -802,6 +828,7 @@ graph::LazyBytes rescaled_weight_data(const QuantizedWeight& w, const WeightLayo
   gen->layout = r.layout;
   gen->range = w.range;
   gen->p = rescale_of(w, r);
+  gen->negation_check = r.negation_check;
   graph::LazyBytes bytes;
   bytes.size = gen->size();
   bytes.fill = [gen](char* dst) { gen->fill(dst, 0, gen->size()); };
