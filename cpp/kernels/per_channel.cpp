@@ -6,6 +6,7 @@
 
 #include "../wire/fields.h"
 #include "numeric.h"
+#include "vector_clones.h"
 
 namespace qdqfold::kernels {
 
@@ -167,6 +168,7 @@ AffineResult affine_channels(int32_t data_type, std::string_view src, const Chan
   return affine_channels(data_type, src, axis, scale, shift, dst.data());
 }
 
+QDQFOLD_VECTOR_CLONES
 AffineResult affine_channels(int32_t data_type, std::string_view src, const ChannelAxis& axis, const double* scale,
                              const double* shift, char* dst, int64_t first, int64_t last) {
   if (axis.groups < 1 || axis.outer < 0 || axis.channels < 0 || axis.inner < 1) return {};

@@ -7,6 +7,7 @@
 #include "../wire/fields.h"
 #include "numeric.h"
 #include "per_channel.h"
+#include "vector_clones.h"
 
 namespace qdqfold::kernels {
 
@@ -185,6 +186,7 @@ IntegerExtremes integer_extremes(const char* src, int32_t t, int64_t first, int6
   return e;
 }
 
+QDQFOLD_VECTOR_CLONES
 void float_extremes(const char* src, int32_t t, int64_t first, int64_t n, FloatExtremes& acc) {
   constexpr int64_t kChunk = 1024;
   float buf[kChunk];
@@ -302,16 +304,19 @@ void store_dequantized_impl(const double* q, int64_t n, Z z, S s, int32_t t, cha
 
 }  // namespace
 
+QDQFOLD_VECTOR_CLONES
 void quantize_elements(const char* src, int32_t t, int64_t first, int64_t n, float s, int64_t z, IntegerRange range,
                        double* q) {
   quantize_impl(src, t, first, n, Same<float>{s}, Same<double>{static_cast<double>(z)}, range, q);
 }
 
+QDQFOLD_VECTOR_CLONES
 void quantize_elements(const char* src, int32_t t, int64_t first, int64_t n, const float* s, const double* z,
                        IntegerRange range, double* q) {
   quantize_impl(src, t, first, n, s, z, range, q);
 }
 
+QDQFOLD_VECTOR_CLONES
 void mirror_values(double* q, int64_t n, const double* add, const double* sign) {
   for (int64_t j = 0; j < n; ++j) q[j] = add[j] + sign[j] * q[j];
 }
@@ -337,10 +342,12 @@ void store_integers(const double* q, int64_t n, int32_t t, char* dst, int64_t ds
   }
 }
 
+QDQFOLD_VECTOR_CLONES
 void store_dequantized(const double* q, int64_t n, double z, double s, int32_t t, char* dst) {
   store_dequantized_impl(q, n, Same<double>{z}, Same<double>{s}, t, dst);
 }
 
+QDQFOLD_VECTOR_CLONES
 void store_dequantized(const double* q, int64_t n, const double* z, const double* s, int32_t t, char* dst) {
   store_dequantized_impl(q, n, z, s, t, dst);
 }
