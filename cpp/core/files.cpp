@@ -207,8 +207,9 @@ class OutputFile {
 };
 
 // Generated data goes through a buffer of this size at most, when its generator can produce ranges: the
-// process never holds a whole folded weight.
-constexpr size_t kChunk = size_t(8) << 20;
+// process never holds a whole folded weight. 1 MB stays in cache between the generator writing it and write()
+// copying it into the page cache (measured 5-15% faster file to file than 8 MB; 256 KB was no faster).
+constexpr size_t kChunk = size_t(1) << 20;
 
 void write_generated(const std::function<void(char*)>& whole, const std::function<void(char*, size_t, size_t)>& range,
                      size_t size, std::string& buffer, OutputFile& out) {
