@@ -87,3 +87,20 @@ def test_folded_qat_weight_requantizes_to_the_reference_integers(onnx_type, zero
             np.testing.assert_array_equal(got - z2[o], -(expected[o] - z), err_msg=f"channel {o}")
         # and W' lies on its grid: W' = (q' - z') * s' exactly in float32
         np.testing.assert_array_equal(w2[o].ravel(), ((got - z2[o]) * s2[o].astype(np.float64)).astype(np.float32))
+
+
+def test_every_integer_snaps_back_through_a_float32_weight_for_normal_scales():
+    """The claim check_snap relies on to skip trying each integer: for a float32 weight and a new scale s' that is
+    a normal float32 with (hi - lo) * s' far from overflow, W' = fl32(m * s') quantizes back to m for every
+    |m| <= 2^16 (W' / s' is within |m| 2^-23 of m). Tried for every such m, on scales spread over the whole
+    exponent range, the smallest normal and random mantissas included."""
+    rng = np.random.default_rng(11)
+    m = np.arange(-(1 << 16), (1 << 16) + 1, dtype=np.float64)
+    tiny = np.finfo(np.float32).tiny
+    exponents = rng.uniform(np.log2(tiny), np.log2(np.finfo(np.float32).max / 2 ** 18), 60)
+    scales = np.concatenate([[tiny, np.nextafter(tiny, np.float32(1)), 1.0, 0.0123, 3.0e33],
+                             2.0 ** exponents * rng.uniform(1, 2, 60)]).astype(np.float32)
+    for s in scales:
+        w = (m * np.float64(s)).astype(np.float32)  # one rounding of the exact product
+        back = np.rint((w / s).astype(np.float64))  # QuantizeLinear's ratio in float32, ties to even
+        np.testing.assert_array_equal(back, m, err_msg=f"scale {s!r}")

@@ -507,6 +507,7 @@ struct Columns {
   kernels::MirrorColumns mirror;
   std::vector<float> old_scale;
   std::vector<double> old_zero, add, sign, zero, scale;
+  std::vector<float> old_zero_f, add_f, sign_f, zero_f, scale_f;  // the same as float32 (requantize_float32)
 };
 
 Columns columns(const Rescale& p, const RowView& v, int64_t base, int32_t int_type, bool qat) {
@@ -534,6 +535,12 @@ Columns columns(const Rescale& p, const RowView& v, int64_t base, int32_t int_ty
     c.zero[j] = static_cast<double>(p.zero[static_cast<size_t>(k)]);
     c.scale[j] = p.scale[static_cast<size_t>(k)];
   }
+  auto as_float = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
+  c.old_zero_f = as_float(c.old_zero);
+  c.add_f = as_float(c.add);
+  c.sign_f = as_float(c.sign);
+  c.zero_f = as_float(c.zero);
+  c.scale_f = as_float(c.scale);
   return c;
 }
 
@@ -548,6 +555,15 @@ std::optional<Outcome> check_snap(const QuantizedWeight& w, const WeightLayout& 
     return kernels::quantize_element(static_cast<float>(snapped), static_cast<float>(r.scale[k]), r.zero[k], w.range) == v;
   };
   const size_t n = r.scale.size();
+  // A float32 weight snaps for every integer when each s' is a normal float32 and (hi - lo) * s' is far from
+  // overflowing: with m = q' - z' (|m| <= hi - lo <= 2^16), W' = fl(m s') and W' / s' in float32 is
+  // m (1 + d1)(1 + d2) with |d| <= 2^-24, within |m| 2^-23 < 1/2 of m, so it rounds back to m.
+  if (w.float_type == static_cast<int32_t>(wire::DataType::Float) && w.range.hi - w.range.lo <= (int64_t{1} << 16) &&
+      std::all_of(r.scale.begin(), r.scale.end(), [&](double s) {
+        return s >= std::numeric_limits<float>::min() &&
+               s * static_cast<double>(w.range.hi - w.range.lo) < 0.5 * std::numeric_limits<float>::max();
+      }))
+    return std::nullopt;
   const int64_t values = w.range.hi - w.range.lo + 1;
   if (values <= w.count / static_cast<int64_t>(std::max<size_t>(n, 1))) {
     bool all = true;
@@ -727,6 +743,7 @@ struct WeightGenerator {
   kernels::IntegerRange range;
   Rescale p;
   std::shared_ptr<graph::Model::DeferredChecks> negation_check;  // see RescaledWeight::negation_check
+  bool in_float32 = false;  // the QAT form kept with a float32 weight: kernels::requantize_float32
 
   size_t size() const {
     return as_integers ? *kernels::quantized_bytes(int_type, count) : static_cast<size_t>(count) * element_width();
@@ -746,9 +763,17 @@ struct WeightGenerator {
       last = static_cast<int64_t>(end / element_width());
     }
     if (auto v = row_view(wl, layout, int_type)) return fill_rows(*v, dst, first, last);
-    std::vector<double> q(qat ? 1024 : 0);
+    std::vector<double> q(qat && !in_float32 ? 1024 : 0);
     for_each_run(wl, layout, count, first, last, [&](int64_t from, int64_t len, int64_t o, int64_t k) {
       const bool neg = p.negative[o];
+      if (in_float32) {
+        const auto add = static_cast<float>(neg ? p.mirror[k] : 0), sign = neg ? -1.0f : 1.0f;
+        const bool lowest = kernels::requantize_float32(
+            data.data(), from, len, static_cast<float>(p.old_scale[p.old(k)]), static_cast<float>(p.old_zero[p.old(k)]),
+            add, sign, static_cast<float>(p.zero[k]), static_cast<float>(p.scale[k]), range, dst + (from - first) * 4);
+        if (lowest && negation_check) negation_check->fail();
+        return true;
+      }
       if (!qat) {
         if (!neg) kernels::copy_integers(data.data(), dst, int_type, from, len, first);
         else if (float8) kernels::negate_float8_bytes(data.data(), dst, from, len, first, fnuz);
@@ -774,11 +799,18 @@ struct WeightGenerator {
   void fill_rows(const RowView& v, char* dst, int64_t first, int64_t last) const {
     constexpr int64_t kPiece = 4096;
     Columns cols;
-    std::vector<double> q(qat ? kPiece : 0);
+    std::vector<double> q(qat && !in_float32 ? kPiece : 0);
     for_each_row_piece(v, layout, first, last, [&](int64_t i, int64_t j0, int64_t j1, int64_t base) {
       if (cols.base != base) cols = columns(p, v, base, int_type, qat);
       if (!qat) {
         kernels::mirror_integers(data.data(), dst, int_type, i, j1 - j0, first, cols.mirror, j0);
+        return true;
+      }
+      if (in_float32) {
+        const bool lowest = kernels::requantize_float32(
+            data.data(), i, j1 - j0, cols.old_scale.data() + j0, cols.old_zero_f.data() + j0, cols.add_f.data() + j0,
+            cols.sign_f.data() + j0, cols.zero_f.data() + j0, cols.scale_f.data() + j0, range, dst + (i - first) * 4);
+        if (lowest && negation_check) negation_check->fail();
         return true;
       }
       for (int64_t j = j0; j < j1; j += kPiece) {
@@ -829,6 +861,7 @@ graph::LazyBytes rescaled_weight_data(const QuantizedWeight& w, const WeightLayo
   gen->range = w.range;
   gen->p = rescale_of(w, r);
   gen->negation_check = r.negation_check;
+  gen->in_float32 = w.qat() && !as_integers && kernels::requantizes_in_float32(w.float_type, w.range, r.scale);
   graph::LazyBytes bytes;
   bytes.size = gen->size();
   bytes.fill = [gen](char* dst) { gen->fill(dst, 0, gen->size()); };

@@ -346,6 +346,61 @@ void quantize_elements(const char* src, int32_t t, int64_t first, int64_t n, con
   quantize_impl(src, t, first, n, s, z, range, q);
 }
 
+namespace {
+
+template <class P>
+bool requantize_float32_impl(const char* src, int64_t first, int64_t n, P s, P z, P add, P sign, P z_new, P s_new,
+                             IntegerRange range, char* dst) {
+  constexpr int64_t kChunk = 1024;
+  float in[kChunk], out[kChunk];
+  const auto lo = static_cast<float>(range.lo), hi = static_cast<float>(range.hi);
+  int lowest_negated = 0;
+  for (int64_t done = 0; done < n; done += kChunk) {
+    const int64_t k = std::min(kChunk, n - done);
+    std::memcpy(in, src + (first + done) * 4, static_cast<size_t>(k) * 4);
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t e = done + i;
+      // QuantizeLinear exactly as quantize_in_float does it
+      const float zf = z[e];
+      const float nan_value = zf >= lo && zf <= hi ? zf : lo;
+      const float r = in[i] / s[e];
+      const float magic = (r + 0x1.8p23f) - 0x1.8p23f;
+      const float rounded = std::fabs(r) < 0x1p22f ? magic : r;
+      const float v = rounded + zf;
+      const float low = v <= lo ? lo : v;
+      const float clamped = low >= hi ? hi : low;
+      const float q = r != r ? nan_value : clamped;
+      lowest_negated |= static_cast<int>(q == lo) & static_cast<int>(sign[e] < 0);  // | : no branch
+      out[i] = (add[e] + sign[e] * q - z_new[e]) * s_new[e];
+    }
+    std::memcpy(dst + done * 4, out, static_cast<size_t>(k) * 4);
+  }
+  return lowest_negated != 0;
+}
+
+}  // namespace
+
+QDQFOLD_VECTOR_CLONES
+bool requantize_float32(const char* src, int64_t first, int64_t n, float s, float z, float add, float sign,
+                        float z_new, float s_new, IntegerRange range, char* dst) {
+  return requantize_float32_impl(src, first, n, Same<float>{s}, Same<float>{z}, Same<float>{add}, Same<float>{sign},
+                                 Same<float>{z_new}, Same<float>{s_new}, range, dst);
+}
+
+QDQFOLD_VECTOR_CLONES
+bool requantize_float32(const char* src, int64_t first, int64_t n, const float* s, const float* z, const float* add,
+                        const float* sign, const float* z_new, const float* s_new, IntegerRange range, char* dst) {
+  return requantize_float32_impl(src, first, n, s, z, add, sign, z_new, s_new, range, dst);
+}
+
+bool requantizes_in_float32(int32_t float_type, IntegerRange range, const std::vector<double>& new_scales) {
+  if (float_type != static_cast<int32_t>(DataType::Float)) return false;
+  if (range.lo < -(int64_t{1} << 22) || range.hi > (int64_t{1} << 22)) return false;
+  for (double v : new_scales)
+    if (static_cast<double>(static_cast<float>(v)) != v) return false;
+  return true;
+}
+
 QDQFOLD_VECTOR_CLONES
 void mirror_values(double* q, int64_t n, const double* add, const double* sign) {
   for (int64_t j = 0; j < n; ++j) q[j] = add[j] + sign[j] * q[j];

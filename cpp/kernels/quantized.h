@@ -116,6 +116,23 @@ void mirror_values(double* q, int64_t n, const double* add, const double* sign);
 // store_dequantized() with zero point z[j] and scale s[j] for element j.
 void store_dequantized(const double* q, int64_t n, const double* z, const double* s, int32_t float_type, char* dst);
 
+// The QAT form's new float32 weight straight from the old one, in float32 lanes (twice as many per vector
+// as the double steps above, and no conversions between them):
+//   q = QuantizeLinear(x; s, z),  q' = add + sign * q,  W' = (q' - z') * s'
+// Bit for bit what quantize_elements + mirror_values + store_dequantized give, where
+// requantizes_in_float32() holds: q' - z' is then an integer below 2^18 and s' a float32 value, so their
+// float32 product is their exact (double) product rounded once. Elements [first, first + n) of `src`
+// (float32, raw_data layout) go to `dst` from its start. The parameters are one for the whole run, or one per
+// element (arrays indexed from 0). Returns true when a q whose sign is negative is range.lo: the negation
+// that does not fit the type, which a deferred check reports.
+bool requantize_float32(const char* src, int64_t first, int64_t n, float s, float z, float add, float sign,
+                        float z_new, float s_new, IntegerRange range, char* dst);
+bool requantize_float32(const char* src, int64_t first, int64_t n, const float* s, const float* z, const float* add,
+                        const float* sign, const float* z_new, const float* s_new, IntegerRange range, char* dst);
+// True when requantize_float32 gives the same bits as the double steps: a float32 weight, integers within
+// +-2^22, and new scales that are float32 values.
+bool requantizes_in_float32(int32_t float_type, IntegerRange range, const std::vector<double>& new_scales);
+
 // Bytes per element of the integer and float8 types (0 for the packed 4-bit ones and any other type).
 size_t quantized_width(int32_t data_type);
 // Bytes taken by `count` elements of a quantized type (4-bit: packed), or nullopt for another type.
