@@ -152,3 +152,40 @@ def test_fold_model_path_to_path_goes_file_to_file(tmp_path):
     folded = onnx.load(result, load_external_data=False)
     assert any(t.data_location == TensorProto.EXTERNAL for t in folded.graph.initializer)  # stayed external
     assert_same_outputs(conv_bn_model(), onnx.load(result))
+
+
+_WRITE_FAILS_MIDWAY = """
+import resource, signal, sys
+import qdqfold_native
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+limit = int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+    qdqfold_native.fold_file(sys.argv[1], sys.argv[2])
+except qdqfold_native.FoldError as e:
+    print("FoldError:", e)
+    sys.exit(3)
+print("no error")
+"""
+
+
+@pytest.mark.parametrize("limit_mb", [0.0005, 2.5, 7.5])
+def test_a_write_that_fails_midway_is_a_fold_error_and_leaves_no_file(tmp_path, limit_mb):
+    """The output is written on a second thread (core/background_writer.h): a write failing there (here: the
+    file-size limit, as a full disk would) must come back as a FoldError naming the output, the folding thread
+    must stop, and no temporary file may stay. The limits fall before the 9 MB weight and inside it."""
+    import subprocess
+    import sys
+
+    model = conv_bn_model(channels=512, size=4)  # a 512 x 512 x 3 x 3 float weight: 9.4 MB, 9 write chunks
+    src = tmp_path / "in" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save(model, src)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    limit = int(limit_mb * 1e6)
+    done = subprocess.run([sys.executable, "-c", _WRITE_FAILS_MIDWAY, str(src), str(out_dir / "folded.onnx"),
+                           str(limit)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, (done.returncode, done.stdout, done.stderr)
+    assert "folded.onnx: cannot write" in done.stdout
+    assert list(out_dir.iterdir()) == []
