@@ -83,6 +83,7 @@ class ProcResult:
 
 def run_process(cmd: list[str], env: dict, timeout: float, log: Path) -> ProcResult:
     """Run cmd to completion; wall time and peak RSS of exactly that child (os.wait4)."""
+    os.sync()  # earlier runs' output is on disk first: no run waits on another's writeback
     with open(log, "wb") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,

@@ -189,3 +189,68 @@ def test_a_write_that_fails_midway_is_a_fold_error_and_leaves_no_file(tmp_path, 
     assert done.returncode == 3, (done.returncode, done.stdout, done.stderr)
     assert "folded.onnx: cannot write" in done.stdout
     assert list(out_dir.iterdir()) == []
+
+
+def _external_model(tmp_path, alias: bool):
+    """conv_a -> bn_a -> conv_b -> bn_b -> conv_c (no BN) with every weight in one data file, laid out
+    w_a | w_c | w_b so that unchanged bytes sit between and after folded ones. With `alias`, w_b's entry
+    points at w_a's bytes (two initializers sharing external data, with different BN factors)."""
+    rng = np.random.default_rng(5)
+    c = 16
+    weights = {n: rng.standard_normal((c, c, 3, 3)).astype(np.float32) for n in ["w_a", "w_c", "w_b"]}
+    data = b"".join(w.tobytes() for w in weights.values()) + b"tail" * 100
+    (tmp_path / "m.data").write_bytes(data)
+    size = weights["w_a"].nbytes
+    offsets = {"w_a": 0, "w_c": size, "w_b": 0 if alias else 2 * size}
+    inits = []
+    for name in ["w_a", "w_b", "w_c"]:
+        t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[c, c, 3, 3], data_location=TensorProto.EXTERNAL)
+        for k, v in {"location": "m.data", "offset": str(offsets[name]), "length": str(size)}.items():
+            t.external_data.add(key=k, value=v)
+        inits.append(t)
+    nodes = []
+    for layer, x, y in [("a", "x", "ya"), ("b", "ra", "yb")]:
+        gamma = rng.uniform(0.5, 2, c) * np.where(rng.random(c) < 0.5, -1, 1)
+        for n, v in zip(["g", "b", "m", "v"], [gamma, rng.standard_normal(c), rng.standard_normal(c),
+                                               rng.uniform(0.5, 2, c)]):
+            inits.append(numpy_helper.from_array(v.astype(np.float32), f"{n}_{layer}"))
+        nodes += [helper.make_node("Conv", [x, f"w_{layer}"], [f"c_{layer}"], pads=[1, 1, 1, 1], name=f"conv_{layer}"),
+                  helper.make_node("BatchNormalization", [f"c_{layer}", f"g_{layer}", f"b_{layer}", f"m_{layer}",
+                                                          f"v_{layer}"], [y], name=f"bn_{layer}"),
+                  helper.make_node("Relu", [y], [f"r{layer}"])]
+    nodes.append(helper.make_node("Conv", ["rb", "w_c"], ["out"], pads=[1, 1, 1, 1], name="conv_c"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 5, 5])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, c, 5, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "m.onnx")
+    return data
+
+
+@pytest.mark.parametrize("alias", [False, True])
+def test_external_data_with_folded_tensors_between_unchanged_bytes(tmp_path, alias):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    original_data = _external_model(src, alias)
+    report = qdqfold_native.fold_file(src / "m.onnx", out / "m.onnx")
+    assert all(b["folded"] for b in report["batchnorms"]), report
+    written = (out / "m.data").read_bytes()
+    size = 16 * 16 * 9 * 4
+    if alias:
+        # w_a and w_b read the same bytes, so neither may overwrite them: both are appended, page-aligned,
+        # and every original byte stays where it was.
+        assert written[:len(original_data)] == original_data
+        entries = {t.name: {e.key: e.value for e in t.external_data}
+                   for t in onnx.load(out / "m.onnx", load_external_data=False).graph.initializer if t.external_data}
+        for name in ["w_a", "w_b"]:
+            offset = int(entries[name]["offset"])
+            assert offset >= len(original_data) and offset % 4096 == 0
+            assert int(entries[name]["length"]) == size
+        assert int(entries["w_c"]["offset"]) == size
+    else:
+        assert len(written) == len(original_data), "folded tensors overwrite their own bytes in place"
+
+    assert written[size:2 * size] == original_data[size:2 * size], "w_c is not folded: its bytes pass through"
+    assert written[len(original_data) - 400:len(original_data)] == original_data[-400:]
+    assert (src / "m.data").read_bytes() == original_data, "the input is never written"
+    assert_same_outputs(onnx.load(src / "m.onnx"), onnx.load(out / "m.onnx"))

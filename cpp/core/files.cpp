@@ -245,6 +245,70 @@ void write_pieces(const wire::Pieces& pieces, const MappedFile& input, OutputFil
 
 namespace {
 
+// Writes an external data file: the input's bytes with the folded tensors' new bytes in place (every offset
+// kept). In offset order, each stretch between folded tensors is copied file to file and each folded tensor is
+// written once; if folded tensors overlap (aliased data) or run past the end, the whole file is copied and
+// they are written over it. The writes run on a second thread while this one computes the folded bytes.
+void write_data_file(const MappedFile& file, const std::string& location,
+                     const std::vector<graph::ExternalOutput::Overwrite>& overwrites, const FileResolver& resolver,
+                     OutputFile& out) {
+  auto size_of = [](const graph::ExternalOutput::Overwrite& w) { return w.lazy ? w.lazy->size : w.bytes.size(); };
+  std::vector<const graph::ExternalOutput::Overwrite*> mine;
+  for (const auto& w : overwrites)
+    if (w.location == location) mine.push_back(&w);
+  std::stable_sort(mine.begin(), mine.end(), [](auto* a, auto* b) { return a->offset < b->offset; });
+  const auto file_size = static_cast<int64_t>(file.view().size());
+  bool in_order = true;  // disjoint and inside the file: one sequential pass
+  int64_t end = 0;
+  for (const auto* w : mine) {
+    in_order = in_order && w->offset >= end && w->offset + static_cast<int64_t>(size_of(*w)) <= file_size;
+    end = w->offset + static_cast<int64_t>(size_of(*w));
+  }
+
+  BackgroundWriter writer(kChunk, 3);
+  // Writes `n` bytes at `at`, or at the current end when at < 0.
+  auto put = [&out](const char* data, size_t n, int64_t at) {
+    if (at < 0) out.write(data, n);
+    else out.pwrite_all(data, n, at);
+  };
+  auto write_folded = [&](const graph::ExternalOutput::Overwrite& w, bool sequential) {
+    const int64_t base = sequential ? -1 : w.offset;
+    auto at = [base](size_t begin) { return base < 0 ? base : base + static_cast<int64_t>(begin); };
+    if (w.lazy && w.lazy->fill_range) {
+      for (size_t begin = 0; begin < w.lazy->size; begin += kChunk) {
+        const size_t stop = std::min(w.lazy->size, begin + kChunk);
+        std::string& buffer = writer.acquire();
+        w.lazy->fill_range(buffer.data(), begin, stop);
+        writer.post(buffer, [put, n = stop - begin, to = at(begin)](const std::string& b) { put(b.data(), n, to); });
+        resolver.drop_resident();  // the generator read its source from a mapped data file
+      }
+    } else if (w.lazy) {
+      auto whole = std::make_shared<std::string>(w.lazy->size, '\0');
+      w.lazy->fill(whole->data());
+      writer.post([put, whole, to = at(0)] { put(whole->data(), whole->size(), to); });
+    } else {
+      writer.post([put, bytes = w.bytes, to = at(0)] { put(bytes.data(), bytes.size(), to); });
+    }
+  };
+  auto copy = [&](int64_t from, int64_t n) {
+    if (n > 0) writer.post([&out, &file, from, n] { out.copy_from(file, from, static_cast<size_t>(n)); });
+  };
+  if (in_order) {
+    int64_t done = 0;
+    for (const auto* w : mine) {
+      copy(done, w->offset - done);
+      write_folded(*w, true);
+      done = w->offset + static_cast<int64_t>(size_of(*w));
+    }
+    copy(done, file_size - done);
+  } else {
+    copy(0, file_size);
+    for (const auto* w : mine) write_folded(*w, false);
+  }
+  writer.post([&file] { file.drop_resident(); });
+  writer.finish();
+}
+
 // One run of fold_file. With `defer_checks` (see plan_fold), nullopt when a deferred check failed: the
 // temporary outputs are then removed and nothing is committed.
 std::optional<Report> fold_file_once(MappedFile& input, FileResolver& resolver, const std::string& src,
@@ -266,35 +330,17 @@ std::optional<Report> fold_file_once(MappedFile& input, FileResolver& resolver, 
   // External data files are copied beside the output under the same names, unless the output sits in the
   // input's directory, where those names are taken: then they are prefixed with the output's file name.
   const bool beside_input = same_directory(directory_of(src), directory_of(dst));
-  for (const auto& [location, file] : resolver.files())
+  for (const auto& [location, file] : resolver.files()) {
     external.location_out[location] = beside_input ? file_name_of(dst) + "." + location : location;
+    external.append_at[external.location_out[location]] = static_cast<int64_t>(file->view().size());
+  }
   plan->model->external_output = &external;
   plan->pieces = graph::write_model(*plan->model, plan->arena);
 
   std::vector<std::unique_ptr<OutputFile>> data_files;
   for (const auto& [location, file] : resolver.files()) {
     auto out = std::make_unique<OutputFile>(directory_of(dst) + "/" + external.location_out[location]);
-    out->copy_from(*file, 0, file->view().size());
-    std::string buffer;
-    file->drop_resident();
-    for (const auto& w : external.overwrites) {
-      if (w.location != external.location_out[location]) continue;
-      if (w.lazy && w.lazy->fill_range) {
-        for (size_t begin = 0; begin < w.lazy->size; begin += kChunk) {
-          const size_t end = std::min(w.lazy->size, begin + kChunk);
-          buffer.resize(end - begin);
-          w.lazy->fill_range(buffer.data(), begin, end);
-          out->pwrite_all(buffer.data(), buffer.size(), w.offset + static_cast<int64_t>(begin));
-          resolver.drop_resident();  // the generator read its source from a mapped data file
-        }
-      } else if (w.lazy) {
-        buffer.resize(w.lazy->size);
-        w.lazy->fill(buffer.data());
-        out->pwrite_all(buffer.data(), buffer.size(), w.offset);
-      } else {
-        out->pwrite_all(w.bytes.data(), w.bytes.size(), w.offset);
-      }
-    }
+    write_data_file(*file, external.location_out[location], external.overwrites, resolver, *out);
     data_files.push_back(std::move(out));
   }
   OutputFile model_out(dst);

@@ -189,6 +189,10 @@ class Graph {
 // model writer records the tensors whose data must overwrite the copied data files.
 struct ExternalOutput {
   std::map<std::string, std::string> location_out;  // input location -> output location
+  // Output location -> where data appended to that file goes next (filled by the file writer with the
+  // input file's size). A folded tensor whose bytes another tensor also reads (aliased external data) cannot
+  // be overwritten in place: it is appended there instead, at a 4096-byte boundary.
+  std::map<std::string, int64_t> append_at;
   struct Overwrite {
     std::string location;  // output location
     int64_t offset = 0;

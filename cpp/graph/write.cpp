@@ -161,6 +161,25 @@ struct Writer {
     }
   }
 
+  // True when the external bytes of initializer k of g overlap those of another initializer of the model.
+  bool shares_bytes(const Graph& g, size_t k) {
+    if (!all_external) {
+      all_external.emplace();
+      for (Graph* other : whole_model->all_graphs())
+        for (size_t i = 0; i < other->original_external.size(); ++i)
+          if (!other->original_external[i].location.empty()) all_external->push_back({other, i});
+    }
+    const ExternalRef& mine = g.original_external[k];
+    for (const auto& [other, i] : *all_external) {
+      const ExternalRef& ref = other->original_external[i];
+      if ((other == &g && i == k) || ref.location != mine.location) continue;
+      if (ref.offset < mine.offset + mine.length && mine.offset < ref.offset + ref.length) return true;
+    }
+    return false;
+  }
+  Model* whole_model = nullptr;  // for shares_bytes
+  std::optional<std::vector<std::pair<const Graph*, size_t>>> all_external;
+
   // TensorProto = header + raw_data, the data written by its generator straight into the output.
   void lazy_tensor(Pieces& out, uint32_t field, const std::string& header, const std::shared_ptr<const LazyBytes>& data) {
     std::string raw_header = bytes_header(num(TensorField::RawData), data->size);
@@ -193,10 +212,16 @@ struct Writer {
       else owned(out, field, *g.initializer_replaced[k]);
       return;
     }
+    int64_t offset = ref.offset;
     if (changed) {
+      if (shares_bytes(g, k)) {  // another tensor reads these bytes: they must stay; the new data goes at the end
+        int64_t& end = external_output->append_at[location];
+        offset = (end + 4095) / 4096 * 4096;
+        end = offset + static_cast<int64_t>(size);
+      }
       ExternalOutput::Overwrite w;
       w.location = location;
-      w.offset = ref.offset;
+      w.offset = offset;
       if (lazy) w.lazy = lazy->data;
       else w.bytes = current.raw;
       external_output->overwrites.push_back(std::move(w));
@@ -210,7 +235,7 @@ struct Writer {
       put_bytes_field(payload, num(TensorField::ExternalData), e);
     };
     entry("location", location);
-    entry("offset", std::to_string(ref.offset));
+    entry("offset", std::to_string(offset));
     entry("length", std::to_string(length));
     out.view(arena.keep(bytes_header(field, payload.size())));
     out.view(arena.keep(std::move(payload)));
@@ -315,7 +340,9 @@ static void mark_moved_external_data(Model& model) {
 
 Pieces write_model(Model& model, Arena& arena) {
   mark_moved_external_data(model);
-  return Writer(arena, model.external_output).model(model);
+  Writer writer(arena, model.external_output);
+  writer.whole_model = &model;
+  return writer.model(model);
 }
 
 }  // namespace qdqfold::graph
