@@ -399,3 +399,10 @@ def test_folding_a_file_loads_neither_onnx_nor_numpy(tmp_path):
     result = subprocess.run([sys.executable, "-c", code, str(SEED), "-o", str(tmp_path / "o.onnx"), "-q"],
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.stdout.strip() == "0 []", result.stderr
+
+
+def test_version_names_the_release_and_the_native_module():
+    done = qdqfold("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"qdqfold {qdqfold_native.__version__} (qdqfold_native at ")
+    assert qdqfold_native.__file__ in done.stdout

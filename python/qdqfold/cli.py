@@ -14,6 +14,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
 
+import qdqfold_native
+
 from .api import OPTIONS, write_atomically
 from .batch import ModelError, ModelResult, VerifySettings, fold_file_result, iter_fold_many, plan_outputs
 from .verify import DEFAULT_TOLERANCE, VerifyResult
@@ -81,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "  qdqfold models/ more.onnx -o folded/ --jobs 4     (directories recurse; layout kept)",
         epilog=EXIT_STATUS_HELP,
     )
+    parser.add_argument("--version", action="version",
+                        version=f"qdqfold {qdqfold_native.__version__} (qdqfold_native at {qdqfold_native.__file__})")
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="ONNX model file(s), or directories searched recursively for *.onnx")
     where = parser.add_argument_group("where to write")
