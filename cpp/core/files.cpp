@@ -241,14 +241,11 @@ void write_pieces(const wire::Pieces& pieces, const MappedFile& input, OutputFil
   writer.finish();
 }
 
-}  // namespace
-
-namespace {
-
 // Writes an external data file: the input's bytes with the folded tensors' new bytes in place (every offset
 // kept). In offset order, each stretch between folded tensors is copied file to file and each folded tensor is
-// written once; if folded tensors overlap (aliased data) or run past the end, the whole file is copied and
-// they are written over it. The writes run on a second thread while this one computes the folded bytes.
+// written once. When one lies past the end (appended: its old bytes are shared with another tensor, see
+// ExternalOutput::append_at), the whole file is copied and the folded tensors are written at their offsets.
+// The writes run on a second thread while this one computes the folded bytes.
 void write_data_file(const MappedFile& file, const std::string& location,
                      const std::vector<graph::ExternalOutput::Overwrite>& overwrites, const FileResolver& resolver,
                      OutputFile& out) {
