@@ -255,10 +255,23 @@ struct Same {
   T operator[](int64_t) const { return v; }
 };
 
-// The same in float32 lanes (twice as many per vector), for integer types whose range lies within +-2^22
-// (every weight type but int32). It gives the same integers: below 2^22 in magnitude, adding and removing
-// 1.5 * 2^23 rounds a float to the nearest integer, ties to even, and integer + zero point (|z| <= 2^16) is
-// exact; a larger ratio is clamped to the range whatever its rounding.
+// QuantizeLinear of one element in float32 lanes (twice as many per vector as double), for integer types
+// whose range [lo, hi] lies within +-2^22 (every weight type but int32). It gives quantize_element's integers:
+// below 2^22 in magnitude, adding and removing 1.5 * 2^23 rounds a float to the nearest integer, ties to even,
+// and integer + zero point (|z| <= 2^16) is exact; a larger ratio is clamped to the range whatever its
+// rounding. Both sides of each choice are computed and one selected, so the loops calling it vectorise.
+inline float quantize_in_float_lanes(float x, float s, float z, float lo, float hi) {
+  const float nan_value = z >= lo && z <= hi ? z : lo;
+  const float r = x / s;
+  const float magic = (r + 0x1.8p23f) - 0x1.8p23f;
+  const float rounded = std::fabs(r) < 0x1p22f ? magic : r;
+  const float v = rounded + z;
+  const float low = v <= lo ? lo : v;
+  const float clamped = low >= hi ? hi : low;
+  return r != r ? nan_value : clamped;
+}
+
+// quantize_impl for ranges within +-2^22 (see quantize_in_float_lanes).
 template <class S, class Z>
 void quantize_in_float(const char* src, int32_t t, int64_t first, int64_t n, S s, Z z, IntegerRange range,
                        double* q) {
@@ -269,17 +282,8 @@ void quantize_in_float(const char* src, int32_t t, int64_t first, int64_t n, S s
     const int64_t k = std::min(kChunk, n - done);
     load_floats(src, t, first + done, k, buf);
     double* out = q + done;
-    for (int64_t i = 0; i < k; ++i) {
-      const auto zf = static_cast<float>(z[done + i]);
-      const float nan_value = zf >= lo && zf <= hi ? zf : lo;
-      const float r = buf[i] / s[done + i];
-      const float magic = (r + 0x1.8p23f) - 0x1.8p23f;
-      const float rounded = std::fabs(r) < 0x1p22f ? magic : r;
-      const float v = rounded + zf;
-      const float low = v <= lo ? lo : v;
-      const float clamped = low >= hi ? hi : low;
-      out[i] = r != r ? nan_value : clamped;
-    }
+    for (int64_t i = 0; i < k; ++i)
+      out[i] = quantize_in_float_lanes(buf[i], s[done + i], static_cast<float>(z[done + i]), lo, hi);
   }
 }
 
@@ -360,16 +364,7 @@ bool requantize_float32_impl(const char* src, int64_t first, int64_t n, P s, P z
     std::memcpy(in, src + (first + done) * 4, static_cast<size_t>(k) * 4);
     for (int64_t i = 0; i < k; ++i) {
       const int64_t e = done + i;
-      // QuantizeLinear exactly as quantize_in_float does it
-      const float zf = z[e];
-      const float nan_value = zf >= lo && zf <= hi ? zf : lo;
-      const float r = in[i] / s[e];
-      const float magic = (r + 0x1.8p23f) - 0x1.8p23f;
-      const float rounded = std::fabs(r) < 0x1p22f ? magic : r;
-      const float v = rounded + zf;
-      const float low = v <= lo ? lo : v;
-      const float clamped = low >= hi ? hi : low;
-      const float q = r != r ? nan_value : clamped;
+      const float q = quantize_in_float_lanes(in[i], s[e], z[e], lo, hi);
       lowest_negated |= static_cast<int>(q == lo) & static_cast<int>(sign[e] < 0);  // | : no branch
       out[i] = (add[e] + sign[e] * q - z_new[e]) * s_new[e];
     }
