@@ -1,5 +1,8 @@
 // Model -> bytes. Walks the recorded field list of every message on the path to an edit; everything else is
 // a view of the input, so a model with no edits is one view of the whole buffer: byte-identical.
+#include <algorithm>
+#include <map>
+#include <set>
 #include <unordered_map>
 
 #include "../wire/fields.h"
@@ -163,22 +166,40 @@ struct Writer {
 
   // True when the external bytes of initializer k of g overlap those of another initializer of the model.
   bool shares_bytes(const Graph& g, size_t k) {
-    if (!all_external) {
-      all_external.emplace();
-      for (Graph* other : whole_model->all_graphs())
-        for (size_t i = 0; i < other->original_external.size(); ++i)
-          if (!other->original_external[i].location.empty()) all_external->push_back({other, i});
+    if (!shared_external) shared_external = find_shared_external(*whole_model);
+    return shared_external->count({&g, k}) > 0;
+  }
+  // Every initializer whose external bytes overlap another's: one sweep per data file in offset order, where
+  // an interval overlaps an earlier one exactly when it starts before the furthest end seen so far (and
+  // then overlaps the interval that reached that end too).
+  static std::set<std::pair<const Graph*, size_t>> find_shared_external(Model& model) {
+    struct Interval {
+      int64_t begin, end;
+      const Graph* graph;
+      size_t index;
+    };
+    std::map<std::string, std::vector<Interval>> by_file;
+    for (Graph* g : model.all_graphs())
+      for (size_t i = 0; i < g->original_external.size(); ++i) {
+        const ExternalRef& r = g->original_external[i];
+        if (!r.location.empty() && r.length > 0) by_file[r.location].push_back({r.offset, r.offset + r.length, g, i});
+      }
+    std::set<std::pair<const Graph*, size_t>> shared;
+    for (auto& [location, intervals] : by_file) {
+      std::sort(intervals.begin(), intervals.end(), [](const Interval& a, const Interval& b) { return a.begin < b.begin; });
+      const Interval* furthest = nullptr;
+      for (const Interval& x : intervals) {
+        if (furthest && x.begin < furthest->end) {
+          shared.insert({x.graph, x.index});
+          shared.insert({furthest->graph, furthest->index});
+        }
+        if (!furthest || x.end > furthest->end) furthest = &x;
+      }
     }
-    const ExternalRef& mine = g.original_external[k];
-    for (const auto& [other, i] : *all_external) {
-      const ExternalRef& ref = other->original_external[i];
-      if ((other == &g && i == k) || ref.location != mine.location) continue;
-      if (ref.offset < mine.offset + mine.length && mine.offset < ref.offset + ref.length) return true;
-    }
-    return false;
+    return shared;
   }
   Model* whole_model = nullptr;  // for shares_bytes
-  std::optional<std::vector<std::pair<const Graph*, size_t>>> all_external;
+  std::optional<std::set<std::pair<const Graph*, size_t>>> shared_external;
 
   // TensorProto = header + raw_data, the data written by its generator straight into the output.
   void lazy_tensor(Pieces& out, uint32_t field, const std::string& header, const std::shared_ptr<const LazyBytes>& data) {
