@@ -47,8 +47,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const uint8_t selectors[2] = {0, static_cast<uint8_t>(size ? 1 + data[size - 1] % 3 : 1)};
   for (uint8_t selector : selectors) {
     try {
-      auto plan = qdqfold::plan_fold(model, option_set(selector));
+      // As the binding does it: checks deferred to the writing first, and if one failed, once more checking
+      // first (graph::Model::DeferredChecks).
+      auto plan = qdqfold::plan_fold(model, option_set(selector), /*defer_checks=*/true);
       write_plan(*plan);
+      if (qdqfold::checks_failed(*plan->model)) {
+        plan = qdqfold::plan_fold(model, option_set(selector), /*defer_checks=*/false);
+        write_plan(*plan);
+        if (qdqfold::checks_failed(*plan->model)) std::abort();
+      }
       // With nothing folded, the output is the input, byte for byte.
       bool any_folded = false;
       for (const auto& bn : plan->report.batchnorms) any_folded = any_folded || bn.folded;
