@@ -271,49 +271,43 @@ inline float quantize_in_float_lanes(float x, float s, float z, float lo, float 
   return r != r ? nan_value : clamped;
 }
 
-// quantize_impl for ranges within +-2^22 (see quantize_in_float_lanes).
-template <class S, class Z>
-void quantize_in_float(const char* src, int32_t t, int64_t first, int64_t n, S s, Z z, IntegerRange range,
-                       double* q) {
+// Elements [first, first + n) of a float tensor, read as float32 a chunk at a time, each mapped to
+// q[j] = quantize(x, j) (j counted from `first`).
+template <class Quantize>
+void quantize_chunks(const char* src, int32_t t, int64_t first, int64_t n, double* q, Quantize quantize) {
   constexpr int64_t kChunk = 1024;
   float buf[kChunk];
-  const auto lo = static_cast<float>(range.lo), hi = static_cast<float>(range.hi);
   for (int64_t done = 0; done < n; done += kChunk) {
     const int64_t k = std::min(kChunk, n - done);
     load_floats(src, t, first + done, k, buf);
-    double* out = q + done;
-    for (int64_t i = 0; i < k; ++i)
-      out[i] = quantize_in_float_lanes(buf[i], s[done + i], static_cast<float>(z[done + i]), lo, hi);
+    for (int64_t i = 0; i < k; ++i) q[done + i] = quantize(buf[i], done + i);
   }
 }
 
 template <class S, class Z>
 void quantize_impl(const char* src, int32_t t, int64_t first, int64_t n, S s, Z z, IntegerRange range, double* q) {
-  if (range.lo >= -(int64_t{1} << 22) && range.hi <= (int64_t{1} << 22))
-    return quantize_in_float(src, t, first, n, s, z, range, q);
-  constexpr int64_t kChunk = 1024;
-  float buf[kChunk];
-  const double lo = static_cast<double>(range.lo), hi = static_cast<double>(range.hi);
-  for (int64_t done = 0; done < n; done += kChunk) {
-    const int64_t k = std::min(kChunk, n - done);
-    load_floats(src, t, first + done, k, buf);
-    double* out = q + done;
-    for (int64_t i = 0; i < k; ++i) {
-      const double zd = z[done + i];
-      const double nan_value = zd >= lo && zd <= hi ? zd : lo;
-      const float ratio = buf[i] / s[done + i];
-      const double r = ratio;
-      // nearbyint (ties to even) without a library call: adding and removing 1.5 * 2^52 rounds a double of
-      // magnitude below 2^51 to an integer; floats of magnitude 2^23 and more are integers already.
-      // (Both sides are computed and then selected: no floating-point work under a condition, so it vectorises.)
-      const double magic = (r + 0x1.8p52) - 0x1.8p52;
-      const double rounded = std::fabs(r) < 0x1p31 ? magic : r;
-      const double v = rounded + zd;  // -0 + z is +0: no negative zero reaches the integers
-      const double low = v <= lo ? lo : v;
-      const double clamped = low >= hi ? hi : low;
-      out[i] = ratio != ratio ? nan_value : clamped;
-    }
+  if (range.lo >= -(int64_t{1} << 22) && range.hi <= (int64_t{1} << 22)) {  // see quantize_in_float_lanes
+    const auto lo = static_cast<float>(range.lo), hi = static_cast<float>(range.hi);
+    return quantize_chunks(src, t, first, n, q, [&](float x, int64_t j) {
+      return quantize_in_float_lanes(x, s[j], static_cast<float>(z[j]), lo, hi);
+    });
   }
+  const double lo = static_cast<double>(range.lo), hi = static_cast<double>(range.hi);
+  quantize_chunks(src, t, first, n, q, [&](float x, int64_t j) {
+    const double zd = z[j];
+    const double nan_value = zd >= lo && zd <= hi ? zd : lo;
+    const float ratio = x / s[j];
+    const double r = ratio;
+    // nearbyint (ties to even) without a library call: adding and removing 1.5 * 2^52 rounds a double of
+    // magnitude below 2^51 to an integer; floats of magnitude 2^23 and more are integers already.
+    // (Both sides are computed and then selected: no floating-point work under a condition, so it vectorises.)
+    const double magic = (r + 0x1.8p52) - 0x1.8p52;
+    const double rounded = std::fabs(r) < 0x1p31 ? magic : r;
+    const double v = rounded + zd;  // -0 + z is +0: no negative zero reaches the integers
+    const double low = v <= lo ? lo : v;
+    const double clamped = low >= hi ? hi : low;
+    return ratio != ratio ? nan_value : clamped;
+  });
 }
 
 template <class Z, class S>
