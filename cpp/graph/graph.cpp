@@ -139,7 +139,7 @@ std::optional<ConstRef> Graph::created_constant(int node, const std::string& val
     while (!r.done()) {
       Field f = r.next("attribute");
       if (f.number != num(AttributeField::T) || f.type != WireType::Bytes) continue;
-      ConstRef ref{this, -1, node, {}};
+      ConstRef ref{this, -1, node, {}, false};
       ref.tensor = parse_tensor(f.bytes, payload.data(), path + " Constant written by a fold");
       ref.tensor.name = value;
       return ref;
@@ -148,20 +148,41 @@ std::optional<ConstRef> Graph::created_constant(int node, const std::string& val
   return std::nullopt;
 }
 
+static bool is_plain_identity(const Node& n) {
+  return n.is("Identity") && n.inputs.size() == 1 && n.outputs.size() == 1 && n.subgraphs.empty() && !n.removed;
+}
+
 std::optional<ConstRef> Graph::constant(const std::string& value) {
   if (value.empty()) return std::nullopt;
   auto init = initializer_index_.find(value);
   if (init != initializer_index_.end()) {
     // An initializer that is also a graph input can be overridden at run time: not a constant.
     if (graph_inputs_.count(value) || initializer_removed[init->second]) return std::nullopt;
-    return ConstRef{this, init->second, -1, initializers[init->second]};
+    return ConstRef{this, init->second, -1, initializers[init->second], false};
   }
   int p = producer(value);
   if (p >= 0) {
     const Node& n = nodes[p];
     if (n.is("Constant") && n.created) return created_constant(p, value);
+    if (is_plain_identity(n)) {
+      // Follow the chain in this graph; a cyclic one (malformed) is not a constant.
+      std::string from = n.inputs[0];
+      for (size_t steps = 0; steps <= nodes.size(); ++steps) {
+        const int q = producer(from);
+        if (q < 0 || !is_plain_identity(nodes[q])) break;
+        if (steps == nodes.size()) return std::nullopt;
+        from = nodes[q].inputs[0];
+      }
+      auto source = constant(from);
+      if (!source) return std::nullopt;
+      source->initializer = -1;
+      source->constant_node = -1;
+      source->through_identity = true;
+      source->tensor.name = value;
+      return source;
+    }
     if (!n.is("Constant")) return std::nullopt;
-    ConstRef ref{this, -1, p, {}};
+    ConstRef ref{this, -1, p, {}, false};
     const std::string where = path + " Constant '" + n.display_name(p) + "'";
     if (const Attribute* a = n.attr("value"); a && a->has_t) {
       ref.tensor = parse_tensor(a->t, model->buffer.data(), where, model->external);
@@ -448,6 +469,12 @@ void Graph::drop_if_unused(const std::string& value) {
   int p = producer(value);
   if (p >= 0 && nodes[p].is("Constant") && nodes[p].outputs.size() == 1) {
     remove_node(p);
+  } else if (p >= 0 && is_plain_identity(nodes[p]) && constant(value)) {
+    // An Identity reading a constant (torch's shared initializers) goes with its last reader, and so may its
+    // source.
+    const std::string source = nodes[p].inputs[0];
+    remove_node(p);
+    drop_if_unused(source);
   } else if (p >= 0 && nodes[p].is("DequantizeLinear") && nodes[p].outputs.size() == 1 && nodes[p].subgraphs.empty()) {
     // A DequantizeLinear of constants that fed only the folded node goes with it, and so do its inputs.
     for (const auto& in : nodes[p].inputs)

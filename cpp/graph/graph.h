@@ -74,6 +74,9 @@ struct ConstRef {
   int initializer = -1;    // index into graph->initializers, or
   int constant_node = -1;  // index of the Constant node in graph->nodes
   Tensor tensor;
+  // Read through Identity nodes (torch's exporter shares equal initializers that way): the tensor is another
+  // value's, so `initializer` and `constant_node` are -1 and nothing edits it in place.
+  bool through_identity = false;
 };
 
 struct ValueInfo {
@@ -127,7 +130,8 @@ class Graph {
   // Number of readers of a value: node inputs, subgraph reads and graph outputs.
   size_t reader_count(const std::string& value) const;
   // A constant by name: an initializer (not overridable as a graph input) or a Constant node's value, here
-  // or in an enclosing graph when this graph does not define the name.
+  // or in an enclosing graph when this graph does not define the name, also read through Identity nodes
+  // (and chains of them); see ConstRef::through_identity.
   std::optional<ConstRef> constant(const std::string& value);
   // Static shape from value_info / inputs / outputs: dims, -1 where a dim is symbolic or unknown.
   // A name this graph does not define (no producer, initializer or input here) is read from an enclosing
