@@ -26,6 +26,7 @@ class BatchNormEntry(TypedDict):
     exact: bool
     new_tensors: list[str]
     metrics: dict[str, float]
+    op_type: str  # "BatchNormalization", or Mul / Add / Sub / Div by a per-channel constant folded like one
 
 class Report(TypedDict):
     batchnorms: list[BatchNormEntry]
@@ -35,6 +36,7 @@ class Options(TypedDict, total=False):
 
     fold_backward: bool  # True: fold BN into the layer that produces its input
     fold_forward: bool  # True: fold BN into the layer(s) that read its output, where exact
+    fold_affine: bool  # True: fold Mul/Add/Sub/Div by a per-channel constant (FrozenBatchNorm2d) like a BN
     pad_correction: bool  # False: BN -> padded conv with the exact border correction (one Add)
     allow_opset_upgrade: bool  # False: raise the opset to 13 where a per-tensor scale becomes per-channel
     allow_nonzero_zero_point: bool  # False: complement form for int8 -128 under a negative factor

@@ -29,6 +29,7 @@ struct OptionSpec {
 const OptionSpec kOptions[] = {
     {"fold_backward", &Options::fold_backward},
     {"fold_forward", &Options::fold_forward},
+    {"fold_affine", &Options::fold_affine},
     {"pad_correction", &Options::pad_correction},
     {"allow_opset_upgrade", &Options::allow_opset_upgrade},
     {"allow_nonzero_zero_point", &Options::allow_nonzero_zero_point},
@@ -107,6 +108,7 @@ py::dict report_to_dict(const qdqfold::Report& report) {
     d["into"] = r.into;
     d["into_op"] = r.into_op.empty() ? py::object(py::none()) : py::object(py::str(r.into_op));
     d["code"] = r.code;
+    d["op_type"] = r.op_type;
     d["message"] = r.message;
     d["exact"] = r.exact;
     d["new_tensors"] = r.new_tensors;

@@ -1,18 +1,20 @@
 #include "api.h"
 
+#include "../folds/affine.h"
 #include "../folds/fold.h"
 
 namespace qdqfold {
 
 namespace {
 
-// One BatchNormalization's way through the passes.
+// One BatchNormalization's (or elementwise affine node's) way through the passes.
 struct Pending {
   graph::Graph* graph;
   int node;
   BatchNormRecord record;
   folds::Outcome chosen;  // the fold, or the first reason to keep it that a rule gave
   const char* direction = "";
+  bool affine = false;    // Mul / Add / Sub / Div by a per-channel constant (folds/affine.h)
 };
 
 void finish(Pending& p, bool no_rules) {
@@ -45,10 +47,14 @@ Report run_folds(graph::Model& model, const Options& options) {
   std::vector<Pending> pending;
   for (graph::Graph* g : model.all_graphs())
     for (size_t i = 0; i < g->nodes.size(); ++i)
-      if (!g->nodes[i].removed && !g->nodes[i].created && g->nodes[i].is("BatchNormalization")) {
+      if (!g->nodes[i].removed && !g->nodes[i].created &&
+          (g->nodes[i].is("BatchNormalization") ||
+           (options.fold_affine && folds::is_elementwise_affine(*g, static_cast<int>(i))))) {
         Pending p{g, static_cast<int>(i), {}, {}};
+        p.affine = !g->nodes[i].is("BatchNormalization");
         p.record.graph = g->path;
         p.record.node = g->nodes[i].display_name(static_cast<int>(i));
+        p.record.op_type = g->nodes[i].op_type;
         pending.push_back(std::move(p));
       }
   for (const char* pass : {"backward", "forward"}) {
@@ -56,12 +62,15 @@ Report run_folds(graph::Model& model, const Options& options) {
     if ((backward && !options.fold_backward) || (!backward && !options.fold_forward)) continue;
     for (Pending& p : pending) {
       if (p.chosen.verdict == folds::Verdict::Folded) continue;
+      // An elementwise node an earlier fold removed or changed is no longer a candidate.
+      if (p.affine && (p.graph->nodes[p.node].removed || !folds::is_elementwise_affine(*p.graph, p.node))) continue;
       folds::FoldContext ctx{model, *p.graph, options};
       for (const auto& rule : rules) {
         if (std::string_view(rule.direction) != pass) continue;
         folds::Outcome o = rule.apply(ctx, p.node);
         if (o.verdict == folds::Verdict::Folded) {
           if (o.code.empty()) o.code = rule.name;
+          if (p.affine) o.code = folds::affine_fold_name(o.code, p.graph->nodes[p.node]);
           p.chosen = std::move(o);
           p.direction = rule.direction;
           break;
@@ -73,6 +82,11 @@ Report run_folds(graph::Model& model, const Options& options) {
   }
   Report report;
   for (Pending& p : pending) {
+    // An elementwise node is reported when folded, or kept where it follows a layer with a constant weight.
+    if (p.affine && p.chosen.verdict != folds::Verdict::Folded &&
+        (p.chosen.verdict == folds::Verdict::NotApplicable || p.graph->nodes[p.node].removed ||
+         !folds::affine_reported_when_kept(*p.graph, p.node)))
+      continue;
     finish(p, rules.empty());
     report.batchnorms.push_back(std::move(p.record));
   }

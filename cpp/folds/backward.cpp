@@ -4,20 +4,21 @@
 #include <cstring>
 
 #include "../kernels/per_channel.h"
+#include "affine.h"
 
 namespace qdqfold::folds {
 
 using graph::Graph;
 using graph::Node;
 
-int batchnorm_input_producer(const Graph& g, int bn) {
+int batchnorm_input_producer(Graph& g, int bn) {
   const Node& n = g.nodes[bn];
   if (n.inputs.empty() || n.outputs.empty() || n.outputs[0].empty()) return -1;
-  return g.producer(n.inputs[0]);
+  return g.producer(n.inputs[affine_data_slot(g, bn)]);
 }
 
-std::optional<Outcome> layer_output_blocker(const Graph& g, int layer, const std::string& value, int reader,
-                                            int slot) {
+std::optional<Outcome> layer_output_blocker(Graph& g, int layer, const std::string& value, int reader, int slot) {
+  if (slot < 0) slot = affine_data_slot(g, reader);
   const std::string who = g.nodes[layer].op_type + " '" + g.nodes[layer].display_name(layer) + "'";
   if (g.is_graph_output(value))
     return Outcome::kept("layer-output-is-graph-output",
