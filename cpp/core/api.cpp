@@ -60,7 +60,9 @@ Report run_folds(graph::Model& model, const Options& options) {
   for (const char* pass : {"backward", "forward"}) {
     const bool backward = std::string_view(pass) == "backward";
     if ((backward && !options.fold_backward) || (!backward && !options.fold_forward)) continue;
-    for (Pending& p : pending) {
+    // Forward folds go readers first: in `Mul -> Add -> Conv` the Add folds into the Conv, then the Mul does.
+    for (size_t k = 0; k < pending.size(); ++k) {
+      Pending& p = pending[backward ? k : pending.size() - 1 - k];
       if (p.chosen.verdict == folds::Verdict::Folded) continue;
       // An elementwise node an earlier fold removed or changed is no longer a candidate.
       if (p.affine && (p.graph->nodes[p.node].removed || !folds::is_elementwise_affine(*p.graph, p.node))) continue;

@@ -1,6 +1,7 @@
 // The elementwise affine source; see affine.h for the patterns and the map each op gives.
 #include "affine.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "backward.h"
@@ -27,11 +28,22 @@ int constant_slot(Graph& g, const Node& n) {
   return c0 ? 0 : 1;
 }
 
+// Dims of a layer's weight: a constant, DequantizeLinear of constant integers, or of QuantizeLinear of a
+// constant float weight (the QAT form).
+std::optional<std::vector<int64_t>> weight_dims(Graph& g, const std::string& w) {
+  if (auto dims = constant_dims(g, w)) return dims;
+  const int dq = g.producer(w);
+  if (dq < 0 || !g.nodes[dq].is("DequantizeLinear") || g.nodes[dq].inputs.empty()) return std::nullopt;
+  const int q = g.producer(g.nodes[dq].inputs[0]);
+  if (q < 0 || !g.nodes[q].is("QuantizeLinear") || g.nodes[q].inputs.empty()) return std::nullopt;
+  return constant_dims(g, g.nodes[q].inputs[0]);
+}
+
 // The layer whose output channels `x` carries, when its producer is one (for a scalar constant's channel count).
 std::optional<int64_t> producer_channels(Graph& g, const std::string& x) {
   const int p = g.producer(x);
   if (p < 0 || g.nodes[p].inputs.size() < 2) return std::nullopt;
-  auto dims = constant_dims(g, g.nodes[p].inputs[1]);
+  auto dims = weight_dims(g, g.nodes[p].inputs[1]);
   if (!dims) return std::nullopt;
   std::string why;
   auto layout = weight_layout(g.nodes[p], *dims, why, /*backward_fold=*/true);
@@ -40,15 +52,21 @@ std::optional<int64_t> producer_channels(Graph& g, const std::string& x) {
 }
 
 // The rank of the activation `x`: from shape information, or from the layer that produces it.
-std::optional<size_t> activation_rank(Graph& g, const std::string& x) {
+std::optional<size_t> activation_rank(Graph& g, const std::string& x, int depth = 0) {
   if (auto r = known_rank(g, x)) return r;
   const int p = g.producer(x);
   if (p < 0) return std::nullopt;
   const Node& n = g.nodes[p];
   if ((n.is("Conv") || n.is("ConvTranspose")) && n.inputs.size() > 1)
-    if (auto dims = constant_dims(g, n.inputs[1]); dims && dims->size() >= 3) return dims->size();
+    if (auto dims = weight_dims(g, n.inputs[1]); dims && dims->size() >= 3) return dims->size();
   if (n.is("MatMul") && n.inputs.size() == 2)
-    if (auto dims = constant_dims(g, n.inputs[1]); dims && dims->size() == 2) return known_rank(g, n.inputs[0]);
+    if (auto dims = weight_dims(g, n.inputs[1]); dims && dims->size() == 2) return known_rank(g, n.inputs[0]);
+  // The Add of a MatMul's bias (or another elementwise node with one constant operand): the wider of the two.
+  if (is_elementwise_op(n) && n.inputs.size() == 2 && depth < 8) {
+    for (int s = 0; s < 2; ++s)
+      if (auto c = constant_dims(g, n.inputs[1 - s]))
+        if (auto r = activation_rank(g, n.inputs[s], depth + 1)) return std::max(*r, c->size());
+  }
   return std::nullopt;
 }
 
@@ -167,7 +185,7 @@ bool affine_reported_when_kept(Graph& g, int node) {
   const Node& layer = g.nodes[p];
   if (!(layer.is("Conv") || layer.is("ConvTranspose") || layer.is("Gemm") || layer.is("MatMul"))) return false;
   if (layer.is("MatMul") && n.is("Add")) return false;  // MatMul + Add(bias) is the plain linear layer
-  return layer.inputs.size() > 1 && constant_dims(g, layer.inputs[1]).has_value();
+  return layer.inputs.size() > 1 && weight_dims(g, layer.inputs[1]).has_value();
 }
 
 }  // namespace qdqfold::folds
