@@ -30,6 +30,7 @@ const OptionSpec kOptions[] = {
     {"fold_backward", &Options::fold_backward},
     {"fold_forward", &Options::fold_forward},
     {"fold_affine", &Options::fold_affine},
+    {"freeze_initializer_inputs", &Options::freeze_initializer_inputs},
     {"pad_correction", &Options::pad_correction},
     {"allow_opset_upgrade", &Options::allow_opset_upgrade},
     {"allow_nonzero_zero_point", &Options::allow_nonzero_zero_point},

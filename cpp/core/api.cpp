@@ -44,6 +44,8 @@ void finish(Pending& p, bool no_rules) {
 // BN after it that can fold backwards.
 Report run_folds(graph::Model& model, const Options& options) {
   const auto& rules = folds::fold_rules();
+  model.freeze_initializer_inputs = options.freeze_initializer_inputs || model.ir_version < 4;
+  const size_t overridable = model.freeze_initializer_inputs ? 0 : model.graph->overridable_initializer_count();
   std::vector<Pending> pending;
   for (graph::Graph* g : model.all_graphs())
     for (size_t i = 0; i < g->nodes.size(); ++i)
@@ -90,6 +92,10 @@ Report run_folds(graph::Model& model, const Options& options) {
          !folds::affine_reported_when_kept(*p.graph, p.node)))
       continue;
     finish(p, rules.empty());
+    if (!p.record.folded && overridable > 0 && p.record.code.rfind("non-constant", 0) == 0)
+      p.record.message += "; " + std::to_string(overridable) + " initializers of this model are also listed as graph "
+                          "inputs (overridable at run time, so not constants): freeze_initializer_inputs=True "
+                          "(--freeze-initializer-inputs) reads them as constants";
     report.batchnorms.push_back(std::move(p.record));
   }
   return report;

@@ -38,6 +38,8 @@ EXIT_STATUS_HELP = """exit status:
 OPTION_FLAGS = {
     "fold_backward": ("--no-backward", "do not fold BN into the layer that produces its input"),
     "fold_forward": ("--no-forward", "do not fold BN into the layer(s) that read its output"),
+    "freeze_initializer_inputs": ("--freeze-initializer-inputs",
+                                  "read initializers listed as graph inputs as constants; folded ones leave the inputs"),
     "fold_affine": ("--no-affine", "do not fold Mul/Add/Sub/Div by a per-channel constant (FrozenBatchNorm2d)"),
     "pad_correction": ("--pad-correction",
                        "fold BN into a padded conv after it, adding the exact border correction as one Add"),
