@@ -316,6 +316,22 @@ void write_bias(FoldContext& ctx, int layer, int weight_dq, const BiasPlan& plan
   g.set_input(layer, 2, value);
 }
 
+// drop_activation_quantizers: Kept ("quantizer-would-be-lost") unless every reader of BN `bn`'s output is a
+// QuantizeLinear, which then quantizes the folded layer's output in the dropped quantizer's place.
+std::optional<Outcome> quantizer_lost_by_dropping(Graph& g, int bn, const std::string& who,
+                                                  const std::string& quantizer) {
+  const std::string& out = g.nodes[bn].outputs[0];
+  std::string reader = g.is_graph_output(out) ? "a graph output" : "";
+  for (const auto& u : g.uses(out))
+    if (reader.empty() && (u.slot != 0 || !is_quantize(g.nodes[u.node]))) reader = label(g, u.node);
+  if (reader.empty() && !g.uses(out).empty()) return std::nullopt;
+  if (reader.empty()) reader = "nothing";
+  return Outcome::kept("quantizer-would-be-lost",
+                       "drop_activation_quantizers would drop " + quantizer + ", the only quantizer after " + who +
+                           ": the BN's output feeds " + reader + ", not a QuantizeLinear, so the folded layer would "
+                           "have no quantizer after it and a runtime could no longer run it as a quantized kernel");
+}
+
 }  // namespace
 
 Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
@@ -369,6 +385,9 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
       return Outcome::kept("activation-quantizer",
                            "the activation quantizer " + quantizer + " between " + who +
                                " and the BN also feeds other nodes, so it cannot be dropped");
+    // Dropping it must leave the layer with a quantizer after it (the BN's readers), or a runtime can no longer
+    // run the layer as a quantized kernel (onnxruntime's QDQ selectors want Q right after the layer).
+    if (auto lost = quantizer_lost_by_dropping(g, bn, who, quantizer)) return *lost;
   } else {
     if (!quantized_weight) return Outcome::not_applicable();  // the float folds' pattern
     if (add >= 0) {

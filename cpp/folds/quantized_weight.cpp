@@ -696,9 +696,11 @@ std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWe
                         graph::data_type_name(w.int_type) + " value " + std::to_string(value) +
                         ", whose negation does not fit the type";
       if (!options.allow_nonzero_zero_point && !c.positive[k])
-        msg += "; allow_nonzero_zero_point=True folds it exactly with the complement form (q' = " +
+        msg += "; allow_nonzero_zero_point=True (--allow-nonzero-zero-point) folds it exactly with the complement "
+               "form (q' = " +
                std::string(w.range.lo < 0 ? "-1 - q" : std::to_string(complement_c) + " - q") +
-               "), which makes the zero point nonzero";
+               "), at a cost: that channel's weight zero point becomes nonzero, which TensorRT rejects (it requires "
+               "symmetric weights with zero point 0)";
       return Outcome::kept("negation-overflow", msg);
     }
   }
