@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -90,3 +91,77 @@ def test_cli_flag(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert [i.name for i in onnx.load(dst).graph.input] == ["inp.1"]
+
+
+# --------------------------------------------------------------------------------------- pattern 3: QCDQ Clip
+
+from test_fold_qdq import Case, assert_same  # noqa: E402
+
+
+def with_clip(case: Case, lo=-127, hi=127, container=T.INT8):
+    """Brevitas QCDQ: int W -> Clip(lo, hi) -> DequantizeLinear (TorchScript export), or
+    W -> QuantizeLinear -> Clip -> DequantizeLinear (dynamo export); the bounds are scalars of the integer type."""
+    m = case.model
+    dtype = np.int8 if container == T.INT8 else np.uint8
+    m.graph.initializer.extend([nh.from_array(np.array(lo, dtype), "clip_min"),
+                                nh.from_array(np.array(hi, dtype), "clip_max")])
+    nodes = []
+    for n in m.graph.node:
+        if n.name == "w_DQ":
+            nodes.append(h.make_node("Clip", [n.input[0], "clip_min", "clip_max"], ["w_clipped"], name="w_Clip"))
+            n.input[0] = "w_clipped"
+        nodes.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return case
+
+
+def _clip_ints(out):
+    m = onnx.load_from_string(out)
+    clip = next(n for n in m.graph.node if n.op_type == "Clip")
+    inits = {i.name: nh.to_array(i) for i in m.graph.initializer}
+    dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == clip.output[0])
+    return clip, inits, dq
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_qcdq_int_weight_behind_clip_folds(per_channel, bits):
+    hi = 127 if bits == 8 else 7
+    rng = np.random.default_rng(143)
+    ints = rng.integers(-hi, hi + 1, size=(6, 8, 3, 3))
+    case = with_clip(Case(form="int", qtype=T.INT8, per_channel=per_channel, zero=0, ints=ints, opset=13), -hi, hi)
+    assert (case.a < 0).any()
+    out, report = qdqfold_native.fold_with_report(case.bytes)
+    r = report["batchnorms"][0]
+    assert r["folded"] and r["code"] == "qdq-layer-bn", r
+    folded = onnx.load_from_string(out)
+    onnx.checker.check_model(folded, full_check=True)
+    clip, inits, dq = _clip_ints(out)
+    assert [inits[clip.input[1]].item(), inits[clip.input[2]].item()] == [-hi, hi]  # the Clip stays
+    neg = (case.a < 0)[:, None, None, None]
+    np.testing.assert_array_equal(inits[clip.input[0]].astype(np.int64), np.where(neg, -case.q0, case.q0))
+    scale = np.broadcast_to(np.asarray(case.scale0, np.float64), [6]) * np.abs(case.a)
+    np.testing.assert_array_equal(inits[dq.input[1]], scale.astype(np.float32))
+    assert_same(case, out, r)
+
+
+def test_qcdq_qat_weight_quantizer_then_clip_folds():
+    case = with_clip(Case(form="qat", qtype=T.INT8, zero=0, opset=13))
+    out, report = qdqfold_native.fold_with_report(case.bytes)
+    r = report["batchnorms"][0]
+    assert r["folded"] and r["code"] == "qdq-layer-bn", r
+    onnx.checker.check_model(onnx.load_from_string(out), full_check=True)
+    assert "Clip" in [n.op_type for n in onnx.load_from_string(out).graph.node]
+    assert_same(case, out, r)
+
+
+def test_qcdq_asymmetric_clip_keeps_a_value_whose_mirror_leaves_it():
+    ints = np.random.default_rng(3).integers(-7, 8, size=(6, 8, 3, 3))
+    ints[1, 0, 0, 0] = -8  # channel 1 has a negative factor (Case's gammas)
+    case = with_clip(Case(form="int", qtype=T.INT8, zero=0, ints=ints, opset=13), -8, 7)
+    assert case.a[1] < 0
+    out, report = qdqfold_native.fold_with_report(case.bytes)
+    r = report["batchnorms"][0]
+    assert not r["folded"] and r["code"] == "negation-overflow", r
+    assert out == case.bytes

@@ -135,6 +135,26 @@ bool same_constant(Graph& g, const std::string& a, const std::string& b) {
 
 }  // namespace
 
+// The integer range [lo, hi] of Clip node `clip` (opset >= 12 takes integer bounds as inputs; an absent bound is
+// none), which must be read only by DequantizeLinear `dq`.
+static std::variant<std::pair<int64_t, int64_t>, Outcome> read_integer_clip(Graph& g, int clip, int dq,
+                                                                            const std::string& who) {
+  const Node& c = g.nodes[clip];
+  const std::string label = node_label(g, clip);
+  if (c.inputs.empty() || c.outputs.size() != 1 || !read_only_by(g, c.outputs[0], dq))
+    return Outcome::kept("shared-weight", "the output of " + label + " (" + who + ") is also read by another node");
+  std::pair<int64_t, int64_t> range{std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max()};
+  for (size_t k = 1; k < 3; ++k) {
+    if (c.inputs.size() <= k || c.inputs[k].empty()) continue;
+    auto v = constant_values(g, c.inputs[k]);
+    if (!v || v->size() != 1)
+      return Outcome::kept("non-constant-quantization-parameters",
+                           "the bound '" + c.inputs[k] + "' of " + label + " (" + who + ") is not a scalar constant");
+    (k == 1 ? range.first : range.second) = static_cast<int64_t>(std::llround((*v)[0]));
+  }
+  return range;
+}
+
 std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, int layer) {
   const Node& d = g.nodes[dq];
   if (!is_dequantize(d)) return Outcome::not_applicable();
@@ -162,8 +182,18 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
     if (!std::isfinite(s))
       return Outcome::kept("non-finite-scale", "the scale of " + who + " holds NaN or Inf");
 
+  // Brevitas QCDQ: int W -> Clip(lo, hi) -> DQ, or W -> Q -> Clip -> DQ. The Clip saturates like a narrower
+  // integer type, so its range takes the place of the type's (mirrored integers must stay inside it).
+  std::string x = d.inputs[0];
+  std::optional<std::pair<int64_t, int64_t>> clip_range;
+  if (const int c = g.producer(x); c >= 0 && g.nodes[c].is("Clip")) {
+    auto clip = read_integer_clip(g, c, dq, who);
+    if (auto* o = std::get_if<Outcome>(&clip)) return *o;
+    clip_range = std::get<std::pair<int64_t, int64_t>>(clip);
+    w.clip = c;
+    x = g.nodes[c].inputs[0];
+  }
   // The integers: a constant, or what QuantizeLinear makes of a constant float weight.
-  const std::string& x = d.inputs[0];
   std::optional<graph::ConstRef> int_ref = g.constant(x);
   std::optional<graph::ConstRef> float_ref;
   if (!int_ref) {
@@ -172,7 +202,7 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
       return Outcome::kept("non-constant-weight", "the input of " + node_label(g, dq) + " (" + who + ") is not a constant");
     const Node& q = g.nodes[qn];
     if (q.inputs.size() < 2 || q.inputs[0].empty()) return malformed(who, node_label(g, qn) + " lacks its inputs");
-    if (!read_only_by(g, x, dq))
+    if (!read_only_by(g, x, w.clip >= 0 ? w.clip : dq))
       return Outcome::kept("shared-weight", "the quantized weight '" + x + "' of " + who +
                                                 " is also read by another node, which must keep its values");
     float_ref = g.constant(q.inputs[0]);
@@ -206,6 +236,12 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
   if (!range && !w.float8())
     return Outcome::kept("unsupported-weight-type", who + " is quantized to " + graph::data_type_name(w.int_type));
   if (range) w.range = *range;
+  if (clip_range) {
+    if (!range) return Outcome::kept("unsupported-weight-type", who + " is clipped " + graph::data_type_name(w.int_type));
+    w.range.lo = std::max(w.range.lo, clip_range->first);
+    w.range.hi = std::min(w.range.hi, clip_range->second);
+    if (w.range.lo > w.range.hi) return malformed(who, "its Clip range is empty");
+  }
   if (zero.ref && zero.ref->tensor.data_type != w.int_type)
     return malformed(who, "its zero point type differs from the quantized type");
 
@@ -694,7 +730,10 @@ std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWe
       const int64_t channel = channel_holding(w, wl, r.layout, r.promoted, a, static_cast<int64_t>(k), value);
       std::string msg = "channel " + std::to_string(channel) + " of " + who + " has a negative BN factor and holds the " +
                         graph::data_type_name(w.int_type) + " value " + std::to_string(value) +
-                        ", whose negation does not fit the type";
+                        ", whose negation does not fit the type" +
+                        (w.clip >= 0 ? " range its Clip allows, [" + std::to_string(w.range.lo) + ", " +
+                                           std::to_string(w.range.hi) + "] (a symmetric Clip range always fits)"
+                                     : std::string());
       if (!options.allow_nonzero_zero_point && !c.positive[k])
         msg += "; allow_nonzero_zero_point=True (--allow-nonzero-zero-point) folds it exactly with the complement "
                "form (q' = " +
@@ -965,7 +1004,7 @@ void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const We
     const std::string q_output = g.nodes[w.q].outputs[0];
     const std::string name = new_tensor_name(ctx.model, q_inputs[0], "_quantized");
     g.add_tensor_lazy(name, graph::encode_tensor_header(name, w.int_type, w.dims), rescaled_weight_data(w, wl, r, true));
-    g.set_input(w.dq, 0, name);
+    g.set_input(w.clip >= 0 ? w.clip : w.dq, 0, name);
     outcome.new_tensors.push_back(name);
     g.remove_node(w.q);
     g.remove_value_info(q_output);
@@ -975,8 +1014,9 @@ void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const We
     write_constant_for(ctx, {Use{w.q, 0}}, g.nodes[w.q].inputs[0], w.float_type, w.dims,
                        rescaled_weight_data(w, wl, r, false), base + "_weight", outcome);
   } else if (r.ints_changed) {  // else the integers stay as they are: not read, not copied
-    write_constant_for(ctx, {Use{w.dq, 0}}, d.inputs[0], w.int_type, w.dims, rescaled_weight_data(w, wl, r, true),
-                       base + "_weight", outcome);
+    const int reader = w.clip >= 0 ? w.clip : w.dq;  // the Clip (Brevitas) reads the integers before the DQ
+    write_constant_for(ctx, {Use{reader, 0}}, g.nodes[reader].inputs[0], w.int_type, w.dims,
+                       rescaled_weight_data(w, wl, r, true), base + "_weight", outcome);
   }
   const std::vector<int64_t>& pdims = r.layout.scale_dims;
   auto scale_raw = kernels::store_values(w.scale_type, r.scale);
