@@ -227,3 +227,14 @@ def test_layer_scale_on_an_int32_bias_requantizes_it():
     assert r["folded"] and r["code"] == "qdq-layer-mul", r
     assert_folded_weight(case, out)
     assert_same(case, out, r)
+
+
+@pytest.mark.parametrize("dims", [[0], [1, 0, 1, 1], [2, 1, 1]], ids=["empty", "empty-c", "wrong-count"])
+def test_odd_constants_are_kept_or_ignored_never_a_crash(dims):
+    conv, w = _conv("input", "c")
+    n = int(np.prod(dims))
+    const = nh.from_array(np.ones(n, np.float32).reshape(dims), "odd")
+    model = _model([conv, h.make_node("Mul", ["c", "odd"], ["output"], name="mul")], [w, const], [1, 3, 8, 8], None)
+    data = model.SerializeToString()
+    out, report = qdqfold_native.fold_with_report(data)
+    assert all(not r["folded"] for r in report["batchnorms"]) and out == data

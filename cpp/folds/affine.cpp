@@ -128,7 +128,13 @@ std::variant<BatchNormAffine, Outcome> read_elementwise_affine(FoldContext& ctx,
                            "its constant '" + cname + "' runs along axis " + std::to_string(axis) + " of the rank-" +
                                std::to_string(*rank) + " activation, not along the channels (axis 1)");
     channels = dims[varying];
+    if (channels <= 0 || values->size() != static_cast<size_t>(channels))
+      return Outcome::kept("shape-mismatch", "its constant '" + cname + "' holds " + std::to_string(values->size()) +
+                                                 " values for " + std::to_string(channels) + " channels");
   } else {
+    if (values->size() != 1)
+      return Outcome::kept("shape-mismatch", "its constant '" + cname + "' holds " + std::to_string(values->size()) +
+                                                 " values for its dims");
     if (auto s = g.shape_of(x); s && s->size() >= 2 && (*s)[1] > 0) channels = (*s)[1];
     else if (auto s2 = g.shape_of(n.outputs[0]); s2 && s2->size() >= 2 && (*s2)[1] > 0) channels = (*s2)[1];
     else if (auto p = producer_channels(g, x)) channels = *p;
