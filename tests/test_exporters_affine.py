@@ -238,3 +238,45 @@ def test_odd_constants_are_kept_or_ignored_never_a_crash(dims):
     data = model.SerializeToString()
     out, report = qdqfold_native.fold_with_report(data)
     assert all(not r["folded"] for r in report["batchnorms"]) and out == data
+
+
+def _vit_layer_scale(bias=True, shift=False):
+    """timm ViT / ConvNeXt (NHWC) layer scale: Linear on a rank-3 [B, T, C] input, then x * gamma [C]."""
+    inits = [nh.from_array((RNG.standard_normal((5, C)) * 0.3).astype(np.float32), "blocks.0.mlp.fc2.weight"),
+             nh.from_array((RNG.uniform(0.1, 0.2, C) * np.where(np.arange(C) == 2, -1, 1)).astype(np.float32),
+                           "blocks.0.ls2.gamma")]
+    nodes = [h.make_node("MatMul", ["input", "blocks.0.mlp.fc2.weight"], ["/mlp/fc2/MatMul_output_0"],
+                         name="/mlp/fc2/MatMul")]
+    x = "/mlp/fc2/MatMul_output_0"
+    if bias:
+        inits.append(nh.from_array(RNG.standard_normal(C).astype(np.float32), "blocks.0.mlp.fc2.bias"))
+        nodes.append(h.make_node("Add", ["blocks.0.mlp.fc2.bias", x], ["/mlp/fc2/Add_output_0"], name="/mlp/fc2/Add"))
+        x = "/mlp/fc2/Add_output_0"
+    nodes.append(h.make_node("Mul", [x, "blocks.0.ls2.gamma"], ["m"], name="/ls2/Mul"))
+    if shift:
+        inits.append(nh.from_array(RNG.standard_normal(C).astype(np.float32), "shift"))
+        nodes.append(h.make_node("Add", ["m", "shift"], ["output"], name="/ls2/Add"))
+    else:
+        nodes[-1].output[0] = "output"
+    return _model(nodes, inits, [2, 7, 5], [2, 7, C])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shift", [False, True])
+def test_layer_scale_after_a_rank3_linear_folds_into_its_features(bias, shift):
+    model = _vit_layer_scale(bias, shift)
+    # Without a bias, the shift after the folded Mul is then the MatMul's own bias Add: left as it is.
+    codes = {"/ls2/Mul": "gemm-mul"} | ({"/ls2/Add": "gemm-add"} if shift and bias else {})
+    folded, _ = _check_folded(model, codes, left_alone=["/mlp/fc2/Add", "/ls2/Add"])
+    # The MatMul keeps its rank-3 input (no Gemm); a shift lands in its bias Add.
+    assert [n.op_type for n in folded.graph.node] == (["MatMul", "Add"] if bias or shift else ["MatMul"])
+
+
+def test_reversed_sub_after_a_rank3_matmul_adds_its_shift():
+    w = nh.from_array((RNG.standard_normal((5, C)) * 0.3).astype(np.float32), "w")
+    c = _const("c", RNG.standard_normal(C), (C,))
+    nodes = [h.make_node("MatMul", ["input", "w"], ["m"], name="mm"),
+             h.make_node("Sub", ["c", "m"], ["output"], name="rsub")]
+    model = _model(nodes, [w, c], [2, 7, 5], [2, 7, C])
+    folded, _ = _check_folded(model, {"rsub": "gemm-sub"}, left_alone=["mm_shift", "mm_shift_1"])
+    assert [n.op_type for n in folded.graph.node] == ["MatMul", "Add"]

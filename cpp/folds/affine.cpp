@@ -51,6 +51,18 @@ std::optional<int64_t> producer_channels(Graph& g, const std::string& x) {
   return layout->out_channels;
 }
 
+// True when `x` comes out of a MatMul with a constant 2-D weight, directly or through the Add of its bias.
+bool from_matmul(Graph& g, const std::string& x) {
+  int p = g.producer(x);
+  if (p >= 0 && g.nodes[p].is("Add") && g.nodes[p].inputs.size() == 2) {
+    for (const auto& in : g.nodes[p].inputs)
+      if (const int q = g.producer(in); q >= 0 && g.nodes[q].is("MatMul")) p = q;
+  }
+  if (p < 0 || !g.nodes[p].is("MatMul") || g.nodes[p].inputs.size() != 2) return false;
+  auto dims = weight_dims(g, g.nodes[p].inputs[1]);
+  return dims && dims->size() == 2;
+}
+
 // The rank of the activation `x`: from shape information, or from the layer that produces it.
 std::optional<size_t> activation_rank(Graph& g, const std::string& x, int depth = 0) {
   if (auto r = known_rank(g, x)) return r;
@@ -121,7 +133,21 @@ std::variant<BatchNormAffine, Outcome> read_elementwise_affine(FoldContext& ctx,
     return Outcome::kept("unknown-rank", "the rank of its input '" + x + "' is unknown, so it is not known which "
                                          "axis its constant '" + cname + "' runs along");
   int64_t channels = -1;
-  if (varying >= 0) {
+  // A MatMul's rank >= 3 output [.., N, F] (transformer layer scale after Linear): the features are the last
+  // axis, which a constant [F] (or a scalar) follows.
+  const bool last_axis = rank && *rank >= 3 && from_matmul(g, x) &&
+                         (varying < 0 || static_cast<int64_t>(*rank) - static_cast<int64_t>(dims.size()) + varying ==
+                                             static_cast<int64_t>(*rank) - 1);
+  if (last_axis) {
+    auto mm = g.producer(x);
+    if (g.nodes[mm].is("Add"))
+      for (const auto& in : g.nodes[mm].inputs)
+        if (const int q = g.producer(in); q >= 0 && g.nodes[q].is("MatMul")) mm = q;
+    const auto features = producer_channels(g, g.nodes[mm].outputs[0]);
+    channels = varying >= 0 ? dims[varying] : features.value_or(-1);
+    if (channels <= 0 || values->size() != (varying >= 0 ? static_cast<size_t>(channels) : 1))
+      return Outcome::kept("shape-mismatch", "its constant '" + cname + "' does not match the MatMul's features");
+  } else if (varying >= 0) {
     const auto axis = static_cast<int64_t>(*rank) - static_cast<int64_t>(dims.size()) + varying;
     if (axis != 1)
       return Outcome::kept("channel-axis-mismatch",
@@ -131,7 +157,7 @@ std::variant<BatchNormAffine, Outcome> read_elementwise_affine(FoldContext& ctx,
     if (channels <= 0 || values->size() != static_cast<size_t>(channels))
       return Outcome::kept("shape-mismatch", "its constant '" + cname + "' holds " + std::to_string(values->size()) +
                                                  " values for " + std::to_string(channels) + " channels");
-  } else {
+  } else if (!last_axis) {
     if (values->size() != 1)
       return Outcome::kept("shape-mismatch", "its constant '" + cname + "' holds " + std::to_string(values->size()) +
                                                  " values for its dims");
@@ -141,11 +167,12 @@ std::variant<BatchNormAffine, Outcome> read_elementwise_affine(FoldContext& ctx,
     if (channels <= 0)
       return Outcome::kept("unknown-channels", "the channel count of its input '" + x + "' is unknown");
   }
-  if (auto s = g.shape_of(x); s && s->size() >= 2 && (*s)[1] >= 0 && (*s)[1] != channels)
+  if (auto s = g.shape_of(x); !last_axis && s && s->size() >= 2 && (*s)[1] >= 0 && (*s)[1] != channels)
     return Outcome::kept("shape-mismatch", "its input has " + std::to_string((*s)[1]) + " channels but its constant " +
                                                std::to_string(channels));
 
   BatchNormAffine affine;
+  affine.last_axis = last_axis;
   affine.data_type = c->tensor.data_type;
   affine.parameter_values = {cname};
   affine.scale.assign(static_cast<size_t>(channels), 1.0);

@@ -17,6 +17,9 @@ struct BatchNormAffine {
   std::vector<double> shift;  // t
   int32_t data_type = 1;      // element type of X / Y
   std::vector<std::string> parameter_values;  // names of scale, B, mean, var (to drop when unused)
+  // An elementwise affine (affine.h) along the last axis of a MatMul's rank >= 3 output (transformer layer
+  // scale): its channels are the MatMul's output features, not axis 1. Only the MatMul folds take it.
+  bool last_axis = false;
   bool zero_shift() const;
 };
 

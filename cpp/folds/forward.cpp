@@ -238,6 +238,7 @@ Outcome fold_bn_forward(FoldContext& ctx, int bn) {
   auto read = read_batchnorm(ctx, bn);
   if (auto* o = std::get_if<Outcome>(&read)) return std::move(*o);
   const BatchNormAffine affine = std::move(std::get<BatchNormAffine>(read));
+  if (affine.last_axis) return Outcome::not_applicable();  // a MatMul's features, folded backwards only
 
   std::vector<LayerPlan> plans;
   for (const auto& reader : readers) {
