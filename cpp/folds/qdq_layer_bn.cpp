@@ -421,7 +421,8 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
   if (beta == 0)
     return Outcome::kept("unsupported-bias", who + " has beta=0, so it cannot carry the BN shift in its bias");
 
-  const bool materialize = weight.qat() && ctx.options.materialize_quantized_weights;
+  // trt::DequantizeLinear takes a float weight: never materialized as integers.
+  const bool materialize = weight.qat() && !weight.fused() && ctx.options.materialize_quantized_weights;
   auto rescaled_or = rescale_quantized_weight(weight, *wl, affine.scale, ctx.options, weight.qat() && !materialize, who,
                                          ctx.model.deferred_checks);
   bool raising_opset = false;
@@ -442,6 +443,9 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
   }
   if (auto* o = std::get_if<Outcome>(&rescaled_or)) return *o;
   const RescaledWeight& rescaled = std::get<RescaledWeight>(rescaled_or);
+  if (weight.fused() && std::any_of(rescaled.zero.begin(), rescaled.zero.end(), [](int64_t z) { return z != 0; }))
+    return Outcome::kept("tensorrt-quantizer", who + " is quantized by trt::DequantizeLinear, which has no zero point "
+                                               "for the complement form");
   BiasPlan bias;  // kind None for MatMul + Add: the Add's bias carries the shift
   std::string add_bias_raw;
   FoldedBias add_bias;

@@ -22,7 +22,8 @@ using wire::DataType;
 
 bool is_quantize(const Node& n) { return n.op_type == "QuantizeLinear" && (n.is("QuantizeLinear") || n.domain == "com.microsoft"); }
 bool is_dequantize(const Node& n) {
-  return n.op_type == "DequantizeLinear" && (n.is("DequantizeLinear") || n.domain == "com.microsoft");
+  return n.op_type == "DequantizeLinear" &&
+         (n.is("DequantizeLinear") || n.domain == "com.microsoft" || n.domain == "trt");
 }
 
 std::string int_attribute(const std::string& name, int64_t value) {
@@ -163,8 +164,9 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
     return malformed(who, node_label(g, dq) + " lacks its input or scale");
   QuantizedWeight w;
   w.dq = dq;
-  const bool ms_domain = d.domain == "com.microsoft";
-  const int64_t opset = g.opset(ms_domain ? "com.microsoft" : "");
+  // trt::DequantizeLinear (ModelOpt's INT4 export for TensorRT) has axis and block_size like com.microsoft's.
+  const bool ms_domain = d.domain == "com.microsoft" || d.domain == "trt";
+  const int64_t opset = g.opset(d.domain == "com.microsoft" ? "com.microsoft" : "");
   w.axis_supported = ms_domain || opset >= 13;
 
   // Scale and zero point.
@@ -196,7 +198,24 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
   // The integers: a constant, or what QuantizeLinear makes of a constant float weight.
   std::optional<graph::ConstRef> int_ref = g.constant(x);
   std::optional<graph::ConstRef> float_ref;
-  if (!int_ref) {
+  if (d.domain == "trt") {
+    // float W -> trt::DequantizeLinear(s): TensorRT quantizes W to int4 (round half to even, saturating, no zero
+    // point) and dequantizes it in one node, a QuantizeLinear -> DequantizeLinear pair fused: the QAT form with
+    // the node as its own quantizer.
+    if (!int_ref || !graph::is_float_type(int_ref->tensor.data_type) || w.clip >= 0 || d.inputs.size() > 2)
+      return Outcome::kept("tensorrt-quantizer", "the input of " + node_label(g, dq) + " (" + who +
+                                                     ") is not a constant float weight in the form ModelOpt writes");
+    float_ref = std::move(int_ref);
+    int_ref.reset();
+    w.q = dq;
+    w.float_type = float_ref->tensor.data_type;
+    if (w.float_type != static_cast<int32_t>(DataType::Float) && w.float_type != static_cast<int32_t>(DataType::Float16) &&
+        w.float_type != static_cast<int32_t>(DataType::Bfloat16))
+      return Outcome::kept("unsupported-weight-type", "the float weight of " + who + " is " +
+                                                          graph::data_type_name(w.float_type));
+    w.int_type = static_cast<int32_t>(DataType::Int4);
+    w.dims = float_ref->tensor.dims;
+  } else if (!int_ref) {
     const int qn = g.producer(x);
     if (qn < 0 || !is_quantize(g.nodes[qn]))
       return Outcome::kept("non-constant-weight", "the input of " + node_label(g, dq) + " (" + who + ") is not a constant");
@@ -1010,7 +1029,7 @@ void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const We
     g.remove_value_info(q_output);
     for (const auto& v : q_inputs) g.drop_if_unused(v);
   } else if (w.qat()) {
-    qdq.push_back(w.q);
+    if (w.q != w.dq) qdq.push_back(w.q);  // trt::DequantizeLinear is its own quantizer
     write_constant_for(ctx, {Use{w.q, 0}}, g.nodes[w.q].inputs[0], w.float_type, w.dims,
                        rescaled_weight_data(w, wl, r, false), base + "_weight", outcome);
   } else if (r.ints_changed) {  // else the integers stay as they are: not read, not copied

@@ -67,6 +67,8 @@ struct QuantizedWeight {
   bool axis_supported = false;  // the Q/DQ version has an `axis` attribute (opset >= 13 or com.microsoft)
 
   bool qat() const { return q >= 0; }
+  // trt::DequantizeLinear of a float weight: quantizer and dequantizer in one node (q == dq), no zero point.
+  bool fused() const { return q >= 0 && q == dq; }
   bool float8() const { return kernels::is_float8(int_type); }
 };
 
