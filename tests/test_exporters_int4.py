@@ -104,3 +104,45 @@ def test_bn_parameters_behind_int4_dequantize_linear_fold():
     folded = onnx.load_from_string(out)
     onnx.checker.check_model(folded, full_check=True)
     assert_same_outputs(model, folded)
+
+
+def test_onnxruntime_qint4_layout_folds_with_drop_activation_quantizers():
+    """quantize_static(QInt4 weights, opset 21): Conv(int4 W) -> Q -> DQ -> BN(gamma = DQ(int4 in int32_data),
+    beta = DQ(int32)) -> Q -> DQ. With drop_activation_quantizers=True the BN folds (approximately: exactly the
+    dropped quantizer's rounding, a * (y - DQ(Q(y))))."""
+    from test_fold_qdq import random_inputs, run, with_outputs
+
+    case = Case(form="int", qtype=T.INT4, act_between=True, out_quant=True)
+    rng = np.random.default_rng(81)
+    g_q = rng.integers(-7, 8, len(case.gamma))
+    g_q[g_q == 0] = 5
+    g_s, b_s = np.float32(0.2), np.float32(0.001)
+    b_q = rng.integers(-3000, 3000, len(case.gamma)).astype(np.int32)
+    m = case.model
+    inits = [i for i in m.graph.initializer if i.name not in ("gamma", "beta")]
+    inits += [h.make_tensor("gamma_quantized", T.INT4, [len(g_q)], g_q.tolist()),
+              nh.from_array(np.array(g_s), "gamma_scale"), h.make_tensor("gamma_zero_point", T.INT4, [], [0]),
+              nh.from_array(b_q, "beta_quantized"), nh.from_array(np.array(b_s), "beta_scale"),
+              nh.from_array(np.array(0, np.int32), "beta_zero_point")]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(inits)
+    dqs = [h.make_node("DequantizeLinear", ["gamma_quantized", "gamma_scale", "gamma_zero_point"], ["gamma"],
+                       name="gamma_DequantizeLinear"),
+           h.make_node("DequantizeLinear", ["beta_quantized", "beta_scale", "beta_zero_point"], ["beta"],
+                       name="beta_DequantizeLinear")]
+    nodes = dqs + list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    gamma = g_q.astype(np.float64) * np.float64(g_s)
+    a = gamma / np.sqrt(case.var.astype(np.float64) + np.float64(np.float32(1e-5)))
+
+    out, report = qdqfold_native.fold_with_report(m.SerializeToString(), drop_activation_quantizers=True)
+    r = report["batchnorms"][0]
+    assert r["folded"] and not r["exact"], r
+    onnx.checker.check_model(onnx.load_from_string(out), full_check=True)
+    feeds = random_inputs(m)
+    _, e, y, yd = (o.astype(np.float64) for o in run(with_outputs(m, "z", "y", "yd"), feeds))
+    got = run(with_outputs(onnx.load_from_string(out), "z"), feeds)[1].astype(np.float64)
+    predicted = e + a[None, :, None, None] * (y - yd)
+    tol = 1e-5 * np.ptp(e) + dict(r["metrics"]).get("bias_requantization_error", 0.0) * (1 + 1e-6)
+    assert np.abs(got - predicted).max() <= tol

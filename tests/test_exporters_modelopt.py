@@ -69,7 +69,7 @@ def test_tensorrt_fp8_quantizers_are_kept_with_their_own_reason():
     out, report = qdqfold_native.fold_with_report(data)
     r = report["batchnorms"][0]
     assert not r["folded"] and r["code"] == "tensorrt-quantizer", r
-    assert "trt::" in r["message"] and "standard" in r["message"]
+    assert "trt::TRT_FP8DequantizeLinear" in r["message"] and "per-tensor" in r["message"]
     assert out == data
 
 

@@ -46,13 +46,19 @@ std::variant<FloatWeight, Outcome> read_float_weight(FoldContext& ctx, int layer
   const std::string& name = n.inputs[1];
   if (produced_by_dequantize(g, name)) return Outcome::not_applicable();
   auto ref = g.constant(name);
-  if (const int p = g.producer(name); !ref && p >= 0 && g.nodes[p].domain == "trt")
-    // ModelOpt's FP8 / INT4 exports for TensorRT: trt::TRT_FP8QuantizeLinear -> trt::TRT_FP8DequantizeLinear,
-    // trt::DequantizeLinear of a float weight. Not folded through yet.
-    return Outcome::kept("tensorrt-quantizer",
-                         "the weight '" + name + "' of " + who + " comes out of TensorRT's custom trt::" +
-                             g.nodes[p].op_type + ", which qdqfold does not fold through; export with the standard "
-                             "QuantizeLinear / DequantizeLinear (ModelOpt's ONNX export for opset 19/21) to fold it");
+  if (const int p = g.producer(name); !ref && p >= 0 && g.nodes[p].domain == "trt") {
+    // ModelOpt's FP8 export for TensorRT: trt::TRT_FP8QuantizeLinear -> trt::TRT_FP8DequantizeLinear (one
+    // per-tensor scale, no axis). trt::DequantizeLinear of a float weight (INT4) is qdq_layer_bn's.
+    const std::string op = "trt::" + g.nodes[p].op_type;
+    if (g.nodes[p].op_type == "TRT_FP8DequantizeLinear")
+      return Outcome::kept("tensorrt-quantizer",
+                           "the weight '" + name + "' of " + who + " comes out of TensorRT's " + op +
+                               ", which takes one per-tensor scale and has no axis: BN's per-channel factors cannot "
+                               "go into it, and re-quantizing the FP8 weight would not be exact");
+    return Outcome::kept("tensorrt-quantizer", "the weight '" + name + "' of " + who + " comes out of TensorRT's "
+                                               "custom " + op + ", which qdqfold does not fold through; the "
+                                               "standard QuantizeLinear / DequantizeLinear export folds");
+  }
   if (!ref)
     return Outcome::kept("non-constant-weight", "the weight '" + name + "' of " + who + " is not a constant");
   FloatWeight w;
