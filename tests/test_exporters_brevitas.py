@@ -56,7 +56,7 @@ def test_overridable_initializers_are_kept_and_the_message_names_the_option():
     _, records, data, out = _fold(keep_initializers_as_inputs_model())
     assert len(records) == 1 and not records[0]["folded"]
     assert records[0]["code"].startswith("non-constant"), records[0]
-    assert "--freeze-initializer-inputs" in records[0]["message"]
+    assert "freeze_initializer_inputs=True" in records[0]["message"]  # --freeze-initializer-inputs in the CLI
     assert out == data
 
 

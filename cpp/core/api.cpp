@@ -95,7 +95,7 @@ Report run_folds(graph::Model& model, const Options& options) {
     if (!p.record.folded && overridable > 0 && p.record.code.rfind("non-constant", 0) == 0)
       p.record.message += "; " + std::to_string(overridable) + " initializers of this model are also listed as graph "
                           "inputs (overridable at run time, so not constants): freeze_initializer_inputs=True "
-                          "(--freeze-initializer-inputs) reads them as constants";
+                          "reads them as constants";
     report.batchnorms.push_back(std::move(p.record));
   }
   return report;

@@ -754,7 +754,7 @@ std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWe
                                            std::to_string(w.range.hi) + "] (a symmetric Clip range always fits)"
                                      : std::string());
       if (!options.allow_nonzero_zero_point && !c.positive[k])
-        msg += "; allow_nonzero_zero_point=True (--allow-nonzero-zero-point) folds it exactly with the complement "
+        msg += "; allow_nonzero_zero_point=True folds it exactly with the complement "
                "form (q' = " +
                std::string(w.range.lo < 0 ? "-1 - q" : std::to_string(complement_c) + " - q") +
                "), at a cost: that channel's weight zero point becomes nonzero, which TensorRT rejects (it requires "
