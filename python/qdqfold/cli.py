@@ -17,13 +17,16 @@ from typing import Any, TextIO
 import qdqfold_native
 
 from .api import OPTIONS, write_atomically
-from .batch import ModelError, ModelResult, VerifySettings, fold_file_result, iter_fold_many, plan_outputs
+from .batch import _interrupted  # noqa: PLC2701 (the CLI owns the Ctrl-C of its process)
+from .batch import (ModelError, ModelResult, VerifySettings, fold_file_captured, fold_file_result, interrupt_running,
+                    plan_outputs)
 from .verify import DEFAULT_TOLERANCE, VerifyResult
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # bad input, a path that cannot be read or written; in batch mode: any model failed
 EXIT_USAGE = 2  # bad arguments (argparse's own code too)
 EXIT_MISMATCH = 3  # --verify: an output differs by more than --tolerance
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 EXIT_STATUS_HELP = """exit status:
   0  success
@@ -31,7 +34,8 @@ EXIT_STATUS_HELP = """exit status:
      external data) or a path that cannot be read or written; with several models: any model failed
   2  bad arguments (including an unknown --explain node, or an output that would overwrite its input
      without --in-place)
-  3  --verify: an output of the folded model differs from the original's by more than --tolerance"""
+  3  --verify: an output of the folded model differs from the original's by more than --tolerance
+  130  interrupted (Ctrl-C): nothing partial is left; with several models, the failures list what was not done"""
 
 # Flags for the fold options of qdqfold_native.options(): a flag turns the default around. An option the
 # native module has and this table lacks still gets a flag (see _option_flag); tests/test_cli.py fails on it.
@@ -89,9 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ONNX model file(s), or directories searched recursively for *.onnx")
     where = parser.add_argument_group("where to write")
     where.add_argument("-o", "--output", metavar="OUT",
-                       help="the folded model (one input), or the directory to write into (several inputs or a "
-                            "directory, keeping each directory's relative layout)")
-    where.add_argument("--in-place", action="store_true", help="overwrite each input with its folded model")
+                       help="the folded model (one input), or the directory to write into (several inputs, a "
+                            "directory, or OUT ending in /; missing directories are created); external data "
+                            "goes to OUT.data beside it")
+    where.add_argument("--in-place", action="store_true",
+                       help="replace each input (and its external data files) with its folded model")
+    where.add_argument("--force", action="store_true",
+                       help="let the output's external data file (OUT.data) replace an existing file that is not "
+                            "from an earlier run of the same output")
     where.add_argument("-n", "--dry-run", action="store_true", help="fold and report, write no model")
     show = parser.add_argument_group("what to print")
     show.add_argument("--report-json", metavar="PATH", help="write the full report as JSON to PATH")
@@ -275,7 +284,10 @@ def _print_single(result: ModelResult, style: Style, out: TextIO) -> None:
         for line in _verify_lines(result.verification, style):
             print(line, file=out)
     if result.written:
-        print(f"wrote {result.output}", file=out)
+        data = result.report.data_files
+        print(f"wrote {result.output}" + (f" and its external data {', '.join(data)}" if data else ""), file=out)
+    for path in result.report.removed_files:
+        print(f"removed {path} (data the folded model no longer uses)", file=out)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -297,6 +309,11 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
+def _names_directory(output: str) -> bool:
+    """``-o`` names a directory: it ends with a slash (created if missing) or is an existing directory."""
+    return output.endswith(("/", os.sep)) or Path(output).is_dir()
+
+
 def _single_output(args: argparse.Namespace) -> Path | None:
     source = Path(args.inputs[0])
     if args.dry_run:
@@ -308,15 +325,27 @@ def _single_output(args: argparse.Namespace) -> Path | None:
             raise UsageError("--in-place and -o name different files; give one of them")
         return source
     if args.output:
-        output = Path(args.output)
-        if output.is_dir():
-            output = output / source.name
+        output = Path(args.output) / source.name if _names_directory(args.output) else Path(args.output)
         if output.exists() and source.exists() and _same_file(output, source):
             raise UsageError(f"{output} is the input; pass --in-place to overwrite it")
         return output
     if args.explain or args.json:
         return None  # asking for a story or for JSON alone is a dry run
     raise UsageError("give -o OUTPUT, --in-place, or --dry-run")
+
+
+def _run_interruptibly(function, *arguments, **keywords):
+    """Runs ``function`` on a worker thread so that Ctrl-C reaches this one at once: it then stops the fold
+    (batch.interrupt_running: no partial output, temporary files removed), waits for the worker to give up,
+    and raises KeyboardInterrupt."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(function, *arguments, **keywords)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            interrupt_running()
+            concurrent.futures.wait([future])
+            raise
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -338,7 +367,8 @@ def _verification_failure(result: ModelResult) -> str | None:
 def run_single(args: argparse.Namespace, style: Style) -> int:
     output = _single_output(args)
     try:
-        result = fold_file_result(args.inputs[0], output, _options(args), verification=_verification(args))
+        result = _run_interruptibly(fold_file_result, args.inputs[0], output, _options(args),
+                                    verification=_verification(args), make_parents=True, force=args.force)
     except ModelError as e:
         raise InputError(str(e)) from e
     data = result.to_dict()
@@ -428,14 +458,35 @@ def run_many(args: argparse.Namespace, style: Style) -> int:
     results: list[ModelResult | None] = [None] * len(plan)
     from tqdm import tqdm
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool, \
-            tqdm(total=len(plan), unit="model", file=sys.stderr, disable=not show_progress, leave=False,
-                 ncols=min(terminal.columns, 100), nrows=terminal.lines) as bar:
-        for index, result in iter_fold_many(plan, pool, options=_options(args), verification=_verification(args),
-                                            keep_traceback=args.debug):
-            results[index] = result
-            bar.update(1)
-            bar.set_postfix_str(Path(result.input).name, refresh=False)
+    interrupted = False
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs)
+    with tqdm(total=len(plan), unit="model", file=sys.stderr, disable=not show_progress, leave=False,
+              ncols=min(terminal.columns, 100), nrows=terminal.lines) as bar:
+        futures = {pool.submit(fold_file_captured, str(src), str(dst) if dst is not None else None, _options(args),
+                               _verification(args), True, args.debug, args.force): index
+                   for index, (src, dst) in enumerate(plan)}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                result = future.result()
+                results[futures[future]] = result
+                bar.update(1)
+                bar.set_postfix_str(Path(result.input).name, refresh=False)
+        except KeyboardInterrupt:
+            # Ctrl-C: models not started are cancelled, running folds stop at their next chunk (no partial
+            # output), verifications not started are skipped; the summary says what was not done.
+            interrupted = True
+            interrupt_running()
+            pool.shutdown(wait=False, cancel_futures=True)
+            concurrent.futures.wait(futures)
+            for future, index in futures.items():
+                if future.cancelled():
+                    src, dst = plan[index]
+                    results[index] = ModelResult(str(src), str(dst) if dst is not None else None,
+                                                 error=f"{src}: not folded: interrupted")
+                elif results[index] is None:
+                    results[index] = future.result()
+        finally:
+            pool.shutdown(wait=True)
     done = [r for r in results if r is not None]
     failed = [r for r in done if not r.ok]
     mismatched = [m for m in map(_verification_failure, done) if m]
@@ -464,12 +515,16 @@ def run_many(args: argparse.Namespace, style: Style) -> int:
             print(f"  {r.error}", file=sys.stderr)
     for m in mismatched:
         print(f"qdqfold: {m}", file=sys.stderr)
+    if interrupted:
+        print("qdqfold: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if failed:
         return EXIT_FAILED
     return EXIT_MISMATCH if mismatched else EXIT_OK
 
 
 def run(args: argparse.Namespace) -> int:
+    _interrupted.clear()  # an earlier run's Ctrl-C (main() called again in one process) does not carry over
     style = Style(_colour_wanted(args.color, sys.stdout))
     if len(args.inputs) == 1 and not Path(args.inputs[0]).is_dir():
         return run_single(args, style)
@@ -500,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("qdqfold: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # stdout closed early (e.g. piped into head): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
