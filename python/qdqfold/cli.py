@@ -477,7 +477,8 @@ def run_many(args: argparse.Namespace, style: Style) -> int:
             interrupted = True
             interrupt_running()
             pool.shutdown(wait=False, cancel_futures=True)
-            concurrent.futures.wait(futures)
+            # (a future cancelled here never counts as done for wait(): only the others are waited for)
+            concurrent.futures.wait([f for f in futures if not f.cancelled()])
             for future, index in futures.items():
                 if future.cancelled():
                     src, dst = plan[index]
