@@ -391,8 +391,8 @@ OutputPlan plan_outputs(const std::string& src, const std::string& dst, const Ma
     }
     if (file_options.force || earlier.count(data_name)) continue;
     throw FileError(path + ": already exists and is not a data file of " + plan.model + "; qdqfold writes the "
-                    "output's external data there: remove it, choose another output name, or pass --force "
-                    "(force=True in Python) to replace it");
+                    "output's external data there: remove it, choose another output name, or pass force=True to "
+                    "replace it");
   }
   // Data files of the earlier output that this run does not write again: named as qdqfold names them for
   // this output, and not read by this fold.

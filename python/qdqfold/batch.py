@@ -268,6 +268,64 @@ def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, opti
     return result
 
 
+def fold_bytes_result(data: bytes, label: str, dst: str | os.PathLike | None, options: dict[str, Any] | None = None,
+                      *, verification: VerifySettings | None = None, base_directory: str | os.PathLike | None = None,
+                      make_parents: bool = True) -> tuple[ModelResult, bytes]:
+    """Folds a serialized model held in memory (standard input, or a file folded for standard output) and,
+    with ``dst``, writes it there atomically. ``label`` names the model in messages ("-" for standard input).
+    ``base_directory``: where its external data lives (None: external weights are not read and their BNs are
+    kept). Returns the result and the folded bytes. Raises :class:`ModelError`."""
+    start = time.perf_counter()
+    try:
+        info_before = read_model_info(data)
+    except WireFormatError:
+        info_before = None
+    try:
+        folded, report = fold_bytes(data, **({"base_directory": str(base_directory)} if base_directory else {}),
+                                    **dict(options or {}))
+    except FoldError as e:
+        raise ModelError(e.args[0] if isinstance(e, qdqfold_native.FileError)
+                         else f"{label}: not a valid ONNX model: {e}") from e
+    if info_before is None:
+        raise ModelError(f"{label}: cannot list its nodes")
+    info_after = read_model_info(folded)
+    if dst is not None:
+        dst = Path(dst)
+        if dst.exists() and not dst.is_file():
+            raise ModelError(f"{dst}: is not a regular file; qdqfold replaces only regular files")
+        _make_parent(dst, make_parents)
+        try:
+            write_atomically(dst, folded)
+        except OSError as e:
+            raise ModelError(f"{dst}: cannot write: {e.strerror or e}") from e
+    result = ModelResult(label, str(dst) if dst is not None else None, written=dst is not None, report=report,
+                         ops_before=dict(info_before.op_counts()), ops_after=dict(info_after.op_counts()),
+                         size_before=len(data), size_after=len(folded), model_info=info_before)
+    if verification is not None:
+        try:
+            result.verification = verify(data, folded, tolerance=verification.tolerance, seed=verification.seed,
+                                         symbolic_size=verification.symbolic_size, dims=verification.dims)
+        except VerifyError as e:
+            raise ModelError(f"{label}: cannot verify: {e}") from e
+    result.seconds = time.perf_counter() - start
+    return result, folded
+
+
+def read_for_stdout(src: Path) -> tuple[bytes, Path]:
+    """The bytes of the model file ``src`` for a fold whose output goes to standard output (one message, so no
+    external data in the output: tensors the fold does not change would still point at the input's files)."""
+    _check_source(src)
+    data = src.read_bytes()
+    try:
+        locations = read_model_info(data).external_locations
+    except WireFormatError:
+        locations = set()
+    if locations:
+        raise ModelError(f"{src}: keeps weights in external data ({', '.join(sorted(locations))}), which cannot "
+                         f"be written to standard output; give -o FILE")
+    return data, src.parent
+
+
 # Ctrl-C (see interrupt_running): set once for the process; a CLI run ends after it.
 _interrupted = threading.Event()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import os
 import re
@@ -18,8 +19,9 @@ import qdqfold_native
 
 from .api import OPTIONS, write_atomically
 from .batch import _interrupted  # noqa: PLC2701 (the CLI owns the Ctrl-C of its process)
-from .batch import (ModelError, ModelResult, VerifySettings, fold_file_captured, fold_file_result, interrupt_running,
-                    plan_outputs)
+from .batch import (ModelError, ModelResult, VerifySettings, fold_bytes_result, fold_file_captured, fold_file_result,
+                    interrupt_running, plan_outputs, read_for_stdout)
+from .report import with_schema
 from .verify import DEFAULT_TOLERANCE, VerifyResult
 
 EXIT_OK = 0
@@ -56,6 +58,30 @@ OPTION_FLAGS = {
 }
 
 
+def _in_cli_words(result: ModelResult) -> ModelResult:
+    """The result with its messages worded for the command line (see cli_words)."""
+    if result.report is not None:
+        result.report.batchnorms = [dataclasses.replace(b, message=cli_words(b.message))
+                                    for b in result.report.batchnorms]
+    if result.error is not None:
+        result.error = cli_words(result.error)
+    return result
+
+
+def cli_words(text: str) -> str:
+    """``text`` (a message of the core or the Python layer) with each Python keyword (``pad_correction=True``)
+    replaced by the command line's flag (``--pad-correction``), so messages in the CLI name what to type."""
+    def flag(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2) == "True"
+        if name == "force":
+            return "--force" if value else match.group(0)
+        if name in OPTIONS and value != OPTIONS[name]:
+            return _option_flag(name)[0]
+        return match.group(0)
+
+    return re.sub(r"\b([a-z_]+)=(True|False)\b", flag, text)
+
+
 def _option_flag(name: str) -> tuple[str, str]:
     if name in OPTION_FLAGS:
         return OPTION_FLAGS[name]
@@ -90,12 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version",
                         version=f"qdqfold {qdqfold_native.__version__} (qdqfold_native at {qdqfold_native.__file__})")
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="ONNX model file(s), or directories searched recursively for *.onnx")
+                        help="ONNX model file(s), or directories searched recursively for *.onnx; '-' reads a "
+                             "model from standard input. With exactly two and no -o/--in-place/--dry-run, the "
+                             "second is the output (qdqfold in.onnx out.onnx, as onnxsim and onnxslim take it)")
     where = parser.add_argument_group("where to write")
     where.add_argument("-o", "--output", metavar="OUT",
-                       help="the folded model (one input), or the directory to write into (several inputs, a "
-                            "directory, or OUT ending in /; missing directories are created); external data "
-                            "goes to OUT.data beside it")
+                       help="the folded model (one input; '-' writes it to standard output and the report to "
+                            "standard error), or the directory to write into (several inputs, a directory, or OUT "
+                            "ending in /; missing directories are created); external data goes to OUT.data beside it")
     where.add_argument("--in-place", action="store_true",
                        help="replace each input (and its external data files) with its folded model")
     where.add_argument("--force", action="store_true",
@@ -126,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     many = parser.add_argument_group("several models")
     many.add_argument("-j", "--jobs", type=_positive_int, default=1, metavar="N",
                       help="fold N models at a time (threads; default 1)")
+    many.add_argument("--dask", metavar="ADDRESS",
+                      help="fold on the workers of a running Dask scheduler (e.g. tcp://host:8786) instead of "
+                           "threads; the workers must see the inputs and the output directory at the same paths "
+                           "(needs: pip install 'qdqfold[dask]')")
     group = parser.add_argument_group("fold options")
     for name in OPTIONS:
         flag, help_text = _option_flag(name)
@@ -272,7 +304,7 @@ def _verify_lines(v: VerifyResult, style: Style) -> list[str]:
 
 def _print_single(result: ModelResult, style: Style, out: TextIO) -> None:
     assert result.report is not None
-    target = "dry run, nothing written" if result.output is None else result.output
+    target = {None: "dry run, nothing written", "-": "standard output"}.get(result.output, result.output)
     print(f"{style.bold(result.input)} -> {target}" + style.dim(f"  ({result.seconds:.2f} s)"), file=out)
     for line in _bn_lines(result.report, style):
         print(line, file=out)
@@ -285,7 +317,8 @@ def _print_single(result: ModelResult, style: Style, out: TextIO) -> None:
             print(line, file=out)
     if result.written:
         data = result.report.data_files
-        print(f"wrote {result.output}" + (f" and its external data {', '.join(data)}" if data else ""), file=out)
+        where = "the model to standard output" if result.output == "-" else result.output
+        print(f"wrote {where}" + (f" and its external data {', '.join(data)}" if data else ""), file=out)
     for path in result.report.removed_files:
         print(f"removed {path} (data the folded model no longer uses)", file=out)
 
@@ -316,6 +349,11 @@ def _names_directory(output: str) -> bool:
 
 def _single_output(args: argparse.Namespace) -> Path | None:
     source = Path(args.inputs[0])
+    if args.inputs[0] == "-" and args.in_place:
+        raise UsageError("--in-place: standard input has no file to replace; give -o OUT or -o -")
+    if args.inputs[0] == "-" and args.output and _names_directory(args.output):
+        raise UsageError(f"{args.output}: a model from standard input has no name to take in a directory; "
+                         f"name the output file")
     if args.dry_run:
         if args.output or args.in_place:
             raise UsageError("--dry-run writes nothing; drop -o / --in-place")
@@ -365,13 +403,31 @@ def _verification_failure(result: ModelResult) -> str | None:
 
 
 def run_single(args: argparse.Namespace, style: Style) -> int:
-    output = _single_output(args)
+    source = args.inputs[0]
+    to_stdout = args.output == "-"
+    if to_stdout and (args.json or args.in_place or args.dry_run):
+        raise UsageError("-o - writes the model to standard output; it cannot go with --json, --in-place or --dry-run")
+    folded: bytes | None = None
     try:
-        result = _run_interruptibly(fold_file_result, args.inputs[0], output, _options(args),
-                                    verification=_verification(args), make_parents=True, force=args.force)
+        if source == "-" or to_stdout:  # the model passes through memory
+            if source == "-":
+                data, base = sys.stdin.buffer.read(), None
+            else:
+                data, base = read_for_stdout(Path(source))
+            output = None if to_stdout else _single_output(args)
+            result, folded = _run_interruptibly(fold_bytes_result, data, source, output, _options(args),
+                                                verification=_verification(args), base_directory=base)
+        else:
+            output = _single_output(args)
+            result = _run_interruptibly(fold_file_result, source, output, _options(args),
+                                        verification=_verification(args), make_parents=True, force=args.force)
     except ModelError as e:
         raise InputError(str(e)) from e
-    data = result.to_dict()
+    _in_cli_words(result)
+    if to_stdout:
+        result.output, result.written = "-", True
+    report_stream = sys.stderr if to_stdout else sys.stdout
+    data = with_schema(result.to_dict())
     if args.report_json:
         _write_json(args.report_json, data)
     if args.json:
@@ -383,9 +439,12 @@ def run_single(args: argparse.Namespace, style: Style) -> int:
             raise UsageError(e.args[0]) from e
         if not args.json:
             for line in story.splitlines():
-                print("\n".join(_wrapped(line, "", " " * 10)))
+                print("\n".join(_wrapped(line, "", " " * 10)), file=report_stream)
     elif not args.quiet and not args.json:
-        _print_single(result, style, sys.stdout)
+        _print_single(result, style, report_stream)
+    if to_stdout and folded is not None:
+        sys.stdout.buffer.write(folded)
+        sys.stdout.buffer.flush()
     failure = _verification_failure(result)
     if failure:
         print(f"qdqfold: {failure}", file=sys.stderr)
@@ -429,6 +488,18 @@ def _model_line(result: ModelResult, style: Style) -> str:
     return text
 
 
+def _dask_client(address: str):
+    """A client of the Dask scheduler at ``address``, or an InputError saying what is missing."""
+    try:
+        from distributed import Client
+    except ImportError as e:
+        raise InputError("--dask needs the distributed package: pip install 'qdqfold[dask]'") from e
+    try:
+        return Client(address, timeout="10s")
+    except Exception as e:  # OSError, TimeoutError, ValueError for a bad address
+        raise InputError(f"{address}: cannot reach the Dask scheduler: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
 def run_many(args: argparse.Namespace, style: Style) -> int:
     if args.explain:
         raise UsageError("--explain takes one model file")
@@ -459,7 +530,8 @@ def run_many(args: argparse.Namespace, style: Style) -> int:
     from tqdm import tqdm
 
     interrupted = False
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs)
+    client = _dask_client(args.dask) if args.dask else None
+    pool = client.get_executor() if client is not None else concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs)
     with tqdm(total=len(plan), unit="model", file=sys.stderr, disable=not show_progress, leave=False,
               ncols=min(terminal.columns, 100), nrows=terminal.lines) as bar:
         futures = {pool.submit(fold_file_captured, str(src), str(dst) if dst is not None else None, _options(args),
@@ -467,7 +539,7 @@ def run_many(args: argparse.Namespace, style: Style) -> int:
                    for index, (src, dst) in enumerate(plan)}
         try:
             for future in concurrent.futures.as_completed(futures):
-                result = future.result()
+                result = _in_cli_words(future.result())
                 results[futures[future]] = result
                 bar.update(1)
                 bar.set_postfix_str(Path(result.input).name, refresh=False)
@@ -476,7 +548,11 @@ def run_many(args: argparse.Namespace, style: Style) -> int:
             # output), verifications not started are skipped; the summary says what was not done.
             interrupted = True
             interrupt_running()
-            pool.shutdown(wait=False, cancel_futures=True)
+            try:
+                pool.shutdown(wait=False, cancel_futures=True)
+            except TypeError:  # an executor without cancel_futures (Dask's): cancel them one by one
+                for future in futures:
+                    future.cancel()
             # (a future cancelled here never counts as done for wait(): only the others are waited for)
             concurrent.futures.wait([f for f in futures if not f.cancelled()])
             for future, index in futures.items():
@@ -485,18 +561,20 @@ def run_many(args: argparse.Namespace, style: Style) -> int:
                     results[index] = ModelResult(str(src), str(dst) if dst is not None else None,
                                                  error=f"{src}: not folded: interrupted")
                 elif results[index] is None:
-                    results[index] = future.result()
+                    results[index] = _in_cli_words(future.result())
         finally:
             pool.shutdown(wait=True)
+            if client is not None:
+                client.close()
     done = [r for r in results if r is not None]
     failed = [r for r in done if not r.ok]
     mismatched = [m for m in map(_verification_failure, done) if m]
 
-    data = {
+    data = with_schema({
         "models": [r.to_dict() for r in done if r.ok],
         "failed": [{"input": r.input, "output": r.output, "error": r.error} for r in failed],
         "totals": {"models": len(done), "folded": len(done) - len(failed), "failed": len(failed)},
-    }
+    })
     if args.report_json:
         _write_json(args.report_json, data)
     if args.json:
@@ -524,11 +602,27 @@ def run_many(args: argparse.Namespace, style: Style) -> int:
     return EXIT_MISMATCH if mismatched else EXIT_OK
 
 
+def _take_positional_output(args: argparse.Namespace) -> None:
+    """The onnxsim/onnxslim habit ``qdqfold in.onnx out.onnx``: with exactly two inputs and nothing else saying
+    where to write, the second is the output."""
+    if len(args.inputs) != 2 or args.output or args.in_place or args.dry_run or args.json or args.explain:
+        return
+    first, second = args.inputs
+    if first != "-" and Path(first).is_dir():
+        return  # a directory and something: two inputs (the usage error below says what is missing)
+    args.inputs, args.output = [first], second
+
+
 def run(args: argparse.Namespace) -> int:
     _interrupted.clear()  # an earlier run's Ctrl-C (main() called again in one process) does not carry over
-    style = Style(_colour_wanted(args.color, sys.stdout))
-    if len(args.inputs) == 1 and not Path(args.inputs[0]).is_dir():
+    _take_positional_output(args)
+    style = Style(_colour_wanted(args.color, sys.stderr if args.output == "-" else sys.stdout))
+    if len(args.inputs) == 1 and (args.inputs[0] == "-" or not Path(args.inputs[0]).is_dir()):
         return run_single(args, style)
+    if "-" in args.inputs:
+        raise UsageError("'-' (standard input) folds one model; give it alone")
+    if args.output == "-":
+        raise UsageError("-o - writes one model to standard output; give one input")
     if args.output and (Path(args.output).is_file() or args.output.endswith(".onnx")):
         directory = next((p for p in args.inputs if Path(p).is_dir()), None)
         if directory is not None:  # one model file expected, a directory given
@@ -552,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         if args.debug:
             raise
-        print(f"qdqfold: error: {e}", file=sys.stderr)
+        print(f"qdqfold: error: {cli_words(str(e))}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("qdqfold: interrupted", file=sys.stderr)

@@ -11,6 +11,16 @@ if TYPE_CHECKING:
     from .graphinfo import ModelInfo
 
 
+#: The JSON document's format: "schema" in every report the CLI writes (see docs/report.schema.json). The
+#: number changes when a field changes meaning or goes away; new fields may appear without a change.
+SCHEMA = "qdqfold.report/1"
+
+
+def with_schema(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` with ``"schema"`` first."""
+    return {"schema": SCHEMA, **document}
+
+
 @dataclass(frozen=True)
 class BatchNormEntry:
     """One BatchNormalization: folded (into what, which way) or kept (reason code and sentence)."""
