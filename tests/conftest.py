@@ -87,3 +87,14 @@ def length_delimited(number: int, payload: bytes) -> bytes:
 @pytest.fixture(params=SAMPLE_MODELS, ids=lambda p: p.name)
 def sample_model_path(request) -> Path:
     return request.param
+
+
+def nested_if_model(depth: int) -> bytes:
+    """A model whose graph nests `depth` If bodies. Built on the wire: protobuf refuses to build it that deep."""
+    graph = length_delimited(1, length_delimited(4, b"Identity") + length_delimited(1, b"x") + length_delimited(2, b"y"))  # GraphProto.node
+    for _ in range(depth):
+        attribute = length_delimited(1, b"then_branch") + bytes([0xA0, 0x01, 5]) + length_delimited(6, graph)  # name, type=GRAPH, g
+        graph = length_delimited(1, length_delimited(1, b"c") + length_delimited(2, b"y") + length_delimited(4, b"If") + length_delimited(5, attribute))
+    inputs = length_delimited(11, length_delimited(1, b"c")) + length_delimited(11, length_delimited(1, b"x"))  # GraphProto.input: what the If nodes read
+    opset = length_delimited(8, bytes([0x10, 17]))  # OperatorSetIdProto{version: 17}
+    return bytes([0x08, 0x08]) + length_delimited(7, graph + inputs) + opset  # ir_version 8, graph, opset_import

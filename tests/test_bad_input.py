@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import qdqfold_native
-from conftest import length_delimited
+from conftest import length_delimited, nested_if_model
 from qdqfold_native import FoldError
 
 
@@ -95,21 +95,10 @@ def test_wrong_wire_type_for_a_known_field():
 
 
 
-def _nested_if_model(depth: int) -> bytes:
-    """A model whose graph nests `depth` If bodies. Built on the wire: protobuf refuses to build it that deep."""
-    graph = length_delimited(1, length_delimited(4, b"Identity") + length_delimited(1, b"x") + length_delimited(2, b"y"))  # GraphProto.node
-    for _ in range(depth):
-        attribute = length_delimited(1, b"then_branch") + bytes([0xA0, 0x01, 5]) + length_delimited(6, graph)  # name, type=GRAPH, g
-        graph = length_delimited(1, length_delimited(1, b"c") + length_delimited(2, b"y") + length_delimited(4, b"If") + length_delimited(5, attribute))
-    inputs = length_delimited(11, length_delimited(1, b"c")) + length_delimited(11, length_delimited(1, b"x"))  # GraphProto.input: what the If nodes read
-    opset = length_delimited(8, bytes([0x10, 17]))  # OperatorSetIdProto{version: 17}
-    return bytes([0x08, 0x08]) + length_delimited(7, graph + inputs) + opset  # ir_version 8, graph, opset_import
-
-
 def test_nesting_deeper_than_any_real_model():
     with pytest.raises(FoldError, match="nested more than"):
-        qdqfold_native.fold(_nested_if_model(200))
-    deep_but_fine = _nested_if_model(100)
+        qdqfold_native.fold(nested_if_model(200))
+    deep_but_fine = nested_if_model(100)
     assert qdqfold_native.fold(deep_but_fine) == deep_but_fine
 
 

@@ -97,10 +97,11 @@ def test_failure_leaves_no_half_written_output(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
-def test_unwritable_output_directory(tmp_path):
-    result = qdqfold(SEED, "-o", tmp_path / "no" / "such" / "dir" / "out.onnx")
-    assert result.returncode == 1
-    assert "cannot write" in result.stderr
+def test_missing_output_directories_are_created(tmp_path):
+    out = tmp_path / "no" / "such" / "dir" / "out.onnx"
+    result = qdqfold(SEED, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert out.is_file() and sorted(p.name for p in out.parent.iterdir()) == ["out.onnx"]
 
 
 def test_missing_output_is_a_usage_error():

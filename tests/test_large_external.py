@@ -67,17 +67,18 @@ def test_model_over_2gb_folds_with_external_data(big_model, tmp_path):
     out = tmp_path / "folded.onnx"
     report = qdqfold_native.fold_file(directory / "big.onnx", out)
     assert [b["folded"] for b in report["batchnorms"]] == [True, True]
+    assert report["data_files"] == [str(tmp_path / "folded.onnx.data")]  # named after the output
 
     folded = onnx.load(out, load_external_data=False)
     assert [n.op_type for n in folded.graph.node] == ["Conv", "Conv"]
     inits = {t.name: t for t in folded.graph.initializer}
     conv1, conv2 = folded.graph.node
-    data = np.memmap(tmp_path / "big.data", dtype=np.uint8, mode="r")
+    data = np.memmap(tmp_path / "folded.onnx.data", dtype=np.uint8, mode="r")
     assert data.size == (directory / "big.data").stat().st_size  # same layout: same offsets, same size
 
     def external_array(name: str, shape) -> np.ndarray:
         entries = {e.key: e.value for e in inits[name].external_data}
-        assert entries["location"] == "big.data"
+        assert entries["location"] == "folded.onnx.data"
         offset, length = int(entries["offset"]), int(entries["length"])
         return data[offset:offset + length].view(np.float32).reshape(shape)
 
@@ -89,3 +90,27 @@ def test_model_over_2gb_folds_with_external_data(big_model, tmp_path):
     big = external_array(conv2.input[1], (BIG, BIG, 1, 1))
     assert not big[:: BIG // 7].any() and not big[-1].any()  # zeros stay zeros (samples across the 2.4 GB)
     np.testing.assert_array_equal(numpy_helper.to_array(inits[conv2.input[2]]), t2.astype(np.float32))
+
+
+def test_fold_model_of_a_path_over_2gb_returns_the_folded_proto(big_model):
+    """fold_model(path) cannot pass 2.4 GB through one serialized message: it folds through a temporary
+    directory and loads the result, and the temporary directory is gone afterwards."""
+    import tempfile
+    from pathlib import Path
+
+    import qdqfold
+
+    directory, w1, original = big_model
+    scratch_before = set(Path(tempfile.gettempdir()).glob("qdqfold-*"))
+    folded, report = qdqfold.fold_model(directory / "big.onnx", report=True)
+    assert [b.folded for b in report.batchnorms] == [True, True]
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Conv"]
+    inits = {t.name: t for t in folded.graph.initializer}
+    a1, t1 = _bn_affine(original, "bn1")
+    np.testing.assert_array_equal(numpy_helper.to_array(inits[folded.graph.node[0].input[1]]),
+                                  (w1.astype(np.float64) * a1[:, None, None, None]).astype(np.float32))
+    big = inits[folded.graph.node[1].input[1]]
+    assert big.data_location != TensorProto.EXTERNAL and len(big.raw_data) == BIG * BIG * 4
+    assert set(Path(tempfile.gettempdir()).glob("qdqfold-*")) == scratch_before
+    with pytest.raises(qdqfold.FoldError, match="2 GB"):
+        qdqfold.fold_model(folded)  # a ModelProto over 2 GB: what to do instead, not protobuf's message

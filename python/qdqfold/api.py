@@ -110,34 +110,95 @@ def write_atomically(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+#: protobuf refuses to serialize or parse one message of this size or more.
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def _too_big_for_a_proto(path: Path) -> bool:
+    """True when the model at ``path``, its external data counted, is close to protobuf's 2 GB limit."""
+    from .graphinfo import read_model_info
+
+    size = path.stat().st_size
+    if size == 0:
+        return False
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        try:
+            locations = read_model_info(mapped).external_locations
+        except ValueError:
+            return False
+    files = {(path.parent / location).resolve() for location in locations}
+    return size + sum(p.stat().st_size for p in files if p.is_file()) >= PROTOBUF_LIMIT * 3 // 4
+
+
+def _fold_path_to_proto(path: Path, options: dict[str, Any]) -> tuple[onnx.ModelProto, FoldReport]:
+    """A model file folded into a ModelProto with every tensor loaded. A model near or over 2 GB goes through a
+    private temporary directory (``fold_file`` there, then ``onnx.load``), since such a model cannot pass
+    through one serialized message; a smaller one is folded in memory, the core reading its external data."""
+    import mmap
+
+    import onnx
+
+    if not path.is_file():
+        raise qdqfold_native.FileError(f"{path}: no such model file" if not path.exists()
+                                       else f"{path}: is not a regular file")
+    if _too_big_for_a_proto(path):
+        with tempfile.TemporaryDirectory(prefix="qdqfold-") as scratch:
+            target = Path(scratch) / path.name
+            native = qdqfold_native.fold_file(path, target, **with_inferred_shapes(path, options))
+            return onnx.load(str(target)), FoldReport.from_native(native)
+    with open(path, "rb") as f:
+        data: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+    try:
+        folded_bytes, rep = fold_bytes(data, base_directory=str(path.parent), **options)
+    finally:
+        if isinstance(data, mmap.mmap):
+            data.close()
+    result = onnx.ModelProto()
+    result.ParseFromString(folded_bytes)
+    # The tensors no fold changed still refer to the input's data files: loaded from there, as onnx.load would.
+    if _has_external_data(result):
+        onnx.load_external_data_for_model(result, str(path.parent))
+    return result, rep
+
+
 def fold_model(model: ModelLike, *, output: str | os.PathLike | None = None, report: bool = False,
-               **options: bool) -> Any:
+               force: bool = False, **options: bool) -> Any:
     """Folds BatchNormalization nodes of ``model`` and returns the folded model in the same kind:
 
     - an ``onnx.ModelProto`` gives a new ``onnx.ModelProto`` (the argument is not modified);
     - bytes-like gives ``bytes``;
-    - a path gives a ``ModelProto`` (external data loaded through onnx's helpers), or, when ``output`` is
+    - a path gives a ``ModelProto`` with every tensor loaded (external data read by the core under
+      ``fold_file``'s rules; a model over 2 GB goes through a temporary directory), or, when ``output`` is
       given, is folded file to file by ``qdqfold_native.fold_file`` (the input mapped, the output written
-      atomically, external data kept external beside it) and returns ``output`` as a ``Path``.
+      atomically, external data in files named after ``output``) and returns ``output`` as a ``Path``.
+      ``force`` lets those data files replace existing files that are not from an earlier run.
 
     With ``report=True`` the result is a pair ``(folded, FoldReport)``. Keyword options are those of
-    :data:`OPTIONS`. Raises :class:`qdqfold.FoldError` for input that is not a valid ONNX model.
+    :data:`OPTIONS`. Raises :class:`qdqfold.FoldError` for input that is not a valid ONNX model, and
+    ``qdqfold_native.FileError`` (a FoldError) naming the file for files that cannot be read or written.
     """
     import onnx
 
     if isinstance(model, onnx.ModelProto):
-        folded_bytes, rep = fold_bytes(model.SerializeToString(), **options)
+        try:
+            serialized = model.SerializeToString()
+        except Exception as e:  # google.protobuf.message.EncodeError: over the 2 GB limit
+            raise qdqfold_native.FoldError(
+                "the ModelProto is over protobuf's 2 GB limit and cannot be serialized for folding; save it with "
+                "external data (onnx.save(model, path, save_as_external_data=True)) and call "
+                "fold_model(path, output=...)") from e
+        folded_bytes, rep = fold_bytes(serialized, **options)
         result: Any = onnx.ModelProto()
         result.ParseFromString(folded_bytes)
     elif isinstance(model, (bytes, bytearray, memoryview)):
         result, rep = fold_bytes(model, **options)
     elif isinstance(model, (str, os.PathLike)):
         if output is not None:  # file to file in the native core: mapped, external data kept external
-            native = qdqfold_native.fold_file(model, output, **with_inferred_shapes(model, options))
+            native = qdqfold_native.fold_file(model, output, force=force, **with_inferred_shapes(model, options))
             return (Path(output), FoldReport.from_native(native)) if report else Path(output)
-        folded_bytes, rep = fold_bytes(load_model_bytes(model), **options)
-        result = onnx.ModelProto()
-        result.ParseFromString(folded_bytes)
+        result, rep = _fold_path_to_proto(Path(model), options)
     else:
         raise TypeError(f"fold_model() takes an onnx.ModelProto, bytes or a path, not {type(model).__name__}")
     return (result, rep) if report else result

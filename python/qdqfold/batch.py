@@ -9,8 +9,12 @@ native fold releases the GIL), processes, or a Dask ``Client.get_executor()``.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import mmap
 import os
+import stat
+import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -94,11 +98,27 @@ def _missing_external_data(src: Path) -> list[str]:
     return missing
 
 
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+#: The protobuf limit: a ModelProto this large or larger cannot be serialized as one message.
+PROTOBUF_LIMIT = 2**31 - 1
+
+
 def _check_source(src: Path) -> None:
-    if not src.exists():
-        raise ModelError(f"{src}: no such file")
-    if src.is_dir():
+    """A model file must be a regular file: a FIFO or a device is refused before anything opens it (an open
+    or a read would block, or read something that is not a file)."""
+    try:
+        mode = os.stat(src).st_mode
+    except FileNotFoundError:
+        raise ModelError(f"{src}: no such file") from None
+    except OSError as e:
+        raise ModelError(f"{src}: cannot read: {e.strerror or e}") from e
+    if stat.S_ISDIR(mode):
         raise ModelError(f"{src}: is a directory, not a model file")
+    if not stat.S_ISREG(mode):
+        raise ModelError(f"{src}: is {_KINDS.get(stat.S_IFMT(mode), 'not a regular file')}, not a model file "
+                         f"(qdqfold reads regular files only)")
 
 
 def _read_model(src: Path) -> bytes:
@@ -127,39 +147,38 @@ def _model_info(path: Path) -> ModelInfo:
             return read_model_info(mapped)
 
 
-def _native_error(error: FoldError, src: Path, dst: Path | None) -> str:
-    """One line naming the path: the native core names the file it could not open, map or write; an invalid
-    model's message names the problem only, so the input's path is put in front."""
-    message = str(error)
-    names_a_path = message.startswith((f"{src}:", f"{dst}:")) or "external data" in message
-    return message if names_a_path else f"{src}: not a valid ONNX model: {message}"
+def _native_error(error: FoldError, src: Path) -> str:
+    """One line naming the file at fault: a FileError's message starts with that file's path (the input, one of
+    its data files, the output or one of its data files); any other FoldError means the model is invalid."""
+    if isinstance(error, qdqfold_native.FileError):
+        return str(error)
+    return f"{src}: not a valid ONNX model: {error}"
 
 
-def _fold_file(src: Path, dst: Path | None, options: dict[str, bool], make_parents: bool
-               ) -> tuple[FoldReport, bytes | None]:
-    """Folds ``src`` into ``dst``: the one place where a file is folded. With a destination, the native core
-    folds file to file (input mapped, output written once, external data kept external); a dry run
-    (``dst`` None) folds the bytes in memory and returns them. Returns (report, folded bytes or None)."""
-    if dst is None or not hasattr(qdqfold_native, "fold_file"):
-        data = _read_model(src)
-        try:
-            folded, report = fold_bytes(data, **options)
-        except FoldError as e:
-            raise ModelError(f"{src}: not a valid ONNX model: {e}") from e
-        if dst is None:
-            return report, folded
-        _make_parent(dst, make_parents)
-        try:
-            write_atomically(dst, folded)
-        except OSError as e:
-            raise ModelError(f"{dst}: cannot write: {e.strerror or e}") from e
-        return report, None
-    _check_source(src)
+def _fold_in_memory(src: Path, options: dict[str, Any]) -> tuple[FoldReport, bytes]:
+    """A dry run: folds the mapped model in memory, its external data read by the core under the same rules as a
+    file-to-file fold (folded tensors come back inline, others keep their references)."""
+    with open(src, "rb") as f:
+        data: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+    try:
+        folded, report = fold_bytes(data, base_directory=str(src.parent), **options)
+        return report, folded
+    except FoldError as e:
+        raise ModelError(_native_error(e, src)) from e
+    finally:
+        if isinstance(data, mmap.mmap):
+            data.close()
+
+
+def _fold_file(src: Path, dst: Path, options: dict[str, Any], make_parents: bool, force: bool) -> FoldReport:
+    """Folds ``src`` into ``dst`` file to file in the native core (input mapped, output written once, external
+    data kept external in files named after ``dst``): the one place where a file is folded."""
     _make_parent(dst, make_parents)
     try:
-        return FoldReport.from_native(qdqfold_native.fold_file(src, dst, **with_inferred_shapes(src, options))), None
+        native = qdqfold_native.fold_file(src, dst, force=force, **with_inferred_shapes(src, options))
     except FoldError as e:
-        raise ModelError(_native_error(e, src, dst)) from e
+        raise ModelError(_native_error(e, src)) from e
+    return FoldReport.from_native(native)
 
 
 def _make_parent(dst: Path, make_parents: bool) -> None:
@@ -167,56 +186,173 @@ def _make_parent(dst: Path, make_parents: bool) -> None:
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ModelError(f"{dst.parent}: cannot create the directory: {e.strerror or e}") from e
+            raise ModelError(f"{dst}: cannot write: cannot create the directory {dst.parent}: {e.strerror or e}") from e
 
 
-def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, options: dict[str, bool] | None = None,
-                     *, verification: VerifySettings | None = None, make_parents: bool = False) -> ModelResult:
+def _files_size(model: Path, data_files: Iterable[str]) -> int:
+    return model.stat().st_size + sum(os.path.getsize(p) for p in data_files)
+
+
+def _input_data_size(src: Path, info: ModelInfo | None) -> int:
+    """The bytes of the external data files the model at ``src`` reads (each file once; 0 if none)."""
+    if info is None:
+        return 0
+    files = {(src.parent / location).resolve() for location in info.external_locations}
+    return sum(p.stat().st_size for p in files if p.is_file())
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, options: dict[str, Any] | None = None,
+                     *, verification: VerifySettings | None = None, make_parents: bool = False,
+                     force: bool = False) -> ModelResult:
     """Folds the model file ``src`` into ``dst`` (None: a dry run, nothing written) and, with
-    ``verification``, runs both in onnxruntime. Raises :class:`ModelError` (one line naming the path)."""
+    ``verification``, runs both in onnxruntime. ``force`` lets the output's data files replace existing files
+    that are not from an earlier run of the same output. Raises :class:`ModelError` (one line naming the path)."""
     start = time.perf_counter()
     src, dst = Path(src), (Path(dst) if dst is not None else None)
+    options = dict(options or {})
     _check_source(src)
-    # Read what is needed of the original before folding: with --in-place the fold replaces it.
-    original = _read_model(src) if verification is not None else None
+    in_place = dst is not None and _same_file(src, dst)
     try:
-        info_before = read_model_info(original) if original is not None else _model_info(src)
+        info_before = _model_info(src)
     except WireFormatError:
         info_before = None  # not a model: the fold below says so, in the native core's words
     except OSError as e:
         raise ModelError(f"{src}: cannot read: {e.strerror or e}") from e
-    size_before = src.stat().st_size
-    report, folded = _fold_file(src, dst, options or {}, make_parents)
-    if info_before is None:  # the native core accepted what the walker did not: not expected
-        raise ModelError(f"{src}: cannot list its nodes")
-    try:
-        info_after = read_model_info(folded) if folded is not None else _model_info(dst)
-    except (WireFormatError, OSError) as e:
-        raise ModelError(f"{dst}: cannot read the folded model back: {e}") from e
-    result = ModelResult(str(src), str(dst) if dst is not None else None, written=dst is not None, report=report,
-                         ops_before=dict(info_before.op_counts()), ops_after=dict(info_after.op_counts()),
-                         size_before=size_before,
-                         size_after=len(folded) if folded is not None else dst.stat().st_size,
-                         model_info=info_before)
-    if verification is not None:
-        folded_model = folded if folded is not None else _read_model(dst)
+    size_before = src.stat().st_size + _input_data_size(src, info_before)
+    # The original must be read before an in-place fold replaces it; that takes it whole into memory.
+    original: Any = None
+    if verification is not None and in_place:
+        if size_before >= PROTOBUF_LIMIT:
+            raise ModelError(f"{src}: --verify with --in-place must hold the original in memory, and it is over "
+                             f"protobuf's 2 GB limit; fold to another file (-o) and verify that")
+        original = _read_model(src)
+
+    # A dry run with verification folds into a private directory (removed after), so that models with external
+    # data or over 2 GB are verified from files, as onnxruntime loads them.
+    scratch = tempfile.TemporaryDirectory(prefix="qdqfold-") if dst is None and verification is not None \
+        else contextlib.nullcontext(None)
+    with scratch as scratch_dir:
+        target = dst if dst is not None else (Path(scratch_dir) / src.name if scratch_dir else None)
+        if target is None:
+            report, folded = _fold_in_memory(src, options)
+        else:
+            report, folded = _fold_file(src, target, options, make_parents, force), None
+        if info_before is None:  # the native core accepted what the walker did not: not expected
+            raise ModelError(f"{src}: cannot list its nodes")
         try:
-            result.verification = verify(original, folded_model, tolerance=verification.tolerance,
-                                         seed=verification.seed, symbolic_size=verification.symbolic_size,
-                                         dims=verification.dims)
-        except VerifyError as e:
-            raise ModelError(f"{src}: cannot verify: {e}") from e
+            info_after = read_model_info(folded) if folded is not None else _model_info(target)
+        except (WireFormatError, OSError) as e:
+            raise ModelError(f"{target}: cannot read the folded model back: {e}") from e
+        size_after = len(folded) if folded is not None else _files_size(target, report.data_files)
+        if dst is None:
+            report.data_files = []  # the scratch files are not outputs
+        result = ModelResult(str(src), str(dst) if dst is not None else None, written=dst is not None, report=report,
+                             ops_before=dict(info_before.op_counts()), ops_after=dict(info_after.op_counts()),
+                             size_before=size_before, size_after=size_after, model_info=info_before)
+        if verification is not None:
+            _raise_if_interrupted(src, dst)
+            try:
+                result.verification = verify(original if original is not None else src, target,
+                                             tolerance=verification.tolerance, seed=verification.seed,
+                                             symbolic_size=verification.symbolic_size, dims=verification.dims)
+            except VerifyError as e:
+                raise ModelError(f"{src}: cannot verify: {e}") from e
     result.seconds = time.perf_counter() - start
     return result
 
 
-def fold_file_captured(src: str, dst: str | None, options: dict[str, bool] | None = None,
+def fold_bytes_result(data: bytes, label: str, dst: str | os.PathLike | None, options: dict[str, Any] | None = None,
+                      *, verification: VerifySettings | None = None, base_directory: str | os.PathLike | None = None,
+                      make_parents: bool = True) -> tuple[ModelResult, bytes]:
+    """Folds a serialized model held in memory (standard input, or a file folded for standard output) and,
+    with ``dst``, writes it there atomically. ``label`` names the model in messages ("-" for standard input).
+    ``base_directory``: where its external data lives (None: external weights are not read and their BNs are
+    kept). Returns the result and the folded bytes. Raises :class:`ModelError`."""
+    start = time.perf_counter()
+    try:
+        info_before = read_model_info(data)
+    except WireFormatError:
+        info_before = None
+    try:
+        folded, report = fold_bytes(data, **({"base_directory": str(base_directory)} if base_directory else {}),
+                                    **dict(options or {}))
+    except FoldError as e:
+        raise ModelError(e.args[0] if isinstance(e, qdqfold_native.FileError)
+                         else f"{label}: not a valid ONNX model: {e}") from e
+    if info_before is None:
+        raise ModelError(f"{label}: cannot list its nodes")
+    info_after = read_model_info(folded)
+    if dst is not None:
+        dst = Path(dst)
+        if dst.exists() and not dst.is_file():
+            raise ModelError(f"{dst}: is not a regular file; qdqfold replaces only regular files")
+        _make_parent(dst, make_parents)
+        try:
+            write_atomically(dst, folded)
+        except OSError as e:
+            raise ModelError(f"{dst}: cannot write: {e.strerror or e}") from e
+    result = ModelResult(label, str(dst) if dst is not None else None, written=dst is not None, report=report,
+                         ops_before=dict(info_before.op_counts()), ops_after=dict(info_after.op_counts()),
+                         size_before=len(data), size_after=len(folded), model_info=info_before)
+    if verification is not None:
+        try:
+            result.verification = verify(data, folded, tolerance=verification.tolerance, seed=verification.seed,
+                                         symbolic_size=verification.symbolic_size, dims=verification.dims)
+        except VerifyError as e:
+            raise ModelError(f"{label}: cannot verify: {e}") from e
+    result.seconds = time.perf_counter() - start
+    return result, folded
+
+
+def read_for_stdout(src: Path) -> tuple[bytes, Path]:
+    """The bytes of the model file ``src`` for a fold whose output goes to standard output (one message, so no
+    external data in the output: tensors the fold does not change would still point at the input's files)."""
+    _check_source(src)
+    data = src.read_bytes()
+    try:
+        locations = read_model_info(data).external_locations
+    except WireFormatError:
+        locations = set()
+    if locations:
+        raise ModelError(f"{src}: keeps weights in external data ({', '.join(sorted(locations))}), which cannot "
+                         f"be written to standard output; give -o FILE")
+    return data, src.parent
+
+
+# Ctrl-C (see interrupt_running): set once for the process; a CLI run ends after it.
+_interrupted = threading.Event()
+
+
+def interrupt_running() -> None:
+    """Stops this process's folds: every running ``fold_file`` stops at its next chunk and removes its temporary
+    files (no partial output), models not yet started are not folded, and a verification not yet started is
+    skipped. For the command line's Ctrl-C."""
+    _interrupted.set()
+    qdqfold_native.interrupt()
+
+
+def _raise_if_interrupted(src: Path | str = "", written: Path | str | None = None) -> None:
+    if _interrupted.is_set():
+        done = f"; {written} was written but not verified" if written is not None else ""
+        raise ModelError(f"{src}: interrupted{done}")
+
+
+def fold_file_captured(src: str, dst: str | None, options: dict[str, Any] | None = None,
                        verification: VerifySettings | None = None, make_parents: bool = True,
-                       keep_traceback: bool = False) -> ModelResult:
+                       keep_traceback: bool = False, force: bool = False) -> ModelResult:
     """As :func:`fold_file_result`, but a failure comes back as a result with ``error`` set, never raised.
     Unexpected exceptions are caught too, so one bad model never stops a batch."""
     try:
-        result = fold_file_result(src, dst, options, verification=verification, make_parents=make_parents)
+        _raise_if_interrupted(src)
+        result = fold_file_result(src, dst, options, verification=verification, make_parents=make_parents,
+                                  force=force)
         result.model_info = None  # not needed by batch callers; keeps results small to send between processes
         return result
     except ModelError as e:
@@ -266,17 +402,37 @@ def plan_outputs(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike 
         seen[key] = src
         if not in_place and src.exists() and src.resolve() == key:
             raise ValueError(f"{dst} is its own input; pass --in-place to overwrite it")
+    # Each output's external data goes to files named after it (<out>.data, <out>.2.data, ...): no output may
+    # carry such a name of another.
+    for key, src in seen.items():
+        for owner in _data_name_owners(key):
+            if owner in seen and seen[owner] != src:
+                raise ValueError(f"{src} would be written to {key}, a name that {seen[owner]}'s output {owner.name} "
+                                 f"gives its external data")
     return plan
+
+
+def _data_name_owners(path: Path) -> list[Path]:
+    """The outputs whose external data qdqfold would write at ``path`` (``<out>.data``, ``<out>.N.data``)."""
+    name = path.name
+    if not name.endswith(".data") or len(name) <= len(".data"):
+        return []
+    stem = name[:-len(".data")]
+    owners = [path.with_name(stem)]
+    head, dot, number = stem.rpartition(".")
+    if dot and head and number.isdigit():
+        owners.append(path.with_name(head))
+    return owners
 
 
 def iter_fold_many(plan: list[tuple[Path, Path | None]], executor: concurrent.futures.Executor, *,
                    options: dict[str, bool] | None = None, verification: VerifySettings | None = None,
-                   keep_traceback: bool = False) -> Iterator[tuple[int, ModelResult]]:
+                   keep_traceback: bool = False, force: bool = False) -> Iterator[tuple[int, ModelResult]]:
     """Submits every (input, output) of ``plan`` to ``executor`` and yields (index in plan, result) as each
     finishes. A model that fails yields a result with ``error`` set; the others go on."""
     futures = {
         executor.submit(fold_file_captured, str(src), str(dst) if dst is not None else None, dict(options or {}),
-                        verification, True, keep_traceback): index
+                        verification, True, keep_traceback, force): index
         for index, (src, dst) in enumerate(plan)
     }
     for future in concurrent.futures.as_completed(futures):
@@ -292,7 +448,7 @@ def iter_fold_many(plan: list[tuple[Path, Path | None]], executor: concurrent.fu
 
 def fold_many(paths: Iterable[str | os.PathLike] | str | os.PathLike, out_dir: str | os.PathLike | None,
               executor: concurrent.futures.Executor | None = None, *, dry_run: bool = False, in_place: bool = False,
-              verification: VerifySettings | None = None, **options: bool) -> list[ModelResult]:
+              verification: VerifySettings | None = None, force: bool = False, **options: bool) -> list[ModelResult]:
     """Folds every model among ``paths`` (files, or directories searched recursively for ``*.onnx``) into
     ``out_dir``, keeping each directory's relative layout, and returns one :class:`ModelResult` per model in
     the order of the plan. Models that fail have ``error`` set; the others are folded all the same.
@@ -310,7 +466,7 @@ def fold_many(paths: Iterable[str | os.PathLike] | str | os.PathLike, out_dir: s
     own = executor is None
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) if own else executor
     try:
-        for index, result in iter_fold_many(plan, pool, options=options, verification=verification):
+        for index, result in iter_fold_many(plan, pool, options=options, verification=verification, force=force):
             results[index] = result
     finally:
         if own:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import os
 import re
@@ -17,13 +18,17 @@ from typing import Any, TextIO
 import qdqfold_native
 
 from .api import OPTIONS, write_atomically
-from .batch import ModelError, ModelResult, VerifySettings, fold_file_result, iter_fold_many, plan_outputs
+from .batch import _interrupted  # noqa: PLC2701 (the CLI owns the Ctrl-C of its process)
+from .batch import (ModelError, ModelResult, VerifySettings, fold_bytes_result, fold_file_captured, fold_file_result,
+                    interrupt_running, plan_outputs, read_for_stdout)
+from .report import with_schema
 from .verify import DEFAULT_TOLERANCE, VerifyResult
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # bad input, a path that cannot be read or written; in batch mode: any model failed
 EXIT_USAGE = 2  # bad arguments (argparse's own code too)
 EXIT_MISMATCH = 3  # --verify: an output differs by more than --tolerance
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 EXIT_STATUS_HELP = """exit status:
   0  success
@@ -31,7 +36,8 @@ EXIT_STATUS_HELP = """exit status:
      external data) or a path that cannot be read or written; with several models: any model failed
   2  bad arguments (including an unknown --explain node, or an output that would overwrite its input
      without --in-place)
-  3  --verify: an output of the folded model differs from the original's by more than --tolerance"""
+  3  --verify: an output of the folded model differs from the original's by more than --tolerance
+  130  interrupted (Ctrl-C): nothing partial is left; with several models, the failures list what was not done"""
 
 # Flags for the fold options of qdqfold_native.options(): a flag turns the default around. An option the
 # native module has and this table lacks still gets a flag (see _option_flag); tests/test_cli.py fails on it.
@@ -53,6 +59,30 @@ OPTION_FLAGS = {
     "drop_activation_quantizers": ("--drop-activation-quantizers",
                                    "APPROXIMATE: drop a Q/DQ pair between a layer and its BN to fold it"),
 }
+
+
+def _in_cli_words(result: ModelResult) -> ModelResult:
+    """The result with its messages worded for the command line (see cli_words)."""
+    if result.report is not None:
+        result.report.batchnorms = [dataclasses.replace(b, message=cli_words(b.message))
+                                    for b in result.report.batchnorms]
+    if result.error is not None:
+        result.error = cli_words(result.error)
+    return result
+
+
+def cli_words(text: str) -> str:
+    """``text`` (a message of the core or the Python layer) with each Python keyword (``pad_correction=True``)
+    replaced by the command line's flag (``--pad-correction``), so messages in the CLI name what to type."""
+    def flag(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2) == "True"
+        if name == "force":
+            return "--force" if value else match.group(0)
+        if name in OPTIONS and value != OPTIONS[name]:
+            return _option_flag(name)[0]
+        return match.group(0)
+
+    return re.sub(r"\b([a-z_]+)=(True|False)\b", flag, text)
 
 
 def _option_flag(name: str) -> tuple[str, str]:
@@ -89,12 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version",
                         version=f"qdqfold {qdqfold_native.__version__} (qdqfold_native at {qdqfold_native.__file__})")
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="ONNX model file(s), or directories searched recursively for *.onnx")
+                        help="ONNX model file(s), or directories searched recursively for *.onnx; '-' reads a "
+                             "model from standard input. With exactly two and no -o/--in-place/--dry-run, the "
+                             "second is the output (qdqfold in.onnx out.onnx, as onnxsim and onnxslim take it)")
     where = parser.add_argument_group("where to write")
     where.add_argument("-o", "--output", metavar="OUT",
-                       help="the folded model (one input), or the directory to write into (several inputs or a "
-                            "directory, keeping each directory's relative layout)")
-    where.add_argument("--in-place", action="store_true", help="overwrite each input with its folded model")
+                       help="the folded model (one input; '-' writes it to standard output and the report to "
+                            "standard error), or the directory to write into (several inputs, a directory, or OUT "
+                            "ending in /; missing directories are created); external data goes to OUT.data beside it")
+    where.add_argument("--in-place", action="store_true",
+                       help="replace each input (and its external data files) with its folded model")
+    where.add_argument("--force", action="store_true",
+                       help="let the output's external data file (OUT.data) replace an existing file that is not "
+                            "from an earlier run of the same output")
     where.add_argument("-n", "--dry-run", action="store_true", help="fold and report, write no model")
     show = parser.add_argument_group("what to print")
     show.add_argument("--report-json", metavar="PATH", help="write the full report as JSON to PATH")
@@ -120,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     many = parser.add_argument_group("several models")
     many.add_argument("-j", "--jobs", type=_positive_int, default=1, metavar="N",
                       help="fold N models at a time (threads; default 1)")
+    many.add_argument("--dask", metavar="ADDRESS",
+                      help="fold on the workers of a running Dask scheduler (e.g. tcp://host:8786) instead of "
+                           "threads; the workers must see the inputs and the output directory at the same paths "
+                           "(needs: pip install 'qdqfold[dask]')")
     group = parser.add_argument_group("fold options")
     for name in OPTIONS:
         flag, help_text = _option_flag(name)
@@ -266,7 +307,7 @@ def _verify_lines(v: VerifyResult, style: Style) -> list[str]:
 
 def _print_single(result: ModelResult, style: Style, out: TextIO) -> None:
     assert result.report is not None
-    target = "dry run, nothing written" if result.output is None else result.output
+    target = {None: "dry run, nothing written", "-": "standard output"}.get(result.output, result.output)
     print(f"{style.bold(result.input)} -> {target}" + style.dim(f"  ({result.seconds:.2f} s)"), file=out)
     for line in _bn_lines(result.report, style):
         print(line, file=out)
@@ -278,7 +319,11 @@ def _print_single(result: ModelResult, style: Style, out: TextIO) -> None:
         for line in _verify_lines(result.verification, style):
             print(line, file=out)
     if result.written:
-        print(f"wrote {result.output}", file=out)
+        data = result.report.data_files
+        where = "the model to standard output" if result.output == "-" else result.output
+        print(f"wrote {where}" + (f" and its external data {', '.join(data)}" if data else ""), file=out)
+    for path in result.report.removed_files:
+        print(f"removed {path} (data the folded model no longer uses)", file=out)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -300,8 +345,18 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
+def _names_directory(output: str) -> bool:
+    """``-o`` names a directory: it ends with a slash (created if missing) or is an existing directory."""
+    return output.endswith(("/", os.sep)) or Path(output).is_dir()
+
+
 def _single_output(args: argparse.Namespace) -> Path | None:
     source = Path(args.inputs[0])
+    if args.inputs[0] == "-" and args.in_place:
+        raise UsageError("--in-place: standard input has no file to replace; give -o OUT or -o -")
+    if args.inputs[0] == "-" and args.output and _names_directory(args.output):
+        raise UsageError(f"{args.output}: a model from standard input has no name to take in a directory; "
+                         f"name the output file")
     if args.dry_run:
         if args.output or args.in_place:
             raise UsageError("--dry-run writes nothing; drop -o / --in-place")
@@ -311,15 +366,27 @@ def _single_output(args: argparse.Namespace) -> Path | None:
             raise UsageError("--in-place and -o name different files; give one of them")
         return source
     if args.output:
-        output = Path(args.output)
-        if output.is_dir():
-            output = output / source.name
+        output = Path(args.output) / source.name if _names_directory(args.output) else Path(args.output)
         if output.exists() and source.exists() and _same_file(output, source):
             raise UsageError(f"{output} is the input; pass --in-place to overwrite it")
         return output
     if args.explain or args.json:
         return None  # asking for a story or for JSON alone is a dry run
     raise UsageError("give -o OUTPUT, --in-place, or --dry-run")
+
+
+def _run_interruptibly(function, *arguments, **keywords):
+    """Runs ``function`` on a worker thread so that Ctrl-C reaches this one at once: it then stops the fold
+    (batch.interrupt_running: no partial output, temporary files removed), waits for the worker to give up,
+    and raises KeyboardInterrupt."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(function, *arguments, **keywords)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            interrupt_running()
+            concurrent.futures.wait([future])
+            raise
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -339,12 +406,31 @@ def _verification_failure(result: ModelResult) -> str | None:
 
 
 def run_single(args: argparse.Namespace, style: Style) -> int:
-    output = _single_output(args)
+    source = args.inputs[0]
+    to_stdout = args.output == "-"
+    if to_stdout and (args.json or args.in_place or args.dry_run):
+        raise UsageError("-o - writes the model to standard output; it cannot go with --json, --in-place or --dry-run")
+    folded: bytes | None = None
     try:
-        result = fold_file_result(args.inputs[0], output, _options(args), verification=_verification(args))
+        if source == "-" or to_stdout:  # the model passes through memory
+            if source == "-":
+                data, base = sys.stdin.buffer.read(), None
+            else:
+                data, base = read_for_stdout(Path(source))
+            output = None if to_stdout else _single_output(args)
+            result, folded = _run_interruptibly(fold_bytes_result, data, source, output, _options(args),
+                                                verification=_verification(args), base_directory=base)
+        else:
+            output = _single_output(args)
+            result = _run_interruptibly(fold_file_result, source, output, _options(args),
+                                        verification=_verification(args), make_parents=True, force=args.force)
     except ModelError as e:
         raise InputError(str(e)) from e
-    data = result.to_dict()
+    _in_cli_words(result)
+    if to_stdout:
+        result.output, result.written = "-", True
+    report_stream = sys.stderr if to_stdout else sys.stdout
+    data = with_schema(result.to_dict())
     if args.report_json:
         _write_json(args.report_json, data)
     if args.json:
@@ -356,9 +442,12 @@ def run_single(args: argparse.Namespace, style: Style) -> int:
             raise UsageError(e.args[0]) from e
         if not args.json:
             for line in story.splitlines():
-                print("\n".join(_wrapped(line, "", " " * 10)))
+                print("\n".join(_wrapped(line, "", " " * 10)), file=report_stream)
     elif not args.quiet and not args.json:
-        _print_single(result, style, sys.stdout)
+        _print_single(result, style, report_stream)
+    if to_stdout and folded is not None:
+        sys.stdout.buffer.write(folded)
+        sys.stdout.buffer.flush()
     failure = _verification_failure(result)
     if failure:
         print(f"qdqfold: {failure}", file=sys.stderr)
@@ -402,6 +491,18 @@ def _model_line(result: ModelResult, style: Style) -> str:
     return text
 
 
+def _dask_client(address: str):
+    """A client of the Dask scheduler at ``address``, or an InputError saying what is missing."""
+    try:
+        from distributed import Client
+    except ImportError as e:
+        raise InputError("--dask needs the distributed package: pip install 'qdqfold[dask]'") from e
+    try:
+        return Client(address, timeout="10s")
+    except Exception as e:  # OSError, TimeoutError, ValueError for a bad address
+        raise InputError(f"{address}: cannot reach the Dask scheduler: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
 def run_many(args: argparse.Namespace, style: Style) -> int:
     if args.explain:
         raise UsageError("--explain takes one model file")
@@ -431,23 +532,52 @@ def run_many(args: argparse.Namespace, style: Style) -> int:
     results: list[ModelResult | None] = [None] * len(plan)
     from tqdm import tqdm
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool, \
-            tqdm(total=len(plan), unit="model", file=sys.stderr, disable=not show_progress, leave=False,
-                 ncols=min(terminal.columns, 100), nrows=terminal.lines) as bar:
-        for index, result in iter_fold_many(plan, pool, options=_options(args), verification=_verification(args),
-                                            keep_traceback=args.debug):
-            results[index] = result
-            bar.update(1)
-            bar.set_postfix_str(Path(result.input).name, refresh=False)
+    interrupted = False
+    client = _dask_client(args.dask) if args.dask else None
+    pool = client.get_executor() if client is not None else concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs)
+    with tqdm(total=len(plan), unit="model", file=sys.stderr, disable=not show_progress, leave=False,
+              ncols=min(terminal.columns, 100), nrows=terminal.lines) as bar:
+        futures = {pool.submit(fold_file_captured, str(src), str(dst) if dst is not None else None, _options(args),
+                               _verification(args), True, args.debug, args.force): index
+                   for index, (src, dst) in enumerate(plan)}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                result = _in_cli_words(future.result())
+                results[futures[future]] = result
+                bar.update(1)
+                bar.set_postfix_str(Path(result.input).name, refresh=False)
+        except KeyboardInterrupt:
+            # Ctrl-C: models not started are cancelled, running folds stop at their next chunk (no partial
+            # output), verifications not started are skipped; the summary says what was not done.
+            interrupted = True
+            interrupt_running()
+            try:
+                pool.shutdown(wait=False, cancel_futures=True)
+            except TypeError:  # an executor without cancel_futures (Dask's): cancel them one by one
+                for future in futures:
+                    future.cancel()
+            # (a future cancelled here never counts as done for wait(): only the others are waited for)
+            concurrent.futures.wait([f for f in futures if not f.cancelled()])
+            for future, index in futures.items():
+                if future.cancelled():
+                    src, dst = plan[index]
+                    results[index] = ModelResult(str(src), str(dst) if dst is not None else None,
+                                                 error=f"{src}: not folded: interrupted")
+                elif results[index] is None:
+                    results[index] = _in_cli_words(future.result())
+        finally:
+            pool.shutdown(wait=True)
+            if client is not None:
+                client.close()
     done = [r for r in results if r is not None]
     failed = [r for r in done if not r.ok]
     mismatched = [m for m in map(_verification_failure, done) if m]
 
-    data = {
+    data = with_schema({
         "models": [r.to_dict() for r in done if r.ok],
         "failed": [{"input": r.input, "output": r.output, "error": r.error} for r in failed],
         "totals": {"models": len(done), "folded": len(done) - len(failed), "failed": len(failed)},
-    }
+    })
     if args.report_json:
         _write_json(args.report_json, data)
     if args.json:
@@ -467,15 +597,35 @@ def run_many(args: argparse.Namespace, style: Style) -> int:
             print(f"  {r.error}", file=sys.stderr)
     for m in mismatched:
         print(f"qdqfold: {m}", file=sys.stderr)
+    if interrupted:
+        print("qdqfold: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if failed:
         return EXIT_FAILED
     return EXIT_MISMATCH if mismatched else EXIT_OK
 
 
+def _take_positional_output(args: argparse.Namespace) -> None:
+    """The onnxsim/onnxslim habit ``qdqfold in.onnx out.onnx``: with exactly two inputs and nothing else saying
+    where to write, the second is the output."""
+    if len(args.inputs) != 2 or args.output or args.in_place or args.dry_run or args.json or args.explain:
+        return
+    first, second = args.inputs
+    if first != "-" and Path(first).is_dir():
+        return  # a directory and something: two inputs (the usage error below says what is missing)
+    args.inputs, args.output = [first], second
+
+
 def run(args: argparse.Namespace) -> int:
-    style = Style(_colour_wanted(args.color, sys.stdout))
-    if len(args.inputs) == 1 and not Path(args.inputs[0]).is_dir():
+    _interrupted.clear()  # an earlier run's Ctrl-C (main() called again in one process) does not carry over
+    _take_positional_output(args)
+    style = Style(_colour_wanted(args.color, sys.stderr if args.output == "-" else sys.stdout))
+    if len(args.inputs) == 1 and (args.inputs[0] == "-" or not Path(args.inputs[0]).is_dir()):
         return run_single(args, style)
+    if "-" in args.inputs:
+        raise UsageError("'-' (standard input) folds one model; give it alone")
+    if args.output == "-":
+        raise UsageError("-o - writes one model to standard output; give one input")
     if args.output and (Path(args.output).is_file() or args.output.endswith(".onnx")):
         directory = next((p for p in args.inputs if Path(p).is_dir()), None)
         if directory is not None:  # one model file expected, a directory given
@@ -499,11 +649,11 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         if args.debug:
             raise
-        print(f"qdqfold: error: {e}", file=sys.stderr)
+        print(f"qdqfold: error: {cli_words(str(e))}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("qdqfold: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # stdout closed early (e.g. piped into head): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

@@ -15,7 +15,8 @@ BytesLike = Union[bytes, bytearray, memoryview]
 
 # onnx.proto field numbers used here.
 _MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
-_GRAPH_NODE, _GRAPH_NAME = 1, 2
+_GRAPH_NODE, _GRAPH_NAME, _GRAPH_INITIALIZER = 1, 2, 5
+_TENSOR_EXTERNAL_DATA, _ENTRY_KEY, _ENTRY_VALUE = 13, 1, 2
 _FUNCTION_NAME, _FUNCTION_NODE, _FUNCTION_DOMAIN = 1, 7, 10
 _NODE_INPUT, _NODE_OUTPUT, _NODE_NAME, _NODE_OP_TYPE, _NODE_ATTRIBUTE, _NODE_DOMAIN = 1, 2, 3, 4, 5, 7
 _ATTRIBUTE_NAME, _ATTRIBUTE_G, _ATTRIBUTE_GRAPHS = 1, 6, 11
@@ -84,6 +85,8 @@ class ModelInfo:
     """Every node of a model, in the order of its graphs (main graph first, then subgraphs and functions)."""
 
     nodes: list[NodeInfo] = field(default_factory=list)
+    #: The external-data locations its initializers name (relative to the model's directory), each once.
+    external_locations: set[str] = field(default_factory=set)
 
     def op_counts(self) -> Counter:
         """How many nodes of each op type (custom domains as ``domain.OpType``)."""
@@ -129,17 +132,46 @@ def _read_model(buf: memoryview) -> ModelInfo:
             elif number == _FUNCTION_NODE:
                 node_spans.append(value)
         for node_span in node_spans:
-            _read_node(buf, node_span, f"function:{domain}.{name}", info)
+            for sub_span, sub_path in _read_node(buf, node_span, f"function:{domain}.{name}", info):
+                _read_graph(buf, sub_span, sub_path, info)
     return info
 
 
-def _read_graph(buf: memoryview, span: tuple[int, int], path: str, info: ModelInfo) -> None:
+def _node_spans(buf: memoryview, span: tuple[int, int], info: ModelInfo) -> list[tuple[int, int]]:
+    """The node payloads of the graph at ``span``; the external-data locations of its initializers go to
+    ``info`` (only the small external_data entries are read, never a tensor's data)."""
+    nodes = []
     for number, wire_type, value in _fields(buf, *span):
-        if wire_type == _LENGTH and number == _GRAPH_NODE:
-            _read_node(buf, value, path, info)
+        if wire_type != _LENGTH:
+            continue
+        if number == _GRAPH_NODE:
+            nodes.append(value)
+        elif number == _GRAPH_INITIALIZER:
+            for tensor_field, tensor_type, entry in _fields(buf, *value):
+                if tensor_field == _TENSOR_EXTERNAL_DATA and tensor_type == _LENGTH:
+                    pairs = {k: _text(buf, v) for k, t, v in _fields(buf, *entry) if t == _LENGTH}
+                    if pairs.get(_ENTRY_KEY) == "location" and _ENTRY_VALUE in pairs:
+                        info.external_locations.add(pairs[_ENTRY_VALUE])
+    return nodes
 
 
-def _read_node(buf: memoryview, span: tuple[int, int], graph: str, info: ModelInfo) -> None:
+def _read_graph(buf: memoryview, span: tuple[int, int], path: str, info: ModelInfo) -> None:
+    """The nodes of a graph in order, each node's subgraphs right after it (as the native report lists them).
+    Iterative, with an explicit stack: a model may nest If branches deeper than Python's recursion limit."""
+    stack: list[tuple[Iterator[tuple[int, int]], str]] = [(iter(_node_spans(buf, span, info)), path)]
+    while stack:
+        nodes, graph = stack[-1]
+        node = next(nodes, None)
+        if node is None:
+            stack.pop()
+            continue
+        subgraphs = _read_node(buf, node, graph, info)
+        for sub_span, sub_path in reversed(subgraphs):
+            stack.append((iter(_node_spans(buf, sub_span, info)), sub_path))
+
+
+def _read_node(buf: memoryview, span: tuple[int, int], graph: str, info: ModelInfo) -> list[tuple[tuple[int, int], str]]:
+    """Appends the node at ``span`` to ``info``; returns its subgraphs (span, path), not yet read."""
     op_type = domain = name = ""
     inputs: list[str] = []
     outputs: list[str] = []
@@ -160,7 +192,8 @@ def _read_node(buf: memoryview, span: tuple[int, int], graph: str, info: ModelIn
         elif number == _NODE_ATTRIBUTE:
             attributes.append(value)
     info.nodes.append(NodeInfo(op_type, domain, name, tuple(inputs), tuple(outputs), graph))
-    for attribute in attributes:  # subgraphs (If/Loop/Scan bodies) after their node, as the native report does
+    subgraphs = []
+    for attribute in attributes:  # subgraphs (If/Loop/Scan bodies) after their node
         attribute_name = ""
         graphs = []
         for number, wire_type, value in _fields(buf, *attribute):
@@ -170,5 +203,5 @@ def _read_node(buf: memoryview, span: tuple[int, int], graph: str, info: ModelIn
                 attribute_name = _text(buf, value)
             elif number in (_ATTRIBUTE_G, _ATTRIBUTE_GRAPHS):
                 graphs.append(value)
-        for g in graphs:
-            _read_graph(buf, g, f"{graph}/{name}:{attribute_name}", info)
+        subgraphs += [(g, f"{graph}/{name}:{attribute_name}") for g in graphs]
+    return subgraphs

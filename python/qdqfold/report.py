@@ -11,6 +11,16 @@ if TYPE_CHECKING:
     from .graphinfo import ModelInfo
 
 
+#: The JSON document's format: "schema" in every report the CLI writes (see docs/report.schema.json). The
+#: number changes when a field changes meaning or goes away; new fields may appear without a change.
+SCHEMA = "qdqfold.report/1"
+
+
+def with_schema(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` with ``"schema"`` first."""
+    return {"schema": SCHEMA, **document}
+
+
 @dataclass(frozen=True)
 class BatchNormEntry:
     """One BatchNormalization: folded (into what, which way) or kept (reason code and sentence)."""
@@ -43,10 +53,15 @@ class FoldReport:
     """The report of one fold run. ``batchnorms`` lists every BatchNormalization, subgraphs included."""
 
     batchnorms: list[BatchNormEntry]
+    #: File to file: the external data files written beside the output (named after it), and the input's
+    #: data files an in-place fold removed (the new model no longer uses them).
+    data_files: list[str] = field(default_factory=list)
+    removed_files: list[str] = field(default_factory=list)
 
     @classmethod
     def from_native(cls, data: dict[str, Any]) -> "FoldReport":
-        return cls([BatchNormEntry(**entry) for entry in data["batchnorms"]])
+        return cls([BatchNormEntry(**entry) for entry in data["batchnorms"]],
+                   list(data.get("data_files", [])), list(data.get("removed_files", [])))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FoldReport":
@@ -155,6 +170,8 @@ class FoldReport:
             "kept_by_reason": dict(sorted(self.kept_by_reason().items())),
             "folded_by_fold": dict(sorted(self.folded_by_fold().items())),
             "batchnorms": [asdict(b) for b in self.batchnorms],
+            "data_files": list(self.data_files),
+            "removed_files": list(self.removed_files),
         }
 
     def to_json(self, indent: int = 2) -> str:
