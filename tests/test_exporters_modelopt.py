@@ -20,7 +20,8 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import qdqfold_native
-from conftest import assert_same_outputs
+from conftest import assert_same_outputs, run
+from qdqfold.trt_compat import TrtCompatError, has_trt_quantizers, standard_qdq
 
 RNG = np.random.default_rng(145)
 C = 4
@@ -74,28 +75,7 @@ def test_tensorrt_fp8_quantizers_are_kept_with_their_own_reason():
 
 
 def as_standard_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
-    """trt::DequantizeLinear(W, s, axis) rewritten as QuantizeLinear -> DequantizeLinear to int4 at opset 21."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    nodes = []
-    for n in m.graph.node:
-        if n.domain == "trt" and n.op_type == "DequantizeLinear":
-            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
-            zp = n.name + "_zp"
-            consts = {o: a.t for c in m.graph.node if c.op_type == "Constant" for o in c.output for a in c.attribute}
-            consts.update({i.name: i for i in m.graph.initializer})
-            count = int(np.prod(consts[n.input[1]].dims))
-            m.graph.initializer.append(h.make_tensor(zp, T.INT4, [count] if count > 1 else [], [0] * count))
-            nodes += [h.make_node("QuantizeLinear", [n.input[0], n.input[1], zp], [n.name + "_q"], axis=axis),
-                      h.make_node("DequantizeLinear", [n.name + "_q", n.input[1], zp], list(n.output), axis=axis)]
-        else:
-            nodes.append(n)
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
-    del m.opset_import[:]
-    m.opset_import.extend([h.make_opsetid("", 21)])
-    m.ir_version = 10
-    return m
+    return onnx.load_from_string(standard_qdq(model.SerializeToString()))
 
 
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
@@ -122,3 +102,29 @@ def test_tensorrt_int4_weight_folds_like_a_qat_pair(per_channel):
     q1 = np.clip(np.round(consts[dq.input[0]].astype(np.float32) / s1), -8, 7)
     np.testing.assert_array_equal(q1, np.where((a < 0)[:, None, None, None], -q0, q0))
     assert_same_outputs(as_standard_qdq(model), as_standard_qdq(folded))
+
+
+def test_standard_qdq_rewrites_trt_weights_for_onnxruntime():
+    """The rewrite for comparisons: trt ops on weights become the constants they compute (FP8: float8 e4m3fn
+    values of W / s, saturated, times s); the model then runs in onnxruntime."""
+    import ml_dtypes
+
+    model = trt_model("fp8")
+    data = model.SerializeToString()
+    assert has_trt_quantizers(data)
+    rewritten = onnx.load_from_string(standard_qdq(data))
+    assert not any(n.domain == "trt" for n in rewritten.graph.node)
+    w = nh.to_array(next(i for i in rewritten.graph.initializer if i.name == "w"))
+    w0 = nh.to_array(next(i for i in model.graph.initializer if i.name == "conv.weight"))
+    expected = np.clip(w0 / np.float32(0.01), -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    np.testing.assert_array_equal(w, expected * np.float32(0.01))
+    x = np.random.default_rng(0).standard_normal((1, 3, 6, 6)).astype(np.float32)
+    assert run(rewritten, {"x": x})[0].shape == (1, C, 6, 6)
+
+
+def test_standard_qdq_refuses_an_activation_quantizer_below_its_opset():
+    model = trt_model("fp8")
+    q = next(n for n in model.graph.node if n.op_type == "TRT_FP8QuantizeLinear")
+    q.input[0] = "x"  # quantizing the activation instead
+    with pytest.raises(TrtCompatError, match="opset 19"):
+        standard_qdq(model.SerializeToString())
