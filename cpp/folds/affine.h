@@ -9,8 +9,12 @@
 //
 // "Per channel" is BN's channel: axis 1 of the activation x. The constant (any float type, a scalar, [C, 1, 1],
 // [1, C, 1, 1], or [C] / [1, C] on a 2-D Gemm/MatMul output) broadcasts against x without changing its shape:
-// its rank is at most x's, and every dim is 1 but the one aligned with axis 1. Such a node is folded exactly
-// like a BN; the report names the fold after it ("conv-mul", "qdq-layer-add", "mul-conv", ...).
+// its rank is at most x's, and every dim is 1 but the one aligned with axis 1. One exception: after a MatMul with
+// a constant 2-D weight whose output has rank >= 3 (transformer layer scale, x * gamma after a Linear), the
+// features are the last axis, and a constant along it (or a scalar) is read with BatchNormAffine::last_axis set;
+// only the MatMul folds take that. A shift right after a MatMul is its own bias (MatMul + Add), not a candidate.
+// Such a node is folded exactly like a BN; the report names the fold after it ("conv-mul", "qdq-layer-add",
+// "mul-conv", ...) and lists it with its op_type.
 #pragma once
 
 #include <optional>
