@@ -280,3 +280,12 @@ def test_reversed_sub_after_a_rank3_matmul_adds_its_shift():
     model = _model(nodes, [w, c], [2, 7, 5], [2, 7, C])
     folded, _ = _check_folded(model, {"rsub": "gemm-sub"}, left_alone=["mm_shift", "mm_shift_1"])
     assert [n.op_type for n in folded.graph.node] == ["MatMul", "Add"]
+
+
+def test_frozen_batchnorm_behind_an_activation_quantizer_is_reported_kept():
+    """Conv -> Q -> DQ -> Mul -> Add (a QDQ detection backbone): kept for the quantizer, and said so."""
+    case = as_frozen_bn(Case(layer="Conv", form="int", qtype=T.INT8, act_between=True))
+    out, report = qdqfold_native.fold_with_report(case.bytes)
+    records = {r["node"]: r for r in report["batchnorms"]}
+    assert records["fbn_mul"]["code"] == "activation-quantizer" and not records["fbn_mul"]["folded"], records
+    assert out == case.bytes

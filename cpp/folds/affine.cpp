@@ -213,7 +213,13 @@ std::string affine_fold_name(const std::string& bn_fold_name, const Node& n) {
 
 bool affine_reported_when_kept(Graph& g, int node) {
   const Node& n = g.nodes[node];
-  const int p = g.producer(n.inputs[affine_data_slot(g, node)]);
+  int p = g.producer(n.inputs[affine_data_slot(g, node)]);
+  // Through an activation quantizer (layer -> Q -> DQ -> Mul): the layer's, kept for that quantizer.
+  if (p >= 0 && g.nodes[p].op_type == "DequantizeLinear" && !g.nodes[p].inputs.empty()) {
+    const int q = g.producer(g.nodes[p].inputs[0]);
+    p = q >= 0 && g.nodes[q].op_type == "QuantizeLinear" && !g.nodes[q].inputs.empty() ? g.producer(g.nodes[q].inputs[0])
+                                                                                       : -1;
+  }
   if (p < 0) return false;
   const Node& layer = g.nodes[p];
   if (!(layer.is("Conv") || layer.is("ConvTranspose") || layer.is("Gemm") || layer.is("MatMul"))) return false;
