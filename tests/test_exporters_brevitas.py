@@ -146,8 +146,10 @@ def test_qcdq_int_weight_behind_clip_folds(per_channel, bits):
     assert_same(case, out, r)
 
 
-def test_qcdq_qat_weight_quantizer_then_clip_folds():
-    case = with_clip(Case(form="qat", qtype=T.INT8, zero=0, opset=13))
+@pytest.mark.parametrize("hi", [127, 7], ids=["int8", "int4-in-int8"])
+def test_qcdq_qat_weight_quantizer_then_clip_folds(hi):
+    # With [-7, 7] most of the weight lies beyond the Clip: the QuantizeLinear's integers saturate there.
+    case = with_clip(Case(form="qat", qtype=T.INT8, zero=0, opset=13), -hi, hi)
     out, report = qdqfold_native.fold_with_report(case.bytes)
     r = report["batchnorms"][0]
     assert r["folded"] and r["code"] == "qdq-layer-bn", r
