@@ -21,7 +21,7 @@ RNG = np.random.default_rng(147)
 B, N, K, F = 2, 5, 8, 6
 
 
-def levit_linear_norm(flatten="Flatten", axis=2, shape=(-1, F), zero_shift=False):
+def levit_linear_norm(flatten="Flatten", axis=2, shape=(-1, F), zero_shift=False, bias=False):
     gamma = RNG.uniform(0.5, 1.5, F) * np.where(np.arange(F) % 3 == 1, -1, 1)
     beta = np.zeros(F) if zero_shift else RNG.standard_normal(F)
     mean = np.zeros(F) if zero_shift else RNG.standard_normal(F)
@@ -30,6 +30,11 @@ def levit_linear_norm(flatten="Flatten", axis=2, shape=(-1, F), zero_shift=False
                (("weight", gamma), ("bias", beta), ("running_mean", mean), ("running_var", RNG.uniform(0.5, 2, F)))],
              nh.from_array(np.array([B, N, F], np.int64), "back_shape")]
     nodes = [h.make_node("MatMul", ["x", "onnx::MatMul_301"], ["/m/c/linear/MatMul_output_0"], name="/m/c/linear/MatMul")]
+    if bias:  # a Linear with a bias: MatMul -> Add(c)
+        nodes[0].output[0] = "/m/c/linear/MatMul_raw"
+        inits.append(nh.from_array(RNG.standard_normal(F).astype(np.float32), "blocks.0.m.c.linear.bias"))
+        nodes.append(h.make_node("Add", ["blocks.0.m.c.linear.bias", "/m/c/linear/MatMul_raw"],
+                                 ["/m/c/linear/MatMul_output_0"], name="/m/c/linear/Add"))
     if flatten == "Flatten":
         nodes.append(h.make_node("Flatten", ["/m/c/linear/MatMul_output_0"], ["/m/c/Flatten_output_0"],
                                  name="/m/c/Flatten", axis=axis))
@@ -51,8 +56,10 @@ def levit_linear_norm(flatten="Flatten", axis=2, shape=(-1, F), zero_shift=False
 
 @pytest.mark.parametrize("form", [dict(flatten="Flatten", axis=2), dict(flatten="Flatten", axis=-1),
                                   dict(flatten="Reshape", shape=(-1, F)), dict(flatten="Reshape", shape=(B * N, F)),
-                                  dict(flatten="Flatten", axis=2, zero_shift=True)],
-                         ids=["flatten2", "flatten-1", "reshape-1F", "reshape-BNF", "zero-shift"])
+                                  dict(flatten="Flatten", axis=2, zero_shift=True), dict(flatten="Flatten", bias=True),
+                                  dict(flatten="Reshape", bias=True)],
+                         ids=["flatten2", "flatten-1", "reshape-1F", "reshape-BNF", "zero-shift", "bias-flatten",
+                              "bias-reshape"])
 def test_linear_norm_folds_into_the_matmul(form):
     model = levit_linear_norm(**form)
     out, report = qdqfold_native.fold_with_report(model.SerializeToString())
@@ -61,7 +68,7 @@ def test_linear_norm_folds_into_the_matmul(form):
     folded = onnx.load_from_string(out)
     ops = [n.op_type for n in folded.graph.node]
     assert "BatchNormalization" not in ops
-    assert ops.count("Add") == (0 if form.get("zero_shift") else 1)
+    assert ops.count("Add") == (0 if form.get("zero_shift") else 1)  # the bias Add, or the shift's
     onnx.checker.check_model(folded, full_check=True)
     assert_same_outputs(model, folded)
 

@@ -1,11 +1,12 @@
 // matmul-reshape-bn: a BatchNormalization over the features of a MatMul output seen through the Flatten or
 // Reshape that makes it 2-D (timm LeViT's Linear -> BatchNorm1d on x.flatten(0, 1)), folded into the MatMul.
 //
-//   before:  x [.., N, K] -> MatMul(W [K, F]) -> m [.., N, F] -> Flatten(axis = rank - 1) | Reshape([r, F]) -> BN -> z
-//   after:   x             -> MatMul(W')      -> Add(t)      -> Flatten | Reshape                                -> z
+//   before:  x [.., N, K] -> MatMul(W [K, F]) [-> Add(c)] -> m [.., N, F] -> Flatten(axis = rank - 1) | Reshape([r, F]) -> BN -> z
+//   after:   x             -> MatMul(W')      -> Add(t | c')                -> Flatten | Reshape                     -> z
 //
 //   BN(y)[j] = a[j] * y[j] + t[j] over feature j = the last axis of m (the reshape keeps it as axis 1), so
-//   W'[., j] = a[j] * W[., j],   and the shift t becomes an Add of t [F] after the MatMul (none when t = 0).
+//   W'[., j] = a[j] * W[., j],   a bias Add's c'[j] = a[j] * c[j] + t[j], and without one the shift t becomes an
+//   Add of t [F] after the MatMul (none when t = 0).
 //
 // The reshape must keep the feature axis: Flatten with axis = rank(m) - 1, or Reshape to a constant [r, F]
 // (F explicit) of an input whose last axis is F; else the BN is kept ("reshape-moves-features"). The MatMul's
@@ -58,7 +59,19 @@ Outcome fold_matmul_reshape_bn(FoldContext& ctx, int bn) {
   const int reshape = batchnorm_input_producer(g, bn);
   if (reshape < 0 || !(g.nodes[reshape].is("Flatten") || g.nodes[reshape].is("Reshape"))) return Outcome::not_applicable();
   if (g.nodes[reshape].inputs.empty() || g.nodes[reshape].outputs.size() != 1) return Outcome::not_applicable();
-  const int matmul = g.producer(g.nodes[reshape].inputs[0]);
+  int matmul = g.producer(g.nodes[reshape].inputs[0]);
+  // Linear with a bias: MatMul -> Add(constant c) -> reshape.
+  int add = -1, bias_slot = -1;
+  if (matmul >= 0 && g.nodes[matmul].is("Add") && g.nodes[matmul].inputs.size() == 2 && g.nodes[matmul].outputs.size() == 1) {
+    for (int s = 0; s < 2 && add < 0; ++s) {
+      const int p = g.producer(g.nodes[matmul].inputs[s]);
+      if (p >= 0 && g.nodes[p].is("MatMul") && constant_dims(g, g.nodes[matmul].inputs[1 - s])) {
+        add = matmul;
+        bias_slot = 1 - s;
+        matmul = p;
+      }
+    }
+  }
   if (matmul < 0 || !g.nodes[matmul].is("MatMul")) return Outcome::not_applicable();
 
   auto weight_or = read_float_weight(ctx, matmul);
@@ -66,10 +79,16 @@ Outcome fold_matmul_reshape_bn(FoldContext& ctx, int bn) {
   const FloatWeight& weight = std::get<FloatWeight>(weight_or);
   const Node& m = g.nodes[matmul];
   if (m.outputs.size() != 1 || m.inputs.size() != 2) return Outcome::kept("malformed", "MatMul has an unexpected arity");
-  if (auto blocked = layer_output_blocker(g, matmul, m.outputs[0], reshape, 0)) return *blocked;
+  const std::string feature_map = add >= 0 ? g.nodes[add].outputs[0] : m.outputs[0];  // what the reshape reads
+  if (add >= 0) {
+    if (auto blocked = layer_output_blocker(g, matmul, m.outputs[0], add, 1 - bias_slot)) return *blocked;
+    if (auto blocked = layer_output_blocker(g, add, feature_map, reshape, 0)) return *blocked;
+  } else if (auto blocked = layer_output_blocker(g, matmul, m.outputs[0], reshape, 0)) {
+    return *blocked;
+  }
   if (auto blocked = layer_output_blocker(g, reshape, g.nodes[reshape].outputs[0], bn)) return *blocked;
   const int64_t features = weight.layout.out_channels;
-  if (auto moved = require_feature_axis_kept(g, reshape, m.outputs[0], m.inputs[0], features)) return *moved;
+  if (auto moved = require_feature_axis_kept(g, reshape, feature_map, m.inputs[0], features)) return *moved;
 
   auto affine_or = read_batchnorm(ctx, bn);
   if (auto* o = std::get_if<Outcome>(&affine_or)) return *o;
@@ -79,8 +98,24 @@ Outcome fold_matmul_reshape_bn(FoldContext& ctx, int bn) {
                                            "MatMul has " + std::to_string(features) + " output features");
   auto new_weight = rescale_weight(ctx, weight, affine.scale);
   if (auto* o = std::get_if<Outcome>(&new_weight)) return *o;
+  FoldedBias bias;
+  std::string bias_raw;
+  int32_t bias_type = weight.tensor.data_type;
+  if (add >= 0) {  // the bias Add takes a * c + t
+    const std::string& name = g.nodes[add].inputs[bias_slot];
+    auto values = constant_values(g, name);
+    auto dims = constant_dims(g, name);
+    if (!values || !dims) return Outcome::kept("non-constant-bias", "the bias '" + name + "' is not a constant");
+    if (auto ref = g.constant(name); ref && graph::is_float_type(ref->tensor.data_type)) bias_type = ref->tensor.data_type;
+    auto folded_or = fold_bias(dims, *values, affine.scale, affine.shift, "the bias '" + name + "'");
+    if (auto* o = std::get_if<Outcome>(&folded_or)) return *o;
+    bias = std::move(std::get<FoldedBias>(folded_or));
+    auto raw = store_or_keep(bias_type, bias.values, "bias");
+    if (auto* o = std::get_if<Outcome>(&raw)) return *o;
+    bias_raw = std::move(std::get<std::string>(raw));
+  }
   std::string shift_raw;
-  if (!affine.zero_shift()) {
+  if (add < 0 && !affine.zero_shift()) {
     auto raw = store_or_keep(weight.tensor.data_type, affine.shift, "bias");
     if (auto* o = std::get_if<Outcome>(&raw)) return *o;
     shift_raw = std::move(std::get<std::string>(raw));
@@ -91,13 +126,16 @@ Outcome fold_matmul_reshape_bn(FoldContext& ctx, int bn) {
   out.verdict = Verdict::Folded;
   out.code = "matmul-reshape-bn";
   out.into = {m.display_name(matmul)};
+  if (add >= 0) out.into.push_back(g.nodes[add].display_name(add));
   out.into_op = "MatMul";
   out.message = "folded into MatMul '" + out.into[0] + "' through " + describe_node(g, reshape) +
-                ": W' = a * W per output column" + (shift_raw.empty() ? "" : ", t added after the MatMul");
+                ": W' = a * W per output column" +
+                (add >= 0 ? ", the bias c' = a * c + t" : shift_raw.empty() ? "" : ", t added after the MatMul");
   const std::string base = m.name.empty() ? m.outputs[0] : m.name;
   const int32_t dtype = weight.tensor.data_type;
   const std::vector<int64_t> weight_dims = weight.tensor.dims;
   write_layer_input(ctx, matmul, 1, dtype, weight_dims, std::move(std::get<graph::LazyBytes>(new_weight)), base + "_B", out);
+  if (add >= 0) write_layer_input(ctx, add, bias_slot, bias_type, bias.dims, bias_raw, base + "_bias", out);
   if (!shift_raw.empty()) add_constant_after(ctx, matmul, dtype, {features}, shift_raw, "_bn_shift", out);
   take_over_batchnorm_output(g, reshape, 0, bn, affine);
   return out;
