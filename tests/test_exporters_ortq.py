@@ -59,3 +59,22 @@ def test_drop_goes_ahead_where_a_quantizer_follows_the_bn():
     layer = next(n for n in m.graph.node if n.name == "layer")
     readers = [n for n in m.graph.node if layer.output[0] in n.input]
     assert [n.op_type for n in readers] == ["QuantizeLinear"]  # the layer still has its quantizer after it
+
+
+def test_an_int32_bias_with_a_nonzero_zero_point_is_requantized_with_zero_point_0():
+    """Found by fuzzing the exporter fixtures: the re-quantized int32 bias kept its old nonzero zero point."""
+    from conftest import random_inputs, run
+
+    case = Case(layer="Conv", form="int", bias="int32")
+    for i in case.model.graph.initializer:
+        if i.name == "b_zero":
+            z = nh.to_array(i).copy()
+            z[2] = -1
+            i.CopyFrom(nh.from_array(z, "b_zero"))
+    out, report = qdqfold_native.fold_with_report(case.bytes)
+    r = report["batchnorms"][0]
+    assert r["folded"], r
+    feeds = random_inputs(case.model)
+    e, a = run(case.model, feeds)[0].astype(np.float64), run(out, feeds)[0].astype(np.float64)
+    bias_error = dict(r["metrics"])["bias_requantization_error"]
+    assert np.abs(e - a).max() <= 1e-5 * np.ptp(e) + bias_error * (1 + 1e-6)

@@ -133,6 +133,7 @@ struct BiasPlan {
   std::vector<double> scale;         // Int32*: one scale per output channel
   int bias_dq = -1;                  // Int32Existing: its DequantizeLinear
   bool zero_present = false;
+  bool zero_nonzero = false;         // Int32Existing: the old zero point is not all 0 (the new one is)
   bool promote = false;              // Int32Existing: per-tensor scale becomes per-channel
   double max_error = 0;              // Int32*: largest |round(b'/s) * s - b'|
 };
@@ -226,6 +227,7 @@ std::variant<BiasPlan, Outcome> plan_bias(FoldContext& ctx, int layer, const Wei
     plan.kind = BiasPlan::Int32Existing;
     plan.bias_dq = bp;
     plan.zero_present = has_zero;
+    for (double z : *zv) plan.zero_nonzero = plan.zero_nonzero || z != 0;
     plan.data_type = bs->tensor.data_type;
     plan.dims = {static_cast<int64_t>(M)};
     plan.promote = sv->size() == 1 && M > 1;
@@ -295,7 +297,8 @@ void write_bias(FoldContext& ctx, int layer, int weight_dq, const BiasPlan& plan
     const std::vector<std::string> in = g.nodes[bd].inputs;
     write_constant_for(ctx, {Use{bd, 0}}, in[0], int32, plan.dims, ints, base + "_quantized", out);
     write_constant_for(ctx, {Use{bd, 1}}, in[1], plan.data_type, plan.dims, scale, base + "_scale", out);
-    if (plan.zero_present && plan.promote)
+    // The new integers are quantized with zero point 0: a nonzero old one must go too.
+    if (plan.zero_present && (plan.promote || plan.zero_nonzero))
       write_constant_for(ctx, {Use{bd, 2}}, in[2], int32, plan.dims, zeros, base + "_zero_point", out);
     if (plan.promote) set_int_attribute(g, bd, "axis", 0);
     return;
