@@ -97,6 +97,12 @@ def _dim(text: str) -> tuple[str, int]:
     return name, int(value)
 
 
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of bytes, got {text!r}")
+    return int(text)
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -130,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let the output's external data file (OUT.data) replace an existing file that is not "
                             "from an earlier run of the same output")
     where.add_argument("-n", "--dry-run", action="store_true", help="fold and report, write no model")
+    store = parser.add_argument_group("how the output stores its weights (default: as the input did)")
+    layout = store.add_mutually_exclusive_group()
+    layout.add_argument("--save-as-external-data", dest="external_data", action="store_const", const=True,
+                        default=None, help="every initializer of at least --size-threshold bytes in one data file "
+                                           "beside the output (OUT.data, or --data-name)")
+    layout.add_argument("--no-external-data", dest="external_data", action="store_const", const=False,
+                        help="every tensor inline in the model file (an error past protobuf's 2 GB limit)")
+    store.add_argument("--size-threshold", type=_non_negative_int, metavar="BYTES",
+                       help="with external data: tensors of at least BYTES go to the data file (default 1024)")
+    store.add_argument("--data-name", metavar="NAME",
+                       help="with external data: the data file's name, beside the output (default OUT.data)")
     show = parser.add_argument_group("what to print")
     show.add_argument("--report-json", metavar="PATH", help="write the full report as JSON to PATH")
     show.add_argument("--json", action="store_true", help="print the full report as JSON on stdout, nothing else")
@@ -329,6 +346,21 @@ def _options(args: argparse.Namespace) -> dict[str, bool]:
     return {name: getattr(args, name) for name in OPTIONS}
 
 
+def _storage(args: argparse.Namespace) -> dict[str, object]:
+    """fold_file's storage keywords from --save-as-external-data / --no-external-data / --size-threshold /
+    --data-name (the last two imply external data)."""
+    if args.external_data is False and (args.size_threshold is not None or args.data_name):
+        raise UsageError("--size-threshold and --data-name describe external data; not with --no-external-data")
+    storage: dict[str, object] = {}
+    if args.external_data is not None:
+        storage["save_as_external_data"] = args.external_data
+    if args.size_threshold is not None:
+        storage["size_threshold"] = args.size_threshold
+    if args.data_name:
+        storage["data_name"] = args.data_name
+    return storage
+
+
 def _verification(args: argparse.Namespace) -> VerifySettings | None:
     if not args.verify:
         return None
@@ -410,6 +442,8 @@ def run_single(args: argparse.Namespace, style: Style) -> int:
     folded: bytes | None = None
     try:
         if source == "-" or to_stdout:  # the model passes through memory
+            if args.external_data or args.size_threshold is not None or args.data_name:
+                raise UsageError("external data options need a model file output (-o FILE)")
             if source == "-":
                 data, base = sys.stdin.buffer.read(), None
             else:
@@ -420,7 +454,8 @@ def run_single(args: argparse.Namespace, style: Style) -> int:
         else:
             output = _single_output(args)
             result = _run_interruptibly(fold_file_result, source, output, _options(args),
-                                        verification=_verification(args), make_parents=True, force=args.force)
+                                        verification=_verification(args), make_parents=True, force=args.force,
+                                        storage=_storage(args))
     except ModelError as e:
         raise InputError(str(e)) from e
     _in_cli_words(result)
@@ -529,13 +564,16 @@ def run_many(args: argparse.Namespace, style: Style) -> int:
     results: list[ModelResult | None] = [None] * len(plan)
     from tqdm import tqdm
 
+    if args.data_name:
+        raise UsageError("--data-name names one data file; with several models each output's data is named after it")
+    storage = _storage(args)
     interrupted = False
     client = _dask_client(args.dask) if args.dask else None
     pool = client.get_executor() if client is not None else concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs)
     with tqdm(total=len(plan), unit="model", file=sys.stderr, disable=not show_progress, leave=False,
               ncols=min(terminal.columns, 100), nrows=terminal.lines) as bar:
         futures = {pool.submit(fold_file_captured, str(src), str(dst) if dst is not None else None, _options(args),
-                               _verification(args), True, args.debug, args.force): index
+                               _verification(args), True, args.debug, args.force, storage): index
                    for index, (src, dst) in enumerate(plan)}
         try:
             for future in concurrent.futures.as_completed(futures):
