@@ -447,7 +447,7 @@ void check_unchanged(const MappedFile& input, const FileResolver& resolver) {
 // temporary outputs are then removed and nothing is committed.
 std::optional<Report> fold_file_once(MappedFile& input, FileResolver& resolver, const std::string& src,
                                      const std::string& dst, const Options& options,
-                                     const FileOptions& file_options, bool defer_checks) {
+                                     const FileOptions& file_options, bool defer_checks, const Interruption& stop) {
   graph::ExternalOutput external;
   auto plan = std::make_unique<FoldPlan>();
   plan->model = graph::parse_model(input.view(), &resolver);
@@ -487,7 +487,7 @@ std::optional<Report> fold_file_once(MappedFile& input, FileResolver& resolver, 
   const OutputPlan outputs = plan_outputs(src, dst, target, data_names, input, resolver, file_options);
   const std::string directory = io::directory_of(outputs.model);
 
-  Interruption stop{io::interrupt_generation(), dst};
+  stop.check();
   std::vector<const MappedFile*> sources{&input};
   for (const auto& f : resolver.files()) sources.push_back(f.file.get());
   std::vector<std::unique_ptr<OutputFile>> data_files;
@@ -533,12 +533,14 @@ Report fold_file(const std::string& src, const std::string& dst, const Options& 
                              data_name.find('\0') != std::string::npos || data_name == io::file_name_of(dst)))
     throw FileError(dst + ": the data file name '" + data_name + "' must be a plain file name (written beside the "
                     "output), other than the output's own");
+  const Interruption stop{io::interrupt_generation(), dst};  // an interrupt() from now on stops this fold
   MappedFile input(src, "the model file");
   FileResolver resolver(io::directory_of(src), src);
   try {
     // First with the checks deferred to the writing; in the rare case one fails, once more checking first.
-    if (auto report = fold_file_once(input, resolver, src, dst, options, file_options, true)) return std::move(*report);
-    return *fold_file_once(input, resolver, src, dst, options, file_options, false);
+    if (auto report = fold_file_once(input, resolver, src, dst, options, file_options, true, stop))
+      return std::move(*report);
+    return *fold_file_once(input, resolver, src, dst, options, file_options, false, stop);
   } catch (const std::exception&) {
     // Whatever went wrong, if a file being read changed meanwhile, that is the cause to report (a read past
     // the new end of a truncated file gives zeros, and anything may follow from them).
