@@ -441,6 +441,38 @@ def quantization_steps(model: onnx.ModelProto) -> dict[str, float]:
     return steps
 
 
+def last_quantizer_steps(model: onnx.ModelProto) -> dict[str, float]:
+    """For each main-graph output: the largest scale of the activation quantizers nearest to it (the last ones
+    its values pass through). One flip of such a quantizer moves the output by that step; a fold that rounds
+    differently (an int32 bias re-quantized, float weights rounded once) may cause one."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    steps = {}
+    for output in graph.output:
+        seen, stack, largest = set(), [output.name], None
+        while stack:
+            name = stack.pop()
+            if name in seen or name not in producers:
+                continue
+            seen.add(name)
+            node = producers[name]
+            if node.op_type == "QuantizeLinear" and node.input and node.input[0] not in inits and \
+                    len(node.input) > 1 and node.input[1] in inits and \
+                    inits[node.input[1]].data_location != onnx_external():
+                scale = np.abs(numpy_helper.to_array(inits[node.input[1]]).astype(np.float64))
+                if scale.size:
+                    largest = max(largest or 0.0, float(scale.max()))
+                continue  # the nearest quantizer on this path
+            stack.extend(node.input)
+        if largest:
+            steps[output.name] = largest
+    return steps
+
+
 def onnx_external() -> int:
     from onnx import TensorProto
 
@@ -472,7 +504,7 @@ def _next_ulp(values: np.ndarray, rng) -> np.ndarray:
     return np.where(values == 0, values, moved).astype(values.dtype)
 
 
-def rounding_twin(model: onnx.ModelProto, report: Any, seed: int = 0) -> onnx.ModelProto:
+def rounding_twin(model: onnx.ModelProto, report: Any, seed: int = 0, folder: str | None = None) -> onnx.ModelProto:
     """A copy of ``model`` (external tensors stay references) where, for every BN a fold took: its gamma, beta,
     mean and variance, and the scale of the DequantizeLinear of the layer's weight and int32 bias, are nudged by
     one ulp in private copies (a QuantizeLinear that shares a scale keeps reading the original, so its
@@ -494,10 +526,9 @@ def rounding_twin(model: onnx.ModelProto, report: Any, seed: int = 0) -> onnx.Mo
         if slot >= len(node.input) or node.input[slot] not in inits:
             return
         tensor = inits[node.input[slot]]
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type not in (
-                onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+        if tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
             return
-        values = numpy_helper.to_array(tensor)
+        values = _array(tensor, folder)  # small (BN parameters, scales): the copy lives in the twin's proto
         name = f"{tensor.name}__twin{len(used)}"
         used.add(name)
         graph.initializer.append(numpy_helper.from_array(_next_ulp(values, rng), name))
@@ -518,6 +549,13 @@ def rounding_twin(model: onnx.ModelProto, report: Any, seed: int = 0) -> onnx.Mo
                 if dq is not None and dq.op_type == "DequantizeLinear":
                     nudge(dq, 1)
     return twin
+
+
+def _array(tensor, folder: str | None):
+    """A tensor's values, read from its external data file (in ``folder``) when it has one."""
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(tensor, base_dir=folder or "")
 
 
 def _folded_entries(report: Any) -> list[dict[str, Any]]:
@@ -546,6 +584,7 @@ class _CertPlan:
     exact: bool
     unit: float
     shift: Any = None  # per channel: |a * mean| + |beta|, the magnitudes the BN's own shift is rounded at
+    forward_shift: Any = None  # forward folds: (|a * mean| + |beta|) / |a| per channel of x
 
 
 def _producer_closure(graph, targets: Sequence[str], stops: set[str]) -> list | None:
@@ -572,7 +611,7 @@ def _producer_closure(graph, targets: Sequence[str], stops: set[str]) -> list | 
     return [graph.node[i] for i in sorted(keep)]
 
 
-def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, report: Any):
+def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, report: Any, folder: str | None = None):
     """Which value to feed and which to compare for every folded BN of the main graph."""
     import numpy as np
 
@@ -582,6 +621,7 @@ def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, repor
     f_inits = {t.name: t for t in folded.graph.initializer}
     o_inits = {t.name: t for t in original.graph.initializer}
     plans, skipped, chained = [], [], []
+    forward_bns = {e["node"] for e in _folded_entries(report) if e["direction"] == "forward"}
     merged = {}  # layer -> last plan (a chain Conv -> BN -> BN: the later BN's output is what the layer makes)
     for entry in _folded_entries(report):
         bn = o_nodes.get(entry["node"])
@@ -593,14 +633,14 @@ def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, repor
         backward = entry["direction"] == "backward"
         layer = next((n for n in layers if n.op_type in _LAYERS), None)
         if backward:
-            x, ys = originals[0].input[0], [bn.output[0]]
+            x, ys = _before_forward_folds(originals[0].input[0], original, forward_bns), [bn.output[0]]
         else:
             x, ys = bn.input[0], [n.output[0] for n in originals]
         dtype = o_inits[bn.input[1]].data_type if bn.input[1] in o_inits else 1
         for y in ys:
             if y not in f_produced:
                 # A chain (Conv -> BN -> BN): a later BN's fold into the same layer covers this one.
-                chained.append((entry["node"], layer.name if layer is not None and backward else None))
+                chained.append((entry["node"], layer.name if layer is not None else None))
                 continue
             terms = 1
             if layer is not None and len(layer.input) > 1:
@@ -627,9 +667,12 @@ def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, repor
                              entry["exact"] is not False, _UNIT_ROUNDOFF.get(dtype, 2.0**-23))
             plan.abs_out = f"qdqfold_cert_abs::{y}" if layer is not None else None
             plan.layer = layer  # type: ignore[attr-defined]
-            scale_shift = _bn_magnitudes(bn, o_inits) if backward else None
-            if scale_shift is not None:
+            scale_shift = _bn_magnitudes(bn, o_inits, folder)
+            if scale_shift is not None and backward:
                 plan.shift = scale_shift[1]
+            elif scale_shift is not None and np.all(scale_shift[0] > 0):
+                plan.forward_shift = scale_shift[1] / scale_shift[0]
+                scale_shift = None
             if backward and layer is not None:
                 previous = merged.get(layer.name)
                 if previous is not None and previous in plans:
@@ -642,13 +685,29 @@ def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, repor
     return plans, skipped
 
 
-def _bn_magnitudes(bn, inits) -> tuple | None:
+def _before_forward_folds(x: str, original, forward_bns: set[str]) -> str:
+    """The value to feed for activation ``x`` of the original so that it means the same in the folded model: a
+    BN folded forwards upstream of ``x`` (through shape-only ops) is gone there, so its input is fed instead."""
+    producers = {o: n for n in original.graph.node for o in n.output}
+    value = x
+    for _ in range(16):
+        node = producers.get(value)
+        if node is None:
+            return x
+        if node.op_type == "BatchNormalization":
+            return node.input[0] if node.name in forward_bns else x
+        if node.op_type not in ("Flatten", "Reshape", "Identity", "Transpose", "Squeeze", "Unsqueeze") or not node.input:
+            return x
+        value = node.input[0]
+    return x
+
+
+def _bn_magnitudes(bn, inits, folder: str | None) -> tuple | None:
     """(|a|, |a * mean| + |beta|) per channel of a BN with constant parameters (initializers)."""
     import numpy as np
-    from onnx import numpy_helper
 
     try:
-        g, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64).ravel() for n in bn.input[1:5])
+        g, beta, mean, var = (_array(inits[n], folder).astype(np.float64).ravel() for n in bn.input[1:5])
     except (KeyError, ValueError):
         return None
     eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
@@ -656,7 +715,46 @@ def _bn_magnitudes(bn, inits) -> tuple | None:
     return a, a * np.abs(mean) + np.abs(beta)
 
 
-def _certificate_model(folded: onnx.ModelProto, plans: list[_CertPlan], x_types: Mapping[str, int]) -> onnx.ModelProto | None:
+_SHAPE_OPS = ("Flatten", "Reshape", "Identity", "Transpose", "Squeeze", "Unsqueeze")
+
+
+def _forward_magnitude(graph, plan: _CertPlan, layer_input: str, out: str, x_info: Mapping[str, tuple]) -> list | None:
+    """For a BN folded forwards: the magnitudes the original's layer input was rounded at, |x| + (|a mean| +
+    |beta|) / |a| per channel of x (so that |W'| times it is |W| times |a x| + |a mean| + |beta|), carried to
+    the layer's input through the same shape-only ops. None when there is no such path."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    if plan.forward_shift is None or plan.x not in x_info:
+        return None
+    elem, rank = x_info[plan.x]
+    producers = {o: n for n in graph.node for o in n.output}
+    path, value = [], layer_input
+    while value != plan.x:
+        node = producers.get(value)
+        if node is None or node.op_type not in _SHAPE_OPS or len(path) > 8:
+            return None
+        path.append(node)
+        value = node.input[0]
+    tag = f"{out}::m"
+    const = numpy_helper.from_array(np.asarray(plan.forward_shift, helper.tensor_dtype_to_np_dtype(elem)), tag + "_c")
+    nodes = [helper.make_node("Constant", [], [tag + "_c0"], value=const),
+             helper.make_node("Abs", [plan.x], [tag + "_abs"])]
+    shape = numpy_helper.from_array(np.asarray([1, -1] + [1] * (rank - 2), np.int64), tag + "_s")
+    nodes += [helper.make_node("Constant", [], [tag + "_s0"], value=shape),
+              helper.make_node("Reshape", [tag + "_c0", tag + "_s0"], [tag + "_cr"]),
+              helper.make_node("Add", [tag + "_abs", tag + "_cr"], [tag + "_0"])]
+    current = tag + "_0"
+    for k, node in enumerate(reversed(path)):
+        clone = helper.make_node(node.op_type, [current] + list(node.input[1:]), [f"{tag}_{k + 1}"])
+        clone.attribute.extend(node.attribute)
+        nodes.append(clone)
+        current = clone.output[0]
+    nodes[-1].output[0] = out
+    return nodes
+
+
+def _certificate_model(folded: onnx.ModelProto, plans: list[_CertPlan], x_types: Mapping[str, tuple]) -> onnx.ModelProto | None:
     """The folded layers alone: each plan's x is a graph input, its y (and |W'| * |x|) an output."""
     import onnx
     from onnx import helper
@@ -672,7 +770,8 @@ def _certificate_model(folded: onnx.ModelProto, plans: list[_CertPlan], x_types:
         attrs = {a.name: helper.get_attribute_value(a) for a in layer.attribute if a.name not in ("beta",)}
         if "alpha" in attrs:
             attrs["alpha"] = abs(attrs["alpha"])
-        extra += [helper.make_node("Abs", [layer.input[0]], [ax]), helper.make_node("Abs", [layer.input[1]], [aw]),
+        extra += _forward_magnitude(graph, p, layer.input[0], ax, x_types) or [helper.make_node("Abs", [layer.input[0]], [ax])]
+        extra += [helper.make_node("Abs", [layer.input[1]], [aw]),
                   helper.make_node(layer.op_type, [ax, aw], [p.abs_out], **attrs)]
     targets = [p.y for p in plans] + [p.abs_out for p in plans if p.abs_out]
     base = onnx.GraphProto()
@@ -694,7 +793,7 @@ def _certificate_model(folded: onnx.ModelProto, plans: list[_CertPlan], x_types:
     g.input.extend(inputs)
     for x in sorted(stops):
         if x in needed:
-            g.input.append(helper.make_tensor_value_info(x, x_types.get(x, onnx.TensorProto.FLOAT), None))
+            g.input.append(helper.make_tensor_value_info(x, x_types.get(x, (onnx.TensorProto.FLOAT, 0))[0], None))
     del g.output[:]
     for t in dict.fromkeys(targets):
         g.output.append(helper.make_empty_tensor_value_info(t))
@@ -746,7 +845,9 @@ def _certify(plan: _CertPlan, expected: np.ndarray, actual: np.ndarray, magnitud
 # ---------------------------------------------------------------------------------------------- compare
 
 def _figures(expected: np.ndarray, actual: np.ndarray, step: float | None):
-    """(max_abs, max_rel, range, of_range, moved, snr_db, step) of one output on one input set."""
+    """(max_abs, max_rel, range, of_range, moved, snr_db, step, rounding) of one output on one input set;
+    rounding: a few units of the output type's own rounding at its largest magnitude, as a share of its range
+    (what a float16 output moves by when anything upstream is rounded differently)."""
     import numpy as np
 
     e = np.asarray(expected).astype(np.float64)
@@ -754,9 +855,9 @@ def _figures(expected: np.ndarray, actual: np.ndarray, step: float | None):
     if np.issubdtype(np.asarray(expected).dtype, np.integer):
         step = 1.0  # a quantized output counts in integer steps
     if e.shape != a.shape:
-        return math.inf, math.inf, 0.0, math.inf, None, -math.inf, step
+        return math.inf, math.inf, 0.0, math.inf, None, -math.inf, step, 0.0
     if e.size == 0:
-        return 0.0, 0.0, 0.0, 0.0, 0 if step else None, math.inf, step
+        return 0.0, 0.0, 0.0, 0.0, 0 if step else None, math.inf, step, 0.0
     diff = np.abs(a - e)
     diff[np.isnan(a) & np.isnan(e)] = 0.0  # NaN where the original has NaN is no difference
     diff[np.isnan(diff)] = np.inf
@@ -773,7 +874,11 @@ def _figures(expected: np.ndarray, actual: np.ndarray, step: float | None):
     snr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
     if not np.all(np.isfinite(diff)):
         snr = -math.inf
-    return max_abs, max_rel, span, of_range, moved, snr, step
+    kind = np.asarray(expected).dtype
+    unit = {np.dtype(np.float16): 2.0**-10, np.dtype(np.float32): 2.0**-23}.get(kind, 0.0)
+    peak = float(np.abs(finite).max()) if finite.size else 0.0
+    rounding = 4 * unit * peak / span if span > 0 else 0.0
+    return max_abs, max_rel, span, of_range, moved, snr, step, rounding
 
 
 def _median(values: list[float]) -> float:
@@ -783,12 +888,14 @@ def _median(values: list[float]) -> float:
 
 
 def _judge(name: str, level: str, folds: list[tuple], floors: list[tuple] | None, tolerance: float,
-           approximate: bool, floor_off: float | None = None) -> OutputCheck:
+           approximate: bool, floor_off: float | None = None, flip_step: float | None = None) -> OutputCheck:
     """One output at one level from its per-input-set figures (fold and floor). Within the floor: at most
-    ``FLOOR_MULTIPLE`` times the twin's median deviation (at this level, or with optimisations off, whichever is
-    larger), or one step of the finest quantizer feeding the output (a single flip: what rounding differently
-    does where onnxruntime runs a folded layer as an integer kernel and the original as float), or
-    ``tolerance``, as shares of the output's range."""
+    ``FLOOR_MULTIPLE`` times the twin's largest deviation over the input sets (at this level, or with
+    optimisations off, or onnxruntime's own drift of the original at this level, whichever is largest), or four
+    units of the output type's own rounding at its largest magnitude, or one step of the last quantizer before
+    the output (a single flip: what rounding differently does, e.g. a reported int32 bias rounding, or
+    onnxruntime running a folded layer as an integer kernel and the original as float), or ``tolerance``, as
+    shares of the output's range."""
     worst = max(folds, key=lambda f: f[3])
     of_range = _median([f[3] for f in folds])
     moved = None if worst[4] is None else max(f[4] for f in folds)
@@ -800,8 +907,10 @@ def _judge(name: str, level: str, folds: list[tuple], floors: list[tuple] | None
         floor_of_range = max(f[3] for f in floors)
         floor_moved = None if floors[0][4] is None else max(f[4] for f in floors)
         floor_snr = _median([f[5] for f in floors])
-    step_share = (worst[6] / worst[2]) if worst[6] and worst[2] > 0 else 0.0
-    limit = max(tolerance, FLOOR_MULTIPLE * max(floor_of_range or 0.0, floor_off or 0.0), step_share)
+    step = max(worst[6] or 0.0, flip_step or 0.0)
+    step_share = (step / worst[2]) if step and worst[2] > 0 else 0.0
+    rounding = max(f[7] for f in folds)
+    limit = max(tolerance, FLOOR_MULTIPLE * max(floor_of_range or 0.0, floor_off or 0.0), step_share, rounding)
     within = of_range <= limit and math.isfinite(worst[3])
     verdict = "exact" if within else "approximate" if approximate else "differs"
     max_abs, max_rel = max(f[0] for f in folds), max(f[1] for f in folds)
@@ -847,9 +956,10 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
     # the twin at every level, and the certificate model (off).
     plans, skipped = ([], [])
     if certificates and entries:
-        plans, skipped = _plan_certificates(proto, fold.proto(), report)
+        plans, skipped = _plan_certificates(proto, fold.proto(), report, base.folder)
     exposed_names = [p.x for p in plans] + [p.y for p in plans]
     sessions: dict[str, dict[str, Any]] = {}
+    twin_model = rounding_twin(proto, report, seed, base.folder) if twin and entries else None
     for lv in levels:
         level = _level(lv)
         s = {}
@@ -858,8 +968,8 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
         else:
             s["original"] = _session(base.source(), level, external_folder=base.folder)
         s["folded"] = _session(fold.source(), level, external_folder=fold.folder)
-        if twin and entries:
-            s["twin"] = _derived_session(rounding_twin(proto, report, seed), base, level)
+        if twin_model is not None:
+            s["twin"] = _derived_session(twin_model, base, level)
         sessions[lv] = s
     cert_session = None  # built on the first input set, once the exposed activations' types are known
 
@@ -883,8 +993,9 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
         else:
             feed_sets = load_inputs(given, first)  # type: ignore[arg-type]
             source_text = ", ".join(os.fspath(i) for i in given)  # type: ignore[arg-type]
-    steps = quantization_steps(proto) if proto is not None and any(
-        n.op_type == "QuantizeLinear" for n in proto.graph.node) else {}
+    quantized = proto is not None and any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
+    steps = quantization_steps(proto) if quantized else {}
+    flips = last_quantizer_steps(proto) if quantized else {}
 
     # Per level and output: figures of folded vs original, twin vs original, and (levels other than off) the
     # original at that level vs the original with optimisations off.
@@ -916,7 +1027,8 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
                 if cert_session is None:
                     from onnx import helper
 
-                    types = {p.x: helper.np_dtype_to_tensor_dtype(np.asarray(exposed[p.x]).dtype) for p in plans}
+                    types = {p.x: (helper.np_dtype_to_tensor_dtype(np.asarray(exposed[p.x]).dtype),
+                                   np.ndim(exposed[p.x])) for p in plans}
                     cert_model = _certificate_model(fold.proto(), plans, types)
                     if cert_model is None:
                         skipped += [p.node for p in plans]
@@ -943,7 +1055,7 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
             drift = [f[3] for f in per_level[lv][name][2]] if lv != "off" else []
             if drift:
                 floor_off = max(floor_off or 0.0, max(drift))
-            check = _judge(name, lv, folds, floors or None, tolerance, approximate, floor_off)
+            check = _judge(name, lv, folds, floors or None, tolerance, approximate, floor_off, flips.get(name))
             checks.append(check)
         level_checks[lv] = checks
     # Output shapes and element counts from the last run at the first level.
