@@ -507,32 +507,61 @@ def _next_ulp(values: np.ndarray, rng) -> np.ndarray:
 def rounding_twin(model: onnx.ModelProto, report: Any, seed: int = 0, folder: str | None = None) -> onnx.ModelProto:
     """A copy of ``model`` (external tensors stay references) where, for every BN a fold took: its gamma, beta,
     mean and variance, and the scale of the DequantizeLinear of the layer's weight and int32 bias, are nudged by
-    one ulp in private copies (a QuantizeLinear that shares a scale keeps reading the original, so its
+    one ulp in private copies (a QuantizeLinear that shares the scale keeps reading the original, so its
     integers do not change)."""
+    import onnx
+
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    edits, tensors = _twin_edits(twin, report, seed, folder)
+    for node, slot, name in edits:
+        node.input[slot] = name
+    twin.graph.initializer.extend(tensors)
+    return twin
+
+
+def _twin_bytes(model: onnx.ModelProto, report: Any, seed: int, folder: str | None) -> bytes:
+    """``rounding_twin(model, ...)`` serialised, without a second copy of the model's weights in memory: the
+    edits are made on ``model`` itself for the serialisation and undone."""
+    edits, tensors = _twin_edits(model, report, seed, folder)
+    before = [(node, slot, node.input[slot]) for node, slot, _ in edits]
+    count = len(model.graph.initializer)
+    try:
+        for node, slot, name in edits:
+            node.input[slot] = name
+        model.graph.initializer.extend(tensors)
+        return model.SerializeToString()
+    finally:
+        for node, slot, name in reversed(before):
+            node.input[slot] = name
+        del model.graph.initializer[count:]
+
+
+def _twin_edits(model: onnx.ModelProto, report: Any, seed: int, folder: str | None):
+    """The twin as edits: (node, input slot, new tensor name) and the new (nudged) tensors."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
-    twin = onnx.ModelProto()
-    twin.CopyFrom(model)
-    graph = twin.graph
+    graph = model.graph
     rng = np.random.default_rng(seed + 7919)
     inits = {t.name: t for t in graph.initializer}
     nodes = {n.name: n for n in graph.node if n.name}
     producers = {o: n for n in graph.node for o in n.output}
-    used: set[str] = set()
+    edits, tensors = [], []
+    done: set[tuple[int, int]] = set()
 
     def nudge(node: onnx.NodeProto, slot: int) -> None:
-        if slot >= len(node.input) or node.input[slot] not in inits:
+        if slot >= len(node.input) or node.input[slot] not in inits or (id(node), slot) in done:
             return
+        done.add((id(node), slot))
         tensor = inits[node.input[slot]]
         if tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
             return
         values = _array(tensor, folder)  # small (BN parameters, scales): the copy lives in the twin's proto
-        name = f"{tensor.name}__twin{len(used)}"
-        used.add(name)
-        graph.initializer.append(numpy_helper.from_array(_next_ulp(values, rng), name))
-        node.input[slot] = name
+        name = f"{tensor.name}__twin{len(tensors)}"
+        tensors.append(numpy_helper.from_array(_next_ulp(values, rng), name))
+        edits.append((node, slot, name))
 
     for entry in _folded_entries(report):
         bn = nodes.get(entry["node"])
@@ -548,7 +577,7 @@ def rounding_twin(model: onnx.ModelProto, report: Any, seed: int = 0, folder: st
                 dq = producers.get(layer.input[slot]) if slot < len(layer.input) else None
                 if dq is not None and dq.op_type == "DequantizeLinear":
                     nudge(dq, 1)
-    return twin
+    return edits, tensors
 
 
 def _array(tensor, folder: str | None):
@@ -780,39 +809,39 @@ def _certificate_model(folded: onnx.ModelProto, plans: list[_CertPlan], x_types:
     if nodes is None:
         return None
     needed = {i for n in nodes for i in n.input} | set(targets)
-    cert = onnx.ModelProto()
-    cert.CopyFrom(folded)
+    cert = onnx.ModelProto()  # not a copy of the folded model: only the folded layers' tensors
+    cert.ir_version = folded.ir_version
+    cert.opset_import.extend(folded.opset_import)
+    cert.functions.extend(folded.functions)
     g = cert.graph
-    del g.node[:]
+    g.name = "qdqfold_certificate"
     g.node.extend(nodes)
-    kept_inits = [t for t in graph.initializer if t.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(kept_inits)
-    inputs = [i for i in graph.input if i.name in needed and i.name not in stops]
-    del g.input[:]
-    g.input.extend(inputs)
+    g.initializer.extend(t for t in graph.initializer if t.name in needed)
+    g.input.extend(i for i in graph.input if i.name in needed and i.name not in stops)
     for x in sorted(stops):
         if x in needed:
             g.input.append(helper.make_tensor_value_info(x, x_types.get(x, (onnx.TensorProto.FLOAT, 0))[0], None))
     del g.output[:]
     for t in dict.fromkeys(targets):
         g.output.append(helper.make_empty_tensor_value_info(t))
-    del g.value_info[:]
     return cert
 
 
-def _exposed(original: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """``original`` with the given values also as graph outputs (after its own outputs)."""
-    import onnx
+def _exposed_bytes(original: onnx.ModelProto, names: Iterable[str]) -> bytes:
+    """``original`` serialised with the given values also as graph outputs (after its own outputs), without a
+    second copy of its weights in memory."""
     from onnx import helper
 
-    model = onnx.ModelProto()
-    model.CopyFrom(original)
-    have = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
-    for name in dict.fromkeys(names):
-        if name not in have:
-            model.graph.output.append(helper.make_empty_tensor_value_info(name))
-    return model
+    outputs = original.graph.output
+    count = len(outputs)
+    have = {o.name for o in outputs} | {i.name for i in original.graph.input}
+    try:
+        for name in dict.fromkeys(names):
+            if name not in have:
+                outputs.append(helper.make_empty_tensor_value_info(name))
+        return original.SerializeToString()
+    finally:
+        del outputs[count:]
 
 
 def _certify(plan: _CertPlan, expected: np.ndarray, actual: np.ndarray, magnitude: np.ndarray | None) -> FoldCertificate:
@@ -952,72 +981,76 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
     approximate = any(e["exact"] is False for e in entries)
     proto = base.proto() if (entries or inputs is None) else None
 
-    # Sessions, each built once: the original (off: with the certified activations exposed), the fold and
-    # the twin at every level, and the certificate model (off).
+    # One level at a time (the sessions of a level are dropped before the next level's are built, so at most
+    # four models are in memory at once): the original (off: with the certified activations exposed), the
+    # fold, the twin, and at level off the certificate model. Each is built once and runs every input set.
     plans, skipped = ([], [])
     if certificates and entries:
         plans, skipped = _plan_certificates(proto, fold.proto(), report, base.folder)
     exposed_names = [p.x for p in plans] + [p.y for p in plans]
-    sessions: dict[str, dict[str, Any]] = {}
-    twin_model = rounding_twin(proto, report, seed, base.folder) if twin and entries else None
+    steps = flips = {}
+    if proto is not None and any(n.op_type == "QuantizeLinear" for n in proto.graph.node):
+        steps, flips = quantization_steps(proto), last_quantizer_steps(proto)
+    feed_sets: list[dict[str, Any]] = []
+    sizes: dict[str, int] = {}
+    source_text = "random"
+    names: list[str] = []
+    shapes: list[list[int]] = []
+    # Per level and output: figures of folded vs original, twin vs original, and (levels other than off) the
+    # original at that level vs the original with optimisations off (kept per input set: the baseline).
+    per_level: dict[str, dict[str, tuple[list, list, list]]] = {}
+    baselines: list[list[Any]] = []
+    certs: dict[str, FoldCertificate] = {}
+    twin_bytes: bytes | None = None
     for lv in levels:
         level = _level(lv)
-        s = {}
+        s: dict[str, Any] = {}
         if lv == "off" and plans:
-            s["original"] = _derived_session(_exposed(proto, exposed_names), base, level)
+            s["original"] = _session(_exposed_bytes(proto, exposed_names), level, external_folder=base.folder)
         else:
             s["original"] = _session(base.source(), level, external_folder=base.folder)
         s["folded"] = _session(fold.source(), level, external_folder=fold.folder)
-        if twin_model is not None:
-            s["twin"] = _derived_session(twin_model, base, level)
-        sessions[lv] = s
-    cert_session = None  # built on the first input set, once the exposed activations' types are known
-
-    first = next(iter(sessions.values()))["original"]
-    names = [o.name for o in next(iter(sessions.values()))["folded"].get_outputs()]
-    if [o.name for o in first.get_outputs()][: len(names)] != names:
-        raise VerifyError("the folded model's outputs are not the original's")
-    sizes: dict[str, int] = {}
-    if inputs is None:
-        sizes = symbolic_sizes(first, dims, symbolic_size)
-        limits = _index_limits(proto)
-        feed_sets = [random_inputs(first, seed + k, symbolic_size, dims, limits) for k in range(max(input_sets, 1))]
-        source_text = "random"
-    else:
-        given = list(inputs)
-        if not given:
-            raise VerifyError("no input files given")
-        if all(isinstance(i, Mapping) for i in given):
-            feed_sets = [{k: np.asarray(v) for k, v in i.items()} for i in given]
-            source_text = "given"
-        else:
-            feed_sets = load_inputs(given, first)  # type: ignore[arg-type]
-            source_text = ", ".join(os.fspath(i) for i in given)  # type: ignore[arg-type]
-    quantized = proto is not None and any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
-    steps = quantization_steps(proto) if quantized else {}
-    flips = last_quantizer_steps(proto) if quantized else {}
-
-    # Per level and output: figures of folded vs original, twin vs original, and (levels other than off) the
-    # original at that level vs the original with optimisations off.
-    per_level: dict[str, dict[str, tuple[list, list, list]]] = {lv: {n: ([], [], []) for n in names} for lv in levels}
-    certs: dict[str, FoldCertificate] = {}
-    for feeds in feed_sets:
-        baseline = None
-        for lv in levels:
-            s = sessions[lv]
+        if twin and entries:
+            if twin_bytes is None:
+                twin_bytes = _twin_bytes(proto, report, seed, base.folder)  # serialised once for every level
+            s["twin"] = _session(twin_bytes, level, external_folder=base.folder)
+        if not names:
+            names = [o.name for o in s["folded"].get_outputs()]
+            if [o.name for o in s["original"].get_outputs()][: len(names)] != names:
+                raise VerifyError("the folded model's outputs are not the original's")
+            if inputs is None:
+                sizes = symbolic_sizes(s["original"], dims, symbolic_size)
+                limits = _index_limits(proto)
+                feed_sets = [random_inputs(s["original"], seed + k, symbolic_size, dims, limits)
+                             for k in range(max(input_sets, 1))]
+            else:
+                given = list(inputs)
+                if not given:
+                    raise VerifyError("no input files given")
+                if all(isinstance(i, Mapping) for i in given):
+                    feed_sets = [{k: np.asarray(v) for k, v in i.items()} for i in given]
+                    source_text = "given"
+                else:
+                    feed_sets = load_inputs(given, s["original"])  # type: ignore[arg-type]
+                    source_text = ", ".join(os.fspath(i) for i in given)  # type: ignore[arg-type]
+        per_level[lv] = {n: ([], [], []) for n in names}
+        cert_session = None  # built on the first input set, once the exposed activations' types are known
+        for index, feeds in enumerate(feed_sets):
             try:
                 out_original = s["original"].run(None, feeds)
                 out_folded = s["folded"].run(None, feeds)
                 out_twin = s["twin"].run(None, feeds) if "twin" in s else None
             except Exception as e:
                 raise VerifyError(f"onnxruntime cannot run the model: {str(e).strip().splitlines()[0]}") from e
-            if baseline is None:
-                baseline = out_original
+            if not shapes:
+                shapes = [list(np.shape(v)) for v in out_original[: len(names)]]
+            if lv == levels[0]:
+                baselines.append(out_original[: len(names)] if lv == "off" else [])
             for k, name in enumerate(names):
                 step = steps.get(name)
                 per_level[lv][name][0].append(_figures(out_original[k], out_folded[k], step))
-                if baseline is not out_original and levels[0] == "off":
-                    per_level[lv][name][2].append(_figures(baseline[k], out_original[k], step))
+                if lv != "off" and baselines[index]:
+                    per_level[lv][name][2].append(_figures(baselines[index][k], out_original[k], step))
                 if out_twin is not None:
                     per_level[lv][name][1].append(_figures(out_original[k], out_twin[k], step))
             if lv == "off" and plans:
@@ -1035,6 +1068,7 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
                         plans = []
                         continue
                     cert_session = _derived_session(cert_model, fold)
+                    del cert_model
                 cert_inputs = {i.name: exposed[i.name] if i.name in exposed else feeds[i.name]
                                for i in cert_session.get_inputs()}
                 cert_out = dict(zip([o.name for o in cert_session.get_outputs()], cert_session.run(None, cert_inputs)))
@@ -1043,6 +1077,8 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
                     key = f"{p.node}->{p.y}"
                     if key not in certs or c.ratio > certs[key].ratio:
                         certs[key] = c
+                del exposed, cert_out
+        del s, cert_session
     level_checks: dict[str, list[OutputCheck]] = {}
     for lv in levels:
         checks = []
@@ -1058,11 +1094,9 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
             check = _judge(name, lv, folds, floors or None, tolerance, approximate, floor_off, flips.get(name))
             checks.append(check)
         level_checks[lv] = checks
-    # Output shapes and element counts from the last run at the first level.
-    last = sessions[levels[0]]["original"].run(None, feed_sets[0])[: len(names)]
     for checks in level_checks.values():
-        for check, value in zip(checks, last):
-            check.shape, check.elements = list(np.shape(value)), int(np.size(value))
+        for check, shape in zip(checks, shapes):
+            check.shape, check.elements = shape, int(np.prod(shape)) if shape else 1
     result = VerifyResult(level_checks[levels[0]], tolerance, seed,
                           {k: list(v.shape) for k, v in feed_sets[0].items()},
                           levels=level_checks, certificates=list(certs.values()), uncertified=sorted(set(skipped)),
