@@ -240,7 +240,7 @@ def test_verify_prints_figures_and_unit_counts(tmp_path):
     assert re.search(r"^\s+output\s+off\s+\S+\s+\S+\s+0/16384\s+0\s+\S+\s+\S+\s+exact\s*$", result.stdout, re.M)
     assert re.search(r"^\s+output\s+default\s+\S+\s+\S+\s+0/16384\s+0\s+\S+\s+\S+\s+exact\s*$", result.stdout, re.M)
     assert "verdict: EXACT" in result.stdout and "certificates: 1 folds" in result.stdout
-    assert "quantized node units (ORT_ENABLE_EXTENDED): before" in result.stdout
+    assert "quantized node units (ORT_ENABLE_ALL): before" in result.stdout  # counted at the default level verified
 
 
 _PERTURBING_DRIVER = """

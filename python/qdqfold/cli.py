@@ -280,7 +280,7 @@ def _verify_lines(v: VerifyResult, style: Style) -> list[str]:
         lines.append(style.dim(f"  not certified (not isolable): {', '.join(v.uncertified)}"))
     before, after = sum(v.quantized_units_before.values()), sum(v.quantized_units_after.values())
     detail = ", ".join(f"{op} {n}" for op, n in v.quantized_units_after.items())
-    text = f"  onnxruntime quantized node units (ORT_ENABLE_EXTENDED): before {before}, after {after}"
+    text = f"  onnxruntime quantized node units ({v.units_level or 'ORT_ENABLE_EXTENDED'}): before {before}, after {after}"
     text += f" ({detail})" if detail else ""
     lines.append(text if after >= before else style.bad(text))
     return lines

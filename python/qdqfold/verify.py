@@ -135,6 +135,7 @@ class VerifyResult:
     input_source: str = "random"  # "random" or the files given
     symbolic_dims: dict[str, int] = field(default_factory=dict)
     floor_multiple: float = FLOOR_MULTIPLE
+    units_level: str | None = None  # the onnxruntime level the quantized units were counted at
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -224,11 +225,17 @@ class _Model:
         return os.path.dirname(os.path.abspath(self.path)) if self.path else None
 
     def proto(self) -> onnx.ModelProto:
+        """The ModelProto; for a file, its large embedded tensors are turned into external references to their
+        own bytes in that file, so models derived from it (the twin, the exposed original, the certificate
+        model) serialise without their weights and onnxruntime reads those from the file."""
         import onnx
 
         if self._proto is None:
-            self._proto = (onnx.load(self.path, load_external_data=False) if self.path
-                           else onnx.load_from_string(self.data))
+            if self.path:
+                self._proto = onnx.load(self.path, load_external_data=False)
+                _refer_to_file(self._proto, self.path)
+            else:
+                self._proto = onnx.load_from_string(self.data)
         return self._proto
 
     def source(self) -> str | bytes:
@@ -237,6 +244,55 @@ class _Model:
         if self.data is None:
             self.data = self._proto.SerializeToString()
         return self.data
+
+
+#: Embedded tensors at least this large are referred to in place by derived models (see _Model.proto).
+_IN_PLACE_BYTES = 1 << 16
+
+
+def _refer_to_file(model: onnx.ModelProto, path: str) -> None:
+    """Main-graph initializers of ``model`` whose raw data is embedded in the file ``path`` (and at least
+    ``_IN_PLACE_BYTES`` long) become external data at their own offset in that file."""
+    import mmap
+
+    from onnx import TensorProto
+
+    from .graphinfo import WireFormatError, _fields
+
+    spans: dict[str, tuple[int, int]] = {}
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            buf = memoryview(mapped)
+            try:
+                for number, wire, graph in _fields(buf):
+                    if number != 7 or wire != 2:  # ModelProto.graph
+                        continue
+                    for g_number, g_wire, tensor in _fields(buf, *graph):
+                        if g_number != 5 or g_wire != 2:  # GraphProto.initializer
+                            continue
+                        name, raw = None, None
+                        for t_number, t_wire, value in _fields(buf, *tensor):
+                            if t_number == 8 and t_wire == 2:
+                                name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+                            elif t_number == 9 and t_wire == 2:
+                                raw = value
+                        if name is not None and raw is not None and raw[1] - raw[0] >= _IN_PLACE_BYTES:
+                            spans[name] = raw
+            finally:
+                buf.release()
+    except (OSError, ValueError, WireFormatError):
+        return
+    location = os.path.basename(path)
+    for tensor in model.graph.initializer:
+        span = spans.get(tensor.name)
+        if span is None or tensor.data_location == TensorProto.EXTERNAL or len(tensor.raw_data) != span[1] - span[0]:
+            continue
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(span[0])), ("length", str(span[1] - span[0]))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+
 
 
 def _level(name: str):
@@ -483,13 +539,25 @@ def quantized_units(model: ModelLike | _Model) -> dict[str, int]:
     """onnxruntime's quantized node units, by op type, in the model it builds at ORT_ENABLE_EXTENDED."""
     import onnxruntime as ort
 
-    from .graphinfo import read_model_info
-
     m = model if isinstance(model, _Model) else _Model(model)
     with tempfile.TemporaryDirectory(prefix="qdqfold-verify-") as tmp:
         path = os.path.join(tmp, "optimized.onnx")
-        _session(m.source(), ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, path)
-        counts = read_model_info(Path(path).read_bytes()).op_counts()
+        _session(m.source(), ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, path, external_folder=m.folder)
+        return _units_in(path)
+
+
+def _units_in(path: str) -> dict[str, int]:
+    """The quantized node units, by op type, in the (optimized) model file ``path``."""
+    import mmap
+
+    from .graphinfo import read_model_info
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        view = memoryview(mapped)
+        try:
+            counts = read_model_info(view).op_counts()
+        finally:
+            view.release()
     return dict(sorted((op.rsplit(".", 1)[-1], n) for op, n in counts.items() if is_quantized_unit(op.rsplit(".", 1)[-1])))
 
 
@@ -1002,14 +1070,26 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
     baselines: list[list[Any]] = []
     certs: dict[str, FoldCertificate] = {}
     twin_bytes: bytes | None = None
+    # onnxruntime's quantized units are counted in the model it builds at the default level (or extended)
+    # when verify runs that level anyway, else in sessions of their own at ORT_ENABLE_EXTENDED.
+    units_level = next((lv for lv in ("default", "all", "extended") if lv in levels), None) if count_units else None
+    units: tuple[dict, dict] | None = None
+    tmpdir = tempfile.TemporaryDirectory(prefix="qdqfold-verify-")
+    tmp = tmpdir.name
     for lv in levels:
         level = _level(lv)
         s: dict[str, Any] = {}
         if lv == "off" and plans:
             s["original"] = _session(_exposed_bytes(proto, exposed_names), level, external_folder=base.folder)
         else:
-            s["original"] = _session(base.source(), level, external_folder=base.folder)
-        s["folded"] = _session(fold.source(), level, external_folder=fold.folder)
+            s["original"] = _session(base.source(), level, external_folder=base.folder,
+                                     optimized_path=os.path.join(tmp, "original.onnx") if lv == units_level else None)
+        s["folded"] = _session(fold.source(), level, external_folder=fold.folder,
+                               optimized_path=os.path.join(tmp, "folded.onnx") if lv == units_level else None)
+        if lv == units_level:  # the units come from the sessions verify runs anyway
+            units = (_units_in(os.path.join(tmp, "original.onnx")), _units_in(os.path.join(tmp, "folded.onnx")))
+            for name in ("original.onnx", "folded.onnx"):
+                os.unlink(os.path.join(tmp, name))
         if twin and entries:
             if twin_bytes is None:
                 twin_bytes = _twin_bytes(proto, report, seed, base.folder)  # serialised once for every level
@@ -1101,7 +1181,11 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
                           {k: list(v.shape) for k, v in feed_sets[0].items()},
                           levels=level_checks, certificates=list(certs.values()), uncertified=sorted(set(skipped)),
                           input_sets=len(feed_sets), input_source=source_text, symbolic_dims=sizes)
+    tmpdir.cleanup()
     if count_units:
-        result.quantized_units_before = quantized_units(base)
-        result.quantized_units_after = quantized_units(fold)
+        if units is None:
+            units = (quantized_units(base), quantized_units(fold))
+            units_level = "extended"
+        result.quantized_units_before, result.quantized_units_after = units
+        result.units_level = LEVELS[units_level]
     return result
