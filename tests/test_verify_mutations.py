@@ -151,6 +151,44 @@ def mobilenet_v2_qdq() -> bytes:
     return model.SerializeToString()
 
 
+@lru_cache(maxsize=1)
+def mobilenet_v2_int8() -> bytes:
+    """The same network in onnxruntime's quantizer's int8 layout: int8 weights -> DequantizeLinear (the QAT
+    form's QuantizeLinear applied ahead of time), activation quantizers as before."""
+    model = onnx.load_from_string(mobilenet_v2_qdq())
+    inits = {t.name: t for t in model.graph.initializer}
+    keep = []
+    rewired = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in inits:
+            w = numpy_helper.to_array(inits[node.input[0]])
+            scale = numpy_helper.to_array(inits[node.input[1]])
+            shape = [-1] + [1] * (w.ndim - 1)
+            q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+            name = node.input[0] + "_int8"
+            model.graph.initializer.append(numpy_helper.from_array(q, name))
+            rewired[node.output[0]] = name
+            continue
+        keep.append(node)
+    for node in keep:
+        node.input[:] = [rewired.get(i, i) for i in node.input]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    used = {i for n in model.graph.node for i in n.input}
+    kept_inits = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept_inits)
+    return model.SerializeToString()
+
+
+def _network(name):
+    if name == "mbv2":
+        return mobilenet_v2_qdq()
+    if name == "mbv2-int8":
+        return mobilenet_v2_int8()
+    return _sample(name).read_bytes()
+
+
 # ------------------------------------------------------------------------------------------ mutations
 
 def _init(model, name):
@@ -231,9 +269,9 @@ def _sample(name):
     return path if path.exists() else SHARED / name
 
 
-@pytest.mark.parametrize("name", QDQ_SAMPLES + ["mbv2"])
+@pytest.mark.parametrize("name", QDQ_SAMPLES + ["mbv2", "mbv2-int8"])
 def test_correct_folds_verify_exact(name):
-    data = mobilenet_v2_qdq() if name == "mbv2" else _sample(name).read_bytes()
+    data = _network(name)
     folded, report = qdqfold_native.fold_with_report(data)
     assert any(e["folded"] for e in report["batchnorms"])
     result = verify(data, folded, report=report, count_units=False)
@@ -243,9 +281,9 @@ def test_correct_folds_verify_exact(name):
 
 
 @pytest.mark.parametrize("kind", ["scale", "bias", "bias-sign", "unmirrored"])
-@pytest.mark.parametrize("name", QDQ_SAMPLES + ["mbv2"])
+@pytest.mark.parametrize("name", QDQ_SAMPLES + ["mbv2", "mbv2-int8"])
 def test_wrong_folds_verify_differs(name, kind):
-    data = mobilenet_v2_qdq() if name == "mbv2" else _sample(name).read_bytes()
+    data = _network(name)
     folded, report = qdqfold_native.fold_with_report(data)
     wrong = mutate(folded, report, kind, which=len([e for e in report["batchnorms"] if e["folded"]]) // 2)
     result = verify(data, wrong, report=report, count_units=False, levels=("off",))
