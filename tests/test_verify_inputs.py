@@ -141,3 +141,19 @@ def test_cli_unknown_dim_is_reported(tmp_path):
     result = subprocess.run([sys.executable, "-m", "qdqfold", str(path), "-n", "--verify", "--dim", "Q=3"],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode != 0 and "no symbolic dimension 'Q'" in result.stderr
+
+
+def test_cli_several_input_files_and_one_level(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in sys.path if p)}
+    rng = np.random.default_rng(1)
+    files = []
+    for k in range(2):
+        files.append(tmp_path / f"in{k}.npy")
+        np.save(files[-1], rng.standard_normal((1, 16, 32, 32)).astype(np.float32))
+    result = subprocess.run([sys.executable, "-m", "qdqfold", "--inputs", str(files[0]), "--inputs", str(files[1]),
+                             "--ort-level", "default", str(SEED_FLOAT), "-n", "--verify", "--json"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)["verify"]
+    assert data["input_sets"] == 2 and list(data["levels"]) == ["default"] and data["verdict"] == "exact"
+    assert [c["node"] for c in data["certificates"]] == ["/bn1/BatchNormalization"]  # run with optimisations off

@@ -115,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--symbolic-size", type=_positive_int, default=None, metavar="N",
                        help="size of every other symbolic dimension (default: 1 for the leading (batch) one, "
                             "32 for the others)")
-    check.add_argument("--inputs", dest="input_files", action="append", default=[], nargs="+", metavar="FILE",
+    check.add_argument("--inputs", dest="input_files", action="append", default=[], metavar="FILE",
                        help="verify on these inputs instead of random ones: .npz keyed by input name, or .npy for a "
-                            "single input; one input set per file (repeatable)")
+                            "single input; one input set per file (repeat the option for several)")
     check.add_argument("--ort-level", choices=("both", "off", "default", "basic", "extended"), default="both",
                        help="onnxruntime graph optimisations to verify at: off, its default level (ORT_ENABLE_ALL), "
                             "basic, extended, or both off and default (the default)")
@@ -313,7 +313,7 @@ def _verification(args: argparse.Namespace) -> VerifySettings | None:
     if not args.verify:
         return None
     levels = ("off", "default") if args.ort_level == "both" else (args.ort_level,)
-    files = [f for group in args.input_files for f in group]
+    files = list(args.input_files)
     return VerifySettings(args.tolerance, args.seed, args.symbolic_size, dict(args.dim), files, levels)
 
 
