@@ -301,3 +301,26 @@ def test_mbv2_end_to_end_hides_a_one_percent_bias_error_but_the_certificate_does
     [out] = result.outputs
     assert out.verdict == "exact"  # end to end: within the floor
     assert result.verdict == "differs" and not result.worst_fold.passed
+
+
+def test_an_approximate_fold_verifies_approximate_not_differs():
+    data = _sample("ortq_seed_prebn_pc.onnx").read_bytes()
+    folded, report = qdqfold_native.fold_with_report(data, drop_activation_quantizers=True)
+    assert any(e["folded"] and e["exact"] is False for e in report["batchnorms"])
+    result = verify(data, folded, report=report, count_units=False)
+    assert result.verdict == "approximate" and result.passed
+    assert any(not c.exact_fold for c in result.certificates)
+
+
+def test_an_embedded_model_file_is_verified_by_path_its_weights_referred_to_in_place(tmp_path):
+    import importlib
+
+    v = importlib.import_module("qdqfold.verify")
+    src, dst = tmp_path / "mbv2.onnx", tmp_path / "mbv2.folded.onnx"
+    src.write_bytes(mobilenet_v2_qdq())
+    report = qdqfold_native.fold_file(str(src), str(dst))
+    proto = v._Model(src).proto()
+    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and all(e.value == "mbv2.onnx" for t in external for e in t.external_data if e.key == "location")
+    result = verify(src, dst, report=report, count_units=False)
+    assert result.verdict == "exact" and len(result.certificates) == 52
