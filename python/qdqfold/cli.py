@@ -102,13 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="colour the output: auto (default) colours a terminal unless NO_COLOR is set")
     show.add_argument("--no-progress", action="store_true", help="no progress bar with several models")
     show.add_argument("--debug", action="store_true", help="show a traceback on errors")
-    check = parser.add_argument_group("verification (onnxruntime, graph optimisations off)")
+    check = parser.add_argument_group("verification (onnxruntime, optimisations off and at its default level)")
     check.add_argument("--verify", action="store_true",
-                       help="run the original and the folded model on the same seeded random inputs and compare "
-                            "every output; count onnxruntime's quantized node units before and after")
+                       help="check each fold on the original's activations against a float-rounding bound, and "
+                            "every output against a rounding twin of the original (BN and weight scales one ulp "
+                            "off, not folded), on the same inputs; verdict exact / approximate / differs (exit "
+                            "status 3); count onnxruntime's quantized node units before and after")
     check.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="T",
-                       help="largest difference allowed, as a share of each output's range (default %(default)g); "
-                            "over it, exit status 3")
+                       help="difference always allowed, as a share of each output's range, where the rounding "
+                            "floor is smaller (float models; default %(default)g)")
     check.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     check.add_argument("--dim", type=_dim, action="append", default=[], metavar="NAME=N",
                        help="size of the symbolic dimension NAME in the random inputs (repeatable)")
