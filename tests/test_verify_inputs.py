@@ -157,3 +157,4 @@ def test_cli_several_input_files_and_one_level(tmp_path):
     data = json.loads(result.stdout)["verify"]
     assert data["input_sets"] == 2 and list(data["levels"]) == ["default"] and data["verdict"] == "exact"
     assert [c["node"] for c in data["certificates"]] == ["/bn1/BatchNormalization"]  # run with optimisations off
+

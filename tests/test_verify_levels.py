@@ -29,12 +29,14 @@ def _float16_bias_variant(folded: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_float16_qdq_fold_verifies_exact_at_both_levels(bias):
+def test_float16_qdq_fold_verifies_exact_at_every_level(bias):
     data = modelopt_f16_layer(bias).SerializeToString()
     folded, report = qdqfold_native.fold_with_report(data)
     result = verify(data, folded, report=report, count_units=False)
     assert result.verdict == "exact", result.failure_message()
     assert set(result.levels) == {"off", "default"}
+    every = verify(data, folded, report=report, count_units=False, levels=("off", "basic", "extended", "default"))
+    assert every.verdict == "exact" and list(every.levels) == ["off", "basic", "extended", "default"]
     assert result.certificates and result.certificates[0].passed
 
 

@@ -300,6 +300,12 @@ def _refer_to_file(model: onnx.ModelProto, path: str) -> None:
 
 
 
+def _run(session, feeds: Mapping[str, Any]) -> list:
+    """Runs ``session`` on the feeds it takes (a fold may drop a graph input that only named a BN parameter)."""
+    wanted = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+
+
 def _level(name: str):
     import onnxruntime as ort
 
@@ -1124,9 +1130,9 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
         cert_session = None  # built on the first input set, once the exposed activations' types are known
         for index, feeds in enumerate(feed_sets):
             try:
-                out_original = s["original"].run(None, feeds)
-                out_folded = s["folded"].run(None, feeds)
-                out_twin = s["twin"].run(None, feeds) if "twin" in s else None
+                out_original = _run(s["original"], feeds)
+                out_folded = _run(s["folded"], feeds)
+                out_twin = _run(s["twin"], feeds) if "twin" in s else None
             except Exception as e:
                 raise VerifyError(f"onnxruntime cannot run the model: {str(e).strip().splitlines()[0]}") from e
             if not shapes:
@@ -1142,7 +1148,7 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
                     per_level[lv][name][1].append(_figures(out_original[k], out_twin[k], step))
             if lv == levels[0] and plans:  # the certificates: optimisations off, whatever levels are verified
                 exposing = s.get("exposing", s["original"])
-                out_exposing = out_original if exposing is s["original"] else exposing.run(None, feeds)
+                out_exposing = out_original if exposing is s["original"] else _run(exposing, feeds)
                 exposed = dict(zip([o.name for o in exposing.get_outputs()], out_exposing))
                 for name in set(feeds) & set(exposed_names):
                     exposed[name] = feeds[name]
