@@ -257,6 +257,8 @@ def _verify_lines(v: VerifyResult, style: Style) -> list[str]:
     dims = ", ".join(f"{k}={n}" for k, n in v.symbolic_dims.items())
     source = f"{v.input_sets} random input sets, seeds {v.seed}.." if v.input_source == "random" else \
         f"inputs {v.input_source}"
+    extra = sum(v.extra_input_sets.values())
+    source += f" (+{extra} to decide)" if extra else ""
     lines = [style.bold("verification") + style.dim(f" (onnxruntime, levels {', '.join(v.levels)}; {source}; {shapes}"
                                                     + (f"; symbolic {dims}" if dims else "") + ")")]
     verdict = {"exact": style.good, "approximate": style.warn, "differs": style.bad}[v.verdict](v.verdict.upper())
