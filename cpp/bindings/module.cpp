@@ -118,7 +118,8 @@ py::dict report_to_dict(const qdqfold::Report& report) {
     d["into_op"] = r.into_op.empty() ? py::object(py::none()) : py::object(py::str(r.into_op));
     d["code"] = r.code;
     d["message"] = r.message;
-    d["exact"] = r.exact;
+    // true (within float rounding), "bias-rounded" (plus a reported int32 bias rounding), or false.
+    d["exact"] = r.exact && r.bias_rounded ? py::object(py::str("bias-rounded")) : py::object(py::bool_(r.exact));
     d["new_tensors"] = r.new_tensors;
     py::dict metrics;
     for (const auto& [k, v] : r.metrics) metrics[py::str(k)] = v;

@@ -31,6 +31,7 @@ void finish(Pending& p, bool no_rules) {
   r.code = std::move(chosen.code);
   r.message = std::move(chosen.message);
   r.exact = chosen.exact;
+  r.bias_rounded = chosen.bias_rounded;
   r.new_tensors = std::move(chosen.new_tensors);
   r.metrics = std::move(chosen.metrics);
 }
@@ -43,6 +44,7 @@ void finish(Pending& p, bool no_rules) {
 Report run_folds(graph::Model& model, const Options& options) {
   const auto& rules = folds::fold_rules();
   std::vector<Pending> pending;
+  folds::BiasErrors bias_errors;
   for (graph::Graph* g : model.all_graphs())
     for (size_t i = 0; i < g->nodes.size(); ++i)
       if (!g->nodes[i].removed && !g->nodes[i].created && g->nodes[i].is("BatchNormalization")) {
@@ -56,7 +58,7 @@ Report run_folds(graph::Model& model, const Options& options) {
     if ((backward && !options.fold_backward) || (!backward && !options.fold_forward)) continue;
     for (Pending& p : pending) {
       if (p.chosen.verdict == folds::Verdict::Folded) continue;
-      folds::FoldContext ctx{model, *p.graph, options};
+      folds::FoldContext ctx{model, *p.graph, options, &bias_errors};
       for (const auto& rule : rules) {
         if (std::string_view(rule.direction) != pass) continue;
         folds::Outcome o = rule.apply(ctx, p.node);

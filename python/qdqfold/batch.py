@@ -27,7 +27,7 @@ from qdqfold_native import FoldError
 from .api import fold_bytes, load_model_bytes, with_inferred_shapes, write_atomically
 from .graphinfo import ModelInfo, WireFormatError, read_model_info
 from .report import FoldReport
-from .verify import DEFAULT_TOLERANCE, VerifyError, VerifyResult, verify  # numpy, onnx: imported on use
+from .verify import DEFAULT_LEVELS, DEFAULT_TOLERANCE, VerifyError, VerifyResult, verify  # numpy, onnx: on use
 
 MODEL_SUFFIX = ".onnx"
 
@@ -42,8 +42,10 @@ class VerifySettings:
 
     tolerance: float = DEFAULT_TOLERANCE
     seed: int = 0
-    symbolic_size: int = 1
+    symbolic_size: int | None = None  # None: batch 1, other symbolic dimensions 32
     dims: dict[str, int] = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=list)  # .npz / .npy files, one input set each (else random sets)
+    levels: tuple[str, ...] = DEFAULT_LEVELS  # onnxruntime optimisation levels to run
 
 
 @dataclass
@@ -268,7 +270,9 @@ def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, opti
             try:
                 result.verification = verify(original if original is not None else src, target,
                                              tolerance=verification.tolerance, seed=verification.seed,
-                                             symbolic_size=verification.symbolic_size, dims=verification.dims)
+                                             symbolic_size=verification.symbolic_size, dims=verification.dims,
+                                             report=report, inputs=verification.inputs or None,
+                                             levels=verification.levels)
             except VerifyError as e:
                 raise ModelError(f"{src}: cannot verify: {e}") from e
     result.seconds = time.perf_counter() - start
@@ -311,7 +315,9 @@ def fold_bytes_result(data: bytes, label: str, dst: str | os.PathLike | None, op
     if verification is not None:
         try:
             result.verification = verify(data, folded, tolerance=verification.tolerance, seed=verification.seed,
-                                         symbolic_size=verification.symbolic_size, dims=verification.dims)
+                                         symbolic_size=verification.symbolic_size, dims=verification.dims,
+                                         report=report, inputs=verification.inputs or None,
+                                         levels=verification.levels)
         except VerifyError as e:
             raise ModelError(f"{label}: cannot verify: {e}") from e
     result.seconds = time.perf_counter() - start

@@ -27,7 +27,7 @@ from .verify import DEFAULT_TOLERANCE, VerifyResult
 EXIT_OK = 0
 EXIT_FAILED = 1  # bad input, a path that cannot be read or written; in batch mode: any model failed
 EXIT_USAGE = 2  # bad arguments (argparse's own code too)
-EXIT_MISMATCH = 3  # --verify: an output differs by more than --tolerance
+EXIT_MISMATCH = 3  # --verify: the verdict is "differs"
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 EXIT_STATUS_HELP = """exit status:
@@ -36,7 +36,7 @@ EXIT_STATUS_HELP = """exit status:
      external data) or a path that cannot be read or written; with several models: any model failed
   2  bad arguments (including an unknown --explain node, or an output that would overwrite its input
      without --in-place)
-  3  --verify: an output of the folded model differs from the original's by more than --tolerance
+  3  --verify: the verdict is "differs" (a fold over its rounding bound, or an output beyond the rounding floor)
   130  interrupted (Ctrl-C): nothing partial is left; with several models, the failures list what was not done"""
 
 # Flags for the fold options of qdqfold_native.options(): a flag turns the default around. An option the
@@ -156,18 +156,27 @@ def build_parser() -> argparse.ArgumentParser:
                       help="colour the output: auto (default) colours a terminal unless NO_COLOR is set")
     show.add_argument("--no-progress", action="store_true", help="no progress bar with several models")
     show.add_argument("--debug", action="store_true", help="show a traceback on errors")
-    check = parser.add_argument_group("verification (onnxruntime, graph optimisations off)")
+    check = parser.add_argument_group("verification (onnxruntime, optimisations off and at its default level)")
     check.add_argument("--verify", action="store_true",
-                       help="run the original and the folded model on the same seeded random inputs and compare "
-                            "every output; count onnxruntime's quantized node units before and after")
+                       help="check each fold on the original's activations against a float-rounding bound, and "
+                            "every output against a rounding twin of the original (BN and weight scales one ulp "
+                            "off, not folded), on the same inputs; verdict exact / approximate / differs (exit "
+                            "status 3); count onnxruntime's quantized node units before and after")
     check.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="T",
-                       help="largest difference allowed, as a share of each output's range (default %(default)g); "
-                            "over it, exit status 3")
+                       help="difference always allowed, as a share of each output's range, where the rounding "
+                            "floor is smaller (float models; default %(default)g)")
     check.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     check.add_argument("--dim", type=_dim, action="append", default=[], metavar="NAME=N",
                        help="size of the symbolic dimension NAME in the random inputs (repeatable)")
-    check.add_argument("--symbolic-size", type=_positive_int, default=1, metavar="N",
-                       help="size of every other symbolic dimension (default 1)")
+    check.add_argument("--symbolic-size", type=_positive_int, default=None, metavar="N",
+                       help="size of every other symbolic dimension (default: 1 for the leading (batch) one, "
+                            "32 for the others)")
+    check.add_argument("--inputs", dest="input_files", action="append", default=[], metavar="FILE",
+                       help="verify on these inputs instead of random ones: .npz keyed by input name, or .npy for a "
+                            "single input; one input set per file (repeat the option for several)")
+    check.add_argument("--ort-level", choices=("both", "off", "default", "basic", "extended"), default="both",
+                       help="onnxruntime graph optimisations to verify at: off, its default level (ORT_ENABLE_ALL), "
+                            "basic, extended, or both off and default (the default)")
     many = parser.add_argument_group("several models")
     many.add_argument("-j", "--jobs", type=_positive_int, default=1, metavar="N",
                       help="fold N models at a time (threads; default 1)")
@@ -303,17 +312,37 @@ def _fmt(x: float | None) -> str:
 
 def _verify_lines(v: VerifyResult, style: Style) -> list[str]:
     shapes = ", ".join(f"{k} {v2}" for k, v2 in v.input_shapes.items())
-    lines = [style.bold("verification") + style.dim(f" (onnxruntime, optimisations off, seed {v.seed}; {shapes})")]
+    dims = ", ".join(f"{k}={n}" for k, n in v.symbolic_dims.items())
+    source = f"{v.input_sets} random input sets, seeds {v.seed}.." if v.input_source == "random" else \
+        f"inputs {v.input_source}"
+    extra = sum(v.extra_input_sets.values())
+    source += f" (+{extra} to decide)" if extra else ""
+    lines = [style.bold("verification") + style.dim(f" (onnxruntime, levels {', '.join(v.levels)}; {source}; {shapes}"
+                                                    + (f"; symbolic {dims}" if dims else "") + ")")]
+    verdict = {"exact": style.good, "approximate": style.warn, "differs": style.bad}[v.verdict](v.verdict.upper())
+    lines.append(f"  verdict: {verdict}" + (" (only with onnxruntime's optimisations on)"
+                                            if v.only_with_optimisations() else ""))
     rows = []
-    for o in v.outputs:
-        moved = "-" if o.moved is None else f"{o.moved}/{o.elements} (step {o.step:.3g})"
-        status = style.good("ok") if o.passed else style.bad("FAIL")
-        rows.append([o.name, _fmt(o.max_abs), _fmt(o.max_rel), _fmt(o.of_range), moved, status])
-    lines += _table(rows, ["output", "max abs", "max rel", "of range", "moved >= 1/2 step", f"tol {v.tolerance:g}"],
-                    style, "lrrrrl")
+    for level, outputs in v.levels.items():
+        for o in outputs:
+            moved = "-" if o.moved is None else f"{o.moved}/{o.elements}"
+            floor_moved = "-" if o.floor_moved is None else f"{o.floor_moved}"
+            status = {"exact": style.good, "approximate": style.warn, "differs": style.bad}[o.verdict](o.verdict)
+            rows.append([o.name, level, _fmt(o.of_range), _fmt(o.floor_of_range), moved, floor_moved,
+                         _fmt(o.snr_db), _fmt(o.floor_snr_db), status])
+    lines += _table(rows, ["output", "level", "fold/range", "floor/range", "moved", "floor moved", "SNR dB",
+                           "floor SNR", "verdict"], style, "llrrrrrrl")
+    worst = v.worst_fold
+    if worst is not None:
+        text = (f"  certificates: {len(v.certificates)} folds checked on the original's activations; worst "
+                f"{worst.node}: {worst.ratio:.3g} of its rounding bound (max abs {worst.max_abs:.3g}"
+                + (f", channel {worst.channel}" if worst.channel is not None else "") + ")")
+        lines.append(text if worst.passed else style.bad(text))
+    if v.uncertified:
+        lines.append(style.dim(f"  not certified (not isolable): {', '.join(v.uncertified)}"))
     before, after = sum(v.quantized_units_before.values()), sum(v.quantized_units_after.values())
     detail = ", ".join(f"{op} {n}" for op, n in v.quantized_units_after.items())
-    text = f"  onnxruntime quantized node units (ORT_ENABLE_EXTENDED): before {before}, after {after}"
+    text = f"  onnxruntime quantized node units ({v.units_level or 'ORT_ENABLE_EXTENDED'}): before {before}, after {after}"
     text += f" ({detail})" if detail else ""
     lines.append(text if after >= before else style.bad(text))
     return lines
@@ -364,7 +393,9 @@ def _storage(args: argparse.Namespace) -> dict[str, object]:
 def _verification(args: argparse.Namespace) -> VerifySettings | None:
     if not args.verify:
         return None
-    return VerifySettings(args.tolerance, args.seed, args.symbolic_size, dict(args.dim))
+    levels = ("off", "default") if args.ort_level == "both" else (args.ort_level,)
+    files = list(args.input_files)
+    return VerifySettings(args.tolerance, args.seed, args.symbolic_size, dict(args.dim), files, levels)
 
 
 def _same_file(a: str | Path, b: str | Path) -> bool:
@@ -429,9 +460,7 @@ def _verification_failure(result: ModelResult) -> str | None:
     v = result.verification
     if v is None or v.passed:
         return None
-    worst = max((o for o in v.outputs if not o.passed), key=lambda o: o.of_range)
-    return (f"{result.input}: verification failed: output {worst.name!r} differs by {worst.max_abs:.3g} "
-            f"({worst.of_range:.3g} of its range), over the tolerance {v.tolerance:g}")
+    return f"{result.input}: verification failed: {v.failure_message()}"
 
 
 def run_single(args: argparse.Namespace, style: Style) -> int:
