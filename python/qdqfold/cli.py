@@ -340,11 +340,15 @@ def _verify_lines(v: VerifyResult, style: Style) -> list[str]:
         lines.append(text if worst.passed else style.bad(text))
     if v.uncertified:
         lines.append(style.dim(f"  not certified (not isolable): {', '.join(v.uncertified)}"))
-    before, after = sum(v.quantized_units_before.values()), sum(v.quantized_units_after.values())
-    detail = ", ".join(f"{op} {n}" for op, n in v.quantized_units_after.items())
-    text = f"  onnxruntime quantized node units ({v.units_level or 'ORT_ENABLE_EXTENDED'}): before {before}, after {after}"
-    text += f" ({detail})" if detail else ""
-    lines.append(text if after >= before else style.bad(text))
+    for level, why in v.skipped_levels.items():
+        lines += [style.warn(line) for line in _wrapped(
+            f"not checked at level {level}: onnxruntime cannot build the original model there ({why})", "  ", "    ")]
+    if v.units_level is not None:
+        before, after = sum(v.quantized_units_before.values()), sum(v.quantized_units_after.values())
+        detail = ", ".join(f"{op} {n}" for op, n in v.quantized_units_after.items())
+        text = f"  onnxruntime quantized node units ({v.units_level}): before {before}, after {after}"
+        text += f" ({detail})" if detail else ""
+        lines.append(text if after >= before else style.bad(text))
     return lines
 
 

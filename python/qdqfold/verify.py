@@ -148,6 +148,9 @@ class VerifyResult:
     floor_multiple: float = FLOOR_MULTIPLE
     units_level: str | None = None  # the onnxruntime level the quantized units were counted at
     extra_input_sets: dict[str, int] = field(default_factory=dict)  # per level: random sets added to decide
+    #: Levels asked for that could not be checked: onnxruntime cannot build the original there (its own
+    #: rewrites fail, e.g. ConvBnFusion making a weight over 2 GB). The level and onnxruntime's reason.
+    skipped_levels: dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -327,7 +330,7 @@ def _session(source: str | bytes, level: Any = None, optimized_path: str | None 
 
     options = ort.SessionOptions()
     options.graph_optimization_level = level if level is not None else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures come back as exceptions, worded once in our message
     options.intra_op_num_threads = 1  # deterministic, and fair to other models verified in parallel
     if optimized_path:
         options.optimized_model_filepath = optimized_path
@@ -1167,14 +1170,27 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
             checks.append(_judge(name, lv, folds, floors or None, tolerance, approximate, floor_off, flips.get(name)))
         return checks
 
-    for lv in levels:
+    skipped_levels: dict[str, str] = {}
+    for lv in list(levels):
         level = _level(lv)
         s: dict[str, Any] = {}
         if lv == "off" and plans:
             s["original"] = _session(_exposed_bytes(proto, exposed_names), level, external_folder=base.folder)
         else:
-            s["original"] = _session(base.source(), level, external_folder=base.folder,
-                                     optimized_path=os.path.join(tmp, "original.onnx") if lv == units_level else None)
+            try:
+                s["original"] = _session(base.source(), level, external_folder=base.folder,
+                                         optimized_path=os.path.join(tmp, "original.onnx") if lv == units_level
+                                         else None)
+            except VerifyError as e:
+                if lv == "off":
+                    raise
+                # onnxruntime cannot build the original itself at this level: nothing to compare the fold with.
+                reason = str(e).rsplit("FAIL : ", 1)[-1].strip()  # onnxruntime's own sentence, without its prefixes
+                skipped_levels[lv] = reason
+                levels.remove(lv)
+                if lv == units_level:
+                    units_level = None
+                continue
         s["folded"] = _session(fold.source(), level, external_folder=fold.folder,
                                optimized_path=os.path.join(tmp, "folded.onnx") if lv == units_level else None)
         if lv == units_level:  # the units come from the sessions verify runs anyway
@@ -1275,6 +1291,9 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
                 per_level[lv][name][1].append(_figures(out_original[k], out_twin[k], steps.get(name)))
         extra_sets[lv] = extra
         del s, cert_session
+    if not levels:
+        raise VerifyError("onnxruntime cannot build the original at any optimisation level asked: " +
+                          "; ".join(f"{lv}: {why}" for lv, why in skipped_levels.items()))
     level_checks = {lv: judge_level(lv) for lv in levels}
     for checks in level_checks.values():
         for check, shape in zip(checks, shapes):
@@ -1285,12 +1304,17 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
                           {k: list(v.shape) for k, v in feed_sets[0].items()},
                           levels=level_checks, certificates=list(certs.values()), uncertified=sorted(set(skipped)),
                           input_sets=len(feed_sets), input_source=source_text, symbolic_dims=sizes,
-                          extra_input_sets=extra_sets)
+                          extra_input_sets=extra_sets, skipped_levels=skipped_levels)
     tmpdir.cleanup()
-    if count_units:
+    # onnxruntime forms quantized units only from Q/DQ pairs: a model without them has none to lose.
+    if count_units and any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in base.proto().graph.node):
         if units is None:
-            units = (quantized_units(base), quantized_units(fold))
-            units_level = "extended"
-        result.quantized_units_before, result.quantized_units_after = units
-        result.units_level = LEVELS[units_level]
+            try:
+                units = (quantized_units(base), quantized_units(fold))
+                units_level = "extended"
+            except VerifyError as e:
+                skipped_levels.setdefault("extended", str(e))
+        if units is not None:
+            result.quantized_units_before, result.quantized_units_after = units
+            result.units_level = LEVELS[units_level]
     return result
