@@ -77,12 +77,13 @@ def check(source: Path, output: Path, w1: np.ndarray) -> str:
     original = onnx.load(source / "big.onnx", load_external_data=False)
     folded = onnx.load(output / "big.onnx", load_external_data=False)
     left = sum(n.op_type == "BatchNormalization" for n in folded.graph.node)
-    same_size = (output / "big.data").stat().st_size == (source / "big.data").stat().st_size
+    data = output / "big.onnx.data"  # the output's data file is named after it
+    same_size = data.stat().st_size == (source / "big.data").stat().st_size
     p = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in original.graph.initializer if t.name.startswith("bn1")}
     a = p["bn1_gamma"] / np.sqrt(p["bn1_var"] + EPSILON)
     weight = next(t for t in folded.graph.initializer if t.name == folded.graph.node[0].input[1])
     offset = int({e.key: e.value for e in weight.external_data}["offset"])
-    stored = np.fromfile(output / "big.data", dtype=np.float32, count=w1.size, offset=offset).reshape(w1.shape)
+    stored = np.fromfile(data, dtype=np.float32, count=w1.size, offset=offset).reshape(w1.shape)
     exact = np.array_equal(stored, (w1.astype(np.float64) * a[:, None, None, None]).astype(np.float32))
     return f"BN left {left}, data file same size {same_size}, folded conv1 weight == numpy W * a: {exact}"
 

@@ -23,7 +23,7 @@ class BatchNormEntry(TypedDict):
     into_op: str | None
     code: str
     message: str
-    exact: bool
+    exact: bool | str  # True, "bias-rounded" (exact but for a reported int32 bias rounding), or False
     new_tensors: list[str]
     metrics: dict[str, float]
     op_type: str  # "BatchNormalization", or Mul / Add / Sub / Div by a per-channel constant folded like one

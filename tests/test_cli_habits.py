@@ -142,3 +142,64 @@ def test_a_zoo_on_a_dask_cluster_from_the_command_line(tmp_path):
         assert_same_outputs(onnx.load(original), onnx.load(model["output"]))
     done = cli(zoo, "-o", tmp_path / "out2", "--dask", "tcp://127.0.0.1:9")  # nobody listens there
     assert done.returncode == 1 and b"cannot reach the Dask scheduler" in done.stderr
+
+
+def _external_entries(path: Path) -> dict[str, dict[str, str]]:
+    model = onnx.load(path, load_external_data=False)
+    return {t.name: {e.key: e.value for e in t.external_data} for t in model.graph.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL}
+
+
+def test_the_output_stores_its_weights_as_asked(tmp_path):
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    c = 384  # w0: 384 x 384 x 3 x 3 floats = 5.3 MB (aligned to 64 KB in the data file); BN params 1.5 KB each
+    inits = [numpy_helper.from_array(rng.standard_normal((c, c, 3, 3)).astype(np.float32), "w0"),
+             numpy_helper.from_array(rng.standard_normal((c, c, 1, 1)).astype(np.float32), "w1")] + [
+        numpy_helper.from_array(v.astype(np.float32), n) for n, v in
+        (("g", rng.uniform(0.5, 2, c)), ("b", rng.standard_normal(c)), ("m", rng.standard_normal(c)),
+         ("v", rng.uniform(0.5, 2, c)), ("tiny", rng.standard_normal(4)))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"]), helper.make_node("Conv", ["c1", "w0"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, c, 3, 3])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, c, 1, 1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "inline.onnx")
+
+    assert cli(tmp_path / "inline.onnx", tmp_path / "ext.onnx", "--save-as-external-data", "-q").returncode == 0
+    entries = _external_entries(tmp_path / "ext.onnx")
+    assert {e["location"] for e in entries.values()} == {"ext.onnx.data"}
+    assert {"w0", "w1"} <= set(entries) and "tiny" not in entries  # 1024-byte threshold: the 16-byte one stays
+    assert any(name not in {t.name for t in model.graph.initializer} for name in entries)  # the new bias too
+    big = [e for e in entries.values() if int(e["length"]) >= 1 << 20]
+    assert big and all(int(e["offset"]) % 65536 == 0 for e in big)
+    assert_same_outputs(model, onnx.load(tmp_path / "ext.onnx"))
+
+    done = cli(tmp_path / "ext.onnx", tmp_path / "big-only.onnx", "--size-threshold", str(1 << 20), "--data-name",
+               "weights.bin", "-q")
+    assert done.returncode == 0, done.stderr
+    entries = _external_entries(tmp_path / "big-only.onnx")
+    assert {e["location"] for e in entries.values()} == {"weights.bin"} and list(entries) == ["w0"]  # w1: 0.6 MB
+    assert not (tmp_path / "big-only.onnx.data").exists()
+    assert_same_outputs(model, onnx.load(tmp_path / "big-only.onnx"))
+
+    assert cli(tmp_path / "ext.onnx", tmp_path / "inline2.onnx", "--no-external-data", "-q").returncode == 0
+    assert _external_entries(tmp_path / "inline2.onnx") == {}
+    assert not list(tmp_path.glob("inline2.onnx.*"))
+    assert_same_outputs(model, onnx.load(tmp_path / "inline2.onnx"))
+
+    # in place, to inline: the old data file goes (nothing stale)
+    done = cli(tmp_path / "ext.onnx", "--in-place", "--no-external-data")
+    assert done.returncode == 0 and not (tmp_path / "ext.onnx.data").exists()
+    assert b"removed" in done.stdout and _external_entries(tmp_path / "ext.onnx") == {}
+    assert_same_outputs(model, onnx.load(tmp_path / "ext.onnx"))
+
+    for bad in (["--data-name", "sub/x.bin"], ["--data-name", "out.onnx"]):
+        done = cli(tmp_path / "inline.onnx", "-o", tmp_path / "out.onnx", *bad)
+        assert done.returncode == 1 and b"plain file name" in done.stderr
+    assert cli(tmp_path / "inline.onnx", "-o", tmp_path / "out.onnx", "--no-external-data", "--size-threshold",
+               "5").returncode == 2
+    assert cli(tmp_path / "inline.onnx", SEED, "-o", tmp_path / "d", "--data-name", "w.bin").returncode == 2
+    assert not (tmp_path / "out.onnx").exists()

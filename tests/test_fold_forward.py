@@ -137,8 +137,20 @@ def test_weight_that_would_overflow_once_scaled_keeps_the_bn():
     model = bn_conv_model([1, 4, 5, 5], pads=[0, 0, 0, 0], zero_shift=True)  # t = 0: the bias stays finite
     gamma = next(t for t in model.graph.initializer if t.name == "bn_scale")
     gamma.CopyFrom(numpy_helper.from_array(np.full(4, 3e38, dtype=np.float32), "bn_scale"))
+    var = next(t for t in model.graph.initializer if t.name == "bn_var")  # 1: the factor a itself fits
+    var.CopyFrom(numpy_helper.from_array(np.full(4, 1.0, dtype=np.float32), "bn_var"))
     entry = assert_kept(model, "overflow")
     assert "weight 'w' would overflow float32" in entry.message
+
+
+def test_a_bn_factor_that_overflows_keeps_the_bn_the_original_is_inf_there():
+    model = bn_conv_model([1, 4, 5, 5], pads=[0, 0, 0, 0], zero_shift=True)
+    gamma = next(t for t in model.graph.initializer if t.name == "bn_scale")
+    gamma.CopyFrom(numpy_helper.from_array(np.full(4, 3e38, dtype=np.float32), "bn_scale"))
+    var = next(t for t in model.graph.initializer if t.name == "bn_var")
+    var.CopyFrom(numpy_helper.from_array(np.full(4, 0.01, dtype=np.float32), "bn_var"))
+    entry = assert_kept(model, "overflow")
+    assert "gamma / sqrt(var + epsilon)" in entry.message
 
 
 def test_auto_pad_valid_is_no_padding():

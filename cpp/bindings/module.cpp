@@ -121,7 +121,8 @@ py::dict report_to_dict(const qdqfold::Report& report) {
     d["code"] = r.code;
     d["op_type"] = r.op_type;
     d["message"] = r.message;
-    d["exact"] = r.exact;
+    // true (within float rounding), "bias-rounded" (plus a reported int32 bias rounding), or false.
+    d["exact"] = r.exact && r.bias_rounded ? py::object(py::str("bias-rounded")) : py::object(py::bool_(r.exact));
     d["new_tensors"] = r.new_tensors;
     py::dict metrics;
     for (const auto& [k, v] : r.metrics) metrics[py::str(k)] = v;
@@ -217,6 +218,27 @@ PYBIND11_MODULE(qdqfold_native, m) {
           if (!PyBool_Check(force.ptr())) throw py::type_error("option 'force' takes True or False");
           file_options.force = force.cast<bool>();
         }
+        using Layout = qdqfold::graph::ExternalOutput::Layout;
+        const py::object external = take_keyword(kwargs, "save_as_external_data");
+        const py::object threshold = take_keyword(kwargs, "size_threshold");
+        const py::object data_name = take_keyword(kwargs, "data_name");
+        if (!external.is_none()) {
+          if (!PyBool_Check(external.ptr()))
+            throw py::type_error("option 'save_as_external_data' takes True, False or None (as the input)");
+          file_options.layout = external.cast<bool>() ? Layout::External : Layout::Inline;
+        }
+        if (!threshold.is_none()) {
+          if (!PyLong_Check(threshold.ptr()) || PyBool_Check(threshold.ptr()) || threshold.cast<int64_t>() < 0)
+            throw py::type_error("option 'size_threshold' takes a number of bytes >= 0");
+          file_options.size_threshold = threshold.cast<int64_t>();
+        }
+        if (!data_name.is_none()) {
+          if (!PyUnicode_Check(data_name.ptr())) throw py::type_error("option 'data_name' takes a file name (str)");
+          file_options.data_name = data_name.cast<std::string>();
+        }
+        if ((!threshold.is_none() || !data_name.is_none()) && file_options.layout == Layout::Inline)
+          throw py::type_error("size_threshold and data_name describe external data; not with save_as_external_data=False");
+        if (!threshold.is_none() || !data_name.is_none()) file_options.layout = Layout::External;
         const Options options = parse_options(kwargs);
         const auto fspath = py::module_::import("os").attr("fspath");
         const auto source = py::cast<std::string>(fspath(src));
@@ -232,14 +254,18 @@ PYBIND11_MODULE(qdqfold_native, m) {
         return result;
       },
       py::arg("src"), py::arg("dst"),
-      "fold_file(src, dst, *, force=False, **options) -> dict\n\n"
+      "fold_file(src, dst, *, force=False, save_as_external_data=None, size_threshold=1024, data_name=None,\n"
+      "          **options) -> dict\n\n"
       "Folds the model file `src` into `dst` (may be the same path) and returns the report, with 'data_files'\n"
       "(the external data files written beside `dst`) and 'removed_files'. The input is mapped, not read; each\n"
       "output is written once, to a temporary file renamed over it. External data is read only from regular files\n"
       "inside src's directory and written to files named after dst (dst.data, dst.2.data, ...), offsets kept. An\n"
       "existing file at such a name is replaced only when dst refers to it (an earlier run) or with force=True.\n"
       "Raises FileError (a FoldError whose message starts with the path at fault) for files that cannot be read,\n"
-      "written or replaced, or that changed while they were read, and FoldError for an invalid model.");
+      "written or replaced, or that changed while they were read, and FoldError for an invalid model.\n"
+      "How the output stores tensor data: save_as_external_data=None keeps the input's layout; False writes every\n"
+      "tensor inline (FileError past 2 GB); True (implied by size_threshold or data_name) writes every initializer\n"
+      "of at least size_threshold bytes to one data file, data_name or dst.data, the others inline.");
   m.def(
       "interrupt", []() { qdqfold::io::interrupt(); },
       "interrupt() -> None\n\n"

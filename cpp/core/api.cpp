@@ -33,6 +33,7 @@ void finish(Pending& p, bool no_rules) {
   r.code = std::move(chosen.code);
   r.message = std::move(chosen.message);
   r.exact = chosen.exact;
+  r.bias_rounded = chosen.bias_rounded;
   r.new_tensors = std::move(chosen.new_tensors);
   r.metrics = std::move(chosen.metrics);
 }
@@ -47,6 +48,7 @@ Report run_folds(graph::Model& model, const Options& options) {
   model.freeze_initializer_inputs = options.freeze_initializer_inputs || model.ir_version < 4;
   const size_t overridable = model.freeze_initializer_inputs ? 0 : model.graph->overridable_initializer_count();
   std::vector<Pending> pending;
+  folds::BiasErrors bias_errors;
   for (graph::Graph* g : model.all_graphs())
     for (size_t i = 0; i < g->nodes.size(); ++i)
       if (!g->nodes[i].removed && !g->nodes[i].created &&
@@ -68,7 +70,7 @@ Report run_folds(graph::Model& model, const Options& options) {
       if (p.chosen.verdict == folds::Verdict::Folded) continue;
       // An elementwise node an earlier fold removed or changed is no longer a candidate.
       if (p.affine && (p.graph->nodes[p.node].removed || !folds::is_elementwise_affine(*p.graph, p.node))) continue;
-      folds::FoldContext ctx{model, *p.graph, options};
+      folds::FoldContext ctx{model, *p.graph, options, &bias_errors};
       for (const auto& rule : rules) {
         if (std::string_view(rule.direction) != pass) continue;
         folds::Outcome o = rule.apply(ctx, p.node);

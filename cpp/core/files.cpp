@@ -198,7 +198,16 @@ constexpr size_t kChunk = size_t(1) << 20;
 
 // Writes pieces in order: views of the input file are copied file to file, everything else is written, all on
 // a second thread (BackgroundWriter) while the next chunk of a folded weight is computed on this one.
-void write_pieces(const wire::Pieces& pieces, const MappedFile& input, OutputFile& out, const Interruption& stop) {
+void write_pieces(const wire::Pieces& pieces, const std::vector<const MappedFile*>& sources, OutputFile& out,
+                  const Interruption& stop) {
+  auto source_of = [&sources](const char* p) -> const MappedFile* {
+    for (const MappedFile* f : sources)
+      if (f->contains(p)) return f;
+    return nullptr;
+  };
+  auto drop_resident = [&sources] {
+    for (const MappedFile* f : sources) f->drop_resident();
+  };
   BackgroundWriter writer(kChunk, 3);
   auto write_buffer = [&out](size_t n) { return [&out, n](const std::string& b) { out.write(b.data(), n); }; };
   for (const auto& p : pieces.list()) {
@@ -211,14 +220,14 @@ void write_pieces(const wire::Pieces& pieces, const MappedFile& input, OutputFil
         writer.post(buffer, write_buffer(end - begin));
         stop.check();
       }
-      input.drop_resident();  // the generator read its source from the mapping
+      drop_resident();  // the generator read its source from a mapping
     } else if (p.generate) {  // small tensors a fold encodes whole
       auto whole = std::make_shared<std::string>(p.size, '\0');
       p.generate(whole->data());
       writer.post([&out, whole] { out.write(whole->data(), whole->size()); });
-      input.drop_resident();
-    } else if (input.contains(p.data)) {
-      writer.post([&out, &input, offset = input.offset_of(p.data), size = p.size] { out.copy_from(input, offset, size); });
+      drop_resident();
+    } else if (const MappedFile* input = source_of(p.data)) {
+      writer.post([&out, input, offset = input->offset_of(p.data), size = p.size] { out.copy_from(*input, offset, size); });
     } else {
       writer.post([&out, data = p.data, size = p.size] { out.write(data, size); });
     }
@@ -347,10 +356,13 @@ struct OutputPlan {
   std::set<std::string> stale;             // data files of an earlier output of this name that this run replaces
 };
 
-OutputPlan plan_outputs(const std::string& src, const std::string& dst, const MappedFile& input,
+// Checks that `model` (resolve_destination of `dst`) and the data files `data_names` beside it may be written
+// (see files.h); returns the plan, with the stale data files of an earlier output.
+OutputPlan plan_outputs(const std::string& src, const std::string& dst, const std::string& model,
+                        const std::vector<std::string>& data_names, const MappedFile& input,
                         const FileResolver& resolver, const FileOptions& file_options) {
   OutputPlan plan;
-  plan.model = resolve_destination(dst);
+  plan.model = model;
   const auto model_id = io::file_id(plan.model);
   plan.in_place = model_id && *model_id == input.id();
   const std::string directory = io::directory_of(plan.model);
@@ -373,8 +385,7 @@ OutputPlan plan_outputs(const std::string& src, const std::string& dst, const Ma
   if (model_id) earlier = external_locations_of(plan.model);
 
   std::set<std::string> written;
-  for (size_t k = 0; k < resolver.files().size(); ++k) {
-    const std::string data_name = output_data_name(name, k);
+  for (const std::string& data_name : data_names) {
     const std::string path = directory + "/" + data_name;
     plan.data_names.push_back(data_name);
     written.insert(data_name);
@@ -436,7 +447,7 @@ void check_unchanged(const MappedFile& input, const FileResolver& resolver) {
 // temporary outputs are then removed and nothing is committed.
 std::optional<Report> fold_file_once(MappedFile& input, FileResolver& resolver, const std::string& src,
                                      const std::string& dst, const Options& options,
-                                     const FileOptions& file_options, bool defer_checks) {
+                                     const FileOptions& file_options, bool defer_checks, const Interruption& stop) {
   graph::ExternalOutput external;
   auto plan = std::make_unique<FoldPlan>();
   plan->model = graph::parse_model(input.view(), &resolver);
@@ -452,23 +463,47 @@ std::optional<Report> fold_file_once(MappedFile& input, FileResolver& resolver, 
   };
   plan->report = run_folds(*plan->model, options);
 
-  const OutputPlan outputs = plan_outputs(src, dst, input, resolver, file_options);
-  const std::string directory = io::directory_of(outputs.model);
-  for (const auto& [location, index] : resolver.locations()) external.location_out[location] = outputs.data_names[index];
-  for (size_t k = 0; k < resolver.files().size(); ++k)
-    external.append_at[outputs.data_names[k]] = static_cast<int64_t>(resolver.files()[k].file->view().size());
+  // Where the tensor data goes, then the model written (which fills the data file's pieces in External
+  // layout), then every output checked before anything is written.
+  using Layout = graph::ExternalOutput::Layout;
+  const std::string target = resolve_destination(dst);
+  const std::string name = io::file_name_of(target);
+  external.layout = file_options.layout;
+  external.threshold = file_options.size_threshold;
+  external.data_name = file_options.data_name.empty() ? output_data_name(name, 0) : file_options.data_name;
+  std::vector<std::string> data_names;
+  if (external.layout == Layout::AsInput) {
+    for (size_t k = 0; k < resolver.files().size(); ++k) data_names.push_back(output_data_name(name, k));
+    for (const auto& [location, index] : resolver.locations()) external.location_out[location] = data_names[index];
+    for (size_t k = 0; k < resolver.files().size(); ++k)
+      external.append_at[data_names[k]] = static_cast<int64_t>(resolver.files()[k].file->view().size());
+  }
   plan->model->external_output = &external;
   plan->pieces = graph::write_model(*plan->model, plan->arena);
+  if (external.layout == Layout::External && external.data_pieces.size() > 0) data_names.push_back(external.data_name);
+  if (external.layout == Layout::Inline && plan->pieces.size() > static_cast<size_t>(INT32_MAX))
+    throw FileError(dst + ": the model would be " + std::to_string(plan->pieces.size()) + " bytes with its data "
+                    "inline, over protobuf's 2 GB limit; keep its data external");
+  const OutputPlan outputs = plan_outputs(src, dst, target, data_names, input, resolver, file_options);
+  const std::string directory = io::directory_of(outputs.model);
 
-  Interruption stop{io::interrupt_generation(), dst};
+  stop.check();
+  std::vector<const MappedFile*> sources{&input};
+  for (const auto& f : resolver.files()) sources.push_back(f.file.get());
   std::vector<std::unique_ptr<OutputFile>> data_files;
-  for (size_t k = 0; k < resolver.files().size(); ++k) {
-    auto out = std::make_unique<OutputFile>(directory + "/" + outputs.data_names[k]);
-    write_data_file(*resolver.files()[k].file, outputs.data_names[k], external.overwrites, resolver, *out, stop);
+  if (external.layout == Layout::AsInput) {
+    for (size_t k = 0; k < resolver.files().size(); ++k) {
+      auto out = std::make_unique<OutputFile>(directory + "/" + data_names[k]);
+      write_data_file(*resolver.files()[k].file, data_names[k], external.overwrites, resolver, *out, stop);
+      data_files.push_back(std::move(out));
+    }
+  } else if (!data_names.empty()) {
+    auto out = std::make_unique<OutputFile>(directory + "/" + data_names[0]);
+    write_pieces(external.data_pieces, sources, *out, stop);
     data_files.push_back(std::move(out));
   }
   OutputFile model_out(outputs.model);
-  write_pieces(plan->pieces, input, model_out, stop);
+  write_pieces(plan->pieces, sources, model_out, stop);
   if (checks_failed(*plan->model)) return std::nullopt;  // the OutputFiles remove their temporary files
   check_unchanged(input, resolver);
   stop.check();
@@ -493,12 +528,19 @@ std::unique_ptr<graph::ExternalResolver> external_data_in(const std::string& dir
 
 Report fold_file(const std::string& src, const std::string& dst, const Options& options,
                  const FileOptions& file_options) {
+  const std::string& data_name = file_options.data_name;
+  if (!data_name.empty() && (data_name == "." || data_name == ".." || data_name.find('/') != std::string::npos ||
+                             data_name.find('\0') != std::string::npos || data_name == io::file_name_of(dst)))
+    throw FileError(dst + ": the data file name '" + data_name + "' must be a plain file name (written beside the "
+                    "output), other than the output's own");
+  const Interruption stop{io::interrupt_generation(), dst};  // an interrupt() from now on stops this fold
   MappedFile input(src, "the model file");
   FileResolver resolver(io::directory_of(src), src);
   try {
     // First with the checks deferred to the writing; in the rare case one fails, once more checking first.
-    if (auto report = fold_file_once(input, resolver, src, dst, options, file_options, true)) return std::move(*report);
-    return *fold_file_once(input, resolver, src, dst, options, file_options, false);
+    if (auto report = fold_file_once(input, resolver, src, dst, options, file_options, true, stop))
+      return std::move(*report);
+    return *fold_file_once(input, resolver, src, dst, options, file_options, false, stop);
   } catch (const std::exception&) {
     // Whatever went wrong, if a file being read changed meanwhile, that is the cause to report (a read past
     // the new end of a truncated file gives zeros, and anything may follow from them).

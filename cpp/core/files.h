@@ -25,6 +25,13 @@ namespace qdqfold {
 struct FileOptions {
   // Replace existing files at the output data file names even when they are not the output's own.
   bool force = false;
+  // How the output stores its tensor data (graph::ExternalOutput::Layout): as the input did (the default),
+  // all inline (an output over protobuf's 2 GB limit is then a FileError), or every initializer of at least
+  // `size_threshold` bytes in one data file, `data_name` (a plain file name beside the output; empty: the
+  // derived `<output>.data`).
+  graph::ExternalOutput::Layout layout = graph::ExternalOutput::Layout::AsInput;
+  int64_t size_threshold = 1024;
+  std::string data_name;
 };
 
 // Folds the model at `src` into `dst` (which may equal `src`). Throws io::FileError (a FoldError whose

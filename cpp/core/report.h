@@ -19,6 +19,10 @@ struct BatchNormRecord {
   std::string code;        // folded: the fold's name (e.g. "conv-bn"); kept: the reason code
   std::string message;     // one sentence for people
   bool exact = true;       // false only for folds an approximate option allowed
+  // Exact except for a documented int32 bias rounding (the rounding an integer kernel applies anyway): the
+  // output moves by at most the metric "bias_error_at_output" (Gemm beta and earlier folds into the same
+  // layer included). Reported as exact: "bias-rounded".
+  bool bias_rounded = false;
   std::vector<std::string> new_tensors;
   std::vector<std::pair<std::string, double>> metrics;  // e.g. largest bias rounding error
 };

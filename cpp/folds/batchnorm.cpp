@@ -1,6 +1,7 @@
 #include "batchnorm.h"
 
 #include <cmath>
+#include <limits>
 
 #include "affine.h"
 
@@ -106,6 +107,14 @@ std::variant<BatchNormAffine, Outcome> read_batchnorm(FoldContext& ctx, int bn) 
                                                  " values but scale has " + std::to_string(c));
   if (c == 0) return Outcome::kept("shape-mismatch", "its parameters are empty");
   const double eps = n.attr_float("epsilon", 1e-5f);
+  // The largest finite value of the BN's type: where its own arithmetic (1 / sqrt(var + eps), the factor a, the
+  // shift t) overflows, the original's output is Inf or NaN in that channel, and a fold never changes which
+  // outputs are NaN or Inf (the rule non-positive-variance follows too).
+  double type_max = std::numeric_limits<float>::max();
+  if (auto ref = g.constant(n.inputs[1])) {
+    if (ref->tensor.data_type == static_cast<int32_t>(wire::DataType::Float16)) type_max = 65504.0;
+    if (ref->tensor.data_type == static_cast<int32_t>(wire::DataType::Double)) type_max = std::numeric_limits<double>::max();
+  }
   affine.scale.resize(c);
   affine.shift.resize(c);
   for (size_t i = 0; i < c; ++i) {
@@ -119,6 +128,12 @@ std::variant<BatchNormAffine, Outcome> read_batchnorm(FoldContext& ctx, int bn) 
                                                         ": the original output is NaN there, a fold would hide it");
     affine.scale[i] = p[0][i] / std::sqrt(denom);
     affine.shift[i] = p[1][i] - p[2][i] * affine.scale[i];
+    const double inv = 1.0 / std::sqrt(denom);
+    if (!(inv <= type_max && std::fabs(affine.scale[i]) <= type_max && std::fabs(p[2][i] * affine.scale[i]) <= type_max &&
+          std::fabs(affine.shift[i]) <= type_max))
+      return Outcome::kept("overflow", "its factor gamma / sqrt(var + epsilon) or shift overflows its type in channel " +
+                                           std::to_string(i) + ": the original output is Inf or NaN there, a fold "
+                                           "would change that");
   }
   if (auto x = g.shape_of(n.inputs[0]); x && x->size() >= 2 && (*x)[1] >= 0 && (*x)[1] != static_cast<int64_t>(c))
     return Outcome::kept("shape-mismatch", "its input has " + std::to_string((*x)[1]) + " channels but " +

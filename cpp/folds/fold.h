@@ -4,7 +4,9 @@
 // them hold, so "kept" never leaves a half-edited graph.
 #pragma once
 
+#include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../core/options.h"
@@ -13,10 +15,15 @@
 
 namespace qdqfold::folds {
 
+// Per layer (graph, node index): the largest error per output channel that int32 bias roundings of earlier
+// folds into it left at its output, so a chain (Conv -> BN -> BN) reports the sum as it reaches the output.
+using BiasErrors = std::map<std::pair<const graph::Graph*, int>, std::vector<double>>;
+
 struct FoldContext {
   graph::Model& model;
   graph::Graph& graph;
   const Options& options;
+  BiasErrors* bias_errors = nullptr;  // one per fold run (run_folds); null: chains are not tracked
 };
 
 enum class Verdict { NotApplicable, Kept, Folded };
@@ -28,6 +35,7 @@ struct Outcome {
   std::vector<std::string> into;
   std::string into_op;
   bool exact = true;
+  bool bias_rounded = false;  // exact but for a reported int32 bias rounding (see BatchNormRecord)
   std::vector<std::string> new_tensors;
   std::vector<std::pair<std::string, double>> metrics;
 

@@ -136,11 +136,13 @@ struct BiasPlan {
   bool zero_nonzero = false;         // Int32Existing: the old zero point is not all 0 (the new one is)
   bool promote = false;              // Int32Existing: per-tensor scale becomes per-channel
   double max_error = 0;              // Int32*: largest |round(b'/s) * s - b'|
+  std::vector<double> errors;        // Int32*: |round(b'/s) * s - b'| per output channel
 };
 
 // ints = round(target / scale) per channel; Kept on int32 overflow or a zero scale that cannot hold the bias.
 std::optional<Outcome> requantize(const std::vector<double>& target, BiasPlan& plan, const std::string& who) {
   plan.ints.assign(target.size(), 0);
+  plan.errors.assign(target.size(), 0.0);
   for (size_t o = 0; o < target.size(); ++o) {
     if (plan.scale[o] == 0) {
       if (target[o] != 0)
@@ -153,9 +155,46 @@ std::optional<Outcome> requantize(const std::vector<double>& target, BiasPlan& p
       return Outcome::kept("bias-overflow", "the re-quantized int32 bias of " + who + " overflows int32 in channel " +
                                                 std::to_string(o));
     plan.ints[o] = static_cast<int64_t>(n);
-    plan.max_error = std::max(plan.max_error, std::fabs(n * plan.scale[o] - target[o]));
+    plan.errors[o] = std::fabs(n * plan.scale[o] - target[o]);
+    plan.max_error = std::max(plan.max_error, plan.errors[o]);
   }
   return std::nullopt;
+}
+
+// A float bias in `data_type` must hold every folded value; Kept ("overflow") otherwise.
+std::optional<Outcome> check_float_bias(const BiasPlan& plan, const std::string& who) {
+  if (plan.kind != BiasPlan::Float || kernels::store_values(plan.data_type, plan.values)) return std::nullopt;
+  return Outcome::kept("overflow", "the folded bias of " + who + " does not fit in " + graph::data_type_name(plan.data_type) +
+                                       ": the BN's arithmetic overflows there");
+}
+
+// A float16 / bfloat16 layer fed by DequantizeLinear: onnxruntime's BiasQuantization (graph optimisations
+// BASIC and above) turns a float bias into int32 with a Div and a Round in the bias's own type, which a
+// float16 bias of a folded layer (b' = a b + t, on the step s_x * s_w * |a|) does not survive (float16 holds
+// integers exactly only up to 2048 and overflows at 65504). The int32 form behind DequantizeLinear is left
+// alone by every optimisation level, so such a layer gets its bias in that form.
+std::variant<BiasPlan, Outcome> plan_int32_for_half(const std::vector<double>& target, const WeightLayout& wl,
+                                                    const QuantizedWeight& w, const RescaledWeight& r, double s_x,
+                                                    BiasPlan plan, const std::string& who) {
+  const auto M = target.size();
+  plan.scale.resize(M);
+  for (size_t o = 0; o < M; ++o)
+    plan.scale[o] = kernels::round_to_float_type(s_x * *channel_scale(r.layout, r.scale, wl, static_cast<int64_t>(o)),
+                                                 w.scale_type);
+  plan.kind = BiasPlan::Int32New;
+  plan.data_type = w.scale_type;
+  plan.dims = {static_cast<int64_t>(M)};
+  if (auto kept = requantize(target, plan, who)) {
+    kept->message += std::string(" (a ") + graph::data_type_name(w.scale_type) +
+                     " layer's bias must be int32 behind DequantizeLinear: onnxruntime re-quantizes a float one in " +
+                     graph::data_type_name(w.scale_type) + ")";
+    return *kept;
+  }
+  return plan;
+}
+
+bool is_half(int32_t t) {
+  return t == static_cast<int32_t>(DataType::Float16) || t == static_cast<int32_t>(DataType::Bfloat16);
 }
 
 std::variant<BiasPlan, Outcome> plan_bias(FoldContext& ctx, int layer, const WeightLayout& wl, const QuantizedWeight& w,
@@ -170,12 +209,17 @@ std::variant<BiasPlan, Outcome> plan_bias(FoldContext& ctx, int layer, const Wei
   const int32_t layer_type = w.qat() ? w.float_type : w.scale_type;
   const std::optional<double> s_x = input_scale(g, n);
   std::vector<double> target(M);
+  // Where the int32 form applies to a float16 / bfloat16 layer (see plan_int32_for_half).
+  bool half_int32 = s_x && w.axis_supported && is_half(layer_type) && is_half(w.scale_type);
+  for (size_t o = 0; o < M && half_int32; ++o)
+    half_int32 = channel_scale(r.layout, r.scale, wl, static_cast<int64_t>(o)).has_value();
 
   if (plan.old.empty()) {
     for (size_t o = 0; o < M; ++o) target[o] = bn.shift[o] / beta;
     bool all_zero = true;
     for (double v : target) all_zero = all_zero && v == 0;
     if (all_zero) return plan;
+    if (half_int32) return plan_int32_for_half(target, wl, w, r, *s_x, plan, who);
     // int32 behind DequantizeLinear where the graph's quantized layers use that (or, with no evidence, for the
     // int form, as onnxruntime's quantizer writes it); float otherwise.
     const BiasForm form = graph_bias_form(g, layer);
@@ -201,6 +245,7 @@ std::variant<BiasPlan, Outcome> plan_bias(FoldContext& ctx, int layer, const Wei
     plan.data_type = layer_type;
     plan.dims = {static_cast<int64_t>(M)};
     plan.values = target;
+    if (auto kept = check_float_bias(plan, who)) return *kept;
     return plan;
   }
 
@@ -270,6 +315,12 @@ std::variant<BiasPlan, Outcome> plan_bias(FoldContext& ctx, int layer, const Wei
   plan.values.resize(M);
   for (size_t o = 0; o < M; ++o)
     plan.values[o] = a[o] * (*values)[values->size() == 1 ? 0 : o] + bn.shift[o] / beta;
+  if (half_int32 && is_half(plan.data_type) && read_only_by(g, plan.old, layer)) {
+    BiasPlan p = plan;
+    p.values.clear();
+    return plan_int32_for_half(plan.values, wl, w, r, *s_x, std::move(p), who);
+  }
+  if (auto kept = check_float_bias(plan, who)) return *kept;
   return plan;
 }
 
@@ -317,6 +368,27 @@ void write_bias(FoldContext& ctx, int layer, int weight_dq, const BiasPlan& plan
   const int position = g.nodes[layer].created ? g.nodes[layer].insert_before : layer;
   g.add_node(std::move(dq), position);
   g.set_input(layer, 2, value);
+  if (!plan.old.empty()) g.drop_if_unused(plan.old);  // a float16 bias replaced by the int32 form
+}
+
+// The int32 bias rounding as it reaches the layer's output: earlier folds' errors times |a|, plus this
+// fold's bias error times |beta|, per channel. Marks the fold "bias-rounded" when that is not 0.
+void note_bias_error(FoldContext& ctx, int layer, const std::vector<double>& a, double beta,
+                     const std::vector<double>& own, Outcome& out) {
+  std::vector<double> total(a.size(), 0.0);
+  std::vector<double>* previous = nullptr;
+  if (ctx.bias_errors) {
+    auto it = ctx.bias_errors->find({&ctx.graph, layer});
+    if (it != ctx.bias_errors->end() && it->second.size() == a.size()) previous = &it->second;
+  }
+  double worst = 0;
+  for (size_t o = 0; o < a.size(); ++o) {
+    total[o] = (previous ? std::fabs(a[o]) * (*previous)[o] : 0.0) + (own.empty() ? 0.0 : std::fabs(beta) * own[o]);
+    worst = std::max(worst, total[o]);
+  }
+  if (ctx.bias_errors) (*ctx.bias_errors)[{&ctx.graph, layer}] = std::move(total);
+  if (worst > 0 || !own.empty()) out.metrics.emplace_back("bias_error_at_output", worst);
+  out.bias_rounded = worst > 0;
 }
 
 // drop_activation_quantizers: Kept ("quantizer-would-be-lost") unless every reader of BN `bn`'s output is a
@@ -501,6 +573,7 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
   const std::string layer_base = ln.name.empty() ? ln.outputs[0] : ln.name;
   write_quantized_weight(ctx, weight, *wl, rescaled, materialize, out);
   if (add >= 0) {
+    note_bias_error(ctx, layer, affine.scale, 1.0, {}, out);
     write_layer_input(ctx, add, add_bias_slot, add_bias_type, add_bias.dims, add_bias_raw, layer_base + "_bias", out);
     take_over_batchnorm_output(g, add, 0, bn, affine);
     return out;
@@ -508,6 +581,7 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
   write_bias(ctx, layer, wdq, bias, out);
   if (bias.kind == BiasPlan::Int32Existing || bias.kind == BiasPlan::Int32New)
     out.metrics.emplace_back("bias_requantization_error", bias.max_error);
+  note_bias_error(ctx, layer, affine.scale, beta, bias.errors, out);
   if (act_q >= 0) {
     // Drop the activation quantizer: the layer feeds the BN's readers directly.
     auto s = g.constant(g.nodes[act_q].inputs.size() > 1 ? g.nodes[act_q].inputs[1] : "");

@@ -151,7 +151,9 @@ struct Writer {
     if (g.initializer_removed[k]) return;
     const uint32_t field = num(GraphField::Initializer);
     const Graph::LazyInitializer* lazy = g.initializer_lazy[k].get();
-    if (external_output && k < g.original_initializer_count && !g.original_external[k].location.empty()) {
+    if (external_output && external_output->layout != ExternalOutput::Layout::AsInput) {
+      laid_out_initializer(out, g, k, whole);
+    } else if (external_output && k < g.original_initializer_count && !g.original_external[k].location.empty()) {
       external_initializer(out, g, k, whole);
     } else if (lazy) {
       lazy_tensor(out, field, lazy->header, lazy->data);
@@ -162,6 +164,65 @@ struct Writer {
     } else {
       owned(out, field, *g.initializer_added[k - g.original_initializer_count]);
     }
+  }
+
+  // File mode, ExternalOutput::Layout Inline or External: the initializer's data goes inline, or to the end of
+  // the one data file. A tensor without raw data (typed fields: float_data, string_data, ...) stays as it was,
+  // as onnx's own conversion leaves it.
+  void laid_out_initializer(Pieces& out, Graph& g, size_t k, std::string_view whole) {
+    ExternalOutput& ext = *external_output;
+    const uint32_t field = num(GraphField::Initializer);
+    const Tensor& current = g.initializers[k];
+    const Graph::LazyInitializer* lazy = g.initializer_lazy[k].get();
+    const bool original = k < g.original_initializer_count;
+    const bool was_external = original && !g.original_external[k].location.empty();
+    const size_t size = lazy ? lazy->data->size : current.raw.size();
+    const bool to_file = ext.layout == ExternalOutput::Layout::External && (lazy || current.has_raw) &&
+                         static_cast<int64_t>(size) >= ext.threshold;
+    if (!to_file && !was_external) {  // inline, as it was
+      if (lazy) lazy_tensor(out, field, lazy->header, lazy->data);
+      else if (g.initializer_replaced[k]) owned(out, field, *g.initializer_replaced[k]);
+      else if (original) out.view(whole);
+      else owned(out, field, *g.initializer_added[k - g.original_initializer_count]);
+      return;
+    }
+    std::string header = lazy ? lazy->header : reencode_tensor_header(current, current.data_type, current.dims);
+    if (!to_file) {  // external data brought inline: header + raw_data
+      if (lazy) {
+        lazy_tensor(out, field, lazy->header, lazy->data);
+        return;
+      }
+      std::string raw_header = bytes_header(num(TensorField::RawData), size);
+      out.view(arena.keep(bytes_header(field, header.size() + raw_header.size() + size)));
+      out.view(arena.keep(std::move(header)));
+      out.view(arena.keep(std::move(raw_header)));
+      out.view(current.raw);
+      return;
+    }
+    // To the data file, at the next boundary.
+    const int64_t alignment = size >= (size_t(1) << 20) ? 65536 : 1;
+    const auto at = static_cast<int64_t>(ext.data_pieces.size());
+    const int64_t offset = (at + alignment - 1) / alignment * alignment;
+    if (offset > at) ext.data_pieces.view(arena.keep(std::string(static_cast<size_t>(offset - at), '\0')));
+    if (lazy) {
+      const auto data = lazy->data;
+      std::function<void(char*, size_t, size_t)> range;
+      if (data->fill_range) range = [data](char* dst, size_t begin, size_t end) { data->fill_range(dst, begin, end); };
+      ext.data_pieces.generated(size, [data](char* dst) { data->fill(dst); }, std::move(range));
+    } else {
+      ext.data_pieces.view(current.raw);
+    }
+    put_varint_field(header, num(TensorField::DataLocation), 1);
+    auto entry = [&](const char* key, const std::string& value) {
+      std::string e;
+      put_bytes_field(e, num(StringStringField::Key), key);
+      put_bytes_field(e, num(StringStringField::Value), value);
+      put_bytes_field(header, num(TensorField::ExternalData), e);
+    };
+    entry("location", ext.data_name);
+    entry("offset", std::to_string(offset));
+    entry("length", std::to_string(size));
+    owned_string(out, field, std::move(header));
   }
 
   // True when the external bytes of initializer k of g overlap those of another initializer of the model.
@@ -360,6 +421,11 @@ struct Writer {
 // In file mode every graph holding an initializer whose external data moves to another location is rewritten.
 static void mark_moved_external_data(Model& model) {
   if (!model.external_output) return;
+  if (model.external_output->layout != ExternalOutput::Layout::AsInput) {  // any initializer may move
+    for (Graph* g : model.all_graphs())
+      if (!g->initializers.empty()) g->mark_dirty();
+    return;
+  }
   for (Graph* g : model.all_graphs())
     for (const auto& ref : g->original_external)
       if (!ref.location.empty() && model.external_output->location_out.at(ref.location) != ref.location) {

@@ -27,7 +27,7 @@ from qdqfold_native import FoldError
 from .api import fold_bytes, load_model_bytes, with_inferred_shapes, write_atomically
 from .graphinfo import ModelInfo, WireFormatError, read_model_info
 from .report import FoldReport
-from .verify import DEFAULT_TOLERANCE, VerifyError, VerifyResult, verify  # numpy, onnx: imported on use
+from .verify import DEFAULT_LEVELS, DEFAULT_TOLERANCE, VerifyError, VerifyResult, verify  # numpy, onnx: on use
 
 MODEL_SUFFIX = ".onnx"
 
@@ -42,8 +42,10 @@ class VerifySettings:
 
     tolerance: float = DEFAULT_TOLERANCE
     seed: int = 0
-    symbolic_size: int = 1
+    symbolic_size: int | None = None  # None: batch 1, other symbolic dimensions 32
     dims: dict[str, int] = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=list)  # .npz / .npy files, one input set each (else random sets)
+    levels: tuple[str, ...] = DEFAULT_LEVELS  # onnxruntime optimisation levels to run
 
 
 @dataclass
@@ -170,12 +172,18 @@ def _fold_in_memory(src: Path, options: dict[str, Any]) -> tuple[FoldReport, byt
             data.close()
 
 
-def _fold_file(src: Path, dst: Path, options: dict[str, Any], make_parents: bool, force: bool) -> FoldReport:
+#: Keywords of qdqfold_native.fold_file that choose how the output stores its tensor data.
+STORAGE_KEYWORDS = ("save_as_external_data", "size_threshold", "data_name")
+
+
+def _fold_file(src: Path, dst: Path, options: dict[str, Any], make_parents: bool, force: bool,
+               storage: dict[str, Any] | None = None) -> FoldReport:
     """Folds ``src`` into ``dst`` file to file in the native core (input mapped, output written once, external
-    data kept external in files named after ``dst``): the one place where a file is folded."""
+    data in files named after ``dst``, or as ``storage`` says): the one place where a file is folded."""
     _make_parent(dst, make_parents)
     try:
-        native = qdqfold_native.fold_file(src, dst, force=force, **with_inferred_shapes(src, options))
+        native = qdqfold_native.fold_file(src, dst, force=force, **(storage or {}),
+                                          **with_inferred_shapes(src, options))
     except FoldError as e:
         raise ModelError(_native_error(e, src)) from e
     return FoldReport.from_native(native)
@@ -210,10 +218,11 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, options: dict[str, Any] | None = None,
                      *, verification: VerifySettings | None = None, make_parents: bool = False,
-                     force: bool = False) -> ModelResult:
+                     force: bool = False, storage: dict[str, Any] | None = None) -> ModelResult:
     """Folds the model file ``src`` into ``dst`` (None: a dry run, nothing written) and, with
     ``verification``, runs both in onnxruntime. ``force`` lets the output's data files replace existing files
-    that are not from an earlier run of the same output. Raises :class:`ModelError` (one line naming the path)."""
+    that are not from an earlier run of the same output; ``storage`` holds the fold_file keywords of
+    :data:`STORAGE_KEYWORDS`. Raises :class:`ModelError` (one line naming the path)."""
     start = time.perf_counter()
     src, dst = Path(src), (Path(dst) if dst is not None else None)
     options = dict(options or {})
@@ -243,7 +252,7 @@ def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, opti
         if target is None:
             report, folded = _fold_in_memory(src, options)
         else:
-            report, folded = _fold_file(src, target, options, make_parents, force), None
+            report, folded = _fold_file(src, target, options, make_parents, force, storage), None
         if info_before is None:  # the native core accepted what the walker did not: not expected
             raise ModelError(f"{src}: cannot list its nodes")
         try:
@@ -261,7 +270,9 @@ def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, opti
             try:
                 result.verification = verify(original if original is not None else src, target,
                                              tolerance=verification.tolerance, seed=verification.seed,
-                                             symbolic_size=verification.symbolic_size, dims=verification.dims)
+                                             symbolic_size=verification.symbolic_size, dims=verification.dims,
+                                             report=report, inputs=verification.inputs or None,
+                                             levels=verification.levels)
             except VerifyError as e:
                 raise ModelError(f"{src}: cannot verify: {e}") from e
     result.seconds = time.perf_counter() - start
@@ -304,7 +315,9 @@ def fold_bytes_result(data: bytes, label: str, dst: str | os.PathLike | None, op
     if verification is not None:
         try:
             result.verification = verify(data, folded, tolerance=verification.tolerance, seed=verification.seed,
-                                         symbolic_size=verification.symbolic_size, dims=verification.dims)
+                                         symbolic_size=verification.symbolic_size, dims=verification.dims,
+                                         report=report, inputs=verification.inputs or None,
+                                         levels=verification.levels)
         except VerifyError as e:
             raise ModelError(f"{label}: cannot verify: {e}") from e
     result.seconds = time.perf_counter() - start
@@ -346,13 +359,14 @@ def _raise_if_interrupted(src: Path | str = "", written: Path | str | None = Non
 
 def fold_file_captured(src: str, dst: str | None, options: dict[str, Any] | None = None,
                        verification: VerifySettings | None = None, make_parents: bool = True,
-                       keep_traceback: bool = False, force: bool = False) -> ModelResult:
+                       keep_traceback: bool = False, force: bool = False,
+                       storage: dict[str, Any] | None = None) -> ModelResult:
     """As :func:`fold_file_result`, but a failure comes back as a result with ``error`` set, never raised.
     Unexpected exceptions are caught too, so one bad model never stops a batch."""
     try:
         _raise_if_interrupted(src)
         result = fold_file_result(src, dst, options, verification=verification, make_parents=make_parents,
-                                  force=force)
+                                  force=force, storage=storage)
         result.model_info = None  # not needed by batch callers; keeps results small to send between processes
         return result
     except ModelError as e:

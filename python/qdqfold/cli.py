@@ -27,7 +27,7 @@ from .verify import DEFAULT_TOLERANCE, VerifyResult
 EXIT_OK = 0
 EXIT_FAILED = 1  # bad input, a path that cannot be read or written; in batch mode: any model failed
 EXIT_USAGE = 2  # bad arguments (argparse's own code too)
-EXIT_MISMATCH = 3  # --verify: an output differs by more than --tolerance
+EXIT_MISMATCH = 3  # --verify: the verdict is "differs"
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 EXIT_STATUS_HELP = """exit status:
@@ -36,7 +36,7 @@ EXIT_STATUS_HELP = """exit status:
      external data) or a path that cannot be read or written; with several models: any model failed
   2  bad arguments (including an unknown --explain node, or an output that would overwrite its input
      without --in-place)
-  3  --verify: an output of the folded model differs from the original's by more than --tolerance
+  3  --verify: the verdict is "differs" (a fold over its rounding bound, or an output beyond the rounding floor)
   130  interrupted (Ctrl-C): nothing partial is left; with several models, the failures list what was not done"""
 
 # Flags for the fold options of qdqfold_native.options(): a flag turns the default around. An option the
@@ -100,6 +100,12 @@ def _dim(text: str) -> tuple[str, int]:
     return name, int(value)
 
 
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of bytes, got {text!r}")
+    return int(text)
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -133,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let the output's external data file (OUT.data) replace an existing file that is not "
                             "from an earlier run of the same output")
     where.add_argument("-n", "--dry-run", action="store_true", help="fold and report, write no model")
+    store = parser.add_argument_group("how the output stores its weights (default: as the input did)")
+    layout = store.add_mutually_exclusive_group()
+    layout.add_argument("--save-as-external-data", dest="external_data", action="store_const", const=True,
+                        default=None, help="every initializer of at least --size-threshold bytes in one data file "
+                                           "beside the output (OUT.data, or --data-name)")
+    layout.add_argument("--no-external-data", dest="external_data", action="store_const", const=False,
+                        help="every tensor inline in the model file (an error past protobuf's 2 GB limit)")
+    store.add_argument("--size-threshold", type=_non_negative_int, metavar="BYTES",
+                       help="with external data: tensors of at least BYTES go to the data file (default 1024)")
+    store.add_argument("--data-name", metavar="NAME",
+                       help="with external data: the data file's name, beside the output (default OUT.data)")
     show = parser.add_argument_group("what to print")
     show.add_argument("--report-json", metavar="PATH", help="write the full report as JSON to PATH")
     show.add_argument("--json", action="store_true", help="print the full report as JSON on stdout, nothing else")
@@ -142,18 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
                       help="colour the output: auto (default) colours a terminal unless NO_COLOR is set")
     show.add_argument("--no-progress", action="store_true", help="no progress bar with several models")
     show.add_argument("--debug", action="store_true", help="show a traceback on errors")
-    check = parser.add_argument_group("verification (onnxruntime, graph optimisations off)")
+    check = parser.add_argument_group("verification (onnxruntime, optimisations off and at its default level)")
     check.add_argument("--verify", action="store_true",
-                       help="run the original and the folded model on the same seeded random inputs and compare "
-                            "every output; count onnxruntime's quantized node units before and after")
+                       help="check each fold on the original's activations against a float-rounding bound, and "
+                            "every output against a rounding twin of the original (BN and weight scales one ulp "
+                            "off, not folded), on the same inputs; verdict exact / approximate / differs (exit "
+                            "status 3); count onnxruntime's quantized node units before and after")
     check.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="T",
-                       help="largest difference allowed, as a share of each output's range (default %(default)g); "
-                            "over it, exit status 3")
+                       help="difference always allowed, as a share of each output's range, where the rounding "
+                            "floor is smaller (float models; default %(default)g)")
     check.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     check.add_argument("--dim", type=_dim, action="append", default=[], metavar="NAME=N",
                        help="size of the symbolic dimension NAME in the random inputs (repeatable)")
-    check.add_argument("--symbolic-size", type=_positive_int, default=1, metavar="N",
-                       help="size of every other symbolic dimension (default 1)")
+    check.add_argument("--symbolic-size", type=_positive_int, default=None, metavar="N",
+                       help="size of every other symbolic dimension (default: 1 for the leading (batch) one, "
+                            "32 for the others)")
+    check.add_argument("--inputs", dest="input_files", action="append", default=[], metavar="FILE",
+                       help="verify on these inputs instead of random ones: .npz keyed by input name, or .npy for a "
+                            "single input; one input set per file (repeat the option for several)")
+    check.add_argument("--ort-level", choices=("both", "off", "default", "basic", "extended"), default="both",
+                       help="onnxruntime graph optimisations to verify at: off, its default level (ORT_ENABLE_ALL), "
+                            "basic, extended, or both off and default (the default)")
     many = parser.add_argument_group("several models")
     many.add_argument("-j", "--jobs", type=_positive_int, default=1, metavar="N",
                       help="fold N models at a time (threads; default 1)")
@@ -289,19 +315,43 @@ def _fmt(x: float | None) -> str:
 
 def _verify_lines(v: VerifyResult, style: Style) -> list[str]:
     shapes = ", ".join(f"{k} {v2}" for k, v2 in v.input_shapes.items())
-    lines = [style.bold("verification") + style.dim(f" (onnxruntime, optimisations off, seed {v.seed}; {shapes})")]
+    dims = ", ".join(f"{k}={n}" for k, n in v.symbolic_dims.items())
+    source = f"{v.input_sets} random input sets, seeds {v.seed}.." if v.input_source == "random" else \
+        f"inputs {v.input_source}"
+    extra = sum(v.extra_input_sets.values())
+    source += f" (+{extra} to decide)" if extra else ""
+    lines = [style.bold("verification") + style.dim(f" (onnxruntime, levels {', '.join(v.levels)}; {source}; {shapes}"
+                                                    + (f"; symbolic {dims}" if dims else "") + ")")]
+    verdict = {"exact": style.good, "approximate": style.warn, "differs": style.bad}[v.verdict](v.verdict.upper())
+    lines.append(f"  verdict: {verdict}" + (" (only with onnxruntime's optimisations on)"
+                                            if v.only_with_optimisations() else ""))
     rows = []
-    for o in v.outputs:
-        moved = "-" if o.moved is None else f"{o.moved}/{o.elements} (step {o.step:.3g})"
-        status = style.good("ok") if o.passed else style.bad("FAIL")
-        rows.append([o.name, _fmt(o.max_abs), _fmt(o.max_rel), _fmt(o.of_range), moved, status])
-    lines += _table(rows, ["output", "max abs", "max rel", "of range", "moved >= 1/2 step", f"tol {v.tolerance:g}"],
-                    style, "lrrrrl")
-    before, after = sum(v.quantized_units_before.values()), sum(v.quantized_units_after.values())
-    detail = ", ".join(f"{op} {n}" for op, n in v.quantized_units_after.items())
-    text = f"  onnxruntime quantized node units (ORT_ENABLE_EXTENDED): before {before}, after {after}"
-    text += f" ({detail})" if detail else ""
-    lines.append(text if after >= before else style.bad(text))
+    for level, outputs in v.levels.items():
+        for o in outputs:
+            moved = "-" if o.moved is None else f"{o.moved}/{o.elements}"
+            floor_moved = "-" if o.floor_moved is None else f"{o.floor_moved}"
+            status = {"exact": style.good, "approximate": style.warn, "differs": style.bad}[o.verdict](o.verdict)
+            rows.append([o.name, level, _fmt(o.of_range), _fmt(o.floor_of_range), moved, floor_moved,
+                         _fmt(o.snr_db), _fmt(o.floor_snr_db), status])
+    lines += _table(rows, ["output", "level", "fold/range", "floor/range", "moved", "floor moved", "SNR dB",
+                           "floor SNR", "verdict"], style, "llrrrrrrl")
+    worst = v.worst_fold
+    if worst is not None:
+        text = (f"  certificates: {len(v.certificates)} folds checked on the original's activations; worst "
+                f"{worst.node}: {worst.ratio:.3g} of its rounding bound (max abs {worst.max_abs:.3g}"
+                + (f", channel {worst.channel}" if worst.channel is not None else "") + ")")
+        lines.append(text if worst.passed else style.bad(text))
+    if v.uncertified:
+        lines.append(style.dim(f"  not certified (not isolable): {', '.join(v.uncertified)}"))
+    for level, why in v.skipped_levels.items():
+        lines += [style.warn(line) for line in _wrapped(
+            f"not checked at level {level}: onnxruntime cannot build the original model there ({why})", "  ", "    ")]
+    if v.units_level is not None:
+        before, after = sum(v.quantized_units_before.values()), sum(v.quantized_units_after.values())
+        detail = ", ".join(f"{op} {n}" for op, n in v.quantized_units_after.items())
+        text = f"  onnxruntime quantized node units ({v.units_level}): before {before}, after {after}"
+        text += f" ({detail})" if detail else ""
+        lines.append(text if after >= before else style.bad(text))
     return lines
 
 
@@ -332,10 +382,27 @@ def _options(args: argparse.Namespace) -> dict[str, bool]:
     return {name: getattr(args, name) for name in OPTIONS}
 
 
+def _storage(args: argparse.Namespace) -> dict[str, object]:
+    """fold_file's storage keywords from --save-as-external-data / --no-external-data / --size-threshold /
+    --data-name (the last two imply external data)."""
+    if args.external_data is False and (args.size_threshold is not None or args.data_name):
+        raise UsageError("--size-threshold and --data-name describe external data; not with --no-external-data")
+    storage: dict[str, object] = {}
+    if args.external_data is not None:
+        storage["save_as_external_data"] = args.external_data
+    if args.size_threshold is not None:
+        storage["size_threshold"] = args.size_threshold
+    if args.data_name:
+        storage["data_name"] = args.data_name
+    return storage
+
+
 def _verification(args: argparse.Namespace) -> VerifySettings | None:
     if not args.verify:
         return None
-    return VerifySettings(args.tolerance, args.seed, args.symbolic_size, dict(args.dim))
+    levels = ("off", "default") if args.ort_level == "both" else (args.ort_level,)
+    files = list(args.input_files)
+    return VerifySettings(args.tolerance, args.seed, args.symbolic_size, dict(args.dim), files, levels)
 
 
 def _same_file(a: str | Path, b: str | Path) -> bool:
@@ -400,9 +467,7 @@ def _verification_failure(result: ModelResult) -> str | None:
     v = result.verification
     if v is None or v.passed:
         return None
-    worst = max((o for o in v.outputs if not o.passed), key=lambda o: o.of_range)
-    return (f"{result.input}: verification failed: output {worst.name!r} differs by {worst.max_abs:.3g} "
-            f"({worst.of_range:.3g} of its range), over the tolerance {v.tolerance:g}")
+    return f"{result.input}: verification failed: {v.failure_message()}"
 
 
 def run_single(args: argparse.Namespace, style: Style) -> int:
@@ -413,6 +478,8 @@ def run_single(args: argparse.Namespace, style: Style) -> int:
     folded: bytes | None = None
     try:
         if source == "-" or to_stdout:  # the model passes through memory
+            if args.external_data or args.size_threshold is not None or args.data_name:
+                raise UsageError("external data options need a model file output (-o FILE)")
             if source == "-":
                 data, base = sys.stdin.buffer.read(), None
             else:
@@ -423,7 +490,8 @@ def run_single(args: argparse.Namespace, style: Style) -> int:
         else:
             output = _single_output(args)
             result = _run_interruptibly(fold_file_result, source, output, _options(args),
-                                        verification=_verification(args), make_parents=True, force=args.force)
+                                        verification=_verification(args), make_parents=True, force=args.force,
+                                        storage=_storage(args))
     except ModelError as e:
         raise InputError(str(e)) from e
     _in_cli_words(result)
@@ -532,13 +600,16 @@ def run_many(args: argparse.Namespace, style: Style) -> int:
     results: list[ModelResult | None] = [None] * len(plan)
     from tqdm import tqdm
 
+    if args.data_name:
+        raise UsageError("--data-name names one data file; with several models each output's data is named after it")
+    storage = _storage(args)
     interrupted = False
     client = _dask_client(args.dask) if args.dask else None
     pool = client.get_executor() if client is not None else concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs)
     with tqdm(total=len(plan), unit="model", file=sys.stderr, disable=not show_progress, leave=False,
               ncols=min(terminal.columns, 100), nrows=terminal.lines) as bar:
         futures = {pool.submit(fold_file_captured, str(src), str(dst) if dst is not None else None, _options(args),
-                               _verification(args), True, args.debug, args.force): index
+                               _verification(args), True, args.debug, args.force, storage): index
                    for index, (src, dst) in enumerate(plan)}
         try:
             for future in concurrent.futures.as_completed(futures):

@@ -21,6 +21,12 @@ def with_schema(document: dict[str, Any]) -> dict[str, Any]:
     return {"schema": SCHEMA, **document}
 
 
+def _how(exact: bool | str, metrics: dict[str, float], approximately: str) -> str:
+    if exact == "bias-rounded":
+        return f"exactly but for the int32 bias rounding, <= {metrics.get('bias_error_at_output', 0):.3g} at the output"
+    return "exactly" if exact else approximately
+
+
 @dataclass(frozen=True)
 class BatchNormEntry:
     """One BatchNormalization: folded (into what, which way) or kept (reason code and sentence)."""
@@ -33,7 +39,7 @@ class BatchNormEntry:
     into_op: str | None
     code: str
     message: str
-    exact: bool
+    exact: bool | str  # True, "bias-rounded" (exact but for a reported int32 bias rounding), or False
     new_tensors: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     # "BatchNormalization", or Mul / Add / Sub / Div by a per-channel constant folded like one (FrozenBatchNorm2d,
@@ -43,7 +49,7 @@ class BatchNormEntry:
     def describe(self) -> str:
         """One line for people."""
         if self.folded:
-            how = "exactly" if self.exact else "APPROXIMATELY"
+            how = _how(self.exact, self.metrics, "APPROXIMATELY")
             return f"{self.node}: folded {self.direction} into {self.into_op} {', '.join(self.into)} ({how}; {self.code})"
         return f"{self.node}: kept [{self.code}] {self.message}"
 
@@ -135,7 +141,7 @@ class FoldReport:
                 read_by = ", ".join(f"{r.op_type} {r.name}" for r in readers)
                 lines.append(f"  writes  {bn.outputs[0]!r}, read by " + (read_by or "nothing (a graph output)"))
         if entry.folded:
-            how = "exactly" if entry.exact else "APPROXIMATELY (an approximate option allowed it)"
+            how = _how(entry.exact, entry.metrics, "APPROXIMATELY (an approximate option allowed it)")
             lines.append(f"  folded  {entry.direction} into {entry.into_op} {', '.join(entry.into)}, {how}"
                          f" (fold {entry.code})")
             if entry.new_tensors:
