@@ -74,3 +74,13 @@ def test_a_conv_output_read_elsewhere_keeps_the_bn_and_changes_nothing():
     r = report["batchnorms"][0]
     assert not r["folded"] and r["code"] == "layer-output-is-graph-output", r
     assert out == data
+
+
+def test_verify_judges_the_concat_fold_without_certifying_it():
+    """verify's certificates feed one layer's input: a fold into parallel layers is listed as not isolable."""
+    from qdqfold.verify import verify
+
+    model = mixed_conv_bn()
+    out, report = qdqfold_native.fold_with_report(model.SerializeToString())
+    result = verify(model, out, report=report, input_sets=1, levels=("off",))
+    assert result.verdict == "exact"
