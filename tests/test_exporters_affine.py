@@ -289,3 +289,14 @@ def test_frozen_batchnorm_behind_an_activation_quantizer_is_reported_kept():
     records = {r["node"]: r for r in report["batchnorms"]}
     assert records["fbn_mul"]["code"] == "activation-quantizer" and not records["fbn_mul"]["folded"], records
     assert out == case.bytes
+
+
+def test_cli_summary_counts_them_apart(tmp_path):
+    import subprocess
+    import sys
+
+    onnx.save(frozen_bn(), tmp_path / "m.onnx")
+    result = subprocess.run([sys.executable, "-m", "qdqfold", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "BatchNormalization: 0 found, per-channel Mul/Add/Sub/Div: 2 found; 2 folded, 0 kept" in result.stdout

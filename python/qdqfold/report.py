@@ -54,6 +54,16 @@ class BatchNormEntry:
         return f"{self.node}: kept [{self.code}] {self.message}"
 
 
+def found_line(totals: dict[str, int]) -> str:
+    """The head line of a summary from ``totals`` (one model's or summed over many): the BatchNormalization
+    count, the per-channel Mul/Add/Sub/Div count when there are any, then folded and kept (both kinds)."""
+    ew = totals.get("elementwise", 0)
+    found = f"BatchNormalization: {totals['batchnorms']} found" + (
+        f", per-channel Mul/Add/Sub/Div: {ew} found" if ew else "")
+    return f"{found}; {totals['folded']} folded, {totals['kept']} kept" if ew else \
+        f"{found}, {totals['folded']} folded, {totals['kept']} kept"
+
+
 @dataclass
 class FoldReport:
     """The report of one fold run. ``batchnorms`` lists every BatchNormalization, subgraphs included."""
