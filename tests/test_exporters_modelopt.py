@@ -128,3 +128,13 @@ def test_standard_qdq_refuses_an_activation_quantizer_below_its_opset():
     q.input[0] = "x"  # quantizing the activation instead
     with pytest.raises(TrtCompatError, match="opset 19"):
         standard_qdq(model.SerializeToString())
+
+
+def test_verify_compares_through_the_standard_rewrite_and_says_so():
+    from qdqfold.verify import verify
+
+    model = trt_model("int4", per_channel=True, opset=21)
+    out, report = qdqfold_native.fold_with_report(model.SerializeToString())
+    result = verify(model, out, report=report, input_sets=1, levels=("off",))
+    assert result.verdict == "exact" and "trt::" in result.rewritten
+    assert verify(model, model, input_sets=1, levels=("off",), twin=False, certificates=False).rewritten

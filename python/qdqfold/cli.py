@@ -343,6 +343,8 @@ def _verify_lines(v: VerifyResult, style: Style) -> list[str]:
         lines.append(text if worst.passed else style.bad(text))
     if v.uncertified:
         lines.append(style.dim(f"  not certified (not isolable): {', '.join(v.uncertified)}"))
+    if v.rewritten:
+        lines.append(style.dim(f"  compared with {v.rewritten}"))
     for level, why in v.skipped_levels.items():
         lines += [style.warn(line) for line in _wrapped(
             f"not checked at level {level}: onnxruntime cannot build the original model there ({why})", "  ", "    ")]

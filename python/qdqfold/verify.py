@@ -151,6 +151,9 @@ class VerifyResult:
     #: Levels asked for that could not be checked: onnxruntime cannot build the original there (its own
     #: rewrites fail, e.g. ConvBnFusion making a weight over 2 GB). The level and onnxruntime's reason.
     skipped_levels: dict[str, str] = field(default_factory=dict)
+    #: Set when the models were compared with TensorRT's trt:: quantizers rewritten as standard ops
+    #: (qdqfold.trt_compat.standard_qdq): onnxruntime cannot run them as they are.
+    rewritten: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -322,6 +325,28 @@ def _level(name: str):
     if name not in LEVELS:
         raise VerifyError(f"unknown onnxruntime optimisation level {name!r} (one of {', '.join(LEVELS)})")
     return getattr(ort.GraphOptimizationLevel, LEVELS[name])
+
+
+def _rewrite_trt(base: _Model, fold: _Model) -> tuple[_Model, _Model] | None:
+    """Both models with TensorRT's trt:: quantizers rewritten as standard ops (qdqfold.trt_compat), when the
+    original has any; onnxruntime cannot run them. None otherwise."""
+    from .trt_compat import TRT_OPS, TrtCompatError, standard_qdq
+
+    def data(m: _Model) -> bytes:
+        source = m.source()
+        if isinstance(source, str):
+            from .api import load_model_bytes
+
+            return load_model_bytes(source)
+        return source
+
+    # The ModelProto without external data (loaded once, verify needs it anyway): no model is read twice.
+    if not any(n.domain == "trt" and n.op_type in TRT_OPS for n in base.proto().graph.node):
+        return None
+    try:
+        return _Model(standard_qdq(data(base))), _Model(standard_qdq(data(fold)))
+    except TrtCompatError as e:
+        raise VerifyError(f"onnxruntime cannot run TensorRT's trt:: quantizers, and {e}") from e
 
 
 def _session(source: str | bytes, level: Any = None, optimized_path: str | None = None,
@@ -1111,6 +1136,9 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
     import numpy as np
 
     base, fold = _Model(original), _Model(folded)
+    rewritten = _rewrite_trt(base, fold)
+    if rewritten:
+        base, fold = rewritten
     levels = sorted(dict.fromkeys(levels), key=lambda lv: lv != "off") or ["off"]  # off first: the baseline
     for lv in levels:
         _level(lv)
@@ -1307,7 +1335,9 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
                           {k: list(v.shape) for k, v in feed_sets[0].items()},
                           levels=level_checks, certificates=list(certs.values()), uncertified=sorted(set(skipped)),
                           input_sets=len(feed_sets), input_source=source_text, symbolic_dims=sizes,
-                          extra_input_sets=extra_sets, skipped_levels=skipped_levels)
+                          extra_input_sets=extra_sets, skipped_levels=skipped_levels,
+                          rewritten="TensorRT's trt:: quantizers rewritten as standard ops for this comparison"
+                          if rewritten else None)
     tmpdir.cleanup()
     # onnxruntime forms quantized units only from Q/DQ pairs: a model without them has none to lose.
     if count_units and any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in base.proto().graph.node):
