@@ -2,9 +2,13 @@
 
 import mmap
 import os
+import sys
 from typing import Any, Mapping, Sequence, TypedDict, Union
 
-from typing_extensions import Unpack
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # a dependency of qdqfold on these Pythons (pyproject.toml)
+    from typing_extensions import Unpack
 
 __version__: str
 
