@@ -37,13 +37,14 @@ def test_fold_file_matches_fold_on_bytes(tmp_path):
     report = qdqfold_native.fold_file(source, out)
     expected, expected_report = qdqfold_native.fold_with_report(source.read_bytes())
     assert out.read_bytes() == expected
+    assert report.pop("data_files") == [] and report.pop("removed_files") == []
     assert report == expected_report
 
 
 def test_fold_file_errors_name_the_path(tmp_path):
-    with pytest.raises(qdqfold_native.FoldError, match="missing.onnx: cannot open"):
+    with pytest.raises(qdqfold_native.FileError, match="missing.onnx: the model file is missing"):
         qdqfold_native.fold_file(tmp_path / "missing.onnx", tmp_path / "out.onnx")
-    with pytest.raises(qdqfold_native.FoldError, match="cannot write"):
+    with pytest.raises(qdqfold_native.FileError, match="out.onnx: cannot write: the directory .*/no does not exist"):
         qdqfold_native.fold_file(MODELS / "seed_prebn.onnx", tmp_path / "no" / "out.onnx")
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08")
@@ -67,7 +68,8 @@ def test_external_data_is_folded_and_stays_external(tmp_path, beside_input):
     weight = next(t for t in folded.graph.initializer if t.name.startswith("w"))
     assert weight.data_location == TensorProto.EXTERNAL
     location = {e.key: e.value for e in weight.external_data}["location"]
-    assert location == ("folded.onnx.m.data" if beside_input else "m.data")
+    assert location == "folded.onnx.data"  # named after the output, wherever it is
+    assert report["data_files"] == [str(out_dir / "folded.onnx.data")]
     original_entries = {e.key: e.value for e in onnx.load(src_dir / "m.onnx", load_external_data=False)
                         .graph.initializer[0].external_data}
     assert {e.key: e.value for e in weight.external_data}["offset"] == original_entries["offset"]
@@ -80,7 +82,7 @@ def test_missing_external_data_file_names_it(tmp_path):
     onnx.save(conv_bn_model(), tmp_path / "m.onnx", save_as_external_data=True, location="m.data",
               size_threshold=1024)
     (tmp_path / "m.data").unlink()
-    with pytest.raises(qdqfold_native.FoldError, match="m.data: external data file of tensor 'w' is missing"):
+    with pytest.raises(qdqfold_native.FileError, match="m.data: the external data file of tensor 'w' is missing"):
         qdqfold_native.fold_file(tmp_path / "m.onnx", tmp_path / "out.onnx")
 
 
@@ -234,7 +236,7 @@ def test_external_data_with_folded_tensors_between_unchanged_bytes(tmp_path, ali
     original_data = _external_model(src, alias)
     report = qdqfold_native.fold_file(src / "m.onnx", out / "m.onnx")
     assert all(b["folded"] for b in report["batchnorms"]), report
-    written = (out / "m.data").read_bytes()
+    written = (out / "m.onnx.data").read_bytes()
     size = 16 * 16 * 9 * 4
     if alias:
         # w_a and w_b read the same bytes, so neither may overwrite them: both are appended, page-aligned,

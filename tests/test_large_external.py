@@ -67,17 +67,18 @@ def test_model_over_2gb_folds_with_external_data(big_model, tmp_path):
     out = tmp_path / "folded.onnx"
     report = qdqfold_native.fold_file(directory / "big.onnx", out)
     assert [b["folded"] for b in report["batchnorms"]] == [True, True]
+    assert report["data_files"] == [str(tmp_path / "folded.onnx.data")]  # named after the output
 
     folded = onnx.load(out, load_external_data=False)
     assert [n.op_type for n in folded.graph.node] == ["Conv", "Conv"]
     inits = {t.name: t for t in folded.graph.initializer}
     conv1, conv2 = folded.graph.node
-    data = np.memmap(tmp_path / "big.data", dtype=np.uint8, mode="r")
+    data = np.memmap(tmp_path / "folded.onnx.data", dtype=np.uint8, mode="r")
     assert data.size == (directory / "big.data").stat().st_size  # same layout: same offsets, same size
 
     def external_array(name: str, shape) -> np.ndarray:
         entries = {e.key: e.value for e in inits[name].external_data}
-        assert entries["location"] == "big.data"
+        assert entries["location"] == "folded.onnx.data"
         offset, length = int(entries["offset"]), int(entries["length"])
         return data[offset:offset + length].view(np.float32).reshape(shape)
 

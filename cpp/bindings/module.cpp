@@ -9,6 +9,7 @@
 #include <string>
 
 #include "../core/api.h"
+#include "../core/file_io.h"
 #include "../core/files.h"
 
 namespace py = pybind11;
@@ -54,6 +55,15 @@ std::map<std::string, std::vector<int64_t>> parse_shapes(const py::handle& value
     shapes[py::cast<std::string>(entry.first)] = std::move(dims);
   }
   return shapes;
+}
+
+// Keywords that are not fold options: fold()'s `base_directory`, fold_file()'s `force`. Taken out of `kwargs`
+// by the caller before parse_options sees them.
+py::object take_keyword(py::kwargs& kwargs, const char* name) {
+  if (!kwargs.contains(name)) return py::none();
+  py::object value = kwargs[name];
+  PyDict_DelItemString(kwargs.ptr(), name);
+  return value;
 }
 
 Options parse_options(const py::kwargs& kwargs) {
@@ -122,15 +132,21 @@ py::dict report_to_dict(const qdqfold::Report& report) {
 
 // Parses and folds with the GIL released, allocates the result bytes with it held, then fills them with the
 // GIL released again: the output is written once, into its final buffer.
-std::pair<py::bytes, qdqfold::Report> run(const py::object& model, const py::kwargs& kwargs) {
+std::pair<py::bytes, qdqfold::Report> run(const py::object& model, py::kwargs kwargs) {
+  const py::object base = take_keyword(kwargs, "base_directory");
   const Options options = parse_options(kwargs);
+  std::unique_ptr<qdqfold::graph::ExternalResolver> external;
+  if (!base.is_none()) {
+    const auto directory = py::cast<std::string>(py::module_::import("os").attr("fspath")(base));
+    external = qdqfold::external_data_in(directory.empty() ? "." : directory, "the model in memory");
+  }
   InputBuffer input(model);
   // First with the checks deferred to the writing; in the rare case one fails, once more checking first.
   for (const bool defer_checks : {true, false}) {
     std::unique_ptr<qdqfold::FoldPlan> plan;
     {
       py::gil_scoped_release release;
-      plan = qdqfold::plan_fold(input.bytes(), options, defer_checks);
+      plan = qdqfold::plan_fold(input.bytes(), options, defer_checks, external.get());
     }
     PyObject* out = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(plan->pieces.size()));
     if (!out) throw py::error_already_set();
@@ -151,30 +167,37 @@ PYBIND11_MODULE(qdqfold_native, m) {
             "quantized (QDQ) weights included, reading and writing the protobuf wire format directly.";
   m.attr("__version__") = QDQFOLD_VERSION;
   static py::exception<qdqfold::FoldError> fold_error(m, "FoldError", PyExc_ValueError);
+  static py::exception<qdqfold::io::FileError> file_error(m, "FileError", fold_error.ptr());
   py::register_exception_translator([](std::exception_ptr p) {
+    // Messages quote names from the model, which need not be UTF-8: decode with replacement, so that a
+    // FoldError is what arrives, not a UnicodeDecodeError.
+    auto raise = [](const py::object& type, const std::string& what) {
+      py::set_error(type, py::reinterpret_steal<py::str>(
+                              PyUnicode_DecodeUTF8(what.data(), static_cast<Py_ssize_t>(what.size()), "replace")));
+    };
     try {
       if (p) std::rethrow_exception(p);
+    } catch (const qdqfold::io::FileError& e) {
+      raise(file_error, e.what());
     } catch (const qdqfold::FoldError& e) {
-      // Messages quote names from the model, which need not be UTF-8: decode with replacement, so that a
-      // FoldError is what arrives, not a UnicodeDecodeError.
-      const std::string what = e.what();
-      py::set_error(fold_error, py::reinterpret_steal<py::str>(PyUnicode_DecodeUTF8(what.data(),
-                                                                                   static_cast<Py_ssize_t>(what.size()),
-                                                                                   "replace")));
+      raise(fold_error, e.what());
     }
   });
 
   m.def(
-      "fold", [](const py::object& model, const py::kwargs& kwargs) { return run(model, kwargs).first; },
+      "fold", [](const py::object& model, py::kwargs kwargs) { return run(model, std::move(kwargs)).first; },
       py::arg("model"),
-      "fold(model, **options) -> bytes\n\n"
+      "fold(model, *, base_directory=None, **options) -> bytes\n\n"
       "Folds every BatchNormalization it can fold exactly and returns the new model's bytes. `model` is any\n"
       "bytes-like object holding a serialized ModelProto; it is read in place. Raises FoldError (a ValueError)\n"
-      "for input that is not a valid ONNX model. See options() for the keyword options and their defaults.");
+      "for input that is not a valid ONNX model. See options() for the keyword options and their defaults.\n"
+      "`base_directory`: the directory external-data locations are relative to (the model file's directory);\n"
+      "they are read under fold_file()'s rules. Folded external tensors are written inline; others keep their\n"
+      "references. Without it, BNs whose weights are external are kept.");
   m.def(
       "fold_with_report",
-      [](const py::object& model, const py::kwargs& kwargs) {
-        auto [bytes, report] = run(model, kwargs);
+      [](const py::object& model, py::kwargs kwargs) {
+        auto [bytes, report] = run(model, std::move(kwargs));
         return py::make_tuple(bytes, report_to_dict(report));
       },
       py::arg("model"),
@@ -184,7 +207,13 @@ PYBIND11_MODULE(qdqfold_native, m) {
       "and the layer(s) it went into, or the reason code and sentence for keeping it.");
   m.def(
       "fold_file",
-      [](const py::object& src, const py::object& dst, const py::kwargs& kwargs) {
+      [](const py::object& src, const py::object& dst, py::kwargs kwargs) {
+        qdqfold::FileOptions file_options;
+        const py::object force = take_keyword(kwargs, "force");
+        if (!force.is_none()) {
+          if (!PyBool_Check(force.ptr())) throw py::type_error("option 'force' takes True or False");
+          file_options.force = force.cast<bool>();
+        }
         const Options options = parse_options(kwargs);
         const auto fspath = py::module_::import("os").attr("fspath");
         const auto source = py::cast<std::string>(fspath(src));
@@ -192,17 +221,27 @@ PYBIND11_MODULE(qdqfold_native, m) {
         qdqfold::Report report;
         {
           py::gil_scoped_release release;
-          report = qdqfold::fold_file(source, destination, options);
+          report = qdqfold::fold_file(source, destination, options, file_options);
         }
-        return report_to_dict(report);
+        py::dict result = report_to_dict(report);
+        result["data_files"] = report.data_files;
+        result["removed_files"] = report.removed_files;
+        return result;
       },
       py::arg("src"), py::arg("dst"),
-      "fold_file(src, dst, **options) -> dict\n\n"
-      "Folds the model file `src` into `dst` (may be the same path) and returns the report. The input is mapped,\n"
-      "not read; the output is written once, to a temporary file renamed over `dst`. External data files are\n"
-      "read where the model points and written beside `dst` with the same offsets (prefixed with dst's file name\n"
-      "when `dst` is in the input's directory). Raises FoldError for an invalid model or a path that cannot be\n"
-      "read or written.");
+      "fold_file(src, dst, *, force=False, **options) -> dict\n\n"
+      "Folds the model file `src` into `dst` (may be the same path) and returns the report, with 'data_files'\n"
+      "(the external data files written beside `dst`) and 'removed_files'. The input is mapped, not read; each\n"
+      "output is written once, to a temporary file renamed over it. External data is read only from regular files\n"
+      "inside src's directory and written to files named after dst (dst.data, dst.2.data, ...), offsets kept. An\n"
+      "existing file at such a name is replaced only when dst refers to it (an earlier run) or with force=True.\n"
+      "Raises FileError (a FoldError whose message starts with the path at fault) for files that cannot be read,\n"
+      "written or replaced, or that changed while they were read, and FoldError for an invalid model.");
+  m.def(
+      "interrupt", []() { qdqfold::io::interrupt(); },
+      "interrupt() -> None\n\n"
+      "Makes every fold_file() running in this process stop at its next chunk, remove its temporary files and\n"
+      "raise FileError('<dst>: interrupted'). Folds started after the call are not affected.");
   m.def(
       "options",
       []() {

@@ -79,9 +79,10 @@ Report run_folds(graph::Model& model, const Options& options) {
   return report;
 }
 
-std::unique_ptr<FoldPlan> plan_fold(std::string_view model_bytes, const Options& options, bool defer_checks) {
+std::unique_ptr<FoldPlan> plan_fold(std::string_view model_bytes, const Options& options, bool defer_checks,
+                                    graph::ExternalResolver* external) {
   auto plan = std::make_unique<FoldPlan>();
-  plan->model = graph::parse_model(model_bytes);
+  plan->model = graph::parse_model(model_bytes, external);
   if (defer_checks) plan->model->deferred_checks = std::make_shared<graph::Model::DeferredChecks>();
   plan->report = run_folds(*plan->model, options);
   plan->pieces = graph::write_model(*plan->model, plan->arena);

@@ -29,7 +29,10 @@ Report run_folds(graph::Model& model, const Options& options);
 // `defer_checks`: the optimistic first run (graph::Model::DeferredChecks). After writing `pieces`, the caller
 // asks checks_failed(); when true, that output is wrong and must be thrown away and the model planned again
 // with defer_checks = false, which checks everything before writing.
-std::unique_ptr<FoldPlan> plan_fold(std::string_view model_bytes, const Options& options, bool defer_checks = false);
+// `external` resolves external data (see core/files.h, external_data_in); without it external tensors are
+// unreadable and their BNs are kept.
+std::unique_ptr<FoldPlan> plan_fold(std::string_view model_bytes, const Options& options, bool defer_checks = false,
+                                    graph::ExternalResolver* external = nullptr);
 
 // True when a check deferred to the writing of `plan` failed (see plan_fold).
 inline bool checks_failed(const graph::Model& model) {

@@ -1,211 +1,194 @@
 #include "files.h"
 
-#include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <cerrno>
 #include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <vector>
 
+#include "../wire/fields.h"
 #include "background_writer.h"
+#include "file_io.h"
 
 namespace qdqfold {
 
+using io::FileError;
+using io::MappedFile;
+using io::OutputFile;
+
+std::string output_data_name(const std::string& output_name, size_t k) {
+  return k == 0 ? output_name + ".data" : output_name + "." + std::to_string(k + 1) + ".data";
+}
+
 namespace {
 
-std::string os_error(const std::string& what, const std::string& path) {
-  return path + ": " + what + ": " + std::strerror(errno);
+// ------------------------------------------------------------------------------------------------ reading
+
+// A location onnx would accept too: relative, with no ".." component and no NUL.
+bool plain_relative(const std::string& location) {
+  if (location.empty() || location[0] == '/' || location.find('\0') != std::string::npos) return false;
+  size_t begin = 0;
+  while (begin <= location.size()) {
+    size_t end = location.find_first_of("/\\", begin);
+    if (end == std::string::npos) end = location.size();
+    if (location.compare(begin, end - begin, "..") == 0 && end - begin == 2) return false;
+    begin = end + 1;
+  }
+  return true;
 }
 
-std::string directory_of(const std::string& path) {
-  auto slash = path.find_last_of('/');
-  if (slash == std::string::npos) return ".";
-  return slash == 0 ? "/" : path.substr(0, slash);
-}
-
-std::string file_name_of(const std::string& path) {
-  auto slash = path.find_last_of('/');
-  return slash == std::string::npos ? path : path.substr(slash + 1);
-}
-
-bool same_directory(const std::string& a, const std::string& b) {
-  struct stat sa {}, sb {};
-  if (stat(a.c_str(), &sa) != 0 || stat(b.c_str(), &sb) != 0) return a == b;
-  return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
-}
-
-// A read-only mapping of a whole file.
-class MappedFile {
- public:
-  explicit MappedFile(const std::string& path) : path_(path) {
-    fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd_ < 0) throw FoldError(os_error("cannot open", path));
-    struct stat st {};
-    if (fstat(fd_, &st) != 0) throw FoldError(os_error("cannot stat", path));
-    if (S_ISDIR(st.st_mode)) throw FoldError(path + ": is a directory, not a file");
-    size_ = static_cast<size_t>(st.st_size);
-    if (size_ > 0) {
-      void* p = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd_, 0);
-      if (p == MAP_FAILED) throw FoldError(os_error("cannot map", path));
-      data_ = static_cast<const char*>(p);
-      madvise(p, size_, MADV_SEQUENTIAL);
-    }
-  }
-  ~MappedFile() {
-    if (data_) munmap(const_cast<char*>(data_), size_);
-    if (fd_ >= 0) ::close(fd_);
-  }
-  MappedFile(const MappedFile&) = delete;
-  MappedFile& operator=(const MappedFile&) = delete;
-
-  std::string_view view() const { return {data_ ? data_ : "", size_}; }
-  // Gives back the resident pages of the mapping: they stay in the page cache, and a later read maps them
-  // again, but this process's memory does not grow with every weight it reads.
-  void drop_resident() const {
-    if (data_) madvise(const_cast<char*>(data_), size_, MADV_DONTNEED);
-  }
-  // The same for the whole pages inside `bytes`, when they lie in this mapping.
-  void release(std::string_view bytes) const {
-    if (bytes.empty() || !contains(bytes.data()) || !contains(bytes.data() + bytes.size() - 1)) return;
-    const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-    const auto begin = (reinterpret_cast<uintptr_t>(bytes.data()) + page - 1) & ~(page - 1);
-    const auto end = (reinterpret_cast<uintptr_t>(bytes.data()) + bytes.size()) & ~(page - 1);
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
-  }
-  bool contains(const char* p) const { return data_ && p >= data_ && p < data_ + size_; }
-  int64_t offset_of(const char* p) const { return p - data_; }
-  int fd() const { return fd_; }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-  int fd_ = -1;
-  const char* data_ = nullptr;
-  size_t size_ = 0;
-};
-
-// Maps external data files on first use; a location must stay inside the model's directory.
+// Maps external data files on first use. A location must name a regular file inside the model's directory
+// after every link is followed; files are told apart by device and inode, so one file reached by several
+// names is mapped once and written once.
 class FileResolver : public graph::ExternalResolver {
  public:
-  explicit FileResolver(std::string directory) : directory_(std::move(directory)) {}
+  struct DataFile {
+    std::unique_ptr<MappedFile> file;
+    std::string real_path;  // absolute, links resolved
+  };
+
+  // `directory` holds the model; `model` names it in messages (its path, or a label for bytes in memory).
+  FileResolver(std::string directory, std::string model) : model_path_(std::move(model)), directory_(std::move(directory)) {}
 
   std::string_view resolve(const graph::ExternalRef& ref, const std::string& tensor) override {
-    const MappedFile& file = open(ref.location, tensor);
+    const MappedFile& file = *files_[open(ref.location, tensor)].file;
     const auto size = static_cast<int64_t>(file.view().size());
     const int64_t length = ref.length >= 0 ? ref.length : size - ref.offset;
     if (ref.offset > size || length < 0 || length > size - ref.offset)
-      throw FoldError(file.path() + ": external data of tensor '" + tensor + "' (offset " + std::to_string(ref.offset) +
+      throw FileError(file.path() + ": external data of tensor '" + tensor + "' (offset " + std::to_string(ref.offset) +
                       ", length " + std::to_string(length) + ") runs past the end of the file (" +
                       std::to_string(size) + " bytes)");
     return file.view().substr(static_cast<size_t>(ref.offset), static_cast<size_t>(length));
   }
 
-  const MappedFile& open(const std::string& location, const std::string& tensor) {
-    auto it = files_.find(location);
-    if (it != files_.end()) return *it->second;
-    if (location.empty() || location[0] == '/' || location.find("..") != std::string::npos)
-      throw FoldError("external data location '" + location + "' of tensor '" + tensor +
-                      "' is not a path inside the model's directory");
+  // The index in files() of the file `location` names.
+  size_t open(const std::string& location, const std::string& tensor) {
+    auto it = by_location_.find(location);
+    if (it != by_location_.end()) return it->second;
+    const std::string role = "the external data file of tensor '" + tensor + "'";
+    if (!plain_relative(location))
+      throw FileError(model_path_ + ": tensor '" + tensor + "' keeps its data at '" + location +
+                      "', which is not a path inside the model's directory (qdqfold reads external data only "
+                      "from files inside it)");
+    if (!real_directory_) {
+      real_directory_ = io::real_path(directory_);
+      if (!real_directory_) io::throw_os_error("cannot open the model's directory", directory_);
+    }
     const std::string path = directory_ + "/" + location;
-    if (access(path.c_str(), F_OK) != 0)
-      throw FoldError(path + ": external data file of tensor '" + tensor + "' is missing");
-    auto file = std::make_unique<MappedFile>(path);
-    return *files_.emplace(location, std::move(file)).first->second;
+    // Where the name leads, checked before the file is opened: a link out of the directory is never read.
+    const auto real = io::real_path(path);
+    if (real && !io::is_inside(*real, *real_directory_))
+      throw FileError(path + ": " + role + " leads to " + *real + ", outside the model's directory " +
+                      *real_directory_ + " (through a symbolic link); qdqfold reads external data only from "
+                      "files inside it");
+    auto file = std::make_unique<MappedFile>(path, role);  // refuses FIFOs, devices, directories
+    if (!real || io::file_id(*real) != file->id())
+      throw FileError(path + ": the input changed while it was being folded");
+    for (size_t k = 0; k < files_.size(); ++k)
+      if (files_[k].file->id() == file->id()) return by_location_[location] = k;
+    files_.push_back({std::move(file), *real});
+    return by_location_[location] = files_.size() - 1;
   }
 
   bool holds(std::string_view bytes) const override {
-    for (const auto& [location, file] : files_)
-      if (file->contains(bytes.data()) && file->contains(bytes.data() + bytes.size() - (bytes.empty() ? 0 : 1)))
+    for (const auto& f : files_)
+      if (f.file->contains(bytes.data()) && f.file->contains(bytes.data() + bytes.size() - (bytes.empty() ? 0 : 1)))
         return true;
     return false;
   }
 
-  const std::map<std::string, std::unique_ptr<MappedFile>>& files() const { return files_; }
+  const std::vector<DataFile>& files() const { return files_; }
+  const std::map<std::string, size_t>& locations() const { return by_location_; }
   void drop_resident() const {
-    for (const auto& [location, file] : files_) file->drop_resident();
+    for (const auto& f : files_) f.file->drop_resident();
   }
   void release(std::string_view bytes) const {
-    for (const auto& [location, file] : files_) file->release(bytes);
+    for (const auto& f : files_) f.file->release(bytes);
   }
 
  private:
-  std::string directory_;
-  std::map<std::string, std::unique_ptr<MappedFile>> files_;
+  std::string model_path_, directory_;
+  std::optional<std::string> real_directory_;
+  std::vector<DataFile> files_;
+  std::map<std::string, size_t> by_location_;
 };
 
-// A temporary file beside its destination, renamed over it by commit(); removed if never committed.
-class OutputFile {
- public:
-  explicit OutputFile(std::string destination) : destination_(std::move(destination)) {
-    temp_ = directory_of(destination_) + "/." + file_name_of(destination_) + ".XXXXXX.tmp";
-    fd_ = mkstemps(temp_.data(), 4);
-    if (fd_ < 0) throw FoldError(os_error("cannot write", destination_));
+// Tensors the writer does not relocate (Constant and other attribute tensors, sparse initializers) must not
+// keep external data: the output's data files have other names, and the model would read the input's files,
+// or whatever carries their names beside the output. Refused, naming the tensor.
+bool tensor_is_external(std::string_view tensor) {
+  wire::Reader r(tensor, tensor.data());
+  while (!r.done()) {
+    const wire::Field f = r.next("tensor");
+    if (f.number == wire::num(wire::TensorField::DataLocation) && f.type == wire::WireType::Varint && f.scalar == 1)
+      return true;
   }
-  ~OutputFile() {
-    if (fd_ >= 0) ::close(fd_);
-    if (!committed_) ::unlink(temp_.c_str());
-  }
-  OutputFile(const OutputFile&) = delete;
-  OutputFile& operator=(const OutputFile&) = delete;
+  return false;
+}
 
-  void write(const char* p, size_t n) {
-    while (n > 0) {
-      ssize_t w = ::write(fd_, p, n);
-      if (w < 0 && errno == EINTR) continue;
-      if (w <= 0) throw FoldError(os_error("cannot write", destination_));
-      p += w;
-      n -= static_cast<size_t>(w);
-    }
+bool sparse_is_external(std::string_view sparse) {
+  wire::Reader r(sparse, sparse.data());
+  while (!r.done()) {
+    const wire::Field f = r.next("sparse tensor");
+    if ((f.number == 1 || f.number == 2) && f.type == wire::WireType::Bytes && tensor_is_external(f.bytes)) return true;
   }
-  void pwrite_all(const char* p, size_t n, int64_t offset) {
-    while (n > 0) {
-      ssize_t w = ::pwrite(fd_, p, n, offset);
-      if (w < 0 && errno == EINTR) continue;
-      if (w <= 0) throw FoldError(os_error("cannot write", destination_));
-      p += w;
-      n -= static_cast<size_t>(w);
-      offset += w;
-    }
-  }
-  // Copies [offset, offset + n) of `in` to the current end, inside the kernel where it can.
-  void copy_from(const MappedFile& in, int64_t offset, size_t n) {
-    loff_t from = offset;
-    while (n > 0) {
-      ssize_t c = copy_file_range(in.fd(), &from, fd_, nullptr, n, 0);
-      if (c < 0 && errno == EINTR) continue;
-      if (c <= 0) {  // not supported here (or nothing copied): fall back to writing from the mapping
-        write(in.view().data() + from, n);
-        return;
+  return false;
+}
+
+void refuse_unrelocatable_external_data(graph::Model& model, const std::string& src) {
+  using wire::AttributeField;
+  for (graph::Graph* g : model.all_graphs()) {
+    for (const auto& field : g->fields)
+      if (field.number == wire::num(wire::GraphField::SparseInitializer) && g->kind != graph::GraphKind::Function) {
+        wire::Reader outer(field.whole, field.whole.data());
+        const wire::Field f = outer.next("sparse_initializer");
+        if (sparse_is_external(f.bytes))
+          throw FileError(src + ": a sparse initializer of " + g->path + " keeps external data; qdqfold relocates "
+                          "the external data of dense initializers only");
       }
-      n -= static_cast<size_t>(c);
+    for (size_t k = 0; k < g->nodes.size(); ++k) {
+      const graph::Node& node = g->nodes[k];
+      if (node.body.empty()) continue;
+      wire::Reader r(node.body, node.body.data());
+      while (!r.done()) {
+        const wire::Field a = r.next("node");
+        if (a.number != wire::num(wire::NodeField::Attribute) || a.type != wire::WireType::Bytes) continue;
+        wire::Reader ar(a.bytes, a.bytes.data());
+        while (!ar.done()) {
+          const wire::Field f = ar.next("attribute");
+          if (f.type != wire::WireType::Bytes) continue;
+          const bool external =
+              ((f.number == wire::num(AttributeField::T) || f.number == wire::num(AttributeField::Tensors)) &&
+               tensor_is_external(f.bytes)) ||
+              ((f.number == wire::num(AttributeField::SparseTensor) ||
+                f.number == wire::num(AttributeField::SparseTensors)) && sparse_is_external(f.bytes));
+          if (external)
+            throw FileError(src + ": node " + node.display_name(static_cast<int>(k)) + " of " + g->path +
+                            " holds a tensor attribute with external data; qdqfold relocates the external data "
+                            "of initializers only");
+        }
+      }
     }
   }
-  void commit() {
-    // The new file gets the permissions a plain create would give it (mkstemp makes it 0600).
-    mode_t mask = umask(0);
-    umask(mask);
-    fchmod(fd_, 0666 & ~mask);
-    if (::close(fd_) != 0) {
-      fd_ = -1;
-      throw FoldError(os_error("cannot write", destination_));
-    }
-    fd_ = -1;
-    if (::rename(temp_.c_str(), destination_.c_str()) != 0) throw FoldError(os_error("cannot write", destination_));
-    committed_ = true;
-  }
+}
 
- private:
-  std::string destination_, temp_;
-  int fd_ = -1;
-  bool committed_ = false;
+// ------------------------------------------------------------------------------------------------ writing
+
+// Stops a fold at its next chunk once io::interrupt() was called after it began.
+struct Interruption {
+  uint64_t generation = io::interrupt_generation();
+  std::string output;
+  void check() const {
+    if (io::interrupt_generation() != generation) throw FileError(output + ": interrupted");
+  }
 };
 
 // Generated data goes through a buffer of this size at most, when its generator can produce ranges: the
@@ -215,16 +198,18 @@ constexpr size_t kChunk = size_t(1) << 20;
 
 // Writes pieces in order: views of the input file are copied file to file, everything else is written, all on
 // a second thread (BackgroundWriter) while the next chunk of a folded weight is computed on this one.
-void write_pieces(const wire::Pieces& pieces, const MappedFile& input, OutputFile& out) {
+void write_pieces(const wire::Pieces& pieces, const MappedFile& input, OutputFile& out, const Interruption& stop) {
   BackgroundWriter writer(kChunk, 3);
   auto write_buffer = [&out](size_t n) { return [&out, n](const std::string& b) { out.write(b.data(), n); }; };
   for (const auto& p : pieces.list()) {
+    stop.check();
     if (p.generate && p.generate_range) {
       for (size_t begin = 0; begin < p.size; begin += kChunk) {
         const size_t end = std::min(p.size, begin + kChunk);
         std::string& buffer = writer.acquire();
         p.generate_range(buffer.data(), begin, end);
         writer.post(buffer, write_buffer(end - begin));
+        stop.check();
       }
       input.drop_resident();  // the generator read its source from the mapping
     } else if (p.generate) {  // small tensors a fold encodes whole
@@ -248,7 +233,7 @@ void write_pieces(const wire::Pieces& pieces, const MappedFile& input, OutputFil
 // The writes run on a second thread while this one computes the folded bytes.
 void write_data_file(const MappedFile& file, const std::string& location,
                      const std::vector<graph::ExternalOutput::Overwrite>& overwrites, const FileResolver& resolver,
-                     OutputFile& out) {
+                     OutputFile& out, const Interruption& stop) {
   auto size_of = [](const graph::ExternalOutput::Overwrite& w) { return w.lazy ? w.lazy->size : w.bytes.size(); };
   std::vector<const graph::ExternalOutput::Overwrite*> mine;
   for (const auto& w : overwrites)
@@ -273,10 +258,11 @@ void write_data_file(const MappedFile& file, const std::string& location,
     auto at = [base](size_t begin) { return base < 0 ? base : base + static_cast<int64_t>(begin); };
     if (w.lazy && w.lazy->fill_range) {
       for (size_t begin = 0; begin < w.lazy->size; begin += kChunk) {
-        const size_t stop = std::min(w.lazy->size, begin + kChunk);
+        stop.check();
+        const size_t stop_at = std::min(w.lazy->size, begin + kChunk);
         std::string& buffer = writer.acquire();
-        w.lazy->fill_range(buffer.data(), begin, stop);
-        writer.post(buffer, [put, n = stop - begin, to = at(begin)](const std::string& b) { put(b.data(), n, to); });
+        w.lazy->fill_range(buffer.data(), begin, stop_at);
+        writer.post(buffer, [put, n = stop_at - begin, to = at(begin)](const std::string& b) { put(b.data(), n, to); });
         resolver.drop_resident();  // the generator read its source from a mapped data file
       }
     } else if (w.lazy) {
@@ -288,6 +274,7 @@ void write_data_file(const MappedFile& file, const std::string& location,
     }
   };
   auto copy = [&](int64_t from, int64_t n) {
+    stop.check();
     if (n > 0) writer.post([&out, &file, from, n] { out.copy_from(file, from, static_cast<size_t>(n)); });
   };
   if (in_order) {
@@ -306,13 +293,154 @@ void write_data_file(const MappedFile& file, const std::string& location,
   writer.finish();
 }
 
+// ------------------------------------------------------------------------------------- what may be written
+
+// The destination the user named, as the file to write: a symbolic link is followed to the file it names
+// (as cp does); that file must be a regular file, or not exist yet in an existing directory.
+std::string resolve_destination(const std::string& dst) {
+  struct stat st {};
+  if (::lstat(dst.c_str(), &st) == 0) {
+    std::string target = dst;
+    if (S_ISLNK(st.st_mode)) {
+      const auto real = io::real_path(dst);
+      if (!real) throw FileError(dst + ": is a symbolic link to a file that does not exist; name the output file itself");
+      target = *real;
+      if (::stat(target.c_str(), &st) != 0) io::throw_os_error("cannot write", dst);
+    }
+    if (S_ISDIR(st.st_mode))
+      throw FileError(dst + ": is a directory; name the output model file (the CLI's -o DIR/ writes DIR/<input name>)");
+    if (!S_ISREG(st.st_mode))
+      throw FileError(dst + ": is " + io::file_kind(st.st_mode) + "; qdqfold replaces only regular files");
+    return target;
+  }
+  if (errno != ENOENT) io::throw_os_error("cannot write", dst);
+  const std::string directory = io::directory_of(dst);
+  struct stat parent {};
+  if (::stat(directory.c_str(), &parent) != 0) {
+    if (errno == ENOENT) throw FileError(dst + ": cannot write: the directory " + directory + " does not exist");
+    io::throw_os_error("cannot write", dst);
+  }
+  if (!S_ISDIR(parent.st_mode)) throw FileError(dst + ": cannot write: " + directory + " is not a directory");
+  return dst;
+}
+
+// The external data locations an existing model file refers to; empty when it is not a model qdqfold reads.
+std::set<std::string> external_locations_of(const std::string& path) {
+  std::set<std::string> locations;
+  try {
+    MappedFile existing(path, "the existing output");
+    auto model = graph::parse_model(existing.view());
+    for (graph::Graph* g : model->all_graphs())
+      for (const auto& ref : g->original_external)
+        if (!ref.location.empty()) locations.insert(ref.location);
+  } catch (const std::exception&) {
+    locations.clear();
+  }
+  return locations;
+}
+
+// Everything decided about the files of one fold before anything is written.
+struct OutputPlan {
+  std::string model;                       // the file to write (links followed)
+  bool in_place = false;                   // model is the input itself
+  std::vector<std::string> data_names;     // per input data file (FileResolver::files() order)
+  std::set<std::string> stale;             // data files of an earlier output of this name that this run replaces
+};
+
+OutputPlan plan_outputs(const std::string& src, const std::string& dst, const MappedFile& input,
+                        const FileResolver& resolver, const FileOptions& file_options) {
+  OutputPlan plan;
+  plan.model = resolve_destination(dst);
+  const auto model_id = io::file_id(plan.model);
+  plan.in_place = model_id && *model_id == input.id();
+  const std::string directory = io::directory_of(plan.model);
+  const std::string name = io::file_name_of(plan.model);
+
+  auto read_by_fold = [&](const io::FileId& id) -> std::string {
+    if (id == input.id()) return src;
+    for (const auto& f : resolver.files())
+      if (f.file->id() == id) return f.file->path();
+    return {};
+  };
+  if (model_id && !plan.in_place) {
+    const std::string read = read_by_fold(*model_id);
+    if (!read.empty())
+      throw FileError(dst + ": is " + read + ", the external data of the input " + src + "; qdqfold never replaces "
+                      "a file the fold reads (choose another output name)");
+  }
+  // The output's earlier data files (from a run of qdqfold into the same output): replaced without --force.
+  std::set<std::string> earlier;
+  if (model_id) earlier = external_locations_of(plan.model);
+
+  std::set<std::string> written;
+  for (size_t k = 0; k < resolver.files().size(); ++k) {
+    const std::string data_name = output_data_name(name, k);
+    const std::string path = directory + "/" + data_name;
+    plan.data_names.push_back(data_name);
+    written.insert(data_name);
+    struct stat st {};
+    if (::lstat(path.c_str(), &st) != 0) continue;  // a new file
+    if (!S_ISREG(st.st_mode) && !S_ISLNK(st.st_mode))
+      throw FileError(path + ": is " + io::file_kind(st.st_mode) + "; qdqfold replaces only regular files");
+    const auto id = io::file_id(path);
+    const std::string read = id ? read_by_fold(*id) : std::string();
+    if (!read.empty()) {
+      if (plan.in_place) continue;  // the model's own data file, replaced with the model
+      throw FileError(path + ": is " + read + ", read by this fold of " + src + "; qdqfold never replaces a file "
+                      "the fold reads (choose another output name)");
+    }
+    if (file_options.force || earlier.count(data_name)) continue;
+    throw FileError(path + ": already exists and is not a data file of " + plan.model + "; qdqfold writes the "
+                    "output's external data there: remove it, choose another output name, or pass --force "
+                    "(force=True in Python) to replace it");
+  }
+  // Data files of the earlier output that this run does not write again: named as qdqfold names them for
+  // this output, and not read by this fold.
+  for (const auto& location : earlier) {
+    if (written.count(location)) continue;
+    bool ours = false;
+    for (size_t k = 0; k < 64 && !ours; ++k) ours = location == output_data_name(name, k);
+    const std::string path = directory + "/" + location;
+    const auto id = io::file_id(path);
+    if (ours && id && read_by_fold(*id).empty()) plan.stale.insert(path);
+  }
+  return plan;
+}
+
+// After an in-place fold: the input's data files that no output file is now, removed (each only if it is
+// still the file that was read). Returns their paths.
+std::vector<std::string> remove_replaced_inputs(const FileResolver& resolver, const OutputPlan& plan) {
+  std::set<std::string> outputs;
+  for (const auto& name : plan.data_names) {
+    const auto real = io::real_path(io::directory_of(plan.model) + "/" + name);
+    if (real) outputs.insert(*real);
+  }
+  if (const auto real = io::real_path(plan.model)) outputs.insert(*real);
+  std::vector<std::string> removed;
+  for (const auto& f : resolver.files()) {
+    if (outputs.count(f.real_path)) continue;
+    const auto id = io::file_id(f.real_path);
+    if (id && *id == f.file->id() && ::unlink(f.real_path.c_str()) == 0) removed.push_back(f.file->path());
+  }
+  return removed;
+}
+
+// Throws "the input changed" naming the first file read by this fold that changed, if any.
+void check_unchanged(const MappedFile& input, const FileResolver& resolver) {
+  if (input.changed()) throw FileError(input.path() + ": the input changed while it was being folded");
+  for (const auto& f : resolver.files())
+    if (f.file->changed()) throw FileError(f.file->path() + ": the input changed while it was being folded");
+}
+
 // One run of fold_file. With `defer_checks` (see plan_fold), nullopt when a deferred check failed: the
 // temporary outputs are then removed and nothing is committed.
 std::optional<Report> fold_file_once(MappedFile& input, FileResolver& resolver, const std::string& src,
-                                     const std::string& dst, const Options& options, bool defer_checks) {
+                                     const std::string& dst, const Options& options,
+                                     const FileOptions& file_options, bool defer_checks) {
   graph::ExternalOutput external;
   auto plan = std::make_unique<FoldPlan>();
   plan->model = graph::parse_model(input.view(), &resolver);
+  refuse_unrelocatable_external_data(*plan->model, src);
   if (defer_checks) plan->model->deferred_checks = std::make_shared<graph::Model::DeferredChecks>();
   plan->model->after_each_fold = [&] {
     input.drop_resident();
@@ -324,38 +452,59 @@ std::optional<Report> fold_file_once(MappedFile& input, FileResolver& resolver, 
   };
   plan->report = run_folds(*plan->model, options);
 
-  // External data files are copied beside the output under the same names, unless the output sits in the
-  // input's directory, where those names are taken: then they are prefixed with the output's file name.
-  const bool beside_input = same_directory(directory_of(src), directory_of(dst));
-  for (const auto& [location, file] : resolver.files()) {
-    external.location_out[location] = beside_input ? file_name_of(dst) + "." + location : location;
-    external.append_at[external.location_out[location]] = static_cast<int64_t>(file->view().size());
-  }
+  const OutputPlan outputs = plan_outputs(src, dst, input, resolver, file_options);
+  const std::string directory = io::directory_of(outputs.model);
+  for (const auto& [location, index] : resolver.locations()) external.location_out[location] = outputs.data_names[index];
+  for (size_t k = 0; k < resolver.files().size(); ++k)
+    external.append_at[outputs.data_names[k]] = static_cast<int64_t>(resolver.files()[k].file->view().size());
   plan->model->external_output = &external;
   plan->pieces = graph::write_model(*plan->model, plan->arena);
 
+  Interruption stop{io::interrupt_generation(), dst};
   std::vector<std::unique_ptr<OutputFile>> data_files;
-  for (const auto& [location, file] : resolver.files()) {
-    auto out = std::make_unique<OutputFile>(directory_of(dst) + "/" + external.location_out[location]);
-    write_data_file(*file, external.location_out[location], external.overwrites, resolver, *out);
+  for (size_t k = 0; k < resolver.files().size(); ++k) {
+    auto out = std::make_unique<OutputFile>(directory + "/" + outputs.data_names[k]);
+    write_data_file(*resolver.files()[k].file, outputs.data_names[k], external.overwrites, resolver, *out, stop);
     data_files.push_back(std::move(out));
   }
-  OutputFile model_out(dst);
-  write_pieces(plan->pieces, input, model_out);
+  OutputFile model_out(outputs.model);
+  write_pieces(plan->pieces, input, model_out, stop);
   if (checks_failed(*plan->model)) return std::nullopt;  // the OutputFiles remove their temporary files
-  for (auto& f : data_files) f->commit();
+  check_unchanged(input, resolver);
+  stop.check();
+  for (auto& f : data_files) {
+    f->commit();
+    plan->report.data_files.push_back(f->destination());
+  }
   model_out.commit();
+  for (const auto& path : outputs.stale)
+    if (::unlink(path.c_str()) == 0) plan->report.removed_files.push_back(path);
+  if (outputs.in_place) {
+    for (auto& path : remove_replaced_inputs(resolver, outputs)) plan->report.removed_files.push_back(std::move(path));
+  }
   return std::move(plan->report);
 }
 
 }  // namespace
 
-Report fold_file(const std::string& src, const std::string& dst, const Options& options) {
-  MappedFile input(src);
-  FileResolver resolver(directory_of(src));
-  // First with the checks deferred to the writing; in the rare case one fails, once more checking first.
-  if (auto report = fold_file_once(input, resolver, src, dst, options, true)) return std::move(*report);
-  return *fold_file_once(input, resolver, src, dst, options, false);
+std::unique_ptr<graph::ExternalResolver> external_data_in(const std::string& directory, const std::string& label) {
+  return std::make_unique<FileResolver>(directory, label);
+}
+
+Report fold_file(const std::string& src, const std::string& dst, const Options& options,
+                 const FileOptions& file_options) {
+  MappedFile input(src, "the model file");
+  FileResolver resolver(io::directory_of(src), src);
+  try {
+    // First with the checks deferred to the writing; in the rare case one fails, once more checking first.
+    if (auto report = fold_file_once(input, resolver, src, dst, options, file_options, true)) return std::move(*report);
+    return *fold_file_once(input, resolver, src, dst, options, file_options, false);
+  } catch (const std::exception&) {
+    // Whatever went wrong, if a file being read changed meanwhile, that is the cause to report (a read past
+    // the new end of a truncated file gives zeros, and anything may follow from them).
+    check_unchanged(input, resolver);
+    throw;
+  }
 }
 
 }  // namespace qdqfold

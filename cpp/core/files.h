@@ -1,18 +1,44 @@
 // File to file: the input is mapped, not read; the output is written in one pass to a temporary file beside
 // the destination and renamed over it, so a failure never leaves a half-written file. Bytes copied through
 // unchanged go file to file inside the kernel (copy_file_range) without passing through this process.
-// External data files are mapped too; their output copies keep every offset, and folded tensors of the same
-// size overwrite their old bytes in place.
+//
+// Which files are read and written is decided here, never by the model (README, "Files qdqfold reads and
+// writes"):
+//   - External data is read only from regular files inside the model's directory (subfolders allowed),
+//     after following links; one file reached by several names (`m.data`, `./m.data`, a link) is one file.
+//   - The output's external data goes to files named after the output: `<output>.data` (and `<output>.2.data`,
+//     ... when the input had several data files), each keeping the offsets of the file it copies.
+//   - An existing file is replaced only when it is the output the user named, or a data file of that output
+//     from an earlier run (the existing output refers to it), or with `force`. Files the fold reads (the input
+//     and its data files) are never replaced, except by an in-place fold (`dst` is `src`), which replaces the
+//     model and its data files and removes the input's data files that the new model no longer uses.
+//   - Non-regular files (FIFOs, devices, directories, sockets) are neither read nor replaced.
 #pragma once
 
+#include <memory>
 #include <string>
 
 #include "api.h"
 
 namespace qdqfold {
 
-// Folds the model at `src` into `dst` (which may equal `src`). Throws FoldError for an invalid model and
-// for files that cannot be read or written (the message names the path).
-Report fold_file(const std::string& src, const std::string& dst, const Options& options);
+struct FileOptions {
+  // Replace existing files at the output data file names even when they are not the output's own.
+  bool force = false;
+};
+
+// Folds the model at `src` into `dst` (which may equal `src`). Throws io::FileError (a FoldError whose
+// message starts with the path at fault) for files that cannot be read, written or replaced, and FoldError
+// for an invalid model. Report::data_files and Report::removed_files list the files written and removed
+// besides `dst`.
+Report fold_file(const std::string& src, const std::string& dst, const Options& options,
+                 const FileOptions& file_options = {});
+
+// Reads external data for a model held in memory (fold() with `base_directory`): locations resolve inside
+// `directory` under the same rules as fold_file's; `label` names the model in messages.
+std::unique_ptr<graph::ExternalResolver> external_data_in(const std::string& directory, const std::string& label);
+
+// The name of the k-th (from 0) external data file of an output model whose file name is `output_name`.
+std::string output_data_name(const std::string& output_name, size_t k);
 
 }  // namespace qdqfold

@@ -24,6 +24,10 @@ struct BatchNormRecord {
 
 struct Report {
   std::vector<BatchNormRecord> batchnorms;
+  // File to file (core/files.h): the external data files written beside the output, and the input's data
+  // files an in-place fold removed because the new model no longer uses them. Empty for bytes in memory.
+  std::vector<std::string> data_files;
+  std::vector<std::string> removed_files;
 };
 
 }  // namespace qdqfold

@@ -182,7 +182,10 @@ struct Writer {
     for (Graph* g : model.all_graphs())
       for (size_t i = 0; i < g->original_external.size(); ++i) {
         const ExternalRef& r = g->original_external[i];
-        if (!r.location.empty() && r.length > 0) by_file[r.location].push_back({r.offset, r.offset + r.length, g, i});
+        if (r.location.empty() || r.length <= 0) continue;
+        // Grouped by the file written, so that two names of one data file (m.data, ./m.data) are one file.
+        const std::string& file = model.external_output ? model.external_output->location_out.at(r.location) : r.location;
+        by_file[file].push_back({r.offset, r.offset + r.length, g, i});
       }
     std::set<std::pair<const Graph*, size_t>> shared;
     for (auto& [location, intervals] : by_file) {
