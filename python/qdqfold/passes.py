@@ -138,6 +138,19 @@ def _rewrite_initializers(data: memoryview, rewrite) -> list[Any]:
     return pieces
 
 
+def _concatenate(pieces: list[Any]) -> np.ndarray:
+    """The pieces in one new buffer. A NumPy array rather than bytes: NumPy asks the kernel for huge pages
+    for large arrays, which makes filling 240 MB about 5x faster than b"".join (page faults dominate)."""
+    total = sum(len(p) for p in pieces)
+    buffer = np.empty(total, np.uint8)
+    pos = 0
+    for piece in pieces:
+        n = len(piece)
+        buffer[pos:pos + n] = np.frombuffer(piece, np.uint8)
+        pos += n
+    return buffer
+
+
 def _external_location(data: memoryview, start: int, end: int) -> Optional[str]:
     for number, wire, _, s, e in _fields(data, start, end):
         if number == _TENSOR_EXTERNAL_DATA and wire == _LEN:
@@ -293,7 +306,7 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
         return proto.SerializeToString(), in_memory
 
     @staticmethod
-    def _with_tensors(skeleton: bytes, in_memory: dict[str, Any]) -> bytes:
+    def _with_tensors(skeleton: bytes, in_memory: dict[str, Any]) -> Any:
         """The skeleton with each stand-in's data written inline (one copy of each in-memory tensor)."""
         if not in_memory:
             return skeleton
@@ -308,7 +321,7 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
                     if n not in (_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION)]
             return [*kept, _len_field(_TENSOR_RAW_DATA, len(raw)), raw]
 
-        return b"".join(_rewrite_initializers(view, inline))
+        return _concatenate(_rewrite_initializers(view, inline))
 
     def _static_shapes(self, model: ir.Model, skeleton: bytes) -> dict[str, list[int]]:
         """Static shapes for pad_correction: the IR's own, then onnx shape inference on the skeleton."""
