@@ -107,6 +107,14 @@ def test_stub_lists_every_native_option():
     assert set(qdqfold_native.options()) <= stubbed
 
 
+def test_stub_names_every_public_native_function_and_class():
+    tree = ast.parse(_source("python/qdqfold_native.pyi").read_text())
+    stubbed = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    public = {name for name, value in vars(qdqfold_native).items()
+              if not name.startswith("_") and (callable(value) or isinstance(value, type))}
+    assert public <= stubbed, public - stubbed
+
+
 def test_pip_install_builds_outside_the_checkout():
     scikit_build = _pyproject()["tool"]["scikit-build"]
     build_dir = scikit_build.get("build-dir")

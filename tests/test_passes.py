@@ -269,7 +269,11 @@ def test_feature_detection_tells_a_native_module_without_base_directory(monkeypa
     monkeypatch.setattr(qdqfold_native, "fold", old_fold)
     assert passes.native_reads_external_data() is False
     monkeypatch.setattr(passes, "_native_base_directory", None)
-    monkeypatch.setattr(qdqfold_native, "fold", lambda model, **options: (_ for _ in ()).throw(qdqfold.FoldError("empty")))
+    def new_fold(model, **options):
+        assert set(options) == {"base_directory"}
+        raise qdqfold.FoldError("the input is empty (0 bytes), not an ONNX model")
+
+    monkeypatch.setattr(qdqfold_native, "fold", new_fold)
     assert passes.native_reads_external_data() is True
 
 

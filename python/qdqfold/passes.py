@@ -205,7 +205,7 @@ def _raw_bytes(tensor: Any) -> Any:
         array = tensor.raw
         if (isinstance(array, np.ndarray) and array.flags.c_contiguous and array.dtype.str in _NUMPY_DTYPES.values()
                 and array.dtype == tensor.dtype.numpy()):
-            return memoryview(array).cast("B")
+            return memoryview(array).cast("B")  # type: ignore[arg-type]
     return tensor.tobytes()
 
 
@@ -265,7 +265,7 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
         del skeleton
         out, native_report = qdqfold_native.fold_with_report(data, **options)
         del data
-        self.report = FoldReport.from_native(native_report)
+        self.report = FoldReport.from_native(dict(native_report))
         folded = self._model_from(out, model, base_directory)
         return ir.passes.PassResult(folded, modified=bool(self.report.folded))
 
@@ -294,7 +294,8 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
                     continue
                 location = f"{_MARK}{i}"
                 in_memory[location] = tensor
-                stand_in = ir.ExternalTensor(location, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape,
+                shape: Any = tensor.shape
+                stand_in = ir.ExternalTensor(location, 0, tensor.nbytes, tensor.dtype, shape=shape,
                                              name=value.name or "", doc_string=tensor.doc_string,
                                              metadata_props=dict(tensor.metadata_props))
                 swapped.append((value, tensor))
@@ -351,7 +352,7 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
         import onnx
 
         view = memoryview(out)
-        views: dict[str, tuple[np.ndarray, str]] = {}
+        views: dict[str, tuple[np.ndarray, int]] = {}
 
         def strip(start: int, end: int) -> Optional[list[Any]]:
             name = raw = None
@@ -376,7 +377,8 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
             dtype = np.dtype(_NUMPY_DTYPES[data_type])
             dims = [d - (1 << 64) if d >= 1 << 63 else d for d in dims]
             count = (raw[1] - raw[0]) // dtype.itemsize
-            if any(d < 0 for d in dims) or int(np.prod(dims, dtype=np.int64)) != count or count * dtype.itemsize != raw[1] - raw[0]:
+            size_adds_up = count * dtype.itemsize == raw[1] - raw[0] and int(np.prod(dims, dtype=np.int64)) == count
+            if any(d < 0 for d in dims) or not size_adds_up:
                 return None  # let onnx and the IR judge a tensor whose size does not add up
             array = np.frombuffer(out, dtype=dtype, count=count, offset=raw[0]).reshape(dims)
             views[name] = (array, data_type)
@@ -394,9 +396,10 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
             tensor = value.const_value
             if name in views:
                 array, data_type = views[name]
-                value.const_value = ir.Tensor(array, ir.DataType(data_type), name=name,
-                                              doc_string=tensor.doc_string if tensor is not None else None,
-                                              metadata_props=dict(tensor.metadata_props) if tensor is not None else None)
+                doc = tensor.doc_string if tensor is not None else None
+                props = dict(tensor.metadata_props) if tensor is not None else None
+                value.const_value = ir.Tensor(array, ir.DataType(data_type), name=name, doc_string=doc,
+                                              metadata_props=props)
             elif isinstance(tensor, ir.ExternalTensor):
                 same = originals.get((os.fspath(tensor.location), tensor.offset, tensor.length))
                 if same is not None:
