@@ -217,7 +217,9 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
     from the IR's own shapes and onnx shape inference on the graph.
 
     Returns ``PassResult(model, modified)``: a new ``ir.Model`` (the input is not changed) and whether any
-    BatchNormalization was folded. The report of the last run is kept in :attr:`report` (a
+    BatchNormalization was folded. While the input is serialized its top-level initializers stand in for
+    themselves without data (put back before the call returns, also on error): do not run the pass on a model
+    another thread is reading at the same time. The report of the last run is kept in :attr:`report` (a
     :class:`qdqfold.FoldReport`). Raises ``qdqfold.FoldError`` for a model the core cannot read.
     """
 
