@@ -35,12 +35,19 @@ class BatchNormEntry(TypedDict):
     new_tensors: list[str]
     metrics: dict[str, float]
 
+class OpTypes(TypedDict):
+    before: dict[str, int]  # nodes by op type ("domain.Op" outside the default domain), every graph
+    after: dict[str, int]
+
 class Report(TypedDict):
     batchnorms: list[BatchNormEntry]
+    op_types: OpTypes
+    input_bytes: int  # the model and the external data files it read
 
 class FileReport(Report):
-    data_files: list[str]  # external data files written beside dst
-    removed_files: list[str]  # the input's data files no longer used (folding in place)
+    input_files: list[str]  # the input's external data files, each once
+    data_files: list[str]  # external data files written beside dst (named after it)
+    removed_files: list[str]  # the input's data files no longer used (in place), stale ones of an earlier output
 
 class Options(TypedDict, total=False):
     """Keyword options of fold, fold_with_report and fold_file; options() gives the defaults."""
@@ -60,6 +67,18 @@ def fold(model: BytesLike, *, base_directory: PathLike | None = None, **options:
 def fold_with_report(
     model: BytesLike, *, base_directory: PathLike | None = None, **options: Unpack[Options]
 ) -> tuple[bytes, Report]: ...
-def fold_file(src: PathLike, dst: PathLike, *, force: bool = False, **options: Unpack[Options]) -> FileReport: ...
+# dst None: a dry run (read and fold under the same rules, write nothing). save_as_external_data: None keeps the
+# input's layout, False writes every tensor inline, True (implied by size_threshold or data_name) puts every
+# initializer of at least size_threshold bytes in one data file (data_name, or dst's name + ".data").
+def fold_file(
+    src: PathLike,
+    dst: PathLike | None,
+    *,
+    force: bool = False,
+    save_as_external_data: bool | None = None,
+    size_threshold: int = 1024,
+    data_name: str | None = None,
+    **options: Unpack[Options],
+) -> FileReport: ...
 def interrupt() -> None: ...
 def options() -> dict[str, Any]: ...
