@@ -43,7 +43,17 @@ void finish(Pending& p, bool no_rules) {
 // Two passes: every backward fold in the whole model first, then the forward folds. A forward fold may add
 // nodes after a layer (the border correction of pad_correction); done first, it would hide that layer from a
 // BN after it that can fold backwards.
+// Nodes by op type over every graph of the model (those a fold removed left out).
+static std::map<std::string, int64_t> op_types(graph::Model& model) {
+  std::map<std::string, int64_t> counts;
+  for (graph::Graph* g : model.all_graphs())
+    for (const auto& n : g->nodes)
+      if (!n.removed) ++counts[n.domain.empty() || n.domain == "ai.onnx" ? n.op_type : n.domain + "." + n.op_type];
+  return counts;
+}
+
 Report run_folds(graph::Model& model, const Options& options) {
+  auto before = op_types(model);
   const auto& rules = folds::fold_rules();
   model.freeze_initializer_inputs = options.freeze_initializer_inputs || model.ir_version < 4;
   const size_t overridable = model.freeze_initializer_inputs ? 0 : model.graph->overridable_initializer_count();
@@ -100,6 +110,8 @@ Report run_folds(graph::Model& model, const Options& options) {
                           "reads them as constants";
     report.batchnorms.push_back(std::move(p.record));
   }
+  report.op_types_before = std::move(before);
+  report.op_types_after = op_types(model);
   return report;
 }
 

@@ -493,7 +493,7 @@ def run_single(args: argparse.Namespace, style: Style) -> int:
             output = _single_output(args)
             result = _run_interruptibly(fold_file_result, source, output, _options(args),
                                         verification=_verification(args), make_parents=True, force=args.force,
-                                        storage=_storage(args))
+                                        storage=_storage(args), model_info=bool(args.explain))
     except ModelError as e:
         raise InputError(str(e)) from e
     _in_cli_words(result)
