@@ -167,3 +167,15 @@ def test_qcdq_asymmetric_clip_keeps_a_value_whose_mirror_leaves_it():
     r = report["batchnorms"][0]
     assert not r["folded"] and r["code"] == "negation-overflow", r
     assert out == case.bytes
+
+
+def test_qcdq_integers_beyond_the_clip_are_kept():
+    """Found by fuzzing: integers the Clip changes would be mirrored unclipped. Brevitas never writes them, but a
+    model that does is kept with a reason, not folded wrongly."""
+    ints = np.random.default_rng(4).integers(-7, 8, size=(6, 8, 3, 3))
+    ints[1, 0, 0, 0] = 100  # beyond [-7, 7], in a channel with a negative factor
+    case = with_clip(Case(form="int", qtype=T.INT8, zero=0, ints=ints, opset=13), -7, 7)
+    out, report = qdqfold_native.fold_with_report(case.bytes, allow_nonzero_zero_point=True)
+    r = report["batchnorms"][0]
+    assert not r["folded"] and r["code"] == "clipped-weight", r
+    assert out == case.bytes

@@ -321,6 +321,16 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
     w.owner = storage->data() == w.data.data() ? storage : std::make_shared<std::string>(w.data);
     w.data = std::string_view(w.owner->data(), *need);
   }
+  if (w.clip >= 0 && int_ref && !w.float8()) {
+    // int W -> Clip: the fold mirrors the integers themselves, which equals mirroring the clipped ones only
+    // where the Clip leaves them alone (Brevitas writes them inside its range).
+    const auto e = kernels::integer_extremes(w.data.data(), w.int_type, 0, w.count);
+    if (e.min < w.range.lo || e.max > w.range.hi)
+      return Outcome::kept("clipped-weight", "the integers of " + who + " reach " + std::to_string(e.min) + " .. " +
+                                                 std::to_string(e.max) + ", beyond the range [" +
+                                                 std::to_string(w.range.lo) + ", " + std::to_string(w.range.hi) +
+                                                 "] of " + node_label(g, w.clip) + ", which changes them");
+  }
   return w;
 }
 
