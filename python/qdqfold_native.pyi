@@ -34,6 +34,7 @@ class BatchNormEntry(TypedDict):
     exact: bool | str  # True, "bias-rounded" (exact but for a reported int32 bias rounding), or False
     new_tensors: list[str]
     metrics: dict[str, float]
+    op_type: str  # "BatchNormalization", or Mul / Add / Sub / Div by a per-channel constant folded like one
 
 class OpTypes(TypedDict):
     before: dict[str, int]  # nodes by op type ("domain.Op" outside the default domain), every graph
@@ -54,6 +55,8 @@ class Options(TypedDict, total=False):
 
     fold_backward: bool  # True: fold BN into the layer that produces its input
     fold_forward: bool  # True: fold BN into the layer(s) that read its output, where exact
+    fold_affine: bool  # True: fold Mul/Add/Sub/Div by a per-channel constant (FrozenBatchNorm2d) like a BN
+    freeze_initializer_inputs: bool  # False: initializers listed as graph inputs are constants (always for IR < 4)
     pad_correction: bool  # False: BN -> padded conv with the exact border correction (one Add)
     allow_opset_upgrade: bool  # False: raise the opset to 13 where a per-tensor scale becomes per-channel
     allow_nonzero_zero_point: bool  # False: complement form for int8 -128 under a negative factor

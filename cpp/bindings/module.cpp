@@ -30,6 +30,8 @@ struct OptionSpec {
 const OptionSpec kOptions[] = {
     {"fold_backward", &Options::fold_backward},
     {"fold_forward", &Options::fold_forward},
+    {"fold_affine", &Options::fold_affine},
+    {"freeze_initializer_inputs", &Options::freeze_initializer_inputs},
     {"pad_correction", &Options::pad_correction},
     {"allow_opset_upgrade", &Options::allow_opset_upgrade},
     {"allow_nonzero_zero_point", &Options::allow_nonzero_zero_point},
@@ -117,6 +119,7 @@ py::dict report_to_dict(const qdqfold::Report& report) {
     d["into"] = r.into;
     d["into_op"] = r.into_op.empty() ? py::object(py::none()) : py::object(py::str(r.into_op));
     d["code"] = r.code;
+    d["op_type"] = r.op_type;
     d["message"] = r.message;
     // true (within float rounding), "bias-rounded" (plus a reported int32 bias rounding), or false.
     d["exact"] = r.exact && r.bias_rounded ? py::object(py::str("bias-rounded")) : py::object(py::bool_(r.exact));

@@ -27,6 +27,12 @@ struct Options {
   bool materialize_quantized_weights = false;
   // Conv -> Q -> DQ -> BN: drop that activation quantizer and fold anyway. Not exact; reported approximate.
   bool drop_activation_quantizers = false;
+  // Read initializers that are also listed as graph inputs (overridable defaults; Brevitas exports with
+  // keep_initializers_as_inputs=True) as constants, and drop the folded ones from the graph inputs. Always so
+  // for IR version < 4, where every initializer had to be listed as an input.
+  bool freeze_initializer_inputs = false;
+  // Also fold Mul / Add / Sub / Div by a per-channel constant (FrozenBatchNorm2d, layer scale) like a BN.
+  bool fold_affine = true;
   // Static shapes of values (dims, -1 where unknown) that the model's own value_info lacks, e.g. from onnx
   // shape inference run on a copy by the Python layer; pad_correction reads the spatial size from them.
   // Keyword `shapes` ({name: [dims]}); not a switch, so options() does not list it.

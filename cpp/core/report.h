@@ -13,6 +13,7 @@ namespace qdqfold {
 struct BatchNormRecord {
   std::string graph;       // "main", "main/<node>:<attribute>" for subgraphs, "function:<domain>.<name>"
   std::string node;        // the BN node's name (or "BatchNormalization#<index>" when unnamed)
+  std::string op_type = "BatchNormalization";  // or Mul / Add / Sub / Div: a per-channel affine (folds/affine.h)
   bool folded = false;
   std::string direction;   // "backward" (into its producer) or "forward" (into its readers); empty if kept
   std::vector<std::string> into;  // names of the layer node(s) that absorbed it
