@@ -233,6 +233,8 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
         allow_nonzero_zero_point: bool = False,
         materialize_quantized_weights: bool = False,
         drop_activation_quantizers: bool = False,
+        fold_affine: bool = True,
+        freeze_initializer_inputs: bool = False,
         shapes: Optional[Mapping[str, Sequence[Optional[int]]]] = None,
     ) -> None:
         super().__init__()
@@ -244,6 +246,8 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
             "allow_nonzero_zero_point": allow_nonzero_zero_point,
             "materialize_quantized_weights": materialize_quantized_weights,
             "drop_activation_quantizers": drop_activation_quantizers,
+            "fold_affine": fold_affine,
+            "freeze_initializer_inputs": freeze_initializer_inputs,
         }
         self.shapes = None if shapes is None else {k: list(v) for k, v in shapes.items()}
         self.report: Optional[FoldReport] = None
