@@ -140,7 +140,7 @@ class FoldReport:
         if entry is None:
             names = ", ".join(b.node for b in self.batchnorms) or "none"
             raise KeyError(f"no BatchNormalization named {node!r}; the model's are: {names}")
-        lines = [f"BatchNormalization {entry.node}" + ("" if entry.graph == "main" else f" (graph {entry.graph})")]
+        lines = [f"{entry.op_type} {entry.node}" + ("" if entry.graph == "main" else f" (graph {entry.graph})")]
         if model is not None:
             bn = next((n for n in model.nodes if n.graph == entry.graph and n.name == entry.node), None)
             if bn is not None and bn.inputs and bn.outputs:
