@@ -108,3 +108,23 @@ def test_error_quoting_a_name_that_is_not_utf8_is_still_a_fold_error():
     data = _model_with_initializer(t).replace(b"w_bad", b"w\xff\xfe\x80d")  # same length: the framing holds
     with pytest.raises(FoldError, match="raw_data holds 8 bytes"):
         qdqfold_native.fold(data)
+
+
+def test_names_that_are_not_utf8_reach_the_report():
+    """Node names are bytes on the wire: a BN named with invalid UTF-8 is reported (with replacement
+    characters), not a UnicodeDecodeError."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "w")] + [
+        numpy_helper.from_array(v.astype(np.float32), n)
+        for n, v in (("g", np.ones(4)), ("b", np.zeros(4)), ("m", np.zeros(4)), ("v", np.ones(4)))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="BNMARK")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2, 2])], inits)
+    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    data = data.replace(b"BNMARK", b"\x84BNMRK")  # same length: every length prefix stays right
+    _, report = qdqfold_native.fold_with_report(data)
+    assert report["batchnorms"][0]["node"] == "\ufffdBNMRK" and report["batchnorms"][0]["folded"]

@@ -108,30 +108,47 @@ class InputBuffer {
   Py_buffer view_{};
 };
 
+// Text that quotes the model (node, graph, tensor and op names), which need not be UTF-8: decoded with
+// replacement, so a report always arrives instead of a UnicodeDecodeError.
+py::str text(const std::string& s) {
+  return py::reinterpret_steal<py::str>(PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace"));
+}
+py::list texts(const std::vector<std::string>& v) {
+  py::list out;
+  for (const auto& s : v) out.append(text(s));
+  return out;
+}
+py::dict counts(const std::map<std::string, int64_t>& m) {
+  py::dict out;
+  for (const auto& [k, n] : m) out[text(k)] = n;
+  return out;
+}
+
 py::dict report_to_dict(const qdqfold::Report& report) {
   py::list bns;
   for (const auto& r : report.batchnorms) {
     py::dict d;
-    d["graph"] = r.graph;
-    d["node"] = r.node;
+    d["graph"] = text(r.graph);
+    d["node"] = text(r.node);
     d["folded"] = r.folded;
-    d["direction"] = r.direction.empty() ? py::object(py::none()) : py::object(py::str(r.direction));
-    d["into"] = r.into;
-    d["into_op"] = r.into_op.empty() ? py::object(py::none()) : py::object(py::str(r.into_op));
-    d["code"] = r.code;
-    d["op_type"] = r.op_type;
-    d["message"] = r.message;
+    d["direction"] = r.direction.empty() ? py::object(py::none()) : py::object(text(r.direction));
+    d["into"] = texts(r.into);
+    d["into_op"] = r.into_op.empty() ? py::object(py::none()) : py::object(text(r.into_op));
+    d["code"] = text(r.code);
+    d["op_type"] = text(r.op_type);
+    d["message"] = text(r.message);
     // true (within float rounding), "bias-rounded" (plus a reported int32 bias rounding), or false.
     d["exact"] = r.exact && r.bias_rounded ? py::object(py::str("bias-rounded")) : py::object(py::bool_(r.exact));
-    d["new_tensors"] = r.new_tensors;
+    d["new_tensors"] = texts(r.new_tensors);
     py::dict metrics;
-    for (const auto& [k, v] : r.metrics) metrics[py::str(k)] = v;
+    for (const auto& [k, v] : r.metrics) metrics[text(k)] = v;
     d["metrics"] = metrics;
     bns.append(d);
   }
   py::dict out;
   out["batchnorms"] = bns;
-  out["op_types"] = py::dict(py::arg("before") = report.op_types_before, py::arg("after") = report.op_types_after);
+  out["op_types"] = py::dict(py::arg("before") = counts(report.op_types_before),
+                             py::arg("after") = counts(report.op_types_after));
   return out;
 }
 
@@ -223,7 +240,7 @@ PYBIND11_MODULE(qdqfold_native, m) {
         auto [bytes, report] = run(model, std::move(kwargs));
         py::dict result = report_to_dict(report);
         result["input_bytes"] = report.input_bytes;
-        if (!report.input_files.empty()) result["input_files"] = report.input_files;
+        if (!report.input_files.empty()) result["input_files"] = texts(report.input_files);
         return py::make_tuple(bytes, result);
       },
       py::arg("model"),
@@ -272,9 +289,9 @@ PYBIND11_MODULE(qdqfold_native, m) {
           report = qdqfold::fold_file(source, destination, options, file_options);
         }
         py::dict result = report_to_dict(report);
-        result["data_files"] = report.data_files;
-        result["removed_files"] = report.removed_files;
-        result["input_files"] = report.input_files;
+        result["data_files"] = texts(report.data_files);
+        result["removed_files"] = texts(report.removed_files);
+        result["input_files"] = texts(report.input_files);
         result["input_bytes"] = report.input_bytes;
         return result;
       },
