@@ -49,7 +49,7 @@ if nm -u "$build"/obj/*.o | grep -wE "$linux_only"; then
   echo "the portable build calls a Linux-only function (above)" >&2
   exit 1
 fi
-echo "none of: ${linux_only//|/ }"
+echo "none of: $(echo "$linux_only" | tr "|" " ")"
 
 echo "== 4. fold a model with external data"
 work="$build/run"

@@ -2,7 +2,8 @@
 # The Windows backend (cpp/platform/windows.cpp), checked on Linux: the core and tools/fold_file_main.cpp
 # cross-compiled with MinGW-w64, then run under Wine on a test model with external data, into a fresh
 # directory and again over its own output (an earlier run's data file is replaced, MoveFileExW over an
-# existing file), with every byte compared with what the Linux build writes.
+# existing file), in place twice, refusals of unsafe paths, with every byte compared with what the Linux
+# build writes.
 #
 #   tools/check_windows.sh        # BUILD_DIR (default build/windows), JOBS (default 2)
 #
@@ -48,6 +49,13 @@ run in/model.onnx out/model.onnx | tr -d '\r' | tail -2
 test -s out/model.onnx && test -s out/model.onnx.data
 run in/model.onnx out/model.onnx >/dev/null  # again: replaces the output and its data file of the first run
 ls -a out | grep -q '\.tmp$' && { echo "temporary files left behind" >&2; exit 1; }
+# In place, twice: the second run replaces the data file it reads (both are mapped: let_go_of), and the
+# first removes the input's old data file.
+cp -r in inplace
+run inplace/model.onnx inplace/model.onnx | tr -d '\r' | grep -q "^removed inplace/sub/model.weights"
+run inplace/model.onnx inplace/model.onnx >/dev/null
+test ! -e inplace/sub/model.weights && test -s inplace/model.onnx.data
+ls -a inplace | grep -q '\.tmp$' && { echo "temporary files left behind" >&2; exit 1; }
 # Refusals: a location outside the model's directory, and the input as its own output.
 python3 - "$work/in/model.onnx" "$work/in/escape.onnx" <<'PY'
 import sys, onnx
@@ -67,6 +75,12 @@ if python3 -c "import qdqfold_native" 2>/dev/null; then
   python3 -c "import sys, qdqfold_native as q; q.fold_file(sys.argv[1], sys.argv[2])" in/model.onnx reference/model.onnx
   cmp out/model.onnx reference/model.onnx
   cmp out/model.onnx.data reference/model.onnx.data
+  cp -r in reference/inplace
+  for _ in 1 2; do
+    python3 -c "import sys, qdqfold_native as q; q.fold_file(sys.argv[1], sys.argv[1])" reference/inplace/model.onnx
+  done
+  cmp inplace/model.onnx reference/inplace/model.onnx
+  cmp inplace/model.onnx.data reference/inplace/model.onnx.data
   echo "same bytes as the Linux build ($(python3 -c 'import qdqfold_native as q; print(q.__file__)'))"
 fi
 echo "Windows backend under Wine: OK"

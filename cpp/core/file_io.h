@@ -101,6 +101,12 @@ class MappedFile {
   // the guard, or its size or modification time differ now).
   bool changed() const;
 
+  // Windows only (a no-op elsewhere): a file this process maps can be neither replaced nor removed there. An
+  // in-place fold commits its outputs over files it read, and removes some, after it has read everything:
+  // OutputFile::commit() and remove_file() then call this to unmap every mapping of that file and close it
+  // (view() is empty afterwards, and changed() false).
+  static void let_go_of(const FileId& id);
+
  private:
   friend class OutputFile;
   std::string path_;
@@ -110,6 +116,7 @@ class MappedFile {
   FileId id_;
   int64_t mtime_ = 0;      // the modification time when opened, in the backend's unit
   int guard_slot_ = -1;    // POSIX: the SIGBUS guard's slot for this mapping
+  bool let_go_ = false;    // Windows: unmapped and closed by let_go_of()
 };
 
 // A temporary file beside `destination`, renamed over it by commit(); removed if never committed.

@@ -322,6 +322,8 @@ bool MappedFile::changed() const {
   return static_cast<size_t>(st.st_size) != size_ || mtime_of(st) != mtime_;
 }
 
+void MappedFile::let_go_of(const FileId&) {}  // POSIX replaces and removes mapped files
+
 // ------------------------------------------------------------------------------------------------- writing
 
 OutputFile::OutputFile(std::string destination) : destination_(std::move(destination)) {

@@ -24,7 +24,9 @@
 #include <windows.h>
 
 #include <algorithm>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "../core/file_io.h"
 #include "common.h"
@@ -102,6 +104,24 @@ FileKind kind_of(HANDLE h) {
 
 }  // namespace
 
+namespace {
+// Every MappedFile alive in this process, for let_go_of().
+std::mutex g_mapped_lock;
+std::vector<MappedFile*> g_mapped;
+
+// After `call` failed because `path` is mapped here (an in-place fold replacing or removing a file it read):
+// lets go of those mappings and tries once more.
+template <typename Call>
+bool retry_unmapped(const std::string& path, Call call) {
+  const DWORD error = GetLastError();
+  if (error != ERROR_ACCESS_DENIED && error != ERROR_SHARING_VIOLATION && error != ERROR_USER_MAPPED_FILE) return false;
+  const auto id = file_id(path);
+  if (!id) return false;
+  MappedFile::let_go_of(*id);
+  return call();
+}
+}  // namespace
+
 void throw_os_error(const std::string& what, const std::string& path) {
   throw FileError(path + ": " + what + ": " + error_text(g_last_error));
 }
@@ -134,7 +154,8 @@ FileKind file_kind(const std::string& path, bool follow_links) {
 }
 
 bool remove_file(const std::string& path) {
-  if (DeleteFileW(wide(path).c_str())) return true;
+  auto remove = [&path] { return DeleteFileW(wide(path).c_str()) != 0; };
+  if (remove() || retry_unmapped(path, remove)) return true;
   remember_error();
   return false;
 }
@@ -163,6 +184,20 @@ std::optional<std::string> real_path(const std::string& path) {
 }
 
 // ---------------------------------------------------------------------------------------------- reading
+
+
+void MappedFile::let_go_of(const FileId& id) {
+  std::lock_guard<std::mutex> hold(g_mapped_lock);
+  for (MappedFile* m : g_mapped) {
+    if (m->id_ != id || m->let_go_) continue;
+    if (m->data_) UnmapViewOfFile(m->data_);
+    if (m->file_ != -1) CloseHandle(handle_of(m->file_));
+    m->data_ = nullptr;
+    m->file_ = -1;
+    m->size_ = 0;
+    m->let_go_ = true;
+  }
+}
 
 MappedFile::MappedFile(const std::string& path, const std::string& role) : path_(path) {
   // FILE_FLAG_BACKUP_SEMANTICS opens a directory too, so it is named as one instead of "access denied".
@@ -203,9 +238,15 @@ MappedFile::MappedFile(const std::string& path, const std::string& role) : path_
     }
     data_ = static_cast<const char*>(p);
   }
+  std::lock_guard<std::mutex> hold(g_mapped_lock);
+  g_mapped.push_back(this);
 }
 
 MappedFile::~MappedFile() {
+  {
+    std::lock_guard<std::mutex> hold(g_mapped_lock);
+    g_mapped.erase(std::remove(g_mapped.begin(), g_mapped.end(), this), g_mapped.end());
+  }
   if (data_) UnmapViewOfFile(data_);
   if (file_ != -1) CloseHandle(handle_of(file_));
 }
@@ -225,6 +266,7 @@ void MappedFile::release(std::string_view bytes) const {
 }
 
 bool MappedFile::changed() const {
+  if (let_go_) return false;  // replaced by this fold's own commit, after everything was read and checked
   BY_HANDLE_FILE_INFORMATION info{};
   if (!GetFileInformationByHandle(handle_of(file_), &info)) return true;
   return size_of(info) != size_ || write_time_of(info) != mtime_;
@@ -288,7 +330,8 @@ void OutputFile::commit() {
     remember_error();
     throw_os_error("cannot write", destination_);
   }
-  if (!MoveFileExW(wide(temp_).c_str(), wide(destination_).c_str(), MOVEFILE_REPLACE_EXISTING)) {
+  auto move = [this] { return MoveFileExW(wide(temp_).c_str(), wide(destination_).c_str(), MOVEFILE_REPLACE_EXISTING) != 0; };
+  if (!move() && !retry_unmapped(destination_, move)) {
     remember_error();
     throw_os_error("cannot write", destination_);
   }
