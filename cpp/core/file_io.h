@@ -103,8 +103,8 @@ class MappedFile {
 
   // Windows only (a no-op elsewhere): a file this process maps can be neither replaced nor removed there. An
   // in-place fold commits its outputs over files it read, and removes some, after it has read everything:
-  // OutputFile::commit() and remove_file() then call this to unmap every mapping of that file and close it
-  // (view() is empty afterwards, and changed() false).
+  // OutputFile::commit() and remove_file() then call this to unmap the calling thread's mappings of that
+  // file and close them (view() is empty afterwards, and changed() false).
   static void let_go_of(const FileId& id);
 
  private:

@@ -26,6 +26,8 @@
 #include <algorithm>
 #include <mutex>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "../core/file_io.h"
@@ -105,17 +107,18 @@ FileKind kind_of(HANDLE h) {
 }  // namespace
 
 namespace {
-// Every MappedFile alive in this process, for let_go_of().
+// Every MappedFile alive in this process, with the thread that made it, for let_go_of().
 std::mutex g_mapped_lock;
-std::vector<MappedFile*> g_mapped;
+std::vector<std::pair<MappedFile*, std::thread::id>> g_mapped;
 
 // After `call` failed because `path` is mapped here (an in-place fold replacing or removing a file it read):
-// lets go of those mappings and tries once more.
+// lets go of those mappings and tries once more. GetLastError() is the failure's when it returns false.
 template <typename Call>
 bool retry_unmapped(const std::string& path, Call call) {
   const DWORD error = GetLastError();
   if (error != ERROR_ACCESS_DENIED && error != ERROR_SHARING_VIOLATION && error != ERROR_USER_MAPPED_FILE) return false;
   const auto id = file_id(path);
+  SetLastError(error);
   if (!id) return false;
   MappedFile::let_go_of(*id);
   return call();
@@ -186,10 +189,12 @@ std::optional<std::string> real_path(const std::string& path) {
 // ---------------------------------------------------------------------------------------------- reading
 
 
+// Only the calling thread's mappings: a fold maps its files and commits its outputs on one thread, and a
+// mapping another fold is reading at the same time stays (that commit then fails, naming the file).
 void MappedFile::let_go_of(const FileId& id) {
   std::lock_guard<std::mutex> hold(g_mapped_lock);
-  for (MappedFile* m : g_mapped) {
-    if (m->id_ != id || m->let_go_) continue;
+  for (const auto& [m, thread] : g_mapped) {
+    if (m->id_ != id || m->let_go_ || thread != std::this_thread::get_id()) continue;
     if (m->data_) UnmapViewOfFile(m->data_);
     if (m->file_ != -1) CloseHandle(handle_of(m->file_));
     m->data_ = nullptr;
@@ -239,13 +244,14 @@ MappedFile::MappedFile(const std::string& path, const std::string& role) : path_
     data_ = static_cast<const char*>(p);
   }
   std::lock_guard<std::mutex> hold(g_mapped_lock);
-  g_mapped.push_back(this);
+  g_mapped.emplace_back(this, std::this_thread::get_id());
 }
 
 MappedFile::~MappedFile() {
   {
     std::lock_guard<std::mutex> hold(g_mapped_lock);
-    g_mapped.erase(std::remove(g_mapped.begin(), g_mapped.end(), this), g_mapped.end());
+    g_mapped.erase(std::remove_if(g_mapped.begin(), g_mapped.end(), [this](const auto& m) { return m.first == this; }),
+                   g_mapped.end());
   }
   if (data_) UnmapViewOfFile(data_);
   if (file_ != -1) CloseHandle(handle_of(file_));
