@@ -1,19 +1,25 @@
 // The files fold_file reads and writes, and nothing else of the operating system: every open, map, write and
 // rename goes through here, so the rules a downloaded model can never bend are written once.
 //
-//   reading:  open_regular()  refuses FIFOs, devices, sockets and directories before anything can block on
-//                             them (O_NONBLOCK), and names what the path is instead.
-//             MappedFile      a read-only mapping whose reads never kill the process: a SIGBUS in it (the file
+//   reading:  MappedFile      refuses FIFOs, devices, sockets and directories before anything can block on
+//                             them (O_NONBLOCK), and names what the path is instead; then a read-only
+//                             mapping whose reads never kill the process: a SIGBUS in it (the file
 //                             was truncated underneath) maps a zero page there and marks the mapping, and
 //                             changed() tells the caller, who throws "the input changed while it was being
 //                             folded" instead of writing an output computed from zeros.
 //   writing:  OutputFile      a temporary file beside the destination, renamed over it by commit(), removed on
 //                             every other way out (exceptions included).
 //   errors:   FileError       a FoldError about one file: its message starts with that file's path.
+//
+// This header is the whole interface; no operating system header is included here. The backends
+// (cpp/platform/, chosen at compile time, see cpp/platform/backend.h) implement it:
+//   posix.cpp    Linux (copy_file_range, mkstemps, madvise, an anonymous zero page for the guard) and, with
+//                QDQFOLD_PORTABLE_IO or on any other POSIX system, the same file rules with POSIX.1-2008
+//                calls only (write from the mapping, O_EXCL temporary files, a /dev/zero page for the guard).
+//   windows.cpp  Win32 (CreateFileMappingW, MoveFileExW(MOVEFILE_REPLACE_EXISTING), volume serial number +
+//                file index as file identity, reparse points as links).
+//   common.cpp   what is the same everywhere: paths as strings, interrupts.
 #pragma once
-
-#include <sys/stat.h>
-#include <sys/types.h>
 
 #include <atomic>
 #include <cstdint>
@@ -32,35 +38,48 @@ class FileError : public FoldError {
   using FoldError::FoldError;
 };
 
-// "path: what: strerror(errno)".
+// "path: what: <the operating system's reason for the last failed call of this thread>".
 [[noreturn]] void throw_os_error(const std::string& what, const std::string& path);
 
-// Which file a path names (after links): two names of one file compare equal.
+// Which file a path names (after links): two names of one file compare equal. POSIX: device and inode;
+// Windows: volume serial number and file index.
 struct FileId {
-  dev_t device = 0;
-  ino_t inode = 0;
+  uint64_t device = 0;
+  uint64_t inode = 0;
   bool operator==(const FileId& o) const { return device == o.device && inode == o.inode; }
   bool operator!=(const FileId& o) const { return !(*this == o); }
   bool operator<(const FileId& o) const { return device != o.device ? device < o.device : inode < o.inode; }
 };
 std::optional<FileId> file_id(const std::string& path);  // nullopt when it does not exist (or cannot be stat'ed)
 
+// What a path names. `inaccessible`: it could not be examined for another reason than not existing (the
+// reason is kept for throw_os_error).
+enum class FileKind { missing, inaccessible, regular, directory, link, fifo, character_device, block_device, socket, other };
+// The kind of file at `path`; a symbolic link (Windows: a reparse point) is reported as `link` unless
+// `follow_links`, when the file it leads to is examined.
+FileKind file_kind(const std::string& path, bool follow_links);
 // "a FIFO", "a directory", "a character device", ... for a file type that is not a regular file.
-const char* file_kind(mode_t mode);
+const char* describe(FileKind kind);
+// Removes the file `path` (not a directory); false when it could not be removed.
+bool remove_file(const std::string& path);
 
 std::string directory_of(const std::string& path);
 std::string file_name_of(const std::string& path);
 // The absolute path with every link resolved; nullopt when it does not exist.
 std::optional<std::string> real_path(const std::string& path);
+// On Windows both '/' and '\\' separate names, and real_path gives '/' throughout ("C:/models/m.onnx").
 // True when `path` (absolute, links resolved) lies inside `directory` (absolute, links resolved).
 bool is_inside(const std::string& path, const std::string& directory);
 
-// Opens `path` read-only. Throws FileError naming the path unless it is a regular file; never blocks on a
-// FIFO or a device (the open is non-blocking and the type is checked before any read). `role` says what the
-// file is, with its article, for the message ("the model", "the external data file of tensor 'w'").
-int open_regular(const std::string& path, const std::string& role);
-
-// A read-only mapping of a whole regular file (see the header comment for its guard).
+// A read-only mapping of a whole regular file (see the header comment for its guard). The constructor throws
+// FileError naming the path unless it is a regular file, and never blocks on a FIFO or a device (POSIX: the
+// open is non-blocking and the type is checked before any read). `role` says what the file is, with its
+// article, for the message ("the model", "the external data file of tensor 'w'").
+//
+// Windows has no SIGBUS: a mapped file cannot be truncated there while the mapping exists (SetEndOfFile
+// fails), so the guard is the size and last-write-time comparison of changed() alone. A read error of a
+// mapped page (EXCEPTION_IN_PAGE_ERROR: a network file gone, a disk error) is not caught, as structured
+// exceptions would be compiler-specific; it ends the process as it would any Windows program.
 class MappedFile {
  public:
   MappedFile(const std::string& path, const std::string& role);
@@ -76,21 +95,28 @@ class MappedFile {
   void release(std::string_view bytes) const;
   bool contains(const char* p) const { return data_ && p >= data_ && p < data_ + size_; }
   int64_t offset_of(const char* p) const { return p - data_; }
-  int fd() const { return fd_; }
   const std::string& path() const { return path_; }
   FileId id() const { return id_; }
   // True when the file was truncated, grown or written since it was opened (a read past its new end hit
   // the guard, or its size or modification time differ now).
   bool changed() const;
 
+  // Windows only (a no-op elsewhere): a file this process maps can be neither replaced nor removed there. An
+  // in-place fold commits its outputs over files it read, and removes some, after it has read everything:
+  // OutputFile::commit() and remove_file() then call this to unmap the calling thread's mappings of that
+  // file and close them (view() is empty afterwards, and changed() false).
+  static void let_go_of(const FileId& id);
+
  private:
+  friend class OutputFile;
   std::string path_;
-  int fd_ = -1;
+  intptr_t file_ = -1;     // POSIX: the descriptor; Windows: the file HANDLE
   const char* data_ = nullptr;
   size_t size_ = 0;
   FileId id_;
-  struct timespec mtime_ {};
-  int guard_slot_ = -1;
+  int64_t mtime_ = 0;      // the modification time when opened, in the backend's unit
+  int guard_slot_ = -1;    // POSIX: the SIGBUS guard's slot for this mapping
+  bool let_go_ = false;    // Windows: unmapped and closed by let_go_of()
 };
 
 // A temporary file beside `destination`, renamed over it by commit(); removed if never committed.
@@ -105,13 +131,15 @@ class OutputFile {
   void pwrite_all(const char* p, size_t n, int64_t offset);
   // Copies [offset, offset + n) of `in` to the current end, inside the kernel where it can.
   void copy_from(const MappedFile& in, int64_t offset, size_t n);
-  // Gives the file the permissions a plain create would (mkstemp makes it 0600), closes and renames it.
+  // Gives the file the permissions a plain create would (POSIX: the temporary file is made 0600), closes it
+  // and renames it over the destination (Windows: MoveFileExW with MOVEFILE_REPLACE_EXISTING).
   void commit();
   const std::string& destination() const { return destination_; }
 
  private:
   std::string destination_, temp_;
-  int fd_ = -1;
+  intptr_t file_ = -1;     // POSIX: the descriptor; Windows: the HANDLE
+  int64_t position_ = 0;   // Windows: where write() goes next (every write there is positional)
   bool committed_ = false;
 };
 

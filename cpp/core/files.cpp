@@ -1,10 +1,6 @@
 #include "files.h"
 
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -307,29 +303,29 @@ void write_data_file(const MappedFile& file, const std::string& location,
 // The destination the user named, as the file to write: a symbolic link is followed to the file it names
 // (as cp does); that file must be a regular file, or not exist yet in an existing directory.
 std::string resolve_destination(const std::string& dst) {
-  struct stat st {};
-  if (::lstat(dst.c_str(), &st) == 0) {
+  using io::FileKind;
+  FileKind kind = io::file_kind(dst, false);
+  if (kind != FileKind::missing && kind != FileKind::inaccessible) {
     std::string target = dst;
-    if (S_ISLNK(st.st_mode)) {
+    if (kind == FileKind::link) {
       const auto real = io::real_path(dst);
       if (!real) throw FileError(dst + ": is a symbolic link to a file that does not exist; name the output file itself");
       target = *real;
-      if (::stat(target.c_str(), &st) != 0) io::throw_os_error("cannot write", dst);
+      kind = io::file_kind(target, true);
+      if (kind == FileKind::missing || kind == FileKind::inaccessible) io::throw_os_error("cannot write", dst);
     }
-    if (S_ISDIR(st.st_mode))
+    if (kind == FileKind::directory)
       throw FileError(dst + ": is a directory; name the output model file (the CLI's -o DIR/ writes DIR/<input name>)");
-    if (!S_ISREG(st.st_mode))
-      throw FileError(dst + ": is " + io::file_kind(st.st_mode) + "; qdqfold replaces only regular files");
+    if (kind != FileKind::regular)
+      throw FileError(dst + ": is " + io::describe(kind) + "; qdqfold replaces only regular files");
     return target;
   }
-  if (errno != ENOENT) io::throw_os_error("cannot write", dst);
+  if (kind != FileKind::missing) io::throw_os_error("cannot write", dst);
   const std::string directory = io::directory_of(dst);
-  struct stat parent {};
-  if (::stat(directory.c_str(), &parent) != 0) {
-    if (errno == ENOENT) throw FileError(dst + ": cannot write: the directory " + directory + " does not exist");
-    io::throw_os_error("cannot write", dst);
-  }
-  if (!S_ISDIR(parent.st_mode)) throw FileError(dst + ": cannot write: " + directory + " is not a directory");
+  const FileKind parent = io::file_kind(directory, true);
+  if (parent == FileKind::missing) throw FileError(dst + ": cannot write: the directory " + directory + " does not exist");
+  if (parent == FileKind::inaccessible) io::throw_os_error("cannot write", dst);
+  if (parent != FileKind::directory) throw FileError(dst + ": cannot write: " + directory + " is not a directory");
   return dst;
 }
 
@@ -389,10 +385,10 @@ OutputPlan plan_outputs(const std::string& src, const std::string& dst, const st
     const std::string path = directory + "/" + data_name;
     plan.data_names.push_back(data_name);
     written.insert(data_name);
-    struct stat st {};
-    if (::lstat(path.c_str(), &st) != 0) continue;  // a new file
-    if (!S_ISREG(st.st_mode) && !S_ISLNK(st.st_mode))
-      throw FileError(path + ": is " + io::file_kind(st.st_mode) + "; qdqfold replaces only regular files");
+    const io::FileKind kind = io::file_kind(path, false);
+    if (kind == io::FileKind::missing || kind == io::FileKind::inaccessible) continue;  // a new file
+    if (kind != io::FileKind::regular && kind != io::FileKind::link)
+      throw FileError(path + ": is " + io::describe(kind) + "; qdqfold replaces only regular files");
     const auto id = io::file_id(path);
     const std::string read = id ? read_by_fold(*id) : std::string();
     if (!read.empty()) {
@@ -431,7 +427,7 @@ std::vector<std::string> remove_replaced_inputs(const FileResolver& resolver, co
   for (const auto& f : resolver.files()) {
     if (outputs.count(f.real_path)) continue;
     const auto id = io::file_id(f.real_path);
-    if (id && *id == f.file->id() && ::unlink(f.real_path.c_str()) == 0) removed.push_back(f.file->path());
+    if (id && *id == f.file->id() && io::remove_file(f.real_path)) removed.push_back(f.file->path());
   }
   return removed;
 }
@@ -522,7 +518,7 @@ std::optional<Report> fold_file_once(MappedFile& input, FileResolver& resolver, 
   }
   model_out.commit();
   for (const auto& path : outputs.stale)
-    if (::unlink(path.c_str()) == 0) plan->report.removed_files.push_back(path);
+    if (io::remove_file(path)) plan->report.removed_files.push_back(path);
   if (outputs.in_place) {
     for (auto& path : remove_replaced_inputs(resolver, outputs)) plan->report.removed_files.push_back(std::move(path));
   }
