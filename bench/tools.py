@@ -161,10 +161,21 @@ def _graph_stats(model_path: str) -> dict:
 
     graph = onnx.load(model_path, load_external_data=False).graph
     all_nodes = list(nodes(graph))
-    inputs = [(i.name, [d.dim_value for d in i.type.tensor_type.shape.dim]) for i in graph.input]
+    initializers = {t.name for t in graph.initializer}
+    inputs = [(i.name, [d.dim_value for d in i.type.tensor_type.shape.dim]) for i in graph.input
+              if i.name not in initializers]
+    # Per-channel affines written as elementwise ops (FrozenBatchNorm2d's Mul/Add, layer scale): a
+    # Mul/Add/Sub/Div of a layer's output by a constant (main graph).
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    constants = initializers | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    layers = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Mul", "Add", "Sub", "Div"}
+    affine = sum(n.op_type in ("Mul", "Add", "Sub", "Div") and len(n.input) == 2 and
+                 any(producers.get(x) in layers for x in n.input) and any(x in constants for x in n.input)
+                 for n in graph.node)
     return {
         "nodes": len(all_nodes),
         "bn": sum(n.op_type == "BatchNormalization" for n in all_nodes),
+        "affine": affine,
         "inputs": inputs,
     }
 
@@ -179,7 +190,7 @@ def reference(model_path: str, npz_path: str) -> dict:
     outputs = _run_unoptimized(model_path, feeds)
     np.savez(npz_path, **{f"in:{k}": v for k, v in feeds.items()},
              **{f"out:{i}": v for i, v in enumerate(outputs)})
-    return {"nodes": stats["nodes"], "bn": stats["bn"]}
+    return {"nodes": stats["nodes"], "bn": stats["bn"], "affine": stats["affine"]}
 
 
 def verify(model_path: str, npz_path: str) -> dict:
@@ -193,7 +204,8 @@ def verify(model_path: str, npz_path: str) -> dict:
     if len(outputs) != len(expected):
         raise RuntimeError(f"{len(outputs)} outputs, expected {len(expected)}")
     deviation = max(float(np.max(np.abs(o.astype(np.float64) - e))) for o, e in zip(outputs, expected))
-    return {"bn_left": _graph_stats(model_path)["bn"], "max_dev": deviation}
+    stats = _graph_stats(model_path)
+    return {"bn_left": stats["bn"], "affine_left": stats["affine"], "max_dev": deviation}
 
 
 def probe(module: str, dist: str) -> dict:
