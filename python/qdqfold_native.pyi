@@ -40,6 +40,8 @@ class Options(TypedDict, total=False):
     allow_nonzero_zero_point: bool  # False: complement form for int8 -128 under a negative factor
     materialize_quantized_weights: bool  # False: QAT weights written as integers behind DequantizeLinear
     drop_activation_quantizers: bool  # False: APPROXIMATE, drop a Q/DQ pair between a layer and its BN
+    merge_branches: bool  # False: merge parallel Conv/BN/identity branches summed over one input into one Conv
+    requantize_merged: bool  # False: quantized branches (not implemented yet: kept, "quantized-weight")
     shapes: Mapping[str, Sequence[int | None]]  # static shapes for pad_correction (value name -> dims)
 
 def fold(model: BytesLike, **options: Unpack[Options]) -> bytes: ...

@@ -35,6 +35,8 @@ const OptionSpec kOptions[] = {
     {"allow_nonzero_zero_point", &Options::allow_nonzero_zero_point},
     {"materialize_quantized_weights", &Options::materialize_quantized_weights},
     {"drop_activation_quantizers", &Options::drop_activation_quantizers},
+    {"merge_branches", &Options::merge_branches},
+    {"requantize_merged", &Options::requantize_merged},
 };
 
 // The `shapes` option: {value name: [dims]}, a dim None or negative where unknown.
@@ -106,9 +108,9 @@ class InputBuffer {
   Py_buffer view_{};
 };
 
-py::dict report_to_dict(const qdqfold::Report& report) {
+py::list records_to_list(const std::vector<qdqfold::BatchNormRecord>& records) {
   py::list bns;
-  for (const auto& r : report.batchnorms) {
+  for (const auto& r : records) {
     py::dict d;
     d["graph"] = r.graph;
     d["node"] = r.node;
@@ -126,8 +128,13 @@ py::dict report_to_dict(const qdqfold::Report& report) {
     d["metrics"] = metrics;
     bns.append(d);
   }
+  return bns;
+}
+
+py::dict report_to_dict(const qdqfold::Report& report) {
   py::dict out;
-  out["batchnorms"] = bns;
+  out["batchnorms"] = records_to_list(report.batchnorms);
+  if (!report.merges.empty()) out["merges"] = records_to_list(report.merges);  // merge_branches only
   return out;
 }
 
