@@ -289,3 +289,30 @@ def test_nothing_to_merge_is_byte_identical():
     out, report = fold(model, merge_branches=True)
     assert out == model.SerializeToString()
     assert "merges" not in report
+
+
+# ---------------------------------------------------------------- Python report and CLI
+
+
+def test_python_report_and_cli_json(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import qdqfold.api
+
+    b = Block()
+    model = b.model(b.add_chain([b.conv("x", (3, 3)), b.conv("x", (1, 3)), b.bn("x")]))
+    _, report = qdqfold.api.fold_bytes(model.SerializeToString(), merge_branches=True)
+    (m,) = report.merges
+    assert m.folded and m.code == "merge-branches" and m.into == ["conv1"]
+    assert report.find("bn5").code == "merge-branches"
+    assert "merges" not in qdqfold.api.fold_bytes(model.SerializeToString())[1].to_dict()
+    src = tmp_path / "block.onnx"
+    src.write_bytes(model.SerializeToString())
+    out = subprocess.run([sys.executable, "-m", "qdqfold", str(src), "-o", str(tmp_path / "out.onnx"),
+                          "--merge-branches", "--json"], capture_output=True, text=True, check=True)
+    document = json.loads(out.stdout)
+    document = document["models"][0] if "models" in document else document
+    assert [e["code"] for e in document["merges"]] == ["merge-branches"]
+    assert document["op_types"]["after"].get("Conv") == 1
