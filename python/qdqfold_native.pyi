@@ -41,7 +41,7 @@ class Options(TypedDict, total=False):
     materialize_quantized_weights: bool  # False: QAT weights written as integers behind DequantizeLinear
     drop_activation_quantizers: bool  # False: APPROXIMATE, drop a Q/DQ pair between a layer and its BN
     merge_branches: bool  # False: merge parallel Conv/BN/identity branches summed over one input into one Conv
-    requantize_merged: bool  # False: quantized branches (not implemented yet: kept, "quantized-weight")
+    requantize_merged: bool  # False: APPROXIMATE, merge quantized branches too, re-quantized per output channel
     shapes: Mapping[str, Sequence[int | None]]  # static shapes for pad_correction (value name -> dims)
 
 def fold(model: BytesLike, **options: Unpack[Options]) -> bytes: ...

@@ -48,7 +48,7 @@ class Block:
         return p + "_y"
 
     def conv(self, x: str, k=(3, 3), pads=None, *, group: int = 1, stride: int = 1, dilation: int = 1,
-             cout: int | None = None, bias: bool = False, bn: bool = True, quantized: bool = False) -> str:
+             cout: int | None = None, bias: bool = False, bn: bool = True, quantized: bool | str = False) -> str:
         """Conv (-> BN): a re-parameterisable branch. pads default: 'same' for odd kernels."""
         cout = cout or self.c
         p = self.name("conv")
@@ -56,7 +56,13 @@ class Block:
             pads = [(k[0] - 1) // 2 * dilation, (k[1] - 1) // 2 * dilation] * 2
         w = RNG.standard_normal((cout, self.c // group, *k)).astype(np.float32)
         inputs = [x, p + "_W"]
-        if quantized:
+        if quantized == "qat":  # float W -> QuantizeLinear -> DequantizeLinear
+            scale = np.float32(np.abs(w).max() / 127)
+            self.inits += [numpy_helper.from_array(w, p + "_Wf"), numpy_helper.from_array(np.array(scale, np.float32), p + "_s"),
+                           numpy_helper.from_array(np.array(0, np.int8), p + "_z")]
+            self.nodes += [helper.make_node("QuantizeLinear", [p + "_Wf", p + "_s", p + "_z"], [p + "_Wq"], name=p + "_q"),
+                           helper.make_node("DequantizeLinear", [p + "_Wq", p + "_s", p + "_z"], [p + "_W"], name=p + "_dq")]
+        elif quantized:
             scale = np.float32(0.02)
             self.inits += [numpy_helper.from_array(np.clip(np.round(w / scale), -127, 127).astype(np.int8), p + "_Wq"),
                            numpy_helper.from_array(np.array(scale, np.float32), p + "_s")]
@@ -316,3 +322,38 @@ def test_python_report_and_cli_json(tmp_path):
     document = document["models"][0] if "models" in document else document
     assert [e["code"] for e in document["merges"]] == ["merge-branches"]
     assert document["op_types"]["after"].get("Conv") == 1
+
+
+# ---------------------------------------------------------------- requantize_merged (approximate)
+
+
+@pytest.mark.parametrize("form", ["int", "qat"])
+def test_requantize_merged(form):
+    b = Block()
+    terms = [b.conv("x", (3, 3), quantized=form), b.conv("x", (1, 1), quantized=form), b.bn("x")]
+    model = b.model(b.add_chain(terms))
+    out, report = fold(model, merge_branches=True, requantize_merged=True)
+    (m,) = report["merges"]
+    assert m["folded"] and m["exact"] is False and m["code"] == "merge-branches"
+    assert 0 < m["metrics"]["max_requantization_change"] <= 0.5 + 1e-9
+    assert "APPROXIMATE" in m["message"]
+    ops = op_types(out)
+    assert ops.count("Conv") == 1 and ops.count("DequantizeLinear") == 1 and "BatchNormalization" not in ops
+    assert ops.count("QuantizeLinear") == (1 if form == "qat" else 0)
+    # The merged integers: int8, symmetric, one scale per output channel.
+    g = onnx.load_from_string(out).graph
+    dq = next(n for n in g.node if n.op_type == "DequantizeLinear")
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    assert inits[dq.input[1]].shape == (8,) and (len(dq.input) < 3 or not inits[dq.input[2]].any())
+    assert next(a.i for a in dq.attribute if a.name == "axis") == 0
+    if form == "int":
+        assert inits[dq.input[0]].dtype == np.int8 and np.abs(inits[dq.input[0]]).max() == 127
+    # Approximate: the outputs move by a fraction of the output range, never more than the weight rounding
+    # allows (half a step of the new scale on every tap).
+    from conftest import random_inputs, run
+    feeds = random_inputs(model)
+    expected, actual = run(model, feeds)[0], run(out, feeds)[0]
+    span = float(expected.max() - expected.min())
+    assert float(np.abs(expected - actual).max()) <= 0.02 * span
+    exact_out, _ = fold(model, merge_branches=True, requantize_merged=False)
+    assert op_types(exact_out).count("Conv") == 2  # without the option: kept

@@ -2,6 +2,7 @@
 #include "merge_branches.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <optional>
 #include <variant>
@@ -10,6 +11,7 @@
 #include "backward.h"
 #include "forward.h"
 #include "padding_correction.h"
+#include "quantized_weight.h"
 
 namespace qdqfold::folds {
 
@@ -116,7 +118,11 @@ double load_float(int32_t data_type, std::string_view bytes, size_t i) {
 struct ConvBranch {
   int node = -1;
   int sign = 1;
-  FloatWeight weight;
+  std::vector<int64_t> dims;  // weight dims [M, C/g, k...]
+  int32_t data_type = 0;      // the float type the conv computes in
+  int64_t groups = 1;
+  std::vector<double> values;  // the weight the conv sees (dequantized when quantized)
+  std::optional<QuantizedWeight> quantized;
   ConvGeometry geometry;
   std::vector<double> bias;
   std::vector<int64_t> offset;  // per spatial dim: where the kernel starts in the merged kernel
@@ -137,7 +143,79 @@ struct MergePlan {
   std::vector<int64_t> weight_dims;  // [M, C/g, K...]
   std::vector<int64_t> pads_begin, pads_end, dilations;
   std::string weight_raw, bias_raw;
+  // requantize_merged: the merged weight's integers and per-output-channel scale, and the largest distance
+  // of the re-quantized weight from the merged one, in units of the new scale.
+  std::vector<int64_t> ints;
+  std::vector<double> new_scale;
+  double max_change = 0;
 };
+
+// The weight a quantized conv sees: (q - z) * s, q = QuantizeLinear(W) in the QAT form. nullopt for types
+// the merge does not re-quantize (float8, packed 4-bit).
+std::optional<std::vector<double>> dequantized_values(QuantizedWeight& w) {
+  if (w.float8() || graph::is_packed_4bit(w.int_type)) return std::nullopt;
+  w.layout.prepare(w.dims);
+  std::vector<double> out(static_cast<size_t>(w.count));
+  std::optional<std::vector<int64_t>> ints;
+  if (!w.qat()) {
+    ints = kernels::read_quantized(w.data, w.int_type, w.count);
+    if (!ints) return std::nullopt;
+  }
+  for (int64_t i = 0; i < w.count; ++i) {
+    const int64_t k = w.layout.scale_index(i);
+    const double s = w.scale[k];
+    const int64_t z = w.zero[k];
+    const int64_t q = w.qat() ? kernels::quantize_element(static_cast<float>(load_float(w.float_type, w.data, i)),
+                                                          static_cast<float>(s), z, w.range)
+                              : (*ints)[i];
+    out[i] = static_cast<double>(q - z) * s;
+  }
+  return out;
+}
+
+// Reads conv `node`'s weight: float, or (requantize_merged) quantized.
+std::variant<ConvBranch, Outcome> read_branch_weight(FoldContext& ctx, int node) {
+  Graph& g = ctx.graph;
+  ConvBranch c;
+  c.node = node;
+  auto w = read_float_weight(ctx, node);
+  if (auto* fw = std::get_if<FloatWeight>(&w)) {
+    c.dims = fw->tensor.dims;
+    c.data_type = fw->tensor.data_type;
+    c.groups = fw->layout.groups;
+    c.values.resize(static_cast<size_t>(fw->tensor.count));
+    for (int64_t i = 0; i < fw->tensor.count; ++i) c.values[i] = load_float(c.data_type, fw->bytes, i);
+    return c;
+  }
+  Outcome& o = std::get<Outcome>(w);
+  if (o.verdict != Verdict::NotApplicable) return Outcome::kept(o.code, describe_node(g, node) + ": " + o.message);
+  if (!ctx.options.requantize_merged)
+    return Outcome::kept("quantized-weight",
+                         describe_node(g, node) + " has a quantized weight (DequantizeLinear): the merged kernel "
+                         "needs new integers on a new grid, which no exact merge gives (requantize_merged=True "
+                         "re-quantizes, approximately)");
+  const std::string& weight = g.nodes[node].inputs[1];
+  auto qw = read_quantized_weight(g, g.producer(weight), node);
+  if (auto* qo = std::get_if<Outcome>(&qw)) {
+    if (qo->verdict == Verdict::NotApplicable) return Outcome::kept("non-constant-weight", describe_node(g, node) + " has no constant weight");
+    return Outcome::kept(qo->code, describe_node(g, node) + ": " + qo->message);
+  }
+  QuantizedWeight& q = std::get<QuantizedWeight>(qw);
+  std::string why;
+  auto layout = weight_layout(g.nodes[node], q.dims, why);
+  if (!layout) return Outcome::kept("malformed", describe_node(g, node) + ": " + why);
+  auto values = dequantized_values(q);
+  if (!values || q.range.lo >= 0 || q.range.hi > 32767)
+    return Outcome::kept("quantized-weight-type", describe_node(g, node) + " has a weight of " +
+                                                      graph::data_type_name(q.int_type) +
+                                                      ": the merge re-quantizes to int8 or int16 only");
+  c.dims = q.dims;
+  c.data_type = q.qat() ? q.float_type : q.scale_type;
+  c.groups = layout->groups;
+  c.values = std::move(*values);
+  c.quantized = std::move(q);
+  return c;
+}
 
 std::string kernel_text(const std::vector<int64_t>& k) {
   std::string s;
@@ -152,25 +230,21 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
     if (b.kind == Branch::Kind::Conv) {
       const Node& conv = g.nodes[b.node];
       if (conv.outputs.size() != 1) return Outcome::kept("malformed", describe_node(g, b.node) + " has more than one output");
-      auto w = read_float_weight(ctx, b.node);
-      if (auto* o = std::get_if<Outcome>(&w)) {
-        if (o->verdict == Verdict::NotApplicable)
-          return Outcome::kept("quantized-weight",
-                               describe_node(g, b.node) + " has a quantized weight (DequantizeLinear): the merged "
-                               "kernel would need new integers, which no exact merge gives");
-        return Outcome::kept(o->code, describe_node(g, b.node) + ": " + o->message);
-      }
-      ConvBranch c;
-      c.node = b.node;
+      auto w = read_branch_weight(ctx, b.node);
+      if (auto* o = std::get_if<Outcome>(&w)) return *o;
+      ConvBranch c = std::move(std::get<ConvBranch>(w));
       c.sign = b.sign;
-      c.weight = std::move(std::get<FloatWeight>(w));
-      auto geometry = read_conv_geometry(conv, c.weight.tensor.dims);
+      auto geometry = read_conv_geometry(conv, c.dims);
       if (auto* o = std::get_if<Outcome>(&geometry)) return *o;
       c.geometry = std::get<ConvGeometry>(geometry);
       if (c.geometry.auto_pad == "SAME_UPPER" || c.geometry.auto_pad == "SAME_LOWER")
         return Outcome::kept("auto-pad", describe_node(g, b.node) + " pads with auto_pad=" + c.geometry.auto_pad +
                                              ", whose pads depend on the input size");
-      auto bias = read_bias(g, conv.inputs.size() > 2 ? conv.inputs[2] : "", c.weight.layout.out_channels, "bias");
+      const std::string bias_name = conv.inputs.size() > 2 ? conv.inputs[2] : "";
+      if (!bias_name.empty() && produced_by_dequantize(g, bias_name))
+        return Outcome::kept("quantized-bias", describe_node(g, b.node) + " has a quantized bias, whose scale is the "
+                                                                          "input's times the weight's");
+      auto bias = read_bias(g, bias_name, c.dims[0], "bias");
       if (auto* o = std::get_if<Outcome>(&bias)) return *o;
       c.bias = std::get<std::vector<double>>(bias);
       plan.convs.push_back(std::move(c));
@@ -192,19 +266,22 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
 
   // Every conv must see x the same way.
   const ConvBranch& first = plan.convs[0];
-  const auto& d0 = first.weight.tensor.dims;
+  const auto& d0 = first.dims;
   const size_t rank = first.geometry.rank();
-  const int64_t groups = first.weight.layout.groups;
-  plan.data_type = first.weight.tensor.data_type;
+  const int64_t groups = first.groups;
+  plan.data_type = first.data_type;
   std::vector<int64_t> K(rank, 0);
   for (const auto& c : plan.convs) {
     const std::string who = describe_node(g, c.node);
-    const auto& d = c.weight.tensor.dims;
-    if (c.weight.tensor.data_type != plan.data_type)
+    const auto& d = c.dims;
+    if (c.quantized.has_value() != first.quantized.has_value())
+      return Outcome::kept("quantized-mix", who + " and " + describe_node(g, first.node) +
+                                                " differ in having a quantized weight");
+    if (c.data_type != plan.data_type)
       return Outcome::kept("type-mismatch", who + " has a weight of another type than " + describe_node(g, first.node));
     if (c.geometry.rank() != rank) return Outcome::kept("rank-mismatch", who + " has a kernel of another rank");
-    if (c.weight.layout.groups != groups)
-      return Outcome::kept("group-mismatch", who + " has group=" + std::to_string(c.weight.layout.groups) + ", " +
+    if (c.groups != groups)
+      return Outcome::kept("group-mismatch", who + " has group=" + std::to_string(c.groups) + ", " +
                                                  describe_node(g, first.node) + " group=" + std::to_string(groups));
     if (d[0] != d0[0] || d[1] != d0[1])
       return Outcome::kept("channel-mismatch", who + " has a weight of " + std::to_string(d[0]) + "x" +
@@ -296,7 +373,7 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
     }
     for (int64_t oq = 0; oq < M * Cg; ++oq)
       for (int64_t r = 0; r < r_small; ++r)
-        w[oq * R + target[r]] += c.sign * load_float(plan.data_type, c.weight.bytes, oq * r_small + r);
+        w[oq * R + target[r]] += c.sign * c.values[oq * r_small + r];
     for (int64_t o = 0; o < M; ++o) b[o] += c.sign * c.bias[o];
   }
   int64_t centre_index = 0;
@@ -306,16 +383,60 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
       w[(o * Cg + o % Cg) * R + centre_index] += id.sign * (id.bn >= 0 ? id.scale[o] : 1.0);
       if (id.bn >= 0) b[o] += id.sign * id.shift[o];
     }
-  auto weight_raw = store_or_keep(plan.data_type, w, "merged weight");
-  if (auto* o = std::get_if<Outcome>(&weight_raw)) return *o;
-  auto bias_raw = store_or_keep(plan.data_type, b, "merged bias");
-  if (auto* o = std::get_if<Outcome>(&bias_raw)) return *o;
-  plan.weight_raw = std::move(std::get<std::string>(weight_raw));
-  plan.bias_raw = std::move(std::get<std::string>(bias_raw));
-  plan.weight_dims = {M, Cg};
-  plan.weight_dims.insert(plan.weight_dims.end(), K.begin(), K.end());
   for (size_t i = 0; i < plan.convs.size(); ++i)
     if (plan.convs[i].geometry.kernel == K) { plan.primary = static_cast<int>(i); break; }
+  plan.weight_dims = {M, Cg};
+  plan.weight_dims.insert(plan.weight_dims.end(), K.begin(), K.end());
+  auto bias_raw = store_or_keep(plan.data_type, b, "merged bias");
+  if (auto* o = std::get_if<Outcome>(&bias_raw)) return *o;
+  plan.bias_raw = std::move(std::get<std::string>(bias_raw));
+  const ConvBranch& keep = plan.convs[plan.primary];
+  if (!keep.quantized) {
+    auto weight_raw = store_or_keep(plan.data_type, w, "merged weight");
+    if (auto* o = std::get_if<Outcome>(&weight_raw)) return *o;
+    plan.weight_raw = std::move(std::get<std::string>(weight_raw));
+    return plan;
+  }
+
+  // requantize_merged: symmetric per output channel, s'[o] = max |W[o]| / q_max, q = round(W / s'), z = 0.
+  const QuantizedWeight& pq = *keep.quantized;
+  if (!pq.axis_supported || pq.layout.block_size > 0)
+    return Outcome::kept("quantized-weight-axis", describe_node(g, keep.node) + "'s DequantizeLinear " +
+                                                      (pq.layout.block_size > 0 ? "is blocked" : "has no axis (opset < 13)") +
+                                                      ": the merged weight needs a scale per output channel");
+  const int64_t qmax = pq.range.hi;
+  const int64_t per_channel = Cg * R;
+  plan.new_scale.assign(static_cast<size_t>(M), 1.0);
+  plan.ints.assign(w.size(), 0);
+  std::vector<double> snapped(w.size());
+  for (int64_t o = 0; o < M; ++o) {
+    double largest = 0;
+    for (int64_t i = o * per_channel; i < (o + 1) * per_channel; ++i) largest = std::max(largest, std::abs(w[i]));
+    double scale = largest > 0 ? kernels::round_to_float_type(largest / static_cast<double>(qmax), pq.scale_type) : 1.0;
+    if (!(scale > 0) || !std::isfinite(scale))
+      return Outcome::kept("overflow", "the merged weight of output channel " + std::to_string(o) + " has no " +
+                                           graph::data_type_name(pq.scale_type) + " scale");
+    plan.new_scale[o] = scale;
+    for (int64_t i = o * per_channel; i < (o + 1) * per_channel; ++i) {
+      const int64_t q = std::clamp<int64_t>(static_cast<int64_t>(std::nearbyint(w[i] / scale)), -qmax, qmax);
+      plan.ints[i] = q;
+      snapped[i] = static_cast<double>(q) * scale;
+      plan.max_change = std::max(plan.max_change, std::abs(snapped[i] - w[i]) / scale);
+    }
+  }
+  if (pq.qat()) {  // W' on the new grid: the QuantizeLinear that stays gives back exactly these integers
+    auto weight_raw = store_or_keep(pq.float_type, snapped, "merged weight");
+    if (auto* o = std::get_if<Outcome>(&weight_raw)) return *o;
+    plan.weight_raw = std::move(std::get<std::string>(weight_raw));
+    for (size_t i = 0; i < w.size(); ++i) {
+      const double stored = load_float(pq.float_type, plan.weight_raw, i);
+      if (kernels::quantize_element(static_cast<float>(stored), static_cast<float>(plan.new_scale[i / per_channel]), 0,
+                                    pq.range) != plan.ints[i])
+        return Outcome::kept("requantize-snap", "the merged float weight does not quantize back to its integers");
+    }
+  } else {
+    plan.weight_raw = kernels::write_quantized(plan.ints, pq.int_type);
+  }
   return plan;
 }
 
@@ -329,13 +450,46 @@ std::string ints_attribute(const std::string& name, const std::vector<int64_t>& 
   return a;
 }
 
+// The kept conv's quantized weight becomes the merged one: its integers (or, QAT form, its float weight on the
+// new grid), a scale per output channel and zero points of 0, for its own Q/DQ only; axis 0.
+void write_requantized(FoldContext& ctx, const QuantizedWeight& w, const MergePlan& plan, const std::string& base,
+                       Outcome& out) {
+  Graph& g = ctx.graph;
+  const int64_t M = plan.weight_dims[0];
+  if (w.qat())
+    write_constant_for(ctx, {graph::Use{w.q, 0}}, g.nodes[w.q].inputs[0], w.float_type, plan.weight_dims,
+                       plan.weight_raw, base + "_W", out);
+  else
+    write_constant_for(ctx, {graph::Use{w.dq, 0}}, g.nodes[w.dq].inputs[0], w.int_type, plan.weight_dims,
+                       plan.weight_raw, base + "_Wq", out);
+  auto scale_raw = store_or_keep(w.scale_type, plan.new_scale, "scale");
+  const std::string scale = std::get<std::string>(scale_raw);  // positive finite values of this type: fits
+  const std::string zero = kernels::write_quantized(std::vector<int64_t>(static_cast<size_t>(M), 0), w.int_type);
+  for (int slot : {1, 2}) {
+    std::vector<std::pair<std::string, std::vector<graph::Use>>> by_name;
+    for (int n : {w.dq, w.q}) {
+      if (n < 0 || static_cast<int>(g.nodes[n].inputs.size()) <= slot || g.nodes[n].inputs[slot].empty()) continue;
+      const std::string& name = g.nodes[n].inputs[slot];
+      auto it = std::find_if(by_name.begin(), by_name.end(), [&](const auto& e) { return e.first == name; });
+      if (it == by_name.end()) by_name.push_back({name, {graph::Use{n, slot}}});
+      else it->second.push_back(graph::Use{n, slot});
+    }
+    for (const auto& [name, readers] : by_name)
+      write_constant_for(ctx, readers, name, slot == 1 ? w.scale_type : w.int_type, {M}, slot == 1 ? scale : zero,
+                         base + (slot == 1 ? "_scale" : "_zero_point"), out);
+  }
+  for (int n : {w.dq, w.q})
+    if (n >= 0) set_int_attribute(g, n, "axis", 0);
+}
+
 void apply_merge(FoldContext& ctx, const BranchSet& set, MergePlan& plan, Outcome& out) {
   Graph& g = ctx.graph;
   const ConvBranch& keep = plan.convs[plan.primary];
   const int layer = keep.node;
   const std::string root_output = g.nodes[set.tree[0]].outputs[0];
   const std::string layer_name = g.nodes[layer].name.empty() ? g.nodes[layer].outputs[0] : g.nodes[layer].name;
-  write_layer_input(ctx, layer, 1, plan.data_type, plan.weight_dims, plan.weight_raw, layer_name + "_W", out);
+  if (keep.quantized) write_requantized(ctx, *keep.quantized, plan, layer_name, out);
+  else write_layer_input(ctx, layer, 1, plan.data_type, plan.weight_dims, plan.weight_raw, layer_name + "_W", out);
   write_layer_input(ctx, layer, 2, plan.data_type, {plan.weight_dims[0]}, plan.bias_raw, layer_name + "_B", out);
   const std::vector<int64_t> K(plan.weight_dims.begin() + 2, plan.weight_dims.end());
   if (keep.geometry.kernel != K) {
@@ -358,6 +512,13 @@ void apply_merge(FoldContext& ctx, const BranchSet& set, MergePlan& plan, Outcom
     if (static_cast<int>(i) == plan.primary) continue;
     for (size_t s = 1; s < c.inputs.size(); ++s) dropped_tensors.push_back(c.inputs[s]);
     g.remove_node(plan.convs[i].node);
+    if (const auto& q = plan.convs[i].quantized)  // its weight's DequantizeLinear (and QuantizeLinear)
+      for (int n : {q->dq, q->q})
+        if (n >= 0 && g.reader_count(g.nodes[n].outputs[0]) == 0 && !g.is_graph_output(g.nodes[n].outputs[0])) {
+          dropped_values.push_back(g.nodes[n].outputs[0]);
+          dropped_tensors.insert(dropped_tensors.end(), g.nodes[n].inputs.begin(), g.nodes[n].inputs.end());
+          g.remove_node(n);
+        }
   }
   for (const auto& id : plan.identities)
     if (id.bn >= 0) {
@@ -426,6 +587,12 @@ MergeOutcome merge_branches(FoldContext& ctx, int root) {
   out.metrics = {{"branches", static_cast<double>(set.branches.size())},
                  {"convs_removed", static_cast<double>(plan.convs.size() - 1)},
                  {"batchnorms_removed", static_cast<double>(result.identity_batchnorms.size())}};
+  if (plan.convs[plan.primary].quantized) {
+    out.exact = false;
+    out.message += "; the merged weight re-quantized per output channel (requantize_merged): APPROXIMATE, each "
+                   "weight moved by at most " + std::to_string(plan.max_change) + " of its new scale";
+    out.metrics.push_back({"max_requantization_change", plan.max_change});
+  }
   apply_merge(ctx, set, plan, out);
   return result;
 }
