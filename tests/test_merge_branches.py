@@ -271,7 +271,8 @@ def test_kept_different_input_and_identity_bn_gets_the_reason():
     b = Block()
     b.inputs.append(helper.make_tensor_value_info("z", F32, [1, 8, 7, 7]))
     report = kept(b.model(b.op("Sum", [b.conv("x", (3, 3)), b.bn("x"), b.conv("z", (1, 1))])), "different-input")
-    assert report["merges"][0]["code"] == "different-input"
+    identity = next(e for e in report["batchnorms"] if e["node"] == "bn3")
+    assert not identity["folded"] and identity["code"] == "different-input"
 
 
 def test_kept_not_a_branch():
@@ -357,3 +358,23 @@ def test_requantize_merged(form):
     assert float(np.abs(expected - actual).max()) <= 0.02 * span
     exact_out, _ = fold(model, merge_branches=True, requantize_merged=False)
     assert op_types(exact_out).count("Conv") == 2  # without the option: kept
+
+
+def test_block_inside_an_if_branch():
+    """The branches live in an If body and read the outer graph's x."""
+    b = Block()
+    y = b.op("Relu", [b.add_chain([b.conv("x", (3, 3)), b.conv("x", (1, 1)), b.bn("x")])])
+    then_branch = helper.make_graph(b.nodes, "then", [], [helper.make_tensor_value_info(y, F32, None)], b.inits)
+    else_branch = helper.make_graph([helper.make_node("Relu", ["x"], ["x_relu"])], "else", [],
+                                    [helper.make_tensor_value_info("x_relu", F32, None)])
+    cond = helper.make_tensor_value_info("cond", TensorProto.BOOL, [])
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=then_branch, else_branch=else_branch)
+    g = helper.make_graph([node], "outer", [b.inputs[0], cond], [helper.make_tensor_value_info("y", F32, None)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    out, report = fold(model, merge_branches=True)
+    (m,) = report["merges"]
+    assert m["folded"] and m["graph"].startswith("main/")
+    feeds = {"x": RNG.standard_normal((1, 8, 7, 7)).astype(np.float32), "cond": np.array(True)}
+    assert_same_outputs(model, out, feeds=feeds)
+    body = next(a.g for a in onnx.load_from_string(out).graph.node[0].attribute if a.name == "then_branch")
+    assert [n.op_type for n in body.node] == ["Conv", "Relu"]

@@ -65,7 +65,8 @@ std::string branch_input(const Graph& g, const std::string& v) {
   return v;
 }
 
-std::variant<BranchSet, Outcome> find_branches(const Graph& g, int root) {
+// `identity_bns`: the BNs among the terms that read x, filled as soon as x is known (a kept sum names them too).
+std::variant<BranchSet, Outcome> find_branches(const Graph& g, int root, std::vector<int>& identity_bns) {
   BranchSet set;
   std::vector<Term> terms;
   collect_terms(g, root, 1, set.tree, terms);
@@ -79,6 +80,12 @@ std::variant<BranchSet, Outcome> find_branches(const Graph& g, int root) {
     if (sharing >= 2) { set.x = x; break; }
   }
   if (set.x.empty()) return Outcome::not_applicable();
+  for (const auto& t : terms) {
+    const int p = t.value.empty() ? -1 : g.producer(t.value);
+    if (p >= 0 && g.nodes[p].is("BatchNormalization") && branch_input(g, t.value) == set.x &&
+        read_only_by(g, t.value, t.reader))
+      identity_bns.push_back(p);
+  }
   for (const auto& t : terms) {
     Branch b{Branch::Kind::Identity, t.value, t.sign, -1};
     if (t.value != set.x) {
@@ -547,14 +554,12 @@ MergeOutcome merge_branches(FoldContext& ctx, int root) {
   Graph& g = ctx.graph;
   MergeOutcome result;
   if (!is_branch_sum_root(g, root) || g.nodes[root].outputs.size() != 1) return result;
-  auto found = find_branches(g, root);
+  auto found = find_branches(g, root, result.identity_batchnorms);
   if (auto* o = std::get_if<Outcome>(&found)) {
     result.outcome = std::move(*o);
     return result;
   }
   const BranchSet set = std::move(std::get<BranchSet>(found));
-  for (const auto& b : set.branches)
-    if (b.kind == Branch::Kind::BatchNorm) result.identity_batchnorms.push_back(b.node);
   auto planned = plan_merge(ctx, set);
   if (auto* o = std::get_if<Outcome>(&planned)) {
     result.outcome = std::move(*o);
