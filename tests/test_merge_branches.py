@@ -378,3 +378,15 @@ def test_block_inside_an_if_branch():
     assert_same_outputs(model, out, feeds=feeds)
     body = next(a.g for a in onnx.load_from_string(out).graph.node[0].attribute if a.name == "then_branch")
     assert [n.op_type for n in body.node] == ["Conv", "Relu"]
+
+
+def test_inner_sum_merges_when_the_whole_sum_cannot():
+    """Add(Add(conv3x3(x), conv1x1(x)), y): y is no branch of x, but the inner Add merges on its own."""
+    b = Block()
+    b.inputs.append(helper.make_tensor_value_info("y", F32, [1, 8, 7, 7]))
+    inner = b.op("Add", [b.conv("x", (3, 3)), b.conv("x", (1, 1))])
+    model = b.model(b.op("Add", [inner, "y"]))
+    out, report = fold(model, merge_branches=True)
+    assert [(m["node"], m["code"]) for m in report["merges"]] == [("add5", "merge-branches")]
+    assert op_types(out) == ["Conv", "Add", "Relu"]
+    assert_same_outputs(model, out)

@@ -37,31 +37,34 @@ void finish(Pending& p, bool no_rules) {
   r.metrics = std::move(chosen.metrics);
 }
 
+// One merge outcome into the report: its own entry in `merges`; the identity BNs it removed are recorded as
+// folded by it, those it kept get its reason.
+void record_merge(graph::Graph* g, folds::MergeOutcome& m, std::vector<Pending>& pending, Report& report) {
+  const std::string name = g->nodes[m.sum].display_name(m.sum);
+  const bool merged = m.outcome.verdict == folds::Verdict::Folded;
+  for (int bn : m.identity_batchnorms)
+    for (Pending& p : pending)
+      if (p.graph == g && p.node == bn && p.chosen.verdict != folds::Verdict::Folded) {
+        p.chosen = m.outcome;
+        p.chosen.metrics.clear();
+        p.chosen.new_tensors.clear();
+        p.direction = "merge";
+        if (merged) p.chosen.message = "removed by merging the branches of " + name + ": " + m.outcome.message;
+      }
+  Pending entry{g, m.sum, {}, std::move(m.outcome), merged ? "merge" : ""};
+  entry.record.graph = g->path;
+  entry.record.node = name;
+  finish(entry, false);
+  report.merges.push_back(std::move(entry.record));
+}
+
 // After the BN folds: every sum of parallel branches merged into one Conv where exact (merge_branches.h).
-// The identity BNs a merge removes are recorded as folded by it; a kept merge gives them its reason.
 void merge_branch_sums(graph::Model& model, const Options& options, std::vector<Pending>& pending, Report& report) {
   for (graph::Graph* g : model.all_graphs())
     for (size_t i = 0; i < g->nodes.size(); ++i) {
       if (g->nodes[i].removed || g->nodes[i].created) continue;
       folds::FoldContext ctx{model, *g, options, nullptr};
-      const std::string name = g->nodes[i].display_name(static_cast<int>(i));
-      folds::MergeOutcome m = folds::merge_branches(ctx, static_cast<int>(i));
-      if (m.outcome.verdict == folds::Verdict::NotApplicable) continue;
-      const bool merged = m.outcome.verdict == folds::Verdict::Folded;
-      for (int bn : m.identity_batchnorms)
-        for (Pending& p : pending)
-          if (p.graph == g && p.node == bn && p.chosen.verdict != folds::Verdict::Folded) {
-            p.chosen = m.outcome;
-            p.chosen.metrics.clear();
-            p.chosen.new_tensors.clear();
-            p.direction = "merge";
-            if (merged) p.chosen.message = "removed by merging the branches of " + name + ": " + m.outcome.message;
-          }
-      Pending entry{g, static_cast<int>(i), {}, std::move(m.outcome), merged ? "merge" : ""};
-      entry.record.graph = g->path;
-      entry.record.node = name;
-      finish(entry, false);
-      report.merges.push_back(std::move(entry.record));
+      for (folds::MergeOutcome& m : folds::merge_branches(ctx, static_cast<int>(i))) record_merge(g, m, pending, report);
       if (model.after_each_fold) model.after_each_fold();
     }
 }

@@ -550,10 +550,13 @@ bool is_branch_sum_root(const Graph& g, int node) {
   return !(uses.size() == 1 && uses[0].slot >= 0 && is_sum_node(g.nodes[uses[0].node]));
 }
 
-MergeOutcome merge_branches(FoldContext& ctx, int root) {
+namespace {
+
+MergeOutcome merge_tree(FoldContext& ctx, int root) {
   Graph& g = ctx.graph;
   MergeOutcome result;
-  if (!is_branch_sum_root(g, root) || g.nodes[root].outputs.size() != 1) return result;
+  result.sum = root;
+  if (g.nodes[root].outputs.size() != 1) return result;
   auto found = find_branches(g, root, result.identity_batchnorms);
   if (auto* o = std::get_if<Outcome>(&found)) {
     result.outcome = std::move(*o);
@@ -600,6 +603,39 @@ MergeOutcome merge_branches(FoldContext& ctx, int root) {
   }
   apply_merge(ctx, set, plan, out);
   return result;
+}
+
+// The tree under `node`; where it stays, each sum inside it that is a tree of its own (Add(Add(conv1(x),
+// conv2(x)), y): the inner Add merges although y is no branch).
+void merge_tree_or_parts(FoldContext& ctx, int node, std::vector<MergeOutcome>& outcomes) {
+  Graph& g = ctx.graph;
+  std::vector<int> inner;
+  for (const auto& v : g.nodes[node].inputs) {
+    const int p = v.empty() ? -1 : g.producer(v);
+    if (p >= 0 && is_sum_node(g.nodes[p]) && read_only_by(g, v, node)) inner.push_back(p);
+  }
+  MergeOutcome whole = merge_tree(ctx, node);
+  if (whole.outcome.verdict == Verdict::Folded) {
+    outcomes.push_back(std::move(whole));
+    return;
+  }
+  std::vector<MergeOutcome> parts;
+  for (int p : inner) merge_tree_or_parts(ctx, p, parts);
+  const bool part_merged = std::any_of(parts.begin(), parts.end(),
+                                       [](const MergeOutcome& m) { return m.outcome.verdict == Verdict::Folded; });
+  if (part_merged) {
+    for (auto& m : parts) outcomes.push_back(std::move(m));
+  } else if (whole.outcome.verdict == Verdict::Kept) {
+    outcomes.push_back(std::move(whole));
+  }
+}
+
+}  // namespace
+
+std::vector<MergeOutcome> merge_branches(FoldContext& ctx, int root) {
+  std::vector<MergeOutcome> outcomes;
+  if (is_branch_sum_root(ctx.graph, root)) merge_tree_or_parts(ctx, root, outcomes);
+  return outcomes;
 }
 
 }  // namespace qdqfold::folds

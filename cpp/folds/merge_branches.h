@@ -36,13 +36,16 @@ struct MergeOutcome {
   // tensor through a Conv, a BN or directly, or no Conv does). Kept: the reason. Folded: code "merge-branches".
   Outcome outcome;
   std::vector<int> identity_batchnorms;  // identity-branch BN nodes: removed when folded, kept otherwise
+  int sum = -1;                          // the Add/Sum/Sub at the root of the merged (or kept) tree
 };
 
 // True when node `node` (Add, Sum or Sub) is the root of its tree: its output is not a term that another
 // Add/Sum/Sub alone reads (that node's tree would contain it).
 bool is_branch_sum_root(const graph::Graph& g, int node);
 
-// Merges the branches summed under root `root` into one Conv, or says why not (nothing edited then).
-MergeOutcome merge_branches(FoldContext& ctx, int root);
+// Merges the branches summed under root `root` into one Conv, or says why not (nothing edited then). Where
+// the whole tree stays, a sum inside it may still merge on its own: one outcome per tree merged, or the
+// root's reason when none did; empty when no sum of branches is there.
+std::vector<MergeOutcome> merge_branches(FoldContext& ctx, int root);
 
 }  // namespace qdqfold::folds
