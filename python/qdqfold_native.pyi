@@ -2,9 +2,13 @@
 
 import mmap
 import os
+import sys
 from typing import Any, Mapping, Sequence, TypedDict, Union
 
-from typing_extensions import Unpack
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # a dependency of qdqfold on these Pythons (pyproject.toml)
+    from typing_extensions import Unpack
 
 __version__: str
 
@@ -13,6 +17,10 @@ PathLike = Union[str, os.PathLike[str]]
 
 class FoldError(ValueError):
     """The input is not a valid ONNX model; the message names the problem and its byte offset."""
+
+class FileError(FoldError):
+    """A file that cannot be read, written or replaced, or that changed while it was read; the message starts
+    with the path at fault."""
 
 class BatchNormEntry(TypedDict):
     graph: str
@@ -26,15 +34,29 @@ class BatchNormEntry(TypedDict):
     exact: bool | str  # True, "bias-rounded" (exact but for a reported int32 bias rounding), or False
     new_tensors: list[str]
     metrics: dict[str, float]
+    op_type: str  # "BatchNormalization", or Mul / Add / Sub / Div by a per-channel constant folded like one
+
+class OpTypes(TypedDict):
+    before: dict[str, int]  # nodes by op type ("domain.Op" outside the default domain), every graph
+    after: dict[str, int]
 
 class Report(TypedDict):
     batchnorms: list[BatchNormEntry]
+    op_types: OpTypes
+    input_bytes: int  # the model and the external data files it read
+
+class FileReport(Report):
+    input_files: list[str]  # the input's external data files, each once
+    data_files: list[str]  # external data files written beside dst (named after it)
+    removed_files: list[str]  # the input's data files no longer used (in place), stale ones of an earlier output
 
 class Options(TypedDict, total=False):
     """Keyword options of fold, fold_with_report and fold_file; options() gives the defaults."""
 
     fold_backward: bool  # True: fold BN into the layer that produces its input
     fold_forward: bool  # True: fold BN into the layer(s) that read its output, where exact
+    fold_affine: bool  # True: fold Mul/Add/Sub/Div by a per-channel constant (FrozenBatchNorm2d) like a BN
+    freeze_initializer_inputs: bool  # False: initializers listed as graph inputs are constants (always for IR < 4)
     pad_correction: bool  # False: BN -> padded conv with the exact border correction (one Add)
     allow_opset_upgrade: bool  # False: raise the opset to 13 where a per-tensor scale becomes per-channel
     allow_nonzero_zero_point: bool  # False: complement form for int8 -128 under a negative factor
@@ -44,7 +66,24 @@ class Options(TypedDict, total=False):
     requantize_merged: bool  # False: APPROXIMATE, merge quantized branches too, re-quantized per output channel
     shapes: Mapping[str, Sequence[int | None]]  # static shapes for pad_correction (value name -> dims)
 
-def fold(model: BytesLike, **options: Unpack[Options]) -> bytes: ...
-def fold_with_report(model: BytesLike, **options: Unpack[Options]) -> tuple[bytes, Report]: ...
-def fold_file(src: PathLike, dst: PathLike, **options: Unpack[Options]) -> Report: ...
+# base_directory: the directory external-data locations are relative to (reads confined to it); without it,
+# BNs whose weights are external are kept.
+def fold(model: BytesLike, *, base_directory: PathLike | None = None, **options: Unpack[Options]) -> bytes: ...
+def fold_with_report(
+    model: BytesLike, *, base_directory: PathLike | None = None, **options: Unpack[Options]
+) -> tuple[bytes, Report]: ...
+# dst None: a dry run (read and fold under the same rules, write nothing). save_as_external_data: None keeps the
+# input's layout, False writes every tensor inline, True (implied by size_threshold or data_name) puts every
+# initializer of at least size_threshold bytes in one data file (data_name, or dst's name + ".data").
+def fold_file(
+    src: PathLike,
+    dst: PathLike | None,
+    *,
+    force: bool = False,
+    save_as_external_data: bool | None = None,
+    size_threshold: int = 1024,
+    data_name: str | None = None,
+    **options: Unpack[Options],
+) -> FileReport: ...
+def interrupt() -> None: ...
 def options() -> dict[str, Any]: ...

@@ -517,3 +517,39 @@ def test_fold_in_memory_reads_external_data_under_the_same_rules(tmp_path):
     (tmp_path / "src" / "m.data").symlink_to(tmp_path / "m.data")
     with pytest.raises(qdqfold_native.FileError, match="outside the model's directory"):
         qdqfold_native.fold(data, base_directory=tmp_path / "src")
+
+
+def test_a_mapped_buffer_that_shrinks_during_fold_is_an_error_not_a_signal(tmp_path):
+    """qdqfold_native.fold() on a caller's mmap (what a dry run and fold_model(path) hand it): the buffer is
+    guarded too, so the file shrinking underneath gives a FileError (or, if it came too late, the fold)."""
+    model = chain(23, layers=1, channels=2000, size=1)
+    model.graph.node[0].attribute[0].CopyFrom(helper.make_attribute("pads", [0, 0, 0, 0]))
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((2000, 2000, 3, 3), dtype=np.float32), "w0"))
+    path = tmp_path / "m.onnx"
+    data = model.SerializeToString()
+    script = """
+import mmap, os, sys, threading, time
+import qdqfold_native
+path, delay = sys.argv[1], float(sys.argv[2])
+with open(path, "rb") as f:
+    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+def shrink():
+    time.sleep(delay)
+    os.truncate(path, 1000)
+threading.Thread(target=shrink).start()
+try:
+    qdqfold_native.fold(mapped)
+    print("folded")
+except qdqfold_native.FileError as e:
+    print("FileError:", e)
+"""
+    outcomes = []
+    for delay in (0.0, 0.01, 0.03, 0.06):
+        path.write_bytes(data)
+        done = subprocess.run([sys.executable, "-c", script, str(path), str(delay)], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, (delay, done.returncode, done.stderr)  # never SIGBUS
+        outcomes.append(done.stdout.strip())
+    assert all(o == "folded" or "the input changed while it was being folded" in o for o in outcomes), outcomes
+    assert any("the input changed" in o for o in outcomes), outcomes

@@ -30,6 +30,8 @@ struct OptionSpec {
 const OptionSpec kOptions[] = {
     {"fold_backward", &Options::fold_backward},
     {"fold_forward", &Options::fold_forward},
+    {"fold_affine", &Options::fold_affine},
+    {"freeze_initializer_inputs", &Options::freeze_initializer_inputs},
     {"pad_correction", &Options::pad_correction},
     {"allow_opset_upgrade", &Options::allow_opset_upgrade},
     {"allow_nonzero_zero_point", &Options::allow_nonzero_zero_point},
@@ -119,6 +121,7 @@ py::list records_to_list(const std::vector<qdqfold::BatchNormRecord>& records) {
     d["into"] = r.into;
     d["into_op"] = r.into_op.empty() ? py::object(py::none()) : py::object(py::str(r.into_op));
     d["code"] = r.code;
+    d["op_type"] = r.op_type;
     d["message"] = r.message;
     // true (within float rounding), "bias-rounded" (plus a reported int32 bias rounding), or false.
     d["exact"] = r.exact && r.bias_rounded ? py::object(py::str("bias-rounded")) : py::object(py::bool_(r.exact));
@@ -135,6 +138,7 @@ py::dict report_to_dict(const qdqfold::Report& report) {
   py::dict out;
   out["batchnorms"] = records_to_list(report.batchnorms);
   if (!report.merges.empty()) out["merges"] = records_to_list(report.merges);  // merge_branches only
+  out["op_types"] = py::dict(py::arg("before") = report.op_types_before, py::arg("after") = report.op_types_after);
   return out;
 }
 
@@ -149,12 +153,29 @@ std::pair<py::bytes, qdqfold::Report> run(const py::object& model, py::kwargs kw
     external = qdqfold::external_data_in(directory.empty() ? "." : directory, "the model in memory");
   }
   InputBuffer input(model);
+  // The buffer may be a caller's mmap of a file: a read past the end of that file, should it shrink while
+  // we fold, gives zeros instead of SIGBUS, and the fold ends in a FileError.
+  const qdqfold::io::GuardedRange guard(input.bytes().data(), input.bytes().size());
+  auto throw_if_changed = [&guard] {
+    if (guard.faulted()) throw qdqfold::io::FileError("the model: the input changed while it was being folded");
+  };
   // First with the checks deferred to the writing; in the rare case one fails, once more checking first.
   for (const bool defer_checks : {true, false}) {
     std::unique_ptr<qdqfold::FoldPlan> plan;
     {
       py::gil_scoped_release release;
-      plan = qdqfold::plan_fold(input.bytes(), options, defer_checks, external.get());
+      try {
+        plan = qdqfold::plan_fold(input.bytes(), options, defer_checks, external.get());
+      } catch (const std::exception&) {
+        throw_if_changed();
+        throw;
+      }
+      plan->report.input_bytes = static_cast<int64_t>(input.bytes().size());
+      if (external)
+        for (auto& [path, size] : qdqfold::files_read(*external)) {
+          plan->report.input_files.push_back(path);
+          plan->report.input_bytes += size;
+        }
     }
     PyObject* out = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(plan->pieces.size()));
     if (!out) throw py::error_already_set();
@@ -163,6 +184,7 @@ std::pair<py::bytes, qdqfold::Report> run(const py::object& model, py::kwargs kw
       py::gil_scoped_release release;
       plan->pieces.write_to(PyBytes_AS_STRING(out));
     }
+    throw_if_changed();
     if (!qdqfold::checks_failed(*plan->model)) return {std::move(result), std::move(plan->report)};
   }
   throw std::logic_error("qdqfold: a deferred check failed in the run that defers none");
@@ -206,7 +228,10 @@ PYBIND11_MODULE(qdqfold_native, m) {
       "fold_with_report",
       [](const py::object& model, py::kwargs kwargs) {
         auto [bytes, report] = run(model, std::move(kwargs));
-        return py::make_tuple(bytes, report_to_dict(report));
+        py::dict result = report_to_dict(report);
+        result["input_bytes"] = report.input_bytes;
+        if (!report.input_files.empty()) result["input_files"] = report.input_files;
+        return py::make_tuple(bytes, result);
       },
       py::arg("model"),
       "fold_with_report(model, **options) -> (bytes, dict)\n\n"
@@ -246,7 +271,8 @@ PYBIND11_MODULE(qdqfold_native, m) {
         const Options options = parse_options(kwargs);
         const auto fspath = py::module_::import("os").attr("fspath");
         const auto source = py::cast<std::string>(fspath(src));
-        const auto destination = py::cast<std::string>(fspath(dst));
+        const auto destination = dst.is_none() ? std::string() : py::cast<std::string>(fspath(dst));
+        if (!dst.is_none() && destination.empty()) throw py::value_error("fold_file: dst is empty (None: a dry run)");
         qdqfold::Report report;
         {
           py::gil_scoped_release release;
@@ -255,12 +281,15 @@ PYBIND11_MODULE(qdqfold_native, m) {
         py::dict result = report_to_dict(report);
         result["data_files"] = report.data_files;
         result["removed_files"] = report.removed_files;
+        result["input_files"] = report.input_files;
+        result["input_bytes"] = report.input_bytes;
         return result;
       },
       py::arg("src"), py::arg("dst"),
       "fold_file(src, dst, *, force=False, save_as_external_data=None, size_threshold=1024, data_name=None,\n"
       "          **options) -> dict\n\n"
-      "Folds the model file `src` into `dst` (may be the same path) and returns the report, with 'data_files'\n"
+      "Folds the model file `src` into `dst` (may be the same path; None: a dry run that writes nothing) and\n"
+      "returns the report, with 'input_files' (the input's external data files), 'data_files'\n"
       "(the external data files written beside `dst`) and 'removed_files'. The input is mapped, not read; each\n"
       "output is written once, to a temporary file renamed over it. External data is read only from regular files\n"
       "inside src's directory and written to files named after dst (dst.data, dst.2.data, ...), offsets kept. An\n"

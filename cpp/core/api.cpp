@@ -1,5 +1,6 @@
 #include "api.h"
 
+#include "../folds/affine.h"
 #include "../folds/fold.h"
 #include "../folds/merge_branches.h"
 
@@ -7,13 +8,14 @@ namespace qdqfold {
 
 namespace {
 
-// One BatchNormalization's way through the passes.
+// One BatchNormalization's (or elementwise affine node's) way through the passes.
 struct Pending {
   graph::Graph* graph;
   int node;
   BatchNormRecord record;
   folds::Outcome chosen;  // the fold, or the first reason to keep it that a rule gave
   const char* direction = "";
+  bool affine = false;    // Mul / Add / Sub / Div by a per-channel constant (folds/affine.h)
 };
 
 void finish(Pending& p, bool no_rules) {
@@ -54,6 +56,7 @@ void record_merge(graph::Graph* g, folds::MergeOutcome& m, std::vector<Pending>&
   Pending entry{g, m.sum, {}, std::move(m.outcome), merged ? "merge" : ""};
   entry.record.graph = g->path;
   entry.record.node = name;
+  entry.record.op_type = g->nodes[m.sum].op_type;  // Add, Sum or Sub
   finish(entry, false);
   report.merges.push_back(std::move(entry.record));
 }
@@ -74,29 +77,50 @@ void merge_branch_sums(graph::Model& model, const Options& options, std::vector<
 // Two passes: every backward fold in the whole model first, then the forward folds. A forward fold may add
 // nodes after a layer (the border correction of pad_correction); done first, it would hide that layer from a
 // BN after it that can fold backwards.
+// Nodes by op type over every graph of the model (those a fold removed left out).
+static std::map<std::string, int64_t> op_types(graph::Model& model) {
+  std::map<std::string, int64_t> counts;
+  for (graph::Graph* g : model.all_graphs())
+    for (const auto& n : g->nodes)
+      if (!n.removed) ++counts[n.domain.empty() || n.domain == "ai.onnx" ? n.op_type : n.domain + "." + n.op_type];
+  return counts;
+}
+
 Report run_folds(graph::Model& model, const Options& options) {
+  auto before = op_types(model);
   const auto& rules = folds::fold_rules();
+  model.freeze_initializer_inputs = options.freeze_initializer_inputs || model.ir_version < 4;
+  const size_t overridable = model.freeze_initializer_inputs ? 0 : model.graph->overridable_initializer_count();
   std::vector<Pending> pending;
   folds::BiasErrors bias_errors;
   for (graph::Graph* g : model.all_graphs())
     for (size_t i = 0; i < g->nodes.size(); ++i)
-      if (!g->nodes[i].removed && !g->nodes[i].created && g->nodes[i].is("BatchNormalization")) {
+      if (!g->nodes[i].removed && !g->nodes[i].created &&
+          (g->nodes[i].is("BatchNormalization") ||
+           (options.fold_affine && folds::is_elementwise_affine(*g, static_cast<int>(i))))) {
         Pending p{g, static_cast<int>(i), {}, {}};
+        p.affine = !g->nodes[i].is("BatchNormalization");
         p.record.graph = g->path;
         p.record.node = g->nodes[i].display_name(static_cast<int>(i));
+        p.record.op_type = g->nodes[i].op_type;
         pending.push_back(std::move(p));
       }
   for (const char* pass : {"backward", "forward"}) {
     const bool backward = std::string_view(pass) == "backward";
     if ((backward && !options.fold_backward) || (!backward && !options.fold_forward)) continue;
-    for (Pending& p : pending) {
+    // Forward folds go readers first: in `Mul -> Add -> Conv` the Add folds into the Conv, then the Mul does.
+    for (size_t k = 0; k < pending.size(); ++k) {
+      Pending& p = pending[backward ? k : pending.size() - 1 - k];
       if (p.chosen.verdict == folds::Verdict::Folded) continue;
+      // An elementwise node an earlier fold removed or changed is no longer a candidate.
+      if (p.affine && (p.graph->nodes[p.node].removed || !folds::is_elementwise_affine(*p.graph, p.node))) continue;
       folds::FoldContext ctx{model, *p.graph, options, &bias_errors};
       for (const auto& rule : rules) {
         if (std::string_view(rule.direction) != pass) continue;
         folds::Outcome o = rule.apply(ctx, p.node);
         if (o.verdict == folds::Verdict::Folded) {
           if (o.code.empty()) o.code = rule.name;
+          if (p.affine) o.code = folds::affine_fold_name(o.code, p.graph->nodes[p.node]);
           p.chosen = std::move(o);
           p.direction = rule.direction;
           break;
@@ -109,9 +133,20 @@ Report run_folds(graph::Model& model, const Options& options) {
   Report report;
   if (options.merge_branches) merge_branch_sums(model, options, pending, report);
   for (Pending& p : pending) {
+    // An elementwise node is reported when folded, or kept where it follows a layer with a constant weight.
+    if (p.affine && p.chosen.verdict != folds::Verdict::Folded &&
+        (p.chosen.verdict == folds::Verdict::NotApplicable || p.graph->nodes[p.node].removed ||
+         !folds::affine_reported_when_kept(*p.graph, p.node)))
+      continue;
     finish(p, rules.empty());
+    if (!p.record.folded && overridable > 0 && p.record.code.rfind("non-constant", 0) == 0)
+      p.record.message += "; " + std::to_string(overridable) + " initializers of this model are also listed as graph "
+                          "inputs (overridable at run time, so not constants): freeze_initializer_inputs=True "
+                          "reads them as constants";
     report.batchnorms.push_back(std::move(p.record));
   }
+  report.op_types_before = std::move(before);
+  report.op_types_after = op_types(model);
   return report;
 }
 

@@ -176,6 +176,12 @@ void free_slot(int k) {
 
 }  // namespace
 
+GuardedRange::GuardedRange(const char* data, size_t size) : slot_(size > 0 ? claim_slot(data, size) : -1) {}
+GuardedRange::~GuardedRange() { free_slot(slot_); }
+bool GuardedRange::faulted() const {
+  return slot_ >= 0 && g_slots[slot_].faulted.load(std::memory_order_acquire);
+}
+
 MappedFile::MappedFile(const std::string& path, const std::string& role) : path_(path) {
   fd_ = open_regular(path, role);
   struct stat st {};

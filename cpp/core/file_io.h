@@ -115,6 +115,21 @@ class OutputFile {
   bool committed_ = false;
 };
 
+// Guards a mapping this module did not make (a caller's mmap handed over as a buffer): while the guard lives,
+// a SIGBUS inside [data, data + size) reads zeros instead of killing the process, and faulted() says it
+// happened (the file behind the mapping shrank). A no-op for memory that is not file-backed.
+class GuardedRange {
+ public:
+  GuardedRange(const char* data, size_t size);
+  ~GuardedRange();
+  GuardedRange(const GuardedRange&) = delete;
+  GuardedRange& operator=(const GuardedRange&) = delete;
+  bool faulted() const;
+
+ private:
+  int slot_ = -1;
+};
+
 // Interrupting running folds (the CLI's Ctrl-C): interrupt() makes every fold_file started before it stop at
 // its next chunk, remove its temporary files and throw FileError("<output>: interrupted"). A fold started
 // after the call is not affected.

@@ -462,6 +462,15 @@ std::optional<Report> fold_file_once(MappedFile& input, FileResolver& resolver, 
     resolver.release(bytes);
   };
   plan->report = run_folds(*plan->model, options);
+  plan->report.input_bytes = static_cast<int64_t>(input.view().size());
+  for (const auto& f : resolver.files()) {
+    plan->report.input_files.push_back(f.file->path());
+    plan->report.input_bytes += static_cast<int64_t>(f.file->view().size());
+  }
+  if (dst.empty()) {  // a dry run: the report, nothing written
+    check_unchanged(input, resolver);
+    return std::move(plan->report);
+  }
 
   // Where the tensor data goes, then the model written (which fills the data file's pieces in External
   // layout), then every output checked before anything is written.
@@ -521,6 +530,13 @@ std::optional<Report> fold_file_once(MappedFile& input, FileResolver& resolver, 
 }
 
 }  // namespace
+
+std::vector<std::pair<std::string, int64_t>> files_read(const graph::ExternalResolver& resolver) {
+  std::vector<std::pair<std::string, int64_t>> files;
+  if (const auto* resolved = dynamic_cast<const FileResolver*>(&resolver))
+    for (const auto& f : resolved->files()) files.emplace_back(f.file->path(), f.file->view().size());
+  return files;
+}
 
 std::unique_ptr<graph::ExternalResolver> external_data_in(const std::string& directory, const std::string& label) {
   return std::make_unique<FileResolver>(directory, label);

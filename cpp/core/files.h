@@ -17,6 +17,8 @@
 
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "api.h"
 
@@ -34,7 +36,8 @@ struct FileOptions {
   std::string data_name;
 };
 
-// Folds the model at `src` into `dst` (which may equal `src`). Throws io::FileError (a FoldError whose
+// Folds the model at `src` into `dst` (which may equal `src`; empty: a dry run, which reads and folds under
+// the same rules and writes nothing). Throws io::FileError (a FoldError whose
 // message starts with the path at fault) for files that cannot be read, written or replaced, and FoldError
 // for an invalid model. Report::data_files and Report::removed_files list the files written and removed
 // besides `dst`.
@@ -44,6 +47,10 @@ Report fold_file(const std::string& src, const std::string& dst, const Options& 
 // Reads external data for a model held in memory (fold() with `base_directory`): locations resolve inside
 // `directory` under the same rules as fold_file's; `label` names the model in messages.
 std::unique_ptr<graph::ExternalResolver> external_data_in(const std::string& directory, const std::string& label);
+
+// The files an external_data_in resolver read (each once) and their sizes, for the report; empty for another
+// resolver.
+std::vector<std::pair<std::string, int64_t>> files_read(const graph::ExternalResolver& resolver);
 
 // The name of the k-th (from 0) external data file of an output model whose file name is `output_name`.
 std::string output_data_name(const std::string& output_name, size_t k);

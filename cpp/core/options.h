@@ -27,6 +27,12 @@ struct Options {
   bool materialize_quantized_weights = false;
   // Conv -> Q -> DQ -> BN: drop that activation quantizer and fold anyway. Not exact; reported approximate.
   bool drop_activation_quantizers = false;
+  // Read initializers that are also listed as graph inputs (overridable defaults; Brevitas exports with
+  // keep_initializers_as_inputs=True) as constants, and drop the folded ones from the graph inputs. Always so
+  // for IR version < 4, where every initializer had to be listed as an input.
+  bool freeze_initializer_inputs = false;
+  // Also fold Mul / Add / Sub / Div by a per-channel constant (FrozenBatchNorm2d, layer scale) like a BN.
+  bool fold_affine = true;
   // Add/Sum/Sub of parallel Conv branches over one input (RepVGG, MobileOne, ACNet, RepMixer), with identity
   // branches x or BN(x): merge into one Conv, exactly (folds/merge_branches.h). Runs after the BN folds.
   bool merge_branches = false;

@@ -2,6 +2,8 @@
 // (a stable reason code and a sentence naming what blocked it and which option, if any, would fold it).
 #pragma once
 
+#include <cstdint>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
@@ -11,6 +13,7 @@ namespace qdqfold {
 struct BatchNormRecord {
   std::string graph;       // "main", "main/<node>:<attribute>" for subgraphs, "function:<domain>.<name>"
   std::string node;        // the BN node's name (or "BatchNormalization#<index>" when unnamed)
+  std::string op_type = "BatchNormalization";  // or Mul / Add / Sub / Div: a per-channel affine (folds/affine.h)
   bool folded = false;
   std::string direction;   // "backward" (into its producer) or "forward" (into its readers); empty if kept
   std::vector<std::string> into;  // names of the layer node(s) that absorbed it
@@ -36,6 +39,12 @@ struct Report {
   // files an in-place fold removed because the new model no longer uses them. Empty for bytes in memory.
   std::vector<std::string> data_files;
   std::vector<std::string> removed_files;
+  // File to file: the external data files the input model read (each once, as found).
+  std::vector<std::string> input_files;
+  int64_t input_bytes = 0;  // the model and those files, as read
+  // Nodes by op type ("domain.Op" outside the default domain) in every graph, subgraphs and functions
+  // included, before and after the folds.
+  std::map<std::string, int64_t> op_types_before, op_types_after;
 };
 
 }  // namespace qdqfold

@@ -4,20 +4,21 @@
 #include <cstring>
 
 #include "../kernels/per_channel.h"
+#include "affine.h"
 
 namespace qdqfold::folds {
 
 using graph::Graph;
 using graph::Node;
 
-int batchnorm_input_producer(const Graph& g, int bn) {
+int batchnorm_input_producer(Graph& g, int bn) {
   const Node& n = g.nodes[bn];
   if (n.inputs.empty() || n.outputs.empty() || n.outputs[0].empty()) return -1;
-  return g.producer(n.inputs[0]);
+  return g.producer(n.inputs[affine_data_slot(g, bn)]);
 }
 
-std::optional<Outcome> layer_output_blocker(const Graph& g, int layer, const std::string& value, int reader,
-                                            int slot) {
+std::optional<Outcome> layer_output_blocker(Graph& g, int layer, const std::string& value, int reader, int slot) {
+  if (slot < 0) slot = affine_data_slot(g, reader);
   const std::string who = g.nodes[layer].op_type + " '" + g.nodes[layer].display_name(layer) + "'";
   if (g.is_graph_output(value))
     return Outcome::kept("layer-output-is-graph-output",
@@ -45,6 +46,19 @@ std::variant<FloatWeight, Outcome> read_float_weight(FoldContext& ctx, int layer
   const std::string& name = n.inputs[1];
   if (produced_by_dequantize(g, name)) return Outcome::not_applicable();
   auto ref = g.constant(name);
+  if (const int p = g.producer(name); !ref && p >= 0 && g.nodes[p].domain == "trt") {
+    // ModelOpt's FP8 export for TensorRT: trt::TRT_FP8QuantizeLinear -> trt::TRT_FP8DequantizeLinear (one
+    // per-tensor scale, no axis). trt::DequantizeLinear of a float weight (INT4) is qdq_layer_bn's.
+    const std::string op = "trt::" + g.nodes[p].op_type;
+    if (g.nodes[p].op_type == "TRT_FP8DequantizeLinear")
+      return Outcome::kept("tensorrt-quantizer",
+                           "the weight '" + name + "' of " + who + " comes out of TensorRT's " + op +
+                               ", which takes one per-tensor scale and has no axis: BN's per-channel factors cannot "
+                               "go into it, and re-quantizing the FP8 weight would not be exact");
+    return Outcome::kept("tensorrt-quantizer", "the weight '" + name + "' of " + who + " comes out of TensorRT's "
+                                               "custom " + op + ", which qdqfold does not fold through; the "
+                                               "standard QuantizeLinear / DequantizeLinear export folds");
+  }
   if (!ref)
     return Outcome::kept("non-constant-weight", "the weight '" + name + "' of " + who + " is not a constant");
   FloatWeight w;

@@ -15,14 +15,15 @@
 namespace qdqfold::folds {
 
 // The node that produces BN `bn`'s input, or -1 when there is none or the BN has no output to hand over:
-// every backward fold starts here, and -1 means the fold does not apply.
-int batchnorm_input_producer(const graph::Graph& g, int bn);
+// every backward fold starts here, and -1 means the fold does not apply. For an elementwise affine node
+// (affine.h), the producer of its activation operand.
+int batchnorm_input_producer(graph::Graph& g, int bn);
 
 // A Kept outcome when `layer`'s output `value` cannot be handed on: it is a graph output, or something other
 // than input `slot` of node `reader` (the BN, or the Add after a MatMul) also reads it. nullopt when that
-// input is its only reader.
-std::optional<Outcome> layer_output_blocker(const graph::Graph& g, int layer, const std::string& value, int reader,
-                                            int slot = 0);
+// input is its only reader. The default slot is the reader's activation input (affine_data_slot).
+std::optional<Outcome> layer_output_blocker(graph::Graph& g, int layer, const std::string& value, int reader,
+                                            int slot = -1);
 
 // True when `value` comes out of a DequantizeLinear: a quantized weight, the QDQ folds' pattern.
 bool produced_by_dequantize(const graph::Graph& g, const std::string& value);

@@ -3,6 +3,8 @@
 #include <cmath>
 #include <limits>
 
+#include "affine.h"
+
 namespace qdqfold::folds {
 
 using graph::Graph;
@@ -65,6 +67,8 @@ bool read_only_by(const Graph& g, const std::string& value, int reader) {
 std::variant<BatchNormAffine, Outcome> read_batchnorm(FoldContext& ctx, int bn) {
   Graph& g = ctx.graph;
   const Node& n = g.nodes[bn];
+  // An elementwise Mul/Add/Sub/Div by a per-channel constant is the same map (affine.h).
+  if (!n.is("BatchNormalization")) return read_elementwise_affine(ctx, bn);
   const int64_t version = g.opset("");
   if (n.outputs.size() > 1) {
     for (size_t k = 1; k < n.outputs.size(); ++k)
@@ -138,7 +142,7 @@ std::variant<BatchNormAffine, Outcome> read_batchnorm(FoldContext& ctx, int bn) 
 }
 
 void remove_folded_batchnorm(Graph& g, int bn, const BatchNormAffine& affine) {
-  const std::string bn_input = g.nodes[bn].inputs[0];
+  const std::string bn_input = g.nodes[bn].inputs[affine_data_slot(g, bn)];
   g.remove_node(bn);
   g.remove_value_info(bn_input);
   for (const auto& v : affine.parameter_values) g.drop_if_unused(v);

@@ -17,10 +17,13 @@ struct BatchNormAffine {
   std::vector<double> shift;  // t
   int32_t data_type = 1;      // element type of X / Y
   std::vector<std::string> parameter_values;  // names of scale, B, mean, var (to drop when unused)
+  // An elementwise affine (affine.h) along the last axis of a MatMul's rank >= 3 output (transformer layer
+  // scale): its channels are the MatMul's output features, not axis 1. Only the MatMul folds take it.
+  bool last_axis = false;
   bool zero_shift() const;
 };
 
-// The affine map of BN node `bn`, or the reason it cannot be folded at all (training form, non-constant or
+// The affine map of BN node `bn` (or of an elementwise affine node: read_elementwise_affine), or the reason it cannot be folded at all (training form, non-constant or
 // malformed parameters, var + eps <= 0, non-finite values).
 std::variant<BatchNormAffine, Outcome> read_batchnorm(FoldContext& ctx, int bn);
 
@@ -32,7 +35,8 @@ std::optional<std::vector<double>> constant_values(graph::Graph& g, const std::s
 bool read_only_by(const graph::Graph& g, const std::string& value, int reader);
 
 // Removes BN node `bn` after its producer took over its output name (backward folds): drops the producer's
-// old output from value_info and the BN's parameters where nothing else reads them.
+// old output from value_info and the BN's parameters where nothing else reads them. `bn` may also be an
+// elementwise affine node (affine.h); every BN fold accepts one, reading it through read_batchnorm.
 void remove_folded_batchnorm(graph::Graph& g, int bn, const BatchNormAffine& affine);
 
 // A name for a tensor a fold writes, derived from the one it replaces, unique in the model.

@@ -13,6 +13,14 @@ Outcome fold_conv_bn(FoldContext& ctx, int bn);
 // -> BatchNormalization over the 2-D output's features, folded into the layer.
 Outcome fold_gemm_bn(FoldContext& ctx, int bn);
 
+// concat_bn.cpp: Conv / ConvTranspose (float weights) -> Concat(axis=1) -> BatchNormalization (MixNet's mixed
+// depthwise convs), folded slice by slice into every producer.
+Outcome fold_concat_bn(FoldContext& ctx, int bn);
+
+// matmul_reshape_bn.cpp: MatMul with a constant 2-D weight -> Flatten / Reshape keeping the features on axis 1
+// -> BatchNormalization (LeViT's Linear -> BatchNorm1d on x.flatten(0, 1)), folded into the MatMul.
+Outcome fold_matmul_reshape_bn(FoldContext& ctx, int bn);
+
 // qdq_layer_bn.cpp: Conv / ConvTranspose / Gemm / MatMul whose weight comes through DequantizeLinear (int
 // weight, or float weight -> QuantizeLinear) -> BatchNormalization, folded into the quantization scale.
 Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn);

@@ -5,6 +5,7 @@
 
 #include "../kernels/numeric.h"
 #include "../kernels/per_channel.h"
+#include "affine.h"
 
 namespace qdqfold::folds {
 
@@ -94,7 +95,7 @@ double load_float(int32_t data_type, std::string_view bytes, size_t i) {
 
 // Rewires every reader of BN's output to BN's input and removes BN with its parameters.
 void remove_forward_batchnorm(Graph& g, int bn, const BatchNormAffine& affine) {
-  const std::string input = g.nodes[bn].inputs[0];
+  const std::string input = g.nodes[bn].inputs[affine_data_slot(g, bn)];
   const std::string output = g.nodes[bn].outputs[0];
   const std::vector<graph::Use> uses = g.uses(output);  // a copy: set_input edits the list
   for (const auto& u : uses) g.set_input(u.node, u.slot, input);
@@ -108,7 +109,7 @@ void remove_forward_batchnorm(Graph& g, int bn, const BatchNormAffine& affine) {
 std::variant<std::vector<ForwardReader>, Outcome> forward_readers(FoldContext& ctx, int bn) {
   Graph& g = ctx.graph;
   const Node& n = g.nodes[bn];
-  if (n.inputs.empty() || n.inputs[0].empty() || n.outputs.empty() || n.outputs[0].empty())
+  if (n.inputs.empty() || n.inputs[affine_data_slot(g, bn)].empty() || n.outputs.empty() || n.outputs[0].empty())
     return Outcome::not_applicable();
   Walk walk;
   visit(g, n.outputs[0], ForwardReader{}, walk);
@@ -134,7 +135,7 @@ std::optional<std::vector<int64_t>> known_shape(const FoldContext& ctx, const st
 }
 
 std::optional<std::vector<int64_t>> activation_shape(const FoldContext& ctx, int bn, const ForwardReader& reader) {
-  std::vector<std::string> candidates{ctx.graph.nodes[bn].inputs[0]};
+  std::vector<std::string> candidates{ctx.graph.nodes[bn].inputs[affine_data_slot(ctx.graph, bn)]};
   candidates.insert(candidates.end(), reader.values.begin(), reader.values.end());
   std::optional<std::vector<int64_t>> partial;
   for (const auto& v : candidates) {
@@ -237,6 +238,7 @@ Outcome fold_bn_forward(FoldContext& ctx, int bn) {
   auto read = read_batchnorm(ctx, bn);
   if (auto* o = std::get_if<Outcome>(&read)) return std::move(*o);
   const BatchNormAffine affine = std::move(std::get<BatchNormAffine>(read));
+  if (affine.last_axis) return Outcome::not_applicable();  // a MatMul's features, folded backwards only
 
   std::vector<LayerPlan> plans;
   for (const auto& reader : readers) {

@@ -21,6 +21,7 @@
 #include "../wire/writer.h"
 #include "backward.h"
 #include "folds.h"
+#include "forward.h"
 
 namespace qdqfold::folds {
 
@@ -102,6 +103,32 @@ Outcome fold_into_gemm(FoldContext& ctx, int gemm, int bn) {
   return out;
 }
 
+// MatMul with a rank >= 3 output -> an elementwise affine along its features (the last axis; layer scale):
+// W' = a * W per output column, and the shift (if any) as an Add after the MatMul; no Gemm (its input is not 2-D).
+Outcome fold_into_rank3_matmul(FoldContext& ctx, int matmul, int node, const FloatWeight& weight,
+                               const BatchNormAffine& affine) {
+  Graph& g = ctx.graph;
+  auto new_weight = rescale_weight(ctx, weight, affine.scale);
+  if (auto* o = std::get_if<Outcome>(&new_weight)) return *o;
+  std::string shift_raw;
+  if (!affine.zero_shift()) {
+    auto raw = store_or_keep(weight.tensor.data_type, affine.shift, "bias");
+    if (auto* o = std::get_if<Outcome>(&raw)) return *o;
+    shift_raw = std::move(std::get<std::string>(raw));
+  }
+  Outcome out = folded(g, {matmul}, "MatMul", std::string("B' = a * B per output column (the features, its last axis)") +
+                                                  (shift_raw.empty() ? "" : ", t added after it"));
+  const Node& n = g.nodes[matmul];
+  const std::string base = base_name(n);
+  const int32_t dtype = weight.tensor.data_type;
+  const std::vector<int64_t> weight_dims = weight.tensor.dims;
+  const int64_t features = weight.layout.out_channels;
+  write_layer_input(ctx, matmul, 1, dtype, weight_dims, std::move(std::get<graph::LazyBytes>(new_weight)), base + "_B", out);
+  take_over_batchnorm_output(g, matmul, 0, node, affine);
+  if (!shift_raw.empty()) add_constant_after(ctx, matmul, dtype, {features}, shift_raw, "_shift", out);
+  return out;
+}
+
 // MatMul -> BN: the MatMul becomes a Gemm carrying the BN's shift as C.
 Outcome fold_into_matmul(FoldContext& ctx, int matmul, int bn) {
   Graph& g = ctx.graph;
@@ -111,11 +138,12 @@ Outcome fold_into_matmul(FoldContext& ctx, int matmul, int bn) {
   const Node& n = g.nodes[matmul];
   if (n.outputs.size() != 1 || n.inputs.size() != 2) return Outcome::kept("malformed", "MatMul has an unexpected arity");
   if (auto blocked = layer_output_blocker(g, matmul, n.outputs[0], bn)) return *blocked;
-  if (auto not_2d = require_2d_output(g, n.outputs[0], g.nodes[bn].outputs[0], n.inputs[0])) return *not_2d;
-
+  const std::string bn_output = g.nodes[bn].outputs[0];
   auto affine_or = read_batchnorm(ctx, bn);
   if (auto* o = std::get_if<Outcome>(&affine_or)) return *o;
   const BatchNormAffine& affine = std::get<BatchNormAffine>(affine_or);
+  if (affine.last_axis) return fold_into_rank3_matmul(ctx, matmul, bn, weight, affine);
+  if (auto not_2d = require_2d_output(g, n.outputs[0], bn_output, n.inputs[0])) return *not_2d;
   auto new_weight = rescale_weight(ctx, weight, affine.scale);
   if (auto* o = std::get_if<Outcome>(&new_weight)) return *o;
   auto new_bias = store_or_keep(weight.tensor.data_type, affine.shift, "bias");
@@ -158,16 +186,17 @@ Outcome fold_into_matmul_add(FoldContext& ctx, int add, int bn) {
   if (m.outputs.size() != 1 || m.inputs.size() != 2) return Outcome::kept("malformed", "MatMul has an unexpected arity");
   if (auto blocked = layer_output_blocker(g, matmul, m.outputs[0], add, 1 - bias_slot)) return *blocked;
   if (auto blocked = layer_output_blocker(g, add, a.outputs[0], bn)) return *blocked;
-  if (auto not_2d = require_2d_output(g, a.outputs[0], g.nodes[bn].outputs[0], m.inputs[0])) return *not_2d;
+  auto affine_or = read_batchnorm(ctx, bn);
+  if (auto* o = std::get_if<Outcome>(&affine_or)) return *o;
+  const BatchNormAffine& affine = std::get<BatchNormAffine>(affine_or);
+  if (!affine.last_axis)  // an affine along the last axis of a rank >= 3 output is on the features already
+    if (auto not_2d = require_2d_output(g, a.outputs[0], g.nodes[bn].outputs[0], m.inputs[0])) return *not_2d;
 
   const std::string& bias_name = a.inputs[bias_slot];
   auto bias_values = constant_values(g, bias_name);
   auto bias_dims = constant_dims(g, bias_name);
   if (!bias_values || !bias_dims) return Outcome::kept("non-constant-bias", "the bias '" + bias_name + "' is not a constant");
 
-  auto affine_or = read_batchnorm(ctx, bn);
-  if (auto* o = std::get_if<Outcome>(&affine_or)) return *o;
-  const BatchNormAffine& affine = std::get<BatchNormAffine>(affine_or);
   auto new_weight = rescale_weight(ctx, weight, affine.scale);
   if (auto* o = std::get_if<Outcome>(&new_weight)) return *o;
   auto bias_or = fold_bias(bias_dims, *bias_values, affine.scale, affine.shift, "the bias '" + bias_name + "'");

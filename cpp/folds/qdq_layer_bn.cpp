@@ -133,6 +133,7 @@ struct BiasPlan {
   std::vector<double> scale;         // Int32*: one scale per output channel
   int bias_dq = -1;                  // Int32Existing: its DequantizeLinear
   bool zero_present = false;
+  bool zero_nonzero = false;         // Int32Existing: the old zero point is not all 0 (the new one is)
   bool promote = false;              // Int32Existing: per-tensor scale becomes per-channel
   double max_error = 0;              // Int32*: largest |round(b'/s) * s - b'|
   std::vector<double> errors;        // Int32*: |round(b'/s) * s - b'| per output channel
@@ -271,6 +272,7 @@ std::variant<BiasPlan, Outcome> plan_bias(FoldContext& ctx, int layer, const Wei
     plan.kind = BiasPlan::Int32Existing;
     plan.bias_dq = bp;
     plan.zero_present = has_zero;
+    for (double z : *zv) plan.zero_nonzero = plan.zero_nonzero || z != 0;
     plan.data_type = bs->tensor.data_type;
     plan.dims = {static_cast<int64_t>(M)};
     plan.promote = sv->size() == 1 && M > 1;
@@ -346,7 +348,8 @@ void write_bias(FoldContext& ctx, int layer, int weight_dq, const BiasPlan& plan
     const std::vector<std::string> in = g.nodes[bd].inputs;
     write_constant_for(ctx, {Use{bd, 0}}, in[0], int32, plan.dims, ints, base + "_quantized", out);
     write_constant_for(ctx, {Use{bd, 1}}, in[1], plan.data_type, plan.dims, scale, base + "_scale", out);
-    if (plan.zero_present && plan.promote)
+    // The new integers are quantized with zero point 0: a nonzero old one must go too.
+    if (plan.zero_present && (plan.promote || plan.zero_nonzero))
       write_constant_for(ctx, {Use{bd, 2}}, in[2], int32, plan.dims, zeros, base + "_zero_point", out);
     if (plan.promote) set_int_attribute(g, bd, "axis", 0);
     return;
@@ -386,6 +389,22 @@ void note_bias_error(FoldContext& ctx, int layer, const std::vector<double>& a, 
   if (ctx.bias_errors) (*ctx.bias_errors)[{&ctx.graph, layer}] = std::move(total);
   if (worst > 0 || !own.empty()) out.metrics.emplace_back("bias_error_at_output", worst);
   out.bias_rounded = worst > 0;
+}
+
+// drop_activation_quantizers: Kept ("quantizer-would-be-lost") unless every reader of BN `bn`'s output is a
+// QuantizeLinear, which then quantizes the folded layer's output in the dropped quantizer's place.
+std::optional<Outcome> quantizer_lost_by_dropping(Graph& g, int bn, const std::string& who,
+                                                  const std::string& quantizer) {
+  const std::string& out = g.nodes[bn].outputs[0];
+  std::string reader = g.is_graph_output(out) ? "a graph output" : "";
+  for (const auto& u : g.uses(out))
+    if (reader.empty() && (u.slot != 0 || !is_quantize(g.nodes[u.node]))) reader = label(g, u.node);
+  if (reader.empty() && !g.uses(out).empty()) return std::nullopt;
+  if (reader.empty()) reader = "nothing";
+  return Outcome::kept("quantizer-would-be-lost",
+                       "drop_activation_quantizers would drop " + quantizer + ", the only quantizer after " + who +
+                           ": the BN's output feeds " + reader + ", not a QuantizeLinear, so the folded layer would "
+                           "have no quantizer after it and a runtime could no longer run it as a quantized kernel");
 }
 
 }  // namespace
@@ -441,6 +460,9 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
       return Outcome::kept("activation-quantizer",
                            "the activation quantizer " + quantizer + " between " + who +
                                " and the BN also feeds other nodes, so it cannot be dropped");
+    // Dropping it must leave the layer with a quantizer after it (the BN's readers), or a runtime can no longer
+    // run the layer as a quantized kernel (onnxruntime's QDQ selectors want Q right after the layer).
+    if (auto lost = quantizer_lost_by_dropping(g, bn, who, quantizer)) return *lost;
   } else {
     if (!quantized_weight) return Outcome::not_applicable();  // the float folds' pattern
     if (add >= 0) {
@@ -474,7 +496,8 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
   if (beta == 0)
     return Outcome::kept("unsupported-bias", who + " has beta=0, so it cannot carry the BN shift in its bias");
 
-  const bool materialize = weight.qat() && ctx.options.materialize_quantized_weights;
+  // trt::DequantizeLinear takes a float weight: never materialized as integers.
+  const bool materialize = weight.qat() && !weight.fused() && ctx.options.materialize_quantized_weights;
   auto rescaled_or = rescale_quantized_weight(weight, *wl, affine.scale, ctx.options, weight.qat() && !materialize, who,
                                          ctx.model.deferred_checks);
   bool raising_opset = false;
@@ -495,6 +518,9 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
   }
   if (auto* o = std::get_if<Outcome>(&rescaled_or)) return *o;
   const RescaledWeight& rescaled = std::get<RescaledWeight>(rescaled_or);
+  if (weight.fused() && std::any_of(rescaled.zero.begin(), rescaled.zero.end(), [](int64_t z) { return z != 0; }))
+    return Outcome::kept("tensorrt-quantizer", who + " is quantized by trt::DequantizeLinear, which has no zero point "
+                                               "for the complement form");
   BiasPlan bias;  // kind None for MatMul + Add: the Add's bias carries the shift
   std::string add_bias_raw;
   FoldedBias add_bias;

@@ -22,7 +22,8 @@ using wire::DataType;
 
 bool is_quantize(const Node& n) { return n.op_type == "QuantizeLinear" && (n.is("QuantizeLinear") || n.domain == "com.microsoft"); }
 bool is_dequantize(const Node& n) {
-  return n.op_type == "DequantizeLinear" && (n.is("DequantizeLinear") || n.domain == "com.microsoft");
+  return n.op_type == "DequantizeLinear" &&
+         (n.is("DequantizeLinear") || n.domain == "com.microsoft" || n.domain == "trt");
 }
 
 std::string int_attribute(const std::string& name, int64_t value) {
@@ -135,6 +136,26 @@ bool same_constant(Graph& g, const std::string& a, const std::string& b) {
 
 }  // namespace
 
+// The integer range [lo, hi] of Clip node `clip` (opset >= 12 takes integer bounds as inputs; an absent bound is
+// none), which must be read only by DequantizeLinear `dq`.
+static std::variant<std::pair<int64_t, int64_t>, Outcome> read_integer_clip(Graph& g, int clip, int dq,
+                                                                            const std::string& who) {
+  const Node& c = g.nodes[clip];
+  const std::string label = node_label(g, clip);
+  if (c.inputs.empty() || c.outputs.size() != 1 || !read_only_by(g, c.outputs[0], dq))
+    return Outcome::kept("shared-weight", "the output of " + label + " (" + who + ") is also read by another node");
+  std::pair<int64_t, int64_t> range{std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max()};
+  for (size_t k = 1; k < 3; ++k) {
+    if (c.inputs.size() <= k || c.inputs[k].empty()) continue;
+    auto v = constant_values(g, c.inputs[k]);
+    if (!v || v->size() != 1)
+      return Outcome::kept("non-constant-quantization-parameters",
+                           "the bound '" + c.inputs[k] + "' of " + label + " (" + who + ") is not a scalar constant");
+    (k == 1 ? range.first : range.second) = static_cast<int64_t>(std::llround((*v)[0]));
+  }
+  return range;
+}
+
 std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, int layer) {
   const Node& d = g.nodes[dq];
   if (!is_dequantize(d)) return Outcome::not_applicable();
@@ -143,8 +164,9 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
     return malformed(who, node_label(g, dq) + " lacks its input or scale");
   QuantizedWeight w;
   w.dq = dq;
-  const bool ms_domain = d.domain == "com.microsoft";
-  const int64_t opset = g.opset(ms_domain ? "com.microsoft" : "");
+  // trt::DequantizeLinear (ModelOpt's INT4 export for TensorRT) has axis and block_size like com.microsoft's.
+  const bool ms_domain = d.domain == "com.microsoft" || d.domain == "trt";
+  const int64_t opset = g.opset(d.domain == "com.microsoft" ? "com.microsoft" : "");
   w.axis_supported = ms_domain || opset >= 13;
 
   // Scale and zero point.
@@ -162,17 +184,44 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
     if (!std::isfinite(s))
       return Outcome::kept("non-finite-scale", "the scale of " + who + " holds NaN or Inf");
 
+  // Brevitas QCDQ: int W -> Clip(lo, hi) -> DQ, or W -> Q -> Clip -> DQ. The Clip saturates like a narrower
+  // integer type, so its range takes the place of the type's (mirrored integers must stay inside it).
+  std::string x = d.inputs[0];
+  std::optional<std::pair<int64_t, int64_t>> clip_range;
+  if (const int c = g.producer(x); c >= 0 && g.nodes[c].is("Clip")) {
+    auto clip = read_integer_clip(g, c, dq, who);
+    if (auto* o = std::get_if<Outcome>(&clip)) return *o;
+    clip_range = std::get<std::pair<int64_t, int64_t>>(clip);
+    w.clip = c;
+    x = g.nodes[c].inputs[0];
+  }
   // The integers: a constant, or what QuantizeLinear makes of a constant float weight.
-  const std::string& x = d.inputs[0];
   std::optional<graph::ConstRef> int_ref = g.constant(x);
   std::optional<graph::ConstRef> float_ref;
-  if (!int_ref) {
+  if (d.domain == "trt") {
+    // float W -> trt::DequantizeLinear(s): TensorRT quantizes W to int4 (round half to even, saturating, no zero
+    // point) and dequantizes it in one node, a QuantizeLinear -> DequantizeLinear pair fused: the QAT form with
+    // the node as its own quantizer.
+    if (!int_ref || !graph::is_float_type(int_ref->tensor.data_type) || w.clip >= 0 || d.inputs.size() > 2)
+      return Outcome::kept("tensorrt-quantizer", "the input of " + node_label(g, dq) + " (" + who +
+                                                     ") is not a constant float weight in the form ModelOpt writes");
+    float_ref = std::move(int_ref);
+    int_ref.reset();
+    w.q = dq;
+    w.float_type = float_ref->tensor.data_type;
+    if (w.float_type != static_cast<int32_t>(DataType::Float) && w.float_type != static_cast<int32_t>(DataType::Float16) &&
+        w.float_type != static_cast<int32_t>(DataType::Bfloat16))
+      return Outcome::kept("unsupported-weight-type", "the float weight of " + who + " is " +
+                                                          graph::data_type_name(w.float_type));
+    w.int_type = static_cast<int32_t>(DataType::Int4);
+    w.dims = float_ref->tensor.dims;
+  } else if (!int_ref) {
     const int qn = g.producer(x);
     if (qn < 0 || !is_quantize(g.nodes[qn]))
       return Outcome::kept("non-constant-weight", "the input of " + node_label(g, dq) + " (" + who + ") is not a constant");
     const Node& q = g.nodes[qn];
     if (q.inputs.size() < 2 || q.inputs[0].empty()) return malformed(who, node_label(g, qn) + " lacks its inputs");
-    if (!read_only_by(g, x, dq))
+    if (!read_only_by(g, x, w.clip >= 0 ? w.clip : dq))
       return Outcome::kept("shared-weight", "the quantized weight '" + x + "' of " + who +
                                                 " is also read by another node, which must keep its values");
     float_ref = g.constant(q.inputs[0]);
@@ -206,6 +255,12 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
   if (!range && !w.float8())
     return Outcome::kept("unsupported-weight-type", who + " is quantized to " + graph::data_type_name(w.int_type));
   if (range) w.range = *range;
+  if (clip_range) {
+    if (!range) return Outcome::kept("unsupported-weight-type", who + " is clipped " + graph::data_type_name(w.int_type));
+    w.range.lo = std::max(w.range.lo, clip_range->first);
+    w.range.hi = std::min(w.range.hi, clip_range->second);
+    if (w.range.lo > w.range.hi) return malformed(who, "its Clip range is empty");
+  }
   if (zero.ref && zero.ref->tensor.data_type != w.int_type)
     return malformed(who, "its zero point type differs from the quantized type");
 
@@ -694,11 +749,16 @@ std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWe
       const int64_t channel = channel_holding(w, wl, r.layout, r.promoted, a, static_cast<int64_t>(k), value);
       std::string msg = "channel " + std::to_string(channel) + " of " + who + " has a negative BN factor and holds the " +
                         graph::data_type_name(w.int_type) + " value " + std::to_string(value) +
-                        ", whose negation does not fit the type";
+                        ", whose negation does not fit the type" +
+                        (w.clip >= 0 ? " range its Clip allows, [" + std::to_string(w.range.lo) + ", " +
+                                           std::to_string(w.range.hi) + "] (a symmetric Clip range always fits)"
+                                     : std::string());
       if (!options.allow_nonzero_zero_point && !c.positive[k])
-        msg += "; allow_nonzero_zero_point=True folds it exactly with the complement form (q' = " +
+        msg += "; allow_nonzero_zero_point=True folds it exactly with the complement "
+               "form (q' = " +
                std::string(w.range.lo < 0 ? "-1 - q" : std::to_string(complement_c) + " - q") +
-               "), which makes the zero point nonzero";
+               "), at a cost: that channel's weight zero point becomes nonzero, which TensorRT rejects (it requires "
+               "symmetric weights with zero point 0)";
       return Outcome::kept("negation-overflow", msg);
     }
   }
@@ -963,18 +1023,19 @@ void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const We
     const std::string q_output = g.nodes[w.q].outputs[0];
     const std::string name = new_tensor_name(ctx.model, q_inputs[0], "_quantized");
     g.add_tensor_lazy(name, graph::encode_tensor_header(name, w.int_type, w.dims), rescaled_weight_data(w, wl, r, true));
-    g.set_input(w.dq, 0, name);
+    g.set_input(w.clip >= 0 ? w.clip : w.dq, 0, name);
     outcome.new_tensors.push_back(name);
     g.remove_node(w.q);
     g.remove_value_info(q_output);
     for (const auto& v : q_inputs) g.drop_if_unused(v);
   } else if (w.qat()) {
-    qdq.push_back(w.q);
+    if (w.q != w.dq) qdq.push_back(w.q);  // trt::DequantizeLinear is its own quantizer
     write_constant_for(ctx, {Use{w.q, 0}}, g.nodes[w.q].inputs[0], w.float_type, w.dims,
                        rescaled_weight_data(w, wl, r, false), base + "_weight", outcome);
   } else if (r.ints_changed) {  // else the integers stay as they are: not read, not copied
-    write_constant_for(ctx, {Use{w.dq, 0}}, d.inputs[0], w.int_type, w.dims, rescaled_weight_data(w, wl, r, true),
-                       base + "_weight", outcome);
+    const int reader = w.clip >= 0 ? w.clip : w.dq;  // the Clip (Brevitas) reads the integers before the DQ
+    write_constant_for(ctx, {Use{reader, 0}}, g.nodes[reader].inputs[0], w.int_type, w.dims,
+                       rescaled_weight_data(w, wl, r, true), base + "_weight", outcome);
   }
   const std::vector<int64_t>& pdims = r.layout.scale_dims;
   auto scale_raw = kernels::store_values(w.scale_type, r.scale);

@@ -50,6 +50,8 @@ struct QuantLayout {
 struct QuantizedWeight {
   int dq = -1;                 // the DequantizeLinear node
   int q = -1;                  // QAT form: the QuantizeLinear node, else -1
+  int clip = -1;               // Brevitas QCDQ: a Clip of the integers before the DequantizeLinear, else -1;
+                               // `range` is then the Clip's range (within the type's)
   int32_t int_type = 0;        // element type of the integers (float8 types: their bytes)
   kernels::IntegerRange range; // valid integers (unused for float8)
   std::vector<int64_t> dims;   // weight dims
@@ -65,6 +67,8 @@ struct QuantizedWeight {
   bool axis_supported = false;  // the Q/DQ version has an `axis` attribute (opset >= 13 or com.microsoft)
 
   bool qat() const { return q >= 0; }
+  // trt::DequantizeLinear of a float weight: quantizer and dequantizer in one node (q == dq), no zero point.
+  bool fused() const { return q >= 0 && q == dq; }
   bool float8() const { return kernels::is_float8(int_type); }
 };
 

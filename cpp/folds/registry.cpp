@@ -11,6 +11,8 @@ const std::vector<FoldRule>& fold_rules() {
       {"qdq-layer-bn", "backward", fold_qdq_layer_bn},
       {"conv-bn", "backward", fold_conv_bn},
       {"gemm-bn", "backward", fold_gemm_bn},
+      {"matmul-reshape-bn", "backward", fold_matmul_reshape_bn},
+      {"concat-bn", "backward", fold_concat_bn},
       // Forward folds last: a BN that can fold backwards does so first.
       {"bn-layer", "forward", fold_bn_forward},
   };

@@ -53,6 +53,38 @@ void Graph::remove_use(const std::string& value, Use use) {
   if (pos != v.end()) v.erase(pos);
 }
 
+bool Graph::is_overridable_initializer(const std::string& value) const {
+  return graph_inputs_.count(value) && initializer_index_.count(value);
+}
+
+size_t Graph::overridable_initializer_count() const {
+  size_t n = 0;
+  for (const auto& [name, index] : initializer_index_) n += graph_inputs_.count(name) && !initializer_removed[index];
+  return n;
+}
+
+// A frozen initializer's graph input goes when the initializer is replaced or removed: a caller feeding the
+// input would otherwise override the folded value with the unfolded one.
+void Graph::drop_graph_input(const std::string& value) {
+  if (!graph_inputs_.erase(value)) return;
+  for (auto& [name, payload] : inputs_added)
+    if (name == value) payload.clear();  // written only when not empty
+  for (size_t k = 0; k < inputs.size(); ++k)
+    if (inputs[k].name == value && k < input_removed.size()) input_removed[k] = true;
+  mark_dirty();
+}
+
+// A frozen initializer replaced by a fold leaves the graph inputs, except under IR version < 4, where every
+// initializer stays listed as one (the new value is its default).
+void Graph::drop_replaced_input(const std::string& value) {
+  if (frozen(value) && model->ir_version >= 4) drop_graph_input(value);
+}
+
+bool Graph::frozen(const std::string& value) const {
+  return kind == GraphKind::Main && parent == nullptr && model && model->freeze_initializer_inputs &&
+         graph_inputs_.count(value);
+}
+
 bool Graph::defines(const std::string& value) const {
   return producer_.count(value) || initializer_index_.count(value) || graph_inputs_.count(value);
 }
@@ -139,7 +171,7 @@ std::optional<ConstRef> Graph::created_constant(int node, const std::string& val
     while (!r.done()) {
       Field f = r.next("attribute");
       if (f.number != num(AttributeField::T) || f.type != WireType::Bytes) continue;
-      ConstRef ref{this, -1, node, {}};
+      ConstRef ref{this, -1, node, {}, false};
       ref.tensor = parse_tensor(f.bytes, payload.data(), path + " Constant written by a fold");
       ref.tensor.name = value;
       return ref;
@@ -148,20 +180,41 @@ std::optional<ConstRef> Graph::created_constant(int node, const std::string& val
   return std::nullopt;
 }
 
+static bool is_plain_identity(const Node& n) {
+  return n.is("Identity") && n.inputs.size() == 1 && n.outputs.size() == 1 && n.subgraphs.empty() && !n.removed;
+}
+
 std::optional<ConstRef> Graph::constant(const std::string& value) {
   if (value.empty()) return std::nullopt;
   auto init = initializer_index_.find(value);
   if (init != initializer_index_.end()) {
-    // An initializer that is also a graph input can be overridden at run time: not a constant.
-    if (graph_inputs_.count(value) || initializer_removed[init->second]) return std::nullopt;
-    return ConstRef{this, init->second, -1, initializers[init->second]};
+    // An initializer that is also a graph input can be overridden at run time: not a constant (unless frozen).
+    if ((graph_inputs_.count(value) && !frozen(value)) || initializer_removed[init->second]) return std::nullopt;
+    return ConstRef{this, init->second, -1, initializers[init->second], false};
   }
   int p = producer(value);
   if (p >= 0) {
     const Node& n = nodes[p];
     if (n.is("Constant") && n.created) return created_constant(p, value);
+    if (is_plain_identity(n)) {
+      // Follow the chain in this graph; a cyclic one (malformed) is not a constant.
+      std::string from = n.inputs[0];
+      for (size_t steps = 0; steps <= nodes.size(); ++steps) {
+        const int q = producer(from);
+        if (q < 0 || !is_plain_identity(nodes[q])) break;
+        if (steps == nodes.size()) return std::nullopt;
+        from = nodes[q].inputs[0];
+      }
+      auto source = constant(from);
+      if (!source) return std::nullopt;
+      source->initializer = -1;
+      source->constant_node = -1;
+      source->through_identity = true;
+      source->tensor.name = value;
+      return source;
+    }
     if (!n.is("Constant")) return std::nullopt;
-    ConstRef ref{this, -1, p, {}};
+    ConstRef ref{this, -1, p, {}, false};
     const std::string where = path + " Constant '" + n.display_name(p) + "'";
     if (const Attribute* a = n.attr("value"); a && a->has_t) {
       ref.tensor = parse_tensor(a->t, model->buffer.data(), where, model->external);
@@ -355,6 +408,22 @@ void Graph::add_tensor(const std::string& name, std::string tensor_payload) {
 }
 
 void Graph::index_added_initializer(const std::string& name, Tensor tensor) {
+  if (kind == GraphKind::Main && !parent && model && model->ir_version < 4) {
+    // IR version < 4: every initializer is also a graph input.
+    std::string shape, tensor_type, type, info;
+    for (int64_t d : tensor.dims) {
+      std::string dim;
+      put_varint_field(dim, num(DimensionField::DimValue), static_cast<uint64_t>(d));
+      put_bytes_field(shape, num(ShapeField::Dim), dim);
+    }
+    put_varint_field(tensor_type, num(TensorTypeField::ElemType), static_cast<uint64_t>(tensor.data_type));
+    put_bytes_field(tensor_type, num(TensorTypeField::Shape), shape);
+    put_bytes_field(type, num(TypeField::TensorType), tensor_type);
+    put_bytes_field(info, num(ValueInfoField::Name), name);
+    put_bytes_field(info, num(ValueInfoField::Type), type);
+    inputs_added.emplace_back(name, std::move(info));
+    graph_inputs_.insert(name);
+  }
   int k = static_cast<int>(initializers.size());
   initializers.push_back(std::move(tensor));
   initializer_removed.push_back(false);
@@ -395,6 +464,7 @@ void Graph::add_tensor_lazy(const std::string& name, std::string header, LazyByt
 }
 
 void Graph::replace_initializer_lazy(int index, std::string header, LazyBytes data) {
+  drop_replaced_input(initializers[index].name);
   auto lazy = std::make_unique<LazyInitializer>();
   lazy->header = std::move(header);
   lazy->data = std::make_shared<const LazyBytes>(std::move(data));
@@ -405,6 +475,7 @@ void Graph::replace_initializer_lazy(int index, std::string header, LazyBytes da
 }
 
 void Graph::replace_initializer(int index, std::string tensor_payload) {
+  drop_replaced_input(initializers[index].name);
   initializer_replaced[index] = std::make_unique<std::string>(std::move(tensor_payload));
   initializer_lazy[index] = nullptr;
   const std::string& stored = *initializer_replaced[index];
@@ -439,7 +510,8 @@ void Graph::drop_if_unused(const std::string& value) {
   if (value.empty() || reader_count(value) > 0) return;
   auto init = initializer_index_.find(value);
   if (init != initializer_index_.end()) {
-    if (graph_inputs_.count(value) || initializer_removed[init->second]) return;
+    if ((graph_inputs_.count(value) && !frozen(value)) || initializer_removed[init->second]) return;
+    drop_graph_input(value);
     initializer_removed[init->second] = true;
     initializer_index_.erase(init);
     mark_dirty();
@@ -448,6 +520,12 @@ void Graph::drop_if_unused(const std::string& value) {
   int p = producer(value);
   if (p >= 0 && nodes[p].is("Constant") && nodes[p].outputs.size() == 1) {
     remove_node(p);
+  } else if (p >= 0 && is_plain_identity(nodes[p]) && constant(value)) {
+    // An Identity reading a constant (torch's shared initializers) goes with its last reader, and so may its
+    // source.
+    const std::string source = nodes[p].inputs[0];
+    remove_node(p);
+    drop_if_unused(source);
   } else if (p >= 0 && nodes[p].is("DequantizeLinear") && nodes[p].outputs.size() == 1 && nodes[p].subgraphs.empty()) {
     // A DequantizeLinear of constants that fed only the folded node goes with it, and so do its inputs.
     for (const auto& in : nodes[p].inputs)

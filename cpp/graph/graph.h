@@ -74,6 +74,9 @@ struct ConstRef {
   int initializer = -1;    // index into graph->initializers, or
   int constant_node = -1;  // index of the Constant node in graph->nodes
   Tensor tensor;
+  // Read through Identity nodes (torch's exporter shares equal initializers that way): the tensor is another
+  // value's, so `initializer` and `constant_node` are -1 and nothing edits it in place.
+  bool through_identity = false;
 };
 
 struct ValueInfo {
@@ -116,6 +119,9 @@ class Graph {
   std::vector<std::unique_ptr<LazyInitializer>> initializer_lazy;  // null where not lazy
   std::vector<ExternalRef> original_external;  // per original initializer: where its data lived, if external
   std::vector<bool> value_info_removed;
+  std::vector<bool> input_removed;  // graph inputs dropped (frozen initializers a fold replaced or removed)
+  // ValueInfoProto payloads of graph inputs a fold added: IR version < 4 lists every initializer as an input.
+  std::vector<std::pair<std::string, std::string>> inputs_added;  // name, payload (empty: dropped again)
   size_t original_initializer_count = 0;  // initializers past this index were added by folds
   bool dirty = false;
 
@@ -124,10 +130,16 @@ class Graph {
   int producer(const std::string& value) const;  // node index, or -1
   bool is_graph_output(const std::string& value) const { return graph_outputs_.count(value) > 0; }
   bool is_graph_input(const std::string& value) const { return graph_inputs_.count(value) > 0; }
+  // An initializer also listed as a graph input (a default the caller may override): not a constant, unless
+  // the model freezes such inputs (Model::freeze_initializer_inputs).
+  bool is_overridable_initializer(const std::string& value) const;
+  // How many initializers of this graph are overridable graph inputs.
+  size_t overridable_initializer_count() const;
   // Number of readers of a value: node inputs, subgraph reads and graph outputs.
   size_t reader_count(const std::string& value) const;
   // A constant by name: an initializer (not overridable as a graph input) or a Constant node's value, here
-  // or in an enclosing graph when this graph does not define the name.
+  // or in an enclosing graph when this graph does not define the name, also read through Identity nodes
+  // (and chains of them); see ConstRef::through_identity.
   std::optional<ConstRef> constant(const std::string& value);
   // Static shape from value_info / inputs / outputs: dims, -1 where a dim is symbolic or unknown.
   // A name this graph does not define (no producer, initializer or input here) is read from an enclosing
@@ -170,6 +182,9 @@ class Graph {
   std::unordered_map<std::string, std::vector<Use>> uses_;
   std::unordered_set<std::string> graph_inputs_, graph_outputs_;
   void add_use(const std::string& value, Use use);
+  bool frozen(const std::string& value) const;      // a graph input read as a constant (freeze_initializer_inputs)
+  void drop_graph_input(const std::string& value);
+  void drop_replaced_input(const std::string& value);
   void index_added_initializer(const std::string& name, Tensor tensor);
   void remove_use(const std::string& value, Use use);
   // Called by a subgraph of node `owner` that no longer reads outer value `value`: when no subgraph of that
@@ -239,6 +254,10 @@ class Model {
   };
   std::vector<FieldRef> fields;
   int64_t ir_version = 0;
+  // Initializers listed as graph inputs of the main graph are read as constants, and a folded one leaves the
+  // graph inputs (the freeze_initializer_inputs option; IR version < 4, where every initializer had to be
+  // listed as an input).
+  bool freeze_initializer_inputs = false;
   std::map<std::string, int64_t> opsets;
   // Opset versions a fold raised (domain "" is the default domain); the writer rewrites those opset_import
   // entries. raise_opset also updates `opsets`, so later queries see the new version.

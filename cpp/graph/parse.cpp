@@ -212,7 +212,12 @@ struct Parser {
             model.note_name(g.initializers.back().name);
             break;
           }
-          case GraphField::Input: need_bytes(f, r, w); g.inputs.push_back(parse_value_info(f.bytes, w)); model.note_name(g.inputs.back().name); break;
+          case GraphField::Input:
+            need_bytes(f, r, w);
+            index = static_cast<int>(g.inputs.size());
+            g.inputs.push_back(parse_value_info(f.bytes, w));
+            model.note_name(g.inputs.back().name);
+            break;
           case GraphField::Output: need_bytes(f, r, w); g.outputs.push_back(parse_value_info(f.bytes, w)); break;
           case GraphField::ValueInfo:
             need_bytes(f, r, w);
@@ -252,6 +257,7 @@ struct Parser {
     g.initializer_lazy.resize(g.initializers.size());
     for (const auto& t : g.initializers) g.original_external.push_back(t.external ? t.external_ref : ExternalRef{});
     g.value_info_removed.assign(g.value_info.size(), false);
+    g.input_removed.assign(g.inputs.size(), false);
     g.build_index();
     check_structure(g);
   }

@@ -175,6 +175,29 @@ bool decode_typed(const Tensor& t, std::string& out) {
   const size_t es = element_size(t.data_type);
   const auto field = static_cast<TensorField>(t.typed_field);
   if (t.typed_field == 0) return t.count == 0;
+  if (is_packed_4bit(t.data_type)) {
+    // int32_data holds two 4-bit values per entry, one byte's worth: the first in the low nibble (onnx.proto,
+    // and what onnx.helper.make_tensor writes).
+    if (field != TensorField::Int32Data) return false;
+    const uint64_t bytes = (static_cast<uint64_t>(t.count) + 1) / 2;
+    size_t payload_bytes = 0;
+    for (auto payload : t.typed_payloads) payload_bytes += payload.size();
+    if (bytes > payload_bytes) return false;  // every entry takes at least one byte of its field
+    out.clear();
+    out.reserve(static_cast<size_t>(bytes));
+    bool ok = true;
+    for (auto payload : t.typed_payloads) {
+      wire::Field f;
+      f.type = WireType::Bytes;
+      f.bytes = payload;
+      f.whole = payload;
+      wire::for_each_varint(f, payload.data(), "int32_data", [&](uint64_t v) {
+        if (v > 0xFF) ok = false;  // only the two nibbles of one byte may be set
+        out.push_back(static_cast<char>(static_cast<uint8_t>(v)));
+      });
+    }
+    return ok && out.size() == bytes;
+  }
   if (es == 0) return false;
   // Every value takes at least one byte of its field: a count beyond that is wrong and must not size the
   // allocation below (dims of 2**40 with one value in float_data).

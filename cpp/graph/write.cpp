@@ -365,11 +365,17 @@ struct Writer {
         if (static_cast<int>(k) == last_initializer_field) added_initializers();
       } else if (f.number == value_info_field && f.index >= 0) {
         if (!g.value_info_removed[f.index]) out.view(f.whole);
+      } else if (!function && f.number == num(GraphField::Input) && f.index >= 0) {
+        if (!g.input_removed[f.index]) out.view(f.whole);  // a frozen initializer's input a fold dropped
       } else {
         out.view(f.whole);
       }
     }
     if (last_node_field < 0) created_before(out, g, node_field, -1);
+    // Graph inputs for new initializers (IR version < 4 lists every initializer as an input); the field order
+    // of a message does not matter, so they go last.
+    for (const auto& [name, payload] : g.inputs_added)
+      if (!payload.empty()) owned_string(out, num(GraphField::Input), payload);
     created_at = std::move(outer_created);  // subgraphs are written while their owner is being written
     return out;
   }

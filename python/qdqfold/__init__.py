@@ -5,8 +5,9 @@ The work is done by the native module ``qdqfold_native``; this package adds a mo
 (:func:`verify`) and the ``qdqfold`` command line.
 """
 
-from qdqfold_native import FoldError, __version__
+from qdqfold_native import FoldError
 
+from ._version import __version__
 from .api import OPTIONS, fold_bytes, fold_model
 from .batch import ModelResult, VerifySettings, fold_many
 from .report import BatchNormEntry, FoldReport

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator
 import qdqfold_native
 from qdqfold_native import FoldError
 
-from .api import fold_bytes, load_model_bytes, with_inferred_shapes, write_atomically
+from .api import load_model_bytes, with_inferred_shapes, write_atomically
 from .graphinfo import ModelInfo, WireFormatError, read_model_info
 from .report import FoldReport
 from .verify import DEFAULT_LEVELS, DEFAULT_TOLERANCE, VerifyError, VerifyResult, verify  # numpy, onnx: on use
@@ -157,14 +157,16 @@ def _native_error(error: FoldError, src: Path) -> str:
     return f"{src}: not a valid ONNX model: {error}"
 
 
-def _fold_in_memory(src: Path, options: dict[str, Any]) -> tuple[FoldReport, bytes]:
+def _fold_in_memory(src: Path, options: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     """A dry run: folds the mapped model in memory, its external data read by the core under the same rules as a
-    file-to-file fold (folded tensors come back inline, others keep their references)."""
+    file-to-file fold (folded tensors come back inline, others keep their references; the mapping is guarded,
+    so a file that shrinks meanwhile is an error, not a signal). Returns the native report and the bytes."""
     with open(src, "rb") as f:
         data: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
     try:
-        folded, report = fold_bytes(data, base_directory=str(src.parent), **options)
-        return report, folded
+        folded, native = qdqfold_native.fold_with_report(data, base_directory=str(src.parent),
+                                                         **with_inferred_shapes(src, options))
+        return native, folded
     except FoldError as e:
         raise ModelError(_native_error(e, src)) from e
     finally:
@@ -177,7 +179,7 @@ STORAGE_KEYWORDS = ("save_as_external_data", "size_threshold", "data_name")
 
 
 def _fold_file(src: Path, dst: Path, options: dict[str, Any], make_parents: bool, force: bool,
-               storage: dict[str, Any] | None = None) -> FoldReport:
+               storage: dict[str, Any] | None = None) -> dict[str, Any]:
     """Folds ``src`` into ``dst`` file to file in the native core (input mapped, output written once, external
     data in files named after ``dst``, or as ``storage`` says): the one place where a file is folded."""
     _make_parent(dst, make_parents)
@@ -186,7 +188,7 @@ def _fold_file(src: Path, dst: Path, options: dict[str, Any], make_parents: bool
                                           **with_inferred_shapes(src, options))
     except FoldError as e:
         raise ModelError(_native_error(e, src)) from e
-    return FoldReport.from_native(native)
+    return native
 
 
 def _make_parent(dst: Path, make_parents: bool) -> None:
@@ -201,14 +203,6 @@ def _files_size(model: Path, data_files: Iterable[str]) -> int:
     return model.stat().st_size + sum(os.path.getsize(p) for p in data_files)
 
 
-def _input_data_size(src: Path, info: ModelInfo | None) -> int:
-    """The bytes of the external data files the model at ``src`` reads (each file once; 0 if none)."""
-    if info is None:
-        return 0
-    files = {(src.parent / location).resolve() for location in info.external_locations}
-    return sum(p.stat().st_size for p in files if p.is_file())
-
-
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -218,30 +212,31 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, options: dict[str, Any] | None = None,
                      *, verification: VerifySettings | None = None, make_parents: bool = False,
-                     force: bool = False, storage: dict[str, Any] | None = None) -> ModelResult:
+                     force: bool = False, storage: dict[str, Any] | None = None,
+                     model_info: bool = False) -> ModelResult:
     """Folds the model file ``src`` into ``dst`` (None: a dry run, nothing written) and, with
     ``verification``, runs both in onnxruntime. ``force`` lets the output's data files replace existing files
     that are not from an earlier run of the same output; ``storage`` holds the fold_file keywords of
-    :data:`STORAGE_KEYWORDS`. Raises :class:`ModelError` (one line naming the path)."""
+    :data:`STORAGE_KEYWORDS`; ``model_info`` also lists the original's nodes (for ``--explain``). Everything
+    else (op types, sizes, data files) comes from the native core, which reads the input under its guard.
+    Raises :class:`ModelError` (one line naming the path)."""
     start = time.perf_counter()
     src, dst = Path(src), (Path(dst) if dst is not None else None)
     options = dict(options or {})
     _check_source(src)
     in_place = dst is not None and _same_file(src, dst)
-    try:
-        info_before = _model_info(src)
-    except WireFormatError:
-        info_before = None  # not a model: the fold below says so, in the native core's words
-    except OSError as e:
-        raise ModelError(f"{src}: cannot read: {e.strerror or e}") from e
-    size_before = src.stat().st_size + _input_data_size(src, info_before)
+    info = None
+    if model_info:
+        try:
+            info = _model_info(src)
+        except WireFormatError:
+            info = None  # not a model: the fold below says so, in the native core's words
+        except OSError as e:
+            raise ModelError(f"{src}: cannot read: {e.strerror or e}") from e
     # The original must be read before an in-place fold replaces it; that takes it whole into memory.
     original: Any = None
     if verification is not None and in_place:
-        if size_before >= PROTOBUF_LIMIT:
-            raise ModelError(f"{src}: --verify with --in-place must hold the original in memory, and it is over "
-                             f"protobuf's 2 GB limit; fold to another file (-o) and verify that")
-        original = _read_model(src)
+        original = _read_model_for_verify(src)
 
     # A dry run with verification folds into a private directory (removed after), so that models with external
     # data or over 2 GB are verified from files, as onnxruntime loads them.
@@ -250,21 +245,19 @@ def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, opti
     with scratch as scratch_dir:
         target = dst if dst is not None else (Path(scratch_dir) / src.name if scratch_dir else None)
         if target is None:
-            report, folded = _fold_in_memory(src, options)
+            native, folded = _fold_in_memory(src, options)
         else:
-            report, folded = _fold_file(src, target, options, make_parents, force, storage), None
-        if info_before is None:  # the native core accepted what the walker did not: not expected
-            raise ModelError(f"{src}: cannot list its nodes")
-        try:
-            info_after = read_model_info(folded) if folded is not None else _model_info(target)
-        except (WireFormatError, OSError) as e:
-            raise ModelError(f"{target}: cannot read the folded model back: {e}") from e
-        size_after = len(folded) if folded is not None else _files_size(target, report.data_files)
+            native, folded = _fold_file(src, target, options, make_parents, force, storage), None
+        report = FoldReport.from_native(native)
+        size_before = native["input_bytes"]  # the model and its data files, as the core read them
+        # In memory the folded tensors come back inline and the others stay in the input's data files.
+        size_after = len(folded) + size_before - src.stat().st_size if folded is not None \
+            else _files_size(target, report.data_files)
         if dst is None:
             report.data_files = []  # the scratch files are not outputs
         result = ModelResult(str(src), str(dst) if dst is not None else None, written=dst is not None, report=report,
-                             ops_before=dict(info_before.op_counts()), ops_after=dict(info_after.op_counts()),
-                             size_before=size_before, size_after=size_after, model_info=info_before)
+                             ops_before=dict(native["op_types"]["before"]), ops_after=dict(native["op_types"]["after"]),
+                             size_before=size_before, size_after=size_after, model_info=info)
         if verification is not None:
             _raise_if_interrupted(src, dst)
             try:
@@ -279,6 +272,17 @@ def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, opti
     return result
 
 
+def _read_model_for_verify(src: Path) -> bytes:
+    """The original of an in-place fold with --verify, read whole before the fold replaces it."""
+    try:
+        return _read_model(src)
+    except ModelError as e:
+        if "serialize" in str(e).lower():
+            raise ModelError(f"{src}: --verify with --in-place must hold the original in memory, and it is over "
+                             f"protobuf's 2 GB limit; fold to another file (-o) and verify that") from e
+        raise
+
+
 def fold_bytes_result(data: bytes, label: str, dst: str | os.PathLike | None, options: dict[str, Any] | None = None,
                       *, verification: VerifySettings | None = None, base_directory: str | os.PathLike | None = None,
                       make_parents: bool = True) -> tuple[ModelResult, bytes]:
@@ -288,18 +292,17 @@ def fold_bytes_result(data: bytes, label: str, dst: str | os.PathLike | None, op
     kept). Returns the result and the folded bytes. Raises :class:`ModelError`."""
     start = time.perf_counter()
     try:
-        info_before = read_model_info(data)
+        info_before = read_model_info(data)  # for --explain (the bytes are in memory: a plain read)
     except WireFormatError:
         info_before = None
     try:
-        folded, report = fold_bytes(data, **({"base_directory": str(base_directory)} if base_directory else {}),
-                                    **dict(options or {}))
+        folded, native = qdqfold_native.fold_with_report(
+            data, **({"base_directory": str(base_directory)} if base_directory else {}),
+            **with_inferred_shapes(data, dict(options or {})))
     except FoldError as e:
         raise ModelError(e.args[0] if isinstance(e, qdqfold_native.FileError)
                          else f"{label}: not a valid ONNX model: {e}") from e
-    if info_before is None:
-        raise ModelError(f"{label}: cannot list its nodes")
-    info_after = read_model_info(folded)
+    report = FoldReport.from_native(native)
     if dst is not None:
         dst = Path(dst)
         if dst.exists() and not dst.is_file():
@@ -310,7 +313,7 @@ def fold_bytes_result(data: bytes, label: str, dst: str | os.PathLike | None, op
         except OSError as e:
             raise ModelError(f"{dst}: cannot write: {e.strerror or e}") from e
     result = ModelResult(label, str(dst) if dst is not None else None, written=dst is not None, report=report,
-                         ops_before=dict(info_before.op_counts()), ops_after=dict(info_after.op_counts()),
+                         ops_before=dict(native["op_types"]["before"]), ops_after=dict(native["op_types"]["after"]),
                          size_before=len(data), size_after=len(folded), model_info=info_before)
     if verification is not None:
         try:

@@ -21,7 +21,7 @@ from .api import OPTIONS, write_atomically
 from .batch import _interrupted  # noqa: PLC2701 (the CLI owns the Ctrl-C of its process)
 from .batch import (ModelError, ModelResult, VerifySettings, fold_bytes_result, fold_file_captured, fold_file_result,
                     interrupt_running, plan_outputs, read_for_stdout)
-from .report import with_schema
+from .report import found_line, with_schema
 from .verify import DEFAULT_TOLERANCE, VerifyResult
 
 EXIT_OK = 0
@@ -44,6 +44,9 @@ EXIT_STATUS_HELP = """exit status:
 OPTION_FLAGS = {
     "fold_backward": ("--no-backward", "do not fold BN into the layer that produces its input"),
     "fold_forward": ("--no-forward", "do not fold BN into the layer(s) that read its output"),
+    "freeze_initializer_inputs": ("--freeze-initializer-inputs",
+                                  "read initializers listed as graph inputs as constants; folded ones leave the inputs"),
+    "fold_affine": ("--no-affine", "do not fold Mul/Add/Sub/Div by a per-channel constant (FrozenBatchNorm2d)"),
     "pad_correction": ("--pad-correction",
                        "fold BN into a padded conv after it, adding the exact border correction as one Add"),
     "allow_opset_upgrade": ("--allow-opset-upgrade",
@@ -283,7 +286,7 @@ def _op_table(before: dict[str, int], after: dict[str, int], size_before: int, s
 
 def _bn_lines(report, style: Style, limit: int = 20) -> list[str]:
     totals = report.totals()
-    head = f"BatchNormalization: {totals['batchnorms']} found, {totals['folded']} folded, {totals['kept']} kept"
+    head = found_line(totals)
     lines = [style.bold(head)]
     if totals["approximate"]:
         lines.append(style.warn(f"  {totals['approximate']} folded APPROXIMATELY (an approximate option was given)"))
@@ -492,7 +495,7 @@ def run_single(args: argparse.Namespace, style: Style) -> int:
             output = _single_output(args)
             result = _run_interruptibly(fold_file_result, source, output, _options(args),
                                         verification=_verification(args), make_parents=True, force=args.force,
-                                        storage=_storage(args))
+                                        storage=_storage(args), model_info=bool(args.explain))
     except ModelError as e:
         raise InputError(str(e)) from e
     _in_cli_words(result)
@@ -537,7 +540,7 @@ def _many_summary(results: list[ModelResult], style: Style) -> list[str]:
         before.update(r.ops_before)
         after.update(r.ops_after)
     lines = [style.bold(f"{len(results)} models: {len(ok)} folded, {len(results) - len(ok)} failed"),
-             style.bold(f"BatchNormalization: {bns['batchnorms']} found, {bns['folded']} folded, {bns['kept']} kept")]
+             style.bold(found_line(bns))]
     rows = [[style.good("folded"), str(n), code] for code, n in sorted(folded_by.items())]
     rows += [[style.warn("kept"), str(n), code] for code, n in sorted(kept.items())]
     if rows:
@@ -554,7 +557,7 @@ def _model_line(result: ModelResult, style: Style) -> str:
         return f"{style.bad('FAIL')} {result.error}"
     t = result.report.totals()
     target = f" -> {result.output}" if result.output and result.output != result.input else ""
-    text = f"{style.good('ok')}   {result.input}{target}: {t['folded']}/{t['batchnorms']} BN folded"
+    text = f"{style.good('ok')}   {result.input}{target}: {t['folded']}/{t['batchnorms'] + t.get('elementwise', 0)} BN folded"
     if result.verification is not None:
         text += ", verified" if result.verification.passed else ", " + style.bad("verification FAILED")
     return text

@@ -42,6 +42,9 @@ class BatchNormEntry:
     exact: bool | str  # True, "bias-rounded" (exact but for a reported int32 bias rounding), or False
     new_tensors: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    # "BatchNormalization", or Mul / Add / Sub / Div by a per-channel constant folded like one (FrozenBatchNorm2d,
+    # layer scale); such a node is listed when folded, or kept after a layer with a constant weight.
+    op_type: str = "BatchNormalization"
 
     def describe(self) -> str:
         """One line for people."""
@@ -49,6 +52,16 @@ class BatchNormEntry:
             how = _how(self.exact, self.metrics, "APPROXIMATELY")
             return f"{self.node}: folded {self.direction} into {self.into_op} {', '.join(self.into)} ({how}; {self.code})"
         return f"{self.node}: kept [{self.code}] {self.message}"
+
+
+def found_line(totals: dict[str, int]) -> str:
+    """The head line of a summary from ``totals`` (one model's or summed over many): the BatchNormalization
+    count, the per-channel Mul/Add/Sub/Div count when there are any, then folded and kept (both kinds)."""
+    ew = totals.get("elementwise", 0)
+    found = f"BatchNormalization: {totals['batchnorms']} found" + (
+        f", per-channel Mul/Add/Sub/Div: {ew} found" if ew else "")
+    return f"{found}; {totals['folded']} folded, {totals['kept']} kept" if ew else \
+        f"{found}, {totals['folded']} folded, {totals['kept']} kept"
 
 
 @dataclass
@@ -99,9 +112,16 @@ class FoldReport:
         """Folded BNs counted by the fold that took them (its name, e.g. ``conv-bn``)."""
         return Counter(b.code for b in self.folded)
 
+    @property
+    def elementwise(self) -> list[BatchNormEntry]:
+        """The per-channel Mul / Add / Sub / Div entries (not BatchNormalization nodes)."""
+        return [b for b in self.batchnorms if b.op_type != "BatchNormalization"]
+
     def totals(self) -> dict[str, int]:
-        return {
-            "batchnorms": len(self.batchnorms),
+        # "batchnorms" counts BatchNormalization nodes; "elementwise" (present when there are any) the per-channel
+        # Mul / Add / Sub / Div entries; the other totals count both.
+        totals = {
+            "batchnorms": len(self.batchnorms) - len(self.elementwise),
             "folded": len(self.folded),
             "kept": len(self.kept),
             "exact": sum(1 for b in self.folded if b.exact),
@@ -110,6 +130,9 @@ class FoldReport:
             "forward": sum(1 for b in self.folded if b.direction == "forward"),
             "new_tensors": len(self.new_tensors),
         }
+        if self.elementwise:
+            totals["elementwise"] = len(self.elementwise)
+        return totals
 
     def find(self, node: str) -> BatchNormEntry | None:
         return next((b for b in self.batchnorms if b.node == node), None)
@@ -147,8 +170,13 @@ class FoldReport:
 
     def summary(self) -> str:
         """A short summary: how many folded, how many kept and why."""
-        total = len(self.batchnorms)
-        lines = [f"BatchNormalization: {total} found, {len(self.folded)} folded, {len(self.kept)} kept"]
+        bns = [b for b in self.batchnorms if b.op_type == "BatchNormalization"]
+        lines = [f"BatchNormalization: {len(bns)} found, {sum(b.folded for b in bns)} folded, "
+                 f"{sum(not b.folded for b in bns)} kept"]
+        if self.elementwise:
+            ew = self.elementwise
+            lines.append(f"Per-channel Mul/Add/Sub/Div: {len(ew)} found, {sum(b.folded for b in ew)} folded, "
+                         f"{sum(not b.folded for b in ew)} kept")
         approximate = [b for b in self.folded if not b.exact]
         if approximate:
             lines.append(f"  {len(approximate)} folded approximately (an approximate option was given)")

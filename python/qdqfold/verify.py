@@ -813,6 +813,9 @@ def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, repor
             skipped.append(entry["node"])
             continue
         backward = entry["direction"] == "backward"
+        if backward and sum(n.op_type in _LAYERS for n in layers) > 1:  # concat-bn: parallel layers, no one input
+            skipped.append(entry["node"])
+            continue
         layer = next((n for n in layers if n.op_type in _LAYERS), None)
         if backward:
             x, ys = _before_forward_folds(originals[0].input[0], original, forward_bns), [bn.output[0]]
