@@ -67,7 +67,9 @@ void merge_branch_sums(graph::Model& model, const Options& options, std::vector<
     for (size_t i = 0; i < g->nodes.size(); ++i) {
       if (g->nodes[i].removed || g->nodes[i].created) continue;
       folds::FoldContext ctx{model, *g, options, nullptr};
-      for (folds::MergeOutcome& m : folds::merge_branches(ctx, static_cast<int>(i))) record_merge(g, m, pending, report);
+      auto outcomes = folds::merge_branches(ctx, static_cast<int>(i));
+      if (outcomes.empty()) continue;  // not a sum of branches: nothing was read
+      for (folds::MergeOutcome& m : outcomes) record_merge(g, m, pending, report);
       if (model.after_each_fold) model.after_each_fold();
     }
 }
