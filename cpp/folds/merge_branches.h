@@ -21,7 +21,12 @@
 // select: the tree of Add/Sum/Sub under a root and its leaves (find_branches); plan: every condition, the
 // merged weight and bias (plan_merge); apply: the largest conv takes the merged weight and the root's output,
 // the other convs, the identity BNs and the tree go (apply_merge). Nothing is edited unless every condition
-// holds; each one that fails is a kept reason.
+// holds; each one that fails is a kept reason. Where the whole tree stays, each sum inside it is tried as a
+// tree of its own.
+//
+// Quantized weights (DequantizeLinear, int or QAT form) merge only with requantize_merged, approximately:
+// W above from the dequantized branches, then s'[o] = max |W[o]| / q_max, q = round(W / s'), z = 0, written
+// as the kept conv's weight on its own Q/DQ (axis 0); the report gives max |q * s' - W| / s' (<= 0.5).
 #pragma once
 
 #include <string>
