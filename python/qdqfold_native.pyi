@@ -62,6 +62,8 @@ class Options(TypedDict, total=False):
     allow_nonzero_zero_point: bool  # False: complement form for int8 -128 under a negative factor
     materialize_quantized_weights: bool  # False: QAT weights written as integers behind DequantizeLinear
     drop_activation_quantizers: bool  # False: APPROXIMATE, drop a Q/DQ pair between a layer and its BN
+    merge_branches: bool  # False: merge parallel Conv/BN/identity branches summed over one input into one Conv
+    requantize_merged: bool  # False: APPROXIMATE, merge quantized branches too, re-quantized per output channel
     shapes: Mapping[str, Sequence[int | None]]  # static shapes for pad_correction (value name -> dims)
 
 # base_directory: the directory external-data locations are relative to (reads confined to it); without it,

@@ -37,6 +37,8 @@ const OptionSpec kOptions[] = {
     {"allow_nonzero_zero_point", &Options::allow_nonzero_zero_point},
     {"materialize_quantized_weights", &Options::materialize_quantized_weights},
     {"drop_activation_quantizers", &Options::drop_activation_quantizers},
+    {"merge_branches", &Options::merge_branches},
+    {"requantize_merged", &Options::requantize_merged},
 };
 
 // The `shapes` option: {value name: [dims]}, a dim None or negative where unknown.
@@ -124,9 +126,9 @@ py::dict counts(const std::map<std::string, int64_t>& m) {
   return out;
 }
 
-py::dict report_to_dict(const qdqfold::Report& report) {
+py::list records_to_list(const std::vector<qdqfold::BatchNormRecord>& records) {
   py::list bns;
-  for (const auto& r : report.batchnorms) {
+  for (const auto& r : records) {
     py::dict d;
     d["graph"] = text(r.graph);
     d["node"] = text(r.node);
@@ -145,8 +147,13 @@ py::dict report_to_dict(const qdqfold::Report& report) {
     d["metrics"] = metrics;
     bns.append(d);
   }
+  return bns;
+}
+
+py::dict report_to_dict(const qdqfold::Report& report) {
   py::dict out;
-  out["batchnorms"] = bns;
+  out["batchnorms"] = records_to_list(report.batchnorms);
+  if (!report.merges.empty()) out["merges"] = records_to_list(report.merges);  // merge_branches only
   out["op_types"] = py::dict(py::arg("before") = counts(report.op_types_before),
                              py::arg("after") = counts(report.op_types_after));
   return out;

@@ -2,6 +2,7 @@
 
 #include "../folds/affine.h"
 #include "../folds/fold.h"
+#include "../folds/merge_branches.h"
 
 namespace qdqfold {
 
@@ -36,6 +37,41 @@ void finish(Pending& p, bool no_rules) {
   r.bias_rounded = chosen.bias_rounded;
   r.new_tensors = std::move(chosen.new_tensors);
   r.metrics = std::move(chosen.metrics);
+}
+
+// One merge outcome into the report: its own entry in `merges`; the identity BNs it removed are recorded as
+// folded by it, those it kept get its reason.
+void record_merge(graph::Graph* g, folds::MergeOutcome& m, std::vector<Pending>& pending, Report& report) {
+  const std::string name = g->nodes[m.sum].display_name(m.sum);
+  const bool merged = m.outcome.verdict == folds::Verdict::Folded;
+  for (int bn : m.identity_batchnorms)
+    for (Pending& p : pending)
+      if (p.graph == g && p.node == bn && p.chosen.verdict != folds::Verdict::Folded) {
+        p.chosen = m.outcome;
+        p.chosen.metrics.clear();
+        p.chosen.new_tensors.clear();
+        p.direction = "merge";
+        if (merged) p.chosen.message = "removed by merging the branches of " + name + ": " + m.outcome.message;
+      }
+  Pending entry{g, m.sum, {}, std::move(m.outcome), merged ? "merge" : ""};
+  entry.record.graph = g->path;
+  entry.record.node = name;
+  entry.record.op_type = g->nodes[m.sum].op_type;  // Add, Sum or Sub
+  finish(entry, false);
+  report.merges.push_back(std::move(entry.record));
+}
+
+// After the BN folds: every sum of parallel branches merged into one Conv where exact (merge_branches.h).
+void merge_branch_sums(graph::Model& model, const Options& options, std::vector<Pending>& pending, Report& report) {
+  for (graph::Graph* g : model.all_graphs())
+    for (size_t i = 0; i < g->nodes.size(); ++i) {
+      if (g->nodes[i].removed || g->nodes[i].created) continue;
+      folds::FoldContext ctx{model, *g, options, nullptr};
+      auto outcomes = folds::merge_branches(ctx, static_cast<int>(i));
+      if (outcomes.empty()) continue;  // not a sum of branches: nothing was read
+      for (folds::MergeOutcome& m : outcomes) record_merge(g, m, pending, report);
+      if (model.after_each_fold) model.after_each_fold();
+    }
 }
 
 }  // namespace
@@ -97,6 +133,7 @@ Report run_folds(graph::Model& model, const Options& options) {
     }
   }
   Report report;
+  if (options.merge_branches) merge_branch_sums(model, options, pending, report);
   for (Pending& p : pending) {
     // An elementwise node is reported when folded, or kept where it follows a layer with a constant weight.
     if (p.affine && p.chosen.verdict != folds::Verdict::Folded &&

@@ -33,6 +33,12 @@ struct Options {
   bool freeze_initializer_inputs = false;
   // Also fold Mul / Add / Sub / Div by a per-channel constant (FrozenBatchNorm2d, layer scale) like a BN.
   bool fold_affine = true;
+  // Add/Sum/Sub of parallel Conv branches over one input (RepVGG, MobileOne, ACNet, RepMixer), with identity
+  // branches x or BN(x): merge into one Conv, exactly (folds/merge_branches.h). Runs after the BN folds.
+  bool merge_branches = false;
+  // With merge_branches: merge branches with quantized weights too, re-quantizing the merged kernel
+  // symmetrically per output channel. Not exact; reported approximate with the largest change.
+  bool requantize_merged = false;
   // Static shapes of values (dims, -1 where unknown) that the model's own value_info lacks, e.g. from onnx
   // shape inference run on a copy by the Python layer; pad_correction reads the spatial size from them.
   // Keyword `shapes` ({name: [dims]}); not a switch, so options() does not list it.

@@ -31,6 +31,10 @@ struct BatchNormRecord {
 
 struct Report {
   std::vector<BatchNormRecord> batchnorms;
+  // merge_branches: one entry per sum of parallel branches, in the same form (node: the Add/Sum/Sub at the
+  // root; folded: merged, direction "merge", code "merge-branches"; kept: the reason). The identity BNs it
+  // removes are also in `batchnorms`, folded with code "merge-branches".
+  std::vector<BatchNormRecord> merges;
   // File to file (core/files.h): the external data files written beside the output, and the input's data
   // files an in-place fold removed because the new model no longer uses them. Empty for bytes in memory.
   std::vector<std::string> data_files;

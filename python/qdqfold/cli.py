@@ -58,6 +58,10 @@ OPTION_FLAGS = {
                                       "write folded QAT weights as integers behind DequantizeLinear (dq-only form)"),
     "drop_activation_quantizers": ("--drop-activation-quantizers",
                                    "APPROXIMATE: drop a Q/DQ pair between a layer and its BN to fold it"),
+    "merge_branches": ("--merge-branches", "merge parallel conv/BN/identity branches summed over one input into one "
+                       "conv (RepVGG, MobileOne, ACNet, RepMixer), exactly"),
+    "requantize_merged": ("--requantize-merged", "APPROXIMATE: with --merge-branches, merge branches with quantized "
+                          "weights too, re-quantizing the merged kernel per output channel"),
 }
 
 

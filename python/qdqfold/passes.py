@@ -235,6 +235,8 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
         drop_activation_quantizers: bool = False,
         fold_affine: bool = True,
         freeze_initializer_inputs: bool = False,
+        merge_branches: bool = False,
+        requantize_merged: bool = False,
         shapes: Optional[Mapping[str, Sequence[Optional[int]]]] = None,
     ) -> None:
         super().__init__()
@@ -248,6 +250,8 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
             "drop_activation_quantizers": drop_activation_quantizers,
             "fold_affine": fold_affine,
             "freeze_initializer_inputs": freeze_initializer_inputs,
+            "merge_branches": merge_branches,
+            "requantize_merged": requantize_merged,
         }
         self.shapes = None if shapes is None else {k: list(v) for k, v in shapes.items()}
         self.report: Optional[FoldReport] = None

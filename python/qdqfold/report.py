@@ -73,11 +73,15 @@ class FoldReport:
     #: data files an in-place fold removed (the new model no longer uses them).
     data_files: list[str] = field(default_factory=list)
     removed_files: list[str] = field(default_factory=list)
+    #: merge_branches: one entry per sum of parallel branches (node: the sum), merged ("merge-branches") or
+    #: kept with its reason; the identity BNs a merge removed are in ``batchnorms`` too.
+    merges: list[BatchNormEntry] = field(default_factory=list)
 
     @classmethod
     def from_native(cls, data: dict[str, Any]) -> "FoldReport":
         return cls([BatchNormEntry(**entry) for entry in data["batchnorms"]],
-                   list(data.get("data_files", [])), list(data.get("removed_files", [])))
+                   list(data.get("data_files", [])), list(data.get("removed_files", [])),
+                   [BatchNormEntry(**entry) for entry in data.get("merges", [])])
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FoldReport":
@@ -188,6 +192,7 @@ class FoldReport:
             "batchnorms": [asdict(b) for b in self.batchnorms],
             "data_files": list(self.data_files),
             "removed_files": list(self.removed_files),
+            **({"merges": [asdict(m) for m in self.merges]} if self.merges else {}),
         }
 
     def to_json(self, indent: int = 2) -> str:
