@@ -15,6 +15,21 @@ using namespace wire;
 
 namespace {
 
+// Appends to a TensorProto payload (every field but the data) where its data lives: data_location EXTERNAL
+// and the location / offset / length entries.
+void put_external_data(std::string& payload, const std::string& location, int64_t offset, int64_t length) {
+  put_varint_field(payload, num(TensorField::DataLocation), 1);
+  auto entry = [&payload](const char* key, const std::string& value) {
+    std::string e;
+    put_bytes_field(e, num(StringStringField::Key), key);
+    put_bytes_field(e, num(StringStringField::Value), value);
+    put_bytes_field(payload, num(TensorField::ExternalData), e);
+  };
+  entry("location", location);
+  entry("offset", std::to_string(offset));
+  entry("length", std::to_string(length));
+}
+
 struct Writer {
   Writer(Arena& a, ExternalOutput* ext) : arena(a), external_output(ext) {}
   Arena& arena;
@@ -212,16 +227,7 @@ struct Writer {
     } else {
       ext.data_pieces.view(current.raw);
     }
-    put_varint_field(header, num(TensorField::DataLocation), 1);
-    auto entry = [&](const char* key, const std::string& value) {
-      std::string e;
-      put_bytes_field(e, num(StringStringField::Key), key);
-      put_bytes_field(e, num(StringStringField::Value), value);
-      put_bytes_field(header, num(TensorField::ExternalData), e);
-    };
-    entry("location", ext.data_name);
-    entry("offset", std::to_string(offset));
-    entry("length", std::to_string(size));
+    put_external_data(header, ext.data_name, offset, static_cast<int64_t>(size));
     owned_string(out, field, std::move(header));
   }
 
@@ -312,16 +318,7 @@ struct Writer {
       external_output->overwrites.push_back(std::move(w));
     }
     std::string payload = reencode_tensor_header(current, current.data_type, current.dims);
-    put_varint_field(payload, num(TensorField::DataLocation), 1);
-    auto entry = [&](const char* key, const std::string& value) {
-      std::string e;
-      put_bytes_field(e, num(StringStringField::Key), key);
-      put_bytes_field(e, num(StringStringField::Value), value);
-      put_bytes_field(payload, num(TensorField::ExternalData), e);
-    };
-    entry("location", location);
-    entry("offset", std::to_string(offset));
-    entry("length", std::to_string(length));
+    put_external_data(payload, location, offset, length);
     out.view(arena.keep(bytes_header(field, payload.size())));
     out.view(arena.keep(std::move(payload)));
   }

@@ -260,16 +260,20 @@ def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, opti
                              size_before=size_before, size_after=size_after, model_info=info)
         if verification is not None:
             _raise_if_interrupted(src, dst)
-            try:
-                result.verification = verify(original if original is not None else src, target,
-                                             tolerance=verification.tolerance, seed=verification.seed,
-                                             symbolic_size=verification.symbolic_size, dims=verification.dims,
-                                             report=report, inputs=verification.inputs or None,
-                                             levels=verification.levels)
-            except VerifyError as e:
-                raise ModelError(f"{src}: cannot verify: {e}") from e
+            result.verification = _verify(original if original is not None else src, target, verification, report,
+                                          src)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _verify(original: Any, folded: Any, settings: VerifySettings, report: FoldReport, label: str | Path) -> VerifyResult:
+    """:func:`qdqfold.verify` with the settings of a CLI or batch run; a model it cannot run is a ModelError."""
+    try:
+        return verify(original, folded, tolerance=settings.tolerance, seed=settings.seed,
+                      symbolic_size=settings.symbolic_size, dims=settings.dims, report=report,
+                      inputs=settings.inputs or None, levels=settings.levels)
+    except VerifyError as e:
+        raise ModelError(f"{label}: cannot verify: {e}") from e
 
 
 def _read_model_for_verify(src: Path) -> bytes:
@@ -316,13 +320,7 @@ def fold_bytes_result(data: bytes, label: str, dst: str | os.PathLike | None, op
                          ops_before=dict(native["op_types"]["before"]), ops_after=dict(native["op_types"]["after"]),
                          size_before=len(data), size_after=len(folded), model_info=info_before)
     if verification is not None:
-        try:
-            result.verification = verify(data, folded, tolerance=verification.tolerance, seed=verification.seed,
-                                         symbolic_size=verification.symbolic_size, dims=verification.dims,
-                                         report=report, inputs=verification.inputs or None,
-                                         levels=verification.levels)
-        except VerifyError as e:
-            raise ModelError(f"{label}: cannot verify: {e}") from e
+        result.verification = _verify(data, folded, verification, report, label)
     result.seconds = time.perf_counter() - start
     return result, folded
 
