@@ -83,15 +83,6 @@ void visit(Graph& g, const std::string& value, ForwardReader path, Walk& walk) {
   }
 }
 
-double load_float(int32_t data_type, std::string_view bytes, size_t i) {
-  switch (static_cast<DataType>(data_type)) {
-    case DataType::Float: { float v; std::memcpy(&v, bytes.data() + 4 * i, 4); return v; }
-    case DataType::Double: { double v; std::memcpy(&v, bytes.data() + 8 * i, 8); return v; }
-    case DataType::Float16: { uint16_t v; std::memcpy(&v, bytes.data() + 2 * i, 2); return kernels::half_to_float(v); }
-    case DataType::Bfloat16: { uint16_t v; std::memcpy(&v, bytes.data() + 2 * i, 2); return kernels::bf16_to_float(v); }
-    default: return 0.0;
-  }
-}
 
 // Rewires every reader of BN's output to BN's input and removes BN with its parameters.
 void remove_forward_batchnorm(Graph& g, int bn, const BatchNormAffine& affine) {
@@ -162,7 +153,7 @@ std::vector<std::vector<double>> shift_through_weight(const FloatWeight& w, cons
       auto& row = sums[static_cast<size_t>(l.output_of(p, q))];
       const size_t base = static_cast<size_t>((p * l.Q + q) * l.R);
       for (int64_t r = 0; r < l.R; ++r)
-        row[static_cast<size_t>(r)] += load_float(w.tensor.data_type, w.bytes, base + static_cast<size_t>(r)) * t;
+        row[static_cast<size_t>(r)] += graph::float_element(w.tensor.data_type, w.bytes, base + static_cast<size_t>(r)) * t;
     }
   return sums;
 }

@@ -112,15 +112,6 @@ std::variant<BranchSet, Outcome> find_branches(const Graph& g, int root, std::ve
 
 // ---------------------------------------------------------------- plan
 
-double load_float(int32_t data_type, std::string_view bytes, size_t i) {
-  switch (static_cast<DataType>(data_type)) {
-    case DataType::Float: { float v; std::memcpy(&v, bytes.data() + 4 * i, 4); return v; }
-    case DataType::Double: { double v; std::memcpy(&v, bytes.data() + 8 * i, 8); return v; }
-    case DataType::Float16: { uint16_t v; std::memcpy(&v, bytes.data() + 2 * i, 2); return kernels::half_to_float(v); }
-    case DataType::Bfloat16: { uint16_t v; std::memcpy(&v, bytes.data() + 2 * i, 2); return kernels::bf16_to_float(v); }
-    default: return 0.0;
-  }
-}
 
 struct ConvBranch {
   int node = -1;
@@ -172,7 +163,7 @@ std::optional<std::vector<double>> dequantized_values(QuantizedWeight& w) {
     const int64_t k = w.layout.scale_index(i);
     const double s = w.scale[k];
     const int64_t z = w.zero[k];
-    const int64_t q = w.qat() ? kernels::quantize_element(static_cast<float>(load_float(w.float_type, w.data, i)),
+    const int64_t q = w.qat() ? kernels::quantize_element(static_cast<float>(graph::float_element(w.float_type, w.data, i)),
                                                           static_cast<float>(s), z, w.range)
                               : (*ints)[i];
     out[i] = static_cast<double>(q - z) * s;
@@ -191,7 +182,7 @@ std::variant<ConvBranch, Outcome> read_branch_weight(FoldContext& ctx, int node)
     c.data_type = fw->tensor.data_type;
     c.groups = fw->layout.groups;
     c.values.resize(static_cast<size_t>(fw->tensor.count));
-    for (int64_t i = 0; i < fw->tensor.count; ++i) c.values[i] = load_float(c.data_type, fw->bytes, i);
+    for (int64_t i = 0; i < fw->tensor.count; ++i) c.values[i] = graph::float_element(c.data_type, fw->bytes, i);
     return c;
   }
   Outcome& o = std::get<Outcome>(w);
@@ -436,7 +427,7 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
     if (auto* o = std::get_if<Outcome>(&weight_raw)) return *o;
     plan.weight_raw = std::move(std::get<std::string>(weight_raw));
     for (size_t i = 0; i < w.size(); ++i) {
-      const double stored = load_float(pq.float_type, plan.weight_raw, i);
+      const double stored = graph::float_element(pq.float_type, plan.weight_raw, i);
       if (kernels::quantize_element(static_cast<float>(stored), static_cast<float>(plan.new_scale[i / per_channel]), 0,
                                     pq.range) != plan.ints[i])
         return Outcome::kept("requantize-snap", "the merged float weight does not quantize back to its integers");

@@ -323,6 +323,16 @@ std::string reencode_tensor(const Tensor& original, int32_t data_type, const std
   return out;
 }
 
+double float_element(int32_t data_type, std::string_view raw, size_t i) {
+  switch (static_cast<DataType>(data_type)) {
+    case DataType::Float: { float v; std::memcpy(&v, raw.data() + 4 * i, 4); return v; }
+    case DataType::Double: { double v; std::memcpy(&v, raw.data() + 8 * i, 8); return v; }
+    case DataType::Float16: { uint16_t v; std::memcpy(&v, raw.data() + 2 * i, 2); return kernels::half_to_float(v); }
+    case DataType::Bfloat16: { uint16_t v; std::memcpy(&v, raw.data() + 2 * i, 2); return kernels::bf16_to_float(v); }
+    default: return 0.0;
+  }
+}
+
 std::string reencode_tensor_header(const Tensor& original, int32_t data_type, const std::vector<int64_t>& dims,
                                    const std::string* name) {
   std::string out;

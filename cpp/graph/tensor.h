@@ -75,6 +75,9 @@ struct Tensor {
   std::optional<std::vector<double>> values() const;
 };
 
+// Element i of raw data of a float type (float32, float64, float16, bfloat16) as a double; 0 for other types.
+double float_element(int32_t data_type, std::string_view raw, size_t i);
+
 // Parses and validates a TensorProto payload. `context` names where it was found, for error messages.
 // External data is resolved (mapped) through `external` when given; without it the bytes stay unknown.
 Tensor parse_tensor(std::string_view body, const char* base, const std::string& context,
