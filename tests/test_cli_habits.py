@@ -202,4 +202,4 @@ def test_the_output_stores_its_weights_as_asked(tmp_path):
     assert cli(tmp_path / "inline.onnx", "-o", tmp_path / "out.onnx", "--no-external-data", "--size-threshold",
                "5").returncode == 2
     assert cli(tmp_path / "inline.onnx", SEED, "-o", tmp_path / "d", "--data-name", "w.bin").returncode == 2
-    assert not (tmp_path / "out.onnx").exists()
+    assert not (tmp_path / "out.onnx").exists() and not (tmp_path / "d").exists()  # refused before any mkdir

@@ -586,6 +586,9 @@ def run_many(args: argparse.Namespace, style: Style) -> int:
         raise UsageError("with several models give -o DIR, --in-place, or --dry-run")
     if args.in_place and args.output:
         raise UsageError("--in-place and -o: give one of them")
+    if args.data_name:
+        raise UsageError("--data-name names one data file; with several models each output's data is named after it")
+    storage = _storage(args)
     out_dir = Path(args.output) if args.output else None
     try:
         plan = plan_outputs(args.inputs, out_dir, in_place=args.in_place)
@@ -606,9 +609,6 @@ def run_many(args: argparse.Namespace, style: Style) -> int:
     results: list[ModelResult | None] = [None] * len(plan)
     from tqdm import tqdm
 
-    if args.data_name:
-        raise UsageError("--data-name names one data file; with several models each output's data is named after it")
-    storage = _storage(args)
     interrupted = False
     client = _dask_client(args.dask) if args.dask else None
     pool = client.get_executor() if client is not None else concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs)
