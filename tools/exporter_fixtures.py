@@ -23,12 +23,17 @@ def fixtures() -> dict[str, onnx.ModelProto]:
     import test_exporters_affine as affine
     import test_exporters_aimet as aimet
     import test_exporters_brevitas as brevitas
+    import test_exporters_int4 as int4
     import test_exporters_levit as levit
     import test_exporters_mixnet as mixnet
+    import test_exporters_ortq as ortq
     import test_exporters_torch as torch_export
     from onnx import TensorProto
 
     from test_fold_qdq import Case  # the tests' quantized-layer builder
+
+    int4_case = Case(form="int", qtype=TensorProto.INT4, per_channel=True)
+    int4._rewrite(int4_case.model, {"w_q", "w_zero"})  # int4 stored in int32_data, as onnx.helper writes it
 
     return {
         "torch_identity_dedup": torch_export.vgg_like(),                     # 1. constants behind Identity
@@ -38,7 +43,10 @@ def fixtures() -> dict[str, onnx.ModelProto]:
         "brevitas_initializer_inputs": brevitas.keep_initializers_as_inputs_model(),  # 4. (kept by default)
         "mixnet_concat_bn": mixnet.mixed_conv_bn(),                           # 6. BN after a channel Concat
         "levit_linear_norm": levit.levit_linear_norm(),                       # 7. MatMul -> Flatten -> BN
+        "int4_in_int32_data": int4_case.model,                                # 9. int4 weights in int32_data
         "aimet_full_range_int8": aimet.aimet_case().model,                    # 10. (kept by default)
+        "ortq_quantizer_before_bn_relu": ortq._with_relu_after_bn(            # 11. Conv -> Q -> DQ -> BN -> Relu
+            Case(form="int", act_between=True)).model,
     }
 
 

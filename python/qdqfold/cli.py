@@ -86,7 +86,12 @@ def cli_words(text: str) -> str:
             return _option_flag(name)[0]
         return match.group(0)
 
-    return re.sub(r"\b([a-z_]+)=(True|False)\b", flag, text)
+    text = re.sub(r"\b([a-z_]+)=(True|False)\b", flag, text)
+    # An option named bare ("drop_activation_quantizers would drop ...") whose flag turns it on.
+    for name, default in OPTIONS.items():
+        if not default and name in text:
+            text = re.sub(rf"(?<![-\w]){name}\b", _option_flag(name)[0], text)
+    return text
 
 
 def _option_flag(name: str) -> tuple[str, str]:
