@@ -846,6 +846,14 @@ def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, repor
             x, ys = _before_forward_folds(originals[0].input[0], original, forward_bns), [bn.output[0]]
         else:
             x, ys = bn.input[0], [n.output[0] for n in originals]
+            # A later BN of a chain BN -> (shape ops) -> BN -> layer, all folded forwards into the layer: the
+            # original's value at its input already holds the earlier BN, which the folded layer applies too,
+            # so the chain's first BN's certificate covers it.
+            feeder = next((n for n in original.graph.node if x in n.output), None)
+            while feeder is not None and feeder.op_type in _SHAPE_OPS and feeder.input:
+                feeder = next((n for n in original.graph.node if feeder.input[0] in n.output), None)
+            if feeder is not None and feeder.op_type == "BatchNormalization" and feeder.name in forward_bns:
+                continue
         dtype = o_inits[bn.input[1]].data_type if bn.input[1] in o_inits else 1
         for y in ys:
             if y not in f_produced:
@@ -882,6 +890,22 @@ def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, repor
                 plan.shift = scale_shift[1]
             elif scale_shift is not None and np.all(scale_shift[0] > 0):
                 plan.forward_shift = scale_shift[1] / scale_shift[0]
+                # A chain BN -> BN -> layer folded forwards: the original rounds at every BN of it; in x's
+                # units each later BN's shift counts divided by the factors before it.
+                factor, value = scale_shift[0], bn.output[0]
+                while True:
+                    readers = [n for n in original.graph.node if value in n.input]
+                    while len(readers) == 1 and readers[0].op_type in _SHAPE_OPS:
+                        readers = [n for n in original.graph.node if readers[0].output[0] in n.input]
+                    if len(readers) != 1 or readers[0].op_type != "BatchNormalization" or \
+                            readers[0].name not in forward_bns:
+                        break
+                    later = _bn_magnitudes(readers[0], o_inits, folder)
+                    if later is None or len(later[0]) != len(factor) or not np.all(later[0] > 0):
+                        break
+                    plan.forward_shift = plan.forward_shift + later[1] / (factor * later[0])
+                    factor, value = factor * later[0], readers[0].output[0]
+                    plan.terms += 1  # one more rounding per element on the way
                 scale_shift = None
             if backward and layer is not None:
                 previous = merged.get(layer.name)
@@ -896,20 +920,23 @@ def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, repor
 
 
 def _before_forward_folds(x: str, original, forward_bns: set[str]) -> str:
-    """The value to feed for activation ``x`` of the original so that it means the same in the folded model: a
-    BN folded forwards upstream of ``x`` (through shape-only ops) is gone there, so its input is fed instead."""
+    """The value to feed for activation ``x`` of the original so that it means the same in the folded model: BNs
+    folded forwards upstream of ``x`` (through shape-only ops) are gone there, so the first one's input is fed."""
     producers = {o: n for n in original.graph.node for o in n.output}
-    value = x
-    for _ in range(16):
+    value = result = x
+    for _ in range(32):  # a chain of them (BN -> Flatten -> BN -> layer): the first one's input
         node = producers.get(value)
         if node is None:
-            return x
+            break
         if node.op_type == "BatchNormalization":
-            return node.input[0] if node.name in forward_bns else x
-        if node.op_type not in ("Flatten", "Reshape", "Identity", "Transpose", "Squeeze", "Unsqueeze") or not node.input:
-            return x
+            if node.name not in forward_bns:
+                break
+            value = result = node.input[0]
+            continue
+        if node.op_type not in _SHAPE_OPS or not node.input:
+            break
         value = node.input[0]
-    return x
+    return result
 
 
 def _bn_magnitudes(bn, inits, folder: str | None) -> tuple | None:
