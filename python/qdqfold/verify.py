@@ -1138,8 +1138,9 @@ def _judge(name: str, level: str, folds: list[tuple], floors: list[tuple] | None
         floor_moved = None if floors[0][4] is None else max(f[4] for f in floors)
         floor_snr = min(f[5] for f in floors)
     step = max(worst[6] or 0.0, flip_step or 0.0)
-    step_share = (step / worst[2]) if step and worst[2] > 0 else 0.0
     rounding = max(f[7] for f in folds)
+    # One flip, measured on the outputs: the step plus the output type's own rounding of the two values.
+    step_share = (step / worst[2] + rounding) if step and worst[2] > 0 else 0.0
     limit = max(tolerance, FLOOR_MULTIPLE * max(floor_of_range or 0.0, floor_off or 0.0), step_share, rounding)
     within = of_range <= limit and math.isfinite(worst[3])
     verdict = "exact" if within else "approximate" if approximate else "differs"
