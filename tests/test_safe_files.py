@@ -404,7 +404,12 @@ def test_ctrl_c_stops_a_batch_promptly(tmp_path):
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)
     started = time.monotonic()
-    stdout, stderr = process.communicate(timeout=120)
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:  # it did not stop: fail without leaving it running
+            process.kill()
+            process.communicate()
     written = sorted(out.glob("*.onnx"))
     details = (time.monotonic() - started, process.returncode, len(written), stdout[-2000:], stderr[-2000:])
     assert time.monotonic() - started < 30, details
