@@ -169,6 +169,26 @@ Tensor parse_tensor(std::string_view body, const char* base, const std::string& 
 
 namespace {
 
+// The bytes a tensor's typed *_data field occupies: every value takes at least one, so a count beyond this
+// is wrong and must not size an allocation (dims of 2**40 with one value in float_data).
+size_t typed_payload_bytes(const Tensor& t) {
+  size_t bytes = 0;
+  for (auto payload : t.typed_payloads) bytes += payload.size();
+  return bytes;
+}
+
+// Calls `f` with every entry of a tensor's int32_data (packed or one value per occurrence).
+template <class F>
+void for_each_int32_entry(const Tensor& t, F&& f) {
+  for (auto payload : t.typed_payloads) {
+    wire::Field field;
+    field.type = WireType::Bytes;
+    field.bytes = payload;
+    field.whole = payload;
+    wire::for_each_varint(field, payload.data(), "int32_data", f);
+  }
+}
+
 // Decodes the values of a typed *_data field into raw_data layout.
 bool decode_typed(const Tensor& t, std::string& out) {
   const auto dt = static_cast<DataType>(t.data_type);
@@ -180,30 +200,18 @@ bool decode_typed(const Tensor& t, std::string& out) {
     // and what onnx.helper.make_tensor writes).
     if (field != TensorField::Int32Data) return false;
     const uint64_t bytes = (static_cast<uint64_t>(t.count) + 1) / 2;
-    size_t payload_bytes = 0;
-    for (auto payload : t.typed_payloads) payload_bytes += payload.size();
-    if (bytes > payload_bytes) return false;  // every entry takes at least one byte of its field
+    if (bytes > typed_payload_bytes(t)) return false;
     out.clear();
     out.reserve(static_cast<size_t>(bytes));
     bool ok = true;
-    for (auto payload : t.typed_payloads) {
-      wire::Field f;
-      f.type = WireType::Bytes;
-      f.bytes = payload;
-      f.whole = payload;
-      wire::for_each_varint(f, payload.data(), "int32_data", [&](uint64_t v) {
-        if (v > 0xFF) ok = false;  // only the two nibbles of one byte may be set
-        out.push_back(static_cast<char>(static_cast<uint8_t>(v)));
-      });
-    }
+    for_each_int32_entry(t, [&](uint64_t v) {
+      if (v > 0xFF) ok = false;  // only the two nibbles of one byte may be set
+      out.push_back(static_cast<char>(static_cast<uint8_t>(v)));
+    });
     return ok && out.size() == bytes;
   }
   if (es == 0) return false;
-  // Every value takes at least one byte of its field: a count beyond that is wrong and must not size the
-  // allocation below (dims of 2**40 with one value in float_data).
-  size_t payload_bytes = 0;
-  for (auto payload : t.typed_payloads) payload_bytes += payload.size();
-  if (static_cast<uint64_t>(t.count) > payload_bytes) return false;
+  if (static_cast<uint64_t>(t.count) > typed_payload_bytes(t)) return false;
   out.clear();
   out.reserve(static_cast<size_t>(t.count) * es);
   auto push = [&](const void* p, size_t n) { out.append(static_cast<const char*>(p), n); };
@@ -220,21 +228,15 @@ bool decode_typed(const Tensor& t, std::string& out) {
   } else if (field == TensorField::Int32Data) {
     // int32_data holds int32, and (widened) the 8/16-bit integers, bool, and float16/bfloat16 bit patterns.
     bool ok = true;
-    for (auto payload : t.typed_payloads) {
-      wire::Field f;
-      f.type = WireType::Bytes;
-      f.bytes = payload;
-      f.whole = payload;
-      wire::for_each_varint(f, payload.data(), "int32_data", [&](uint64_t v) {
-        auto x = static_cast<int32_t>(static_cast<uint32_t>(v));
-        switch (es) {
-          case 4: push(&x, 4); break;
-          case 2: { auto y = static_cast<uint16_t>(x); push(&y, 2); break; }
-          case 1: { auto y = static_cast<uint8_t>(x); push(&y, 1); break; }
-          default: ok = false;
-        }
-      });
-    }
+    for_each_int32_entry(t, [&](uint64_t v) {
+      auto x = static_cast<int32_t>(static_cast<uint32_t>(v));
+      switch (es) {
+        case 4: push(&x, 4); break;
+        case 2: { auto y = static_cast<uint16_t>(x); push(&y, 2); break; }
+        case 1: { auto y = static_cast<uint8_t>(x); push(&y, 1); break; }
+        default: ok = false;
+      }
+    });
     if (!ok || is_packed_4bit(t.data_type)) return false;
   } else if (field == TensorField::Int64Data || field == TensorField::Uint64Data) {
     if (es != 8) return false;

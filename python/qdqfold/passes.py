@@ -41,6 +41,7 @@ import numpy as np
 
 import qdqfold_native
 
+from .graphinfo import _varint as read_varint
 from .report import FoldReport
 
 if TYPE_CHECKING:
@@ -69,14 +70,8 @@ _MARK = "\x00qdqfold-in-memory/"
 
 
 def _varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
+    """The varint at ``pos`` and the position after it (the report reader's, bounded by the whole buffer)."""
+    return read_varint(data, pos, len(data))
 
 
 def _encode_varint(value: int) -> bytes:

@@ -42,7 +42,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence, Union
 
 if TYPE_CHECKING:
     import numpy as np
@@ -526,21 +526,30 @@ def quantization_steps(model: onnx.ModelProto) -> dict[str, float]:
 
     steps = {}
     for output in graph.output:
-        seen, stack, smallest = set(), [output.name], None
-        while stack:
-            name = stack.pop()
-            if name in seen or name not in producers:
-                continue
-            seen.add(name)
-            node = producers[name]
+        smallest = None
+        for node in _upstream(producers, output.name):
             if node.op_type == "QuantizeLinear" and node.input and not is_constant(node.input[0]):
                 scale = smallest_scale(node)
                 if scale is not None:
                     smallest = scale if smallest is None else min(smallest, scale)
-            stack.extend(node.input)
         if smallest is not None:
             steps[output.name] = smallest
     return steps
+
+
+def _upstream(producers: Mapping[str, Any], value: str, stop: Any = None) -> Iterator[Any]:
+    """The nodes ``value`` depends on, each once, depth first from it; the walk does not go past a node for
+    which ``stop(node)`` is true (it is still yielded)."""
+    seen, stack = set(), [value]
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in producers:
+            continue
+        seen.add(name)
+        node = producers[name]
+        yield node
+        if stop is None or not stop(node):
+            stack.extend(node.input)
 
 
 def last_quantizer_steps(model: onnx.ModelProto) -> dict[str, float]:
@@ -553,23 +562,18 @@ def last_quantizer_steps(model: onnx.ModelProto) -> dict[str, float]:
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
+    def nearest(node: onnx.NodeProto) -> bool:  # an activation quantizer with a constant scale ends a path
+        return node.op_type == "QuantizeLinear" and bool(node.input) and node.input[0] not in inits and \
+            len(node.input) > 1 and node.input[1] in inits and inits[node.input[1]].data_location != onnx_external()
+
     steps = {}
     for output in graph.output:
-        seen, stack, largest = set(), [output.name], None
-        while stack:
-            name = stack.pop()
-            if name in seen or name not in producers:
-                continue
-            seen.add(name)
-            node = producers[name]
-            if node.op_type == "QuantizeLinear" and node.input and node.input[0] not in inits and \
-                    len(node.input) > 1 and node.input[1] in inits and \
-                    inits[node.input[1]].data_location != onnx_external():
+        largest = None
+        for node in _upstream(producers, output.name, stop=nearest):
+            if nearest(node):
                 scale = np.abs(numpy_helper.to_array(inits[node.input[1]]).astype(np.float64))
                 if scale.size:
                     largest = max(largest or 0.0, float(scale.max()))
-                continue  # the nearest quantizer on this path
-            stack.extend(node.input)
         if largest:
             steps[output.name] = largest
     return steps
