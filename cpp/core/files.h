@@ -15,6 +15,7 @@
 //   - Non-regular files (FIFOs, devices, directories, sockets) are neither read nor replaced.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
@@ -47,6 +48,14 @@ Report fold_file(const std::string& src, const std::string& dst, const Options& 
 // Reads external data for a model held in memory (fold() with `base_directory`): locations resolve inside
 // `directory` under the same rules as fold_file's; `label` names the model in messages.
 std::unique_ptr<graph::ExternalResolver> external_data_in(const std::string& directory, const std::string& label);
+
+// Reads external data from buffers the caller holds (fold() with `tensors`): a location that is a key of
+// `buffers` resolves to that buffer (offset and length inside it); any other location goes to `files`
+// (external_data_in), or is a FileError naming the tensor when there is none. The buffers must outlive the
+// fold and its writing; views into them are kept like views into the model's own bytes.
+std::unique_ptr<graph::ExternalResolver> external_data_from(std::map<std::string, std::string_view> buffers,
+                                                            std::unique_ptr<graph::ExternalResolver> files,
+                                                            const std::string& label);
 
 // The files an external_data_in resolver read (each once) and their sizes, for the report; empty for another
 // resolver.
