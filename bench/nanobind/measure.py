@@ -112,15 +112,6 @@ def worker(task: str, args: dict) -> dict:
                     order.reverse()
                 for i, q in order:
                     out[i].setdefault(name, []).append(_round(lambda: call(q), number))
-        # The report's share: fold and fold_with_report of the 1000-BN chain back to back in each round.
-        for r in range(9):
-            order = list(enumerate(modules))
-            if r % 2:
-                order.reverse()
-            for i, q in order:
-                plain = _round(lambda: q.fold(many), 3 * n)
-                report = _round(lambda: q.fold_with_report(many), 3 * n)
-                out[i].setdefault("report_many_dict", []).append(report - plain)
         return {"per_module": out}
 
     import qdqfold_native as q
@@ -207,15 +198,17 @@ def build(variant: Variant, cxxflags: str, rebuild: bool) -> None:
     subprocess.run(["ninja", "-j2", "-C", str(variant.build), target], check=True, stdout=subprocess.DEVNULL)
 
 
-def compile_commands(variant: Variant) -> tuple[str, list[str]]:
-    """The binding translation unit's compile command, and those of nanobind's own runtime library."""
+def compile_commands(variant: Variant) -> tuple[str, list[str], str]:
+    """The binding translation unit's compile command, those of nanobind's own runtime library, and the
+    module's link command (for pybind11 it includes the binding's code generation: -flto)."""
     target = "qdqfold_native" if variant.binding == "pybind11" else "qdqfold_native_nb"
     res = subprocess.run(["ninja", "-C", str(variant.build), "-t", "commands", target],
                          capture_output=True, text=True, check=True)
     lines = [ln for ln in res.stdout.splitlines() if " -c " in ln]
     tu = [ln for ln in lines if re.search(r"(bindings/module|module_nb)\.cpp", ln)]
-    runtime = [ln for ln in lines if "/nanobind/src/" in ln or "/nanobind/ext/" in ln]
-    return tu[0], runtime
+    runtime = [ln for ln in lines if "/nanobind/src/" in ln and ln not in tu]
+    link = [ln for ln in res.stdout.splitlines() if " -shared " in ln and "qdqfold_native" in ln]
+    return tu[0], runtime, link[-1]
 
 
 def timed_shell(command: str, cwd: Path) -> float:
@@ -294,7 +287,24 @@ def main() -> None:
     parser.add_argument("--rebuild", action="store_true")
     parser.add_argument("--skip", default="", help="comma list of: build-time,fold-file,outputs")
     parser.add_argument("--json", type=Path, help="also write every sample here")
+    parser.add_argument("--from-json", type=Path, action="append",
+                        help="print the table of an earlier run's --json, measure nothing; repeatable: a later "
+                             "file's rows replace an earlier one's (e.g. the compile rows of a second run)")
     args = parser.parse_args()
+    if args.from_json:
+        saved: dict = {}
+        for path in args.from_json:
+            run = json.loads(path.read_text())
+            variants = [Variant(*meta) for meta in run.pop("_variants")]
+            repeat, build_repeat = run.pop("_repeat")
+            args.repeat = repeat or args.repeat
+            args.build_repeat = build_repeat if any("build_tu" in r for r in run.values()) else args.build_repeat
+            for name, rows in run.items():
+                saved.setdefault(name, {}).update(rows)
+        for v in variants:
+            v.build = Path(v.build)
+        print_table(variants, saved, wheel_counts(), args)
+        return
     skip = set(filter(None, args.skip.split(",")))
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -354,11 +364,12 @@ def main() -> None:
                                            "many": str(many), "r50": str(r50), "scale": args.scale})
             for v, per_module in zip(group, res["per_module"]):
                 for key, rounds in per_module.items():
-                    # Per turn, the fastest round (timeit's rule: load on the machine only ever adds time);
-                    # a difference of two timings can be negative, so the report's share takes the median.
-                    add(v, key, statistics.median(rounds) if key.endswith("_dict") else min(rounds))
+                    # Per turn, the fastest round (timeit's rule: load on the machine only ever adds time).
+                    add(v, key, min(rounds))
         if "fold-file" not in skip:
-            for v in variants:
+            if turn == 0:  # the page cache holds the input from here on, for every variant alike
+                variants[0].child("fold_file", {"src": str(big), "dst": str(work / "out-warm-up.onnx")})
+            for v in (variants if turn % 2 == 0 else variants[::-1]):
                 res = v.child("fold_file", {"src": str(big), "dst": str(work / f"out-{v.name}.onnx")})
                 add(v, "fold_file", res["fold_file"])
                 samples[v.name]["fold_file_sha256"] = [res["sha256"]]
@@ -368,8 +379,9 @@ def main() -> None:
         for turn in range(args.build_repeat):
             print(f"build turn {turn + 1}/{args.build_repeat}", file=sys.stderr)
             for v in variants:
-                tu, runtime = commands[v.name]
+                tu, runtime, link = commands[v.name]
                 add(v, "build_tu", timed_shell(tu, v.build))
+                add(v, "build_link", timed_shell(link, v.build))
                 add(v, "build_runtime", sum(timed_shell(c, v.build) for c in runtime) if runtime else 0.0)
 
     if "fold-file" not in skip:
@@ -378,7 +390,9 @@ def main() -> None:
             raise SystemExit(f"fold_file outputs differ: {digests}")
 
     if args.json:
-        args.json.write_text(json.dumps(samples, indent=1))
+        saved = dict(samples, _variants=[[v.python, v.pyver, v.binding, str(v.build)] for v in variants],
+                     _repeat=[args.repeat, args.build_repeat])
+        args.json.write_text(json.dumps(saved, indent=1))
     print_table(variants, samples, wheel_counts(), args)
 
 
@@ -392,13 +406,25 @@ ROWS = [  # key, label, unit, scale
     ("fold_tiny_report", "`fold_with_report()` tiny model", "µs/call", 1e6),
     ("fold_many", "`fold()` 1000-BN chain (1000 Conv->BN, 1x1, 4 ch)", "ms/call", 1e3),
     ("report_many", "`fold_with_report()` 1000-BN chain", "ms/call", 1e3),
-    ("report_many_dict", "  of which the report dict (with_report - fold, back to back)", "ms/call", 1e3),
     ("fold_r50", "`fold()` resnet-qat 50 MB (20 BNs)", "ms/call", 1e3),
     ("report_r50", "`fold_with_report()` resnet-qat 50 MB", "ms/call", 1e3),
     ("fold_file", "`fold_file()` vgg-qat 200 MB, file to file", "s", 1),
-    ("build_tu", "compile the binding TU (module.cpp / module_nb.cpp, -O3)", "s", 1),
+    ("build_tu", "compile the binding TU (module.cpp -O3 -flto / module_nb.cpp -Os)", "s", 1),
+    ("build_link", "link the module (pybind11: with the binding's LTO code generation)", "s", 1),
     ("build_runtime", "compile nanobind's runtime library (NB_STATIC, once per build)", "s", 1),
 ]
+
+
+def paired_ratio(a: list | None, b: list | None) -> str:
+    """The median of the per-turn ratios a[i] / b[i] (the two were taken in the same turn), with the quartiles
+    in brackets: how far the machine's noise moves the ratio."""
+    if not a or not b or not all(b) or isinstance(a[0], str):
+        return "-"
+    r = [x / y for x, y in zip(a, b)]
+    if len(r) < 4:
+        return f"{statistics.median(r):.2f}"
+    q = statistics.quantiles(r, n=4)
+    return f"{statistics.median(r):.2f} [{q[0]:.2f}-{q[2]:.2f}]"
 
 
 def print_table(variants: list[Variant], samples: dict, wheels: dict, args) -> None:
@@ -429,17 +455,17 @@ def print_table(variants: list[Variant], samples: dict, wheels: dict, args) -> N
                     row.append("-" if x is None else f"{x * scale:.3g}" if x * scale < 100 else f"{x * scale:.0f}")
             for v in variants:
                 if v.pyver == pv and v.binding != "pybind11":
-                    a, b = med[v.name].get(key), med[ref.name].get(key)
-                    row.append("-" if not a or not b else f"{a / b:.2f}")
+                    row.append(paired_ratio(samples[v.name].get(key), samples[ref.name].get(key)))
         print("| " + " | ".join(row) + " |")
     a, b = wheels["per_platform"]
     print(f"| wheels, CPython {wheels['versions'][0]}-{wheels['versions'][-1]} x {wheels['platforms']} platforms "
           f"| wheels | pybind11: {wheels['pybind11']} ({a}/platform) | nanobind abi3 for 3.12+: "
           f"{wheels['nanobind-abi3']} ({b}/platform) | {wheels['nanobind-abi3'] / wheels['pybind11']:.2f} |")
-    print(f"\nMedians of {args.repeat} turns. Import: 10 processes per variant per turn. Per-call loops: all variants "
-          f"of one Python loaded in one process, taking turns round by round; per turn the fastest of 5-9 rounds "
-          f"(the report's share: the median of 9 differences). Compile times: {args.build_repeat} turns, "
-          f"one compile per variant per turn, taking turns.")
+    print(f"\nMedians of {args.repeat} turns. Import: 10 processes per variant per turn. Per-call loops: all "
+          f"variants of one Python loaded in one process, taking turns round by round; per turn the fastest of "
+          f"5-9 rounds. Ratios: the median of the per-turn ratios (the two taken in the same turn), "
+          f"[first-third quartile] where there are 4 or more. fold_file: one call per variant per turn, the order reversed every other "
+          f"turn. Compile times: {args.build_repeat} turns, one compile per variant per turn, taking turns.")
 
 
 if __name__ == "__main__":
