@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import qdqfold_native
-from conftest import length_delimited, nested_if_model
+from helpers.wire import length_delimited, nested_if_model
 from qdqfold_native import FoldError
 
 
