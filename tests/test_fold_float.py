@@ -206,7 +206,7 @@ def test_gemm_bn_bn_chain_sees_the_beta_the_first_fold_wrote(beta):
 
 @pytest.mark.parametrize("trans_b", [0, 1])
 def test_gemm_trans_a_folds_backwards(trans_b):
-    # A backward fold scales B's output features, whichever way A is read (more in test_fold_gaps.py).
+    # A backward fold scales B's output features, whichever way A is read (more in test_fold_layer_variants.py).
     model = gemm_model(trans_b=trans_b)
     model.graph.node[0].attribute.append(helper.make_attribute("transA", 1))
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 5

@@ -1,4 +1,4 @@
-"""The QDQ fold inside subgraphs (Gemm here; a MatMul reading an outer-scope value: test_fold_gaps.py) and
+"""The QDQ fold inside subgraphs (Gemm here; a MatMul reading an outer-scope value: test_fold_layer_variants.py) and
 model-local functions, and with float16 / bfloat16 scales and float16 QAT
 weights: onnxruntime outputs (optimisations off) of original and folded agree, and the folded integers and
 scales are what numpy predicts."""
