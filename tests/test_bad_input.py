@@ -93,8 +93,6 @@ def test_wrong_wire_type_for_a_known_field():
         qdqfold_native.fold(bytes(data))
 
 
-
-
 def test_nesting_deeper_than_any_real_model():
     with pytest.raises(FoldError, match="nested more than"):
         qdqfold_native.fold(nested_if_model(200))

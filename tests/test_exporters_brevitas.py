@@ -25,16 +25,18 @@ from helpers.qdq import Case, assert_same
 
 def test_overridable_initializers_are_kept_and_the_message_names_the_option():
     result = fold(keep_initializers_as_inputs_model())
-    assert len(result.report["batchnorms"]) == 1 and not result.report["batchnorms"][0]["folded"]
-    assert result.report["batchnorms"][0]["code"].startswith("non-constant"), result.report["batchnorms"][0]
-    assert "freeze_initializer_inputs=True" in result.report["batchnorms"][0]["message"]  # --freeze-initializer-inputs in the CLI
+    records = result.report["batchnorms"]
+    assert len(records) == 1 and not records[0]["folded"]
+    assert records[0]["code"].startswith("non-constant"), records[0]
+    assert "freeze_initializer_inputs=True" in records[0]["message"]  # --freeze-initializer-inputs in the CLI
     assert result.bytes == result.input
 
 
 def test_freeze_initializer_inputs_folds_and_drops_the_folded_inputs():
     model = keep_initializers_as_inputs_model()
     folded = fold(model, freeze_initializer_inputs=True)
-    assert folded.report["batchnorms"][0]["folded"] and folded.report["batchnorms"][0]["code"] == "conv-bn", folded.report["batchnorms"][0]
+    record = folded.report["batchnorms"][0]
+    assert record["folded"] and record["code"] == "conv-bn", record
     assert [i.name for i in folded.model.graph.input] == ["inp.1"]
     assert {i.name for i in folded.model.graph.initializer} == {"conv.weight", "conv.bias"}
     onnx.checker.check_model(folded.model, full_check=True)
@@ -65,7 +67,6 @@ def test_cli_flag(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- pattern 3: QCDQ Clip
-
 
 
 def _clip_ints(out):

@@ -15,7 +15,6 @@ from helpers.exporters.levit import B, F, N, levit_linear_norm
 from helpers.onnxrt import assert_same_outputs
 
 
-
 @pytest.mark.parametrize("form", [dict(flatten="Flatten", axis=2), dict(flatten="Flatten", axis=-1),
                                   dict(flatten="Reshape", shape=(-1, F)), dict(flatten="Reshape", shape=(B * N, F)),
                                   dict(flatten="Flatten", axis=2, zero_shift=True), dict(flatten="Flatten", bias=True),

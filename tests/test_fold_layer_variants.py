@@ -5,7 +5,8 @@
 3. Gemm with transA=1 -> BN (float and QDQ), while BN -> Gemm(transA=1) forwards is still kept.
 
 Each case compares onnxruntime's outputs (optimisations off) of the original and the folded model; the QDQ cases
-use the QDQ bound of helpers.qdq.assert_same (identical up to float rounding, rare one-step flips of a downstream quantizer).
+use the QDQ bound of helpers.qdq.assert_same (identical up to float rounding, rare one-step flips of a downstream
+quantizer).
 """
 
 from __future__ import annotations

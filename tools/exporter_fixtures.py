@@ -4,8 +4,9 @@ build with onnx.helper) into a directory, for bench/samples.py to run every fold
     python tools/exporter_fixtures.py /tmp/exporters
     python bench/samples.py --models-dir /tmp/exporters --models all
 
-The fixtures are built by the tests' own builders (tests/helpers/exporters/, the modules tests/test_exporters_*.py
-use), so the bench measures exactly the layouts the tests check. TensorRT's custom-domain models are left out: onnxruntime cannot run the original.
+The fixtures are built by the tests' own builders (tests/helpers/exporters/, which tests/test_exporters_*.py use),
+so the bench measures exactly the layouts the tests check. TensorRT's custom-domain models are left out:
+onnxruntime cannot run the original.
 """
 
 from __future__ import annotations
