@@ -87,10 +87,21 @@ class Options(TypedDict, total=False):
     shapes: Mapping[str, Sequence[int | None]]  # static shapes for pad_correction (value name -> dims)
 
 # base_directory: the directory external-data locations are relative to (reads confined to it); without it,
-# BNs whose weights are external are kept.
-def fold(model: BytesLike, *, base_directory: PathLike | None = None, **options: Unpack[Options]) -> bytes: ...
+# BNs whose weights are external are kept. tensors: external-data locations whose bytes are the given buffers
+# (read in place); other locations go to base_directory.
+def fold(
+    model: BytesLike,
+    *,
+    base_directory: PathLike | None = None,
+    tensors: dict[str, BytesLike] | None = None,
+    **options: Unpack[Options],
+) -> bytes: ...
 def fold_with_report(
-    model: BytesLike, *, base_directory: PathLike | None = None, **options: Unpack[Options]
+    model: BytesLike,
+    *,
+    base_directory: PathLike | None = None,
+    tensors: dict[str, BytesLike] | None = None,
+    **options: Unpack[Options],
 ) -> tuple[bytes, Report]: ...
 # dst None: a dry run (read and fold under the same rules, write nothing). save_as_external_data: None keeps the
 # input's layout, False writes every tensor inline, True (implied by size_threshold or data_name) puts every

@@ -101,6 +101,55 @@ def test_inline_initializers_of_the_result_are_views_of_one_buffer_not_copies():
     assert len(owners) == 1 and isinstance(next(iter(owners.values())), bytes)
 
 
+@pytest.mark.parametrize("numpy_backed", [False, True])
+def test_tensors_the_fold_leaves_are_the_input_models_own_objects(numpy_backed):
+    """In-memory tensors go over as buffers beside the graph; those not folded come back as the same objects,
+    the folded ones as views of the one buffer the core returned."""
+    model = ir.load(MODELS / "qat_input_bn_net.onnx")
+    if numpy_backed:
+        for value in model.graph.initializers.values():
+            value.const_value = ir.Tensor(value.const_value.numpy().copy(), name=value.name)
+    before = {name: value.const_value for name, value in model.graph.initializers.items()}
+    result = FoldBatchNormalization()(model)
+    after = {name: value.const_value for name, value in result.model.graph.initializers.items()}
+    same = {name for name, tensor in after.items() if tensor is before.get(name)}
+    new = set(after) - same
+    assert same and new  # the BN's own tensors stay in the input model only if it was kept
+    assert all(isinstance(after[name].raw, np.ndarray) and not after[name].raw.flags.owndata for name in new)
+    native = onnx.load_from_string(qdqfold_native.fold((MODELS / "qat_input_bn_net.onnx").read_bytes()))
+    assert_same_initializers(initializers(to_proto(result.model)), initializers(native))
+
+
+def test_feature_detection_tells_a_native_module_without_tensors(monkeypatch):
+    monkeypatch.setattr(passes, "_native_tensors", None)
+
+    def old_fold(model, **options):
+        raise TypeError(f"unknown option '{next(iter(options))}'")
+
+    monkeypatch.setattr(qdqfold_native, "fold", old_fold)
+    assert passes.native_takes_tensors() is False
+    monkeypatch.setattr(passes, "_native_tensors", None)
+    monkeypatch.undo()
+    monkeypatch.setattr(passes, "_native_tensors", None)
+    assert passes.native_takes_tensors() is True
+
+
+def test_without_tensors_in_memory_tensors_are_copied_into_the_model(monkeypatch):
+    """A qdqfold_native from before tensors=: the pass writes in-memory tensors into the bytes it hands over."""
+    monkeypatch.setattr(passes, "_native_tensors", False)
+    real_fold = qdqfold_native.fold_with_report
+
+    def old_fold_with_report(model, **options):
+        if "tensors" in options:
+            raise TypeError("unknown option 'tensors'")
+        return real_fold(model, **options)
+
+    monkeypatch.setattr(qdqfold_native, "fold_with_report", old_fold_with_report)
+    result = FoldBatchNormalization()(ir.load(MODELS / "qat_input_bn_net.onnx"))
+    native = onnx.load_from_string(qdqfold_native.fold((MODELS / "qat_input_bn_net.onnx").read_bytes()))
+    assert_same_initializers(initializers(to_proto(result.model)), initializers(native))
+
+
 def test_options_are_constructor_arguments_for_every_native_option():
     parameters = inspect.signature(FoldBatchNormalization).parameters
     assert set(parameters) == set(qdqfold_native.options()) | {"shapes"}
@@ -241,12 +290,13 @@ def test_external_data_is_read_where_it_lies_and_unfolded_tensors_stay_external(
 def test_without_base_directory_external_tensors_are_read_into_memory(tmp_path, monkeypatch):
     """A qdqfold_native from before base_directory: the pass loads external tensors, and still folds."""
     monkeypatch.setattr(passes, "_native_base_directory", False)
+    monkeypatch.setattr(passes, "_native_tensors", False)
     assert not passes.native_reads_external_data()
     real_fold = qdqfold_native.fold_with_report
 
     def old_fold_with_report(model, **options):
-        if "base_directory" in options:
-            raise TypeError("unknown option 'base_directory'")
+        if "base_directory" in options or "tensors" in options:
+            raise TypeError(f"unknown option '{next(iter(options))}'")
         return real_fold(model, **options)
 
     monkeypatch.setattr(qdqfold_native, "fold_with_report", old_fold_with_report)

@@ -71,9 +71,10 @@ Options parse_options(const py::kwargs& kwargs) {
 // Holds a Py_buffer for the duration of a call.
 class InputBuffer {
  public:
-  explicit InputBuffer(const py::object& obj) {
+  explicit InputBuffer(const py::object& obj, const char* option = nullptr) {
     if (PyUnicode_Check(obj.ptr()))
-      throw py::type_error("fold() takes the model's bytes (bytes, bytearray, memoryview or mmap), not a str path");
+      throw py::type_error(option ? std::string("option '") + option + "' takes bytes-like buffers, not str"
+                                  : "fold() takes the model's bytes (bytes, bytearray, memoryview or mmap), not a str path");
     if (PyObject_GetBuffer(obj.ptr(), &view_, PyBUF_SIMPLE) != 0) throw py::error_already_set();
   }
   ~InputBuffer() { PyBuffer_Release(&view_); }
@@ -210,11 +211,25 @@ py::dict report_to_dict(const qdqfold::Report& report, bool in_file) {
 // GIL released again: the output is written once, into its final buffer.
 std::pair<py::bytes, qdqfold::Report> run(const py::object& model, py::kwargs kwargs) {
   const py::object base = take_keyword(kwargs, "base_directory");
+  const py::object tensors = take_keyword(kwargs, "tensors");
   const Options options = parse_options(kwargs);
   std::unique_ptr<qdqfold::graph::ExternalResolver> external;
   if (!base.is_none()) {
     const auto directory = py::cast<std::string>(py::module_::import("os").attr("fspath")(base));
     external = qdqfold::external_data_in(directory, "the model in memory");
+  }
+  // `tensors`: external-data locations resolved to the caller's buffers, held (and read in place) for the call.
+  std::vector<std::unique_ptr<InputBuffer>> tensor_buffers;
+  if (!tensors.is_none()) {
+    if (!PyDict_Check(tensors.ptr()))
+      throw py::type_error("option 'tensors' takes a dict of external-data location (str) -> bytes-like buffer");
+    std::map<std::string, std::string_view> buffers;
+    for (const auto& [key, value] : py::reinterpret_borrow<py::dict>(tensors)) {
+      if (!PyUnicode_Check(key.ptr())) throw py::type_error("option 'tensors': every key is a location (str)");
+      tensor_buffers.push_back(std::make_unique<InputBuffer>(py::reinterpret_borrow<py::object>(value), "tensors"));
+      buffers[key.cast<std::string>()] = tensor_buffers.back()->bytes();
+    }
+    external = qdqfold::external_data_from(std::move(buffers), std::move(external), "the model in memory");
   }
   InputBuffer input(model);
   // The buffer may be a caller's mmap of a file: a read past the end of that file, should it shrink while
@@ -276,13 +291,16 @@ PYBIND11_MODULE(qdqfold_native, m) {
   m.def(
       "fold", [](const py::object& model, py::kwargs kwargs) { return run(model, std::move(kwargs)).first; },
       py::arg("model"),
-      "fold(model, *, base_directory=None, **options) -> bytes\n\n"
+      "fold(model, *, base_directory=None, tensors=None, **options) -> bytes\n\n"
       "Folds every BatchNormalization it can fold exactly and returns the new model's bytes. `model` is any\n"
       "bytes-like object holding a serialized ModelProto; it is read in place. Raises FoldError (a ValueError)\n"
       "for input that is not a valid ONNX model. See options() for the keyword options and their defaults.\n"
       "`base_directory`: the directory external-data locations are relative to (the model file's directory);\n"
       "they are read under fold_file()'s rules. Folded external tensors are written inline; others keep their\n"
-      "references. Without it, BNs whose weights are external are kept.");
+      "references. Without it, BNs whose weights are external are kept.\n"
+      "`tensors`: {location: buffer}: external-data locations whose bytes are the given buffers (any bytes-like\n"
+      "object, read in place), for tensors held in memory beside a model without their data; other locations go\n"
+      "to base_directory. As with files, folded tensors come back inline and the others keep their references.");
   m.def(
       "fold_with_report",
       [](const py::object& model, py::kwargs kwargs) {

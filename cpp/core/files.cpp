@@ -118,6 +118,49 @@ class FileResolver : public graph::ExternalResolver {
   std::map<std::string, size_t> by_location_;
 };
 
+// Resolves locations named in a map of caller-held buffers (the onnx_ir pass hands its in-memory tensors over
+// this way, without copying them into the model's bytes); other locations go to a file resolver, if any.
+class MemoryResolver : public graph::ExternalResolver {
+ public:
+  MemoryResolver(std::map<std::string, std::string_view> buffers, std::unique_ptr<graph::ExternalResolver> files,
+                 std::string label)
+      : buffers_(std::move(buffers)), files_(std::move(files)), label_(std::move(label)) {}
+
+  std::string_view resolve(const graph::ExternalRef& ref, const std::string& tensor) override {
+    const auto it = buffers_.find(ref.location);
+    if (it == buffers_.end()) {
+      if (files_) return files_->resolve(ref, tensor);
+      throw FileError(label_ + ": tensor '" + tensor + "' keeps its data at '" + ref.location +
+                      "', which is not one of the buffers given in `tensors` (and no base_directory was given)");
+    }
+    const auto size = static_cast<int64_t>(it->second.size());
+    const int64_t length = ref.length >= 0 ? ref.length : size - ref.offset;
+    if (ref.offset < 0 || ref.offset > size || length < 0 || length > size - ref.offset)
+      throw FileError(label_ + ": external data of tensor '" + tensor + "' (offset " + std::to_string(ref.offset) +
+                      ", length " + std::to_string(length) + ") runs past the end of its buffer (" +
+                      std::to_string(size) + " bytes)");
+    return it->second.substr(static_cast<size_t>(ref.offset), static_cast<size_t>(length));
+  }
+
+  bool holds(std::string_view bytes) const override {
+    for (const auto& [location, buffer] : buffers_)
+      if (bytes.data() >= buffer.data() && bytes.data() + bytes.size() <= buffer.data() + buffer.size()) return true;
+    return files_ && files_->holds(bytes);
+  }
+
+  const graph::ExternalResolver* files() const { return files_.get(); }
+  size_t buffer_bytes() const {
+    size_t n = 0;
+    for (const auto& [location, buffer] : buffers_) n += buffer.size();
+    return n;
+  }
+
+ private:
+  std::map<std::string, std::string_view> buffers_;
+  std::unique_ptr<graph::ExternalResolver> files_;
+  std::string label_;
+};
+
 // Tensors the writer does not relocate (Constant and other attribute tensors, sparse initializers) must not
 // keep external data: the output's data files have other names, and the model would read the input's files,
 // or whatever carries their names beside the output. Refused, naming the tensor.
@@ -544,6 +587,10 @@ Report commit(StagedOutput& staged, const MappedFile& input, const FileResolver&
 
 void report_inputs(Report& report, size_t model_size, const graph::ExternalResolver* resolver) {
   report.input_bytes = static_cast<int64_t>(model_size);
+  if (const auto* memory = dynamic_cast<const MemoryResolver*>(resolver)) {
+    report_inputs(report, model_size + memory->buffer_bytes(), memory->files());
+    return;
+  }
   if (const auto* resolved = dynamic_cast<const FileResolver*>(resolver))
     for (const auto& f : resolved->files()) {
       report.input_files.push_back(f.file->path());
@@ -572,6 +619,12 @@ void StorageKeywords::apply_to(FileOptions& file_options) const {
   if ((size_threshold_ || data_name_) && file_options.layout == Layout::Inline)
     throw OptionError("size_threshold and data_name describe external data; not with save_as_external_data=False");
   if (size_threshold_ || data_name_) file_options.layout = Layout::External;
+}
+
+std::unique_ptr<graph::ExternalResolver> external_data_from(std::map<std::string, std::string_view> buffers,
+                                                            std::unique_ptr<graph::ExternalResolver> files,
+                                                            const std::string& label) {
+  return std::make_unique<MemoryResolver>(std::move(buffers), std::move(files), label);
 }
 
 Report fold_file(const std::string& src, const std::string& dst, const Options& options,

@@ -15,6 +15,7 @@
 //   - Non-regular files (FIFOs, devices, directories, sockets) are neither read nor replaced.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -69,8 +70,17 @@ Report fold_file(const std::string& src, const std::string& dst, const Options& 
 // messages.
 std::unique_ptr<graph::ExternalResolver> external_data_in(const std::string& directory, const std::string& label);
 
-// The report's input_bytes and input_files: `model_size`, plus each external data file an external_data_in
-// resolver read (each once; none for another resolver or null).
+// Reads external data from buffers the caller holds (fold() with `tensors`): a location that is a key of
+// `buffers` resolves to that buffer (offset and length inside it); any other location goes to `files`
+// (external_data_in), or is a FileError naming the tensor when there is none. The buffers must outlive the
+// fold and its writing; views into them are kept like views into the model's own bytes.
+std::unique_ptr<graph::ExternalResolver> external_data_from(std::map<std::string, std::string_view> buffers,
+                                                            std::unique_ptr<graph::ExternalResolver> files,
+                                                            const std::string& label);
+
+// The report's input_bytes and input_files: `model_size`, plus every buffer an external_data_from resolver
+// was given, plus each external data file an external_data_in resolver (or the one behind an
+// external_data_from) read, each once. Nothing more for another resolver or null.
 void report_inputs(Report& report, size_t model_size, const graph::ExternalResolver* resolver);
 
 // The name of the k-th (from 0) external data file of an output model whose file name is `output_name`.

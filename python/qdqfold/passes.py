@@ -22,7 +22,10 @@ How the model gets to the native core without copying more than it must:
   native core reads them from their files (``qdqfold_native.fold(..., base_directory=)``), and those it does not
   fold come back as the same ``ir.ExternalTensor`` objects, never read. With a ``qdqfold_native`` that has no
   ``base_directory`` (older builds) they are read into memory instead, so their BNs still fold.
-- Tensors held in memory are written once, straight into the buffer the native core reads.
+- Tensors held in memory go over as buffers beside the skeleton (``qdqfold_native.fold(..., tensors=)``), read in
+  place where NumPy holds them (protobuf-backed tensors hand out their bytes only as a copy); those the core
+  does not fold come back as the same tensor objects. With an older ``qdqfold_native`` they are copied once
+  into the buffer the core reads.
 - The folded model's initializers are NumPy views into the bytes the native core returned (no copy); tensors
   of types NumPy lacks (bfloat16, float8, int4, ...) and the initializers of subgraphs are parsed by onnx.
 """
@@ -181,6 +184,24 @@ def native_reads_external_data() -> bool:
     return _native_base_directory
 
 
+_native_tensors: Optional[bool] = None
+
+
+def native_takes_tensors() -> bool:
+    """Whether this ``qdqfold_native`` takes ``tensors=`` (external data from buffers held in memory)."""
+    global _native_tensors
+    if _native_tensors is None:
+        try:
+            qdqfold_native.fold(b"", tensors={})
+        except TypeError:  # "unknown option 'tensors'": a build from before it
+            _native_tensors = False
+        except ValueError:  # FoldError: the empty input, after the keyword was taken
+            _native_tensors = True
+        else:  # pragma: no cover - an empty input is never a model
+            _native_tensors = True
+    return _native_tensors
+
+
 # ------------------------------------------------------------------------------------------------------
 
 
@@ -266,12 +287,18 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
             options["shapes"] = self.shapes if self.shapes is not None else self._static_shapes(model, skeleton)
         if base_directory is not None:
             options["base_directory"] = base_directory
-        data = self._with_tensors(skeleton, in_memory)
+        if native_takes_tensors():
+            # The in-memory tensors go over as buffers beside the skeleton, read in place; those the core does
+            # not fold come back as references to them, and then as the same tensor objects.
+            data: Any = skeleton
+            options["tensors"] = {location: _raw_bytes(tensor) for location, tensor in in_memory.items()}
+        else:
+            data = self._with_tensors(skeleton, in_memory)
         del skeleton
         out, native_report = qdqfold_native.fold_with_report(data, **options)
-        del data
+        del data, options
         self.report = FoldReport.from_native(dict(native_report))
-        folded = self._model_from(out, model, base_directory)
+        folded = self._model_from(out, model, base_directory, in_memory)
         return ir.passes.PassResult(folded, modified=bool(self.report.folded))
 
     # -- to the native core ---------------------------------------------------------------------------
@@ -351,9 +378,11 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
     # -- back from the native core ----------------------------------------------------------------------
 
     @staticmethod
-    def _model_from(out: bytes, original: ir.Model, base_directory: Optional[str]) -> ir.Model:
+    def _model_from(out: bytes, original: ir.Model, base_directory: Optional[str],
+                    in_memory: Mapping[str, Any]) -> ir.Model:
         """The folded model: the output's graph parsed without its inline tensor data, each inline initializer
-        a NumPy view into `out`, each external one the input's tensor object where it is unchanged."""
+        a NumPy view into `out`, each external one, and each in-memory one handed over as a buffer, the input's
+        tensor object where it is unchanged."""
         import onnx
 
         view = memoryview(out)
@@ -406,8 +435,11 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
                 value.const_value = ir.Tensor(array, ir.DataType(data_type), name=name, doc_string=doc,
                                               metadata_props=props)
             elif isinstance(tensor, ir.ExternalTensor):
-                same = originals.get((os.fspath(tensor.location), tensor.offset, tensor.length))
-                if same is not None:
+                location = os.fspath(tensor.location)
+                same = originals.get((location, tensor.offset, tensor.length))
+                if location in in_memory and not tensor.offset and tensor.length == in_memory[location].nbytes:
+                    value.const_value = in_memory[location]
+                elif same is not None:
                     value.const_value = same
                 elif base_directory is not None:
                     value.const_value = ir.ExternalTensor(
