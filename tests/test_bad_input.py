@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import qdqfold_native
-from conftest import length_delimited, nested_if_model
+from helpers.wire import length_delimited, nested_if_model
 from qdqfold_native import FoldError
 
 
@@ -91,8 +91,6 @@ def test_wrong_wire_type_for_a_known_field():
     data[0:2] = bytes([0x09]) + bytes(8)
     with pytest.raises(FoldError):
         qdqfold_native.fold(bytes(data))
-
-
 
 
 def test_nesting_deeper_than_any_real_model():

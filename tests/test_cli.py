@@ -19,7 +19,8 @@ import qdqfold_native
 from qdqfold.cli import EXIT_STATUS_HELP, OPTION_FLAGS, build_parser
 from qdqfold.verify import random_inputs
 
-from conftest import MODELS, SAMPLE_MODELS, run, session
+from helpers.onnxrt import run, session
+from helpers.samples import MODELS, SAMPLE_MODELS
 
 SEED = MODELS / "qat_seed_prebn.onnx"
 

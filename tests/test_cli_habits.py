@@ -13,7 +13,8 @@ import onnx
 import pytest
 
 import qdqfold_native
-from conftest import MODELS, assert_same_outputs
+from helpers.onnxrt import assert_same_outputs
+from helpers.samples import MODELS
 
 SEED = MODELS / "qat_seed_prebn.onnx"
 FLOAT_SEED = MODELS / "seed_prebn.onnx"

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qdqfold_native
 
-from conftest import assert_same_outputs
+from helpers.onnxrt import assert_same_outputs
 
 F16 = TensorProto.FLOAT16
 

@@ -16,59 +16,21 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import qdqfold_native
-from conftest import assert_same_outputs
+from helpers.exporters.affine import RNG, C, constant, conv_layer, frozen_bn, make_model
+from helpers.folding import fold
+from helpers.onnxrt import assert_same_outputs
+from helpers.qdq import Case, assert_folded_weight, assert_same
 from qdqfold.report import FoldReport
-from test_fold_qdq import Case, assert_folded_weight, assert_same
-
-RNG = np.random.default_rng(142)
-C = 6
-
-
-def _model(nodes, inits, x_shape, out_shape, opset=17):
-    graph = h.make_graph(nodes, "main_graph", [h.make_tensor_value_info("input", T.FLOAT, x_shape)],
-                         [h.make_tensor_value_info("output", T.FLOAT, out_shape)], inits)
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)], producer_name="pytorch")
-    model.ir_version = 8
-    return model
-
-
-def _fold(model, **options):
-    data = model.SerializeToString()
-    out, report = qdqfold_native.fold_with_report(data, **options)
-    return onnx.load_from_string(out), {r["node"]: r for r in report["batchnorms"]}, data, out
-
 
 def _check_folded(model, codes, left_alone=(), **options):
-    folded, records, _, out = _fold(model, **options)
-    assert {k: (r["folded"], r["code"]) for k, r in records.items()} == {k: (True, c) for k, c in codes.items()}, \
-        records
-    left = [n.op_type for n in folded.graph.node if n.name not in left_alone]
+    folded = fold(model, **options)
+    assert {k: (r["folded"], r["code"]) for k, r in folded.records.items()} == {k: (True, c) for k, c in codes.items()}, \
+        folded.records
+    left = [n.op_type for n in folded.model.graph.node if n.name not in left_alone]
     assert not {"Mul", "Add", "Sub", "Div"} & set(left), left
-    onnx.checker.check_model(folded, full_check=True)
-    assert_same_outputs(model, folded)
-    return folded, records
-
-
-def _conv(x, y, name="/backbone/conv1/Conv", pads=1, cin=3):
-    w = nh.from_array((RNG.standard_normal((C, cin, 3, 3)) * 0.3).astype(np.float32), f"{name}.weight")
-    return h.make_node("Conv", [x, w.name], [y], name=name, pads=[pads] * 4, kernel_shape=[3, 3]), w
-
-
-def _const(name, values, shape):
-    return nh.from_array(np.asarray(values, np.float32).reshape(shape), name)
-
-
-def frozen_bn(shape=(1, C, 1, 1), scale_first=False):
-    """torchvision FrozenBatchNorm2d after a bias-free conv: x * scale + bias (negative scales included)."""
-    conv, w = _conv("input", "/backbone/conv1/Conv_output_0")
-    scale = RNG.uniform(0.5, 1.5, C) * np.where(np.arange(C) % 3 == 1, -1, 1)
-    s, b = _const("onnx::Mul_501", scale, shape), _const("onnx::Add_502", RNG.standard_normal(C), shape)
-    mul_in = [s.name, "/backbone/conv1/Conv_output_0"] if scale_first else ["/backbone/conv1/Conv_output_0", s.name]
-    nodes = [conv, h.make_node("Mul", mul_in, ["/backbone/bn1/Mul_output_0"], name="/backbone/bn1/Mul"),
-             h.make_node("Add", ["/backbone/bn1/Mul_output_0", b.name], ["/backbone/bn1/Add_output_0"],
-                         name="/backbone/bn1/Add"),
-             h.make_node("Relu", ["/backbone/bn1/Add_output_0"], ["output"], name="/backbone/relu/Relu")]
-    return _model(nodes, [w, s, b], [1, 3, 8, 8], [1, C, 8, 8])
+    onnx.checker.check_model(folded.model, full_check=True)
+    assert_same_outputs(model, folded.model)
+    return folded.model, folded.records
 
 
 @pytest.mark.parametrize("shape", [(1, C, 1, 1), (C, 1, 1)], ids=["1C11", "C11"])
@@ -90,23 +52,23 @@ def test_the_report_counts_them_next_to_batchnorms():
 
 def test_fold_affine_false_leaves_the_model_alone():
     model = frozen_bn()
-    _, records, data, out = _fold(model, fold_affine=False)
-    assert records == {} and out == data
+    result = fold(model, fold_affine=False)
+    assert result.records == {} and result.bytes == result.input
 
 
 def test_layer_scale_scalar_zero_add_sub_and_div():
-    conv, w = _conv("input", "c")
-    gamma = _const("layer_scale", RNG.uniform(0.1, 0.2, C), (C, 1, 1))
-    consts = [w, gamma, _const("zero", [0.0], []), _const("mean", RNG.standard_normal(C), (1, C, 1, 1)),
-              _const("std", RNG.uniform(0.5, 2, C), (1, C, 1, 1)), _const("half", [0.5], [1]),
-              _const("offset", RNG.standard_normal(C), (1, C, 1, 1))]
+    conv, w = conv_layer("input", "c")
+    gamma = constant("layer_scale", RNG.uniform(0.1, 0.2, C), (C, 1, 1))
+    consts = [w, gamma, constant("zero", [0.0], []), constant("mean", RNG.standard_normal(C), (1, C, 1, 1)),
+              constant("std", RNG.uniform(0.5, 2, C), (1, C, 1, 1)), constant("half", [0.5], [1]),
+              constant("offset", RNG.standard_normal(C), (1, C, 1, 1))]
     nodes = [conv, h.make_node("Mul", ["c", "layer_scale"], ["m"], name="ls"),
              h.make_node("Add", ["zero", "m"], ["a"], name="add0"),
              h.make_node("Sub", ["a", "mean"], ["s"], name="sub"),
              h.make_node("Div", ["s", "std"], ["d"], name="div"),
              h.make_node("Mul", ["d", "half"], ["e"], name="half_mul"),
              h.make_node("Sub", ["offset", "e"], ["output"], name="rsub")]
-    model = _model(nodes, consts, [2, 3, 8, 8], [2, C, 8, 8])
+    model = make_model(nodes, consts, [2, 3, 8, 8], [2, C, 8, 8])
     _check_folded(model, {"ls": "conv-mul", "add0": "conv-add", "sub": "conv-sub", "div": "conv-div",
                           "half_mul": "conv-mul", "rsub": "conv-sub"})
 
@@ -116,13 +78,13 @@ def test_gemm_and_2d_matmul_with_bias():
     bg = nh.from_array(RNG.standard_normal(C).astype(np.float32), "fc.bias")
     wm = nh.from_array(RNG.standard_normal((C, 4)).astype(np.float32), "head.weight")
     bm = nh.from_array(RNG.standard_normal(4).astype(np.float32), "head.bias")
-    s1, s2 = _const("s1", RNG.uniform(-2, 2, C), (C,)), _const("s2", RNG.uniform(-2, 2, 4), (1, 4))
+    s1, s2 = constant("s1", RNG.uniform(-2, 2, C), (C,)), constant("s2", RNG.uniform(-2, 2, 4), (1, 4))
     nodes = [h.make_node("Gemm", ["input", "fc.weight", "fc.bias"], ["g"], name="fc", transB=1),
              h.make_node("Mul", ["g", "s1"], ["g1"], name="fc_scale"),
              h.make_node("MatMul", ["g1", "head.weight"], ["mm"], name="head"),
              h.make_node("Add", ["mm", "head.bias"], ["mb"], name="head_bias"),
              h.make_node("Mul", ["mb", "s2"], ["output"], name="head_scale")]
-    model = _model(nodes, [wg, bg, wm, bm, s1, s2], [3, 5], [3, 4])
+    model = make_model(nodes, [wg, bg, wm, bm, s1, s2], [3, 5], [3, 4])
     folded, records = _check_folded(model, {"fc_scale": "gemm-mul", "head_scale": "gemm-mul"}, ["head_bias"])
     assert "head_bias" not in records  # MatMul + Add(bias) is the plain linear layer: not a fold of its own
 
@@ -132,42 +94,42 @@ def test_matmul_plus_bias_alone_passes_through():
     bm = nh.from_array(RNG.standard_normal(4).astype(np.float32), "b")
     nodes = [h.make_node("MatMul", ["input", "w"], ["mm"], name="mm"),
              h.make_node("Add", ["mm", "b"], ["output"], name="bias")]
-    _, records, data, out = _fold(_model(nodes, [wm, bm], [3, 5], [3, 4]))
-    assert records == {} and out == data
+    result = fold(make_model(nodes, [wm, bm], [3, 5], [3, 4]))
+    assert result.records == {} and result.bytes == result.input
 
 
 def test_forward_mul_into_a_padded_conv_and_add_into_an_unpadded_one():
-    conv, w = _conv("x1", "output", pads=0)
-    s = _const("s", RNG.uniform(0.5, 2, 3) * np.array([1, -1, 1]), (1, 3, 1, 1))
-    o = _const("o", RNG.standard_normal(3), (1, 3, 1, 1))
+    conv, w = conv_layer("x1", "output", pads=0)
+    s = constant("s", RNG.uniform(0.5, 2, 3) * np.array([1, -1, 1]), (1, 3, 1, 1))
+    o = constant("o", RNG.standard_normal(3), (1, 3, 1, 1))
     nodes = [h.make_node("Mul", ["input", "s"], ["x0"], name="scale"),
              h.make_node("Add", ["x0", "o"], ["x1"], name="shift"), conv]
-    model = _model(nodes, [w, s, o], [1, 3, 8, 8], [1, C, 6, 6])
+    model = make_model(nodes, [w, s, o], [1, 3, 8, 8], [1, C, 6, 6])
     _check_folded(model, {"scale": "mul-conv", "shift": "add-conv"})
     # Scaling alone is exact through zero padding too.
-    conv_p, w_p = _conv("x0", "output", pads=1)
-    model = _model([nodes[0], conv_p], [w_p, s], [1, 3, 8, 8], [1, C, 8, 8])
+    conv_p, w_p = conv_layer("x0", "output", pads=1)
+    model = make_model([nodes[0], conv_p], [w_p, s], [1, 3, 8, 8], [1, C, 8, 8])
     _check_folded(model, {"scale": "mul-conv"})
 
 
 def test_kept_cases_give_their_reason_and_change_nothing():
-    conv, w = _conv("input", "c")
+    conv, w = conv_layer("input", "c")
     # [C] on a rank-4 output runs along the width, not the channels.
-    bad = _const("per_width", RNG.standard_normal(8), (8,))
-    model = _model([conv, h.make_node("Mul", ["c", "per_width"], ["output"], name="mul")], [w, bad],
+    bad = constant("per_width", RNG.standard_normal(8), (8,))
+    model = make_model([conv, h.make_node("Mul", ["c", "per_width"], ["output"], name="mul")], [w, bad],
                    [1, 3, 8, 8], [1, C, 8, 8])
-    _, records, data, out = _fold(model)
-    assert records["mul"]["code"] == "channel-axis-mismatch" and not records["mul"]["folded"]
-    assert out == data
+    result = fold(model)
+    assert result.records["mul"]["code"] == "channel-axis-mismatch" and not result.records["mul"]["folded"]
+    assert result.bytes == result.input
     # The conv's output also read elsewhere.
-    s = _const("s", RNG.standard_normal(C), (1, C, 1, 1))
+    s = constant("s", RNG.standard_normal(C), (1, C, 1, 1))
     nodes = [conv, h.make_node("Mul", ["c", "s"], ["m"], name="mul"), h.make_node("Add", ["m", "c"], ["output"])]
-    _, records, data, out = _fold(_model(nodes, [w, s], [1, 3, 8, 8], [1, C, 8, 8]))
-    assert records["mul"]["code"] == "layer-output-read-elsewhere" and out == data
+    result = fold(make_model(nodes, [w, s], [1, 3, 8, 8], [1, C, 8, 8]))
+    assert result.records["mul"]["code"] == "layer-output-read-elsewhere" and result.bytes == result.input
     # A Mul by a non-constant, or between two activations, is not a candidate at all.
     nodes = [conv, h.make_node("Mul", ["c", "c"], ["output"], name="sq")]
-    _, records, data, out = _fold(_model(nodes, [w], [1, 3, 8, 8], [1, C, 8, 8]))
-    assert records == {} and out == data
+    result = fold(make_model(nodes, [w], [1, 3, 8, 8], [1, C, 8, 8]))
+    assert result.records == {} and result.bytes == result.input
 
 
 # ------------------------------------------------------------------------------------------------- quantized
@@ -231,10 +193,10 @@ def test_layer_scale_on_an_int32_bias_requantizes_it():
 
 @pytest.mark.parametrize("dims", [[0], [1, 0, 1, 1], [2, 1, 1]], ids=["empty", "empty-c", "wrong-count"])
 def test_odd_constants_are_kept_or_ignored_never_a_crash(dims):
-    conv, w = _conv("input", "c")
+    conv, w = conv_layer("input", "c")
     n = int(np.prod(dims))
     const = nh.from_array(np.ones(n, np.float32).reshape(dims), "odd")
-    model = _model([conv, h.make_node("Mul", ["c", "odd"], ["output"], name="mul")], [w, const], [1, 3, 8, 8], None)
+    model = make_model([conv, h.make_node("Mul", ["c", "odd"], ["output"], name="mul")], [w, const], [1, 3, 8, 8], None)
     data = model.SerializeToString()
     out, report = qdqfold_native.fold_with_report(data)
     assert all(not r["folded"] for r in report["batchnorms"]) and out == data
@@ -258,7 +220,7 @@ def _vit_layer_scale(bias=True, shift=False):
         nodes.append(h.make_node("Add", ["m", "shift"], ["output"], name="/ls2/Add"))
     else:
         nodes[-1].output[0] = "output"
-    return _model(nodes, inits, [2, 7, 5], [2, 7, C])
+    return make_model(nodes, inits, [2, 7, 5], [2, 7, C])
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -274,10 +236,10 @@ def test_layer_scale_after_a_rank3_linear_folds_into_its_features(bias, shift):
 
 def test_reversed_sub_after_a_rank3_matmul_adds_its_shift():
     w = nh.from_array((RNG.standard_normal((5, C)) * 0.3).astype(np.float32), "w")
-    c = _const("c", RNG.standard_normal(C), (C,))
+    c = constant("c", RNG.standard_normal(C), (C,))
     nodes = [h.make_node("MatMul", ["input", "w"], ["m"], name="mm"),
              h.make_node("Sub", ["c", "m"], ["output"], name="rsub")]
-    model = _model(nodes, [w, c], [2, 7, 5], [2, 7, C])
+    model = make_model(nodes, [w, c], [2, 7, 5], [2, 7, C])
     folded, _ = _check_folded(model, {"rsub": "gemm-sub"}, left_alone=["mm_shift", "mm_shift_1"])
     assert [n.op_type for n in folded.graph.node] == ["MatMul", "Add"]
 

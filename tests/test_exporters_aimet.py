@@ -10,20 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto as T
 
 import qdqfold_native
-from test_fold_qdq import Case, assert_same, folded_weight
-
-
-def aimet_case():
-    rng = np.random.default_rng(1410)
-    cout, cin = 6, 8
-    ints = rng.integers(-128, 128, size=(cout, cin, 3, 3))
-    ints[:, 0, 0, 0] = -128  # the full range is used in every channel
-    case = Case(form="int", qtype=T.INT8, ints=ints, cout=cout, cin=cin, zero=0)
-    assert (case.a < 0).any()
-    return case
+from helpers.exporters.aimet import aimet_case
+from helpers.qdq import assert_same, folded_weight
 
 
 def test_full_range_int8_is_kept_with_the_option_and_its_cost_named():

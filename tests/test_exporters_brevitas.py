@@ -15,59 +15,32 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto as T
-from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import qdqfold_native
-from conftest import assert_same_outputs
-
-RNG = np.random.default_rng(144)
-C = 4
-
-
-def keep_initializers_as_inputs_model(ir_version=8, opset=13):
-    w = nh.from_array((RNG.standard_normal((C, 3, 3, 3)) * 0.3).astype(np.float32), "conv.weight")
-    b = nh.from_array(RNG.standard_normal(C).astype(np.float32), "conv.bias")
-    gamma = RNG.uniform(0.5, 1.5, C) * np.array([1, -1, 1, 1])
-    bn = [nh.from_array(v.astype(np.float32), f"bn.{n}") for n, v in
-          (("weight", gamma), ("bias", RNG.standard_normal(C)), ("running_mean", RNG.standard_normal(C)),
-           ("running_var", RNG.uniform(0.5, 2, C)))]
-    inits = [w, b, *bn]
-    nodes = [h.make_node("Conv", ["inp.1", "conv.weight", "conv.bias"], ["5"], name="Conv_0", pads=[1, 1, 1, 1]),
-             h.make_node("BatchNormalization", ["5", *[t.name for t in bn]], ["6"], name="BatchNormalization_1",
-                         epsilon=1e-5),
-             h.make_node("Relu", ["6"], ["7"], name="Relu_2")]
-    # torch.onnx.export(..., keep_initializers_as_inputs=True): the data input first, then every initializer.
-    inputs = [h.make_tensor_value_info("inp.1", T.FLOAT, [1, 3, 6, 6])] + [
-        h.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
-    graph = h.make_graph(nodes, "torch_jit", inputs, [h.make_tensor_value_info("7", T.FLOAT, [1, C, 6, 6])], inits)
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)], producer_name="pytorch")
-    model.ir_version = ir_version
-    return model
-
-
-def _fold(model, **options):
-    data = model.SerializeToString()
-    out, report = qdqfold_native.fold_with_report(data, **options)
-    return onnx.load_from_string(out), report["batchnorms"], data, out
-
+from helpers.exporters.brevitas import keep_initializers_as_inputs_model, with_clip
+from helpers.folding import fold
+from helpers.onnxrt import assert_same_outputs
+from helpers.qdq import Case, assert_same
 
 def test_overridable_initializers_are_kept_and_the_message_names_the_option():
-    _, records, data, out = _fold(keep_initializers_as_inputs_model())
+    result = fold(keep_initializers_as_inputs_model())
+    records = result.report["batchnorms"]
     assert len(records) == 1 and not records[0]["folded"]
     assert records[0]["code"].startswith("non-constant"), records[0]
     assert "freeze_initializer_inputs=True" in records[0]["message"]  # --freeze-initializer-inputs in the CLI
-    assert out == data
+    assert result.bytes == result.input
 
 
 def test_freeze_initializer_inputs_folds_and_drops_the_folded_inputs():
     model = keep_initializers_as_inputs_model()
-    folded, records, _, _ = _fold(model, freeze_initializer_inputs=True)
-    assert records[0]["folded"] and records[0]["code"] == "conv-bn", records[0]
-    assert [i.name for i in folded.graph.input] == ["inp.1"]
-    assert {i.name for i in folded.graph.initializer} == {"conv.weight", "conv.bias"}
-    onnx.checker.check_model(folded, full_check=True)
-    assert_same_outputs(model, folded)
+    folded = fold(model, freeze_initializer_inputs=True)
+    record = folded.report["batchnorms"][0]
+    assert record["folded"] and record["code"] == "conv-bn", record
+    assert [i.name for i in folded.model.graph.input] == ["inp.1"]
+    assert {i.name for i in folded.model.graph.initializer} == {"conv.weight", "conv.bias"}
+    onnx.checker.check_model(folded.model, full_check=True)
+    assert_same_outputs(model, folded.model)
 
 
 def test_ir_version_3_reads_them_as_constants_and_keeps_every_initializer_an_input():
@@ -75,13 +48,13 @@ def test_ir_version_3_reads_them_as_constants_and_keeps_every_initializer_an_inp
     # A fold that writes a new tensor (a bias-free conv gets one) must list it as an input too.
     conv = model.graph.node[0]
     del conv.input[2]
-    folded, records, _, _ = _fold(model)
-    assert records[0]["folded"], records[0]
-    inputs = {i.name for i in folded.graph.input}
-    assert {i.name for i in folded.graph.initializer} <= inputs
-    assert not any(i.name.startswith("bn.") for i in [*folded.graph.initializer, *folded.graph.input])
-    onnx.checker.check_model(folded)
-    assert_same_outputs(model, folded)
+    folded = fold(model)
+    assert folded.report["batchnorms"][0]["folded"], folded.report["batchnorms"][0]
+    inputs = {i.name for i in folded.model.graph.input}
+    assert {i.name for i in folded.model.graph.initializer} <= inputs
+    assert not any(i.name.startswith("bn.") for i in [*folded.model.graph.initializer, *folded.model.graph.input])
+    onnx.checker.check_model(folded.model)
+    assert_same_outputs(model, folded.model)
 
 
 def test_cli_flag(tmp_path):
@@ -94,26 +67,6 @@ def test_cli_flag(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- pattern 3: QCDQ Clip
-
-from test_fold_qdq import Case, assert_same  # noqa: E402
-
-
-def with_clip(case: Case, lo=-127, hi=127, container=T.INT8):
-    """Brevitas QCDQ: int W -> Clip(lo, hi) -> DequantizeLinear (TorchScript export), or
-    W -> QuantizeLinear -> Clip -> DequantizeLinear (dynamo export); the bounds are scalars of the integer type."""
-    m = case.model
-    dtype = np.int8 if container == T.INT8 else np.uint8
-    m.graph.initializer.extend([nh.from_array(np.array(lo, dtype), "clip_min"),
-                                nh.from_array(np.array(hi, dtype), "clip_max")])
-    nodes = []
-    for n in m.graph.node:
-        if n.name == "w_DQ":
-            nodes.append(h.make_node("Clip", [n.input[0], "clip_min", "clip_max"], ["w_clipped"], name="w_Clip"))
-            n.input[0] = "w_clipped"
-        nodes.append(n)
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
-    return case
 
 
 def _clip_ints(out):

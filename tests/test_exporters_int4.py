@@ -15,29 +15,9 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import qdqfold_native
-from conftest import assert_same_outputs
-from test_fold_qdq import Case, assert_folded_weight, assert_same
-
-
-def _as_int32_data(tensor: onnx.TensorProto, packed=True) -> onnx.TensorProto:
-    """The same 4-bit tensor written by onnx.helper.make_tensor(raw=False): int32_data."""
-    values = nh.to_array(tensor).astype(np.int64).reshape(-1)
-    out = h.make_tensor(tensor.name, tensor.data_type, list(tensor.dims), values.tolist())
-    assert not out.raw_data and len(out.int32_data) == (values.size + 1) // 2
-    if not packed:  # one varint field per entry (a reader must accept the unpacked encoding too)
-        entries = list(out.int32_data)
-        del out.int32_data[:]
-        body = out.SerializeToString() + b"".join(b"\x28" + bytes([v]) if v < 0x80 else b"\x28" + bytes(
-            [v & 0x7F | 0x80, v >> 7]) for v in entries)
-        out = onnx.TensorProto()
-        out.ParseFromString(body)
-    return out
-
-
-def _rewrite(model, names, packed=True):
-    inits = [(_as_int32_data(i, packed) if i.name in names else i) for i in model.graph.initializer]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(inits)
+from helpers.exporters.int4 import as_int32_data, rewrite_as_int32_data
+from helpers.onnxrt import assert_same_outputs, random_inputs, run
+from helpers.qdq import Case, assert_folded_weight, assert_same, with_outputs
 
 
 @pytest.mark.parametrize("qtype", [T.INT4, T.UINT4], ids=["int4", "uint4"])
@@ -45,7 +25,7 @@ def _rewrite(model, names, packed=True):
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
 def test_int4_weights_in_int32_data_fold(qtype, per_channel, packed):
     case = Case(form="int", qtype=qtype, per_channel=per_channel)
-    _rewrite(case.model, {"w_q", "w_zero"}, packed)
+    rewrite_as_int32_data(case.model, {"w_q", "w_zero"}, packed)
     out, report = qdqfold_native.fold_with_report(case.bytes)
     r = report["batchnorms"][0]
     assert r["folded"] and r["code"] == "qdq-layer-bn", r
@@ -59,7 +39,7 @@ def test_malformed_int4_int32_data_is_a_reason_not_a_crash():
     inits = list(case.model.graph.initializer)
     for k, i in enumerate(inits):
         if i.name == "w_q":
-            bad = _as_int32_data(i)
+            bad = as_int32_data(i)
             bad.int32_data[0] = 4096  # more than one byte's worth of nibbles
             inits[k] = bad
     del case.model.graph.initializer[:]
@@ -110,7 +90,6 @@ def test_onnxruntime_qint4_layout_folds_with_drop_activation_quantizers():
     """quantize_static(QInt4 weights, opset 21): Conv(int4 W) -> Q -> DQ -> BN(gamma = DQ(int4 in int32_data),
     beta = DQ(int32)) -> Q -> DQ. With drop_activation_quantizers=True the BN folds (approximately: exactly the
     dropped quantizer's rounding, a * (y - DQ(Q(y))))."""
-    from test_fold_qdq import random_inputs, run, with_outputs
 
     case = Case(form="int", qtype=T.INT4, act_between=True, out_quant=True)
     rng = np.random.default_rng(81)

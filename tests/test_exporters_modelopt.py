@@ -20,7 +20,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import qdqfold_native
-from conftest import assert_same_outputs, run
+from helpers.onnxrt import assert_same_outputs, run
 from qdqfold.trt_compat import TrtCompatError, has_trt_quantizers, standard_qdq
 
 RNG = np.random.default_rng(145)

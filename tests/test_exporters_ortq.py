@@ -10,31 +10,17 @@ quantized kernel: kept as `quantizer-would-be-lost`.
 from __future__ import annotations
 
 import onnx
-from onnx import TensorProto as T
-from onnx import helper as h
 from onnx import numpy_helper as nh
 import numpy as np
 
 import qdqfold_native
-from test_fold_qdq import Case
-
-
-def _with_relu_after_bn(case):
-    """Conv -> Q -> DQ -> BN -> Relu -> Q -> DQ (onnx-neural-compressor's layout)."""
-    m = case.model
-    for n in m.graph.node:
-        if n.op_type == "BatchNormalization":
-            n.output[0] = "bn_out"
-    m.graph.node.append(h.make_node("Relu", ["bn_out"], ["relu_out"], name="relu"))
-    m.graph.node.extend([h.make_node("QuantizeLinear", ["relu_out", "r_scale", "r_zero"], ["rq"], name="relu_Q"),
-                         h.make_node("DequantizeLinear", ["rq", "r_scale", "r_zero"], ["out"], name="relu_DQ")])
-    m.graph.initializer.extend([nh.from_array(np.array(0.05, np.float32), "r_scale"),
-                                nh.from_array(np.array(0, np.uint8), "r_zero")])
-    return case
+from helpers.exporters.ortq import with_relu_after_bn
+from helpers.onnxrt import random_inputs, run
+from helpers.qdq import Case
 
 
 def test_drop_is_refused_where_no_quantizer_would_follow_the_layer():
-    case = _with_relu_after_bn(Case(form="int", act_between=True))
+    case = with_relu_after_bn(Case(form="int", act_between=True))
     out, report = qdqfold_native.fold_with_report(case.bytes, drop_activation_quantizers=True)
     r = report["batchnorms"][0]
     assert not r["folded"] and r["code"] == "quantizer-would-be-lost", r
@@ -63,7 +49,6 @@ def test_drop_goes_ahead_where_a_quantizer_follows_the_bn():
 
 def test_an_int32_bias_with_a_nonzero_zero_point_is_requantized_with_zero_point_0():
     """Found by fuzzing the exporter fixtures: the re-quantized int32 bias kept its old nonzero zero point."""
-    from conftest import random_inputs, run
 
     case = Case(layer="Conv", form="int", bias="int32")
     for i in case.model.graph.initializer:

@@ -13,105 +13,23 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import qdqfold_native
-
-from conftest import assert_same_outputs, op_types, random_inputs, run
-
-F32 = TensorProto.FLOAT
-RNG = np.random.default_rng(1234)
-
+from helpers.build import F32, RNG, bn_count, bn_node, bn_params, gemm_model, make_model, op_types, vi, weight
+from helpers.folding import assert_folded, fold
+from helpers.onnxrt import assert_same_outputs, random_inputs
 
 # ---------------------------------------------------------------- builders
-
-
-def bn_params(prefix: str, c: int, rng=RNG, dtype=np.float32) -> list[onnx.TensorProto]:
-    """Trained-looking BN statistics: some negative gammas, variances far from 1."""
-    gamma = rng.uniform(0.5, 2.0, c) * np.where(rng.random(c) < 0.3, -1.0, 1.0)
-    beta = rng.standard_normal(c)
-    mean = rng.standard_normal(c)
-    var = rng.uniform(0.05, 3.0, c)
-    names = ["scale", "bias", "mean", "var"]
-    return [numpy_helper.from_array(v.astype(dtype), f"{prefix}_{n}") for n, v in zip(names, [gamma, beta, mean, var])]
-
-
-def bn_node(x: str, y: str, prefix: str, name: str | None = None, **attrs) -> onnx.NodeProto:
-    return helper.make_node("BatchNormalization", [x] + [f"{prefix}_{n}" for n in ["scale", "bias", "mean", "var"]],
-                            [y], name=name or prefix, **attrs)
-
-
-def weight(name: str, shape, rng=RNG, dtype=np.float32) -> onnx.TensorProto:
-    return numpy_helper.from_array((rng.standard_normal(shape) * 0.5).astype(dtype), name)
-
-
-def make_model(nodes, inputs, outputs, initializers=(), opset=17, value_info=(), functions=(), extra_opsets=()):
-    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers), value_info=list(value_info))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), *extra_opsets],
-                              functions=list(functions))
-    model.ir_version = 8 if opset <= 17 else 10
-    # Graph outputs declared without a shape get the inferred one (the full checker wants a shape).
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # older opsets the inference does not know: leave the outputs as declared
-        return model
-    for out, inf in zip(model.graph.output, inferred.graph.output):
-        if not out.type.tensor_type.HasField("shape") and inf.type.tensor_type.HasField("shape"):
-            out.type.CopyFrom(inf.type)
-    return model
-
-
-def vi(name, shape, elem=F32):
-    return helper.make_tensor_value_info(name, elem, shape)
-
-
-def fold(model: onnx.ModelProto, **options):
-    data = model.SerializeToString()
-    out, report = qdqfold_native.fold_with_report(data, **options)
-    return onnx.load_from_string(out), report, data, out
-
-
-def bn_count(model: onnx.ModelProto) -> int:
-    count = [0]
-
-    def visit(g):
-        for n in g.node:
-            if n.op_type == "BatchNormalization":
-                count[0] += 1
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    visit(a.g)
-                for sub in a.graphs:
-                    visit(sub)
-
-    visit(model.graph)
-    for f in model.functions:
-        for n in f.node:
-            count[0] += n.op_type == "BatchNormalization"
-    return count[0]
-
-
-def assert_folded(model, rtol=1e-5, expect_codes=None, **options):
-    """Folds `model`, asserts every BN is gone, the result passes the full checker and matches in onnxruntime."""
-    folded, report, data, out = fold(model, **options)
-    entries = report["batchnorms"]
-    assert entries and all(e["folded"] for e in entries), [(e["node"], e["code"], e["message"]) for e in entries]
-    if expect_codes is not None:
-        assert [e["code"] for e in entries] == expect_codes
-    assert bn_count(folded) == 0
-    onnx.checker.check_model(folded, full_check=True)
-    assert_same_outputs(model, folded, rtol_of_range=rtol)
-    return folded, report
 
 
 def assert_kept(model, code, **options):
     """Folds with the backward folds only; the single BN is kept with `code` and nothing changes."""
     options.setdefault("fold_forward", False)
-    folded, report, data, out = fold(model, **options)
-    entries = report["batchnorms"]
+    folded = fold(model, **options)
+    entries = folded.report["batchnorms"]
     assert len(entries) == 1
     assert entries[0]["folded"] is False
     assert entries[0]["code"] == code, (entries[0]["code"], entries[0]["message"])
     assert entries[0]["message"]
-    assert out == data, "a kept BN must leave the model byte-identical"
+    assert folded.bytes == folded.input, "a kept BN must leave the model byte-identical"
     return entries[0]
 
 
@@ -261,18 +179,6 @@ def test_bn_parameters_and_bias_from_dequantize_linear_of_constant_integers():
 # ---------------------------------------------------------------- Gemm / MatMul
 
 
-def gemm_model(trans_b=0, alpha=1.0, beta=1.0, c_shape=(8,), m=3, k=5, n=8, dtype=np.float32, elem=F32, opset=17):
-    b_shape = [n, k] if trans_b else [k, n]
-    inits = [weight("Bw", b_shape, dtype=dtype)] + bn_params("bn", n, dtype=dtype)
-    inputs = ["a", "Bw"]
-    if c_shape is not None:
-        inits.append(weight("C", list(c_shape), dtype=dtype))
-        inputs.append("C")
-    nodes = [helper.make_node("Gemm", inputs, ["y"], name="fc", transB=trans_b, alpha=alpha, beta=beta),
-             bn_node("y", "z", "bn")]
-    return make_model(nodes, [vi("a", [m, k], elem)], [vi("z", None, elem)], inits, opset=opset)
-
-
 @pytest.mark.parametrize("trans_b", [0, 1])
 @pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.5, 2.0), (1.5, 0.0), (1.0, -0.75)])
 @pytest.mark.parametrize("c_shape", [None, (8,), (1, 8), (3, 8), (1,), (), (3, 1), (1, 1)])
@@ -300,7 +206,7 @@ def test_gemm_bn_bn_chain_sees_the_beta_the_first_fold_wrote(beta):
 
 @pytest.mark.parametrize("trans_b", [0, 1])
 def test_gemm_trans_a_folds_backwards(trans_b):
-    # A backward fold scales B's output features, whichever way A is read (more in test_fold_gaps.py).
+    # A backward fold scales B's output features, whichever way A is read (more in test_fold_layer_variants.py).
     model = gemm_model(trans_b=trans_b)
     model.graph.node[0].attribute.append(helper.make_attribute("transA", 1))
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 5
@@ -429,10 +335,10 @@ def _as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
 @pytest.mark.parametrize("transpose", [False, True])
 def test_bfloat16_and_float64_conv_bn(dtype, elem, transpose):
     model = conv_bn_model(dtype=dtype, elem=elem, bias=True, transpose=transpose, group=2, opset=22, cin=4, cout=6)
-    folded, report, _, _ = fold(model)
-    assert report["batchnorms"][0]["folded"]
-    onnx.checker.check_model(folded, full_check=True)
-    w2 = numpy_helper.to_array(folded.graph.initializer[0])
+    folded = fold(model)
+    assert folded.report["batchnorms"][0]["folded"]
+    onnx.checker.check_model(folded.model, full_check=True)
+    w2 = numpy_helper.to_array(folded.model.graph.initializer[0])
     assert w2.dtype == dtype
     a, t = _bn_affine(model)
     w = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
@@ -443,16 +349,16 @@ def test_bfloat16_and_float64_conv_bn(dtype, elem, transpose):
         exact = w * a[:, None, None, None]
     _half_ulp_ok(w2, exact, dtype)
     rtol = 1e-2 if dtype == ml_dtypes.bfloat16 else 1e-5
-    assert_same_outputs(_as_float32(model), _as_float32(folded), rtol_of_range=rtol)
+    assert_same_outputs(_as_float32(model), _as_float32(folded.model), rtol_of_range=rtol)
 
 
 def test_bfloat16_gemm_bn():
     model = gemm_model(trans_b=1, beta=2.0, dtype=ml_dtypes.bfloat16, elem=TensorProto.BFLOAT16)
-    folded, report, _, _ = fold(model)
-    assert report["batchnorms"][0]["folded"]
-    onnx.checker.check_model(folded, full_check=True)
-    assert numpy_helper.to_array(folded.graph.initializer[0]).dtype == ml_dtypes.bfloat16
-    assert_same_outputs(_as_float32(model), _as_float32(folded), rtol_of_range=1e-2)
+    folded = fold(model)
+    assert folded.report["batchnorms"][0]["folded"]
+    onnx.checker.check_model(folded.model, full_check=True)
+    assert numpy_helper.to_array(folded.model.graph.initializer[0]).dtype == ml_dtypes.bfloat16
+    assert_same_outputs(_as_float32(model), _as_float32(folded.model), rtol_of_range=1e-2)
 
 
 def test_float16_overflow_keeps_bn():
@@ -491,11 +397,11 @@ def test_opset_1_to_6_bn_with_is_test_folds(opset, attrs):
     reference = conv_bn_model(opset=7)
     for dst, src in zip(model.graph.initializer, reference.graph.initializer):
         dst.CopyFrom(src)
-    folded, report, _, _ = fold(model)
-    assert report["batchnorms"][0]["folded"], report
-    assert bn_count(folded) == 0
-    onnx.checker.check_model(folded, full_check=True)
-    assert_same_outputs(reference, folded)
+    folded = fold(model)
+    assert folded.report["batchnorms"][0]["folded"], folded.report
+    assert bn_count(folded.model) == 0
+    onnx.checker.check_model(folded.model, full_check=True)
+    assert_same_outputs(reference, folded.model)
 
 
 @pytest.mark.parametrize("opset,attrs", [(6, {}), (6, dict(is_test=0)), (5, dict(consumed_inputs=[0, 0, 0, 1, 1]))])
@@ -602,8 +508,8 @@ def test_quantized_weight_is_left_to_the_qdq_fold():
         numpy_helper.from_array(RNG.integers(-100, 100, list(w.dims)).astype(np.int8), "Wq"),
         numpy_helper.from_array(np.float32(0.01), "Ws")])
     model.graph.node.insert(0, helper.make_node("DequantizeLinear", ["Wq", "Ws"], ["W"], name="dq_w"))
-    _, report, _, _ = fold(model)
-    assert report["batchnorms"][0]["code"] != "conv-bn"
+    result = fold(model)
+    assert result.report["batchnorms"][0]["code"] != "conv-bn"
 
 
 def test_activation_quantizer_between_conv_and_bn_is_not_this_fold():
@@ -614,9 +520,9 @@ def test_activation_quantizer_between_conv_and_bn_is_not_this_fold():
     bn.input[0] = "yd"
     model.graph.node.insert(1, helper.make_node("QuantizeLinear", ["y", "as", "az"], ["yq"]))
     model.graph.node.insert(2, helper.make_node("DequantizeLinear", ["yq", "as", "az"], ["yd"]))
-    _, report, data, out = fold(model, fold_forward=False)
-    assert report["batchnorms"][0]["code"] != "conv-bn" and not report["batchnorms"][0]["folded"]
-    assert out == data
+    result = fold(model, fold_forward=False)
+    assert result.report["batchnorms"][0]["code"] != "conv-bn" and not result.report["batchnorms"][0]["folded"]
+    assert result.bytes == result.input
 
 
 # ---------------------------------------------------------------- subgraphs and functions
@@ -642,19 +548,19 @@ def test_if_branches_fold_with_outer_weights_left_untouched():
              helper.make_node("Conv", ["x", "W", "B"], ["main_y"], name="main_conv", pads=[1, 1, 1, 1])]
     model = make_model(nodes, [vi("x", [1, 4, 5, 5]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
                        [vi("out", [1, 6, 5, 5]), vi("main_y", [1, 6, 5, 5])], outer)
-    folded, report, _, _ = fold(model)
-    assert [e["graph"] for e in report["batchnorms"]] == ["main/if:then_branch", "main/if:else_branch"] or all(
-        e["graph"].startswith("main/") for e in report["batchnorms"])
-    assert all(e["folded"] for e in report["batchnorms"])
-    assert bn_count(folded) == 0
-    onnx.checker.check_model(folded, full_check=True)
-    outer_after = {i.name: numpy_helper.to_array(i) for i in folded.graph.initializer}
+    folded = fold(model)
+    assert [e["graph"] for e in folded.report["batchnorms"]] == ["main/if:then_branch", "main/if:else_branch"] or all(
+        e["graph"].startswith("main/") for e in folded.report["batchnorms"])
+    assert all(e["folded"] for e in folded.report["batchnorms"])
+    assert bn_count(folded.model) == 0
+    onnx.checker.check_model(folded.model, full_check=True)
+    outer_after = {i.name: numpy_helper.to_array(i) for i in folded.model.graph.initializer}
     for init in outer:
         np.testing.assert_array_equal(outer_after[init.name], numpy_helper.to_array(init))
     for cond in (True, False):
         feeds = random_inputs(model)
         feeds["cond"] = np.array(cond)
-        assert_same_outputs(model, folded, feeds=feeds)
+        assert_same_outputs(model, folded.model, feeds=feeds)
 
 
 def test_outer_weight_read_only_by_the_branches_is_dropped_once_both_folded():
@@ -665,14 +571,14 @@ def test_outer_weight_read_only_by_the_branches_is_dropped_once_both_folded():
                           else_branch=_branch("else", "W", "B"), name="if")],
         [vi("x", [1, 4, 5, 5]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
         [vi("out", [1, 6, 5, 5])], [weight("W", [6, 4, 3, 3]), weight("B", [6])])
-    folded, report, _, _ = fold(model)
-    assert [e["folded"] for e in report["batchnorms"]] == [True, True]
-    assert [i.name for i in folded.graph.initializer] == []
-    onnx.checker.check_model(folded, full_check=True)
+    folded = fold(model)
+    assert [e["folded"] for e in folded.report["batchnorms"]] == [True, True]
+    assert [i.name for i in folded.model.graph.initializer] == []
+    onnx.checker.check_model(folded.model, full_check=True)
     for cond in (True, False):
         feeds = random_inputs(model)
         feeds["cond"] = np.array(cond)
-        assert_same_outputs(model, folded, feeds=feeds)
+        assert_same_outputs(model, folded.model, feeds=feeds)
 
 
 def test_outer_weight_still_read_by_one_branch_stays():
@@ -683,13 +589,13 @@ def test_outer_weight_still_read_by_one_branch_stays():
         [helper.make_node("If", ["cond"], ["out"], then_branch=then_g, else_branch=else_g, name="if")],
         [vi("x", [1, 4, 5, 5]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
         [vi("out", [1, 6, 5, 5])], [weight("W", [6, 4, 3, 3])])
-    folded, report, _, _ = fold(model)
-    assert [e["folded"] for e in report["batchnorms"]] == [True]
-    assert [i.name for i in folded.graph.initializer] == ["W"]
+    folded = fold(model)
+    assert [e["folded"] for e in folded.report["batchnorms"]] == [True]
+    assert [i.name for i in folded.model.graph.initializer] == ["W"]
     for cond in (True, False):
         feeds = random_inputs(model)
         feeds["cond"] = np.array(cond)
-        assert_same_outputs(model, folded, feeds=feeds)
+        assert_same_outputs(model, folded.model, feeds=feeds)
 
 
 def test_loop_and_scan_bodies_fold():
@@ -712,13 +618,13 @@ def test_loop_and_scan_bodies_fold():
              helper.make_node("Scan", ["rows"], ["scanned"], body=scan_body, num_scan_inputs=1, name="scan")]
     model = make_model(nodes, [helper.make_tensor_value_info("trip", TensorProto.INT64, []), vi("x", [1, 4, 5, 5]),
                                vi("rows", [3, 1, 4])], [vi("looped", [1, 4, 5, 5]), vi("scanned", [3, 1, 4])], [], opset=17)
-    folded, report, _, _ = fold(model)
-    assert len(report["batchnorms"]) == 2 and all(e["folded"] for e in report["batchnorms"]), report
-    assert bn_count(folded) == 0
-    onnx.checker.check_model(folded, full_check=True)
+    folded = fold(model)
+    assert len(folded.report["batchnorms"]) == 2 and all(e["folded"] for e in folded.report["batchnorms"]), folded.report
+    assert bn_count(folded.model) == 0
+    onnx.checker.check_model(folded.model, full_check=True)
     feeds = random_inputs(model)
     feeds["trip"] = np.array(3, dtype=np.int64)
-    assert_same_outputs(model, folded, feeds=feeds)
+    assert_same_outputs(model, folded.model, feeds=feeds)
 
 
 def test_model_local_function_with_constant_nodes_folds_including_a_chain():
@@ -733,14 +639,14 @@ def test_model_local_function_with_constant_nodes_folds_including_a_chain():
     model = make_model([helper.make_node("ConvBN", ["x"], ["out"], domain="local", name="call")],
                        [vi("x", [1, 4, 5, 5])], [vi("out", None)], [],
                        functions=[fn], extra_opsets=[helper.make_opsetid("local", 1)])
-    folded, report, _, _ = fold(model)
-    assert [e["graph"].startswith("function:") for e in report["batchnorms"]] == [True, True]
-    assert all(e["folded"] for e in report["batchnorms"]), report
-    assert bn_count(folded) == 0
-    f = folded.functions[0]
+    folded = fold(model)
+    assert [e["graph"].startswith("function:") for e in folded.report["batchnorms"]] == [True, True]
+    assert all(e["folded"] for e in folded.report["batchnorms"]), folded.report
+    assert bn_count(folded.model) == 0
+    f = folded.model.functions[0]
     assert [n.op_type for n in f.node].count("Constant") == 2  # the folded W and B; the BN parameters are gone
-    onnx.checker.check_model(folded, full_check=True)
-    assert_same_outputs(model, folded)
+    onnx.checker.check_model(folded.model, full_check=True)
+    assert_same_outputs(model, folded.model)
 
 
 # ---------------------------------------------------------------- more preconditions and rounding
@@ -802,9 +708,9 @@ def test_scaled_weight_is_rounded_once_not_through_float32(dtype, elem, offset):
     params = {"bn_scale": a, "bn_bias": 0.0, "bn_mean": 0.0, "bn_var": 1.0}
     for init in model.graph.initializer[1:]:
         init.CopyFrom(numpy_helper.from_array(np.array([params[init.name]], np.float64), init.name))
-    folded, report, _, _ = fold(model)
-    assert report["batchnorms"][0]["folded"]
-    w2 = numpy_helper.to_array(folded.graph.initializer[0]).astype(np.float64)
+    folded = fold(model)
+    assert folded.report["batchnorms"][0]["folded"]
+    w2 = numpy_helper.to_array(folded.model.graph.initializer[0]).astype(np.float64)
     np.testing.assert_array_equal(w2, np.full([1, 1, 3], 1.0 + 2 * offset))
 
 

@@ -17,7 +17,9 @@ from onnx import TensorProto, helper, numpy_helper
 import qdqfold
 import qdqfold_native
 
-from conftest import assert_same_outputs, op_types, random_inputs, run
+from helpers.build import op_types
+from helpers.folding import fold_api
+from helpers.onnxrt import assert_same_outputs, random_inputs, run
 
 F32 = TensorProto.FLOAT
 RNG = np.random.default_rng(5)
@@ -61,28 +63,22 @@ def make_model(nodes, inputs, outputs, initializers=(), opset=17, value_info=())
     return model
 
 
-def fold(model: onnx.ModelProto, **options):
-    data = model.SerializeToString()
-    out, report = qdqfold.fold_bytes(data, **options)
-    return onnx.load_from_string(out), report, data, out
-
-
 def assert_folded_forward(model, *, into: int = 1, rtol: float = 1e-5, **options):
-    folded, report, data, out = fold(model, **options)
-    entry = report.batchnorms[0]
+    folded = fold_api(model, **options)
+    entry = folded.report.batchnorms[0]
     assert entry.folded and entry.direction == "forward", entry.describe()
     assert len(entry.into) == into
-    assert "BatchNormalization" not in op_types(folded)
-    onnx.checker.check_model(folded, full_check=True)
-    assert_same_outputs(data, out, rtol)
-    return folded, entry
+    assert "BatchNormalization" not in op_types(folded.model)
+    onnx.checker.check_model(folded.model, full_check=True)
+    assert_same_outputs(folded.input, folded.bytes, rtol)
+    return folded.model, entry
 
 
 def assert_kept(model, code: str, **options):
-    folded, report, data, out = fold(model, **options)
-    entry = report.batchnorms[0]
+    folded = fold_api(model, **options)
+    entry = folded.report.batchnorms[0]
     assert not entry.folded and entry.code == code, entry.describe()
-    assert out == data
+    assert folded.bytes == folded.input
     return entry
 
 
@@ -580,18 +576,18 @@ def conv_bn_conv_model():
 
 
 def test_bn_between_two_convs_folds_backwards():
-    folded, report, data, out = fold(conv_bn_conv_model())
-    entry = report.batchnorms[0]
+    folded = fold_api(conv_bn_conv_model())
+    entry = folded.report.batchnorms[0]
     assert entry.folded and entry.direction == "backward" and entry.into == ["conv1"]
-    assert_same_outputs(data, out)
+    assert_same_outputs(folded.input, folded.bytes)
 
 
 def test_bn_between_two_convs_folds_forwards_when_backward_is_off():
     model = conv_bn_conv_model()
     folded, entry = assert_folded_forward(model, fold_backward=False)
     assert entry.into == ["conv2"]
-    _, report, data, out = fold(model, fold_forward=False, fold_backward=False)
-    assert out == data and not report.batchnorms[0].folded
+    result = fold_api(model, fold_forward=False, fold_backward=False)
+    assert result.bytes == result.input and not result.report.batchnorms[0].folded
 
 
 def test_graph_input_bn_into_padded_conv_needs_the_correction():
@@ -629,10 +625,10 @@ def test_float64_gemm():
 def test_bfloat16_weights_are_rounded_once():
     # onnxruntime has no bfloat16 Conv on CPU: check the numbers against numpy instead.
     model = typed_model(ml_dtypes.bfloat16, TensorProto.BFLOAT16)
-    folded, report, _, _ = fold(model)
-    assert report.batchnorms[0].folded
+    folded = fold_api(model)
+    assert folded.report.batchnorms[0].folded
     init = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
-    new = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in folded.graph.initializer}
+    new = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in folded.model.graph.initializer}
     a = init["bn_scale"] / np.sqrt(init["bn_var"] + np.float32(1e-5))
     t = init["bn_bias"] - init["bn_mean"] * a
     w = init["w"]
@@ -672,9 +668,9 @@ def test_bn_in_an_if_branch_folds_without_editing_the_outer_weight():
     else_branch = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["ye"])], "else", [], [vi("ye", [1, 3, 4, 4])])
     nodes = [helper.make_node("If", ["cond"], ["y"], then_branch=then_branch, else_branch=else_branch)]
     model = make_model(nodes, [vi("x", [1, c, 6, 6])], [vi("y", [1, 3, 4, 4])], outer)
-    folded, report, data, out = fold(model)
-    entry = report.batchnorms[0]
+    folded = fold_api(model)
+    entry = folded.report.batchnorms[0]
     assert entry.folded and entry.graph != "main" and entry.new_tensors
-    assert numpy_helper.to_array(next(i for i in folded.graph.initializer if i.name == "w")).tobytes() == \
+    assert numpy_helper.to_array(next(i for i in folded.model.graph.initializer if i.name == "w")).tobytes() == \
         numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w")).tobytes()
-    assert_same_outputs(data, out)
+    assert_same_outputs(folded.input, folded.bytes)

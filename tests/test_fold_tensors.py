@@ -9,7 +9,8 @@ import pytest
 from onnx import numpy_helper as nh
 
 import qdqfold_native
-from conftest import MODELS, assert_same_outputs
+from helpers.onnxrt import assert_same_outputs
+from helpers.samples import MODELS
 
 
 def split(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, bytes]]:

@@ -14,9 +14,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import qdqfold_native
 
-from conftest import assert_same_outputs, op_types
+from helpers.build import op_types
+from helpers.folding import fold
+from helpers.onnxrt import assert_same_outputs
 
 F32 = TensorProto.FLOAT
 RNG = np.random.default_rng(17)
@@ -98,30 +99,26 @@ class Block:
         return m
 
 
-def fold(model: onnx.ModelProto, **options) -> tuple[bytes, dict]:
-    return qdqfold_native.fold_with_report(model.SerializeToString(), **options)
-
-
 def merged(model: onnx.ModelProto, convs_after: int = 1, identity_bns: int = 0) -> dict:
     """Folds with merge_branches, checks the result against onnxruntime and the counts; returns the report."""
-    out, report = fold(model, merge_branches=True)
-    assert_same_outputs(model, out)
-    assert_same_outputs(model, out, seed=1)
-    ops = op_types(out)
+    result = fold(model, merge_branches=True)
+    assert_same_outputs(model, result.bytes)
+    assert_same_outputs(model, result.bytes, seed=1)
+    ops = op_types(result.bytes)
     assert ops.count("Conv") == convs_after, ops
     assert "BatchNormalization" not in ops and "Add" not in ops and "Sum" not in ops and "Sub" not in ops, ops
-    merges = report["merges"]
+    merges = result.report["merges"]
     assert [m["code"] for m in merges] == ["merge-branches"] * len(merges)
     assert all(m["folded"] and m["exact"] is True and m["direction"] == "merge" for m in merges)
-    by_merge = [b for b in report["batchnorms"] if b["code"] == "merge-branches"]
+    by_merge = [b for b in result.report["batchnorms"] if b["code"] == "merge-branches"]
     assert len(by_merge) == identity_bns
     assert all(b["folded"] and b["direction"] == "merge" for b in by_merge)
-    assert all(b["folded"] for b in report["batchnorms"]), [b for b in report["batchnorms"] if not b["folded"]]
+    assert all(b["folded"] for b in result.report["batchnorms"]), [b for b in result.report["batchnorms"] if not b["folded"]]
     # Nothing left behind: every initializer is read.
-    m = onnx.load_from_string(out)
+    m = onnx.load_from_string(result.bytes)
     read = {i for n in m.graph.node for i in n.input}
     assert {t.name for t in m.graph.initializer} <= read
-    return report
+    return result.report
 
 
 # ---------------------------------------------------------------- merges
@@ -146,9 +143,9 @@ def test_repvgg_block(identity):
 def test_repvgg_block_default_off_keeps_identity_bn():
     b = Block()
     model = b.model(b.add_chain([b.conv("x", (3, 3)), b.conv("x", (1, 1)), b.bn("x")]))
-    out, report = fold(model)
-    assert "merges" not in report
-    assert op_types(out).count("BatchNormalization") == 1 and op_types(out).count("Conv") == 2
+    result = fold(model)
+    assert "merges" not in result.report
+    assert op_types(result.bytes).count("BatchNormalization") == 1 and op_types(result.bytes).count("Conv") == 2
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
@@ -184,11 +181,11 @@ def test_cross_without_square_kernel_grows_the_kept_conv():
     b = Block()
     model = b.model(b.add_chain([b.conv("x", (1, 3)), b.conv("x", (3, 1))]))
     merged(model)
-    out, _ = fold(model, merge_branches=True)
-    conv = next(n for n in onnx.load_from_string(out).graph.node if n.op_type == "Conv")
+    result = fold(model, merge_branches=True)
+    conv = next(n for n in onnx.load_from_string(result.bytes).graph.node if n.op_type == "Conv")
     attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
     assert list(attrs["kernel_shape"]) == [3, 3] and list(attrs["pads"]) == [1, 1, 1, 1]
-    assert list(next(t for t in onnx.load_from_string(out).graph.initializer if t.name == conv.input[1]).dims) == [8, 8, 3, 3]
+    assert list(next(t for t in onnx.load_from_string(result.bytes).graph.initializer if t.name == conv.input[1]).dims) == [8, 8, 3, 3]
 
 
 def test_repmixer_subtraction():
@@ -224,12 +221,12 @@ def test_two_blocks_in_a_row():
 
 
 def kept(model: onnx.ModelProto, code: str) -> dict:
-    out, report = fold(model, merge_branches=True)
-    plain, _ = fold(model)
-    assert out == plain  # nothing edited by the merge
-    (m,) = report["merges"]
+    result = fold(model, merge_branches=True)
+    result2 = fold(model)
+    assert result.bytes == result2.bytes  # nothing edited by the merge
+    (m,) = result.report["merges"]
     assert not m["folded"] and m["code"] == code, m
-    return report
+    return result.report
 
 
 def test_kept_pads_misaligned():
@@ -250,8 +247,8 @@ def test_cross_with_dilation_on_the_long_side():
     three_one = b.conv("x", (3, 1), pads=[1, 0, 1, 0])
     model = b.model(b.add_chain([one_three, three_one]))
     merged(model)
-    out, _ = fold(model, merge_branches=True)
-    conv = next(n for n in onnx.load_from_string(out).graph.node if n.op_type == "Conv")
+    result = fold(model, merge_branches=True)
+    conv = next(n for n in onnx.load_from_string(result.bytes).graph.node if n.op_type == "Conv")
     attrs = {a.name: list(helper.get_attribute_value(a)) for a in conv.attribute if a.name in ("dilations", "pads")}
     assert attrs == {"dilations": [1, 2], "pads": [1, 2, 1, 2]}
 
@@ -293,9 +290,9 @@ def test_nothing_to_merge_is_byte_identical():
     b = Block()
     y = b.op("Relu", [b.conv("x", (3, 3), bn=False)])
     model = b.model(b.op("Add", [b.conv(y, (3, 3), bn=False), "x"]))
-    out, report = fold(model, merge_branches=True)
-    assert out == model.SerializeToString()
-    assert "merges" not in report
+    result = fold(model, merge_branches=True)
+    assert result.bytes == model.SerializeToString()
+    assert "merges" not in result.report
 
 
 # ---------------------------------------------------------------- Python report and CLI
@@ -333,16 +330,16 @@ def test_requantize_merged(form):
     b = Block()
     terms = [b.conv("x", (3, 3), quantized=form), b.conv("x", (1, 1), quantized=form), b.bn("x")]
     model = b.model(b.add_chain(terms))
-    out, report = fold(model, merge_branches=True, requantize_merged=True)
-    (m,) = report["merges"]
+    result = fold(model, merge_branches=True, requantize_merged=True)
+    (m,) = result.report["merges"]
     assert m["folded"] and m["exact"] is False and m["code"] == "merge-branches"
     assert 0 < m["metrics"]["max_requantization_change"] <= 0.5 + 1e-9
     assert "APPROXIMATE" in m["message"]
-    ops = op_types(out)
+    ops = op_types(result.bytes)
     assert ops.count("Conv") == 1 and ops.count("DequantizeLinear") == 1 and "BatchNormalization" not in ops
     assert ops.count("QuantizeLinear") == (1 if form == "qat" else 0)
     # The merged integers: int8, symmetric, one scale per output channel.
-    g = onnx.load_from_string(out).graph
+    g = onnx.load_from_string(result.bytes).graph
     dq = next(n for n in g.node if n.op_type == "DequantizeLinear")
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     assert inits[dq.input[1]].shape == (8,) and (len(dq.input) < 3 or not inits[dq.input[2]].any())
@@ -351,13 +348,13 @@ def test_requantize_merged(form):
         assert inits[dq.input[0]].dtype == np.int8 and np.abs(inits[dq.input[0]]).max() == 127
     # Approximate: the outputs move by a fraction of the output range, never more than the weight rounding
     # allows (half a step of the new scale on every tap).
-    from conftest import random_inputs, run
+    from helpers.onnxrt import random_inputs, run
     feeds = random_inputs(model)
-    expected, actual = run(model, feeds)[0], run(out, feeds)[0]
+    expected, actual = run(model, feeds)[0], run(result.bytes, feeds)[0]
     span = float(expected.max() - expected.min())
     assert float(np.abs(expected - actual).max()) <= 0.02 * span
-    exact_out, _ = fold(model, merge_branches=True, requantize_merged=False)
-    assert op_types(exact_out).count("Conv") == 2  # without the option: kept
+    result2 = fold(model, merge_branches=True, requantize_merged=False)
+    assert op_types(result2.bytes).count("Conv") == 2  # without the option: kept
 
 
 def test_block_inside_an_if_branch():
@@ -371,12 +368,12 @@ def test_block_inside_an_if_branch():
     node = helper.make_node("If", ["cond"], ["y"], then_branch=then_branch, else_branch=else_branch)
     g = helper.make_graph([node], "outer", [b.inputs[0], cond], [helper.make_tensor_value_info("y", F32, None)])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-    out, report = fold(model, merge_branches=True)
-    (m,) = report["merges"]
+    result = fold(model, merge_branches=True)
+    (m,) = result.report["merges"]
     assert m["folded"] and m["graph"].startswith("main/")
     feeds = {"x": RNG.standard_normal((1, 8, 7, 7)).astype(np.float32), "cond": np.array(True)}
-    assert_same_outputs(model, out, feeds=feeds)
-    body = next(a.g for a in onnx.load_from_string(out).graph.node[0].attribute if a.name == "then_branch")
+    assert_same_outputs(model, result.bytes, feeds=feeds)
+    body = next(a.g for a in onnx.load_from_string(result.bytes).graph.node[0].attribute if a.name == "then_branch")
     assert [n.op_type for n in body.node] == ["Conv", "Relu"]
 
 
@@ -386,7 +383,7 @@ def test_inner_sum_merges_when_the_whole_sum_cannot():
     b.inputs.append(helper.make_tensor_value_info("y", F32, [1, 8, 7, 7]))
     inner = b.op("Add", [b.conv("x", (3, 3)), b.conv("x", (1, 1))])
     model = b.model(b.op("Add", [inner, "y"]))
-    out, report = fold(model, merge_branches=True)
-    assert [(m["node"], m["code"]) for m in report["merges"]] == [("add5", "merge-branches")]
-    assert op_types(out) == ["Conv", "Add", "Relu"]
-    assert_same_outputs(model, out)
+    result = fold(model, merge_branches=True)
+    assert [(m["node"], m["code"]) for m in result.report["merges"]] == [("add5", "merge-branches")]
+    assert op_types(result.bytes) == ["Conv", "Add", "Relu"]
+    assert_same_outputs(model, result.bytes)

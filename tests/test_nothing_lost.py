@@ -19,7 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qdqfold_native
 
-from conftest import length_delimited, random_inputs, run
+from helpers.onnxrt import random_inputs, run
+from helpers.wire import length_delimited
 
 # CI runs a fixed budget; QDQFOLD_PROPERTY_EXAMPLES=2000 for a longer hunt (see the README, Development).
 EXAMPLES = int(os.environ.get("QDQFOLD_PROPERTY_EXAMPLES", "60"))

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 import qdqfold_native
 from qdqfold.verify import verify
 
-from conftest import random_inputs, run
+from helpers.onnxrt import random_inputs, run
 
 # CI runs a fixed budget; QDQFOLD_PROPERTY_EXAMPLES=2000 for a longer hunt (see the README, Development).
 EXAMPLES = int(os.environ.get("QDQFOLD_PROPERTY_EXAMPLES", "60"))

@@ -14,7 +14,7 @@ import qdqfold
 from qdqfold.graphinfo import WireFormatError, read_model_info
 from qdqfold.report import BatchNormEntry, FoldReport
 
-from conftest import MODELS, SAMPLE_MODELS
+from helpers.samples import MODELS, SAMPLE_MODELS
 
 
 def _entry(node, folded, *, direction=None, code="conv-bn", exact=True, new_tensors=()):

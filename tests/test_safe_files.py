@@ -23,7 +23,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qdqfold_native
-from conftest import assert_same_outputs, nested_if_model
+from helpers.onnxrt import assert_same_outputs
+from helpers.wire import nested_if_model
 
 
 def chain(seed: int, layers: int = 2, channels: int = 8, size: int = 6) -> onnx.ModelProto:

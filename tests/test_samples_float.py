@@ -7,7 +7,8 @@ import pytest
 
 import qdqfold_native
 
-from conftest import MODELS, assert_same_outputs
+from helpers.onnxrt import assert_same_outputs
+from helpers.samples import MODELS
 
 # model -> (BNs folded backwards into their producer, {kept BN: reason code with the backward folds only})
 EXPECTED = {

@@ -3,19 +3,19 @@ kept and why, and onnxruntime outputs (optimisations off) of original and folded
 
 from __future__ import annotations
 
-import onnx
 import pytest
 
-import qdqfold
-
-from conftest import MODELS, assert_same_outputs, op_types
+from helpers.build import op_types
+from helpers.folding import fold_api
+from helpers.onnxrt import assert_same_outputs
+from helpers.samples import MODELS
 
 
 def fold_sample(name: str, **options):
-    data = (MODELS / name).read_bytes()
-    out, report = qdqfold.fold_bytes(data, **options)
-    assert_same_outputs(data, out)
-    return onnx.load_from_string(out), {entry.node.split("/")[1]: entry for entry in report.batchnorms}
+    """Folds the sample (helpers.folding.fold_api), checks its outputs; the model and the entries by layer name."""
+    folded = fold_api((MODELS / name).read_bytes(), **options)
+    assert_same_outputs(folded.input, folded.bytes)
+    return folded.model, {entry.node.split("/")[1]: entry for entry in folded.report.batchnorms}
 
 
 def test_bn_conv_cases_fold_where_exact_and_keep_the_padded_ones():

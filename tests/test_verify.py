@@ -15,31 +15,12 @@ from onnx import TensorProto, helper, numpy_helper
 import qdqfold
 from qdqfold.verify import is_quantized_unit, random_inputs, verify
 
-from conftest import MODELS, op_types, session
+from helpers.build import float_conv_bn, op_types
+from helpers.onnxrt import session
+from helpers.samples import MODELS
 
 QAT_SEED = MODELS / "qat_seed_prebn.onnx"
 ORTQ = MODELS / "ortq_seed_prebn_pc.onnx"
-
-
-def conv_bn_model(symbolic_batch: bool = False) -> onnx.ModelProto:
-    """x -> Conv(3x3, pad 0) -> BN -> y, float: the fold every folder can do."""
-    rng = np.random.default_rng(1)
-    c_in, c_out = 3, 4
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((c_out, c_in, 3, 3)).astype(np.float32), "w"),
-        numpy_helper.from_array(rng.standard_normal(c_out).astype(np.float32), "b"),
-        numpy_helper.from_array(rng.uniform(0.5, 2, c_out).astype(np.float32) * np.array([1, -1, 1, 1], np.float32),
-                                "gamma"),
-        numpy_helper.from_array(rng.standard_normal(c_out).astype(np.float32), "beta"),
-        numpy_helper.from_array(rng.standard_normal(c_out).astype(np.float32), "mean"),
-        numpy_helper.from_array(rng.uniform(0.5, 2, c_out).astype(np.float32), "var"),
-    ]
-    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
-             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"], name="bn")]
-    batch = "N" if symbolic_batch else 1
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c_in, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, c_out, 6, 6])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def _perturbed(model: onnx.ModelProto, name: str, delta: float) -> onnx.ModelProto:
@@ -64,7 +45,7 @@ def _ort_outputs(model, feeds):
 
 
 def test_identical_models_show_no_difference():
-    model = conv_bn_model()
+    model = float_conv_bn()
     result = verify(model, model)
     assert result.passed and len(result.outputs) == 1
     out = result.outputs[0]
@@ -74,7 +55,7 @@ def test_identical_models_show_no_difference():
 
 
 def test_a_changed_weight_is_measured_exactly_and_fails_the_tolerance():
-    model = conv_bn_model()
+    model = float_conv_bn()
     changed = _perturbed(model, "w", 1e-2)
     result = verify(model, changed, seed=3, input_sets=1, twin=False, certificates=False)
     feeds = random_inputs(session(model), seed=3)
@@ -95,7 +76,7 @@ def test_a_changed_weight_is_measured_exactly_and_fails_the_tolerance():
 
 
 def test_conv_bn_fold_verifies_within_the_default_tolerance():
-    model = conv_bn_model()
+    model = float_conv_bn()
     folded, report = qdqfold.fold_model(model, report=True)
     if not report.folded:
         pytest.skip("the conv-bn fold is not built into this qdqfold_native yet")
@@ -157,7 +138,7 @@ def test_quantized_units_are_counted_in_onnxruntimes_optimized_model():
 
 
 def test_symbolic_dimensions_take_the_given_sizes():
-    model = conv_bn_model(symbolic_batch=True)
+    model = float_conv_bn(symbolic_batch=True)
     assert verify(model, model, count_units=False).input_shapes == {"x": [1, 3, 8, 8]}
     assert verify(model, model, symbolic_size=2, count_units=False).input_shapes == {"x": [2, 3, 8, 8]}
     result = verify(model, model, symbolic_size=2, dims={"N": 5}, count_units=False)
@@ -181,7 +162,7 @@ def test_integer_outputs_count_integer_steps():
 
 
 def test_a_model_onnxruntime_rejects_raises_verify_error():
-    model = conv_bn_model()
+    model = float_conv_bn()
     broken = onnx.ModelProto()
     broken.CopyFrom(model)
     broken.graph.node[0].input[1] = "no_such_tensor"

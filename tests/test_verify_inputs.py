@@ -17,14 +17,14 @@ from onnx import TensorProto, helper, numpy_helper
 import qdqfold_native
 from qdqfold.verify import SCHEMA_VERSION, VerifyError, verify
 
-from conftest import MODELS
-from test_verify import conv_bn_model
+from helpers.samples import MODELS
+from helpers.build import float_conv_bn
 
 SEED_FLOAT = MODELS / "seed_prebn.onnx"
 
 
 def symbolic_conv_bn() -> onnx.ModelProto:
-    model = conv_bn_model(symbolic_batch=True)
+    model = float_conv_bn(symbolic_batch=True)
     dims = model.graph.input[0].type.tensor_type.shape.dim
     dims[2].dim_param, dims[3].dim_param = "H", "W"
     out = model.graph.output[0].type.tensor_type.shape.dim
@@ -48,7 +48,7 @@ def test_an_unknown_dim_name_is_an_error():
 
 
 def test_npz_and_npy_inputs_one_set_per_file(tmp_path):
-    model = conv_bn_model()
+    model = float_conv_bn()
     folded = qdqfold_native.fold(model.SerializeToString())
     rng = np.random.default_rng(3)
     a, b = (rng.standard_normal((1, 3, 8, 8)).astype(np.float32) for _ in range(2))
@@ -65,7 +65,7 @@ def test_npz_and_npy_inputs_one_set_per_file(tmp_path):
 
 
 def test_bad_input_files_are_errors(tmp_path):
-    model = conv_bn_model()
+    model = float_conv_bn()
     np.savez(tmp_path / "wrong.npz", y=np.zeros((1, 3, 8, 8), np.float32))
     with pytest.raises(VerifyError, match="missing input.*x.*no model input named y"):
         verify(model, model, inputs=[tmp_path / "wrong.npz"], count_units=False)

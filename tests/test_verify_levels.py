@@ -11,7 +11,7 @@ from onnx import numpy_helper
 import qdqfold_native
 from qdqfold.verify import verify
 
-from test_exact_folds import modelopt_f16_layer
+from helpers.qdq import modelopt_f16_layer
 
 
 def _float16_bias_variant(folded: bytes) -> bytes:

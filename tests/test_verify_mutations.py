@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 import qdqfold_native
 from qdqfold.verify import verify
 
-from conftest import MODELS
+from helpers.samples import MODELS
 
 SHARED = Path("/work/shared/models")
 QDQ_SAMPLES = ["qat_seed_prebn.onnx", "qat_arcface_head.onnx", "qat_input_bn_net.onnx"]

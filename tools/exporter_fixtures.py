@@ -4,8 +4,9 @@ build with onnx.helper) into a directory, for bench/samples.py to run every fold
     python tools/exporter_fixtures.py /tmp/exporters
     python bench/samples.py --models-dir /tmp/exporters --models all
 
-The fixtures are built by the tests' own builders (imported from tests/), so the bench measures exactly the
-layouts the tests check. TensorRT's custom-domain models are left out: onnxruntime cannot run the original.
+The fixtures are built by the tests' own builders (tests/helpers/exporters/, which tests/test_exporters_*.py use),
+so the bench measures exactly the layouts the tests check. TensorRT's custom-domain models are left out:
+onnxruntime cannot run the original.
 """
 
 from __future__ import annotations
@@ -20,23 +21,16 @@ TESTS = Path(__file__).resolve().parents[1] / "tests"
 
 def fixtures() -> dict[str, onnx.ModelProto]:
     sys.path.insert(0, str(TESTS))
-    import test_exporters_affine as affine
-    import test_exporters_aimet as aimet
-    import test_exporters_brevitas as brevitas
-    import test_exporters_int4 as int4
-    import test_exporters_levit as levit
-    import test_exporters_mixnet as mixnet
-    import test_exporters_ortq as ortq
-    import test_exporters_torch as torch_export
     from onnx import TensorProto
 
-    from test_fold_qdq import Case  # the tests' quantized-layer builder
+    from helpers.exporters import affine, aimet, brevitas, int4, levit, mixnet, ortq, torchscript
+    from helpers.qdq import Case  # the tests' quantized-layer builder
 
     int4_case = Case(form="int", qtype=TensorProto.INT4, per_channel=True)
-    int4._rewrite(int4_case.model, {"w_q", "w_zero"})  # int4 stored in int32_data, as onnx.helper writes it
+    int4.rewrite_as_int32_data(int4_case.model, {"w_q", "w_zero"})  # int4 stored in int32_data, as onnx.helper writes it
 
     return {
-        "torch_identity_dedup": torch_export.vgg_like(),                     # 1. constants behind Identity
+        "torch_identity_dedup": torchscript.vgg_like(),                       # 1. constants behind Identity
         "frozen_batchnorm": affine.frozen_bn(),                               # 2. FrozenBatchNorm2d Mul/Add
         "brevitas_qcdq_clip": brevitas.with_clip(                             # 3. int W -> Clip -> DQ
             Case(form="int", qtype=TensorProto.INT8, zero=0, opset=13), -127, 127).model,
@@ -45,7 +39,7 @@ def fixtures() -> dict[str, onnx.ModelProto]:
         "levit_linear_norm": levit.levit_linear_norm(),                       # 7. MatMul -> Flatten -> BN
         "int4_in_int32_data": int4_case.model,                                # 9. int4 weights in int32_data
         "aimet_full_range_int8": aimet.aimet_case().model,                    # 10. (kept by default)
-        "ortq_quantizer_before_bn_relu": ortq._with_relu_after_bn(            # 11. Conv -> Q -> DQ -> BN -> Relu
+        "ortq_quantizer_before_bn_relu": ortq.with_relu_after_bn(             # 11. Conv -> Q -> DQ -> BN -> Relu
             Case(form="int", act_between=True)).model,
     }
 

@@ -3,7 +3,7 @@
 # runs the test suite against it.
 #
 #   tools/sanitize.sh                      # the whole suite
-#   tools/sanitize.sh tests/test_hostile.py -k nan   # any pytest arguments (paths relative to the repo root)
+#   tools/sanitize.sh tests/test_hostile_models.py -k nan   # any pytest arguments (paths relative to the repo root)
 #
 # Environment: BUILD_DIR (default build/sanitize in the repository), CXX (default g++; clang++ works too), JOBS (ninja -j,
 # default 2).

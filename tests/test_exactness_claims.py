@@ -12,6 +12,8 @@ from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
 import qdqfold_native
+from helpers.qdq import MODELOPT_OUTPUT_STEP as OUTPUT_STEP
+from helpers.qdq import modelopt_f16_layer
 
 LEVELS = [ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, ort.GraphOptimizationLevel.ORT_ENABLE_ALL]
@@ -25,47 +27,6 @@ def run(model, feeds, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else bytes(model)
     return [np.asarray(o, np.float64) for o in ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
             .run(None, feeds)]
-
-
-OUTPUT_STEP = 0.03125
-
-
-def modelopt_f16_layer(bias: bool, seed: int = 0, c_in: int = 8, c_out: int = 16, dtype=np.float16,
-                       w_scale: float = 4e-4, mean: float = 3.0) -> onnx.ModelProto:
-    """ModelOpt ONNX PTQ's default layout: x -> Q -> DQ -> Conv(float16 W -> Q -> DQ per channel) -> BN (float16
-    parameters) -> Relu -> Q -> DQ -> y, with the small weight scales and BN means of a trained network, so the folded bias in
-    steps of s_x * s_w * |a| is far beyond what float16 holds as an integer."""
-    rng = np.random.default_rng(seed)
-    onnx_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    w = (rng.standard_normal((c_out, c_in, 3, 3)) * w_scale * 40).astype(dtype)
-    sw = (np.abs(w.astype(np.float64)).reshape(c_out, -1).max(1) / 127).astype(dtype)
-    gamma = rng.uniform(0.5, 2, c_out) * rng.choice([-1, 1], c_out)
-    inits = [numpy_helper.from_array(np.array(0.02, dtype), "sx"), numpy_helper.from_array(np.array(0, np.int8), "zx"),
-             numpy_helper.from_array(w, "w"), numpy_helper.from_array(sw, "sw"),
-             numpy_helper.from_array(np.zeros(c_out, np.int8), "zw"),
-             numpy_helper.from_array(gamma.astype(dtype), "g"),
-             numpy_helper.from_array((rng.standard_normal(c_out) * 0.5).astype(dtype), "be"),
-             numpy_helper.from_array((rng.standard_normal(c_out) * mean).astype(dtype), "m"),
-             numpy_helper.from_array(rng.uniform(0.5, 2, c_out).astype(dtype), "v")]
-    conv_inputs = ["xd", "wd"]
-    if bias:
-        inits.append(numpy_helper.from_array((rng.standard_normal(c_out) * 0.1).astype(dtype), "b"))
-        conv_inputs.append("b")
-    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="iq"),
-             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="idq"),
-             helper.make_node("QuantizeLinear", ["w", "sw", "zw"], ["wq"], name="wq", axis=0),
-             helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], name="wdq", axis=0),
-             helper.make_node("Conv", conv_inputs, ["c"], name="conv", pads=[1, 1, 1, 1]),
-             helper.make_node("BatchNormalization", ["c", "g", "be", "m", "v"], ["n"], name="bn"),
-             # The next layer's activation quantizer: onnxruntime quantizes a float bias only in a full QDQ unit.
-             helper.make_node("Relu", ["n"], ["r"], name="relu"),
-             helper.make_node("QuantizeLinear", ["r", "sy", "zy"], ["yq"], name="oq"),
-             helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["y"], name="odq")]
-    inits += [numpy_helper.from_array(np.array(OUTPUT_STEP, dtype), "sy"),
-              numpy_helper.from_array(np.array(0, np.uint8), "zy")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx_type, [1, c_in, 12, 12])],
-                              [helper.make_tensor_value_info("y", onnx_type, [1, c_out, 12, 12])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "float16-bias"])

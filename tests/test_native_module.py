@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qdqfold_native
 
-from conftest import SAMPLE_MODELS
+from helpers.samples import SAMPLE_MODELS
 
 
 def test_sample_models_come_back_byte_identical_when_nothing_folds(sample_model_path):

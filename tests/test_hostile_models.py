@@ -20,7 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 import qdqfold_native
 from qdqfold_native import FoldError
 
-from conftest import length_delimited as field, random_inputs, run, varint
+from helpers.onnxrt import random_inputs, run
+from helpers.wire import length_delimited as field, varint
 
 SANITIZED = bool(os.environ.get("QDQFOLD_SANITIZED"))
 RNG = np.random.default_rng(1)

@@ -17,7 +17,8 @@ import qdqfold
 import qdqfold.batch
 from qdqfold.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 
-from conftest import MODELS, assert_same_outputs
+from helpers.onnxrt import assert_same_outputs
+from helpers.samples import MODELS
 
 LAYOUT = {
     "seed_prebn.onnx": "seed_prebn.onnx",

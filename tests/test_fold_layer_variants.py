@@ -5,7 +5,8 @@
 3. Gemm with transA=1 -> BN (float and QDQ), while BN -> Gemm(transA=1) forwards is still kept.
 
 Each case compares onnxruntime's outputs (optimisations off) of the original and the folded model; the QDQ cases
-use test_fold_qdq's bound (identical up to float rounding, rare one-step flips of a downstream quantizer).
+use the QDQ bound of helpers.qdq.assert_same (identical up to float rounding, rare one-step flips of a downstream
+quantizer).
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import qdqfold_native
-from conftest import assert_same_outputs, op_types, random_inputs, run
-from test_fold_qdq import Case, assert_folded_weight, assert_same, fold
+from helpers.build import bn_node, bn_params, gemm_model, op_types, vi
+from helpers.build import make_model as make_float_model
+from helpers.folding import assert_folded, fold
+from helpers.onnxrt import assert_same_outputs, run
+from helpers.qdq import Case, assert_folded_weight, assert_same
 
 # ------------------------------------------------------------------------------------------------ 1. MatMul + Add
 
@@ -39,17 +43,17 @@ def matmul_add_case(form="int", bias_shape=(7,), bias_first=False, seed=0, **kwa
 
 
 def fold_matmul_add(case, **options):
-    out, records = fold(case.bytes, **options)
-    r = records["bn"]
+    result = fold(case.bytes, **options)
+    r = result.records["bn"]
     assert r["folded"], r
     assert r["code"] == "qdq-layer-bn" and r["direction"] == "backward" and r["exact"]
     assert r["into"] == ["layer", "add"] and r["into_op"] == "MatMul"
-    m = onnx.load_from_string(out)
+    m = onnx.load_from_string(result.bytes)
     onnx.checker.check_model(m, full_check=True)
     ops = op_types(m)
     assert "BatchNormalization" not in ops and "Gemm" not in ops and ops.count("MatMul") == 1 and ops.count("Add") == 1
-    assert_same(case, out, r)
-    return out, r, m
+    assert_same(case, result.bytes, r)
+    return result.bytes, r, m
 
 
 def folded_add_bias(m):
@@ -102,18 +106,18 @@ def test_quantized_matmul_add_with_non_constant_bias_is_kept():
     m = case.model
     m.graph.initializer.remove(next(i for i in m.graph.initializer if i.name == "c"))
     m.graph.input.append(h.make_tensor_value_info("c", T.FLOAT, [7]))
-    out, records = fold(case.bytes)
-    assert not records["bn"]["folded"] and records["bn"]["code"] == "no-foldable-layer", records["bn"]
-    assert out == case.bytes
+    result = fold(case.bytes)
+    assert not result.records["bn"]["folded"] and result.records["bn"]["code"] == "no-foldable-layer", result.records["bn"]
+    assert result.bytes == case.bytes
 
 
 def test_quantized_matmul_output_read_elsewhere_is_kept():
     case = matmul_add_case("int")
     case.model.graph.output.append(h.make_tensor_value_info("mm", T.FLOAT, None))
-    out, records = fold(case.bytes)
-    r = records["bn"]
+    result = fold(case.bytes)
+    r = result.records["bn"]
     assert not r["folded"] and r["code"] == "layer-output-is-graph-output", r
-    assert out == case.bytes
+    assert result.bytes == case.bytes
 
 
 def test_quantized_matmul_add_output_read_elsewhere_is_kept():
@@ -121,18 +125,18 @@ def test_quantized_matmul_add_output_read_elsewhere_is_kept():
     m = case.model
     m.graph.node.append(h.make_node("Relu", ["y"], ["side"], name="side"))
     m.graph.output.append(h.make_tensor_value_info("side", T.FLOAT, None))
-    out, records = fold(case.bytes)
-    r = records["bn"]
+    result = fold(case.bytes)
+    r = result.records["bn"]
     assert not r["folded"] and r["code"] == "layer-output-read-elsewhere", r
-    assert out == case.bytes
+    assert result.bytes == case.bytes
 
 
 def test_quantized_matmul_add_of_unknown_rank_is_kept():
     case = matmul_add_case("int")
     case.model.graph.input[0].type.tensor_type.ClearField("shape")
-    out, records = fold(case.bytes)
-    assert not records["bn"]["folded"] and records["bn"]["code"] == "not-2d", records["bn"]
-    assert out == case.bytes
+    result = fold(case.bytes)
+    assert not result.records["bn"]["folded"] and result.records["bn"]["code"] == "not-2d", result.records["bn"]
+    assert result.bytes == case.bytes
 
 
 # ------------------------------------------------------------------------------------------------ 2. outer-scope rank
@@ -198,12 +202,6 @@ def if_model(form, x_shape=(3, CIN), outer="input", act_quant=False):
     return m
 
 
-def fold_model(m, **options):
-    data = m.SerializeToString()
-    out, report = qdqfold_native.fold_with_report(data, **options)
-    return data, out, {r["node"]: r for r in report["batchnorms"]}
-
-
 def then_branch(model_bytes):
     m = onnx.load_from_string(model_bytes)
     node = next(n for n in m.graph.node if n.op_type == "If")
@@ -226,25 +224,25 @@ def assert_if_outputs_same(m, out, x_shape=(3, CIN), exact=True):
 @pytest.mark.parametrize("outer", ["input", "flatten"])
 def test_float_matmul_in_if_branch_reading_outer_2d_value_folds(outer):
     m = if_model("float", x_shape=(3, CIN) if outer == "input" else (3, CIN, 1, 1), outer=outer)
-    data, out, records = fold_model(m)
-    r = records["t_bn"]
+    result = fold(m)
+    r = result.records["t_bn"]
     assert r["folded"] and r["code"] == "gemm-bn", r
-    branch = then_branch(out)
+    branch = then_branch(result.bytes)
     assert [n.op_type for n in branch.node] == ["Gemm"]
-    assert_if_outputs_same(m, out, x_shape=(3, CIN) if outer == "input" else (3, CIN, 1, 1))
+    assert_if_outputs_same(m, result.bytes, x_shape=(3, CIN) if outer == "input" else (3, CIN, 1, 1))
 
 
 @pytest.mark.parametrize("form", ["int", "qat"])
 @pytest.mark.parametrize("act_quant", [False, True], ids=["float_x", "quantized_x"])
 def test_qdq_matmul_in_if_branch_reading_outer_2d_value_folds(form, act_quant):
     m = if_model(form, act_quant=act_quant)
-    data, out, records = fold_model(m)
-    r = records["t_bn"]
+    result = fold(m)
+    r = result.records["t_bn"]
     assert r["folded"] and r["code"] == "qdq-layer-bn" and r["exact"], r
-    branch = then_branch(out)
+    branch = then_branch(result.bytes)
     assert "BatchNormalization" not in [n.op_type for n in branch.node]
     # Outer tensors are never edited (the branch reads new ones; outer ones nothing reads any more are dropped).
-    om = onnx.load_from_string(out)
+    om = onnx.load_from_string(result.bytes)
     before = {t.name: t.SerializeToString() for t in m.graph.initializer}
     assert all(before[t.name] == t.SerializeToString() for t in om.graph.initializer)
     assert "x_scale" in {t.name for t in om.graph.initializer} or not act_quant
@@ -255,23 +253,23 @@ def test_qdq_matmul_in_if_branch_reading_outer_2d_value_folds(form, act_quant):
     np.testing.assert_array_equal(inner[dq.input[1]], (SCALE * np.abs(a)).astype(np.float32))
     if form == "int":
         np.testing.assert_array_equal(inner[dq.input[0]].astype(np.int64), np.where(a < 0, -Q8.astype(np.int64), Q8))
-    assert_if_outputs_same(m, out, exact=False)
+    assert_if_outputs_same(m, result.bytes, exact=False)
 
 
 @pytest.mark.parametrize("form, code", [("float", "unknown-rank"), ("int", "not-2d"), ("qat", "not-2d")])
 def test_matmul_in_if_branch_reading_outer_value_of_unknown_rank_is_kept(form, code):
-    data, out, records = fold_model(if_model(form, x_shape=None))
-    r = records["t_bn"]
+    result = fold(if_model(form, x_shape=None))
+    r = result.records["t_bn"]
     assert not r["folded"] and r["code"] == code, r
-    assert out == data
+    assert result.bytes == result.input
 
 
 @pytest.mark.parametrize("form, code", [("float", "channel-axis-mismatch"), ("int", "not-2d")])
 def test_matmul_in_if_branch_reading_outer_3d_value_is_kept(form, code):
-    data, out, records = fold_model(if_model(form, x_shape=(2, 3, CIN)))
-    r = records["t_bn"]
+    result = fold(if_model(form, x_shape=(2, 3, CIN)))
+    r = result.records["t_bn"]
     assert not r["folded"] and r["code"] == code, r
-    assert out == data
+    assert result.bytes == result.input
 
 
 @pytest.mark.parametrize("form, code", [("float", "unknown-rank"), ("int", "not-2d")])
@@ -293,18 +291,13 @@ def test_matmul_on_function_input_is_kept(form, code):
                          [h.make_tensor_value_info("out", T.FLOAT, None)])
     m = h.make_model(graph, opset_imports=[h.make_opsetid("", 13), h.make_opsetid("local", 1)], functions=[fn])
     m.ir_version = 8
-    data, out, records = fold_model(m)
-    r = records["fbn"]
+    result = fold(m)
+    r = result.records["fbn"]
     assert not r["folded"] and r["code"] == code, r
-    assert out == data
+    assert result.bytes == result.input
 
 
 # ------------------------------------------------------------------------------------------------ 3. Gemm transA=1
-
-from test_fold_float import assert_folded, bn_node, bn_params, gemm_model  # noqa: E402
-from test_fold_float import make_model as make_float_model  # noqa: E402
-from test_fold_float import vi  # noqa: E402
-
 
 def trans_a_gemm_model(trans_b, c_shape, alpha=1.0, beta=1.0, m=3, k=5, n=8):
     """gemm_model with A given transposed: input a [k, m], Gemm(transA=1)."""
@@ -354,23 +347,23 @@ def qdq_trans_a_case(form, bias, trans_b=1, **kwargs):
 @pytest.mark.parametrize("bias", [None, "float", "int32"])
 def test_qdq_gemm_trans_a_bn_folds(form, trans_b, bias):
     case = qdq_trans_a_case(form, bias, trans_b=trans_b, alpha=0.5)
-    out, records = fold(case.bytes)
-    r = records["bn"]
+    result = fold(case.bytes)
+    r = result.records["bn"]
     assert r["folded"] and r["code"] == "qdq-layer-bn" and r["into"] == ["layer"], r
-    m = onnx.load_from_string(out)
+    m = onnx.load_from_string(result.bytes)
     onnx.checker.check_model(m, full_check=True)
     assert "BatchNormalization" not in op_types(m)
     layer = next(n for n in m.graph.node if n.name == "layer")
     assert {a.name: h.get_attribute_value(a) for a in layer.attribute}["transA"] == 1
-    assert_folded_weight(case, out)
-    assert_same(case, out, r)
+    assert_folded_weight(case, result.bytes)
+    assert_same(case, result.bytes, r)
 
 
 def test_qdq_gemm_trans_a_with_output_quantizer():
     case = qdq_trans_a_case("qat", "int32", out_quant=True, seed=4)
-    out, records = fold(case.bytes)
-    assert records["bn"]["folded"], records["bn"]
-    assert_same(case, out, records["bn"])
+    result = fold(case.bytes)
+    assert result.records["bn"]["folded"], result.records["bn"]
+    assert_same(case, result.bytes, result.records["bn"])
 
 
 def test_bn_into_gemm_trans_a_forwards_is_still_kept():

@@ -18,7 +18,8 @@ from onnx import numpy_helper as nh
 
 import qdqfold
 import qdqfold_native
-from conftest import MODELS, SAMPLE_MODELS, assert_same_outputs
+from helpers.onnxrt import assert_same_outputs
+from helpers.samples import MODELS, SAMPLE_MODELS
 
 ir = pytest.importorskip("onnx_ir")
 passes = pytest.importorskip("qdqfold.passes")

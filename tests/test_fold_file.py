@@ -10,7 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qdqfold_native
-from conftest import MODELS, assert_same_outputs
+from helpers.onnxrt import assert_same_outputs
+from helpers.samples import MODELS
 
 
 def conv_bn_model(channels: int = 8, size: int = 64) -> onnx.ModelProto:

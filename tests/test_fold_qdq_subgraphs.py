@@ -1,4 +1,4 @@
-"""The QDQ fold inside subgraphs (Gemm here; a MatMul reading an outer-scope value: test_fold_gaps.py) and
+"""The QDQ fold inside subgraphs (Gemm here; a MatMul reading an outer-scope value: test_fold_layer_variants.py) and
 model-local functions, and with float16 / bfloat16 scales and float16 QAT
 weights: onnxruntime outputs (optimisations off) of original and folded agree, and the folded integers and
 scales are what numpy predicts."""
@@ -13,8 +13,8 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-import qdqfold_native
-from conftest import assert_same_outputs, run
+from helpers.folding import fold
+from helpers.onnxrt import assert_same_outputs, run
 
 EPS = 1e-5
 CIN, COUT = 6, 5
@@ -35,11 +35,6 @@ def factors():
 
 Q = np.random.default_rng(0).integers(-127, 128, size=(CIN, COUT)).astype(np.int8)
 SCALE = np.random.default_rng(2).uniform(0.01, 0.05, COUT).astype(np.float32)
-
-
-def fold(model, **options):
-    out, report = qdqfold_native.fold_with_report(model.SerializeToString(), **options)
-    return onnx.load_from_string(out), report
 
 
 def folded_flags(report):
@@ -65,11 +60,11 @@ def test_if_branch_reading_outer_quantized_weight():
                          [nh.from_array(Q, "w_q"), nh.from_array(SCALE, "w_scale")])
     m = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
     m.ir_version = 8
-    out, report = fold(m)
-    assert folded_flags(report) == [True]
+    result = fold(m)
+    assert folded_flags(result.report) == [True]
     # The outer tensors are untouched; the branch reads new ones.
-    assert [t.SerializeToString() for t in out.graph.initializer] == [t.SerializeToString() for t in m.graph.initializer]
-    then_out = out.graph.node[0].attribute[[a.name for a in out.graph.node[0].attribute].index("then_branch")].g
+    assert [t.SerializeToString() for t in result.model.graph.initializer] == [t.SerializeToString() for t in m.graph.initializer]
+    then_out = result.model.graph.node[0].attribute[[a.name for a in result.model.graph.node[0].attribute].index("then_branch")].g
     assert "BatchNormalization" not in [n.op_type for n in then_out.node]
     inner = {t.name: nh.to_array(t) for t in then_out.initializer}
     dq = [n for n in then_out.node if n.op_type == "DequantizeLinear"][0]
@@ -79,7 +74,7 @@ def test_if_branch_reading_outer_quantized_weight():
     np.testing.assert_array_equal(inner[dq.input[1]], (SCALE * np.abs(a)).astype(np.float32))
     x = np.random.default_rng(3).standard_normal((3, CIN)).astype(np.float32)
     for cond in (True, False):
-        assert_same_outputs(m, out, feeds={"cond": np.array(cond), "x": x})
+        assert_same_outputs(m, result.model, feeds={"cond": np.array(cond), "x": x})
 
 
 def test_model_local_function_with_constant_nodes():
@@ -95,16 +90,16 @@ def test_model_local_function_with_constant_nodes():
                          [h.make_tensor_value_info("out", T.FLOAT, None)])
     m = h.make_model(graph, opset_imports=[h.make_opsetid("", 13), h.make_opsetid("local", 1)], functions=[fn])
     m.ir_version = 8
-    out, report = fold(m)
-    assert folded_flags(report) == [True]
-    f = out.functions[0]
+    result = fold(m)
+    assert folded_flags(result.report) == [True]
+    f = result.model.functions[0]
     assert "BatchNormalization" not in [n.op_type for n in f.node]
     values = {n.output[0]: nh.to_array(n.attribute[0].t) for n in f.node if n.op_type == "Constant"}
     dq = [n for n in f.node if n.op_type == "DequantizeLinear"][0]
     a = factors()
     np.testing.assert_array_equal(values[dq.input[0]].astype(np.int64), np.where(a < 0, -Q.astype(np.int64), Q))
     np.testing.assert_array_equal(values[dq.input[1]], (SCALE * np.abs(a)).astype(np.float32))
-    assert_same_outputs(m, out)
+    assert_same_outputs(m, result.model)
 
 
 def low_precision_model(ftype, form):
@@ -153,9 +148,9 @@ def as_float32(model):
 @pytest.mark.parametrize("form", ["int", "qat"])
 def test_low_precision_scales_and_weights(ftype, form):
     m, scale, q, a = low_precision_model(ftype, form)
-    out, report = fold(m)
-    assert folded_flags(report) == [True], report
-    values = {t.name: nh.to_array(t) for t in out.graph.initializer}
+    result = fold(m)
+    assert folded_flags(result.report) == [True], result.report
+    values = {t.name: nh.to_array(t) for t in result.model.graph.initializer}
     s_new = values["w_scale"]
     assert s_new.dtype == scale.dtype
     np.testing.assert_array_equal(s_new, (scale.astype(np.float64) * np.abs(a)).astype(scale.dtype))
@@ -171,4 +166,4 @@ def test_low_precision_scales_and_weights(ftype, form):
                                       q_new)
     # Widening is exact, so the float32 copies compute the same function up to the rounding of the folded
     # bias and scale to the low-precision type (a few of its epsilons).
-    assert_same_outputs(as_float32(m), as_float32(out), rtol_of_range=2e-3 if ftype == T.FLOAT16 else 1.5e-2)
+    assert_same_outputs(as_float32(m), as_float32(result.model), rtol_of_range=2e-3 if ftype == T.FLOAT16 else 1.5e-2)
