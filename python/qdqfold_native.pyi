@@ -52,7 +52,7 @@ class _Folded(TypedDict):
 class Report(_Folded):
     """What fold_with_report returns."""
 
-    input_files: NotRequired[list[str]]  # with base_directory: the external data files read, each once
+    input_files: NotRequired[list[str]]  # the external data files read under base_directory, each once
 
 class FileReport(_Folded):
     """What fold_file returns."""
