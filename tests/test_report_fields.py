@@ -44,10 +44,9 @@ def _model() -> onnx.ModelProto:
         return name
 
     def bn(name, x, y):
-        nodes.append(helper.make_node(
-            "BatchNormalization", [x, const(name + "_s", rng.uniform(0.5, 2, c)), const(name + "_b", rng.normal(size=c)),
-                                   const(name + "_m", rng.normal(size=c)), const(name + "_v", rng.uniform(0.5, 2, c))],
-            [y], name=name))
+        params = [const(name + "_s", rng.uniform(0.5, 2, c)), const(name + "_b", rng.normal(size=c)),
+                  const(name + "_m", rng.normal(size=c)), const(name + "_v", rng.uniform(0.5, 2, c))]
+        nodes.append(helper.make_node("BatchNormalization", [x, *params], [y], name=name))
 
     def conv(name, x, y, k):
         nodes.append(helper.make_node("Conv", [x, const(name + "_w", rng.normal(size=(c, c, k, k)))], [y], name=name,
