@@ -8,10 +8,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string_view>
 #include <vector>
 
 #include "core/api.h"
+#include "core/deferred_checks.h"
 
 namespace {
 
@@ -47,15 +49,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const uint8_t selectors[2] = {0, static_cast<uint8_t>(size ? 1 + data[size - 1] % 3 : 1)};
   for (uint8_t selector : selectors) {
     try {
-      // As the binding does it: checks deferred to the writing first, and if one failed, once more checking
-      // first (graph::Model::DeferredChecks).
-      auto plan = qdqfold::plan_fold(model, option_set(selector), /*defer_checks=*/true);
-      write_plan(*plan);
-      if (qdqfold::checks_failed(*plan->model)) {
-        plan = qdqfold::plan_fold(model, option_set(selector), /*defer_checks=*/false);
-        write_plan(*plan);
-        if (qdqfold::checks_failed(*plan->model)) std::abort();
-      }
+      // As the binding and fold_file do it: checks deferred to the writing first, and if one failed, once
+      // more checking first (core/deferred_checks.h).
+      const qdqfold::Options options = option_set(selector);
+      auto plan = qdqfold::run_with_deferred_checks([&](std::shared_ptr<qdqfold::DeferredChecks> checks) {
+        auto attempt = qdqfold::plan_fold(model, options, std::move(checks));
+        write_plan(*attempt);
+        return attempt;
+      });
       // With nothing folded, the output is the input, byte for byte.
       bool any_folded = false;
       for (const auto& bn : plan->report.batchnorms) any_folded = any_folded || bn.folded;

@@ -6,9 +6,9 @@ import sys
 from typing import Any, Mapping, Sequence, TypedDict, Union
 
 if sys.version_info >= (3, 11):
-    from typing import Unpack
+    from typing import NotRequired, Unpack
 else:  # a dependency of qdqfold on these Pythons (pyproject.toml)
-    from typing_extensions import Unpack
+    from typing_extensions import NotRequired, Unpack
 
 __version__: str
 
@@ -21,6 +21,9 @@ class FoldError(ValueError):
 class FileError(FoldError):
     """A file that cannot be read, written or replaced, or that changed while it was read; the message starts
     with the path at fault."""
+
+# The report's TypedDicts follow report_fields() (cpp/core/report_fields.h); tests/test_report_fields.py checks
+# that they agree: a key the table gives a dict only when not empty is NotRequired here.
 
 class BatchNormEntry(TypedDict):
     graph: str
@@ -40,15 +43,32 @@ class OpTypes(TypedDict):
     before: dict[str, int]  # nodes by op type ("domain.Op" outside the default domain), every graph
     after: dict[str, int]
 
-class Report(TypedDict):
+class _Folded(TypedDict):
     batchnorms: list[BatchNormEntry]
+    merges: NotRequired[list[BatchNormEntry]]  # merge_branches: one entry per sum of parallel branches
     op_types: OpTypes
     input_bytes: int  # the model and the external data files it read
 
-class FileReport(Report):
+class Report(_Folded):
+    """What fold_with_report returns."""
+
+    input_files: NotRequired[list[str]]  # the external data files read under base_directory, each once
+
+class FileReport(_Folded):
+    """What fold_file returns."""
+
     input_files: list[str]  # the input's external data files, each once
     data_files: list[str]  # external data files written beside dst (named after it)
     removed_files: list[str]  # the input's data files no longer used (in place), stale ones of an earlier output
+
+class ReportField(TypedDict):
+    type: str  # its Python type, as annotated above
+    fold_with_report: str  # "always", "non-empty" (only when not empty) or "never"
+    fold_file: str
+
+class ReportFields(TypedDict):
+    batchnorm: dict[str, str]  # each key of a BatchNormEntry -> its Python type, in the order of the dict
+    report: dict[str, ReportField]  # each key of a Report / FileReport, in the order of the dict
 
 class Options(TypedDict, total=False):
     """Keyword options of fold, fold_with_report and fold_file; options() gives the defaults."""
@@ -98,3 +118,4 @@ def fold_file(
 ) -> FileReport: ...
 def interrupt() -> None: ...
 def options() -> dict[str, Any]: ...
+def report_fields() -> ReportFields: ...

@@ -9,8 +9,10 @@
 #include <string>
 
 #include "../core/api.h"
+#include "../core/deferred_checks.h"
 #include "../core/file_io.h"
 #include "../core/files.h"
+#include "../core/report_fields.h"
 
 namespace py = pybind11;
 using qdqfold::Options;
@@ -20,26 +22,6 @@ using qdqfold::Options;
 #endif
 
 namespace {
-
-// Every option: its keyword, the member it sets. Kept in one table so the binding, the error for an unknown
-// keyword and `options()` agree.
-struct OptionSpec {
-  const char* name;
-  bool Options::*member;
-};
-const OptionSpec kOptions[] = {
-    {"fold_backward", &Options::fold_backward},
-    {"fold_forward", &Options::fold_forward},
-    {"fold_affine", &Options::fold_affine},
-    {"freeze_initializer_inputs", &Options::freeze_initializer_inputs},
-    {"pad_correction", &Options::pad_correction},
-    {"allow_opset_upgrade", &Options::allow_opset_upgrade},
-    {"allow_nonzero_zero_point", &Options::allow_nonzero_zero_point},
-    {"materialize_quantized_weights", &Options::materialize_quantized_weights},
-    {"drop_activation_quantizers", &Options::drop_activation_quantizers},
-    {"merge_branches", &Options::merge_branches},
-    {"requantize_merged", &Options::requantize_merged},
-};
 
 // The `shapes` option: {value name: [dims]}, a dim None or negative where unknown.
 std::map<std::string, std::vector<int64_t>> parse_shapes(const py::handle& value) {
@@ -78,17 +60,10 @@ Options parse_options(const py::kwargs& kwargs) {
       options.shapes = parse_shapes(item.second);
       continue;
     }
-    const OptionSpec* spec = nullptr;
-    for (const auto& s : kOptions)
-      if (key == s.name) spec = &s;
-    if (!spec) {
-      std::string known;
-      for (const auto& s : kOptions) known += std::string(known.empty() ? "" : ", ") + s.name;
-      throw py::type_error("unknown option '" + key + "'; the options are: " + known + ", shapes");
-    }
+    const qdqfold::OptionSwitch& option = qdqfold::option_switch(key);  // OptionError: TypeError
     if (!PyBool_Check(item.second.ptr()))
       throw py::type_error("option '" + key + "' takes True or False");
-    options.*(spec->member) = item.second.cast<bool>();
+    options.*(option.member) = item.second.cast<bool>();
   }
   return options;
 }
@@ -127,36 +102,108 @@ py::dict counts(const std::map<std::string, int64_t>& m) {
   return out;
 }
 
+// The report as a dict, field by field as core/report_fields.h lists them: each kind of field has one
+// conversion, and the Python type report_fields() names for it.
+using qdqfold::FieldKind;
+using qdqfold::Presence;
+template <FieldKind K>
+using Kind = std::integral_constant<FieldKind, K>;
+
+const char* python_type(FieldKind kind) {
+  switch (kind) {
+    case FieldKind::Text: return "str";
+    case FieldKind::OptionalText: return "str | None";
+    case FieldKind::Texts: return "list[str]";
+    case FieldKind::Bool: return "bool";
+    case FieldKind::Exact: return "bool | str";
+    case FieldKind::Metrics: return "dict[str, float]";
+    case FieldKind::Hidden: return "";
+    case FieldKind::Records: return "list[BatchNormEntry]";
+    case FieldKind::OpTypes: return "OpTypes";
+    case FieldKind::Int: return "int";
+  }
+  return "";
+}
+
+const char* presence_name(Presence presence) {
+  switch (presence) {
+    case Presence::Always: return "always";
+    case Presence::NonEmpty: return "non-empty";
+    case Presence::Never: return "never";
+  }
+  return "";
+}
+
+py::list records_to_list(const std::vector<qdqfold::BatchNormRecord>& records);
+
+template <typename Whole>
+py::object show(Kind<FieldKind::Text>, const std::string& s, const Whole&) { return text(s); }
+template <typename Whole>
+py::object show(Kind<FieldKind::OptionalText>, const std::string& s, const Whole&) {
+  return s.empty() ? py::object(py::none()) : py::object(text(s));
+}
+template <typename Whole>
+py::object show(Kind<FieldKind::Texts>, const std::vector<std::string>& v, const Whole&) { return texts(v); }
+template <typename Whole>
+py::object show(Kind<FieldKind::Bool>, bool b, const Whole&) { return py::bool_(b); }
+// true (within float rounding), "bias-rounded" (plus a reported int32 bias rounding), or false.
+py::object show(Kind<FieldKind::Exact>, bool exact, const qdqfold::BatchNormRecord& r) {
+  return exact && r.bias_rounded ? py::object(py::str("bias-rounded")) : py::object(py::bool_(exact));
+}
+template <typename Whole>
+py::object show(Kind<FieldKind::Metrics>, const std::vector<std::pair<std::string, double>>& m, const Whole&) {
+  py::dict metrics;
+  for (const auto& [k, v] : m) metrics[text(k)] = v;
+  return std::move(metrics);
+}
+template <typename Whole>
+py::object show(Kind<FieldKind::Records>, const std::vector<qdqfold::BatchNormRecord>& v, const Whole&) {
+  return records_to_list(v);
+}
+template <typename Whole>
+py::object show(Kind<FieldKind::OpTypes>, const qdqfold::OpTypeCounts& c, const Whole&) {
+  return py::dict(py::arg("before") = counts(c.before), py::arg("after") = counts(c.after));
+}
+template <typename Whole>
+py::object show(Kind<FieldKind::Int>, int64_t n, const Whole&) { return py::int_(n); }
+
+template <typename K, typename T, typename Whole>
+void put(py::dict& d, const char* key, K kind, const T& value, const Whole& whole) {
+  d[key] = show(kind, value, whole);
+}
+template <typename T, typename Whole>
+void put(py::dict&, const char*, Kind<FieldKind::Hidden>, const T&, const Whole&) {}  // shown through another
+
+template <typename T>
+bool is_empty(const T& value) { return value.empty(); }
+bool is_empty(int64_t) { return false; }
+bool is_empty(const qdqfold::OpTypeCounts& c) { return c.before.empty() && c.after.empty(); }
+
 py::list records_to_list(const std::vector<qdqfold::BatchNormRecord>& records) {
   py::list bns;
   for (const auto& r : records) {
     py::dict d;
-    d["graph"] = text(r.graph);
-    d["node"] = text(r.node);
-    d["folded"] = r.folded;
-    d["direction"] = r.direction.empty() ? py::object(py::none()) : py::object(text(r.direction));
-    d["into"] = texts(r.into);
-    d["into_op"] = r.into_op.empty() ? py::object(py::none()) : py::object(text(r.into_op));
-    d["code"] = text(r.code);
-    d["op_type"] = text(r.op_type);
-    d["message"] = text(r.message);
-    // true (within float rounding), "bias-rounded" (plus a reported int32 bias rounding), or false.
-    d["exact"] = r.exact && r.bias_rounded ? py::object(py::str("bias-rounded")) : py::object(py::bool_(r.exact));
-    d["new_tensors"] = texts(r.new_tensors);
-    py::dict metrics;
-    for (const auto& [k, v] : r.metrics) metrics[text(k)] = v;
-    d["metrics"] = metrics;
+#define QDQFOLD_PUT_RECORD(member, kind, from) put(d, #member, Kind<FieldKind::kind>{}, r.member, r);
+    QDQFOLD_RECORD_FIELDS(QDQFOLD_PUT_RECORD)
+#undef QDQFOLD_PUT_RECORD
     bns.append(d);
   }
   return bns;
 }
 
-py::dict report_to_dict(const qdqfold::Report& report) {
+// `in_file`: the dict of fold_file(), else of fold_with_report().
+py::dict report_to_dict(const qdqfold::Report& report, bool in_file) {
   py::dict out;
-  out["batchnorms"] = records_to_list(report.batchnorms);
-  if (!report.merges.empty()) out["merges"] = records_to_list(report.merges);  // merge_branches only
-  out["op_types"] = py::dict(py::arg("before") = counts(report.op_types_before),
-                             py::arg("after") = counts(report.op_types_after));
+#define QDQFOLD_PUT_REPORT(member, kind, in_memory, file)                                                   \
+  switch (in_file ? Presence::file : Presence::in_memory) {                                                 \
+    case Presence::Always: put(out, #member, Kind<FieldKind::kind>{}, report.member, report); break;        \
+    case Presence::NonEmpty:                                                                               \
+      if (!is_empty(report.member)) put(out, #member, Kind<FieldKind::kind>{}, report.member, report);      \
+      break;                                                                                               \
+    case Presence::Never: break;                                                                           \
+  }
+  QDQFOLD_REPORT_FIELDS(QDQFOLD_PUT_REPORT)
+#undef QDQFOLD_PUT_REPORT
   return out;
 }
 
@@ -169,11 +216,10 @@ std::pair<py::bytes, qdqfold::Report> run(const py::object& model, py::kwargs kw
   std::unique_ptr<qdqfold::graph::ExternalResolver> external;
   if (!base.is_none()) {
     const auto directory = py::cast<std::string>(py::module_::import("os").attr("fspath")(base));
-    external = qdqfold::external_data_in(directory.empty() ? "." : directory, "the model in memory");
+    external = qdqfold::external_data_in(directory, "the model in memory");
   }
   // `tensors`: external-data locations resolved to the caller's buffers, held (and read in place) for the call.
   std::vector<std::unique_ptr<InputBuffer>> tensor_buffers;
-  int64_t tensor_bytes = 0;
   if (!tensors.is_none()) {
     if (!PyDict_Check(tensors.ptr()))
       throw py::type_error("option 'tensors' takes a dict of external-data location (str) -> bytes-like buffer");
@@ -182,7 +228,6 @@ std::pair<py::bytes, qdqfold::Report> run(const py::object& model, py::kwargs kw
       if (!PyUnicode_Check(key.ptr())) throw py::type_error("option 'tensors': every key is a location (str)");
       tensor_buffers.push_back(std::make_unique<InputBuffer>(py::reinterpret_borrow<py::object>(value), "tensors"));
       buffers[key.cast<std::string>()] = tensor_buffers.back()->bytes();
-      tensor_bytes += static_cast<int64_t>(tensor_buffers.back()->bytes().size());
     }
     external = qdqfold::external_data_from(std::move(buffers), std::move(external), "the model in memory");
   }
@@ -193,23 +238,17 @@ std::pair<py::bytes, qdqfold::Report> run(const py::object& model, py::kwargs kw
   auto throw_if_changed = [&guard] {
     if (guard.faulted()) throw qdqfold::io::FileError("the model: the input changed while it was being folded");
   };
-  // First with the checks deferred to the writing; in the rare case one fails, once more checking first.
-  for (const bool defer_checks : {true, false}) {
+  return qdqfold::run_with_deferred_checks([&](std::shared_ptr<qdqfold::DeferredChecks> checks) {
     std::unique_ptr<qdqfold::FoldPlan> plan;
     {
       py::gil_scoped_release release;
       try {
-        plan = qdqfold::plan_fold(input.bytes(), options, defer_checks, external.get());
+        plan = qdqfold::plan_fold(input.bytes(), options, std::move(checks), external.get());
       } catch (const std::exception&) {
         throw_if_changed();
         throw;
       }
-      plan->report.input_bytes = static_cast<int64_t>(input.bytes().size()) + tensor_bytes;
-      if (external)
-        for (auto& [path, size] : qdqfold::files_read(*external)) {
-          plan->report.input_files.push_back(path);
-          plan->report.input_bytes += size;
-        }
+      qdqfold::report_inputs(plan->report, input.bytes().size(), external.get());
     }
     PyObject* out = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(plan->pieces.size()));
     if (!out) throw py::error_already_set();
@@ -219,9 +258,8 @@ std::pair<py::bytes, qdqfold::Report> run(const py::object& model, py::kwargs kw
       plan->pieces.write_to(PyBytes_AS_STRING(out));
     }
     throw_if_changed();
-    if (!qdqfold::checks_failed(*plan->model)) return {std::move(result), std::move(plan->report)};
-  }
-  throw std::logic_error("qdqfold: a deferred check failed in the run that defers none");
+    return std::pair<py::bytes, qdqfold::Report>(std::move(result), std::move(plan->report));
+  });
 }
 
 }  // namespace
@@ -245,6 +283,8 @@ PYBIND11_MODULE(qdqfold_native, m) {
       raise(file_error, e.what());
     } catch (const qdqfold::FoldError& e) {
       raise(fold_error, e.what());
+    } catch (const qdqfold::OptionError& e) {
+      raise(py::reinterpret_borrow<py::object>(PyExc_TypeError), e.what());
     }
   });
 
@@ -265,10 +305,7 @@ PYBIND11_MODULE(qdqfold_native, m) {
       "fold_with_report",
       [](const py::object& model, py::kwargs kwargs) {
         auto [bytes, report] = run(model, std::move(kwargs));
-        py::dict result = report_to_dict(report);
-        result["input_bytes"] = report.input_bytes;
-        if (!report.input_files.empty()) result["input_files"] = texts(report.input_files);
-        return py::make_tuple(bytes, result);
+        return py::make_tuple(bytes, report_to_dict(report, false));
       },
       py::arg("model"),
       "fold_with_report(model, **options) -> (bytes, dict)\n\n"
@@ -284,27 +321,26 @@ PYBIND11_MODULE(qdqfold_native, m) {
           if (!PyBool_Check(force.ptr())) throw py::type_error("option 'force' takes True or False");
           file_options.force = force.cast<bool>();
         }
-        using Layout = qdqfold::graph::ExternalOutput::Layout;
+        // The storage keywords: types checked here, values and combinations by the core (OptionError: TypeError).
+        qdqfold::StorageKeywords storage;
         const py::object external = take_keyword(kwargs, "save_as_external_data");
         const py::object threshold = take_keyword(kwargs, "size_threshold");
         const py::object data_name = take_keyword(kwargs, "data_name");
         if (!external.is_none()) {
           if (!PyBool_Check(external.ptr()))
             throw py::type_error("option 'save_as_external_data' takes True, False or None (as the input)");
-          file_options.layout = external.cast<bool>() ? Layout::External : Layout::Inline;
+          storage.save_as_external_data(external.cast<bool>());
         }
         if (!threshold.is_none()) {
-          if (!PyLong_Check(threshold.ptr()) || PyBool_Check(threshold.ptr()) || threshold.cast<int64_t>() < 0)
-            throw py::type_error("option 'size_threshold' takes a number of bytes >= 0");
-          file_options.size_threshold = threshold.cast<int64_t>();
+          if (!PyLong_Check(threshold.ptr()) || PyBool_Check(threshold.ptr()))
+            throw py::type_error(qdqfold::StorageKeywords::kSizeThresholdRule);
+          storage.size_threshold(threshold.cast<int64_t>());
         }
         if (!data_name.is_none()) {
           if (!PyUnicode_Check(data_name.ptr())) throw py::type_error("option 'data_name' takes a file name (str)");
-          file_options.data_name = data_name.cast<std::string>();
+          storage.data_name(data_name.cast<std::string>());
         }
-        if ((!threshold.is_none() || !data_name.is_none()) && file_options.layout == Layout::Inline)
-          throw py::type_error("size_threshold and data_name describe external data; not with save_as_external_data=False");
-        if (!threshold.is_none() || !data_name.is_none()) file_options.layout = Layout::External;
+        storage.apply_to(file_options);
         const Options options = parse_options(kwargs);
         const auto fspath = py::module_::import("os").attr("fspath");
         const auto source = py::cast<std::string>(fspath(src));
@@ -315,12 +351,7 @@ PYBIND11_MODULE(qdqfold_native, m) {
           py::gil_scoped_release release;
           report = qdqfold::fold_file(source, destination, options, file_options);
         }
-        py::dict result = report_to_dict(report);
-        result["data_files"] = texts(report.data_files);
-        result["removed_files"] = texts(report.removed_files);
-        result["input_files"] = texts(report.input_files);
-        result["input_bytes"] = report.input_bytes;
-        return result;
+        return report_to_dict(report, true);
       },
       py::arg("src"), py::arg("dst"),
       "fold_file(src, dst, *, force=False, save_as_external_data=None, size_threshold=1024, data_name=None,\n"
@@ -346,8 +377,24 @@ PYBIND11_MODULE(qdqfold_native, m) {
       []() {
         py::dict d;
         const Options defaults;
-        for (const auto& s : kOptions) d[s.name] = defaults.*(s.member);
+        for (const auto& s : qdqfold::option_switches()) d[s.name] = defaults.*(s.member);
         return d;
       },
       "options() -> dict: every keyword option of fold() and its default.");
+  m.def(
+      "report_fields",
+      []() {
+        py::dict batchnorm, report;
+        for (const auto& f : qdqfold::kRecordFields)
+          if (f.kind != FieldKind::Hidden) batchnorm[f.name] = python_type(f.kind);
+        for (const auto& f : qdqfold::kReportFields)
+          report[f.name] = py::dict(py::arg("type") = python_type(f.kind),
+                                    py::arg("fold_with_report") = presence_name(f.in_memory),
+                                    py::arg("fold_file") = presence_name(f.file));
+        return py::dict(py::arg("batchnorm") = batchnorm, py::arg("report") = report);
+      },
+      "report_fields() -> dict: the report's fields, in the order of its dicts (cpp/core/report_fields.h).\n\n"
+      "'batchnorm': {key: Python type} of each entry of 'batchnorms' and 'merges'. 'report': {key: {'type',\n"
+      "'fold_with_report', 'fold_file'}}, the last two saying when the key is in that function's dict:\n"
+      "'always', 'non-empty' (only when not empty) or 'never'.");
 }

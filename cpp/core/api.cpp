@@ -3,6 +3,7 @@
 #include "../folds/affine.h"
 #include "../folds/fold.h"
 #include "../folds/merge_branches.h"
+#include "report_fields.h"
 
 namespace qdqfold {
 
@@ -29,15 +30,27 @@ void finish(Pending& p, bool no_rules) {
   BatchNormRecord& r = p.record;
   r.folded = chosen.verdict == folds::Verdict::Folded;
   r.direction = r.folded ? p.direction : "";
-  r.into = std::move(chosen.into);
-  r.into_op = std::move(chosen.into_op);
-  r.code = std::move(chosen.code);
-  r.message = std::move(chosen.message);
-  r.exact = chosen.exact;
-  r.bias_rounded = chosen.bias_rounded;
-  r.new_tensors = std::move(chosen.new_tensors);
-  r.metrics = std::move(chosen.metrics);
+  // Every field an Outcome carries (report_fields.h, `from` Outcome).
+#define QDQFOLD_FROM_Driver(member)
+#define QDQFOLD_FROM_Outcome(member) r.member = std::move(chosen.member);
+#define QDQFOLD_FROM(member, kind, from) QDQFOLD_FROM_##from(member)
+  QDQFOLD_RECORD_FIELDS(QDQFOLD_FROM)
+#undef QDQFOLD_FROM
+#undef QDQFOLD_FROM_Outcome
+#undef QDQFOLD_FROM_Driver
 }
+
+// An Outcome is its verdict and the record fields it carries: a member added to folds::Outcome must be a row
+// of QDQFOLD_RECORD_FIELDS too, or the report would not show it.
+#define QDQFOLD_COUNT_Driver 0
+#define QDQFOLD_COUNT_Outcome 1
+#define QDQFOLD_COUNT(member, kind, from) +QDQFOLD_COUNT_##from
+static_assert(std::is_aggregate_v<folds::Outcome> &&
+                  member_count<folds::Outcome>() == 1 QDQFOLD_RECORD_FIELDS(QDQFOLD_COUNT),
+              "a folds::Outcome member is missing from QDQFOLD_RECORD_FIELDS (core/report_fields.h)");
+#undef QDQFOLD_COUNT
+#undef QDQFOLD_COUNT_Outcome
+#undef QDQFOLD_COUNT_Driver
 
 // One merge outcome into the report: its own entry in `merges`; the identity BNs it removed are recorded as
 // folded by it, those it kept get its reason.
@@ -147,16 +160,17 @@ Report run_folds(graph::Model& model, const Options& options) {
                           "reads them as constants";
     report.batchnorms.push_back(std::move(p.record));
   }
-  report.op_types_before = std::move(before);
-  report.op_types_after = op_types(model);
+  report.op_types.before = std::move(before);
+  report.op_types.after = op_types(model);
   return report;
 }
 
-std::unique_ptr<FoldPlan> plan_fold(std::string_view model_bytes, const Options& options, bool defer_checks,
+std::unique_ptr<FoldPlan> plan_fold(std::string_view model_bytes, const Options& options,
+                                    std::shared_ptr<graph::Model::DeferredChecks> deferred_checks,
                                     graph::ExternalResolver* external) {
   auto plan = std::make_unique<FoldPlan>();
   plan->model = graph::parse_model(model_bytes, external);
-  if (defer_checks) plan->model->deferred_checks = std::make_shared<graph::Model::DeferredChecks>();
+  plan->model->deferred_checks = std::move(deferred_checks);
   plan->report = run_folds(*plan->model, options);
   plan->pieces = graph::write_model(*plan->model, plan->arena);
   return plan;

@@ -26,17 +26,12 @@ struct FoldPlan {
 // Tries every fold on every BatchNormalization of the model (subgraphs and functions included), in order.
 Report run_folds(graph::Model& model, const Options& options);
 
-// `defer_checks`: the optimistic first run (graph::Model::DeferredChecks). After writing `pieces`, the caller
-// asks checks_failed(); when true, that output is wrong and must be thrown away and the model planned again
-// with defer_checks = false, which checks everything before writing.
+// `deferred_checks`: given (non-null) for the optimistic first run of the two-run protocol
+// (core/deferred_checks.h, run_with_deferred_checks), which alone decides it; null checks everything first.
 // `external` resolves external data (see core/files.h, external_data_in); without it external tensors are
 // unreadable and their BNs are kept.
-std::unique_ptr<FoldPlan> plan_fold(std::string_view model_bytes, const Options& options, bool defer_checks = false,
+std::unique_ptr<FoldPlan> plan_fold(std::string_view model_bytes, const Options& options,
+                                    std::shared_ptr<graph::Model::DeferredChecks> deferred_checks = nullptr,
                                     graph::ExternalResolver* external = nullptr);
-
-// True when a check deferred to the writing of `plan` failed (see plan_fold).
-inline bool checks_failed(const graph::Model& model) {
-  return model.deferred_checks && model.deferred_checks->failed.load(std::memory_order_relaxed);
-}
 
 }  // namespace qdqfold

@@ -12,6 +12,7 @@
 
 #include "../wire/fields.h"
 #include "background_writer.h"
+#include "deferred_checks.h"
 #include "file_io.h"
 
 namespace qdqfold {
@@ -148,6 +149,11 @@ class MemoryResolver : public graph::ExternalResolver {
   }
 
   const graph::ExternalResolver* files() const { return files_.get(); }
+  size_t buffer_bytes() const {
+    size_t n = 0;
+    for (const auto& [location, buffer] : buffers_) n += buffer.size();
+    return n;
+  }
 
  private:
   std::map<std::string, std::string_view> buffers_;
@@ -477,16 +483,25 @@ void check_unchanged(const MappedFile& input, const FileResolver& resolver) {
     if (f.file->changed()) throw FileError(f.file->path() + ": the input changed while it was being folded");
 }
 
-// One run of fold_file. With `defer_checks` (see plan_fold), nullopt when a deferred check failed: the
-// temporary outputs are then removed and nothing is committed.
-std::optional<Report> fold_file_once(MappedFile& input, FileResolver& resolver, const std::string& src,
-                                     const std::string& dst, const Options& options,
-                                     const FileOptions& file_options, bool defer_checks, const Interruption& stop) {
+// One run of fold_file up to the commit: the report, and the output files written but still temporary
+// (destroyed uncommitted, they remove themselves). No output files for a dry run.
+struct StagedOutput {
+  Report report;
+  std::vector<std::unique_ptr<OutputFile>> data_files;
+  std::unique_ptr<OutputFile> model;
+  OutputPlan outputs;
+};
+
+// One attempt of fold_file's run_with_deferred_checks (core/deferred_checks.h): plans the fold with
+// `deferred_checks` and writes every output to its temporary file.
+StagedOutput stage_fold_file(MappedFile& input, FileResolver& resolver, const std::string& src,
+                             const std::string& dst, const Options& options, const FileOptions& file_options,
+                             std::shared_ptr<DeferredChecks> deferred_checks, const Interruption& stop) {
   graph::ExternalOutput external;
   auto plan = std::make_unique<FoldPlan>();
   plan->model = graph::parse_model(input.view(), &resolver);
   refuse_unrelocatable_external_data(*plan->model, src);
-  if (defer_checks) plan->model->deferred_checks = std::make_shared<graph::Model::DeferredChecks>();
+  plan->model->deferred_checks = std::move(deferred_checks);
   plan->model->after_each_fold = [&] {
     input.drop_resident();
     resolver.drop_resident();
@@ -496,14 +511,12 @@ std::optional<Report> fold_file_once(MappedFile& input, FileResolver& resolver, 
     resolver.release(bytes);
   };
   plan->report = run_folds(*plan->model, options);
-  plan->report.input_bytes = static_cast<int64_t>(input.view().size());
-  for (const auto& f : resolver.files()) {
-    plan->report.input_files.push_back(f.file->path());
-    plan->report.input_bytes += static_cast<int64_t>(f.file->view().size());
-  }
+  report_inputs(plan->report, input.view().size(), &resolver);
+  StagedOutput staged;
   if (dst.empty()) {  // a dry run: the report, nothing written
     check_unchanged(input, resolver);
-    return std::move(plan->report);
+    staged.report = std::move(plan->report);
+    return staged;
   }
 
   // Where the tensor data goes, then the model written (which fills the data file's pieces in External
@@ -527,13 +540,13 @@ std::optional<Report> fold_file_once(MappedFile& input, FileResolver& resolver, 
   if (external.layout == Layout::Inline && plan->pieces.size() > static_cast<size_t>(INT32_MAX))
     throw FileError(dst + ": the model would be " + std::to_string(plan->pieces.size()) + " bytes with its data "
                     "inline, over protobuf's 2 GB limit; keep its data external");
-  const OutputPlan outputs = plan_outputs(src, dst, target, data_names, input, resolver, file_options);
-  const std::string directory = io::directory_of(outputs.model);
+  staged.outputs = plan_outputs(src, dst, target, data_names, input, resolver, file_options);
+  const std::string directory = io::directory_of(staged.outputs.model);
 
   stop.check();
   std::vector<const MappedFile*> sources{&input};
   for (const auto& f : resolver.files()) sources.push_back(f.file.get());
-  std::vector<std::unique_ptr<OutputFile>> data_files;
+  std::vector<std::unique_ptr<OutputFile>>& data_files = staged.data_files;
   if (external.layout == Layout::AsInput) {
     for (size_t k = 0; k < resolver.files().size(); ++k) {
       auto out = std::make_unique<OutputFile>(directory + "/" + data_names[k]);
@@ -545,37 +558,67 @@ std::optional<Report> fold_file_once(MappedFile& input, FileResolver& resolver, 
     write_pieces(external.data_pieces, sources, *out, stop);
     data_files.push_back(std::move(out));
   }
-  OutputFile model_out(outputs.model);
-  write_pieces(plan->pieces, sources, model_out, stop);
-  if (checks_failed(*plan->model)) return std::nullopt;  // the OutputFiles remove their temporary files
+  staged.model = std::make_unique<OutputFile>(staged.outputs.model);
+  write_pieces(plan->pieces, sources, *staged.model, stop);
+  staged.report = std::move(plan->report);
+  return staged;
+}
+
+// The outputs of the attempt whose deferred checks held, renamed over their destinations; the report.
+Report commit(StagedOutput& staged, const MappedFile& input, const FileResolver& resolver, const Interruption& stop) {
+  if (!staged.model) return std::move(staged.report);  // a dry run
   check_unchanged(input, resolver);
   stop.check();
-  for (auto& f : data_files) {
+  for (auto& f : staged.data_files) {
     f->commit();
-    plan->report.data_files.push_back(f->destination());
+    staged.report.data_files.push_back(f->destination());
   }
-  model_out.commit();
+  staged.model->commit();
+  const OutputPlan& outputs = staged.outputs;
   for (const auto& path : outputs.stale)
-    if (io::remove_file(path)) plan->report.removed_files.push_back(path);
+    if (io::remove_file(path)) staged.report.removed_files.push_back(path);
   if (outputs.in_place) {
-    for (auto& path : remove_replaced_inputs(resolver, outputs)) plan->report.removed_files.push_back(std::move(path));
+    for (auto& path : remove_replaced_inputs(resolver, outputs)) staged.report.removed_files.push_back(std::move(path));
   }
-  return std::move(plan->report);
+  return std::move(staged.report);
 }
 
 }  // namespace
 
-std::vector<std::pair<std::string, int64_t>> files_read(const graph::ExternalResolver& resolver) {
-  std::vector<std::pair<std::string, int64_t>> files;
-  if (const auto* memory = dynamic_cast<const MemoryResolver*>(&resolver))
-    return memory->files() ? files_read(*memory->files()) : files;
-  if (const auto* resolved = dynamic_cast<const FileResolver*>(&resolver))
-    for (const auto& f : resolved->files()) files.emplace_back(f.file->path(), f.file->view().size());
-  return files;
+void report_inputs(Report& report, size_t model_size, const graph::ExternalResolver* resolver) {
+  report.input_bytes = static_cast<int64_t>(model_size);
+  if (const auto* memory = dynamic_cast<const MemoryResolver*>(resolver)) {
+    report_inputs(report, model_size + memory->buffer_bytes(), memory->files());
+    return;
+  }
+  if (const auto* resolved = dynamic_cast<const FileResolver*>(resolver))
+    for (const auto& f : resolved->files()) {
+      report.input_files.push_back(f.file->path());
+      report.input_bytes += static_cast<int64_t>(f.file->view().size());
+    }
 }
 
 std::unique_ptr<graph::ExternalResolver> external_data_in(const std::string& directory, const std::string& label) {
-  return std::make_unique<FileResolver>(directory, label);
+  return std::make_unique<FileResolver>(directory.empty() ? "." : directory, label);
+}
+
+void StorageKeywords::save_as_external_data(bool external) { external_ = external; }
+
+void StorageKeywords::size_threshold(int64_t bytes) {
+  if (bytes < 0) throw OptionError(kSizeThresholdRule);
+  size_threshold_ = bytes;
+}
+
+void StorageKeywords::data_name(std::string name) { data_name_ = std::move(name); }
+
+void StorageKeywords::apply_to(FileOptions& file_options) const {
+  using Layout = graph::ExternalOutput::Layout;
+  if (external_) file_options.layout = *external_ ? Layout::External : Layout::Inline;
+  if (size_threshold_) file_options.size_threshold = *size_threshold_;
+  if (data_name_) file_options.data_name = *data_name_;
+  if ((size_threshold_ || data_name_) && file_options.layout == Layout::Inline)
+    throw OptionError("size_threshold and data_name describe external data; not with save_as_external_data=False");
+  if (size_threshold_ || data_name_) file_options.layout = Layout::External;
 }
 
 std::unique_ptr<graph::ExternalResolver> external_data_from(std::map<std::string, std::string_view> buffers,
@@ -595,10 +638,10 @@ Report fold_file(const std::string& src, const std::string& dst, const Options& 
   MappedFile input(src, "the model file");
   FileResolver resolver(io::directory_of(src), src);
   try {
-    // First with the checks deferred to the writing; in the rare case one fails, once more checking first.
-    if (auto report = fold_file_once(input, resolver, src, dst, options, file_options, true, stop))
-      return std::move(*report);
-    return *fold_file_once(input, resolver, src, dst, options, file_options, false, stop);
+    StagedOutput staged = run_with_deferred_checks([&](std::shared_ptr<DeferredChecks> checks) {
+      return stage_fold_file(input, resolver, src, dst, options, file_options, std::move(checks), stop);
+    });
+    return commit(staged, input, resolver, stop);
   } catch (const std::exception&) {
     // Whatever went wrong, if a file being read changed meanwhile, that is the cause to report (a read past
     // the new end of a truncated file gives zeros, and anything may follow from them).

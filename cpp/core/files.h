@@ -17,6 +17,7 @@
 
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -37,6 +38,25 @@ struct FileOptions {
   std::string data_name;
 };
 
+// fold_file's storage keywords as a caller gives them one by one (the Python binding's save_as_external_data,
+// size_threshold and data_name, in that order, each only when given), and their rules: size_threshold or
+// data_name asks for external data, so neither goes with save_as_external_data=False. Each step throws
+// OptionError (options.h) for a value or combination it does not take.
+class StorageKeywords {
+ public:
+  static constexpr const char* kSizeThresholdRule = "option 'size_threshold' takes a number of bytes >= 0";
+  void save_as_external_data(bool external);  // false: every tensor inline; true: external data
+  void size_threshold(int64_t bytes);         // >= 0
+  void data_name(std::string name);           // checked by fold_file, which knows the output's name
+  // Sets `file_options`' layout, size_threshold and data_name from the keywords given.
+  void apply_to(FileOptions& file_options) const;
+
+ private:
+  std::optional<bool> external_;
+  std::optional<int64_t> size_threshold_;
+  std::optional<std::string> data_name_;
+};
+
 // Folds the model at `src` into `dst` (which may equal `src`; empty: a dry run, which reads and folds under
 // the same rules and writes nothing). Throws io::FileError (a FoldError whose
 // message starts with the path at fault) for files that cannot be read, written or replaced, and FoldError
@@ -46,7 +66,8 @@ Report fold_file(const std::string& src, const std::string& dst, const Options& 
                  const FileOptions& file_options = {});
 
 // Reads external data for a model held in memory (fold() with `base_directory`): locations resolve inside
-// `directory` under the same rules as fold_file's; `label` names the model in messages.
+// `directory` (empty: the current directory) under the same rules as fold_file's; `label` names the model in
+// messages.
 std::unique_ptr<graph::ExternalResolver> external_data_in(const std::string& directory, const std::string& label);
 
 // Reads external data from buffers the caller holds (fold() with `tensors`): a location that is a key of
@@ -57,9 +78,10 @@ std::unique_ptr<graph::ExternalResolver> external_data_from(std::map<std::string
                                                             std::unique_ptr<graph::ExternalResolver> files,
                                                             const std::string& label);
 
-// The files an external_data_in resolver read (each once) and their sizes, for the report; empty for another
-// resolver.
-std::vector<std::pair<std::string, int64_t>> files_read(const graph::ExternalResolver& resolver);
+// The report's input_bytes and input_files: `model_size`, plus every buffer an external_data_from resolver
+// was given, plus each external data file an external_data_in resolver (or the one behind an
+// external_data_from) read, each once. Nothing more for another resolver or null.
+void report_inputs(Report& report, size_t model_size, const graph::ExternalResolver* resolver);
 
 // The name of the k-th (from 0) external data file of an output model whose file name is `output_name`.
 std::string output_data_name(const std::string& output_name, size_t k);

@@ -1,10 +1,12 @@
 // Switches of a fold run. Each one is a keyword argument of qdqfold_native.fold with the same name and
-// default; bindings/module.cpp lists them, and python/qdqfold/__init__.pyi documents them.
+// default; option_switches() below lists them, and python/qdqfold_native.pyi documents them.
 #pragma once
 
 #include <cstdint>
 #include <map>
+#include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace qdqfold {
@@ -44,5 +46,23 @@ struct Options {
   // Keyword `shapes` ({name: [dims]}); not a switch, so options() does not list it.
   std::map<std::string, std::vector<int64_t>> shapes;
 };
+
+// An option a caller named that does not exist, or a value or combination of options that is not taken (the
+// Python binding raises it as TypeError).
+class OptionError : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+// Every switch of Options: its keyword, the member it sets. One table, so the binding, the error for an
+// unknown keyword and qdqfold_native.options() agree. `shapes` is an option but not a switch.
+struct OptionSwitch {
+  const char* name;
+  bool Options::*member;
+};
+const std::vector<OptionSwitch>& option_switches();
+
+// The switch named `keyword`. Throws OptionError naming every option when there is none.
+const OptionSwitch& option_switch(std::string_view keyword);
 
 }  // namespace qdqfold

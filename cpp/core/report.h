@@ -1,5 +1,7 @@
 // What a fold run did to each BatchNormalization: folded (into what, which way, exactly or not) or kept
 // (a stable reason code and a sentence naming what blocked it and which option, if any, would fold it).
+// Every member of BatchNormRecord and Report is also a row of core/report_fields.h, which the binding's dict
+// and tests/test_report_fields.py follow: add a member there too.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +31,11 @@ struct BatchNormRecord {
   std::vector<std::pair<std::string, double>> metrics;  // e.g. largest bias rounding error
 };
 
+// Nodes by op type ("domain.Op" outside the default domain) in every graph, subgraphs and functions included.
+struct OpTypeCounts {
+  std::map<std::string, int64_t> before, after;  // before and after the folds
+};
+
 struct Report {
   std::vector<BatchNormRecord> batchnorms;
   // merge_branches: one entry per sum of parallel branches, in the same form (node: the Add/Sum/Sub at the
@@ -39,12 +46,11 @@ struct Report {
   // files an in-place fold removed because the new model no longer uses them. Empty for bytes in memory.
   std::vector<std::string> data_files;
   std::vector<std::string> removed_files;
-  // File to file: the external data files the input model read (each once, as found).
+  // The external data files the input model read (each once, as found): file to file, or in memory with a
+  // base directory.
   std::vector<std::string> input_files;
   int64_t input_bytes = 0;  // the model and those files, as read
-  // Nodes by op type ("domain.Op" outside the default domain) in every graph, subgraphs and functions
-  // included, before and after the folds.
-  std::map<std::string, int64_t> op_types_before, op_types_after;
+  OpTypeCounts op_types;
 };
 
 }  // namespace qdqfold

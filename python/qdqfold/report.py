@@ -64,6 +64,12 @@ def found_line(totals: dict[str, int]) -> str:
         f"{found}, {totals['folded']} folded, {totals['kept']} kept"
 
 
+#: The keys of the native report (``qdqfold_native.report_fields()["report"]``) that :class:`FoldReport` does
+#: not keep: batch.py reads them for its op-type and size columns. FoldReport's fields and these are every key
+#: (tests/test_report_fields.py), so a key the core adds is either kept here or listed here.
+NATIVE_KEYS_NOT_KEPT = frozenset({"op_types", "input_files", "input_bytes"})
+
+
 @dataclass
 class FoldReport:
     """The report of one fold run. ``batchnorms`` lists every BatchNormalization, subgraphs included."""
