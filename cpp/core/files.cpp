@@ -638,9 +638,13 @@ Report fold_file(const std::string& src, const std::string& dst, const Options& 
   MappedFile input(src, "the model file");
   FileResolver resolver(io::directory_of(src), src);
   try {
-    StagedOutput staged = run_with_deferred_checks([&](std::shared_ptr<DeferredChecks> checks) {
-      return stage_fold_file(input, resolver, src, dst, options, file_options, std::move(checks), stop);
-    });
+    // A dry run writes nothing, so nothing could make a deferred check: it checks everything first.
+    StagedOutput staged =
+        dst.empty() ? stage_fold_file(input, resolver, src, dst, options, file_options, nullptr, stop)
+                    : run_with_deferred_checks([&](std::shared_ptr<DeferredChecks> checks) {
+                        return stage_fold_file(input, resolver, src, dst, options, file_options, std::move(checks),
+                                               stop);
+                      });
     return commit(staged, input, resolver, stop);
   } catch (const std::exception&) {
     // Whatever went wrong, if a file being read changed meanwhile, that is the cause to report (a read past
