@@ -8,28 +8,31 @@ native fold releases the GIL), processes, or a Dask ``Client.get_executor()``.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import mmap
 import os
 import stat
-import tempfile
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import qdqfold_native
 from qdqfold_native import FoldError
 
-from .api import load_model_bytes, with_inferred_shapes, write_atomically
-from .graphinfo import ModelInfo, WireFormatError, read_model_info
+from ._defaults import DEFAULT_LEVELS, DEFAULT_TOLERANCE
+from .api import with_inferred_shapes
+from .paths import MODEL_SUFFIX, plan_outputs  # noqa: F401 (plan_outputs: every output-path rule, in paths)
 from .report import FoldReport
-from .verify import DEFAULT_LEVELS, DEFAULT_TOLERANCE, VerifyError, VerifyResult, verify  # numpy, onnx: on use
 
-MODEL_SUFFIX = ".onnx"
+# verify (numpy, onnx, onnxruntime), graphinfo, tempfile, traceback and concurrent.futures are imported where
+# they are used: a plain file -> file fold needs none of them.
+if TYPE_CHECKING:
+    import concurrent.futures
+
+    from .graphinfo import ModelInfo
+    from .verify import VerifyResult
 
 
 class ModelError(Exception):
@@ -125,6 +128,8 @@ def _check_source(src: Path) -> None:
 
 def _read_model(src: Path) -> bytes:
     """The model at ``src`` as bytes, external data (if any) loaded in."""
+    from .api import load_model_bytes
+
     _check_source(src)
     try:
         return load_model_bytes(src)
@@ -142,6 +147,8 @@ def _read_model(src: Path) -> bytes:
 
 def _model_info(path: Path) -> ModelInfo:
     """The nodes of the model file at ``path``, read through a mapping (its weights are skipped, not read)."""
+    from .graphinfo import read_model_info
+
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return read_model_info(b"")
@@ -227,6 +234,8 @@ def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, opti
     in_place = dst is not None and _same_file(src, dst)
     info = None
     if model_info:
+        from .graphinfo import WireFormatError
+
         try:
             info = _model_info(src)
         except WireFormatError:
@@ -240,8 +249,12 @@ def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, opti
 
     # A dry run with verification folds into a private directory (removed after), so that models with external
     # data or over 2 GB are verified from files, as onnxruntime loads them.
-    scratch = tempfile.TemporaryDirectory(prefix="qdqfold-") if dst is None and verification is not None \
-        else contextlib.nullcontext(None)
+    if dst is None and verification is not None:
+        import tempfile
+
+        scratch: Any = tempfile.TemporaryDirectory(prefix="qdqfold-")
+    else:
+        scratch = contextlib.nullcontext(None)
     with scratch as scratch_dir:
         target = dst if dst is not None else (Path(scratch_dir) / src.name if scratch_dir else None)
         if target is None:
@@ -255,7 +268,8 @@ def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, opti
             else _files_size(target, report.data_files)
         if dst is None:
             report.data_files = []  # the scratch files are not outputs
-        result = ModelResult(str(src), str(dst) if dst is not None else None, written=dst is not None, report=report,
+        result = ModelResult(input=str(src), output=str(dst) if dst is not None else None, written=dst is not None,
+                             report=report,
                              ops_before=dict(native["op_types"]["before"]), ops_after=dict(native["op_types"]["after"]),
                              size_before=size_before, size_after=size_after, model_info=info)
         if verification is not None:
@@ -268,6 +282,8 @@ def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, opti
 
 def _verify(original: Any, folded: Any, settings: VerifySettings, report: FoldReport, label: str | Path) -> VerifyResult:
     """:func:`qdqfold.verify` with the settings of a CLI or batch run; a model it cannot run is a ModelError."""
+    from .verify import VerifyError, verify
+
     try:
         return verify(original, folded, tolerance=settings.tolerance, seed=settings.seed,
                       symbolic_size=settings.symbolic_size, dims=settings.dims, report=report,
@@ -294,6 +310,9 @@ def fold_bytes_result(data: bytes, label: str, dst: str | os.PathLike | None, op
     with ``dst``, writes it there atomically. ``label`` names the model in messages ("-" for standard input).
     ``base_directory``: where its external data lives (None: external weights are not read and their BNs are
     kept). Returns the result and the folded bytes. Raises :class:`ModelError`."""
+    from .api import write_atomically
+    from .graphinfo import WireFormatError, read_model_info
+
     start = time.perf_counter()
     try:
         info_before = read_model_info(data)  # for --explain (the bytes are in memory: a plain read)
@@ -316,7 +335,8 @@ def fold_bytes_result(data: bytes, label: str, dst: str | os.PathLike | None, op
             write_atomically(dst, folded)
         except OSError as e:
             raise ModelError(f"{dst}: cannot write: {e.strerror or e}") from e
-    result = ModelResult(label, str(dst) if dst is not None else None, written=dst is not None, report=report,
+    result = ModelResult(input=label, output=str(dst) if dst is not None else None, written=dst is not None,
+                         report=report,
                          ops_before=dict(native["op_types"]["before"]), ops_after=dict(native["op_types"]["after"]),
                          size_before=len(data), size_after=len(folded), model_info=info_before)
     if verification is not None:
@@ -328,6 +348,8 @@ def fold_bytes_result(data: bytes, label: str, dst: str | os.PathLike | None, op
 def read_for_stdout(src: Path) -> tuple[bytes, Path]:
     """The bytes of the model file ``src`` for a fold whose output goes to standard output (one message, so no
     external data in the output: tensors the fold does not change would still point at the input's files)."""
+    from .graphinfo import WireFormatError, read_model_info
+
     _check_source(src)
     data = src.read_bytes()
     try:
@@ -364,6 +386,8 @@ def fold_file_captured(src: str, dst: str | None, options: dict[str, Any] | None
                        storage: dict[str, Any] | None = None) -> ModelResult:
     """As :func:`fold_file_result`, but a failure comes back as a result with ``error`` set, never raised.
     Unexpected exceptions are caught too, so one bad model never stops a batch."""
+    import traceback
+
     try:
         _raise_if_interrupted(src)
         result = fold_file_result(src, dst, options, verification=verification, make_parents=make_parents,
@@ -371,73 +395,11 @@ def fold_file_captured(src: str, dst: str | None, options: dict[str, Any] | None
         result.model_info = None  # not needed by batch callers; keeps results small to send between processes
         return result
     except ModelError as e:
-        return ModelResult(str(src), dst, error=str(e), traceback=traceback.format_exc() if keep_traceback else None)
-    except Exception as e:  # a bug: still one line, the traceback on request
-        return ModelResult(str(src), dst, error=f"{src}: internal error: {type(e).__name__}: {e}",
+        return ModelResult(input=str(src), output=dst, error=str(e),
                            traceback=traceback.format_exc() if keep_traceback else None)
-
-
-def _is_within(path: Path, directory: Path) -> bool:
-    try:
-        path.resolve().relative_to(directory.resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def plan_outputs(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike | None, *,
-                 in_place: bool = False) -> list[tuple[Path, Path | None]]:
-    """(input, output) for every model: a directory contributes every ``*.onnx`` below it (recursively; a
-    model ``D/a/b.onnx`` goes to ``OUT/a/b.onnx``), a file ``F`` goes to ``OUT/<name of F>``. With
-    ``in_place`` each model is its own output; with neither ``out_dir`` nor ``in_place``, outputs are None
-    (a dry run). A path that does not exist is kept, so that its job reports it. Raises ``ValueError`` when
-    two inputs would be written to the same output."""
-    out = Path(out_dir) if out_dir is not None else None
-    plan: list[tuple[Path, Path | None]] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            # An output directory inside the input directory holds earlier outputs, not inputs.
-            skip = out if out is not None and _is_within(out, path) and out.resolve() != path.resolve() else None
-            found = sorted(p for p in path.rglob(f"*{MODEL_SUFFIX}")
-                           if p.is_file() and not p.name.startswith(".")
-                           and not (skip is not None and _is_within(p, skip)))
-            pairs = [(p, p.relative_to(path)) for p in found]
-        else:
-            pairs = [(path, Path(path.name))]
-        for src, relative in pairs:
-            dst = src if in_place else (out / relative if out is not None else None)
-            plan.append((src, dst))
-    seen: dict[Path, Path] = {}
-    for src, dst in plan:
-        if dst is None:
-            continue
-        key = dst.resolve()
-        if key in seen and seen[key] != src:
-            raise ValueError(f"{seen[key]} and {src} would both be written to {dst}")
-        seen[key] = src
-        if not in_place and src.exists() and src.resolve() == key:
-            raise ValueError(f"{dst} is its own input; pass --in-place to overwrite it")
-    # Each output's external data goes to files named after it (<out>.data, <out>.2.data, ...): no output may
-    # carry such a name of another.
-    for key, src in seen.items():
-        for owner in _data_name_owners(key):
-            if owner in seen and seen[owner] != src:
-                raise ValueError(f"{src} would be written to {key}, a name that {seen[owner]}'s output {owner.name} "
-                                 f"gives its external data")
-    return plan
-
-
-def _data_name_owners(path: Path) -> list[Path]:
-    """The outputs whose external data qdqfold would write at ``path`` (``<out>.data``, ``<out>.N.data``)."""
-    name = path.name
-    if not name.endswith(".data") or len(name) <= len(".data"):
-        return []
-    stem = name[:-len(".data")]
-    owners = [path.with_name(stem)]
-    head, dot, number = stem.rpartition(".")
-    if dot and head and number.isdigit():
-        owners.append(path.with_name(head))
-    return owners
+    except Exception as e:  # a bug: still one line, the traceback on request
+        return ModelResult(input=str(src), output=dst, error=f"{src}: internal error: {type(e).__name__}: {e}",
+                           traceback=traceback.format_exc() if keep_traceback else None)
 
 
 def iter_fold_many(plan: list[tuple[Path, Path | None]], executor: concurrent.futures.Executor, *,
@@ -445,9 +407,12 @@ def iter_fold_many(plan: list[tuple[Path, Path | None]], executor: concurrent.fu
                    keep_traceback: bool = False, force: bool = False) -> Iterator[tuple[int, ModelResult]]:
     """Submits every (input, output) of ``plan`` to ``executor`` and yields (index in plan, result) as each
     finishes. A model that fails yields a result with ``error`` set; the others go on."""
+    import concurrent.futures
+
     futures = {
         executor.submit(fold_file_captured, str(src), str(dst) if dst is not None else None, dict(options or {}),
-                        verification, True, keep_traceback, force): index
+                        verification=verification, make_parents=True, keep_traceback=keep_traceback,
+                        force=force): index
         for index, (src, dst) in enumerate(plan)
     }
     for future in concurrent.futures.as_completed(futures):
@@ -456,7 +421,7 @@ def iter_fold_many(plan: list[tuple[Path, Path | None]], executor: concurrent.fu
             result = future.result()
         except Exception as e:  # the executor itself failed (e.g. a worker died)
             src, dst = plan[index]
-            result = ModelResult(str(src), str(dst) if dst is not None else None,
+            result = ModelResult(input=str(src), output=str(dst) if dst is not None else None,
                                  error=f"{src}: the executor failed: {type(e).__name__}: {e}")
         yield index, result
 
@@ -476,6 +441,8 @@ def fold_many(paths: Iterable[str | os.PathLike] | str | os.PathLike, out_dir: s
         paths = [paths]
     if out_dir is None and not (dry_run or in_place):
         raise ValueError("give out_dir, or dry_run=True, or in_place=True")
+    import concurrent.futures
+
     plan = plan_outputs(paths, None if dry_run else out_dir, in_place=in_place and not dry_run)
     results: list[ModelResult | None] = [None] * len(plan)
     own = executor is None

@@ -54,9 +54,10 @@ ModelLike = Union["onnx.ModelProto", bytes, bytearray, memoryview, str, os.PathL
 #: Version of the ``verify`` section of the JSON report.
 SCHEMA_VERSION = 2
 
-#: Default tolerance: the largest difference allowed, as a share of each output's range, where the rounding
-#: floor is smaller (float models).
-DEFAULT_TOLERANCE = 1e-5
+#: Default tolerance (DEFAULT_TOLERANCE): the largest difference allowed, as a share of each output's range,
+#: where the rounding floor is smaller (float models). It and DEFAULT_LEVELS live in qdqfold._defaults, so the
+#: command line names them without importing this module.
+from ._defaults import DEFAULT_LEVELS, DEFAULT_TOLERANCE  # noqa: E402
 
 #: A fold is within the floor when its deviation is at most this multiple of the twin's (worst input sets).
 FLOOR_MULTIPLE = 4.0
@@ -74,7 +75,6 @@ DEFAULT_SPATIAL_SIZE = 32
 #: onnxruntime optimisation levels by the names the CLI takes.
 LEVELS = {"off": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
           "default": "ORT_ENABLE_ALL", "all": "ORT_ENABLE_ALL"}
-DEFAULT_LEVELS = ("off", "default")
 
 #: onnxruntime's quantized node units besides the QLinear* family.
 QUANTIZED_UNIT_OPS = frozenset({
