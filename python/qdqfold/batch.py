@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import stat
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,13 @@ from qdqfold_native import FoldError
 from ._defaults import DEFAULT_LEVELS, DEFAULT_TOLERANCE
 from .api import with_inferred_shapes
 from .paths import MODEL_SUFFIX, plan_outputs  # noqa: F401 (plan_outputs: every output-path rule, in paths)
+from .files import STORAGE_KEYWORDS, ModelError, interrupt_running  # noqa: F401 (part of this module's API)
+from .files import _interrupted  # noqa: F401 (the command line clears it)
+from .files import check_source as _check_source
+from .files import fold_file as _fold_file  # the one place a file is folded (tests wrap it here)
+from .files import make_parent as _make_parent
+from .files import native_error as _native_error
+from .files import raise_if_interrupted as _raise_if_interrupted
 from .report import FoldReport
 
 # verify (numpy, onnx, onnxruntime), graphinfo, tempfile, traceback and concurrent.futures are imported where
@@ -33,10 +38,6 @@ if TYPE_CHECKING:
 
     from .graphinfo import ModelInfo
     from .verify import VerifyResult
-
-
-class ModelError(Exception):
-    """One model could not be folded; the message is one line that names the path."""
 
 
 @dataclass
@@ -103,27 +104,8 @@ def _missing_external_data(src: Path) -> list[str]:
     return missing
 
 
-_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
-          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
-
 #: The protobuf limit: a ModelProto this large or larger cannot be serialized as one message.
 PROTOBUF_LIMIT = 2**31 - 1
-
-
-def _check_source(src: Path) -> None:
-    """A model file must be a regular file: a FIFO or a device is refused before anything opens it (an open
-    or a read would block, or read something that is not a file)."""
-    try:
-        mode = os.stat(src).st_mode
-    except FileNotFoundError:
-        raise ModelError(f"{src}: no such file") from None
-    except OSError as e:
-        raise ModelError(f"{src}: cannot read: {e.strerror or e}") from e
-    if stat.S_ISDIR(mode):
-        raise ModelError(f"{src}: is a directory, not a model file")
-    if not stat.S_ISREG(mode):
-        raise ModelError(f"{src}: is {_KINDS.get(stat.S_IFMT(mode), 'not a regular file')}, not a model file "
-                         f"(qdqfold reads regular files only)")
 
 
 def _read_model(src: Path) -> bytes:
@@ -156,14 +138,6 @@ def _model_info(path: Path) -> ModelInfo:
             return read_model_info(mapped)
 
 
-def _native_error(error: FoldError, src: Path) -> str:
-    """One line naming the file at fault: a FileError's message starts with that file's path (the input, one of
-    its data files, the output or one of its data files); any other FoldError means the model is invalid."""
-    if isinstance(error, qdqfold_native.FileError):
-        return str(error)
-    return f"{src}: not a valid ONNX model: {error}"
-
-
 def _fold_in_memory(src: Path, options: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     """A dry run: folds the mapped model in memory, its external data read by the core under the same rules as a
     file-to-file fold (folded tensors come back inline, others keep their references; the mapping is guarded,
@@ -179,31 +153,6 @@ def _fold_in_memory(src: Path, options: dict[str, Any]) -> tuple[dict[str, Any],
     finally:
         if isinstance(data, mmap.mmap):
             data.close()
-
-
-#: Keywords of qdqfold_native.fold_file that choose how the output stores its tensor data.
-STORAGE_KEYWORDS = ("save_as_external_data", "size_threshold", "data_name")
-
-
-def _fold_file(src: Path, dst: Path, options: dict[str, Any], make_parents: bool, force: bool,
-               storage: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Folds ``src`` into ``dst`` file to file in the native core (input mapped, output written once, external
-    data in files named after ``dst``, or as ``storage`` says): the one place where a file is folded."""
-    _make_parent(dst, make_parents)
-    try:
-        native = qdqfold_native.fold_file(src, dst, force=force, **(storage or {}),
-                                          **with_inferred_shapes(src, options))
-    except FoldError as e:
-        raise ModelError(_native_error(e, src)) from e
-    return native
-
-
-def _make_parent(dst: Path, make_parents: bool) -> None:
-    if make_parents:
-        try:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ModelError(f"{dst}: cannot write: cannot create the directory {dst.parent}: {e.strerror or e}") from e
 
 
 def _files_size(model: Path, data_files: Iterable[str]) -> int:
@@ -260,7 +209,8 @@ def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, opti
         if target is None:
             native, folded = _fold_in_memory(src, options)
         else:
-            native, folded = _fold_file(src, target, options, make_parents, force, storage), None
+            native, folded = _fold_file(src, target, options, make_parents=make_parents, force=force,
+                                        storage=storage), None
         report = FoldReport.from_native(native)
         size_before = native["input_bytes"]  # the model and its data files, as the core read them
         # In memory the folded tensors come back inline and the others stay in the input's data files.
@@ -360,24 +310,6 @@ def read_for_stdout(src: Path) -> tuple[bytes, Path]:
         raise ModelError(f"{src}: keeps weights in external data ({', '.join(sorted(locations))}), which cannot "
                          f"be written to standard output; give -o FILE")
     return data, src.parent
-
-
-# Ctrl-C (see interrupt_running): set once for the process; a CLI run ends after it.
-_interrupted = threading.Event()
-
-
-def interrupt_running() -> None:
-    """Stops this process's folds: every running ``fold_file`` stops at its next chunk and removes its temporary
-    files (no partial output), models not yet started are not folded, and a verification not yet started is
-    skipped. For the command line's Ctrl-C."""
-    _interrupted.set()
-    qdqfold_native.interrupt()
-
-
-def _raise_if_interrupted(src: Path | str = "", written: Path | str | None = None) -> None:
-    if _interrupted.is_set():
-        done = f"; {written} was written but not verified" if written is not None else ""
-        raise ModelError(f"{src}: interrupted{done}")
 
 
 def fold_file_captured(src: str, dst: str | None, options: dict[str, Any] | None = None,

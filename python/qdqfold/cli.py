@@ -15,15 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 import qdqfold_native
 
-from . import paths
+from . import files, paths
 from ._defaults import DEFAULT_TOLERANCE
 from .api import OPTIONS
-from .batch import _interrupted  # noqa: PLC2701 (the CLI owns the Ctrl-C of its process)
-from .batch import ModelError, interrupt_running
+from .files import _interrupted  # noqa: PLC2701 (the CLI owns the Ctrl-C of its process)
+from .files import ModelError, interrupt_running
 
-# Only what every run needs is imported here: the rendering (qdqfold.render), the report's dataclasses,
-# verification (numpy, onnx, onnxruntime), concurrent.futures and tqdm load when a run uses them, so a quiet
-# file -> file fold starts about as fast as Python does (tests/test_cli_imports.py keeps it so).
+# Only what every run needs is imported here. The results and their report (qdqfold.batch, qdqfold.report:
+# dataclasses), the rendering (qdqfold.render), verification (numpy, onnx, onnxruntime), concurrent.futures
+# and tqdm load when a run uses them: a quiet file -> file fold imports little more than argparse and the
+# native module (tests/test_cli_imports.py keeps it so).
 if TYPE_CHECKING:
     from .batch import ModelResult, VerifySettings
     from .render import Style
@@ -259,7 +260,7 @@ def _style(args: argparse.Namespace) -> Style:
 
 def _run_interruptibly(function, *arguments, **keywords):
     """Runs ``function`` on a worker thread so that Ctrl-C reaches this one at once: it then stops the fold
-    (batch.interrupt_running: no partial output, temporary files removed), waits for the worker to give up,
+    (files.interrupt_running: no partial output, temporary files removed), waits for the worker to give up,
     and raises KeyboardInterrupt. (A plain thread: concurrent.futures costs a run some milliseconds to import.)"""
     import threading
 
@@ -309,14 +310,32 @@ def _path_rule(function, *arguments, **keywords):
         raise (InputError if e.bad_input else UsageError)(str(e)) from e
 
 
-def run_single(args: argparse.Namespace) -> int:
-    from .batch import fold_bytes_result, fold_file_result, read_for_stdout
+def _fold_quietly(source: Path, output: Path, options: dict[str, bool], force: bool,
+                  storage: dict[str, object]) -> None:
+    """A file -> file fold whose result nobody reads (``-q``, no JSON, no verification): the checks and the
+    native call of batch.fold_file_result, without the result (op counts, sizes, the report's records)."""
+    files.check_source(source)
+    files.fold_file(source, output, options, make_parents=True, force=force, storage=storage)
 
+
+def run_single(args: argparse.Namespace) -> int:
     source = args.inputs[0]
     report_only = bool(args.explain or args.json)
     to_stdout = _path_rule(paths.check_standard_output, args.output, json=args.json, in_place=args.in_place,
                            dry_run=args.dry_run)
     where = {"in_place": args.in_place, "dry_run": args.dry_run, "report_only": report_only}
+    shown = args.report_json or args.json or args.explain or not args.quiet
+    if not (shown or args.verify or source == "-" or to_stdout):
+        output = _path_rule(paths.single_output, source, args.output, **where)
+        if output is not None:
+            try:
+                _run_interruptibly(_fold_quietly, Path(source), output, _options(args), args.force, _storage(args))
+            except ModelError as e:
+                raise InputError(str(e)) from e
+            return EXIT_OK
+
+    from .batch import fold_bytes_result, fold_file_result, read_for_stdout
+
     folded: bytes | None = None
     try:
         if source == "-" or to_stdout:  # the model passes through memory
@@ -336,7 +355,6 @@ def run_single(args: argparse.Namespace) -> int:
                                         storage=_storage(args), model_info=bool(args.explain))
     except ModelError as e:
         raise InputError(str(e)) from e
-    shown = args.report_json or args.json or args.explain or not args.quiet
     if shown:
         from . import render
 
