@@ -14,11 +14,13 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers read the name as True)
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from typing import Any
+
     from qdqfold_native import FoldError
 
     from .api import OPTIONS, fold_bytes, fold_model

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 # the report's dataclasses (qdqfold.report), which a command-line run may not need.
 
 #: Every fold option and its default (keyword arguments of fold_model, fold_bytes and qdqfold_native.fold).
-OPTIONS: dict[str, bool] = qdqfold_native.options()
+from ._defaults import OPTIONS  # noqa: E402 (defined where the command line reads it without this module)
 
 ModelLike = Union["onnx.ModelProto", bytes, bytearray, memoryview, str, os.PathLike]
 

@@ -11,13 +11,11 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import qdqfold_native
 
 from . import files, paths
-from ._defaults import DEFAULT_TOLERANCE
-from .api import OPTIONS
+from ._defaults import DEFAULT_TOLERANCE, OPTIONS
 from .files import _interrupted  # noqa: PLC2701 (the CLI owns the Ctrl-C of its process)
 from .files import ModelError, interrupt_running
 
@@ -25,7 +23,10 @@ from .files import ModelError, interrupt_running
 # dataclasses), the rendering (qdqfold.render), verification (numpy, onnx, onnxruntime), concurrent.futures
 # and tqdm load when a run uses them: a quiet file -> file fold imports little more than argparse and the
 # native module (tests/test_cli_imports.py keeps it so).
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers read the name as True)
 if TYPE_CHECKING:
+    from typing import Any
+
     from .batch import ModelResult, VerifySettings
     from .render import Style
 

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers read the name as True)
+if TYPE_CHECKING:
+    from typing import Iterable
 
 MODEL_SUFFIX = ".onnx"
 
