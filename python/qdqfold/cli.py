@@ -129,10 +129,35 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _terminal_columns() -> int:
+    """shutil.get_terminal_size().columns, read as shutil reads it (COLUMNS, else standard output's terminal,
+    else 80) without importing shutil, which loads the compression modules (a few milliseconds of every run)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return columns
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter at the width argparse would choose. argparse makes one for every add_argument (to
+    check it) and asks shutil for the width, so building the parser imported shutil; this asks os."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         width if width is not None else _terminal_columns() - 2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qdqfold",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
         description="Fold BatchNormalization into neighbouring layers of an ONNX model, quantized (QDQ)\n"
                     "weights included, exactly. Prints what was folded and what was kept, and why.\n\n"
                     "  qdqfold model.onnx -o folded.onnx --verify\n"
