@@ -17,6 +17,10 @@ from pathlib import Path
 import qdqfold_native
 from qdqfold_native import FoldError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers read the name as True)
+if TYPE_CHECKING:
+    from qdqfold_native import FileReport
+
 
 class ModelError(Exception):
     """One model could not be folded; the message is one line that names the path."""
@@ -72,7 +76,7 @@ def with_shapes(model: str | os.PathLike, options: dict) -> dict:
 
 
 def fold_file(src: Path, dst: Path, options: dict, make_parents: bool = False, force: bool = False,
-              storage: dict | None = None) -> dict:
+              storage: dict | None = None) -> FileReport:
     """Folds ``src`` into ``dst`` file to file in the native core (input mapped, output written once, external
     data in files named after ``dst``, or as ``storage`` says): the one place where a file is folded. Returns
     the native report; raises :class:`ModelError`."""
