@@ -365,8 +365,8 @@ def run_single(args: argparse.Namespace) -> int:
     folded: bytes | None = None
     try:
         if source == "-" or to_stdout:  # the model passes through memory
-            if args.external_data or args.size_threshold is not None or args.data_name:
-                raise UsageError("external data options need a model file output (-o FILE)")
+            _path_rule(paths.check_through_memory, external_data_options=bool(
+                args.external_data or args.size_threshold is not None or args.data_name))
             if source == "-":
                 data, base = sys.stdin.buffer.read(), None
             else:
@@ -435,9 +435,7 @@ def run_many(args: argparse.Namespace) -> int:
     if args.explain:
         raise UsageError("--explain takes one model file")
     _path_rule(paths.check_many_request, args.output, in_place=args.in_place, dry_run=args.dry_run,
-               report_only=args.json)
-    if args.data_name:
-        raise UsageError("--data-name names one data file; with several models each output's data is named after it")
+               report_only=args.json, data_name=args.data_name)
     storage = _storage(args)
     out_dir = Path(args.output) if args.output else None
     try:

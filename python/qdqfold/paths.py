@@ -4,13 +4,14 @@ One place for the rules, each raised once, in the order the command line applies
 
 - a second positional argument is the output when it is the only other thing said (``qdqfold in.onnx
   out.onnx``, the onnxsim / onnxslim habit);
-- ``-`` reads a model from standard input, ``-o -`` writes it to standard output (one model only);
+- ``-`` reads a model from standard input, ``-o -`` writes it to standard output (one model only, passing
+  through memory: no external data file beside it);
 - ``-o DIR/`` (a trailing slash, or an existing directory) is a directory: a model goes to ``DIR/<its name>``;
 - ``--in-place`` replaces each input; an output that is its own input needs it;
 - a dry run (``--dry-run``, or ``--json`` / ``--explain`` without an output) writes nothing and takes no output;
 - with several models, a directory contributes every ``*.onnx`` below it and keeps its layout; no two models
   may be written to one file, nor to the name another output gives its external data (``OUT.data``,
-  ``OUT.N.data``).
+  ``OUT.N.data``), and each output's data file is named after it (``--data-name`` names one model's).
 
 Light on purpose (no dataclasses, no onnx): the command line imports it for every run.
 """
@@ -83,6 +84,13 @@ def check_standard_output(output: str | None, *, json: bool, in_place: bool, dry
     return True
 
 
+def check_through_memory(*, external_data_options: bool) -> None:
+    """A model read from standard input or written to standard output passes through memory as one message:
+    no external data file is written beside it."""
+    if external_data_options:
+        raise OutputPathError("external data options need a model file output (-o FILE)")
+
+
 def single_output(source: str, output: str | None, *, in_place: bool, dry_run: bool,
                   report_only: bool) -> Path | None:
     """Where one model (``source``, ``-`` for standard input) is written: None for a dry run (``report_only``:
@@ -124,13 +132,18 @@ def check_many_target(inputs: list[str], output: str | None) -> None:
         raise OutputPathError(f"{output}: with several models, -o names a directory")
 
 
-def check_many_request(output: str | None, *, in_place: bool, dry_run: bool, report_only: bool) -> None:
-    """Several models: one of a directory, ``--in-place`` or a dry run (``--json`` alone is one)."""
+def check_many_request(output: str | None, *, in_place: bool, dry_run: bool, report_only: bool,
+                       data_name: str | None = None) -> None:
+    """Several models: one of a directory, ``--in-place`` or a dry run (``--json`` alone is one); each output's
+    external data is named after it (no ``--data-name``)."""
     _check_dry_run(output, in_place, dry_run)
     if not (output or in_place or dry_run or report_only):
         raise OutputPathError("with several models give -o DIR, --in-place, or --dry-run")
     if in_place and output:
         raise OutputPathError("--in-place and -o: give one of them")
+    if data_name:
+        raise OutputPathError("--data-name names one data file; with several models each output's data is named "
+                              "after it")
 
 
 def make_output_directory(out_dir: Path) -> None:
