@@ -389,11 +389,11 @@ def run_single(args: argparse.Namespace) -> int:
             result.output, result.written = "-", True
         report_stream = sys.stderr if to_stdout else sys.stdout
         if args.report_json or args.json:
-            data = render.single_document(result)
+            document = render.single_document(result)
             if args.report_json:
-                _write_json(args.report_json, data)
+                _write_json(args.report_json, document)
             if args.json:
-                print(render.json_text(data))
+                print(render.json_text(document))
         if args.explain:
             try:
                 story = result.report.explain(args.explain, result.model_info)
@@ -495,11 +495,11 @@ def run_many(args: argparse.Namespace) -> int:
     failed = [r for r in done if not r.ok]
     mismatched = [m for m in map(_verification_failure, done) if m]
 
-    data = render.many_document(done)
+    document = render.many_document(done)
     if args.report_json:
-        _write_json(args.report_json, data)
+        _write_json(args.report_json, document)
     if args.json:
-        print(render.json_text(data))
+        print(render.json_text(document))
     elif not args.quiet:
         render.print_many(done, style)
     render.print_many_failures(done, mismatched, interrupted=interrupted, debug=args.debug)
