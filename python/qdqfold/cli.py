@@ -287,25 +287,34 @@ def _style(args: argparse.Namespace) -> Style:
 def _run_interruptibly(function, *arguments, **keywords):
     """Runs ``function`` on a worker thread so that Ctrl-C reaches this one at once: it then stops the fold
     (files.interrupt_running: no partial output, temporary files removed), waits for the worker to give up,
-    and raises KeyboardInterrupt. (A plain thread: concurrent.futures costs a run some milliseconds to import.)"""
+    and raises KeyboardInterrupt. (A plain thread: concurrent.futures costs a run some milliseconds to import.)
+
+    The wait is on an Event, not Thread.join: on Python 3.11 a Ctrl-C that interrupts join() marks the still
+    running thread as stopped, so the process would exit under a fold still writing (and abort)."""
     import threading
 
     outcome: dict[str, Any] = {}
+    done = threading.Event()
 
     def work() -> None:
         try:
             outcome["value"] = function(*arguments, **keywords)
         except BaseException as e:  # handed to the caller, as a future's result() would
             outcome["error"] = e
+        finally:
+            done.set()
 
     worker = threading.Thread(target=work, name="qdqfold-fold")
     worker.start()
     try:
-        worker.join()
+        done.wait()
     except KeyboardInterrupt:
         interrupt_running()
-        worker.join()
+        done.wait()
         raise
+    finally:
+        if done.is_set():
+            worker.join()
     if "error" in outcome:
         raise outcome.pop("error")
     return outcome["value"]
