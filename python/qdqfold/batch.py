@@ -1,9 +1,11 @@
 """Folding model files: one (``fold_file_result``) or many in parallel (``fold_many``).
 
-Every model goes through :func:`fold_file_result`, which reads, folds, counts op types, writes and (on
-request) verifies one file, and reports any failure as a :class:`ModelError` naming the path. It is a plain
+Every model of a batch goes through :func:`fold_file_result`, which folds one file (through
+:func:`qdqfold.files.fold_file`, the one place a file is folded), gathers its op types, sizes and report, and
+(on request) verifies it, and reports any failure as a :class:`ModelError` naming the path. It is a plain
 module-level function taking plain arguments, so any ``concurrent.futures.Executor`` can run it: threads (the
-native fold releases the GIL), processes, or a Dask ``Client.get_executor()``.
+native fold releases the GIL), processes, or a Dask ``Client.get_executor()``. (The command line's quiet
+single fold calls qdqfold.files directly: it needs no result.)
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from qdqfold_native import FoldError
 
 from ._defaults import DEFAULT_LEVELS, DEFAULT_TOLERANCE
 from .api import with_inferred_shapes
-from .paths import MODEL_SUFFIX, plan_outputs  # noqa: F401 (plan_outputs: every output-path rule, in paths)
 from .files import STORAGE_KEYWORDS, ModelError, interrupt_running  # noqa: F401 (part of this module's API)
 from .files import _interrupted  # noqa: F401 (the command line clears it)
 from .files import check_source as _check_source
@@ -29,6 +30,7 @@ from .files import fold_file as _fold_file  # the one place a file is folded (te
 from .files import make_parent as _make_parent
 from .files import native_error as _native_error
 from .files import raise_if_interrupted as _raise_if_interrupted
+from .paths import MODEL_SUFFIX, plan_outputs  # noqa: F401 (plan_outputs: every output-path rule, in paths)
 from .report import FoldReport
 
 # verify (numpy, onnx, onnxruntime), graphinfo, tempfile, traceback and concurrent.futures are imported where
@@ -219,9 +221,9 @@ def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, opti
         if dst is None:
             report.data_files = []  # the scratch files are not outputs
         result = ModelResult(input=str(src), output=str(dst) if dst is not None else None, written=dst is not None,
-                             report=report,
-                             ops_before=dict(native["op_types"]["before"]), ops_after=dict(native["op_types"]["after"]),
-                             size_before=size_before, size_after=size_after, model_info=info)
+                             report=report, ops_before=dict(native["op_types"]["before"]),
+                             ops_after=dict(native["op_types"]["after"]), size_before=size_before,
+                             size_after=size_after, model_info=info)
         if verification is not None:
             _raise_if_interrupted(src, dst)
             result.verification = _verify(original if original is not None else src, target, verification, report,
@@ -286,9 +288,9 @@ def fold_bytes_result(data: bytes, label: str, dst: str | os.PathLike | None, op
         except OSError as e:
             raise ModelError(f"{dst}: cannot write: {e.strerror or e}") from e
     result = ModelResult(input=label, output=str(dst) if dst is not None else None, written=dst is not None,
-                         report=report,
-                         ops_before=dict(native["op_types"]["before"]), ops_after=dict(native["op_types"]["after"]),
-                         size_before=len(data), size_after=len(folded), model_info=info_before)
+                         report=report, ops_before=dict(native["op_types"]["before"]),
+                         ops_after=dict(native["op_types"]["after"]), size_before=len(data), size_after=len(folded),
+                         model_info=info_before)
     if verification is not None:
         result.verification = _verify(data, folded, verification, report, label)
     result.seconds = time.perf_counter() - start
