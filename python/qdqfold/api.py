@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -12,12 +11,13 @@ import qdqfold_native
 if TYPE_CHECKING:
     import onnx
 
-# onnx is imported where it is used, so the command line starts without it (about 0.1 s).
+    from .report import FoldReport
 
-from .report import FoldReport
+# onnx is imported where it is used, so the command line starts without it (about 0.1 s); so are tempfile and
+# the report's dataclasses (qdqfold.report), which a command-line run may not need.
 
 #: Every fold option and its default (keyword arguments of fold_model, fold_bytes and qdqfold_native.fold).
-OPTIONS: dict[str, bool] = qdqfold_native.options()
+from ._defaults import OPTIONS  # noqa: E402 (defined where the command line reads it without this module)
 
 ModelLike = Union["onnx.ModelProto", bytes, bytearray, memoryview, str, os.PathLike]
 
@@ -64,6 +64,8 @@ def with_inferred_shapes(model: bytes | bytearray | memoryview | str | os.PathLi
 def fold_bytes(data: bytes | bytearray | memoryview, **options: Any) -> tuple[bytes, FoldReport]:
     """Folds a serialized model; returns the new model's bytes and the report. With ``pad_correction`` the
     static shapes the correction needs come from onnx shape inference (on a copy) unless ``shapes`` is given."""
+    from .report import FoldReport
+
     out, report = qdqfold_native.fold_with_report(data, **with_inferred_shapes(data, options))
     return out, FoldReport.from_native(report)
 
@@ -96,6 +98,8 @@ def load_model_bytes(path: str | os.PathLike) -> bytes:
 
 def write_atomically(path: str | os.PathLike, data: bytes) -> None:
     """Writes ``data`` to a temporary file beside ``path`` and renames it, so ``path`` is never half-written."""
+    import tempfile
+
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -137,8 +141,11 @@ def _fold_path_to_proto(path: Path, options: dict[str, Any]) -> tuple[onnx.Model
     private temporary directory (``fold_file`` there, then ``onnx.load``), since such a model cannot pass
     through one serialized message; a smaller one is folded in memory, the core reading its external data."""
     import mmap
+    import tempfile
 
     import onnx
+
+    from .report import FoldReport
 
     if not path.is_file():
         raise qdqfold_native.FileError(f"{path}: no such model file" if not path.exists()
@@ -180,6 +187,8 @@ def fold_model(model: ModelLike, *, output: str | os.PathLike | None = None, rep
     ``qdqfold_native.FileError`` (a FoldError) naming the file for files that cannot be read or written.
     """
     import onnx
+
+    from .report import FoldReport
 
     if isinstance(model, onnx.ModelProto):
         try:

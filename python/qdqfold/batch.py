@@ -1,39 +1,45 @@
 """Folding model files: one (``fold_file_result``) or many in parallel (``fold_many``).
 
-Every model goes through :func:`fold_file_result`, which reads, folds, counts op types, writes and (on
-request) verifies one file, and reports any failure as a :class:`ModelError` naming the path. It is a plain
+Every model of a batch goes through :func:`fold_file_result`, which folds one file (through
+:func:`qdqfold.files.fold_file`, the one place a file is folded), gathers its op types, sizes and report, and
+(on request) verifies it, and reports any failure as a :class:`ModelError` naming the path. It is a plain
 module-level function taking plain arguments, so any ``concurrent.futures.Executor`` can run it: threads (the
-native fold releases the GIL), processes, or a Dask ``Client.get_executor()``.
+native fold releases the GIL), processes, or a Dask ``Client.get_executor()``. (The command line's quiet
+single fold calls qdqfold.files directly: it needs no result.)
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import mmap
 import os
-import stat
-import tempfile
-import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import qdqfold_native
 from qdqfold_native import FoldError
 
-from .api import load_model_bytes, with_inferred_shapes, write_atomically
-from .graphinfo import ModelInfo, WireFormatError, read_model_info
+from ._defaults import DEFAULT_LEVELS, DEFAULT_TOLERANCE
+from .api import with_inferred_shapes
+from .files import STORAGE_KEYWORDS, ModelError, interrupt_running  # noqa: F401 (part of this module's API)
+from .files import _interrupted  # noqa: F401 (the command line clears it)
+from .files import check_source as _check_source
+from .files import fold_file as _fold_file  # the one place a file is folded (tests wrap it here)
+from .files import make_parent as _make_parent
+from .files import native_error as _native_error
+from .files import raise_if_interrupted as _raise_if_interrupted
+from .paths import MODEL_SUFFIX, plan_outputs  # noqa: F401 (plan_outputs: every output-path rule, in paths)
 from .report import FoldReport
-from .verify import DEFAULT_LEVELS, DEFAULT_TOLERANCE, VerifyError, VerifyResult, verify  # numpy, onnx: on use
 
-MODEL_SUFFIX = ".onnx"
+# verify (numpy, onnx, onnxruntime), graphinfo, tempfile, traceback and concurrent.futures are imported where
+# they are used: a plain file -> file fold needs none of them.
+if TYPE_CHECKING:
+    import concurrent.futures
 
-
-class ModelError(Exception):
-    """One model could not be folded; the message is one line that names the path."""
+    from .graphinfo import ModelInfo
+    from .verify import VerifyResult
 
 
 @dataclass
@@ -100,31 +106,14 @@ def _missing_external_data(src: Path) -> list[str]:
     return missing
 
 
-_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
-          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
-
 #: The protobuf limit: a ModelProto this large or larger cannot be serialized as one message.
 PROTOBUF_LIMIT = 2**31 - 1
 
 
-def _check_source(src: Path) -> None:
-    """A model file must be a regular file: a FIFO or a device is refused before anything opens it (an open
-    or a read would block, or read something that is not a file)."""
-    try:
-        mode = os.stat(src).st_mode
-    except FileNotFoundError:
-        raise ModelError(f"{src}: no such file") from None
-    except OSError as e:
-        raise ModelError(f"{src}: cannot read: {e.strerror or e}") from e
-    if stat.S_ISDIR(mode):
-        raise ModelError(f"{src}: is a directory, not a model file")
-    if not stat.S_ISREG(mode):
-        raise ModelError(f"{src}: is {_KINDS.get(stat.S_IFMT(mode), 'not a regular file')}, not a model file "
-                         f"(qdqfold reads regular files only)")
-
-
 def _read_model(src: Path) -> bytes:
     """The model at ``src`` as bytes, external data (if any) loaded in."""
+    from .api import load_model_bytes
+
     _check_source(src)
     try:
         return load_model_bytes(src)
@@ -142,19 +131,13 @@ def _read_model(src: Path) -> bytes:
 
 def _model_info(path: Path) -> ModelInfo:
     """The nodes of the model file at ``path``, read through a mapping (its weights are skipped, not read)."""
+    from .graphinfo import read_model_info
+
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return read_model_info(b"")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             return read_model_info(mapped)
-
-
-def _native_error(error: FoldError, src: Path) -> str:
-    """One line naming the file at fault: a FileError's message starts with that file's path (the input, one of
-    its data files, the output or one of its data files); any other FoldError means the model is invalid."""
-    if isinstance(error, qdqfold_native.FileError):
-        return str(error)
-    return f"{src}: not a valid ONNX model: {error}"
 
 
 def _fold_in_memory(src: Path, options: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
@@ -172,31 +155,6 @@ def _fold_in_memory(src: Path, options: dict[str, Any]) -> tuple[dict[str, Any],
     finally:
         if isinstance(data, mmap.mmap):
             data.close()
-
-
-#: Keywords of qdqfold_native.fold_file that choose how the output stores its tensor data.
-STORAGE_KEYWORDS = ("save_as_external_data", "size_threshold", "data_name")
-
-
-def _fold_file(src: Path, dst: Path, options: dict[str, Any], make_parents: bool, force: bool,
-               storage: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Folds ``src`` into ``dst`` file to file in the native core (input mapped, output written once, external
-    data in files named after ``dst``, or as ``storage`` says): the one place where a file is folded."""
-    _make_parent(dst, make_parents)
-    try:
-        native = qdqfold_native.fold_file(src, dst, force=force, **(storage or {}),
-                                          **with_inferred_shapes(src, options))
-    except FoldError as e:
-        raise ModelError(_native_error(e, src)) from e
-    return native
-
-
-def _make_parent(dst: Path, make_parents: bool) -> None:
-    if make_parents:
-        try:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ModelError(f"{dst}: cannot write: cannot create the directory {dst.parent}: {e.strerror or e}") from e
 
 
 def _files_size(model: Path, data_files: Iterable[str]) -> int:
@@ -227,6 +185,8 @@ def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, opti
     in_place = dst is not None and _same_file(src, dst)
     info = None
     if model_info:
+        from .graphinfo import WireFormatError
+
         try:
             info = _model_info(src)
         except WireFormatError:
@@ -240,14 +200,19 @@ def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, opti
 
     # A dry run with verification folds into a private directory (removed after), so that models with external
     # data or over 2 GB are verified from files, as onnxruntime loads them.
-    scratch = tempfile.TemporaryDirectory(prefix="qdqfold-") if dst is None and verification is not None \
-        else contextlib.nullcontext(None)
+    if dst is None and verification is not None:
+        import tempfile
+
+        scratch: Any = tempfile.TemporaryDirectory(prefix="qdqfold-")
+    else:
+        scratch = contextlib.nullcontext(None)
     with scratch as scratch_dir:
         target = dst if dst is not None else (Path(scratch_dir) / src.name if scratch_dir else None)
         if target is None:
             native, folded = _fold_in_memory(src, options)
         else:
-            native, folded = _fold_file(src, target, options, make_parents, force, storage), None
+            native, folded = _fold_file(src, target, options, make_parents=make_parents, force=force,
+                                        storage=storage), None
         report = FoldReport.from_native(native)
         size_before = native["input_bytes"]  # the model and its data files, as the core read them
         # In memory the folded tensors come back inline and the others stay in the input's data files.
@@ -255,9 +220,10 @@ def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, opti
             else _files_size(target, report.data_files)
         if dst is None:
             report.data_files = []  # the scratch files are not outputs
-        result = ModelResult(str(src), str(dst) if dst is not None else None, written=dst is not None, report=report,
-                             ops_before=dict(native["op_types"]["before"]), ops_after=dict(native["op_types"]["after"]),
-                             size_before=size_before, size_after=size_after, model_info=info)
+        result = ModelResult(input=str(src), output=str(dst) if dst is not None else None, written=dst is not None,
+                             report=report, ops_before=dict(native["op_types"]["before"]),
+                             ops_after=dict(native["op_types"]["after"]), size_before=size_before,
+                             size_after=size_after, model_info=info)
         if verification is not None:
             _raise_if_interrupted(src, dst)
             result.verification = _verify(original if original is not None else src, target, verification, report,
@@ -268,6 +234,8 @@ def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, opti
 
 def _verify(original: Any, folded: Any, settings: VerifySettings, report: FoldReport, label: str | Path) -> VerifyResult:
     """:func:`qdqfold.verify` with the settings of a CLI or batch run; a model it cannot run is a ModelError."""
+    from .verify import VerifyError, verify
+
     try:
         return verify(original, folded, tolerance=settings.tolerance, seed=settings.seed,
                       symbolic_size=settings.symbolic_size, dims=settings.dims, report=report,
@@ -294,6 +262,9 @@ def fold_bytes_result(data: bytes, label: str, dst: str | os.PathLike | None, op
     with ``dst``, writes it there atomically. ``label`` names the model in messages ("-" for standard input).
     ``base_directory``: where its external data lives (None: external weights are not read and their BNs are
     kept). Returns the result and the folded bytes. Raises :class:`ModelError`."""
+    from .api import write_atomically
+    from .graphinfo import WireFormatError, read_model_info
+
     start = time.perf_counter()
     try:
         info_before = read_model_info(data)  # for --explain (the bytes are in memory: a plain read)
@@ -316,9 +287,10 @@ def fold_bytes_result(data: bytes, label: str, dst: str | os.PathLike | None, op
             write_atomically(dst, folded)
         except OSError as e:
             raise ModelError(f"{dst}: cannot write: {e.strerror or e}") from e
-    result = ModelResult(label, str(dst) if dst is not None else None, written=dst is not None, report=report,
-                         ops_before=dict(native["op_types"]["before"]), ops_after=dict(native["op_types"]["after"]),
-                         size_before=len(data), size_after=len(folded), model_info=info_before)
+    result = ModelResult(input=label, output=str(dst) if dst is not None else None, written=dst is not None,
+                         report=report, ops_before=dict(native["op_types"]["before"]),
+                         ops_after=dict(native["op_types"]["after"]), size_before=len(data), size_after=len(folded),
+                         model_info=info_before)
     if verification is not None:
         result.verification = _verify(data, folded, verification, report, label)
     result.seconds = time.perf_counter() - start
@@ -328,6 +300,8 @@ def fold_bytes_result(data: bytes, label: str, dst: str | os.PathLike | None, op
 def read_for_stdout(src: Path) -> tuple[bytes, Path]:
     """The bytes of the model file ``src`` for a fold whose output goes to standard output (one message, so no
     external data in the output: tensors the fold does not change would still point at the input's files)."""
+    from .graphinfo import WireFormatError, read_model_info
+
     _check_source(src)
     data = src.read_bytes()
     try:
@@ -340,30 +314,14 @@ def read_for_stdout(src: Path) -> tuple[bytes, Path]:
     return data, src.parent
 
 
-# Ctrl-C (see interrupt_running): set once for the process; a CLI run ends after it.
-_interrupted = threading.Event()
-
-
-def interrupt_running() -> None:
-    """Stops this process's folds: every running ``fold_file`` stops at its next chunk and removes its temporary
-    files (no partial output), models not yet started are not folded, and a verification not yet started is
-    skipped. For the command line's Ctrl-C."""
-    _interrupted.set()
-    qdqfold_native.interrupt()
-
-
-def _raise_if_interrupted(src: Path | str = "", written: Path | str | None = None) -> None:
-    if _interrupted.is_set():
-        done = f"; {written} was written but not verified" if written is not None else ""
-        raise ModelError(f"{src}: interrupted{done}")
-
-
 def fold_file_captured(src: str, dst: str | None, options: dict[str, Any] | None = None,
                        verification: VerifySettings | None = None, make_parents: bool = True,
                        keep_traceback: bool = False, force: bool = False,
                        storage: dict[str, Any] | None = None) -> ModelResult:
     """As :func:`fold_file_result`, but a failure comes back as a result with ``error`` set, never raised.
     Unexpected exceptions are caught too, so one bad model never stops a batch."""
+    import traceback
+
     try:
         _raise_if_interrupted(src)
         result = fold_file_result(src, dst, options, verification=verification, make_parents=make_parents,
@@ -371,73 +329,11 @@ def fold_file_captured(src: str, dst: str | None, options: dict[str, Any] | None
         result.model_info = None  # not needed by batch callers; keeps results small to send between processes
         return result
     except ModelError as e:
-        return ModelResult(str(src), dst, error=str(e), traceback=traceback.format_exc() if keep_traceback else None)
-    except Exception as e:  # a bug: still one line, the traceback on request
-        return ModelResult(str(src), dst, error=f"{src}: internal error: {type(e).__name__}: {e}",
+        return ModelResult(input=str(src), output=dst, error=str(e),
                            traceback=traceback.format_exc() if keep_traceback else None)
-
-
-def _is_within(path: Path, directory: Path) -> bool:
-    try:
-        path.resolve().relative_to(directory.resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def plan_outputs(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike | None, *,
-                 in_place: bool = False) -> list[tuple[Path, Path | None]]:
-    """(input, output) for every model: a directory contributes every ``*.onnx`` below it (recursively; a
-    model ``D/a/b.onnx`` goes to ``OUT/a/b.onnx``), a file ``F`` goes to ``OUT/<name of F>``. With
-    ``in_place`` each model is its own output; with neither ``out_dir`` nor ``in_place``, outputs are None
-    (a dry run). A path that does not exist is kept, so that its job reports it. Raises ``ValueError`` when
-    two inputs would be written to the same output."""
-    out = Path(out_dir) if out_dir is not None else None
-    plan: list[tuple[Path, Path | None]] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            # An output directory inside the input directory holds earlier outputs, not inputs.
-            skip = out if out is not None and _is_within(out, path) and out.resolve() != path.resolve() else None
-            found = sorted(p for p in path.rglob(f"*{MODEL_SUFFIX}")
-                           if p.is_file() and not p.name.startswith(".")
-                           and not (skip is not None and _is_within(p, skip)))
-            pairs = [(p, p.relative_to(path)) for p in found]
-        else:
-            pairs = [(path, Path(path.name))]
-        for src, relative in pairs:
-            dst = src if in_place else (out / relative if out is not None else None)
-            plan.append((src, dst))
-    seen: dict[Path, Path] = {}
-    for src, dst in plan:
-        if dst is None:
-            continue
-        key = dst.resolve()
-        if key in seen and seen[key] != src:
-            raise ValueError(f"{seen[key]} and {src} would both be written to {dst}")
-        seen[key] = src
-        if not in_place and src.exists() and src.resolve() == key:
-            raise ValueError(f"{dst} is its own input; pass --in-place to overwrite it")
-    # Each output's external data goes to files named after it (<out>.data, <out>.2.data, ...): no output may
-    # carry such a name of another.
-    for key, src in seen.items():
-        for owner in _data_name_owners(key):
-            if owner in seen and seen[owner] != src:
-                raise ValueError(f"{src} would be written to {key}, a name that {seen[owner]}'s output {owner.name} "
-                                 f"gives its external data")
-    return plan
-
-
-def _data_name_owners(path: Path) -> list[Path]:
-    """The outputs whose external data qdqfold would write at ``path`` (``<out>.data``, ``<out>.N.data``)."""
-    name = path.name
-    if not name.endswith(".data") or len(name) <= len(".data"):
-        return []
-    stem = name[:-len(".data")]
-    owners = [path.with_name(stem)]
-    head, dot, number = stem.rpartition(".")
-    if dot and head and number.isdigit():
-        owners.append(path.with_name(head))
-    return owners
+    except Exception as e:  # a bug: still one line, the traceback on request
+        return ModelResult(input=str(src), output=dst, error=f"{src}: internal error: {type(e).__name__}: {e}",
+                           traceback=traceback.format_exc() if keep_traceback else None)
 
 
 def iter_fold_many(plan: list[tuple[Path, Path | None]], executor: concurrent.futures.Executor, *,
@@ -445,9 +341,12 @@ def iter_fold_many(plan: list[tuple[Path, Path | None]], executor: concurrent.fu
                    keep_traceback: bool = False, force: bool = False) -> Iterator[tuple[int, ModelResult]]:
     """Submits every (input, output) of ``plan`` to ``executor`` and yields (index in plan, result) as each
     finishes. A model that fails yields a result with ``error`` set; the others go on."""
+    import concurrent.futures
+
     futures = {
         executor.submit(fold_file_captured, str(src), str(dst) if dst is not None else None, dict(options or {}),
-                        verification, True, keep_traceback, force): index
+                        verification=verification, make_parents=True, keep_traceback=keep_traceback,
+                        force=force): index
         for index, (src, dst) in enumerate(plan)
     }
     for future in concurrent.futures.as_completed(futures):
@@ -456,7 +355,7 @@ def iter_fold_many(plan: list[tuple[Path, Path | None]], executor: concurrent.fu
             result = future.result()
         except Exception as e:  # the executor itself failed (e.g. a worker died)
             src, dst = plan[index]
-            result = ModelResult(str(src), str(dst) if dst is not None else None,
+            result = ModelResult(input=str(src), output=str(dst) if dst is not None else None,
                                  error=f"{src}: the executor failed: {type(e).__name__}: {e}")
         yield index, result
 
@@ -476,6 +375,8 @@ def fold_many(paths: Iterable[str | os.PathLike] | str | os.PathLike, out_dir: s
         paths = [paths]
     if out_dir is None and not (dry_run or in_place):
         raise ValueError("give out_dir, or dry_run=True, or in_place=True")
+    import concurrent.futures
+
     plan = plan_outputs(paths, None if dry_run else out_dir, in_place=in_place and not dry_run)
     results: list[ModelResult | None] = [None] * len(plan)
     own = executor is None

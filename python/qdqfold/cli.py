@@ -1,28 +1,34 @@
-"""The ``qdqfold`` command line (also ``python -m qdqfold``)."""
+"""The ``qdqfold`` command line (also ``python -m qdqfold``): its arguments, its flow and its exit statuses.
+
+Where outputs go is decided by :mod:`qdqfold.paths` (every output-path rule), what is printed by
+:mod:`qdqfold.render` (tables, lines, colour, JSON), the folds themselves by :mod:`qdqfold.batch`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import dataclasses
-import json
 import os
 import re
-import shutil
 import sys
-import textwrap
-from collections import Counter
 from pathlib import Path
-from typing import Any, TextIO
 
 import qdqfold_native
 
-from .api import OPTIONS, write_atomically
-from .batch import _interrupted  # noqa: PLC2701 (the CLI owns the Ctrl-C of its process)
-from .batch import (ModelError, ModelResult, VerifySettings, fold_bytes_result, fold_file_captured, fold_file_result,
-                    interrupt_running, plan_outputs, read_for_stdout)
-from .report import found_line, with_schema
-from .verify import DEFAULT_TOLERANCE, VerifyResult
+from . import files, paths
+from ._defaults import DEFAULT_TOLERANCE, OPTIONS
+from .files import _interrupted  # noqa: PLC2701 (the CLI owns the Ctrl-C of its process)
+from .files import ModelError, interrupt_running
+
+# Only what every run needs is imported here. The results and their report (qdqfold.batch, qdqfold.report:
+# dataclasses), the rendering (qdqfold.render), verification (numpy, onnx, onnxruntime), concurrent.futures
+# and tqdm load when a run uses them: a quiet file -> file fold imports little more than argparse and the
+# native module (tests/test_cli_imports.py keeps it so).
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers read the name as True)
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .batch import ModelResult, VerifySettings
+    from .render import Style
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # bad input, a path that cannot be read or written; in batch mode: any model failed
@@ -67,6 +73,8 @@ OPTION_FLAGS = {
 
 def _in_cli_words(result: ModelResult) -> ModelResult:
     """The result with its messages worded for the command line (see cli_words)."""
+    import dataclasses
+
     if result.report is not None:
         result.report.batchnorms = [dataclasses.replace(b, message=cli_words(b.message))
                                     for b in result.report.batchnorms]
@@ -121,10 +129,35 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _terminal_columns() -> int:
+    """shutil.get_terminal_size().columns, read as shutil reads it (COLUMNS, else standard output's terminal,
+    else 80) without importing shutil, which loads the compression modules (a few milliseconds of every run)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):  # AttributeError: no sys.__stdout__ (None), as shutil has it
+            columns = 80
+    return columns
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter at the width argparse would choose. argparse makes one for every add_argument (to
+    check it) and asks shutil for the width, so building the parser imported shutil; this asks os."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         width if width is not None else _terminal_columns() - 2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qdqfold",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
         description="Fold BatchNormalization into neighbouring layers of an ONNX model, quantized (QDQ)\n"
                     "weights included, exactly. Prints what was folded and what was kept, and why.\n\n"
                     "  qdqfold model.onnx -o folded.onnx --verify\n"
@@ -212,180 +245,6 @@ class InputError(Exception):
     pass
 
 
-# ---------------------------------------------------------------------------------------------- presentation
-
-_ANSI = re.compile(r"\033\[[0-9;]*m")
-
-
-class Style:
-    """ANSI colour when enabled; plain text otherwise."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-
-    def _wrap(self, code: str, text: str) -> str:
-        return f"\033[{code}m{text}\033[0m" if self.enabled else text
-
-    def bold(self, text: str) -> str:
-        return self._wrap("1", text)
-
-    def dim(self, text: str) -> str:
-        return self._wrap("2", text)
-
-    def good(self, text: str) -> str:
-        return self._wrap("32", text)
-
-    def warn(self, text: str) -> str:
-        return self._wrap("33", text)
-
-    def bad(self, text: str) -> str:
-        return self._wrap("31", text)
-
-
-def _colour_wanted(choice: str, stream: TextIO) -> bool:
-    if choice != "auto":
-        return choice == "always"
-    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
-        return False
-    return hasattr(stream, "isatty") and stream.isatty()
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
-def _table(rows: list[list[str]], header: list[str], style: Style, align: str) -> list[str]:
-    """A plain aligned table; ``align`` holds 'l' or 'r' per column. Cells may carry colour codes."""
-
-    def width(cell: str) -> int:
-        return len(_ANSI.sub("", cell))
-
-    widths = [max(width(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        out = []
-        for cell, w, a in zip(cells, widths, align):
-            pad = " " * (w - width(cell))
-            out.append(cell + pad if a == "l" else pad + cell)
-        return "  " + "  ".join(out).rstrip()
-
-    return [style.bold(line(header)), "  " + "  ".join("-" * w for w in widths), *map(line, rows)]
-
-
-def _op_table(before: dict[str, int], after: dict[str, int], size_before: int, size_after: int,
-              style: Style) -> list[str]:
-    rows = []
-    for op in sorted(set(before) | set(after)):
-        b, a = before.get(op, 0), after.get(op, 0)
-        after_cell = str(a) if a == b else (style.good(str(a)) if a < b else style.warn(str(a)))
-        rows.append([op, str(b), after_cell])
-    rows.append([style.bold("total nodes"), str(sum(before.values())), str(sum(after.values()))])
-    rows.append([style.bold("model size"), _size(size_before), _size(size_after)])
-    return _table(rows, ["op type", "before", "after"], style, "lrr")
-
-
-def _bn_lines(report, style: Style, limit: int = 20) -> list[str]:
-    totals = report.totals()
-    head = found_line(totals)
-    lines = [style.bold(head)]
-    if totals["approximate"]:
-        lines.append(style.warn(f"  {totals['approximate']} folded APPROXIMATELY (an approximate option was given)"))
-    rows = [[style.good("folded"), str(n), code] for code, n in sorted(report.folded_by_fold().items())]
-    rows += [[style.warn("kept"), str(n), code] for code, n in sorted(report.kept_by_reason().items())]
-    if rows:
-        lines += _table(rows, ["", "count", "fold / reason"], style, "lrl")
-    # A small model lists every BN; a large one the kept ones (the folded ones are in --report-json).
-    shown = report.batchnorms if len(report.batchnorms) <= limit // 2 else report.kept
-    for entry in shown[:limit]:
-        mark = style.good("+") if entry.folded else style.warn("-")
-        lines += _wrapped(f"{mark} {entry.describe()}", "  ", "    ")
-    if len(shown) > limit:
-        lines.append(style.dim(f"  ... and {len(shown) - limit} more kept (see --report-json)"))
-    return lines
-
-
-def _wrapped(text: str, first: str, rest: str) -> list[str]:
-    """``text`` wrapped to the terminal's width (100 columns when not a terminal)."""
-    width = max(60, shutil.get_terminal_size((100, 24)).columns - 1)
-    return textwrap.wrap(text, width, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False,
-                         break_long_words=False) or [first]
-
-
-def _fmt(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return "0" if x == 0 else f"{x:.3g}"
-
-
-def _verify_lines(v: VerifyResult, style: Style) -> list[str]:
-    shapes = ", ".join(f"{k} {v2}" for k, v2 in v.input_shapes.items())
-    dims = ", ".join(f"{k}={n}" for k, n in v.symbolic_dims.items())
-    source = f"{v.input_sets} random input sets, seeds {v.seed}.." if v.input_source == "random" else \
-        f"inputs {v.input_source}"
-    extra = sum(v.extra_input_sets.values())
-    source += f" (+{extra} to decide)" if extra else ""
-    lines = [style.bold("verification") + style.dim(f" (onnxruntime, levels {', '.join(v.levels)}; {source}; {shapes}"
-                                                    + (f"; symbolic {dims}" if dims else "") + ")")]
-    verdict = {"exact": style.good, "approximate": style.warn, "differs": style.bad}[v.verdict](v.verdict.upper())
-    lines.append(f"  verdict: {verdict}" + (" (only with onnxruntime's optimisations on)"
-                                            if v.only_with_optimisations() else ""))
-    rows = []
-    for level, outputs in v.levels.items():
-        for o in outputs:
-            moved = "-" if o.moved is None else f"{o.moved}/{o.elements}"
-            floor_moved = "-" if o.floor_moved is None else f"{o.floor_moved}"
-            status = {"exact": style.good, "approximate": style.warn, "differs": style.bad}[o.verdict](o.verdict)
-            rows.append([o.name, level, _fmt(o.of_range), _fmt(o.floor_of_range), moved, floor_moved,
-                         _fmt(o.snr_db), _fmt(o.floor_snr_db), status])
-    lines += _table(rows, ["output", "level", "fold/range", "floor/range", "moved", "floor moved", "SNR dB",
-                           "floor SNR", "verdict"], style, "llrrrrrrl")
-    worst = v.worst_fold
-    if worst is not None:
-        text = (f"  certificates: {len(v.certificates)} folds checked on the original's activations; worst "
-                f"{worst.node}: {worst.ratio:.3g} of its rounding bound (max abs {worst.max_abs:.3g}"
-                + (f", channel {worst.channel}" if worst.channel is not None else "") + ")")
-        lines.append(text if worst.passed else style.bad(text))
-    if v.uncertified:
-        lines.append(style.dim(f"  not certified (not isolable): {', '.join(v.uncertified)}"))
-    if v.rewritten:
-        lines.append(style.dim(f"  compared with {v.rewritten}"))
-    for level, why in v.skipped_levels.items():
-        lines += [style.warn(line) for line in _wrapped(
-            f"not checked at level {level}: onnxruntime cannot build the original model there ({why})", "  ", "    ")]
-    if v.units_level is not None:
-        before, after = sum(v.quantized_units_before.values()), sum(v.quantized_units_after.values())
-        detail = ", ".join(f"{op} {n}" for op, n in v.quantized_units_after.items())
-        text = f"  onnxruntime quantized node units ({v.units_level}): before {before}, after {after}"
-        text += f" ({detail})" if detail else ""
-        lines.append(text if after >= before else style.bad(text))
-    return lines
-
-
-def _print_single(result: ModelResult, style: Style, out: TextIO) -> None:
-    assert result.report is not None
-    target = {None: "dry run, nothing written", "-": "standard output"}.get(result.output, result.output)
-    print(f"{style.bold(result.input)} -> {target}" + style.dim(f"  ({result.seconds:.2f} s)"), file=out)
-    for line in _bn_lines(result.report, style):
-        print(line, file=out)
-    print(file=out)
-    for line in _op_table(result.ops_before, result.ops_after, result.size_before, result.size_after, style):
-        print(line, file=out)
-    if result.verification is not None:
-        print(file=out)
-        for line in _verify_lines(result.verification, style):
-            print(line, file=out)
-    if result.written:
-        data = result.report.data_files
-        where = "the model to standard output" if result.output == "-" else result.output
-        print(f"wrote {where}" + (f" and its external data {', '.join(data)}" if data else ""), file=out)
-    for path in result.report.removed_files:
-        print(f"removed {path} (data the folded model no longer uses)", file=out)
-
 
 # ---------------------------------------------------------------------------------------------- running
 
@@ -411,65 +270,62 @@ def _storage(args: argparse.Namespace) -> dict[str, object]:
 def _verification(args: argparse.Namespace) -> VerifySettings | None:
     if not args.verify:
         return None
+    from .batch import VerifySettings
+
     levels = ("off", "default") if args.ort_level == "both" else (args.ort_level,)
-    files = list(args.input_files)
-    return VerifySettings(args.tolerance, args.seed, args.symbolic_size, dict(args.dim), files, levels)
+    return VerifySettings(tolerance=args.tolerance, seed=args.seed, symbolic_size=args.symbolic_size,
+                          dims=dict(args.dim), inputs=list(args.input_files), levels=levels)
 
 
-def _same_file(a: str | Path, b: str | Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)
+def _style(args: argparse.Namespace) -> Style:
+    """Colour for the stream the report goes to (standard error when the model goes to standard output)."""
+    from .render import Style, colour_wanted
 
-
-def _names_directory(output: str) -> bool:
-    """``-o`` names a directory: it ends with a slash (created if missing) or is an existing directory."""
-    return output.endswith(("/", os.sep)) or Path(output).is_dir()
-
-
-def _single_output(args: argparse.Namespace) -> Path | None:
-    source = Path(args.inputs[0])
-    if args.inputs[0] == "-" and args.in_place:
-        raise UsageError("--in-place: standard input has no file to replace; give -o OUT or -o -")
-    if args.inputs[0] == "-" and args.output and _names_directory(args.output):
-        raise UsageError(f"{args.output}: a model from standard input has no name to take in a directory; "
-                         f"name the output file")
-    if args.dry_run:
-        if args.output or args.in_place:
-            raise UsageError("--dry-run writes nothing; drop -o / --in-place")
-        return None
-    if args.in_place:
-        if args.output and not _same_file(args.output, source):
-            raise UsageError("--in-place and -o name different files; give one of them")
-        return source
-    if args.output:
-        output = Path(args.output) / source.name if _names_directory(args.output) else Path(args.output)
-        if output.exists() and source.exists() and _same_file(output, source):
-            raise UsageError(f"{output} is the input; pass --in-place to overwrite it")
-        return output
-    if args.explain or args.json:
-        return None  # asking for a story or for JSON alone is a dry run
-    raise UsageError("give -o OUTPUT, --in-place, or --dry-run")
+    return Style(colour_wanted(args.color, sys.stderr if args.output == "-" else sys.stdout))
 
 
 def _run_interruptibly(function, *arguments, **keywords):
     """Runs ``function`` on a worker thread so that Ctrl-C reaches this one at once: it then stops the fold
-    (batch.interrupt_running: no partial output, temporary files removed), waits for the worker to give up,
-    and raises KeyboardInterrupt."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(function, *arguments, **keywords)
+    (files.interrupt_running: no partial output, temporary files removed), waits for the worker to give up,
+    and raises KeyboardInterrupt. (A plain thread: concurrent.futures costs a run some milliseconds to import.)
+
+    The wait is on an Event, not Thread.join: on Python 3.11 a Ctrl-C that interrupts join() marks the still
+    running thread as stopped, so the process would exit under a fold still writing (and abort)."""
+    import threading
+
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def work() -> None:
         try:
-            return future.result()
-        except KeyboardInterrupt:
-            interrupt_running()
-            concurrent.futures.wait([future])
-            raise
+            outcome["value"] = function(*arguments, **keywords)
+        except BaseException as e:  # handed to the caller, as a future's result() would
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=work, name="qdqfold-fold")
+    worker.start()
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        interrupt_running()
+        done.wait()
+        raise
+    finally:
+        if done.is_set():
+            worker.join()
+    if "error" in outcome:
+        raise outcome.pop("error")
+    return outcome["value"]
 
 
 def _write_json(path: str, data: Any) -> None:
+    from .api import write_atomically
+    from .render import json_text
+
     try:
-        write_atomically(path, (json.dumps(data, indent=2) + "\n").encode())
+        write_atomically(path, (json_text(data) + "\n").encode())
     except OSError as e:
         raise InputError(f"{path}: cannot write: {e.strerror or e}") from e
 
@@ -481,49 +337,81 @@ def _verification_failure(result: ModelResult) -> str | None:
     return f"{result.input}: verification failed: {v.failure_message()}"
 
 
-def run_single(args: argparse.Namespace, style: Style) -> int:
+def _path_rule(function, *arguments, **keywords):
+    """``function`` of qdqfold.paths, its refusal turned into the command line's usage or input error."""
+    try:
+        return function(*arguments, **keywords)
+    except paths.OutputPathError as e:
+        raise (InputError if e.bad_input else UsageError)(str(e)) from e
+
+
+def _fold_quietly(source: Path, output: Path, options: dict[str, bool], force: bool,
+                  storage: dict[str, object]) -> None:
+    """A file -> file fold whose result nobody reads (``-q``, no JSON, no verification): the checks and the
+    native call of batch.fold_file_result, without the result (op counts, sizes, the report's records)."""
+    files.check_source(source)
+    files.fold_file(source, output, options, make_parents=True, force=force, storage=storage)
+
+
+def run_single(args: argparse.Namespace) -> int:
     source = args.inputs[0]
-    to_stdout = args.output == "-"
-    if to_stdout and (args.json or args.in_place or args.dry_run):
-        raise UsageError("-o - writes the model to standard output; it cannot go with --json, --in-place or --dry-run")
+    report_only = bool(args.explain or args.json)
+    to_stdout = _path_rule(paths.check_standard_output, args.output, json=args.json, in_place=args.in_place,
+                           dry_run=args.dry_run)
+    where = {"in_place": args.in_place, "dry_run": args.dry_run, "report_only": report_only}
+    shown = args.report_json or args.json or args.explain or not args.quiet
+    if not (shown or args.verify or source == "-" or to_stdout):
+        output = _path_rule(paths.single_output, source, args.output, **where)
+        if output is not None:
+            try:
+                _run_interruptibly(_fold_quietly, Path(source), output, _options(args), args.force, _storage(args))
+            except ModelError as e:
+                raise InputError(str(e)) from e
+            return EXIT_OK
+
+    from .batch import fold_bytes_result, fold_file_result, read_for_stdout
+
     folded: bytes | None = None
     try:
         if source == "-" or to_stdout:  # the model passes through memory
-            if args.external_data or args.size_threshold is not None or args.data_name:
-                raise UsageError("external data options need a model file output (-o FILE)")
+            _path_rule(paths.check_through_memory, external_data_options=bool(
+                args.external_data or args.size_threshold is not None or args.data_name))
             if source == "-":
                 data, base = sys.stdin.buffer.read(), None
             else:
                 data, base = read_for_stdout(Path(source))
-            output = None if to_stdout else _single_output(args)
+            output = None if to_stdout else _path_rule(paths.single_output, source, args.output, **where)
             result, folded = _run_interruptibly(fold_bytes_result, data, source, output, _options(args),
                                                 verification=_verification(args), base_directory=base)
         else:
-            output = _single_output(args)
+            output = _path_rule(paths.single_output, source, args.output, **where)
             result = _run_interruptibly(fold_file_result, source, output, _options(args),
                                         verification=_verification(args), make_parents=True, force=args.force,
                                         storage=_storage(args), model_info=bool(args.explain))
     except ModelError as e:
         raise InputError(str(e)) from e
-    _in_cli_words(result)
-    if to_stdout:
-        result.output, result.written = "-", True
-    report_stream = sys.stderr if to_stdout else sys.stdout
-    data = with_schema(result.to_dict())
-    if args.report_json:
-        _write_json(args.report_json, data)
-    if args.json:
-        print(json.dumps(data, indent=2))
-    if args.explain:
-        try:
-            story = result.report.explain(args.explain, result.model_info)
-        except KeyError as e:
-            raise UsageError(e.args[0]) from e
-        if not args.json:
-            for line in story.splitlines():
-                print("\n".join(_wrapped(line, "", " " * 10)), file=report_stream)
-    elif not args.quiet and not args.json:
-        _print_single(result, style, report_stream)
+    if shown:
+        from . import render
+
+        _in_cli_words(result)
+        if to_stdout:
+            result.output, result.written = "-", True
+        report_stream = sys.stderr if to_stdout else sys.stdout
+        if args.report_json or args.json:
+            document = render.single_document(result)
+            if args.report_json:
+                _write_json(args.report_json, document)
+            if args.json:
+                print(render.json_text(document))
+        if args.explain:
+            try:
+                story = result.report.explain(args.explain, result.model_info)
+            except KeyError as e:
+                raise UsageError(e.args[0]) from e
+            if not args.json:
+                render.print_explain(story, report_stream)
+        elif not args.quiet and not args.json:
+            render.print_single(result, _style(args), report_stream)
     if to_stdout and folded is not None:
         sys.stdout.buffer.write(folded)
         sys.stdout.buffer.flush()
@@ -532,42 +420,6 @@ def run_single(args: argparse.Namespace, style: Style) -> int:
         print(f"qdqfold: {failure}", file=sys.stderr)
         return EXIT_MISMATCH
     return EXIT_OK
-
-
-def _many_summary(results: list[ModelResult], style: Style) -> list[str]:
-    ok = [r for r in results if r.ok]
-    bns = Counter()
-    kept = Counter()
-    folded_by = Counter()
-    before, after = Counter(), Counter()
-    for r in ok:
-        bns.update(r.report.totals())
-        kept.update(r.report.kept_by_reason())
-        folded_by.update(r.report.folded_by_fold())
-        before.update(r.ops_before)
-        after.update(r.ops_after)
-    lines = [style.bold(f"{len(results)} models: {len(ok)} folded, {len(results) - len(ok)} failed"),
-             style.bold(found_line(bns))]
-    rows = [[style.good("folded"), str(n), code] for code, n in sorted(folded_by.items())]
-    rows += [[style.warn("kept"), str(n), code] for code, n in sorted(kept.items())]
-    if rows:
-        lines += _table(rows, ["", "count", "fold / reason"], style, "lrl")
-    if ok:
-        lines.append("")
-        lines += _op_table(dict(before), dict(after), sum(r.size_before for r in ok), sum(r.size_after for r in ok),
-                           style)
-    return lines
-
-
-def _model_line(result: ModelResult, style: Style) -> str:
-    if not result.ok:
-        return f"{style.bad('FAIL')} {result.error}"
-    t = result.report.totals()
-    target = f" -> {result.output}" if result.output and result.output != result.input else ""
-    text = f"{style.good('ok')}   {result.input}{target}: {t['folded']}/{t['batchnorms'] + t.get('elementwise', 0)} BN folded"
-    if result.verification is not None:
-        text += ", verified" if result.verification.passed else ", " + style.bad("verification FAILED")
-    return text
 
 
 def _dask_client(address: str):
@@ -582,33 +434,29 @@ def _dask_client(address: str):
         raise InputError(f"{address}: cannot reach the Dask scheduler: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
-def run_many(args: argparse.Namespace, style: Style) -> int:
+def run_many(args: argparse.Namespace) -> int:
+    import concurrent.futures
+    import shutil
+
+    from . import render
+    from .batch import ModelResult, fold_file_captured, plan_outputs
+
     if args.explain:
         raise UsageError("--explain takes one model file")
-    if args.dry_run and (args.output or args.in_place):
-        raise UsageError("--dry-run writes nothing; drop -o / --in-place")
-    if not (args.output or args.in_place or args.dry_run or args.json):
-        raise UsageError("with several models give -o DIR, --in-place, or --dry-run")
-    if args.in_place and args.output:
-        raise UsageError("--in-place and -o: give one of them")
-    if args.data_name:
-        raise UsageError("--data-name names one data file; with several models each output's data is named after it")
+    _path_rule(paths.check_many_request, args.output, in_place=args.in_place, dry_run=args.dry_run,
+               report_only=args.json, data_name=args.data_name)
     storage = _storage(args)
     out_dir = Path(args.output) if args.output else None
     try:
         plan = plan_outputs(args.inputs, out_dir, in_place=args.in_place)
-    except ValueError as e:
+    except ValueError as e:  # paths.OutputPathError: two models to one file, or to another's data file name
         raise UsageError(str(e)) from e
     if not plan:
         raise InputError(f"{', '.join(args.inputs)}: no *.onnx model found")
     if out_dir is not None:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"{out_dir}: cannot create the output directory: {e.strerror or e}") from e
-        if not os.access(out_dir, os.W_OK | os.X_OK):
-            raise InputError(f"{out_dir}: cannot write into the output directory")
+        _path_rule(paths.make_output_directory, out_dir)
 
+    style = _style(args)
     show_progress = not (args.quiet or args.json or args.no_progress) and sys.stderr.isatty()
     terminal = shutil.get_terminal_size((80, 24))  # a terminal that reports 0 x 0 gets 80 x 24, not no bar
     results: list[ModelResult | None] = [None] * len(plan)
@@ -620,7 +468,8 @@ def run_many(args: argparse.Namespace, style: Style) -> int:
     with tqdm(total=len(plan), unit="model", file=sys.stderr, disable=not show_progress, leave=False,
               ncols=min(terminal.columns, 100), nrows=terminal.lines) as bar:
         futures = {pool.submit(fold_file_captured, str(src), str(dst) if dst is not None else None, _options(args),
-                               _verification(args), True, args.debug, args.force, storage): index
+                               verification=_verification(args), make_parents=True, keep_traceback=args.debug,
+                               force=args.force, storage=storage): index
                    for index, (src, dst) in enumerate(plan)}
         try:
             for future in concurrent.futures.as_completed(futures):
@@ -643,7 +492,7 @@ def run_many(args: argparse.Namespace, style: Style) -> int:
             for future, index in futures.items():
                 if future.cancelled():
                     src, dst = plan[index]
-                    results[index] = ModelResult(str(src), str(dst) if dst is not None else None,
+                    results[index] = ModelResult(input=str(src), output=str(dst) if dst is not None else None,
                                                  error=f"{src}: not folded: interrupted")
                 elif results[index] is None:
                     results[index] = _in_cli_words(future.result())
@@ -655,66 +504,30 @@ def run_many(args: argparse.Namespace, style: Style) -> int:
     failed = [r for r in done if not r.ok]
     mismatched = [m for m in map(_verification_failure, done) if m]
 
-    data = with_schema({
-        "models": [r.to_dict() for r in done if r.ok],
-        "failed": [{"input": r.input, "output": r.output, "error": r.error} for r in failed],
-        "totals": {"models": len(done), "folded": len(done) - len(failed), "failed": len(failed)},
-    })
+    document = render.many_document(done)
     if args.report_json:
-        _write_json(args.report_json, data)
+        _write_json(args.report_json, document)
     if args.json:
-        print(json.dumps(data, indent=2))
+        print(render.json_text(document))
     elif not args.quiet:
-        for r in done:
-            print(_model_line(r, style))
-        print()
-        for line in _many_summary(done, style):
-            print(line)
-    for r in failed:
-        if args.debug and r.traceback:
-            print(r.traceback, file=sys.stderr, end="")
-    if failed:
-        print(f"qdqfold: {len(failed)} of {len(done)} models failed:", file=sys.stderr)
-        for r in failed:
-            print(f"  {r.error}", file=sys.stderr)
-    for m in mismatched:
-        print(f"qdqfold: {m}", file=sys.stderr)
+        render.print_many(done, style)
+    render.print_many_failures(done, mismatched, interrupted=interrupted, debug=args.debug)
     if interrupted:
-        print("qdqfold: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     if failed:
         return EXIT_FAILED
     return EXIT_MISMATCH if mismatched else EXIT_OK
 
 
-def _take_positional_output(args: argparse.Namespace) -> None:
-    """The onnxsim/onnxslim habit ``qdqfold in.onnx out.onnx``: with exactly two inputs and nothing else saying
-    where to write, the second is the output."""
-    if len(args.inputs) != 2 or args.output or args.in_place or args.dry_run or args.json or args.explain:
-        return
-    first, second = args.inputs
-    if first != "-" and Path(first).is_dir():
-        return  # a directory and something: two inputs (the usage error below says what is missing)
-    args.inputs, args.output = [first], second
-
-
 def run(args: argparse.Namespace) -> int:
     _interrupted.clear()  # an earlier run's Ctrl-C (main() called again in one process) does not carry over
-    _take_positional_output(args)
-    style = Style(_colour_wanted(args.color, sys.stderr if args.output == "-" else sys.stdout))
-    if len(args.inputs) == 1 and (args.inputs[0] == "-" or not Path(args.inputs[0]).is_dir()):
-        return run_single(args, style)
-    if "-" in args.inputs:
-        raise UsageError("'-' (standard input) folds one model; give it alone")
-    if args.output == "-":
-        raise UsageError("-o - writes one model to standard output; give one input")
-    if args.output and (Path(args.output).is_file() or args.output.endswith(".onnx")):
-        directory = next((p for p in args.inputs if Path(p).is_dir()), None)
-        if directory is not None:  # one model file expected, a directory given
-            raise InputError(f"{directory}: is a directory, not a model file (to fold every model in it, "
-                             f"give -o a directory)")
-        raise UsageError(f"{args.output}: with several models, -o names a directory")
-    return run_many(args, style)
+    args.inputs, args.output = paths.positional_output(args.inputs, args.output, in_place=args.in_place,
+                                                       dry_run=args.dry_run,
+                                                       report_only=bool(args.json or args.explain))
+    if paths.is_single(args.inputs):
+        return run_single(args)
+    _path_rule(paths.check_many_target, args.inputs, args.output)
+    return run_many(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -191,7 +191,8 @@ def _read_node(buf: memoryview, span: tuple[int, int], graph: str, info: ModelIn
             outputs.append(_text(buf, value))
         elif number == _NODE_ATTRIBUTE:
             attributes.append(value)
-    info.nodes.append(NodeInfo(op_type, domain, name, tuple(inputs), tuple(outputs), graph))
+    info.nodes.append(NodeInfo(op_type=op_type, domain=domain, name=name, inputs=tuple(inputs), outputs=tuple(outputs),
+                               graph=graph))
     subgraphs = []
     for attribute in attributes:  # subgraphs (If/Loop/Scan bodies) after their node
         attribute_name = ""

@@ -54,9 +54,10 @@ ModelLike = Union["onnx.ModelProto", bytes, bytearray, memoryview, str, os.PathL
 #: Version of the ``verify`` section of the JSON report.
 SCHEMA_VERSION = 2
 
-#: Default tolerance: the largest difference allowed, as a share of each output's range, where the rounding
-#: floor is smaller (float models).
-DEFAULT_TOLERANCE = 1e-5
+#: Default tolerance (DEFAULT_TOLERANCE): the largest difference allowed, as a share of each output's range,
+#: where the rounding floor is smaller (float models). It and DEFAULT_LEVELS live in qdqfold._defaults, so the
+#: command line names them without importing this module.
+from ._defaults import DEFAULT_LEVELS, DEFAULT_TOLERANCE  # noqa: E402
 
 #: A fold is within the floor when its deviation is at most this multiple of the twin's (worst input sets).
 FLOOR_MULTIPLE = 4.0
@@ -74,7 +75,6 @@ DEFAULT_SPATIAL_SIZE = 32
 #: onnxruntime optimisation levels by the names the CLI takes.
 LEVELS = {"off": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
           "default": "ORT_ENABLE_ALL", "all": "ORT_ENABLE_ALL"}
-DEFAULT_LEVELS = ("off", "default")
 
 #: onnxruntime's quantized node units besides the QLinear* family.
 QUANTIZED_UNIT_OPS = frozenset({
@@ -884,9 +884,9 @@ def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, repor
                         terms = dims[1] if trans_b else dims[0]
                     else:
                         terms = dims[0]
-            plan = _CertPlan(entry["node"], list(entry["into"]), x, y, None, max(terms, 1),
-                             float(entry["metrics"].get("bias_error_at_output", 0.0)),
-                             entry["exact"] is not False, _UNIT_ROUNDOFF.get(dtype, 2.0**-23))
+            plan = _CertPlan(node=entry["node"], into=list(entry["into"]), x=x, y=y, abs_out=None,
+                             terms=max(terms, 1), bias=float(entry["metrics"].get("bias_error_at_output", 0.0)),
+                             exact=entry["exact"] is not False, unit=_UNIT_ROUNDOFF.get(dtype, 2.0**-23))
             plan.abs_out = f"qdqfold_cert_abs::{y}" if layer is not None else None
             plan.layer = layer  # type: ignore[attr-defined]
             scale_shift = _bn_magnitudes(bn, o_inits, folder)
@@ -1062,7 +1062,7 @@ def _certify(plan: _CertPlan, expected: np.ndarray, actual: np.ndarray, magnitud
     e = np.asarray(expected, np.float64)
     a = np.asarray(actual, np.float64)
     if e.shape != a.shape:
-        return FoldCertificate(plan.node, plan.into, plan.y, math.inf, math.inf, None, plan.bias, plan.exact, False)
+        return _certificate(plan, max_abs=math.inf, ratio=math.inf, channel=None, passed=False)
     diff = np.abs(a - e)
     diff[np.isnan(a) & np.isnan(e)] = 0.0
     diff[np.isnan(diff)] = np.inf
@@ -1075,12 +1075,18 @@ def _certify(plan: _CertPlan, expected: np.ndarray, actual: np.ndarray, magnitud
     bound = plan.unit * (k * mag + 8.0 * (np.abs(e) + np.abs(np.nan_to_num(a)) + shift)) + plan.bias * 1.0001 + 1e-30
     ratio = diff / bound
     if ratio.size == 0:
-        return FoldCertificate(plan.node, plan.into, plan.y, 0.0, 0.0, None, plan.bias, plan.exact, True)
+        return _certificate(plan, max_abs=0.0, ratio=0.0, channel=None, passed=True)
     worst = int(np.argmax(ratio))
     channel = int(np.unravel_index(worst, ratio.shape)[1]) if ratio.ndim >= 2 else None
     r = float(ratio.flat[worst])
-    return FoldCertificate(plan.node, plan.into, plan.y, float(diff.max()), r, channel, plan.bias, plan.exact,
-                           r <= 1.0 or not plan.exact)
+    return _certificate(plan, max_abs=float(diff.max()), ratio=r, channel=channel, passed=r <= 1.0 or not plan.exact)
+
+
+def _certificate(plan: _CertPlan, *, max_abs: float, ratio: float, channel: int | None,
+                 passed: bool) -> FoldCertificate:
+    """The certificate of ``plan``'s fold with these figures."""
+    return FoldCertificate(node=plan.node, into=plan.into, compared=plan.y, max_abs=max_abs, ratio=ratio,
+                           channel=channel, bound_bias=plan.bias, exact_fold=plan.exact, passed=passed)
 
 
 # ---------------------------------------------------------------------------------------------- compare
@@ -1149,8 +1155,10 @@ def _judge(name: str, level: str, folds: list[tuple], floors: list[tuple] | None
     within = of_range <= limit and math.isfinite(worst[3])
     verdict = "exact" if within else "approximate" if approximate else "differs"
     max_abs, max_rel = max(f[0] for f in folds), max(f[1] for f in folds)
-    return OutputCheck(name, [], max_abs, max_rel, worst[2], of_range, worst[6], moved,
-                       0, verdict != "differs", level, floor_of_range, floor_moved, snr, floor_snr, verdict)
+    return OutputCheck(name=name, shape=[], max_abs=max_abs, max_rel=max_rel, range=worst[2], of_range=of_range,
+                       step=worst[6], moved=moved, elements=0, passed=verdict != "differs", level=level,
+                       floor_of_range=floor_of_range, floor_moved=floor_moved, snr_db=snr, floor_snr_db=floor_snr,
+                       verdict=verdict)
 
 
 def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT_TOLERANCE, seed: int = 0,
@@ -1363,8 +1371,8 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
             check.shape, check.elements = shape, int(np.prod(shape)) if shape else 1
     # Folds inside subgraphs (If / Loop / Scan bodies, functions) are not isolated by a certificate.
     skipped += [e["node"] for e in _all_folded(report) if e["graph"] != "main"]
-    result = VerifyResult(level_checks[levels[0]], tolerance, seed,
-                          {k: list(v.shape) for k, v in feed_sets[0].items()},
+    result = VerifyResult(outputs=level_checks[levels[0]], tolerance=tolerance, seed=seed,
+                          input_shapes={k: list(v.shape) for k, v in feed_sets[0].items()},
                           levels=level_checks, certificates=list(certs.values()), uncertified=sorted(set(skipped)),
                           input_sets=len(feed_sets), input_source=source_text, symbolic_dims=sizes,
                           extra_input_sets=extra_sets, skipped_levels=skipped_levels,
