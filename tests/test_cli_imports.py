@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from conftest import MODELS
+from helpers.samples import MODELS
 
 SEED = MODELS / "qat_seed_prebn.onnx"
 
