@@ -68,7 +68,7 @@ def digest(paths: list[Path]) -> str:
 
 
 def outcomes(report: dict) -> str:
-    rows = [[bn.get("graph"), bn.get("node"), bn.get("folded"), bn.get("direction"), bn.get("reason"),
+    rows = [[bn.get("graph"), bn.get("node"), bn.get("folded"), bn.get("direction"), bn.get("code"), bn.get("message"), bn.get("exact"),
              bn.get("into")] for bn in report.get("batchnorms", [])]
     extra = {k: report.get(k) for k in ("merged_branches",) if k in report}
     return hashlib.sha256(json.dumps([rows, extra], sort_keys=True, default=str).encode()).hexdigest()[:20]

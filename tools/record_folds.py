@@ -30,7 +30,7 @@ def _outcomes(report) -> list:
         return []
     out = []
     for bn in report.get("batchnorms", []):
-        out.append([bn.get("graph"), bn.get("node"), bn.get("folded"), bn.get("direction"), bn.get("reason"),
+        out.append([bn.get("graph"), bn.get("node"), bn.get("folded"), bn.get("direction"), bn.get("code"), bn.get("message"), bn.get("exact"),
                     bn.get("into")])
     return out
 
