@@ -1,6 +1,6 @@
 #include "api.h"
 
-#include "../folds/affine.h"
+#include "../folds/sources/affine.h"
 #include "../folds/fold.h"
 #include "../folds/merge_branches.h"
 

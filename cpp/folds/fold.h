@@ -9,9 +9,9 @@
 #include <utility>
 #include <vector>
 
-#include "../core/options.h"
-#include "../core/report.h"
-#include "../graph/graph.h"
+#include "core/options.h"
+#include "core/report.h"
+#include "graph/graph.h"
 
 namespace qdqfold::folds {
 

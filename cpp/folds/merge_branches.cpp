@@ -1,5 +1,5 @@
 // merge-branches: see merge_branches.h for the graph and the formula.
-#include "merge_branches.h"
+#include "folds/merge_branches.h"
 
 #include <algorithm>
 #include <cmath>
@@ -7,11 +7,11 @@
 #include <optional>
 #include <variant>
 
-#include "../kernels/numeric.h"
-#include "backward.h"
-#include "forward.h"
-#include "padding_correction.h"
-#include "quantized_weight.h"
+#include "kernels/numeric.h"
+#include "folds/directions/backward/backward.h"
+#include "folds/directions/forward/forward.h"
+#include "folds/directions/forward/padding_correction.h"
+#include "folds/weights/quantized_weight.h"
 
 namespace qdqfold::folds {
 

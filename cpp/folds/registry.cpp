@@ -1,7 +1,7 @@
 // The folds the driver tries on each BatchNormalization, in order: backward folds (into the producer) before
 // forward folds (into the readers). A new fold adds one file under folds/ and one line here.
-#include "fold.h"
-#include "folds.h"
+#include "folds/fold.h"
+#include "folds/folds.h"
 
 namespace qdqfold::folds {
 

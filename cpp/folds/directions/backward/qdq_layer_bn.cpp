@@ -23,10 +23,10 @@
 #include <limits>
 #include <unordered_set>
 
-#include "../kernels/per_channel.h"
-#include "backward.h"
-#include "folds.h"
-#include "quantized_weight.h"
+#include "kernels/per_channel.h"
+#include "folds/directions/backward/backward.h"
+#include "folds/folds.h"
+#include "folds/weights/quantized_weight.h"
 
 namespace qdqfold::folds {
 

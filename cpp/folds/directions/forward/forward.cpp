@@ -1,11 +1,11 @@
 // The forward fold's driver and the helpers its planners share; see forward.h for the graph and formula.
-#include "forward.h"
+#include "folds/directions/forward/forward.h"
 
 #include <cstring>
 
-#include "../kernels/numeric.h"
-#include "../kernels/per_channel.h"
-#include "affine.h"
+#include "kernels/numeric.h"
+#include "kernels/per_channel.h"
+#include "folds/sources/affine.h"
 
 namespace qdqfold::folds {
 

@@ -1,4 +1,4 @@
-#include "quantized_weight.h"
+#include "folds/weights/quantized_weight.h"
 
 #include <algorithm>
 #include <cmath>
@@ -7,11 +7,11 @@
 #include <numeric>
 #include <limits>
 
-#include "../kernels/numeric.h"
-#include "../kernels/per_channel.h"
-#include "../wire/fields.h"
-#include "../wire/writer.h"
-#include "batchnorm.h"
+#include "kernels/numeric.h"
+#include "kernels/per_channel.h"
+#include "wire/fields.h"
+#include "wire/writer.h"
+#include "folds/sources/batchnorm.h"
 
 namespace qdqfold::folds {
 

@@ -19,8 +19,8 @@
 #include <variant>
 #include <vector>
 
-#include "batchnorm.h"
-#include "backward.h"
+#include "folds/sources/batchnorm.h"
+#include "folds/directions/backward/backward.h"
 
 namespace qdqfold::folds {
 

@@ -12,8 +12,8 @@
 // added by one Add of a constant [1, M, out...] tensor, else BN is kept ("padding" / "uneven-taps").
 #include <cmath>
 
-#include "forward.h"
-#include "padding_correction.h"
+#include "folds/directions/forward/forward.h"
+#include "folds/directions/forward/padding_correction.h"
 
 namespace qdqfold::folds {
 

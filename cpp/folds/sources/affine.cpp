@@ -1,11 +1,11 @@
 // The elementwise affine source; see affine.h for the patterns and the map each op gives.
-#include "affine.h"
+#include "folds/sources/affine.h"
 
 #include <algorithm>
 #include <cmath>
 
-#include "backward.h"
-#include "layer.h"
+#include "folds/directions/backward/backward.h"
+#include "folds/weights/layout.h"
 
 namespace qdqfold::folds {
 

@@ -1,10 +1,10 @@
-#include "backward.h"
+#include "folds/directions/backward/backward.h"
 
 #include <algorithm>
 #include <cstring>
 
-#include "../kernels/per_channel.h"
-#include "affine.h"
+#include "kernels/per_channel.h"
+#include "folds/sources/affine.h"
 
 namespace qdqfold::folds {
 

@@ -9,9 +9,9 @@
 // Every Concat input must be a Conv / ConvTranspose with a float weight whose output only the Concat reads (once),
 // and the output channels must add up to BN's; otherwise the BN is kept with the first reason found (nothing is
 // edited until every producer can take its slice). Quantized producers are not folded through a Concat.
-#include "backward.h"
-#include "folds.h"
-#include "padding_correction.h"
+#include "folds/directions/backward/backward.h"
+#include "folds/folds.h"
+#include "folds/directions/forward/padding_correction.h"
 
 namespace qdqfold::folds {
 

@@ -17,11 +17,11 @@
 // is 2-D, so Gemm computes the same product and carries the bias). A weight produced by DequantizeLinear is
 // the QDQ fold's pattern: not applicable here.
 
-#include "../wire/fields.h"
-#include "../wire/writer.h"
-#include "backward.h"
-#include "folds.h"
-#include "forward.h"
+#include "wire/fields.h"
+#include "wire/writer.h"
+#include "folds/directions/backward/backward.h"
+#include "folds/folds.h"
+#include "folds/directions/forward/forward.h"
 
 namespace qdqfold::folds {
 

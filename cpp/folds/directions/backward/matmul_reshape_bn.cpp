@@ -12,9 +12,9 @@
 // (F explicit) of an input whose last axis is F; else the BN is kept ("reshape-moves-features"). The MatMul's
 // output must be read only by the reshape and the reshape's only by the BN. A weight produced by
 // DequantizeLinear is the QDQ fold's pattern: not applicable here.
-#include "backward.h"
-#include "folds.h"
-#include "forward.h"
+#include "folds/directions/backward/backward.h"
+#include "folds/folds.h"
+#include "folds/directions/forward/forward.h"
 
 namespace qdqfold::folds {
 

@@ -19,9 +19,9 @@
 #include <variant>
 #include <vector>
 
-#include "../kernels/quantized.h"
-#include "fold.h"
-#include "layer.h"
+#include "kernels/quantized.h"
+#include "folds/fold.h"
+#include "folds/weights/layout.h"
 
 namespace qdqfold::folds {
 

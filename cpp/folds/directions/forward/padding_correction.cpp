@@ -1,4 +1,4 @@
-#include "padding_correction.h"
+#include "folds/directions/forward/padding_correction.h"
 
 #include <numeric>
 #include <sstream>

@@ -1,9 +1,9 @@
-#include "batchnorm.h"
+#include "folds/sources/batchnorm.h"
 
 #include <cmath>
 #include <limits>
 
-#include "affine.h"
+#include "folds/sources/affine.h"
 
 namespace qdqfold::folds {
 

@@ -10,11 +10,11 @@
 //   C'       = beta * C + d  (broadcast to [.., N]), and beta' = 1
 // Exact: a Gemm has no padding. A BN read directly by a Gemm (2-D input) is the case HW = 1.
 
-#include "forward.h"
-#include "padding_correction.h"
+#include "folds/directions/forward/forward.h"
+#include "folds/directions/forward/padding_correction.h"
 
-#include "../wire/fields.h"
-#include "../wire/writer.h"
+#include "wire/fields.h"
+#include "wire/writer.h"
 
 namespace qdqfold::folds {
 

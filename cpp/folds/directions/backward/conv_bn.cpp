@@ -9,9 +9,9 @@
 // Output channel o of the weight: Conv W [M, C/g, k...] on axis 0; ConvTranspose W [C, M/g, k...] on axis 1
 // of each group's block of C/g rows, o = group * (M/g) + j (WeightLayout::output_axis). Any rank, any group.
 // A weight produced by DequantizeLinear is the QDQ fold's pattern (qdq_*.cpp): not applicable here.
-#include "backward.h"
-#include "folds.h"
-#include "padding_correction.h"
+#include "folds/directions/backward/backward.h"
+#include "folds/folds.h"
+#include "folds/directions/forward/padding_correction.h"
 
 namespace qdqfold::folds {
 

@@ -9,8 +9,8 @@
 #include <variant>
 #include <vector>
 
-#include "batchnorm.h"
-#include "layer.h"
+#include "folds/sources/batchnorm.h"
+#include "folds/weights/layout.h"
 
 namespace qdqfold::folds {
 
