@@ -3,7 +3,7 @@
 import mmap
 import os
 import sys
-from typing import Any, Mapping, Sequence, TypedDict, Union
+from typing import Any, Literal, Mapping, Sequence, TypedDict, Union
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -50,6 +50,13 @@ class FileReport(Report):
     data_files: list[str]  # external data files written beside dst (named after it)
     removed_files: list[str]  # the input's data files no longer used (in place), stale ones of an earlier output
 
+class ReasonEntry(TypedDict):
+    code: str
+    kind: Literal["kept", "fold"]
+    meaning: str
+    option: str
+    flag: str
+
 class Options(TypedDict, total=False):
     """Keyword options of fold, fold_with_report and fold_file; options() gives the defaults."""
 
@@ -87,3 +94,4 @@ def fold_file(
 ) -> FileReport: ...
 def interrupt() -> None: ...
 def options() -> dict[str, Any]: ...
+def reasons() -> list[ReasonEntry]: ...

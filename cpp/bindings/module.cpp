@@ -11,6 +11,7 @@
 #include "../core/api.h"
 #include "../core/file_io.h"
 #include "../core/files.h"
+#include "../folds/reasons.h"
 
 namespace py = pybind11;
 using qdqfold::Options;
@@ -330,4 +331,22 @@ PYBIND11_MODULE(qdqfold_native, m) {
         return d;
       },
       "options() -> dict: every keyword option of fold() and its default.");
+  // The table of reason codes and fold names (cpp/folds/reasons.h).
+  m.def(
+      "reasons",
+      []() {
+        py::list out;
+        for (const auto& e : qdqfold::folds::reason_table()) {
+          py::dict d;
+          d["code"] = e.code;
+          d["kind"] = e.kind;
+          d["meaning"] = e.meaning;
+          d["option"] = e.option;
+          d["flag"] = e.flag;
+          out.append(std::move(d));
+        }
+        return out;
+      },
+      "reasons() -> list[dict]: every code a report can carry, as {code, kind ('kept' or 'fold'), meaning,\n"
+      "option, flag}: option and flag name the keyword of fold() and the CLI flag that change it ('' for none).");
 }

@@ -21,8 +21,8 @@ struct Pending {
 void finish(Pending& p, bool no_rules) {
   folds::Outcome& chosen = p.chosen;
   if (chosen.verdict == folds::Verdict::NotApplicable) {
-    chosen = no_rules ? folds::Outcome::kept("not-implemented", "no fold is implemented yet")
-                      : folds::Outcome::kept("no-foldable-layer",
+    chosen = no_rules ? folds::Outcome::kept(folds::Reason::NotImplemented, "no fold is implemented yet")
+                      : folds::Outcome::kept(folds::Reason::NoFoldableLayer,
                                              "neither the node that produces its input nor the nodes that read its "
                                              "output is a layer it can fold into");
   }
@@ -141,7 +141,7 @@ Report run_folds(graph::Model& model, const Options& options) {
          !folds::affine_reported_when_kept(*p.graph, p.node)))
       continue;
     finish(p, rules.empty());
-    if (!p.record.folded && overridable > 0 && p.record.code.rfind("non-constant", 0) == 0)
+    if (!p.record.folded && overridable > 0 && folds::changed_by_freezing_inputs(p.record.code))
       p.record.message += "; " + std::to_string(overridable) + " initializers of this model are also listed as graph "
                           "inputs (overridable at run time, so not constants): freeze_initializer_inputs=True "
                           "reads them as constants";

@@ -12,6 +12,7 @@
 #include "core/options.h"
 #include "core/report.h"
 #include "graph/graph.h"
+#include "folds/reasons.h"
 
 namespace qdqfold::folds {
 
@@ -30,7 +31,7 @@ enum class Verdict { NotApplicable, Kept, Folded };
 
 struct Outcome {
   Verdict verdict = Verdict::NotApplicable;
-  std::string code;     // reason code (kept) or fold name (folded)
+  std::string code;     // reason code (kept) or fold name (folded), from reasons.h
   std::string message;
   std::vector<std::string> into;
   std::string into_op;
@@ -40,11 +41,26 @@ struct Outcome {
   std::vector<std::pair<std::string, double>> metrics;
 
   static Outcome not_applicable() { return {}; }
-  static Outcome kept(std::string code, std::string message) {
+  static Outcome kept(Reason reason, std::string message) {
     Outcome o;
     o.verdict = Verdict::Kept;
-    o.code = std::move(code);
+    o.code = folds::code(reason);
     o.message = std::move(message);
+    return o;
+  }
+  // Kept for the reason `from` (a Kept outcome of another step) gave, with a new message.
+  static Outcome kept_as(const Outcome& from, std::string message) {
+    Outcome o;
+    o.verdict = Verdict::Kept;
+    o.code = from.code;
+    o.message = std::move(message);
+    return o;
+  }
+  // Folded under `name`; the fold fills in the rest.
+  static Outcome folded(FoldName name) {
+    Outcome o;
+    o.verdict = Verdict::Folded;
+    o.code = folds::code(name);
     return o;
   }
 };

@@ -91,15 +91,15 @@ std::variant<BranchSet, Outcome> find_branches(const Graph& g, int root, std::ve
     if (t.value != set.x) {
       const int p = t.value.empty() ? -1 : g.producer(t.value);
       if (p < 0 || !(g.nodes[p].is("Conv") || g.nodes[p].is("BatchNormalization")))
-        return Outcome::kept("not-a-branch", "term '" + t.value + "' of the sum is " +
+        return Outcome::kept(Reason::NotABranch, "term '" + t.value + "' of the sum is " +
                                                  (p < 0 ? std::string("not made by a node (a constant or an input)")
                                                         : "made by " + describe_node(g, p)) +
                                                  ", not by a Conv or a BatchNormalization reading '" + set.x + "'");
       if (branch_input(g, t.value) != set.x)
-        return Outcome::kept("different-input", describe_node(g, p) + " reads '" + branch_input(g, t.value) +
+        return Outcome::kept(Reason::DifferentInput, describe_node(g, p) + " reads '" + branch_input(g, t.value) +
                                                     "', not '" + set.x + "' that the other branches read");
       if (!read_only_by(g, t.value, t.reader))
-        return Outcome::kept("branch-output-shared", "the output '" + t.value + "' of " + describe_node(g, p) +
+        return Outcome::kept(Reason::BranchOutputShared, "the output '" + t.value + "' of " + describe_node(g, p) +
                                                          " is also read elsewhere (or is a graph output), which "
                                                          "needs that branch on its own");
       b.kind = g.nodes[p].is("Conv") ? Branch::Kind::Conv : Branch::Kind::BatchNorm;
@@ -186,25 +186,25 @@ std::variant<ConvBranch, Outcome> read_branch_weight(FoldContext& ctx, int node)
     return c;
   }
   Outcome& o = std::get<Outcome>(w);
-  if (o.verdict != Verdict::NotApplicable) return Outcome::kept(o.code, describe_node(g, node) + ": " + o.message);
+  if (o.verdict != Verdict::NotApplicable) return Outcome::kept_as(o, describe_node(g, node) + ": " + o.message);
   if (!ctx.options.requantize_merged)
-    return Outcome::kept("quantized-weight",
+    return Outcome::kept(Reason::QuantizedWeight,
                          describe_node(g, node) + " has a quantized weight (DequantizeLinear): the merged kernel "
                          "needs new integers on a new grid, which no exact merge gives (requantize_merged=True "
                          "re-quantizes, approximately)");
   const std::string& weight = g.nodes[node].inputs[1];
   auto qw = read_quantized_weight(g, g.producer(weight), node);
   if (auto* qo = std::get_if<Outcome>(&qw)) {
-    if (qo->verdict == Verdict::NotApplicable) return Outcome::kept("non-constant-weight", describe_node(g, node) + " has no constant weight");
-    return Outcome::kept(qo->code, describe_node(g, node) + ": " + qo->message);
+    if (qo->verdict == Verdict::NotApplicable) return Outcome::kept(Reason::NonConstantWeight, describe_node(g, node) + " has no constant weight");
+    return Outcome::kept_as(*qo, describe_node(g, node) + ": " + qo->message);
   }
   QuantizedWeight& q = std::get<QuantizedWeight>(qw);
   std::string why;
   auto layout = weight_layout(g.nodes[node], q.dims, why);
-  if (!layout) return Outcome::kept("malformed", describe_node(g, node) + ": " + why);
+  if (!layout) return Outcome::kept(Reason::Malformed, describe_node(g, node) + ": " + why);
   auto values = dequantized_values(q);
   if (!values || q.range.lo >= 0 || q.range.hi > 32767)
-    return Outcome::kept("quantized-weight-type", describe_node(g, node) + " has a weight of " +
+    return Outcome::kept(Reason::QuantizedWeightType, describe_node(g, node) + " has a weight of " +
                                                       graph::data_type_name(q.int_type) +
                                                       ": the merge re-quantizes to int8 or int16 only");
   c.dims = q.dims;
@@ -227,7 +227,7 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
   for (const auto& b : set.branches) {
     if (b.kind == Branch::Kind::Conv) {
       const Node& conv = g.nodes[b.node];
-      if (conv.outputs.size() != 1) return Outcome::kept("malformed", describe_node(g, b.node) + " has more than one output");
+      if (conv.outputs.size() != 1) return Outcome::kept(Reason::Malformed, describe_node(g, b.node) + " has more than one output");
       auto w = read_branch_weight(ctx, b.node);
       if (auto* o = std::get_if<Outcome>(&w)) return *o;
       ConvBranch c = std::move(std::get<ConvBranch>(w));
@@ -236,11 +236,11 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
       if (auto* o = std::get_if<Outcome>(&geometry)) return *o;
       c.geometry = std::get<ConvGeometry>(geometry);
       if (c.geometry.auto_pad == "SAME_UPPER" || c.geometry.auto_pad == "SAME_LOWER")
-        return Outcome::kept("auto-pad", describe_node(g, b.node) + " pads with auto_pad=" + c.geometry.auto_pad +
+        return Outcome::kept(Reason::AutoPad, describe_node(g, b.node) + " pads with auto_pad=" + c.geometry.auto_pad +
                                              ", whose pads depend on the input size");
       const std::string bias_name = conv.inputs.size() > 2 ? conv.inputs[2] : "";
       if (!bias_name.empty() && produced_by_dequantize(g, bias_name))
-        return Outcome::kept("quantized-bias", describe_node(g, b.node) + " has a quantized bias, whose scale is the "
+        return Outcome::kept(Reason::QuantizedBias, describe_node(g, b.node) + " has a quantized bias, whose scale is the "
                                                                           "input's times the weight's");
       auto bias = read_bias(g, bias_name, c.dims[0], "bias");
       if (auto* o = std::get_if<Outcome>(&bias)) return *o;
@@ -273,20 +273,20 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
     const std::string who = describe_node(g, c.node);
     const auto& d = c.dims;
     if (c.quantized.has_value() != first.quantized.has_value())
-      return Outcome::kept("quantized-mix", who + " and " + describe_node(g, first.node) +
+      return Outcome::kept(Reason::QuantizedMix, who + " and " + describe_node(g, first.node) +
                                                 " differ in having a quantized weight");
     if (c.data_type != plan.data_type)
-      return Outcome::kept("type-mismatch", who + " has a weight of another type than " + describe_node(g, first.node));
-    if (c.geometry.rank() != rank) return Outcome::kept("rank-mismatch", who + " has a kernel of another rank");
+      return Outcome::kept(Reason::TypeMismatch, who + " has a weight of another type than " + describe_node(g, first.node));
+    if (c.geometry.rank() != rank) return Outcome::kept(Reason::RankMismatch, who + " has a kernel of another rank");
     if (c.groups != groups)
-      return Outcome::kept("group-mismatch", who + " has group=" + std::to_string(c.groups) + ", " +
+      return Outcome::kept(Reason::GroupMismatch, who + " has group=" + std::to_string(c.groups) + ", " +
                                                  describe_node(g, first.node) + " group=" + std::to_string(groups));
     if (d[0] != d0[0] || d[1] != d0[1])
-      return Outcome::kept("channel-mismatch", who + " has a weight of " + std::to_string(d[0]) + "x" +
+      return Outcome::kept(Reason::ChannelMismatch, who + " has a weight of " + std::to_string(d[0]) + "x" +
                                                    std::to_string(d[1]) + " channels, " + describe_node(g, first.node) +
                                                    " " + std::to_string(d0[0]) + "x" + std::to_string(d0[1]));
     if (c.geometry.strides != first.geometry.strides)
-      return Outcome::kept("stride-mismatch", who + " has other strides than " + describe_node(g, first.node));
+      return Outcome::kept(Reason::StrideMismatch, who + " has other strides than " + describe_node(g, first.node));
     for (size_t d2 = 0; d2 < rank; ++d2) K[d2] = std::max(K[d2], c.geometry.kernel[d2]);
   }
   // Target pads and dilation per dim: those of a conv with the largest kernel in that dim (a dilation means
@@ -305,7 +305,7 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
   for (const auto& c : plan.convs)
     for (size_t d = 0; d < rank; ++d)
       if (c.geometry.kernel[d] > 1 && c.geometry.dilations[d] != plan.dilations[d])
-        return Outcome::kept("dilation-mismatch", describe_node(g, c.node) + " has dilation " +
+        return Outcome::kept(Reason::DilationMismatch, describe_node(g, c.node) + " has dilation " +
                                                       std::to_string(c.geometry.dilations[d]) + " in spatial dim " +
                                                       std::to_string(d) + ", the merged kernel " +
                                                       std::to_string(plan.dilations[d]));
@@ -318,7 +318,7 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
       const bool aligned = shift % dil == 0 && shift / dil >= 0 && shift / dil <= spare &&
                            c.geometry.pads_end[d] + (spare - shift / dil) * dil == plan.pads_end[d];
       if (!aligned)
-        return Outcome::kept("pads-misaligned",
+        return Outcome::kept(Reason::PadsMisaligned,
                              describe_node(g, c.node) + " (" + kernel_text(c.geometry.kernel) + ", " +
                                  c.geometry.describe() + ") does not see the same input positions as a " +
                                  kernel_text(K) + " kernel with pads begin " + kernel_text(plan.pads_begin) +
@@ -332,15 +332,15 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
   if (!plan.identities.empty()) {
     const std::string who = plan.identities[0].bn >= 0 ? describe_node(g, plan.identities[0].bn) : "'" + set.x + "'";
     for (int64_t s : first.geometry.strides)
-      if (s != 1) return Outcome::kept("identity-stride", "the identity branch " + who + " sits beside convs with stride " + kernel_text(first.geometry.strides));
+      if (s != 1) return Outcome::kept(Reason::IdentityStride, "the identity branch " + who + " sits beside convs with stride " + kernel_text(first.geometry.strides));
     if (M != Cg * groups)
-      return Outcome::kept("identity-channels", "the identity branch " + who + " has " + std::to_string(Cg * groups) +
+      return Outcome::kept(Reason::IdentityChannels, "the identity branch " + who + " has " + std::to_string(Cg * groups) +
                                                     " channels, the convs " + std::to_string(M) + " outputs");
     for (size_t d = 0; d < rank; ++d) {
       const int64_t dil = plan.dilations[d];
       const int64_t j = plan.pads_begin[d] / dil;
       if (plan.pads_begin[d] % dil != 0 || j >= K[d] || plan.pads_end[d] != (K[d] - 1 - j) * dil)
-        return Outcome::kept("identity-misaligned", "the identity branch " + who + " has no tap of the merged " +
+        return Outcome::kept(Reason::IdentityMisaligned, "the identity branch " + who + " has no tap of the merged " +
                                                         kernel_text(K) + " kernel that reads x at the output position "
                                                         "(pads begin " + kernel_text(plan.pads_begin) + ", end " +
                                                         kernel_text(plan.pads_end) + ")");
@@ -348,7 +348,7 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
     }
     for (const auto& id : plan.identities)
       if (id.bn >= 0 && static_cast<int64_t>(id.scale.size()) != M)
-        return Outcome::kept("identity-channels", describe_node(g, id.bn) + " has " + std::to_string(id.scale.size()) +
+        return Outcome::kept(Reason::IdentityChannels, describe_node(g, id.bn) + " has " + std::to_string(id.scale.size()) +
                                                       " channels, the convs " + std::to_string(M) + " outputs");
   }
 
@@ -399,7 +399,7 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
   // requantize_merged: symmetric per output channel, s'[o] = max |W[o]| / q_max, q = round(W / s'), z = 0.
   const QuantizedWeight& pq = *keep.quantized;
   if (!pq.axis_supported || pq.layout.block_size > 0)
-    return Outcome::kept("quantized-weight-axis", describe_node(g, keep.node) + "'s DequantizeLinear " +
+    return Outcome::kept(Reason::QuantizedWeightAxis, describe_node(g, keep.node) + "'s DequantizeLinear " +
                                                       (pq.layout.block_size > 0 ? "is blocked" : "has no axis (opset < 13)") +
                                                       ": the merged weight needs a scale per output channel");
   const int64_t qmax = pq.range.hi;
@@ -412,7 +412,7 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
     for (int64_t i = o * per_channel; i < (o + 1) * per_channel; ++i) largest = std::max(largest, std::abs(w[i]));
     double scale = largest > 0 ? kernels::round_to_float_type(largest / static_cast<double>(qmax), pq.scale_type) : 1.0;
     if (!(scale > 0) || !std::isfinite(scale))
-      return Outcome::kept("overflow", "the merged weight of output channel " + std::to_string(o) + " has no " +
+      return Outcome::kept(Reason::Overflow, "the merged weight of output channel " + std::to_string(o) + " has no " +
                                            graph::data_type_name(pq.scale_type) + " scale");
     plan.new_scale[o] = scale;
     for (int64_t i = o * per_channel; i < (o + 1) * per_channel; ++i) {
@@ -430,7 +430,7 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
       const double stored = graph::float_element(pq.float_type, plan.weight_raw, i);
       if (kernels::quantize_element(static_cast<float>(stored), static_cast<float>(plan.new_scale[i / per_channel]), 0,
                                     pq.range) != plan.ints[i])
-        return Outcome::kept("requantize-snap", "the merged float weight does not quantize back to its integers");
+        return Outcome::kept(Reason::RequantizeSnap, "the merged float weight does not quantize back to its integers");
     }
   } else {
     plan.weight_raw = kernels::write_quantized(plan.ints, pq.int_type);
@@ -564,7 +564,7 @@ MergeOutcome merge_tree(FoldContext& ctx, int root) {
   // Every condition holds: edit.
   Outcome& out = result.outcome;
   out.verdict = Verdict::Folded;
-  out.code = "merge-branches";
+  out.code = code(FoldName::MergeBranches);
   const int layer = plan.convs[plan.primary].node;
   out.into = {g.nodes[layer].display_name(layer)};
   out.into_op = "Conv";

@@ -44,25 +44,30 @@ const std::vector<ReasonEntry>& reason_table() {
       const std::string name = r.code;
       if (name == code(FoldName::MergeBranches)) continue;
       for (const char* op : kAffineOps) {
-        std::string lower = op;
-        for (char& ch : lower) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-        std::string out;
-        size_t start = 0;
-        while (start <= name.size()) {
-          size_t end = name.find('-', start);
-          if (end == std::string::npos) end = name.size();
-          const std::string token = name.substr(start, end - start);
-          if (!out.empty()) out += '-';
-          out += token == "bn" ? lower : token;
-          start = end + 1;
-        }
-        t.push_back({out, "fold", std::string(r.meaning).replace(0, 2, op) + " (an elementwise " + op +
-                                     " by a per-channel constant in place of the BN)", "", ""});
+        const std::string out = affine_variant_name(name, op);
+        t.push_back({out, "fold", std::string(op) + " by a per-channel constant" + std::string(r.meaning).substr(2),
+                     "", ""});
       }
     }
     return t;
   }();
   return table;
+}
+
+std::string affine_variant_name(const std::string& bn_fold_name, const std::string& op_type) {
+  std::string op = op_type;
+  for (char& ch : op) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  std::string out;
+  size_t start = 0;
+  while (start <= bn_fold_name.size()) {
+    size_t end = bn_fold_name.find('-', start);
+    if (end == std::string::npos) end = bn_fold_name.size();
+    const std::string token = bn_fold_name.substr(start, end - start);
+    if (!out.empty()) out += '-';
+    out += token == "bn" ? op : token;
+    start = end + 1;
+  }
+  return out;
 }
 
 bool changed_by_freezing_inputs(const std::string& c) {

@@ -165,6 +165,10 @@ struct ReasonEntry {
 // Every code: the kept reasons, then the fold names (with the elementwise affine variants of the BN folds).
 const std::vector<ReasonEntry>& reason_table();
 
+// The name of BN fold `bn_fold_name` applied to an elementwise affine node of op `op_type`: every "bn" token
+// becomes the lower-case op ("conv-bn" -> "conv-mul", "bn-gemm" -> "add-gemm", "qdq-layer-bn" -> "qdq-layer-sub").
+std::string affine_variant_name(const std::string& bn_fold_name, const std::string& op_type);
+
 // True when `code` is a reason that the freeze_initializer_inputs option may change (a value is not a
 // constant, possibly because it is an overridable initializer).
 bool changed_by_freezing_inputs(const std::string& code);

@@ -8,13 +8,13 @@ namespace qdqfold::folds {
 const std::vector<FoldRule>& fold_rules() {
   static const std::vector<FoldRule> rules = {
       // Quantized weights first: the float folds leave weights behind DequantizeLinear to it.
-      {"qdq-layer-bn", "backward", fold_qdq_layer_bn},
-      {"conv-bn", "backward", fold_conv_bn},
-      {"gemm-bn", "backward", fold_gemm_bn},
-      {"matmul-reshape-bn", "backward", fold_matmul_reshape_bn},
-      {"concat-bn", "backward", fold_concat_bn},
+      {code(FoldName::QdqLayerBn), "backward", fold_qdq_layer_bn},
+      {code(FoldName::ConvBn), "backward", fold_conv_bn},
+      {code(FoldName::GemmBn), "backward", fold_gemm_bn},
+      {code(FoldName::MatmulReshapeBn), "backward", fold_matmul_reshape_bn},
+      {code(FoldName::ConcatBn), "backward", fold_concat_bn},
       // Forward folds last: a BN that can fold backwards does so first.
-      {"bn-layer", "forward", fold_bn_forward},
+      {code(FoldName::BnLayers), "forward", fold_bn_forward},
   };
   return rules;
 }

@@ -100,7 +100,7 @@ namespace {
 std::string node_label(const Graph& g, int n) { return g.nodes[n].op_type + " '" + g.nodes[n].display_name(n) + "'"; }
 
 Outcome malformed(const std::string& who, const std::string& why) {
-  return Outcome::kept("malformed-quantization", who + ": " + why);
+  return Outcome::kept(Reason::MalformedQuantization, who + ": " + why);
 }
 
 // Values of optional input `slot` of node `n` (a constant), or nullopt when it is not a constant.
@@ -143,13 +143,13 @@ static std::variant<std::pair<int64_t, int64_t>, Outcome> read_integer_clip(Grap
   const Node& c = g.nodes[clip];
   const std::string label = node_label(g, clip);
   if (c.inputs.empty() || c.outputs.size() != 1 || !read_only_by(g, c.outputs[0], dq))
-    return Outcome::kept("shared-weight", "the output of " + label + " (" + who + ") is also read by another node");
+    return Outcome::kept(Reason::SharedWeight, "the output of " + label + " (" + who + ") is also read by another node");
   std::pair<int64_t, int64_t> range{std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max()};
   for (size_t k = 1; k < 3; ++k) {
     if (c.inputs.size() <= k || c.inputs[k].empty()) continue;
     auto v = constant_values(g, c.inputs[k]);
     if (!v || v->size() != 1)
-      return Outcome::kept("non-constant-quantization-parameters",
+      return Outcome::kept(Reason::NonConstantQuantizationParameters,
                            "the bound '" + c.inputs[k] + "' of " + label + " (" + who + ") is not a scalar constant");
     (k == 1 ? range.first : range.second) = static_cast<int64_t>(std::llround((*v)[0]));
   }
@@ -172,7 +172,7 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
   // Scale and zero point.
   ConstInput scale = const_input(g, d, 1), zero = const_input(g, d, 2);
   if (!scale.ref || (zero.present && !zero.ref))
-    return Outcome::kept("non-constant-quantization-parameters",
+    return Outcome::kept(Reason::NonConstantQuantizationParameters,
                          "the scale or zero point of " + node_label(g, dq) + " (" + who + ") is not a constant");
   w.scale_type = scale.ref->tensor.data_type;
   if (!graph::is_float_type(w.scale_type) || w.scale_type == static_cast<int32_t>(DataType::Double))
@@ -182,7 +182,7 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
   w.scale = std::move(*scale_values);
   for (double s : w.scale)
     if (!std::isfinite(s))
-      return Outcome::kept("non-finite-scale", "the scale of " + who + " holds NaN or Inf");
+      return Outcome::kept(Reason::NonFiniteScale, "the scale of " + who + " holds NaN or Inf");
 
   // Brevitas QCDQ: int W -> Clip(lo, hi) -> DQ, or W -> Q -> Clip -> DQ. The Clip saturates like a narrower
   // integer type, so its range takes the place of the type's (mirrored integers must stay inside it).
@@ -203,7 +203,7 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
     // point) and dequantizes it in one node, a QuantizeLinear -> DequantizeLinear pair fused: the QAT form with
     // the node as its own quantizer.
     if (!int_ref || !graph::is_float_type(int_ref->tensor.data_type) || w.clip >= 0 || d.inputs.size() > 2)
-      return Outcome::kept("tensorrt-quantizer", "the input of " + node_label(g, dq) + " (" + who +
+      return Outcome::kept(Reason::TensorrtQuantizer, "the input of " + node_label(g, dq) + " (" + who +
                                                      ") is not a constant float weight in the form ModelOpt writes");
     float_ref = std::move(int_ref);
     int_ref.reset();
@@ -211,35 +211,35 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
     w.float_type = float_ref->tensor.data_type;
     if (w.float_type != static_cast<int32_t>(DataType::Float) && w.float_type != static_cast<int32_t>(DataType::Float16) &&
         w.float_type != static_cast<int32_t>(DataType::Bfloat16))
-      return Outcome::kept("unsupported-weight-type", "the float weight of " + who + " is " +
+      return Outcome::kept(Reason::UnsupportedWeightType, "the float weight of " + who + " is " +
                                                           graph::data_type_name(w.float_type));
     w.int_type = static_cast<int32_t>(DataType::Int4);
     w.dims = float_ref->tensor.dims;
   } else if (!int_ref) {
     const int qn = g.producer(x);
     if (qn < 0 || !is_quantize(g.nodes[qn]))
-      return Outcome::kept("non-constant-weight", "the input of " + node_label(g, dq) + " (" + who + ") is not a constant");
+      return Outcome::kept(Reason::NonConstantWeight, "the input of " + node_label(g, dq) + " (" + who + ") is not a constant");
     const Node& q = g.nodes[qn];
     if (q.inputs.size() < 2 || q.inputs[0].empty()) return malformed(who, node_label(g, qn) + " lacks its inputs");
     if (!read_only_by(g, x, w.clip >= 0 ? w.clip : dq))
-      return Outcome::kept("shared-weight", "the quantized weight '" + x + "' of " + who +
+      return Outcome::kept(Reason::SharedWeight, "the quantized weight '" + x + "' of " + who +
                                                 " is also read by another node, which must keep its values");
     float_ref = g.constant(q.inputs[0]);
     if (!float_ref)
-      return Outcome::kept("non-constant-weight", "the float weight '" + q.inputs[0] + "' quantized by " +
+      return Outcome::kept(Reason::NonConstantWeight, "the float weight '" + q.inputs[0] + "' quantized by " +
                                                       node_label(g, qn) + " (" + who + ") is not a constant");
     // Q and DQ must describe the same grid.
     const std::string q_zero = q.inputs.size() > 2 ? q.inputs[2] : "", d_zero = d.inputs.size() > 2 ? d.inputs[2] : "";
     if (!same_constant(g, q.inputs[1], d.inputs[1]) || q_zero.empty() != d_zero.empty() ||
         (!q_zero.empty() && !same_constant(g, q_zero, d_zero)) ||
         q.attr_int("axis", 1) != d.attr_int("axis", 1) || q.attr_int("block_size", 0) != d.attr_int("block_size", 0))
-      return Outcome::kept("mismatched-qdq", node_label(g, qn) + " and " + node_label(g, dq) +
+      return Outcome::kept(Reason::MismatchedQdq, node_label(g, qn) + " and " + node_label(g, dq) +
                                                  " use different scales, zero points or axes for " + who);
     w.q = qn;
     w.float_type = float_ref->tensor.data_type;
     if (w.float_type != static_cast<int32_t>(DataType::Float) && w.float_type != static_cast<int32_t>(DataType::Float16) &&
         w.float_type != static_cast<int32_t>(DataType::Bfloat16))
-      return Outcome::kept("unsupported-weight-type", "the float weight of " + who + " is " +
+      return Outcome::kept(Reason::UnsupportedWeightType, "the float weight of " + who + " is " +
                                                           graph::data_type_name(w.float_type));
     if (zero.ref) w.int_type = zero.ref->tensor.data_type;
     else w.int_type = static_cast<int32_t>(q.attr_int("output_dtype", static_cast<int64_t>(DataType::Uint8)));
@@ -249,14 +249,14 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
     w.dims = int_ref->tensor.dims;
   }
   if (w.float8() && w.qat())
-    return Outcome::kept("float8-quantizer", "the QuantizeLinear of " + who + " makes float8 values, whose rounding "
+    return Outcome::kept(Reason::Float8Quantizer, "the QuantizeLinear of " + who + " makes float8 values, whose rounding "
                                              "qdqfold does not reproduce; the weight cannot be snapped to its grid");
   auto range = kernels::integer_range(w.int_type);
   if (!range && !w.float8())
-    return Outcome::kept("unsupported-weight-type", who + " is quantized to " + graph::data_type_name(w.int_type));
+    return Outcome::kept(Reason::UnsupportedWeightType, who + " is quantized to " + graph::data_type_name(w.int_type));
   if (range) w.range = *range;
   if (clip_range) {
-    if (!range) return Outcome::kept("unsupported-weight-type", who + " is clipped " + graph::data_type_name(w.int_type));
+    if (!range) return Outcome::kept(Reason::UnsupportedWeightType, who + " is clipped " + graph::data_type_name(w.int_type));
     w.range.lo = std::max(w.range.lo, clip_range->first);
     w.range.hi = std::min(w.range.hi, clip_range->second);
     if (w.range.lo > w.range.hi) return malformed(who, "its Clip range is empty");
@@ -314,7 +314,7 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
   const auto need = int_ref ? kernels::quantized_bytes(w.int_type, w.count)
                             : std::optional<size_t>(static_cast<size_t>(w.count) * graph::element_size(w.float_type));
   if (!bytes || !need || bytes->size() < *need)
-    return Outcome::kept("unreadable-weight", int_ref ? "the integers of " + who + " cannot be read (external data?)"
+    return Outcome::kept(Reason::UnreadableWeight, int_ref ? "the integers of " + who + " cannot be read (external data?)"
                                                       : "the float weight of " + who + " cannot be read (external data?)");
   w.data = bytes->substr(0, *need);
   if (!g.model->outlives_writing(w.data)) {  // decoded or produced by an earlier fold: the generator keeps it
@@ -326,7 +326,7 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
     // where the Clip leaves them alone (Brevitas writes them inside its range).
     const auto e = kernels::integer_extremes(w.data.data(), w.int_type, 0, w.count);
     if (e.min < w.range.lo || e.max > w.range.hi)
-      return Outcome::kept("clipped-weight", "the integers of " + who + " reach " + std::to_string(e.min) + " .. " +
+      return Outcome::kept(Reason::ClippedWeight, "the integers of " + who + " reach " + std::to_string(e.min) + " .. " +
                                                  std::to_string(e.max) + ", beyond the range [" +
                                                  std::to_string(w.range.lo) + ", " + std::to_string(w.range.hi) +
                                                  "] of " + node_label(g, w.clip) + ", which changes them");
@@ -638,7 +638,7 @@ std::optional<Outcome> check_snap(const QuantizedWeight& w, const WeightLayout& 
   }
   std::optional<Outcome> failed;
   auto fail_at = [&](int64_t i) {
-    failed = Outcome::kept("snap-failed", "the rescaled float weight of " + who + " does not quantize back to its "
+    failed = Outcome::kept(Reason::SnapFailed, "the rescaled float weight of " + who + " does not quantize back to its "
                                           "integers in " + graph::data_type_name(w.float_type) + " (element " +
                                           std::to_string(i) + ")");
     return false;
@@ -682,7 +682,7 @@ std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWe
                                                                bool keep_quantizer, const std::string& who,
                                                                std::shared_ptr<graph::Model::DeferredChecks> deferred) {
   if (wl.P * wl.Q * wl.R != w.count || static_cast<int64_t>(a.size()) != wl.out_channels)
-    return Outcome::kept("shape-mismatch", "the BN has " + std::to_string(a.size()) + " channels but " + who + " has " +
+    return Outcome::kept(Reason::ShapeMismatch, "the BN has " + std::to_string(a.size()) + " channels but " + who + " has " +
                                                std::to_string(wl.out_channels) + " output channels");
   RescaledWeight r;
   // Keep the scale's layout when every scale value covers channels with one factor |a|; a per-tensor scale
@@ -691,7 +691,7 @@ std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWe
   Coverage c = cover(w, wl, r.layout, a);
   if (!c.conflict.empty() && w.layout.per_tensor()) {
     if (!w.axis_supported)
-      return Outcome::kept("opset-too-old",
+      return Outcome::kept(Reason::OpsetTooOld,
                            "the BN factors differ per channel, so the per-tensor scale of " + who +
                                " must become per-channel, which needs DequantizeLinear's axis attribute (opset >= 13); "
                                "the model's opset is older");
@@ -703,7 +703,7 @@ std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWe
     c = cover(w, wl, r.layout, a);
   }
   if (!c.conflict.empty())
-    return Outcome::kept("scale-layout", "the quantization scale of " + who + " cannot absorb the BN factors: " + c.conflict);
+    return Outcome::kept(Reason::ScaleLayout, "the quantization scale of " + who + " cannot absorb the BN factors: " + c.conflict);
   // Only the negated elements' values matter for what follows: read them once (none when no factor is negative).
   const bool any_negative = std::any_of(c.negative.begin(), c.negative.end(), [](char v) { return v != 0; });
   const auto n = static_cast<size_t>(r.layout.scale_count());
@@ -727,10 +727,10 @@ std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWe
     const int64_t z = w.zero[old_index(k)];
     r.scale[k] = kernels::round_to_float_type(s * c.factor[k], w.scale_type);
     if (!std::isfinite(r.scale[k]))
-      return Outcome::kept("scale-overflow", "the rescaled scale of " + who + " overflows in channel " +
+      return Outcome::kept(Reason::ScaleOverflow, "the rescaled scale of " + who + " overflows in channel " +
                                                  std::to_string(c.first_channel[k]));
     if (keep_quantizer && r.scale[k] == 0)
-      return Outcome::kept("zero-factor",
+      return Outcome::kept(Reason::ZeroFactor,
                            "the BN factor of channel " + std::to_string(c.first_channel[k]) + " is 0 (or the scale of " +
                                who + " underflows to 0): its QuantizeLinear would divide by a zero scale; "
                                "materialize_quantized_weights=True folds it with integer weights");
@@ -769,7 +769,7 @@ std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWe
                std::string(w.range.lo < 0 ? "-1 - q" : std::to_string(complement_c) + " - q") +
                "), at a cost: that channel's weight zero point becomes nonzero, which TensorRT rejects (it requires "
                "symmetric weights with zero point 0)";
-      return Outcome::kept("negation-overflow", msg);
+      return Outcome::kept(Reason::NegationOverflow, msg);
     }
   }
   r.zero_changed = r.zero != w.zero || (r.promoted && w.has_zero);

@@ -21,12 +21,12 @@ std::optional<Outcome> layer_output_blocker(Graph& g, int layer, const std::stri
   if (slot < 0) slot = affine_data_slot(g, reader);
   const std::string who = g.nodes[layer].op_type + " '" + g.nodes[layer].display_name(layer) + "'";
   if (g.is_graph_output(value))
-    return Outcome::kept("layer-output-is-graph-output",
+    return Outcome::kept(Reason::LayerOutputIsGraphOutput,
                          "the output of " + who + " is also a graph output, which must keep its values");
   const auto& uses = g.uses(value);
   for (const auto& u : uses)
     if (u.node != reader || u.slot != slot)
-      return Outcome::kept("layer-output-read-elsewhere",
+      return Outcome::kept(Reason::LayerOutputReadElsewhere,
                            "the output of " + who + " is also read by " + g.nodes[u.node].op_type + " '" +
                                g.nodes[u.node].display_name(u.node) + "', which must keep seeing the unnormalized values");
   return std::nullopt;
@@ -42,7 +42,7 @@ std::variant<FloatWeight, Outcome> read_float_weight(FoldContext& ctx, int layer
   const Node& n = g.nodes[layer];
   const std::string who = n.op_type + " '" + n.display_name(layer) + "'";
   if (n.inputs.size() < 2 || n.inputs[1].empty())
-    return Outcome::kept("malformed", who + " has no weight input");
+    return Outcome::kept(Reason::Malformed, who + " has no weight input");
   const std::string& name = n.inputs[1];
   if (produced_by_dequantize(g, name)) return Outcome::not_applicable();
   auto ref = g.constant(name);
@@ -51,30 +51,30 @@ std::variant<FloatWeight, Outcome> read_float_weight(FoldContext& ctx, int layer
     // per-tensor scale, no axis). trt::DequantizeLinear of a float weight (INT4) is qdq_layer_bn's.
     const std::string op = "trt::" + g.nodes[p].op_type;
     if (g.nodes[p].op_type == "TRT_FP8DequantizeLinear")
-      return Outcome::kept("tensorrt-quantizer",
+      return Outcome::kept(Reason::TensorrtQuantizer,
                            "the weight '" + name + "' of " + who + " comes out of TensorRT's " + op +
                                ", which takes one per-tensor scale and has no axis: BN's per-channel factors cannot "
                                "go into it, and re-quantizing the FP8 weight would not be exact");
-    return Outcome::kept("tensorrt-quantizer", "the weight '" + name + "' of " + who + " comes out of TensorRT's "
+    return Outcome::kept(Reason::TensorrtQuantizer, "the weight '" + name + "' of " + who + " comes out of TensorRT's "
                                                "custom " + op + ", which qdqfold does not fold through; the "
                                                "standard QuantizeLinear / DequantizeLinear export folds");
   }
   if (!ref)
-    return Outcome::kept("non-constant-weight", "the weight '" + name + "' of " + who + " is not a constant");
+    return Outcome::kept(Reason::NonConstantWeight, "the weight '" + name + "' of " + who + " is not a constant");
   FloatWeight w;
   w.tensor = ref->tensor;
   if (!kernels::is_supported_float(w.tensor.data_type))
-    return Outcome::kept("unsupported-dtype", "the weight '" + name + "' of " + who + " is " +
+    return Outcome::kept(Reason::UnsupportedDtype, "the weight '" + name + "' of " + who + " is " +
                                                   graph::data_type_name(w.tensor.data_type) +
                                                   ", not float32, float16, bfloat16 or float64");
   std::string why;
   auto layout = weight_layout(n, w.tensor.dims, why, backward_fold);
-  if (!layout) return Outcome::kept("unsupported-layer", who + ": " + why);
+  if (!layout) return Outcome::kept(Reason::UnsupportedLayer, who + ": " + why);
   w.layout = *layout;
   w.storage = std::make_shared<std::string>();
   auto bytes = w.tensor.bytes(*w.storage);
   if (!bytes)
-    return Outcome::kept("unreadable-weight", "the data of weight '" + name + "' of " + who +
+    return Outcome::kept(Reason::UnreadableWeight, "the data of weight '" + name + "' of " + who +
                                                   " is not in the model file (external data) or cannot be decoded");
   w.bytes = *bytes;
   return w;
@@ -92,9 +92,9 @@ std::variant<std::vector<double>, Outcome> read_bias(Graph& g, const std::string
                                                      const char* what) {
   if (value.empty()) return std::vector<double>(static_cast<size_t>(count), 0.0);
   auto values = constant_values(g, value);
-  if (!values) return Outcome::kept("non-constant-bias", std::string("the ") + what + " '" + value + "' is not a constant");
+  if (!values) return Outcome::kept(Reason::NonConstantBias, std::string("the ") + what + " '" + value + "' is not a constant");
   if (static_cast<int64_t>(values->size()) != count)
-    return Outcome::kept("shape-mismatch", std::string("the ") + what + " '" + value + "' has " +
+    return Outcome::kept(Reason::ShapeMismatch, std::string("the ") + what + " '" + value + "' has " +
                                                std::to_string(values->size()) + " values for " +
                                                std::to_string(count) + " output channels");
   return std::move(*values);
@@ -126,20 +126,20 @@ std::variant<graph::LazyBytes, Outcome> rescale_weight(FoldContext& ctx, const F
                                                        const std::vector<double>& scale) {
   const auto axis = w.layout.output_axis();
   if (axis.channel_count() != static_cast<int64_t>(scale.size()))
-    return Outcome::kept("shape-mismatch", "the BN has " + std::to_string(scale.size()) + " channels but the layer has " +
+    return Outcome::kept(Reason::ShapeMismatch, "the BN has " + std::to_string(scale.size()) + " channels but the layer has " +
                                                std::to_string(axis.channel_count()) + " output channels");
   const int32_t dtype = w.tensor.data_type;
   // Deferred: the generator counts overflows as it writes (one pass over the weight instead of two).
   const auto deferred = ctx.model.deferred_checks;
   if (!deferred) {
     auto r = check_rescale(ctx.model, dtype, w.bytes, axis, scale);
-    if (!r.ok) return Outcome::kept("unreadable-weight", "the weight '" + w.tensor.name + "' does not match its dims");
+    if (!r.ok) return Outcome::kept(Reason::UnreadableWeight, "the weight '" + w.tensor.name + "' does not match its dims");
     if (r.overflowed)
-      return Outcome::kept("overflow", std::to_string(r.overflowed) + " weight values of channel " +
+      return Outcome::kept(Reason::Overflow, std::to_string(r.overflowed) + " weight values of channel " +
                                            std::to_string(r.first_overflow_channel) + " and beyond would overflow " +
                                            graph::data_type_name(dtype) + " once scaled");
   } else if (w.bytes.size() != static_cast<size_t>(axis.element_count()) * graph::element_size(dtype)) {
-    return Outcome::kept("unreadable-weight", "the weight '" + w.tensor.name + "' does not match its dims");
+    return Outcome::kept(Reason::UnreadableWeight, "the weight '" + w.tensor.name + "' does not match its dims");
   }
   // The source must outlive the fold: the model's buffer and mapped external data do; anything else
   // (decoded typed data, a tensor another fold wrote and may replace again) is kept alive by the generator.
@@ -168,7 +168,7 @@ std::variant<graph::LazyBytes, Outcome> rescale_weight(FoldContext& ctx, const F
 std::variant<std::string, Outcome> store_or_keep(int32_t data_type, const std::vector<double>& values, const char* what) {
   auto raw = kernels::store_values(data_type, values);
   if (!raw)
-    return Outcome::kept("overflow", std::string("the folded ") + what + " does not fit in " +
+    return Outcome::kept(Reason::Overflow, std::string("the folded ") + what + " does not fit in " +
                                          graph::data_type_name(data_type));
   return std::move(*raw);
 }
@@ -222,7 +222,7 @@ std::variant<FoldedBias, Outcome> fold_bias(const std::optional<std::vector<int6
   const int64_t last = rank == 0 ? 1 : dims->back();
   const int64_t rows = rank == 2 ? (*dims)[0] : 1;
   if (rank > 2 || (last != 1 && last != features) || static_cast<int64_t>(values.size()) != rows * last)
-    return Outcome::kept("shape-mismatch", what + " does not broadcast against the " + std::to_string(features) +
+    return Outcome::kept(Reason::ShapeMismatch, what + " does not broadcast against the " + std::to_string(features) +
                                                " output features");
   out.dims = rank == 2 ? std::vector<int64_t>{rows, features} : std::vector<int64_t>{features};
   out.values.resize(static_cast<size_t>(rows * features));

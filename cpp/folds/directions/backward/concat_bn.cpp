@@ -59,13 +59,13 @@ Outcome fold_concat_bn(FoldContext& ctx, int bn) {
     auto weight_or = read_float_weight(ctx, layer);
     if (auto* o = std::get_if<Outcome>(&weight_or)) {
       if (o->verdict == Verdict::NotApplicable)  // a quantized weight: the QDQ fold does not go through a Concat
-        return Outcome::kept("concat-quantized-layer", who + " feeds the Concat through a quantized weight; "
+        return Outcome::kept(Reason::ConcatQuantizedLayer, who + " feeds the Concat through a quantized weight; "
                                                       "BN folds through a Concat into float weights only");
       return *o;
     }
     const FloatWeight& weight = std::get<FloatWeight>(weight_or);
     const Node& conv = g.nodes[layer];
-    if (conv.outputs.size() != 1) return Outcome::kept("malformed", who + " has more than one output");
+    if (conv.outputs.size() != 1) return Outcome::kept(Reason::Malformed, who + " has more than one output");
     if (auto blocked = layer_output_blocker(g, layer, conv.outputs[0], concat, static_cast<int>(i))) return *blocked;
     auto geometry = read_conv_geometry(conv, weight.tensor.dims);
     if (auto* o = std::get_if<Outcome>(&geometry)) return *o;
@@ -74,7 +74,7 @@ Outcome fold_concat_bn(FoldContext& ctx, int bn) {
       int64_t axis = g.nodes[concat].attr_int("axis", 1);
       if (axis < 0) axis += rank;
       if (axis != 1)
-        return Outcome::kept("channel-axis-mismatch", describe(g, concat) + " joins axis " +
+        return Outcome::kept(Reason::ChannelAxisMismatch, describe(g, concat) + " joins axis " +
                                                           std::to_string(g.nodes[concat].attr_int("axis", 1)) +
                                                           ", not the channels BN normalizes");
     }
@@ -97,7 +97,7 @@ Outcome fold_concat_bn(FoldContext& ctx, int bn) {
     offset += channels;
   }
   if (plans.size() != inputs.size() || offset != static_cast<int64_t>(affine.scale.size()))
-    return Outcome::kept("shape-mismatch", "the Concat's inputs have " + std::string(plans.size() != inputs.size()
+    return Outcome::kept(Reason::ShapeMismatch, "the Concat's inputs have " + std::string(plans.size() != inputs.size()
                                                                                           ? "more"
                                                                                           : std::to_string(offset)) +
                                                " channels but the BN has " + std::to_string(affine.scale.size()));
@@ -105,7 +105,7 @@ Outcome fold_concat_bn(FoldContext& ctx, int bn) {
   // Every producer can take its slice: edit.
   Outcome out;
   out.verdict = Verdict::Folded;
-  out.code = "concat-bn";
+  out.code = code(FoldName::ConcatBn);
   out.into_op = g.nodes[plans[0].layer].op_type;
   for (auto& p : plans) {
     const Node& conv = g.nodes[p.layer];

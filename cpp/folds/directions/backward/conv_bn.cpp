@@ -24,7 +24,7 @@ Outcome fold_conv_bn(FoldContext& ctx, int bn) {
   if (auto* o = std::get_if<Outcome>(&weight_or)) return *o;
   const FloatWeight& weight = std::get<FloatWeight>(weight_or);
   const graph::Node& conv = g.nodes[layer];
-  if (conv.outputs.size() != 1) return Outcome::kept("malformed", conv.op_type + " has more than one output");
+  if (conv.outputs.size() != 1) return Outcome::kept(Reason::Malformed, conv.op_type + " has more than one output");
   if (auto blocked = layer_output_blocker(g, layer, conv.outputs[0], bn)) return *blocked;
   // A layer no runtime accepts (strides 0, pads of the wrong length, ...) is not folded into.
   auto geometry = read_conv_geometry(conv, weight.tensor.dims);
@@ -49,7 +49,7 @@ Outcome fold_conv_bn(FoldContext& ctx, int bn) {
   // Every condition holds: edit.
   Outcome out;
   out.verdict = Verdict::Folded;
-  out.code = "conv-bn";
+  out.code = code(FoldName::ConvBn);
   out.into = {conv.display_name(layer)};
   out.into_op = conv.op_type;
   out.message = "folded into " + conv.op_type + " '" + out.into[0] + "': W' = a * W per output channel, b' = a * b + t";

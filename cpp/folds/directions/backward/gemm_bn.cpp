@@ -37,10 +37,10 @@ std::optional<Outcome> require_2d_output(const Graph& g, const std::string& valu
   if (!rank) rank = known_rank(g, bn_output);
   if (!rank) rank = known_rank(g, matmul_input);  // with a 2-D weight, MatMul keeps its input's rank
   if (!rank)
-    return Outcome::kept("unknown-rank", "the rank of the MatMul output '" + value +
+    return Outcome::kept(Reason::UnknownRank, "the rank of the MatMul output '" + value +
                                              "' is unknown, and BN folds into its features only when it is 2-D");
   if (*rank != 2)
-    return Outcome::kept("channel-axis-mismatch",
+    return Outcome::kept(Reason::ChannelAxisMismatch,
                          "the MatMul output '" + value + "' has rank " + std::to_string(*rank) +
                              ": BN normalizes its axis 1, not the MatMul's output features (the last axis)");
   return std::nullopt;
@@ -49,7 +49,7 @@ std::optional<Outcome> require_2d_output(const Graph& g, const std::string& valu
 Outcome folded(const Graph& g, std::vector<int> layers, const std::string& op, const std::string& how) {
   Outcome out;
   out.verdict = Verdict::Folded;
-  out.code = "gemm-bn";
+  out.code = code(FoldName::GemmBn);
   for (int l : layers) out.into.push_back(g.nodes[l].display_name(l));
   out.into_op = op;
   out.message = "folded into " + op + " '" + out.into[0] + "': " + how;
@@ -65,7 +65,7 @@ Outcome fold_into_gemm(FoldContext& ctx, int gemm, int bn) {
   if (auto* o = std::get_if<Outcome>(&weight_or)) return *o;
   const FloatWeight& weight = std::get<FloatWeight>(weight_or);
   const Node& n = g.nodes[gemm];
-  if (n.outputs.size() != 1 || n.inputs.size() < 2) return Outcome::kept("malformed", "Gemm has an unexpected arity");
+  if (n.outputs.size() != 1 || n.inputs.size() < 2) return Outcome::kept(Reason::Malformed, "Gemm has an unexpected arity");
   if (auto blocked = layer_output_blocker(g, gemm, n.outputs[0], bn)) return *blocked;
 
   const std::string c_name = n.inputs.size() > 2 ? n.inputs[2] : "";
@@ -74,7 +74,7 @@ Outcome fold_into_gemm(FoldContext& ctx, int gemm, int bn) {
   if (!c_name.empty()) {
     auto v = constant_values(g, c_name);
     c_dims = constant_dims(g, c_name);
-    if (!v || !c_dims) return Outcome::kept("non-constant-bias", "the Gemm's C '" + c_name + "' is not a constant");
+    if (!v || !c_dims) return Outcome::kept(Reason::NonConstantBias, "the Gemm's C '" + c_name + "' is not a constant");
     c_values = std::move(*v);
   }
   auto affine_or = read_batchnorm(ctx, bn);
@@ -136,7 +136,7 @@ Outcome fold_into_matmul(FoldContext& ctx, int matmul, int bn) {
   if (auto* o = std::get_if<Outcome>(&weight_or)) return *o;
   const FloatWeight& weight = std::get<FloatWeight>(weight_or);
   const Node& n = g.nodes[matmul];
-  if (n.outputs.size() != 1 || n.inputs.size() != 2) return Outcome::kept("malformed", "MatMul has an unexpected arity");
+  if (n.outputs.size() != 1 || n.inputs.size() != 2) return Outcome::kept(Reason::Malformed, "MatMul has an unexpected arity");
   if (auto blocked = layer_output_blocker(g, matmul, n.outputs[0], bn)) return *blocked;
   const std::string bn_output = g.nodes[bn].outputs[0];
   auto affine_or = read_batchnorm(ctx, bn);
@@ -183,7 +183,7 @@ Outcome fold_into_matmul_add(FoldContext& ctx, int add, int bn) {
   if (auto* o = std::get_if<Outcome>(&weight_or)) return *o;
   const FloatWeight& weight = std::get<FloatWeight>(weight_or);
   const Node& m = g.nodes[matmul];
-  if (m.outputs.size() != 1 || m.inputs.size() != 2) return Outcome::kept("malformed", "MatMul has an unexpected arity");
+  if (m.outputs.size() != 1 || m.inputs.size() != 2) return Outcome::kept(Reason::Malformed, "MatMul has an unexpected arity");
   if (auto blocked = layer_output_blocker(g, matmul, m.outputs[0], add, 1 - bias_slot)) return *blocked;
   if (auto blocked = layer_output_blocker(g, add, a.outputs[0], bn)) return *blocked;
   auto affine_or = read_batchnorm(ctx, bn);
@@ -195,7 +195,7 @@ Outcome fold_into_matmul_add(FoldContext& ctx, int add, int bn) {
   const std::string& bias_name = a.inputs[bias_slot];
   auto bias_values = constant_values(g, bias_name);
   auto bias_dims = constant_dims(g, bias_name);
-  if (!bias_values || !bias_dims) return Outcome::kept("non-constant-bias", "the bias '" + bias_name + "' is not a constant");
+  if (!bias_values || !bias_dims) return Outcome::kept(Reason::NonConstantBias, "the bias '" + bias_name + "' is not a constant");
 
   auto new_weight = rescale_weight(ctx, weight, affine.scale);
   if (auto* o = std::get_if<Outcome>(&new_weight)) return *o;

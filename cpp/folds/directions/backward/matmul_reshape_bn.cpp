@@ -32,22 +32,22 @@ std::optional<Outcome> require_feature_axis_kept(Graph& g, int reshape, const st
   if (!rank) rank = known_rank(g, matmul_input);  // with a 2-D weight, MatMul keeps its input's rank
   if (r.is("Flatten")) {
     if (!rank)
-      return Outcome::kept("unknown-rank", "the rank of the MatMul output '" + matmul_output + "' is unknown, so it "
+      return Outcome::kept(Reason::UnknownRank, "the rank of the MatMul output '" + matmul_output + "' is unknown, so it "
                                            "is not known whether " + who + " keeps its features on axis 1");
     int64_t axis = r.attr_int("axis", 1);
     if (axis < 0) axis += static_cast<int64_t>(*rank);
     if (axis != static_cast<int64_t>(*rank) - 1)
-      return Outcome::kept("reshape-moves-features", who + " (axis " + std::to_string(r.attr_int("axis", 1)) +
+      return Outcome::kept(Reason::ReshapeMovesFeatures, who + " (axis " + std::to_string(r.attr_int("axis", 1)) +
                                                          ") does not keep the MatMul's features on axis 1");
     return std::nullopt;
   }
-  if (r.inputs.size() < 2) return Outcome::kept("malformed", who + " has no shape input");
+  if (r.inputs.size() < 2) return Outcome::kept(Reason::Malformed, who + " has no shape input");
   auto shape = constant_values(g, r.inputs[1]);
   if (!shape)
-    return Outcome::kept("reshape-moves-features", "the shape of " + who + " is not a constant, so it is not "
+    return Outcome::kept(Reason::ReshapeMovesFeatures, "the shape of " + who + " is not a constant, so it is not "
                                                    "known to keep the MatMul's features on axis 1");
   if (shape->size() != 2 || (*shape)[1] != static_cast<double>(features) || (*shape)[0] == 0)
-    return Outcome::kept("reshape-moves-features", who + " does not reshape to [rows, " + std::to_string(features) +
+    return Outcome::kept(Reason::ReshapeMovesFeatures, who + " does not reshape to [rows, " + std::to_string(features) +
                                                    "], so BN's axis 1 is not the MatMul's features");
   return std::nullopt;
 }
@@ -78,7 +78,7 @@ Outcome fold_matmul_reshape_bn(FoldContext& ctx, int bn) {
   if (auto* o = std::get_if<Outcome>(&weight_or)) return *o;
   const FloatWeight& weight = std::get<FloatWeight>(weight_or);
   const Node& m = g.nodes[matmul];
-  if (m.outputs.size() != 1 || m.inputs.size() != 2) return Outcome::kept("malformed", "MatMul has an unexpected arity");
+  if (m.outputs.size() != 1 || m.inputs.size() != 2) return Outcome::kept(Reason::Malformed, "MatMul has an unexpected arity");
   const std::string feature_map = add >= 0 ? g.nodes[add].outputs[0] : m.outputs[0];  // what the reshape reads
   if (add >= 0) {
     if (auto blocked = layer_output_blocker(g, matmul, m.outputs[0], add, 1 - bias_slot)) return *blocked;
@@ -94,7 +94,7 @@ Outcome fold_matmul_reshape_bn(FoldContext& ctx, int bn) {
   if (auto* o = std::get_if<Outcome>(&affine_or)) return *o;
   const BatchNormAffine& affine = std::get<BatchNormAffine>(affine_or);
   if (static_cast<int64_t>(affine.scale.size()) != features)
-    return Outcome::kept("shape-mismatch", "the BN has " + std::to_string(affine.scale.size()) + " channels but the "
+    return Outcome::kept(Reason::ShapeMismatch, "the BN has " + std::to_string(affine.scale.size()) + " channels but the "
                                            "MatMul has " + std::to_string(features) + " output features");
   auto new_weight = rescale_weight(ctx, weight, affine.scale);
   if (auto* o = std::get_if<Outcome>(&new_weight)) return *o;
@@ -105,7 +105,7 @@ Outcome fold_matmul_reshape_bn(FoldContext& ctx, int bn) {
     const std::string& name = g.nodes[add].inputs[bias_slot];
     auto values = constant_values(g, name);
     auto dims = constant_dims(g, name);
-    if (!values || !dims) return Outcome::kept("non-constant-bias", "the bias '" + name + "' is not a constant");
+    if (!values || !dims) return Outcome::kept(Reason::NonConstantBias, "the bias '" + name + "' is not a constant");
     if (auto ref = g.constant(name); ref && graph::is_float_type(ref->tensor.data_type)) bias_type = ref->tensor.data_type;
     auto folded_or = fold_bias(dims, *values, affine.scale, affine.shift, "the bias '" + name + "'");
     if (auto* o = std::get_if<Outcome>(&folded_or)) return *o;
@@ -124,7 +124,7 @@ Outcome fold_matmul_reshape_bn(FoldContext& ctx, int bn) {
   // Every condition holds: edit.
   Outcome out;
   out.verdict = Verdict::Folded;
-  out.code = "matmul-reshape-bn";
+  out.code = code(FoldName::MatmulReshapeBn);
   out.into = {m.display_name(matmul)};
   if (add >= 0) out.into.push_back(g.nodes[add].display_name(add));
   out.into_op = "MatMul";

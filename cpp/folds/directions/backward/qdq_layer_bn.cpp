@@ -146,13 +146,13 @@ std::optional<Outcome> requantize(const std::vector<double>& target, BiasPlan& p
   for (size_t o = 0; o < target.size(); ++o) {
     if (plan.scale[o] == 0) {
       if (target[o] != 0)
-        return Outcome::kept("zero-factor", "the int32 bias of " + who + " would need a zero scale in channel " +
+        return Outcome::kept(Reason::ZeroFactor, "the int32 bias of " + who + " would need a zero scale in channel " +
                                                 std::to_string(o) + " for a nonzero value");
       continue;
     }
     const double n = std::nearbyint(target[o] / plan.scale[o]);
     if (!(std::fabs(n) <= static_cast<double>(std::numeric_limits<int32_t>::max())))
-      return Outcome::kept("bias-overflow", "the re-quantized int32 bias of " + who + " overflows int32 in channel " +
+      return Outcome::kept(Reason::BiasOverflow, "the re-quantized int32 bias of " + who + " overflows int32 in channel " +
                                                 std::to_string(o));
     plan.ints[o] = static_cast<int64_t>(n);
     plan.errors[o] = std::fabs(n * plan.scale[o] - target[o]);
@@ -164,7 +164,7 @@ std::optional<Outcome> requantize(const std::vector<double>& target, BiasPlan& p
 // A float bias in `data_type` must hold every folded value; Kept ("overflow") otherwise.
 std::optional<Outcome> check_float_bias(const BiasPlan& plan, const std::string& who) {
   if (plan.kind != BiasPlan::Float || kernels::store_values(plan.data_type, plan.values)) return std::nullopt;
-  return Outcome::kept("overflow", "the folded bias of " + who + " does not fit in " + graph::data_type_name(plan.data_type) +
+  return Outcome::kept(Reason::Overflow, "the folded bias of " + who + " does not fit in " + graph::data_type_name(plan.data_type) +
                                        ": the BN's arithmetic overflows there");
 }
 
@@ -254,21 +254,21 @@ std::variant<BiasPlan, Outcome> plan_bias(FoldContext& ctx, int layer, const Wei
     // int32 bias behind DequantizeLinear.
     const Node& bd = g.nodes[bp];
     if (!read_only_by(g, plan.old, layer))
-      return Outcome::kept("shared-bias", "the dequantized bias '" + plan.old + "' of " + who + " is also read elsewhere");
+      return Outcome::kept(Reason::SharedBias, "the dequantized bias '" + plan.old + "' of " + who + " is also read elsewhere");
     auto bi = bd.inputs.empty() ? std::nullopt : g.constant(bd.inputs[0]);
     auto bs = bd.inputs.size() > 1 ? g.constant(bd.inputs[1]) : std::nullopt;
     const bool has_zero = bd.inputs.size() > 2 && !bd.inputs[2].empty();
     auto bz = has_zero ? g.constant(bd.inputs[2]) : std::nullopt;
     if (!bi || !bs || (has_zero && !bz))
-      return Outcome::kept("non-constant-bias", "the quantized bias of " + who + " is not made of constants");
+      return Outcome::kept(Reason::NonConstantBias, "the quantized bias of " + who + " is not made of constants");
     if (bi->tensor.data_type != static_cast<int32_t>(DataType::Int32) || bd.attr_int("block_size", 0) != 0)
-      return Outcome::kept("unsupported-bias", "the quantized bias of " + who + " is not an int32 tensor with a "
+      return Outcome::kept(Reason::UnsupportedBias, "the quantized bias of " + who + " is not an int32 tensor with a "
                                                "per-tensor or per-channel scale");
     auto iv = bi->tensor.values();
     auto sv = bs->tensor.values();
     auto zv = bz ? bz->tensor.values() : std::optional<std::vector<double>>(std::vector<double>(sv ? sv->size() : 0, 0.0));
     if (!iv || !sv || !zv || iv->size() != M || (sv->size() != 1 && sv->size() != M) || zv->size() != sv->size())
-      return Outcome::kept("shape-mismatch", "the quantized bias of " + who + " does not have one value per output channel");
+      return Outcome::kept(Reason::ShapeMismatch, "the quantized bias of " + who + " does not have one value per output channel");
     plan.kind = BiasPlan::Int32Existing;
     plan.bias_dq = bp;
     plan.zero_present = has_zero;
@@ -278,7 +278,7 @@ std::variant<BiasPlan, Outcome> plan_bias(FoldContext& ctx, int layer, const Wei
     plan.promote = sv->size() == 1 && M > 1;
     const bool axis_ok = bd.domain == "com.microsoft" || g.opset("") >= 13 || raising_opset;
     if (plan.promote && !axis_ok)
-      return Outcome::kept("opset-too-old", "the per-tensor scale of the int32 bias of " + who +
+      return Outcome::kept(Reason::OpsetTooOld, "the per-tensor scale of the int32 bias of " + who +
                                                 " must become per-channel, which needs opset >= 13");
     auto sb = [&](size_t o) { return (*sv)[sv->size() == 1 ? 0 : o]; };
     auto zb = [&](size_t o) { return (*zv)[zv->size() == 1 ? 0 : o]; };
@@ -301,12 +301,12 @@ std::variant<BiasPlan, Outcome> plan_bias(FoldContext& ctx, int layer, const Wei
   }
 
   auto ref = g.constant(plan.old);
-  if (!ref) return Outcome::kept("non-constant-bias", "the bias '" + plan.old + "' of " + who + " is not a constant");
+  if (!ref) return Outcome::kept(Reason::NonConstantBias, "the bias '" + plan.old + "' of " + who + " is not a constant");
   auto values = ref->tensor.values();
   if (!values || !graph::is_float_type(ref->tensor.data_type))
-    return Outcome::kept("unsupported-bias", "the bias '" + plan.old + "' of " + who + " is not a readable float tensor");
+    return Outcome::kept(Reason::UnsupportedBias, "the bias '" + plan.old + "' of " + who + " is not a readable float tensor");
   if (values->size() != M && values->size() != 1)
-    return Outcome::kept("shape-mismatch", "the bias '" + plan.old + "' of " + who + " has " +
+    return Outcome::kept(Reason::ShapeMismatch, "the bias '" + plan.old + "' of " + who + " has " +
                                                std::to_string(values->size()) + " values for " + std::to_string(M) +
                                                " output channels");
   plan.kind = BiasPlan::Float;
@@ -401,7 +401,7 @@ std::optional<Outcome> quantizer_lost_by_dropping(Graph& g, int bn, const std::s
     if (reader.empty() && (u.slot != 0 || !is_quantize(g.nodes[u.node]))) reader = label(g, u.node);
   if (reader.empty() && !g.uses(out).empty()) return std::nullopt;
   if (reader.empty()) reader = "nothing";
-  return Outcome::kept("quantizer-would-be-lost",
+  return Outcome::kept(Reason::QuantizerWouldBeLost,
                        "drop_activation_quantizers would drop " + quantizer + ", the only quantizer after " + who +
                            ": the BN's output feeds " + reader + ", not a QuantizeLinear, so the folded layer would "
                            "have no quantizer after it and a runtime could no longer run it as a quantized kernel");
@@ -449,7 +449,7 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
   if (act_q >= 0) {
     const std::string quantizer = label(g, act_q);
     if (!ctx.options.drop_activation_quantizers || !quantized_weight)
-      return Outcome::kept("activation-quantizer",
+      return Outcome::kept(Reason::ActivationQuantizer,
                            "the activation quantizer " + quantizer + " (QuantizeLinear -> DequantizeLinear) between " +
                                who + " and the BN rounds the layer's output before normalization, so no exact fold "
                                "can cross it" +
@@ -457,7 +457,7 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
                                                  : ""));
     if (auto blocked = layer_output_blocker(g, layer, ln.outputs[0], act_q)) return *blocked;
     if (!read_only_by(g, g.nodes[act_q].outputs[0], act_dq) || !read_only_by(g, g.nodes[act_dq].outputs[0], bn))
-      return Outcome::kept("activation-quantizer",
+      return Outcome::kept(Reason::ActivationQuantizer,
                            "the activation quantizer " + quantizer + " between " + who +
                                " and the BN also feeds other nodes, so it cannot be dropped");
     // Dropping it must leave the layer with a quantizer after it (the BN's readers), or a runtime can no longer
@@ -466,7 +466,7 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
   } else {
     if (!quantized_weight) return Outcome::not_applicable();  // the float folds' pattern
     if (add >= 0) {
-      if (ln.inputs.size() != 2) return Outcome::kept("malformed", who + " has an unexpected arity");
+      if (ln.inputs.size() != 2) return Outcome::kept(Reason::Malformed, who + " has an unexpected arity");
       if (auto blocked = layer_output_blocker(g, layer, ln.outputs[0], add, 1 - add_bias_slot)) return *blocked;
       if (auto blocked = layer_output_blocker(g, add, g.nodes[add].outputs[0], bn)) return *blocked;
     } else if (auto blocked = layer_output_blocker(g, layer, ln.outputs[0], bn)) {
@@ -474,7 +474,7 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
     }
   }
   if (!read_only_by(g, ln.inputs[1], layer))
-    return Outcome::kept("shared-weight", "the dequantized weight '" + ln.inputs[1] + "' of " + who +
+    return Outcome::kept(Reason::SharedWeight, "the dequantized weight '" + ln.inputs[1] + "' of " + who +
                                               " is also read by another node, which must keep its values");
 
   auto affine_or = read_batchnorm(ctx, bn);
@@ -485,23 +485,23 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
   QuantizedWeight& weight = std::get<QuantizedWeight>(weight_or);
   std::string why;
   auto wl = weight_layout(ln, weight.dims, why, /*backward_fold=*/true);
-  if (!wl) return Outcome::kept("unsupported-layer", who + ": " + why);
+  if (!wl) return Outcome::kept(Reason::UnsupportedLayer, who + ": " + why);
   if (static_cast<int64_t>(affine.scale.size()) != wl->out_channels)
-    return Outcome::kept("shape-mismatch", "the BN has " + std::to_string(affine.scale.size()) + " channels but " + who +
+    return Outcome::kept(Reason::ShapeMismatch, "the BN has " + std::to_string(affine.scale.size()) + " channels but " + who +
                                                " has " + std::to_string(wl->out_channels) + " output channels");
   if (ln.is("MatMul") && rank_through_quantizers(g, ln.inputs[0]) != std::optional<size_t>(2))
-    return Outcome::kept("not-2d", "the input of " + who + " is not known to be 2-D, so BN's channel axis 1 may not "
+    return Outcome::kept(Reason::NotA2dInput, "the input of " + who + " is not known to be 2-D, so BN's channel axis 1 may not "
                                    "be the MatMul's output features");
   const double beta = ln.is("Gemm") ? ln.attr_float("beta", 1.0f) : 1.0;
   if (beta == 0)
-    return Outcome::kept("unsupported-bias", who + " has beta=0, so it cannot carry the BN shift in its bias");
+    return Outcome::kept(Reason::UnsupportedBias, who + " has beta=0, so it cannot carry the BN shift in its bias");
 
   // trt::DequantizeLinear takes a float weight: never materialized as integers.
   const bool materialize = weight.qat() && !weight.fused() && ctx.options.materialize_quantized_weights;
   auto rescaled_or = rescale_quantized_weight(weight, *wl, affine.scale, ctx.options, weight.qat() && !materialize, who,
                                          ctx.model.deferred_checks);
   bool raising_opset = false;
-  if (auto* o = std::get_if<Outcome>(&rescaled_or); o && o->code == "opset-too-old") {
+  if (auto* o = std::get_if<Outcome>(&rescaled_or); o && o->code == code(Reason::OpsetTooOld)) {
     std::string blocker;
     if (!ctx.options.allow_opset_upgrade) {
       o->message += "; allow_opset_upgrade=True raises the model's opset to 13 where that is safe";
@@ -519,7 +519,7 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
   if (auto* o = std::get_if<Outcome>(&rescaled_or)) return *o;
   const RescaledWeight& rescaled = std::get<RescaledWeight>(rescaled_or);
   if (weight.fused() && std::any_of(rescaled.zero.begin(), rescaled.zero.end(), [](int64_t z) { return z != 0; }))
-    return Outcome::kept("tensorrt-quantizer", who + " is quantized by trt::DequantizeLinear, which has no zero point "
+    return Outcome::kept(Reason::TensorrtQuantizer, who + " is quantized by trt::DequantizeLinear, which has no zero point "
                                                "for the complement form");
   BiasPlan bias;  // kind None for MatMul + Add: the Add's bias carries the shift
   std::string add_bias_raw;
@@ -530,7 +530,7 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
     const std::string what = "the bias '" + name + "' of " + label(g, add);
     auto values = constant_values(g, name);
     auto dims = constant_dims(g, name);
-    if (!values || !dims) return Outcome::kept("non-constant-bias", what + " is not a readable constant");
+    if (!values || !dims) return Outcome::kept(Reason::NonConstantBias, what + " is not a readable constant");
     // The Add's type is the MatMul's output type, the weight DequantizeLinear's (its scale's) type.
     auto ref = g.constant(name);
     add_bias_type = ref && graph::is_float_type(ref->tensor.data_type) ? ref->tensor.data_type : weight.scale_type;
@@ -549,7 +549,7 @@ Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
   // Every condition holds: edit.
   Outcome out;
   out.verdict = Verdict::Folded;
-  out.code = "qdq-layer-bn";
+  out.code = code(FoldName::QdqLayerBn);
   out.into = {ln.display_name(layer)};
   if (add >= 0) out.into.push_back(g.nodes[add].display_name(add));
   out.into_op = ln.op_type;

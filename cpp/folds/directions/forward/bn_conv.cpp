@@ -44,14 +44,14 @@ PlanOrKept plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine& affine,
   const FloatWeight w = std::move(std::get<FloatWeight>(weight));
   const auto channels = static_cast<int64_t>(affine.scale.size());
   if (w.layout.in_channels != channels)
-    return Outcome::kept("shape-mismatch", who + " has " + std::to_string(w.layout.in_channels) +
+    return Outcome::kept(Reason::ShapeMismatch, who + " has " + std::to_string(w.layout.in_channels) +
                                                " input channels but BN has " + std::to_string(channels));
   auto geometry = read_conv_geometry(g.nodes[layer], w.tensor.dims);
   if (auto* o = std::get_if<Outcome>(&geometry)) return std::move(*o);
   const ConvGeometry geo = std::move(std::get<ConvGeometry>(geometry));
   const std::string bias_name = g.nodes[layer].inputs.size() > 2 ? g.nodes[layer].inputs[2] : "";
   if (!bias_name.empty() && produced_by_dequantize(g, bias_name))
-    return Outcome::kept("quantized-bias", who + " takes its bias through " + describe_node(g, g.producer(bias_name)));
+    return Outcome::kept(Reason::QuantizedBias, who + " takes its bias through " + describe_node(g, g.producer(bias_name)));
   auto bias_values = read_bias(g, bias_name, w.layout.out_channels, "bias");
   if (auto* o = std::get_if<Outcome>(&bias_values)) return std::move(*o);
 
@@ -69,17 +69,17 @@ PlanOrKept plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine& affine,
   }
   if (!uniform && !ctx.options.pad_correction) {
     if (geo.transposed)
-      return Outcome::kept("uneven-taps", who + " (" + geo.describe() + ") does not give every output position "
+      return Outcome::kept(Reason::UnevenTaps, who + " (" + geo.describe() + ") does not give every output position "
                                            "every kernel tap, so BN's shift would become a position-dependent map, "
                                            "not a bias; the option pad_correction=True folds it exactly with one "
                                            "constant correction Add");
-    return Outcome::kept("padding", who + " pads its input (" + geo.describe() + ") and BN's shift is nonzero: "
+    return Outcome::kept(Reason::Padding, who + " pads its input (" + geo.describe() + ") and BN's shift is nonzero: "
                                     "after folding, the padded zeros would act as BN's shift t instead of 0; "
                                     "the option pad_correction=True folds it exactly with one constant "
                                     "border-correction Add");
   }
   if (!uniform && !map)
-    return Outcome::kept("dynamic-shape", "pad_correction needs the static spatial size of the input of " + who +
+    return Outcome::kept(Reason::DynamicShape, "pad_correction needs the static spatial size of the input of " + who +
                                               " to build its correction map, and its shape is " +
                                               (shape ? dims_text(*shape) : std::string("unknown")));
 
@@ -89,7 +89,7 @@ PlanOrKept plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine& affine,
   if (auto* o = std::get_if<Outcome>(&scaled)) return std::move(*o);
   LayerPlan plan;
   plan.layer = layer;
-  plan.fold_name = geo.transposed ? "bn-convtranspose" : "bn-conv";
+  plan.fold_name = geo.transposed ? FoldName::BnConvtranspose : FoldName::BnConv;
   std::optional<std::string> bias_raw, correction_raw;
   std::vector<int64_t> correction_dims;
   if (shifted) {
@@ -108,7 +108,7 @@ PlanOrKept plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine& affine,
         elements *= d;
       }
       if (elements > kMaxCorrectionElements)
-        return Outcome::kept("correction-too-large", "the border correction of " + who + " would be a constant of " +
+        return Outcome::kept(Reason::CorrectionTooLarge, "the border correction of " + who + " would be a constant of " +
                                                          std::to_string(elements) + " elements");
       const auto correction = border_correction(*map, geo.kernel, sums);
       double largest = 0.0;

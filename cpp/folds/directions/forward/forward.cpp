@@ -46,7 +46,7 @@ struct Walk {
 
 void visit(Graph& g, const std::string& value, ForwardReader path, Walk& walk) {
   if (g.is_graph_output(value) && !walk.other)
-    walk.other = Outcome::kept("graph-output", path.values.empty() && path.reshape < 0
+    walk.other = Outcome::kept(Reason::GraphOutput, path.values.empty() && path.reshape < 0
                                                    ? "its output is a graph output, which must keep BN's values"
                                                    : "its output reaches graph output '" + value +
                                                          "' through identity nodes, which must keep BN's values");
@@ -71,12 +71,12 @@ void visit(Graph& g, const std::string& value, ForwardReader path, Walk& walk) {
         for (const auto& u : g.uses(n.outputs[0]))
           if (g.nodes[u.node].is("DequantizeLinear")) dq = ", dequantized by " + describe_node(g, u.node);
       walk.quantizer = Outcome::kept(
-          "activation-quantizer",
+          Reason::ActivationQuantizer,
           "its output feeds the activation quantizer " + describe_node(g, use.node) + dq +
               ", which rounds BN's output: folding BN into the layer after it would change the quantized activations");
     } else if (!walk.other) {
       walk.other = Outcome::kept(
-          "other-reader", use.slot < 0 ? "its output is read inside a subgraph of " + describe_node(g, use.node)
+          Reason::OtherReader, use.slot < 0 ? "its output is read inside a subgraph of " + describe_node(g, use.node)
                                        : "its output is also read by " + describe_node(g, use.node) +
                                              ", which is not a layer it can fold into");
     }
@@ -110,7 +110,7 @@ std::variant<std::vector<ForwardReader>, Outcome> forward_readers(FoldContext& c
   for (size_t i = 0; i < walk.layers.size(); ++i)
     for (size_t j = 0; j < i; ++j)
       if (walk.layers[i].layer == walk.layers[j].layer)
-        return Outcome::kept("other-reader", describe_node(g, walk.layers[i].layer) + " reads its output twice");
+        return Outcome::kept(Reason::OtherReader, describe_node(g, walk.layers[i].layer) + " reads its output twice");
   return walk.layers;
 }
 
@@ -169,9 +169,9 @@ std::variant<std::string, Outcome> scale_input_features(const FloatWeight& w, co
   }
   // A read-only check pass first (it counts overflows), then the write.
   auto r = kernels::affine_channels(w.tensor.data_type, w.bytes, axis, scale.data(), nullptr, static_cast<char*>(nullptr));
-  if (!r.ok) return Outcome::kept("unreadable-weight", "the weight '" + w.tensor.name + "' does not match its dims");
+  if (!r.ok) return Outcome::kept(Reason::UnreadableWeight, "the weight '" + w.tensor.name + "' does not match its dims");
   if (r.overflowed)
-    return Outcome::kept("overflow", std::to_string(r.overflowed) + " values of weight '" + w.tensor.name +
+    return Outcome::kept(Reason::Overflow, std::to_string(r.overflowed) + " values of weight '" + w.tensor.name +
                                          "' would overflow " + graph::data_type_name(w.tensor.data_type) +
                                          " once scaled by BN's factor");
   std::string out;
@@ -183,10 +183,10 @@ std::variant<FloatWeight, Outcome> read_forward_weight(FoldContext& ctx, int lay
   Graph& g = ctx.graph;
   const Node& n = g.nodes[layer];
   if (n.inputs.size() < 2 || n.inputs[1].empty() || n.outputs.empty() || n.outputs[0].empty())
-    return Outcome::kept("malformed-layer", describe_node(g, layer) + " has no weight input or no output");
+    return Outcome::kept(Reason::MalformedLayer, describe_node(g, layer) + " has no weight input or no output");
   const std::string& weight = n.inputs[1];
   if (produced_by_dequantize(g, weight))
-    return Outcome::kept("quantized-weight", describe_node(g, layer) + " takes its weight through " +
+    return Outcome::kept(Reason::QuantizedWeight, describe_node(g, layer) + " takes its weight through " +
                                                  describe_node(g, g.producer(weight)) +
                                                  ": a quantized weight cannot absorb BN's per-input-channel factor "
                                                  "without new integers (re-quantization), which is not exact");
@@ -196,7 +196,7 @@ std::variant<FloatWeight, Outcome> read_forward_weight(FoldContext& ctx, int lay
     std::string who = "another node";
     for (const auto& u : g.uses(weight))
       if (u.node != layer) who = describe_node(g, u.node);
-    return Outcome::kept("shared-weight", "the weight '" + weight + "' of " + describe_node(g, layer) +
+    return Outcome::kept(Reason::SharedWeight, "the weight '" + weight + "' of " + describe_node(g, layer) +
                                               " is also read by " + who +
                                               ", which must keep it: folding BN would need a second copy");
   }
@@ -254,8 +254,8 @@ Outcome fold_bn_forward(FoldContext& ctx, int bn) {
     const std::string& op = g.nodes[plan.layer].op_type;
     if (done.into_op.empty()) done.into_op = op;
     else if (done.into_op.find(op) == std::string::npos) done.into_op += "," + op;
-    if (done.code.empty()) done.code = plan.fold_name;
-    else if (done.code != plan.fold_name) done.code = "bn-layers";
+    if (done.code.empty()) done.code = code(plan.fold_name);
+    else if (done.code != code(plan.fold_name)) done.code = code(FoldName::BnLayers);
     for (const auto& m : plan.metrics) {
       bool merged = false;
       for (auto& [k, v] : done.metrics)

@@ -45,7 +45,7 @@ std::optional<std::vector<int64_t>> activation_shape(const FoldContext& ctx, int
 // What a planner decided for one layer: the edits to make once every layer of the BN said yes.
 struct LayerPlan {
   int layer = -1;
-  std::string fold_name;  // "bn-conv", "bn-convtranspose", "bn-gemm", "bn-matmul"
+  FoldName fold_name = FoldName::BnConv;  // BnConv, BnConvtranspose, BnGemm or BnMatmul
   std::string note;       // appended to the report sentence (e.g. the correction's size), may be empty
   std::vector<std::pair<std::string, double>> metrics;
   std::function<void(FoldContext&, Outcome&)> apply;
