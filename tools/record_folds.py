@@ -100,8 +100,9 @@ def _wrap(native) -> None:
         return out, report
 
     def w_fold_file(src, dst, **kwargs):
-        try:
-            src_hash = _sha(Path(os.fspath(src)).read_bytes())
+        try:  # only regular files: a FIFO or device would block or never end
+            path = Path(os.fspath(src))
+            src_hash = _sha(path.read_bytes()) if path.is_file() else "not-a-regular-file"
         except (OSError, TypeError):
             src_hash = "unreadable"
         report = record("fold_file", src_hash, _options(kwargs), lambda: fold_file(src, dst, **kwargs))

@@ -21,7 +21,7 @@ using wire::DataType;
 
 namespace {
 
-bool is_sum_node(const Node& n) { return !n.removed && (n.is("Add") || n.is("Sum") || n.is("Sub")); }
+bool is_sum_node(const Node& n) { return !n.removed() && (n.is("Add") || n.is("Sum") || n.is("Sub")); }
 
 // ---------------------------------------------------------------- select
 
@@ -156,14 +156,14 @@ std::optional<std::vector<double>> dequantized_values(QuantizedWeight& w) {
   std::vector<double> out(static_cast<size_t>(w.count));
   std::optional<std::vector<int64_t>> ints;
   if (!w.qat()) {
-    ints = kernels::read_quantized(w.data, w.int_type, w.count);
+    ints = kernels::read_quantized(w.data.view(), w.int_type, w.count);
     if (!ints) return std::nullopt;
   }
   for (int64_t i = 0; i < w.count; ++i) {
     const int64_t k = w.layout.scale_index(i);
     const double s = w.scale[k];
     const int64_t z = w.zero[k];
-    const int64_t q = w.qat() ? kernels::quantize_element(static_cast<float>(graph::float_element(w.float_type, w.data, i)),
+    const int64_t q = w.qat() ? kernels::quantize_element(static_cast<float>(graph::float_element(w.float_type, w.data.view(), i)),
                                                           static_cast<float>(s), z, w.range)
                               : (*ints)[i];
     out[i] = static_cast<double>(q - z) * s;
@@ -477,7 +477,7 @@ void write_requantized(FoldContext& ctx, const QuantizedWeight& w, const MergePl
                          base + (slot == 1 ? "_scale" : "_zero_point"), out);
   }
   for (int n : {w.dq, w.q})
-    if (n >= 0) set_int_attribute(g, n, "axis", 0);
+    if (n >= 0) g.set_int_attribute(n, "axis", 0);
 }
 
 void apply_merge(FoldContext& ctx, const BranchSet& set, MergePlan& plan, Outcome& out) {

@@ -173,35 +173,6 @@ std::variant<std::string, Outcome> store_or_keep(int32_t data_type, const std::v
   return std::move(*raw);
 }
 
-void write_layer_input(FoldContext& ctx, int layer, int slot, int32_t data_type, const std::vector<int64_t>& dims,
-                       const std::string& raw, const std::string& fallback_base, Outcome& outcome) {
-  auto owned = std::make_shared<const std::string>(raw);
-  graph::LazyBytes data;
-  data.size = owned->size();
-  data.fill = [owned](char* dst) { std::memcpy(dst, owned->data(), owned->size()); };
-  write_layer_input(ctx, layer, slot, data_type, dims, std::move(data), fallback_base, outcome);
-}
-
-void write_layer_input(FoldContext& ctx, int layer, int slot, int32_t data_type, const std::vector<int64_t>& dims,
-                       graph::LazyBytes data, const std::string& fallback_base, Outcome& outcome) {
-  Graph& g = ctx.graph;
-  const std::string old = slot < static_cast<int>(g.nodes[layer].inputs.size()) ? g.nodes[layer].inputs[slot] : "";
-  if (!old.empty()) {
-    auto ref = g.constant(old);
-    if (ref && ref->graph == &g && ref->initializer >= 0 && read_only_by(g, old, layer)) {
-      if (ref->tensor.dims != dims) g.remove_value_info(old);  // its recorded shape would be stale
-      g.replace_initializer_lazy(ref->initializer, graph::reencode_tensor_header(ref->tensor, data_type, dims),
-                                 std::move(data));
-      return;
-    }
-  }
-  const std::string name = new_tensor_name(ctx.model, old.empty() ? fallback_base : old, "_bnfolded");
-  g.add_tensor_lazy(name, graph::encode_tensor_header(name, data_type, dims), std::move(data));
-  g.set_input(layer, slot, name);
-  outcome.new_tensors.push_back(name);
-  if (!old.empty()) g.drop_if_unused(old);
-}
-
 void take_over_batchnorm_output(Graph& g, int layer, int slot, int bn, const BatchNormAffine& affine) {
   const std::string bn_output = g.nodes[bn].outputs[0];
   remove_folded_batchnorm(g, bn, affine);

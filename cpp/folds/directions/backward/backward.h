@@ -9,6 +9,7 @@
 #include <variant>
 #include <vector>
 
+#include "folds/edits.h"
 #include "folds/sources/batchnorm.h"
 #include "folds/weights/layout.h"
 
@@ -57,16 +58,6 @@ std::variant<graph::LazyBytes, Outcome> rescale_weight(FoldContext& ctx, const F
 
 // `values` in `data_type`; Kept ("overflow") when one does not fit.
 std::variant<std::string, Outcome> store_or_keep(int32_t data_type, const std::vector<double>& values, const char* what);
-
-// Makes input `slot` of `layer` read a tensor with the given type, dims and raw bytes. The tensor it read
-// is replaced in place when it is an initializer of this graph read by nothing else; otherwise a new
-// tensor with a fresh name (derived from the old name, or from `fallback_base` when the slot was empty) is
-// written in this graph (a Constant node in a function), the layer is rewired, and the old one is dropped
-// if nothing reads it any more. New names are added to `outcome.new_tensors`.
-void write_layer_input(FoldContext& ctx, int layer, int slot, int32_t data_type, const std::vector<int64_t>& dims,
-                       graph::LazyBytes data, const std::string& fallback_base, Outcome& outcome);
-void write_layer_input(FoldContext& ctx, int layer, int slot, int32_t data_type, const std::vector<int64_t>& dims,
-                       const std::string& raw, const std::string& fallback_base, Outcome& outcome);
 
 // The last step of a backward fold: BN `bn` is removed and output `slot` of `layer` takes over the BN's
 // output name (so graph outputs and value_info keep their names).

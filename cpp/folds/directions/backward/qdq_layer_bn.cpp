@@ -97,7 +97,7 @@ bool can_raise_opset_to_13(graph::Model& m, std::string& why) {
   }
   for (Graph* g : m.all_graphs())
     for (const Node& n : g->nodes)
-      if (!n.removed && (n.domain.empty() || n.domain == "ai.onnx") && !unchanged.count(n.op_type)) {
+      if (!n.removed() && (n.domain.empty() || n.domain == "ai.onnx") && !unchanged.count(n.op_type)) {
         why = "it uses " + n.op_type + ", whose definition changed by opset 13";
         return false;
       }
@@ -111,7 +111,7 @@ BiasForm graph_bias_form(Graph& g, int except) {
   bool saw_float = false;
   for (size_t k = 0; k < g.nodes.size(); ++k) {
     const Node& n = g.nodes[k];
-    if (n.removed || static_cast<int>(k) == except || !(n.is("Conv") || n.is("ConvTranspose") || n.is("Gemm"))) continue;
+    if (n.removed() || static_cast<int>(k) == except || !(n.is("Conv") || n.is("ConvTranspose") || n.is("Gemm"))) continue;
     if (n.inputs.size() < 3 || n.inputs[2].empty() || n.inputs[1].empty()) continue;
     const int w = g.producer(n.inputs[1]);
     if (w < 0 || !is_dequantize(g.nodes[w])) continue;
@@ -351,7 +351,7 @@ void write_bias(FoldContext& ctx, int layer, int weight_dq, const BiasPlan& plan
     // The new integers are quantized with zero point 0: a nonzero old one must go too.
     if (plan.zero_present && (plan.promote || plan.zero_nonzero))
       write_constant_for(ctx, {Use{bd, 2}}, in[2], int32, plan.dims, zeros, base + "_zero_point", out);
-    if (plan.promote) set_int_attribute(g, bd, "axis", 0);
+    if (plan.promote) g.set_int_attribute(bd, "axis", 0);
     return;
   }
   // A new int32 bias: int32 initializer -> DequantizeLinear(s_x * s'_w, 0, axis 0) -> layer input 2.
@@ -364,9 +364,7 @@ void write_bias(FoldContext& ctx, int layer, int weight_dq, const BiasPlan& plan
   const std::string value = ctx.model.fresh_name(base);
   dq.name = value + "_DequantizeLinear";
   dq.outputs = {value};
-  dq.set_attributes.emplace_back("axis", int_attribute("axis", 0));
-  const int position = g.nodes[layer].created ? g.nodes[layer].insert_before : layer;
-  g.add_node(std::move(dq), position);
+  g.set_int_attribute(g.add_node_before(std::move(dq), layer), "axis", 0);
   g.set_input(layer, 2, value);
   if (!plan.old.empty()) g.drop_if_unused(plan.old);  // a float16 bias replaced by the int32 form
 }
