@@ -19,13 +19,16 @@
 // Not exact, so not by default: Conv -> Q -> DQ -> BN (an activation quantizer between layer and BN, as
 // onnxruntime's quantizer writes without pre-processing). drop_activation_quantizers=True removes that Q/DQ
 // pair and folds; the report marks the fold approximate.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <unordered_set>
 
 #include "kernels/per_channel.h"
 #include "folds/directions/backward/backward.h"
+#include "folds/expected.h"
 #include "folds/folds.h"
+#include "folds/weights/quantized_bias.h"
 #include "folds/weights/quantized_weight.h"
 
 namespace qdqfold::folds {
@@ -41,17 +44,6 @@ std::string label(const Graph& g, int n) { return g.nodes[n].op_type + " '" + g.
 
 bool is_layer(const Node& n) { return n.is("Conv") || n.is("ConvTranspose") || n.is("Gemm") || n.is("MatMul"); }
 
-// s_x: the scale of the layer's input activation when a DequantizeLinear with one constant scale makes it.
-std::optional<double> input_scale(Graph& g, const Node& layer) {
-  const int p = layer.inputs.empty() ? -1 : g.producer(layer.inputs[0]);
-  if (p < 0 || !is_dequantize(g.nodes[p]) || g.nodes[p].inputs.size() < 2) return std::nullopt;
-  auto s = g.constant(g.nodes[p].inputs[1]);
-  if (!s) return std::nullopt;
-  auto v = s->tensor.values();
-  if (!v || v->size() != 1) return std::nullopt;
-  return (*v)[0];
-}
-
 // The rank of `value`, looking through the activation quantizers (elementwise) in front of it, in this graph
 // or, for an outer-scope value read in a subgraph, in the enclosing graph that makes it.
 std::optional<size_t> rank_through_quantizers(const Graph& graph, std::string value) {
@@ -64,14 +56,6 @@ std::optional<size_t> rank_through_quantizers(const Graph& graph, std::string va
     value = g->nodes[p].inputs[0];
   }
   return std::nullopt;
-}
-
-// The weight scale that applies to output channel o, when the scale is per tensor or per output channel.
-std::optional<double> channel_scale(const QuantLayout& l, const std::vector<double>& scale, const WeightLayout& wl,
-                                    int64_t o) {
-  if (l.per_tensor()) return scale[0];
-  if (l.block_size > 0 || l.axis != wl.out_axis) return std::nullopt;
-  return scale[static_cast<size_t>(wl.p_is_output ? o : o % wl.Q)];
 }
 
 // allow_opset_upgrade: a per-tensor scale needs DequantizeLinear's `axis` (opset 13) to become per-channel.
@@ -104,291 +88,6 @@ bool can_raise_opset_to_13(graph::Model& m, std::string& why) {
   return true;
 }
 
-// How the other quantized layers of the graph carry their bias: int32 behind DequantizeLinear, float, or
-// no evidence either way.
-enum class BiasForm { Unknown, Float, Int32 };
-BiasForm graph_bias_form(Graph& g, int except) {
-  bool saw_float = false;
-  for (size_t k = 0; k < g.nodes.size(); ++k) {
-    const Node& n = g.nodes[k];
-    if (n.removed() || static_cast<int>(k) == except || !(n.is("Conv") || n.is("ConvTranspose") || n.is("Gemm"))) continue;
-    if (n.inputs.size() < 3 || n.inputs[2].empty() || n.inputs[1].empty()) continue;
-    const int w = g.producer(n.inputs[1]);
-    if (w < 0 || !is_dequantize(g.nodes[w])) continue;
-    const int b = g.producer(n.inputs[2]);
-    if (b >= 0 && is_dequantize(g.nodes[b])) return BiasForm::Int32;
-    if (g.constant(n.inputs[2])) saw_float = true;
-  }
-  return saw_float ? BiasForm::Float : BiasForm::Unknown;
-}
-
-// The folded bias, decided before anything is edited.
-struct BiasPlan {
-  enum Kind { None, Float, Int32Existing, Int32New } kind = None;
-  std::string old;                   // the layer's bias input (empty: none)
-  int32_t data_type = 0;             // Float: element type; Int32*: type of the bias scale
-  std::vector<int64_t> dims;
-  std::vector<double> values;        // Float: the new bias
-  std::vector<int64_t> ints;         // Int32*: the new integers
-  std::vector<double> scale;         // Int32*: one scale per output channel
-  int bias_dq = -1;                  // Int32Existing: its DequantizeLinear
-  bool zero_present = false;
-  bool zero_nonzero = false;         // Int32Existing: the old zero point is not all 0 (the new one is)
-  bool promote = false;              // Int32Existing: per-tensor scale becomes per-channel
-  double max_error = 0;              // Int32*: largest |round(b'/s) * s - b'|
-  std::vector<double> errors;        // Int32*: |round(b'/s) * s - b'| per output channel
-};
-
-// ints = round(target / scale) per channel; Kept on int32 overflow or a zero scale that cannot hold the bias.
-std::optional<Outcome> requantize(const std::vector<double>& target, BiasPlan& plan, const std::string& who) {
-  plan.ints.assign(target.size(), 0);
-  plan.errors.assign(target.size(), 0.0);
-  for (size_t o = 0; o < target.size(); ++o) {
-    if (plan.scale[o] == 0) {
-      if (target[o] != 0)
-        return Outcome::kept(Reason::ZeroFactor, "the int32 bias of " + who + " would need a zero scale in channel " +
-                                                std::to_string(o) + " for a nonzero value");
-      continue;
-    }
-    const double n = std::nearbyint(target[o] / plan.scale[o]);
-    if (!(std::fabs(n) <= static_cast<double>(std::numeric_limits<int32_t>::max())))
-      return Outcome::kept(Reason::BiasOverflow, "the re-quantized int32 bias of " + who + " overflows int32 in channel " +
-                                                std::to_string(o));
-    plan.ints[o] = static_cast<int64_t>(n);
-    plan.errors[o] = std::fabs(n * plan.scale[o] - target[o]);
-    plan.max_error = std::max(plan.max_error, plan.errors[o]);
-  }
-  return std::nullopt;
-}
-
-// A float bias in `data_type` must hold every folded value; Kept ("overflow") otherwise.
-std::optional<Outcome> check_float_bias(const BiasPlan& plan, const std::string& who) {
-  if (plan.kind != BiasPlan::Float || kernels::store_values(plan.data_type, plan.values)) return std::nullopt;
-  return Outcome::kept(Reason::Overflow, "the folded bias of " + who + " does not fit in " + graph::data_type_name(plan.data_type) +
-                                       ": the BN's arithmetic overflows there");
-}
-
-// A float16 / bfloat16 layer fed by DequantizeLinear: onnxruntime's BiasQuantization (graph optimisations
-// BASIC and above) turns a float bias into int32 with a Div and a Round in the bias's own type, which a
-// float16 bias of a folded layer (b' = a b + t, on the step s_x * s_w * |a|) does not survive (float16 holds
-// integers exactly only up to 2048 and overflows at 65504). The int32 form behind DequantizeLinear is left
-// alone by every optimisation level, so such a layer gets its bias in that form.
-std::variant<BiasPlan, Outcome> plan_int32_for_half(const std::vector<double>& target, const WeightLayout& wl,
-                                                    const QuantizedWeight& w, const RescaledWeight& r, double s_x,
-                                                    BiasPlan plan, const std::string& who) {
-  const auto M = target.size();
-  plan.scale.resize(M);
-  for (size_t o = 0; o < M; ++o)
-    plan.scale[o] = kernels::round_to_float_type(s_x * *channel_scale(r.layout, r.scale, wl, static_cast<int64_t>(o)),
-                                                 w.scale_type);
-  plan.kind = BiasPlan::Int32New;
-  plan.data_type = w.scale_type;
-  plan.dims = {static_cast<int64_t>(M)};
-  if (auto kept = requantize(target, plan, who)) {
-    kept->message += std::string(" (a ") + graph::data_type_name(w.scale_type) +
-                     " layer's bias must be int32 behind DequantizeLinear: onnxruntime re-quantizes a float one in " +
-                     graph::data_type_name(w.scale_type) + ")";
-    return *kept;
-  }
-  return plan;
-}
-
-bool is_half(int32_t t) {
-  return t == static_cast<int32_t>(DataType::Float16) || t == static_cast<int32_t>(DataType::Bfloat16);
-}
-
-std::variant<BiasPlan, Outcome> plan_bias(FoldContext& ctx, int layer, const WeightLayout& wl, const QuantizedWeight& w,
-                                          const RescaledWeight& r, const BatchNormAffine& bn, double beta,
-                                          bool raising_opset, const std::string& who) {
-  Graph& g = ctx.graph;
-  const Node& n = g.nodes[layer];
-  const auto M = static_cast<size_t>(wl.out_channels);
-  const std::vector<double>& a = bn.scale;
-  BiasPlan plan;
-  plan.old = n.inputs.size() > 2 && !n.is("MatMul") ? n.inputs[2] : "";
-  const int32_t layer_type = w.qat() ? w.float_type : w.scale_type;
-  const std::optional<double> s_x = input_scale(g, n);
-  std::vector<double> target(M);
-  // Where the int32 form applies to a float16 / bfloat16 layer (see plan_int32_for_half).
-  bool half_int32 = s_x && w.axis_supported && is_half(layer_type) && is_half(w.scale_type);
-  for (size_t o = 0; o < M && half_int32; ++o)
-    half_int32 = channel_scale(r.layout, r.scale, wl, static_cast<int64_t>(o)).has_value();
-
-  if (plan.old.empty()) {
-    for (size_t o = 0; o < M; ++o) target[o] = bn.shift[o] / beta;
-    bool all_zero = true;
-    for (double v : target) all_zero = all_zero && v == 0;
-    if (all_zero) return plan;
-    if (half_int32) return plan_int32_for_half(target, wl, w, r, *s_x, plan, who);
-    // int32 behind DequantizeLinear where the graph's quantized layers use that (or, with no evidence, for the
-    // int form, as onnxruntime's quantizer writes it); float otherwise.
-    const BiasForm form = graph_bias_form(g, layer);
-    bool int32 = s_x && w.axis_supported && (form == BiasForm::Int32 || (form == BiasForm::Unknown && !w.qat()));
-    if (int32) {
-      plan.scale.resize(M);
-      for (size_t o = 0; o < M && int32; ++o) {
-        auto sw = channel_scale(r.layout, r.scale, wl, static_cast<int64_t>(o));
-        int32 = sw.has_value();
-        if (sw) plan.scale[o] = kernels::round_to_float_type(*s_x * *sw, w.scale_type);
-      }
-    }
-    if (int32) {
-      plan.kind = BiasPlan::Int32New;
-      plan.data_type = w.scale_type;
-      plan.dims = {static_cast<int64_t>(M)};
-      if (!requantize(target, plan, who)) return plan;
-      // Not representable as int32 (a zero scale or overflow): a float bias carries it exactly.
-      plan.ints.clear();
-      plan.max_error = 0;
-    }
-    plan.kind = BiasPlan::Float;
-    plan.data_type = layer_type;
-    plan.dims = {static_cast<int64_t>(M)};
-    plan.values = target;
-    if (auto kept = check_float_bias(plan, who)) return *kept;
-    return plan;
-  }
-
-  const int bp = g.producer(plan.old);
-  if (bp >= 0 && is_dequantize(g.nodes[bp])) {
-    // int32 bias behind DequantizeLinear.
-    const Node& bd = g.nodes[bp];
-    if (!read_only_by(g, plan.old, layer))
-      return Outcome::kept(Reason::SharedBias, "the dequantized bias '" + plan.old + "' of " + who + " is also read elsewhere");
-    auto bi = bd.inputs.empty() ? std::nullopt : g.constant(bd.inputs[0]);
-    auto bs = bd.inputs.size() > 1 ? g.constant(bd.inputs[1]) : std::nullopt;
-    const bool has_zero = bd.inputs.size() > 2 && !bd.inputs[2].empty();
-    auto bz = has_zero ? g.constant(bd.inputs[2]) : std::nullopt;
-    if (!bi || !bs || (has_zero && !bz))
-      return Outcome::kept(Reason::NonConstantBias, "the quantized bias of " + who + " is not made of constants");
-    if (bi->tensor.data_type != static_cast<int32_t>(DataType::Int32) || bd.attr_int("block_size", 0) != 0)
-      return Outcome::kept(Reason::UnsupportedBias, "the quantized bias of " + who + " is not an int32 tensor with a "
-                                               "per-tensor or per-channel scale");
-    auto iv = bi->tensor.values();
-    auto sv = bs->tensor.values();
-    auto zv = bz ? bz->tensor.values() : std::optional<std::vector<double>>(std::vector<double>(sv ? sv->size() : 0, 0.0));
-    if (!iv || !sv || !zv || iv->size() != M || (sv->size() != 1 && sv->size() != M) || zv->size() != sv->size())
-      return Outcome::kept(Reason::ShapeMismatch, "the quantized bias of " + who + " does not have one value per output channel");
-    plan.kind = BiasPlan::Int32Existing;
-    plan.bias_dq = bp;
-    plan.zero_present = has_zero;
-    for (double z : *zv) plan.zero_nonzero = plan.zero_nonzero || z != 0;
-    plan.data_type = bs->tensor.data_type;
-    plan.dims = {static_cast<int64_t>(M)};
-    plan.promote = sv->size() == 1 && M > 1;
-    const bool axis_ok = bd.domain == "com.microsoft" || g.opset("") >= 13 || raising_opset;
-    if (plan.promote && !axis_ok)
-      return Outcome::kept(Reason::OpsetTooOld, "the per-tensor scale of the int32 bias of " + who +
-                                                " must become per-channel, which needs opset >= 13");
-    auto sb = [&](size_t o) { return (*sv)[sv->size() == 1 ? 0 : o]; };
-    auto zb = [&](size_t o) { return (*zv)[zv->size() == 1 ? 0 : o]; };
-    // onnxruntime's convention s_b = s_x * s_w: keep it with the new weight scale.
-    bool convention = s_x.has_value();
-    for (size_t o = 0; o < M && convention; ++o) {
-      auto sw = channel_scale(w.layout, w.scale, wl, static_cast<int64_t>(o));
-      convention = sw && kernels::round_to_float_type(*s_x * *sw, plan.data_type) == sb(o) &&
-                   channel_scale(r.layout, r.scale, wl, static_cast<int64_t>(o));
-    }
-    plan.scale.resize(M);
-    for (size_t o = 0; o < M; ++o) {
-      target[o] = a[o] * ((*iv)[o] - zb(o)) * sb(o) + bn.shift[o] / beta;
-      plan.scale[o] = convention ? kernels::round_to_float_type(
-                                       *s_x * *channel_scale(r.layout, r.scale, wl, static_cast<int64_t>(o)), plan.data_type)
-                                 : kernels::round_to_float_type(sb(o) * std::fabs(a[o]), plan.data_type);
-    }
-    if (auto kept = requantize(target, plan, who)) return *kept;
-    return plan;
-  }
-
-  auto ref = g.constant(plan.old);
-  if (!ref) return Outcome::kept(Reason::NonConstantBias, "the bias '" + plan.old + "' of " + who + " is not a constant");
-  auto values = ref->tensor.values();
-  if (!values || !graph::is_float_type(ref->tensor.data_type))
-    return Outcome::kept(Reason::UnsupportedBias, "the bias '" + plan.old + "' of " + who + " is not a readable float tensor");
-  if (values->size() != M && values->size() != 1)
-    return Outcome::kept(Reason::ShapeMismatch, "the bias '" + plan.old + "' of " + who + " has " +
-                                               std::to_string(values->size()) + " values for " + std::to_string(M) +
-                                               " output channels");
-  plan.kind = BiasPlan::Float;
-  plan.data_type = ref->tensor.data_type;
-  plan.dims = values->size() == M ? ref->tensor.dims : std::vector<int64_t>{static_cast<int64_t>(M)};
-  plan.values.resize(M);
-  for (size_t o = 0; o < M; ++o)
-    plan.values[o] = a[o] * (*values)[values->size() == 1 ? 0 : o] + bn.shift[o] / beta;
-  if (half_int32 && is_half(plan.data_type) && read_only_by(g, plan.old, layer)) {
-    BiasPlan p = plan;
-    p.values.clear();
-    return plan_int32_for_half(plan.values, wl, w, r, *s_x, std::move(p), who);
-  }
-  if (auto kept = check_float_bias(plan, who)) return *kept;
-  return plan;
-}
-
-// Writes the planned bias into input 2 of `layer` (a MatMul becomes a Gemm to carry it).
-void write_bias(FoldContext& ctx, int layer, int weight_dq, const BiasPlan& plan, Outcome& out) {
-  Graph& g = ctx.graph;
-  const Node& n = g.nodes[layer];
-  const std::string base = (n.name.empty() ? n.outputs[0] : n.name) + "_bias";
-  const auto M = static_cast<int64_t>(plan.dims.empty() ? 0 : plan.dims[0]);
-  if (plan.kind == BiasPlan::None) return;
-  if (n.is("MatMul")) g.set_op_type(layer, "Gemm");  // 2-D input (checked): Gemm computes the same and has C
-  if (plan.kind == BiasPlan::Float) {
-    auto raw = kernels::store_values(plan.data_type, plan.values);
-    write_constant_for(ctx, {Use{layer, 2}}, plan.old, plan.data_type, plan.dims, raw ? *raw : std::string(), base, out);
-    return;
-  }
-  const std::string ints = kernels::write_quantized(plan.ints, static_cast<int32_t>(DataType::Int32));
-  auto scale_raw = kernels::store_values(plan.data_type, plan.scale);
-  const std::string scale = scale_raw ? *scale_raw : std::string();
-  const std::string zeros = kernels::write_quantized(std::vector<int64_t>(static_cast<size_t>(M), 0),
-                                                     static_cast<int32_t>(DataType::Int32));
-  const auto int32 = static_cast<int32_t>(DataType::Int32);
-  if (plan.kind == BiasPlan::Int32Existing) {
-    const int bd = plan.bias_dq;
-    const std::vector<std::string> in = g.nodes[bd].inputs;
-    write_constant_for(ctx, {Use{bd, 0}}, in[0], int32, plan.dims, ints, base + "_quantized", out);
-    write_constant_for(ctx, {Use{bd, 1}}, in[1], plan.data_type, plan.dims, scale, base + "_scale", out);
-    // The new integers are quantized with zero point 0: a nonzero old one must go too.
-    if (plan.zero_present && (plan.promote || plan.zero_nonzero))
-      write_constant_for(ctx, {Use{bd, 2}}, in[2], int32, plan.dims, zeros, base + "_zero_point", out);
-    if (plan.promote) g.set_int_attribute(bd, "axis", 0);
-    return;
-  }
-  // A new int32 bias: int32 initializer -> DequantizeLinear(s_x * s'_w, 0, axis 0) -> layer input 2.
-  Node dq;
-  dq.op_type = "DequantizeLinear";
-  dq.domain = g.nodes[weight_dq].domain;
-  dq.inputs = {write_constant_for(ctx, {}, "", int32, plan.dims, ints, base + "_quantized", out),
-               write_constant_for(ctx, {}, "", plan.data_type, plan.dims, scale, base + "_scale", out),
-               write_constant_for(ctx, {}, "", int32, plan.dims, zeros, base + "_zero_point", out)};
-  const std::string value = ctx.model.fresh_name(base);
-  dq.name = value + "_DequantizeLinear";
-  dq.outputs = {value};
-  g.set_int_attribute(g.add_node_before(std::move(dq), layer), "axis", 0);
-  g.set_input(layer, 2, value);
-  if (!plan.old.empty()) g.drop_if_unused(plan.old);  // a float16 bias replaced by the int32 form
-}
-
-// The int32 bias rounding as it reaches the layer's output: earlier folds' errors times |a|, plus this
-// fold's bias error times |beta|, per channel. Marks the fold "bias-rounded" when that is not 0.
-void note_bias_error(FoldContext& ctx, int layer, const std::vector<double>& a, double beta,
-                     const std::vector<double>& own, Outcome& out) {
-  std::vector<double> total(a.size(), 0.0);
-  std::vector<double>* previous = nullptr;
-  if (ctx.bias_errors) {
-    auto it = ctx.bias_errors->find({&ctx.graph, layer});
-    if (it != ctx.bias_errors->end() && it->second.size() == a.size()) previous = &it->second;
-  }
-  double worst = 0;
-  for (size_t o = 0; o < a.size(); ++o) {
-    total[o] = (previous ? std::fabs(a[o]) * (*previous)[o] : 0.0) + (own.empty() ? 0.0 : std::fabs(beta) * own[o]);
-    worst = std::max(worst, total[o]);
-  }
-  if (ctx.bias_errors) (*ctx.bias_errors)[{&ctx.graph, layer}] = std::move(total);
-  if (worst > 0 || !own.empty()) out.metrics.emplace_back("bias_error_at_output", worst);
-  out.bias_rounded = worst > 0;
-}
-
 // drop_activation_quantizers: Kept ("quantizer-would-be-lost") unless every reader of BN `bn`'s output is a
 // QuantizeLinear, which then quantizes the folded layer's output in the dropped quantizer's place.
 std::optional<Outcome> quantizer_lost_by_dropping(Graph& g, int bn, const std::string& who,
@@ -405,199 +104,276 @@ std::optional<Outcome> quantizer_lost_by_dropping(Graph& g, int bn, const std::s
                            "have no quantizer after it and a runtime could no longer run it as a quantized kernel");
 }
 
-}  // namespace
+// ---------------------------------------------------------------- select: the pattern's nodes
 
-Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
-  Graph& g = ctx.graph;
-  const int producer = batchnorm_input_producer(g, bn);
-  if (producer < 0) return Outcome::not_applicable();
+// The nodes of the pattern. Selection decides only "mine or not": every reason to keep is the plan's.
+struct QdqLayerMatch {
+  enum class Shape {
+    Direct,               // layer -> BN
+    MatMulAdd,            // MatMul -> Add(constant c) -> BN (either operand order)
+    ActivationQuantizer,  // layer -> QuantizeLinear -> DequantizeLinear -> BN
+  };
+  Shape shape = Shape::Direct;
+  int bn = -1;
+  int layer = -1;
+  int weight_dq = -1;  // the DequantizeLinear of the layer's weight; -1 (float weight) only for
+                       // ActivationQuantizer, whose plan keeps it
+  int add = -1;        // MatMulAdd: the Add, and which of its inputs holds c
+  int add_bias_slot = -1;
+  int act_q = -1, act_dq = -1;  // ActivationQuantizer: the pair
+};
 
-  // Layer -> BN, or layer -> Q -> DQ -> BN (an activation quantizer between them).
-  int layer = producer, act_q = -1, act_dq = -1;
-  if (is_dequantize(g.nodes[producer])) {
-    const Node& dqa = g.nodes[producer];
-    const int qa = dqa.inputs.empty() ? -1 : g.producer(dqa.inputs[0]);
-    if (qa < 0 || !is_quantize(g.nodes[qa]) || g.nodes[qa].inputs.empty()) return Outcome::not_applicable();
-    layer = g.producer(g.nodes[qa].inputs[0]);
-    if (layer < 0) return Outcome::not_applicable();
-    act_q = qa;
-    act_dq = producer;
-  }
-  // MatMul -> Add(constant bias) -> BN (either operand order): the MatMul's weight takes the factor, the Add's
-  // bias becomes a * c + t, as in the float fold (gemm_bn).
-  int add = -1, add_bias_slot = -1;
-  if (act_q < 0 && g.nodes[producer].is("Add")) {
-    const Node& an = g.nodes[producer];
-    if (an.inputs.size() != 2 || an.outputs.size() != 1) return Outcome::not_applicable();
-    for (int s = 0; s < 2 && add < 0; ++s) {
-      const int p = g.producer(an.inputs[s]);
-      if (p >= 0 && g.nodes[p].is("MatMul") && constant_dims(g, an.inputs[1 - s])) {
-        add = producer;
-        add_bias_slot = 1 - s;
-        layer = p;
+std::optional<QdqLayerMatch> select_qdq_layer_bn(const Graph& g, int bn) {
+  const int producer = batchnorm_input_producer(const_cast<Graph&>(g), bn);
+  if (producer < 0) return std::nullopt;
+  QdqLayerMatch m;
+  m.bn = bn;
+  m.layer = producer;
+  const Node& p = g.nodes[producer];
+  if (is_dequantize(p)) {
+    const int qa = p.inputs.empty() ? -1 : g.producer(p.inputs[0]);
+    if (qa < 0 || !is_quantize(g.nodes[qa]) || g.nodes[qa].inputs.empty()) return std::nullopt;
+    m.shape = QdqLayerMatch::Shape::ActivationQuantizer;
+    m.layer = g.producer(g.nodes[qa].inputs[0]);
+    if (m.layer < 0) return std::nullopt;
+    m.act_q = qa;
+    m.act_dq = producer;
+  } else if (p.is("Add")) {
+    if (p.inputs.size() != 2 || p.outputs.size() != 1) return std::nullopt;
+    for (int s = 0; s < 2 && m.add < 0; ++s) {
+      const int mm = g.producer(p.inputs[s]);
+      if (mm >= 0 && g.nodes[mm].is("MatMul") && constant_dims(const_cast<Graph&>(g), p.inputs[1 - s])) {
+        m.shape = QdqLayerMatch::Shape::MatMulAdd;
+        m.add = producer;
+        m.add_bias_slot = 1 - s;
+        m.layer = mm;
       }
     }
-    if (add < 0) return Outcome::not_applicable();
+    if (m.add < 0) return std::nullopt;
   }
-  const Node& ln = g.nodes[layer];
-  if (!is_layer(ln) || ln.inputs.size() < 2 || ln.outputs.size() != 1) return Outcome::not_applicable();
+  const Node& ln = g.nodes[m.layer];
+  if (!is_layer(ln) || ln.inputs.size() < 2 || ln.outputs.size() != 1) return std::nullopt;
   const int wdq = g.producer(ln.inputs[1]);
-  const bool quantized_weight = wdq >= 0 && is_dequantize(g.nodes[wdq]);
-  const std::string who = label(g, layer);
-  if (act_q >= 0) {
-    const std::string quantizer = label(g, act_q);
-    if (!ctx.options.drop_activation_quantizers || !quantized_weight)
-      return Outcome::kept(Reason::ActivationQuantizer,
-                           "the activation quantizer " + quantizer + " (QuantizeLinear -> DequantizeLinear) between " +
-                               who + " and the BN rounds the layer's output before normalization, so no exact fold "
-                               "can cross it" +
-                               (quantized_weight ? "; drop_activation_quantizers=True removes it and folds approximately"
-                                                 : ""));
-    if (auto blocked = layer_output_blocker(g, layer, ln.outputs[0], act_q)) return *blocked;
-    if (!read_only_by(g, g.nodes[act_q].outputs[0], act_dq) || !read_only_by(g, g.nodes[act_dq].outputs[0], bn))
-      return Outcome::kept(Reason::ActivationQuantizer,
-                           "the activation quantizer " + quantizer + " between " + who +
-                               " and the BN also feeds other nodes, so it cannot be dropped");
-    // Dropping it must leave the layer with a quantizer after it (the BN's readers), or a runtime can no longer
-    // run the layer as a quantized kernel (onnxruntime's QDQ selectors want Q right after the layer).
-    if (auto lost = quantizer_lost_by_dropping(g, bn, who, quantizer)) return *lost;
-  } else {
-    if (!quantized_weight) return Outcome::not_applicable();  // the float folds' pattern
-    if (add >= 0) {
-      if (ln.inputs.size() != 2) return Outcome::kept(Reason::Malformed, who + " has an unexpected arity");
-      if (auto blocked = layer_output_blocker(g, layer, ln.outputs[0], add, 1 - add_bias_slot)) return *blocked;
-      if (auto blocked = layer_output_blocker(g, add, g.nodes[add].outputs[0], bn)) return *blocked;
-    } else if (auto blocked = layer_output_blocker(g, layer, ln.outputs[0], bn)) {
-      return *blocked;
-    }
-  }
-  if (!read_only_by(g, ln.inputs[1], layer))
-    return Outcome::kept(Reason::SharedWeight, "the dequantized weight '" + ln.inputs[1] + "' of " + who +
-                                              " is also read by another node, which must keep its values");
+  if (wdq >= 0 && is_dequantize(g.nodes[wdq])) m.weight_dq = wdq;
+  // A float weight is the float folds' pattern, unless an activation quantizer makes it this fold's to keep.
+  if (m.weight_dq < 0 && m.shape != QdqLayerMatch::Shape::ActivationQuantizer) return std::nullopt;
+  return m;
+}
 
-  auto affine_or = read_batchnorm(ctx, bn);
-  if (auto* o = std::get_if<Outcome>(&affine_or)) return *o;
-  const BatchNormAffine& affine = std::get<BatchNormAffine>(affine_or);
-  auto weight_or = read_quantized_weight(g, wdq, layer);
-  if (auto* o = std::get_if<Outcome>(&weight_or)) return *o;
-  QuantizedWeight& weight = std::get<QuantizedWeight>(weight_or);
+// ---------------------------------------------------------------- plan: every check, nothing edited
+
+// Everything the edit needs, decided before it starts.
+struct QdqLayerPlan {
+  std::string who;  // "Conv 'name'" for messages
+  BatchNormAffine affine;
+  QuantizedWeight weight;
+  WeightLayout layout;
+  RescaledWeight rescaled;
+  bool materialize = false;     // QAT form written as integers behind a lone DequantizeLinear
+  bool raise_opset = false;     // allow_opset_upgrade: the model goes to opset 13 for the per-channel axis
+  double beta = 1.0;            // Gemm's beta (the shift enters the bias as t / beta)
+  BiasPlan bias;                // the layer's bias (kind None for MatMulAdd: the Add's bias carries the shift)
+  struct AddBias {              // MatMulAdd: c' = a * c + t
+    FoldedBias folded;
+    std::string raw;
+    int32_t data_type = 0;
+  } add_bias;
+};
+
+// The layer's output may be handed on: the activation quantizer (dropped only with drop_activation_quantizers,
+// and only when a quantizer stays after the layer), or the Add, or the BN reads it alone.
+std::optional<Outcome> check_connections(FoldContext& ctx, const QdqLayerMatch& m, const std::string& who) {
+  Graph& g = ctx.graph;
+  const Node& ln = g.nodes[m.layer];
+  switch (m.shape) {
+    case QdqLayerMatch::Shape::ActivationQuantizer: {
+      const bool quantized_weight = m.weight_dq >= 0;
+      const std::string quantizer = label(g, m.act_q);
+      if (!ctx.options.drop_activation_quantizers || !quantized_weight)
+        return Outcome::kept(Reason::ActivationQuantizer,
+                             "the activation quantizer " + quantizer + " (QuantizeLinear -> DequantizeLinear) between " +
+                                 who + " and the BN rounds the layer's output before normalization, so no exact fold "
+                                 "can cross it" +
+                                 (quantized_weight ? "; drop_activation_quantizers=True removes it and folds approximately"
+                                                   : ""));
+      QDQFOLD_CHECK(layer_output_blocker(g, m.layer, ln.outputs[0], m.act_q));
+      if (!read_only_by(g, g.nodes[m.act_q].outputs[0], m.act_dq) || !read_only_by(g, g.nodes[m.act_dq].outputs[0], m.bn))
+        return Outcome::kept(Reason::ActivationQuantizer, "the activation quantizer " + quantizer + " between " + who +
+                                                              " and the BN also feeds other nodes, so it cannot be dropped");
+      // Dropping it must leave the layer with a quantizer after it (the BN's readers), or a runtime can no
+      // longer run the layer as a quantized kernel (onnxruntime's QDQ selectors want Q right after the layer).
+      return quantizer_lost_by_dropping(g, m.bn, who, quantizer);
+    }
+    case QdqLayerMatch::Shape::MatMulAdd:
+      if (ln.inputs.size() != 2) return Outcome::kept(Reason::Malformed, who + " has an unexpected arity");
+      QDQFOLD_CHECK(layer_output_blocker(g, m.layer, ln.outputs[0], m.add, 1 - m.add_bias_slot));
+      return layer_output_blocker(g, m.add, g.nodes[m.add].outputs[0], m.bn);
+    case QdqLayerMatch::Shape::Direct:
+      return layer_output_blocker(g, m.layer, ln.outputs[0], m.bn);
+  }
+  return std::nullopt;
+}
+
+// A per-tensor scale that must become per-channel needs DequantizeLinear's axis (opset 13): keep the BN, or
+// raise the model's opset where allow_opset_upgrade allows it and that is safe.
+std::optional<Outcome> plan_opset(FoldContext& ctx, QdqLayerPlan& plan) {
+  std::optional<Outcome> kept = per_channel_scale_needs_axis(plan.weight, plan.layout, plan.affine.scale, plan.who);
+  if (!kept) return std::nullopt;
+  std::string blocker;
+  if (!ctx.options.allow_opset_upgrade) {
+    kept->message += "; allow_opset_upgrade=True raises the model's opset to 13 where that is safe";
+    return kept;
+  }
+  if (!can_raise_opset_to_13(ctx.model, blocker)) {
+    kept->message += "; allow_opset_upgrade cannot raise it: " + blocker;
+    return kept;
+  }
+  plan.weight.axis_supported = true;  // once the model is at opset 13
+  plan.raise_opset = true;
+  return std::nullopt;
+}
+
+// MatMul + Add: the Add's bias becomes a * c + t, in the Add's type.
+Expected<QdqLayerPlan::AddBias> plan_add_bias(FoldContext& ctx, const QdqLayerMatch& m, const QdqLayerPlan& plan) {
+  Graph& g = ctx.graph;
+  const std::string& name = g.nodes[m.add].inputs[m.add_bias_slot];
+  const std::string what = "the bias '" + name + "' of " + label(g, m.add);
+  auto values = constant_values(g, name);
+  auto dims = constant_dims(g, name);
+  if (!values || !dims) return Outcome::kept(Reason::NonConstantBias, what + " is not a readable constant");
+  QdqLayerPlan::AddBias out;
+  // The Add's type is the MatMul's output type, the weight DequantizeLinear's (its scale's) type.
+  auto ref = g.constant(name);
+  out.data_type = ref && graph::is_float_type(ref->tensor.data_type) ? ref->tensor.data_type : plan.weight.scale_type;
+  QDQFOLD_TRY(folded, fold_bias(dims, *values, plan.affine.scale, plan.affine.shift, what));
+  out.folded = std::move(folded);
+  QDQFOLD_TRY(raw, store_or_keep(out.data_type, out.folded.values, "bias"));
+  out.raw = std::move(raw);
+  return out;
+}
+
+Expected<QdqLayerPlan> plan_qdq_layer_bn(FoldContext& ctx, const QdqLayerMatch& m) {
+  Graph& g = ctx.graph;
+  const Node& ln = g.nodes[m.layer];
+  QdqLayerPlan plan;
+  plan.who = label(g, m.layer);
+  const std::string& who = plan.who;
+  QDQFOLD_CHECK(check_connections(ctx, m, who));
+  if (!read_only_by(g, ln.inputs[1], m.layer))
+    return Outcome::kept(Reason::SharedWeight, "the dequantized weight '" + ln.inputs[1] + "' of " + who +
+                                                   " is also read by another node, which must keep its values");
+  QDQFOLD_TRY(affine, read_batchnorm(ctx, m.bn));
+  plan.affine = std::move(affine);
+  QDQFOLD_TRY(weight, read_quantized_weight(g, m.weight_dq, m.layer));
+  plan.weight = std::move(weight);
   std::string why;
-  auto wl = weight_layout(ln, weight.dims, why, /*backward_fold=*/true);
+  auto wl = weight_layout(ln, plan.weight.dims, why, /*backward_fold=*/true);
   if (!wl) return Outcome::kept(Reason::UnsupportedLayer, who + ": " + why);
-  if (static_cast<int64_t>(affine.scale.size()) != wl->out_channels)
-    return Outcome::kept(Reason::ShapeMismatch, "the BN has " + std::to_string(affine.scale.size()) + " channels but " + who +
-                                               " has " + std::to_string(wl->out_channels) + " output channels");
+  plan.layout = *wl;
+  if (static_cast<int64_t>(plan.affine.scale.size()) != wl->out_channels)
+    return Outcome::kept(Reason::ShapeMismatch, "the BN has " + std::to_string(plan.affine.scale.size()) +
+                                                    " channels but " + who + " has " + std::to_string(wl->out_channels) +
+                                                    " output channels");
   if (ln.is("MatMul") && rank_through_quantizers(g, ln.inputs[0]) != std::optional<size_t>(2))
-    return Outcome::kept(Reason::NotA2dInput, "the input of " + who + " is not known to be 2-D, so BN's channel axis 1 may not "
-                                   "be the MatMul's output features");
-  const double beta = ln.is("Gemm") ? ln.attr_float("beta", 1.0f) : 1.0;
-  if (beta == 0)
+    return Outcome::kept(Reason::NotA2dInput, "the input of " + who + " is not known to be 2-D, so BN's channel axis 1 "
+                                                  "may not be the MatMul's output features");
+  plan.beta = ln.is("Gemm") ? ln.attr_float("beta", 1.0f) : 1.0;
+  if (plan.beta == 0)
     return Outcome::kept(Reason::UnsupportedBias, who + " has beta=0, so it cannot carry the BN shift in its bias");
 
   // trt::DequantizeLinear takes a float weight: never materialized as integers.
-  const bool materialize = weight.qat() && !weight.fused() && ctx.options.materialize_quantized_weights;
-  auto rescaled_or = rescale_quantized_weight(weight, *wl, affine.scale, ctx.options, weight.qat() && !materialize, who,
-                                         ctx.model.deferred_checks);
-  bool raising_opset = false;
-  if (auto* o = std::get_if<Outcome>(&rescaled_or); o && o->code == code(Reason::OpsetTooOld)) {
-    std::string blocker;
-    if (!ctx.options.allow_opset_upgrade) {
-      o->message += "; allow_opset_upgrade=True raises the model's opset to 13 where that is safe";
-      return *o;
-    }
-    if (!can_raise_opset_to_13(ctx.model, blocker)) {
-      o->message += "; allow_opset_upgrade cannot raise it: " + blocker;
-      return *o;
-    }
-    weight.axis_supported = true;  // once the model is at opset 13
-    raising_opset = true;
-    rescaled_or = rescale_quantized_weight(weight, *wl, affine.scale, ctx.options, weight.qat() && !materialize, who,
-                                         ctx.model.deferred_checks);
-  }
-  if (auto* o = std::get_if<Outcome>(&rescaled_or)) return *o;
-  const RescaledWeight& rescaled = std::get<RescaledWeight>(rescaled_or);
-  if (weight.fused() && std::any_of(rescaled.zero.begin(), rescaled.zero.end(), [](int64_t z) { return z != 0; }))
-    return Outcome::kept(Reason::TensorrtQuantizer, who + " is quantized by trt::DequantizeLinear, which has no zero point "
-                                               "for the complement form");
-  BiasPlan bias;  // kind None for MatMul + Add: the Add's bias carries the shift
-  std::string add_bias_raw;
-  FoldedBias add_bias;
-  int32_t add_bias_type = 0;
-  if (add >= 0) {
-    const std::string& name = g.nodes[add].inputs[add_bias_slot];
-    const std::string what = "the bias '" + name + "' of " + label(g, add);
-    auto values = constant_values(g, name);
-    auto dims = constant_dims(g, name);
-    if (!values || !dims) return Outcome::kept(Reason::NonConstantBias, what + " is not a readable constant");
-    // The Add's type is the MatMul's output type, the weight DequantizeLinear's (its scale's) type.
-    auto ref = g.constant(name);
-    add_bias_type = ref && graph::is_float_type(ref->tensor.data_type) ? ref->tensor.data_type : weight.scale_type;
-    auto folded_or = fold_bias(dims, *values, affine.scale, affine.shift, what);
-    if (auto* o = std::get_if<Outcome>(&folded_or)) return *o;
-    add_bias = std::move(std::get<FoldedBias>(folded_or));
-    auto raw_or = store_or_keep(add_bias_type, add_bias.values, "bias");
-    if (auto* o = std::get_if<Outcome>(&raw_or)) return *o;
-    add_bias_raw = std::move(std::get<std::string>(raw_or));
+  plan.materialize = plan.weight.qat() && !plan.weight.fused() && ctx.options.materialize_quantized_weights;
+  QDQFOLD_CHECK(plan_opset(ctx, plan));
+  QDQFOLD_TRY(rescaled, rescale_quantized_weight(plan.weight, plan.layout, plan.affine.scale, ctx.options,
+                                                 plan.weight.qat() && !plan.materialize, who, ctx.model.deferred_checks));
+  plan.rescaled = std::move(rescaled);
+  const auto& zero = plan.rescaled.zero;
+  if (plan.weight.fused() && std::any_of(zero.begin(), zero.end(), [](int64_t z) { return z != 0; }))
+    return Outcome::kept(Reason::TensorrtQuantizer, who + " is quantized by trt::DequantizeLinear, which has no zero "
+                                                          "point for the complement form");
+  if (m.shape == QdqLayerMatch::Shape::MatMulAdd) {
+    QDQFOLD_TRY(add_bias, plan_add_bias(ctx, m, plan));
+    plan.add_bias = std::move(add_bias);
   } else {
-    auto bias_or = plan_bias(ctx, layer, *wl, weight, rescaled, affine, beta, raising_opset, who);
-    if (auto* o = std::get_if<Outcome>(&bias_or)) return *o;
-    bias = std::move(std::get<BiasPlan>(bias_or));
+    QDQFOLD_TRY(bias, plan_bias(ctx, m.layer, plan.layout, plan.weight, plan.rescaled, plan.affine, plan.beta,
+                                plan.raise_opset, who));
+    plan.bias = std::move(bias);
   }
+  return plan;
+}
 
-  // Every condition holds: edit.
-  Outcome out;
-  out.verdict = Verdict::Folded;
-  out.code = code(FoldName::QdqLayerBn);
-  out.into = {ln.display_name(layer)};
-  if (add >= 0) out.into.push_back(g.nodes[add].display_name(add));
+// ---------------------------------------------------------------- apply: edits only
+
+// The report sentence for a fold.
+std::string describe_fold(const Graph& g, const QdqLayerMatch& m, const QdqLayerPlan& p) {
+  return "folded into the quantized weight of " + p.who +
+         (m.add >= 0 ? " and the bias of " + label(g, m.add) + " (c' = a * c + t)" : std::string()) +
+         ": scale s' = s * |a|" + (p.rescaled.promoted ? " (per-tensor scale made per-channel)" : "") +
+         (p.rescaled.negated_channels
+              ? ", integers mirrored in " + std::to_string(p.rescaled.negated_channels) + " channels with a < 0"
+              : "") +
+         (p.rescaled.complement ? " (complement form: nonzero zero point)" : "") +
+         (p.weight.qat() ? (p.materialize ? ", weight materialized as integers" : ", float weight snapped to the grid")
+                         : "") +
+         (p.bias.kind == BiasPlan::Int32Existing || p.bias.kind == BiasPlan::Int32New ? ", int32 bias re-quantized"
+                                                                                      : "");
+}
+
+// drop_activation_quantizers: the layer feeds the BN's readers directly.
+void drop_activation_quantizer(Graph& g, const QdqLayerMatch& m, const std::string& layer_output, Outcome& out) {
+  auto s = g.constant(g.nodes[m.act_q].inputs.size() > 1 ? g.nodes[m.act_q].inputs[1] : "");
+  if (s)
+    if (auto v = s->tensor.values(); v && !v->empty()) out.metrics.emplace_back("dropped_quantizer_scale", (*v)[0]);
+  const std::vector<std::string> params = g.nodes[m.act_q].inputs;
+  const std::vector<std::string> dq_params = g.nodes[m.act_dq].inputs;
+  g.remove_value_info(g.nodes[m.act_q].outputs[0]);
+  g.remove_value_info(layer_output);
+  g.remove_node(m.act_dq);
+  g.remove_node(m.act_q);
+  for (size_t k = 1; k < params.size(); ++k) g.drop_if_unused(params[k]);
+  for (size_t k = 1; k < dq_params.size(); ++k) g.drop_if_unused(dq_params[k]);
+  out.exact = false;
+  out.message += "; the activation quantizer between them was dropped (not exact)";
+}
+
+Outcome apply_qdq_layer_bn(FoldContext& ctx, const QdqLayerMatch& m, const QdqLayerPlan& plan) {
+  Graph& g = ctx.graph;
+  Outcome out = Outcome::folded(FoldName::QdqLayerBn);
+  const Node& ln = g.nodes[m.layer];
+  out.into = {ln.display_name(m.layer)};
+  if (m.add >= 0) out.into.push_back(g.nodes[m.add].display_name(m.add));
   out.into_op = ln.op_type;
-  out.message = "folded into the quantized weight of " + who +
-                (add >= 0 ? " and the bias of " + label(g, add) + " (c' = a * c + t)" : std::string()) +
-                ": scale s' = s * |a|" +
-                (rescaled.promoted ? " (per-tensor scale made per-channel)" : "") +
-                (rescaled.negated_channels ? ", integers mirrored in " + std::to_string(rescaled.negated_channels) +
-                                                 " channels with a < 0"
-                                           : "") +
-                (rescaled.complement ? " (complement form: nonzero zero point)" : "") +
-                (weight.qat() ? (materialize ? ", weight materialized as integers" : ", float weight snapped to the grid")
-                              : "") +
-                (bias.kind == BiasPlan::Int32Existing || bias.kind == BiasPlan::Int32New ? ", int32 bias re-quantized"
-                                                                                          : "");
-  if (raising_opset) {
+  out.message = describe_fold(g, m, plan);
+  if (plan.raise_opset) {
     ctx.model.raise_opset("", 13);
     out.message += "; the model's opset was raised to 13 for the per-channel axis";
   }
   const std::string layer_output = ln.outputs[0];  // nodes may move once edits add nodes
   const std::string layer_base = ln.name.empty() ? ln.outputs[0] : ln.name;
-  write_quantized_weight(ctx, weight, *wl, rescaled, materialize, out);
-  if (add >= 0) {
-    note_bias_error(ctx, layer, affine.scale, 1.0, {}, out);
-    write_layer_input(ctx, add, add_bias_slot, add_bias_type, add_bias.dims, add_bias_raw, layer_base + "_bias", out);
-    take_over_batchnorm_output(g, add, 0, bn, affine);
+  write_quantized_weight(ctx, plan.weight, plan.layout, plan.rescaled, plan.materialize, out);
+  if (m.shape == QdqLayerMatch::Shape::MatMulAdd) {
+    const auto& c = plan.add_bias;
+    note_bias_error(ctx, m.layer, plan.affine.scale, 1.0, {}, out);
+    write_layer_input(ctx, m.add, m.add_bias_slot, c.data_type, c.folded.dims, c.raw, layer_base + "_bias", out);
+    take_over_batchnorm_output(g, m.add, 0, m.bn, plan.affine);
     return out;
   }
-  write_bias(ctx, layer, wdq, bias, out);
-  if (bias.kind == BiasPlan::Int32Existing || bias.kind == BiasPlan::Int32New)
-    out.metrics.emplace_back("bias_requantization_error", bias.max_error);
-  note_bias_error(ctx, layer, affine.scale, beta, bias.errors, out);
-  if (act_q >= 0) {
-    // Drop the activation quantizer: the layer feeds the BN's readers directly.
-    auto s = g.constant(g.nodes[act_q].inputs.size() > 1 ? g.nodes[act_q].inputs[1] : "");
-    if (s)
-      if (auto v = s->tensor.values(); v && !v->empty()) out.metrics.emplace_back("dropped_quantizer_scale", (*v)[0]);
-    const std::vector<std::string> params = g.nodes[act_q].inputs;
-    const std::vector<std::string> dq_params = g.nodes[act_dq].inputs;
-    g.remove_value_info(g.nodes[act_q].outputs[0]);
-    g.remove_value_info(layer_output);
-    g.remove_node(act_dq);
-    g.remove_node(act_q);
-    for (size_t k = 1; k < params.size(); ++k) g.drop_if_unused(params[k]);
-    for (size_t k = 1; k < dq_params.size(); ++k) g.drop_if_unused(dq_params[k]);
-    out.exact = false;
-    out.message += "; the activation quantizer between them was dropped (not exact)";
-  }
-  take_over_batchnorm_output(g, layer, 0, bn, affine);
+  write_bias(ctx, m.layer, m.weight_dq, plan.bias, out);
+  if (plan.bias.kind == BiasPlan::Int32Existing || plan.bias.kind == BiasPlan::Int32New)
+    out.metrics.emplace_back("bias_requantization_error", plan.bias.max_error);
+  note_bias_error(ctx, m.layer, plan.affine.scale, plan.beta, plan.bias.errors, out);
+  if (m.shape == QdqLayerMatch::Shape::ActivationQuantizer) drop_activation_quantizer(g, m, layer_output, out);
+  take_over_batchnorm_output(g, m.layer, 0, m.bn, plan.affine);
   return out;
+}
+
+}  // namespace
+
+Outcome fold_qdq_layer_bn(FoldContext& ctx, int bn) {
+  const std::optional<QdqLayerMatch> match = select_qdq_layer_bn(ctx.graph, bn);
+  if (!match) return Outcome::not_applicable();
+  QDQFOLD_TRY(plan, plan_qdq_layer_bn(ctx, *match));
+  return apply_qdq_layer_bn(ctx, *match, plan);
 }
 
 }  // namespace qdqfold::folds
