@@ -20,6 +20,16 @@ namespace qdqfold::folds {
 // (affine.h), the producer of its activation operand.
 int batchnorm_input_producer(graph::Graph& g, int bn);
 
+// A Linear with its bias as MatMul -> Add(constant c), either operand order: the MatMul and the Add's slot of c.
+struct MatMulAdd {
+  int matmul = -1;
+  int add = -1;
+  int bias_slot = -1;
+};
+// Node `add` as that pattern (an Add with two inputs and one output, one input made by a MatMul and the other a
+// constant; the first such operand order), or nullopt.
+std::optional<MatMulAdd> select_matmul_add(const graph::Graph& g, int add);
+
 // A Kept outcome when `layer`'s output `value` cannot be handed on: it is a graph output, or something other
 // than input `slot` of node `reader` (the BN, or the Add after a MatMul) also reads it. nullopt when that
 // input is its only reader. The default slot is the reader's activation input (affine_data_slot).

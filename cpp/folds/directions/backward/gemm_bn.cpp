@@ -20,6 +20,7 @@
 #include "wire/fields.h"
 #include "wire/writer.h"
 #include "folds/directions/backward/backward.h"
+#include "folds/expected.h"
 #include "folds/folds.h"
 #include "folds/directions/forward/forward.h"
 
@@ -47,9 +48,7 @@ std::optional<Outcome> require_2d_output(const Graph& g, const std::string& valu
 }
 
 Outcome folded(const Graph& g, std::vector<int> layers, const std::string& op, const std::string& how) {
-  Outcome out;
-  out.verdict = Verdict::Folded;
-  out.code = code(FoldName::GemmBn);
+  Outcome out = Outcome::folded(FoldName::GemmBn);
   for (int l : layers) out.into.push_back(g.nodes[l].display_name(l));
   out.into_op = op;
   out.message = "folded into " + op + " '" + out.into[0] + "': " + how;
@@ -58,16 +57,57 @@ Outcome folded(const Graph& g, std::vector<int> layers, const std::string& op, c
 
 std::string base_name(const Node& n) { return n.name.empty() ? n.outputs[0] : n.name; }
 
-// Gemm -> BN.
-Outcome fold_into_gemm(FoldContext& ctx, int gemm, int bn) {
-  Graph& g = ctx.graph;
-  auto weight_or = read_float_weight(ctx, gemm, /*backward_fold=*/true);  // transA=1 too: B holds the outputs
-  if (auto* o = std::get_if<Outcome>(&weight_or)) return *o;
-  const FloatWeight& weight = std::get<FloatWeight>(weight_or);
-  const Node& n = g.nodes[gemm];
-  if (n.outputs.size() != 1 || n.inputs.size() < 2) return Outcome::kept(Reason::Malformed, "Gemm has an unexpected arity");
-  if (auto blocked = layer_output_blocker(g, gemm, n.outputs[0], bn)) return *blocked;
+// ---------------------------------------------------------------- select
 
+struct GemmBnMatch {
+  enum class Shape { Gemm, MatMul, MatMulAdd } shape = Shape::Gemm;
+  int layer = -1;      // the Gemm or MatMul
+  int add = -1;        // MatMulAdd: the Add, and its slot of c
+  int bias_slot = -1;
+};
+
+std::optional<GemmBnMatch> select_gemm_bn(Graph& g, int bn) {
+  const int producer = batchnorm_input_producer(g, bn);
+  if (producer < 0) return std::nullopt;
+  GemmBnMatch m;
+  m.layer = producer;
+  if (g.nodes[producer].is("Gemm")) {
+    m.shape = GemmBnMatch::Shape::Gemm;
+  } else if (g.nodes[producer].is("MatMul")) {
+    m.shape = GemmBnMatch::Shape::MatMul;
+  } else if (g.nodes[producer].is("Add")) {
+    const auto ma = select_matmul_add(g, producer);
+    if (!ma) return std::nullopt;
+    m.shape = GemmBnMatch::Shape::MatMulAdd;
+    m.layer = ma->matmul;
+    m.add = ma->add;
+    m.bias_slot = ma->bias_slot;
+  } else {
+    return std::nullopt;
+  }
+  const auto& in = g.nodes[m.layer].inputs;
+  if (in.size() >= 2 && !in[1].empty() && produced_by_dequantize(g, in[1])) return std::nullopt;  // qdq-layer-bn's
+  return m;
+}
+
+// ---------------------------------------------------------------- plan
+
+struct GemmBnPlan {
+  enum class Kind { Gemm, MatMulToGemm, Rank3MatMul, MatMulAdd } kind = Kind::Gemm;
+  FloatWeight weight;
+  BatchNormAffine affine;
+  graph::LazyBytes new_weight;
+  FoldedBias bias;        // C' (Gemm), c' (MatMulAdd)
+  std::string bias_raw;   // C' / c' / C = t (MatMulToGemm) / the shift added after a rank >= 3 MatMul ("": none)
+  double beta = 1.0;      // Gemm
+};
+
+// Gemm -> BN: B' = a * B per output column, C' = beta * a * C + t, beta = 1.
+Expected<GemmBnPlan> plan_gemm(FoldContext& ctx, const GemmBnMatch& m, int bn, GemmBnPlan plan) {
+  Graph& g = ctx.graph;
+  const Node& n = g.nodes[m.layer];
+  if (n.outputs.size() != 1 || n.inputs.size() < 2) return Outcome::kept(Reason::Malformed, "Gemm has an unexpected arity");
+  QDQFOLD_CHECK(layer_output_blocker(g, m.layer, n.outputs[0], bn));
   const std::string c_name = n.inputs.size() > 2 ? n.inputs[2] : "";
   std::optional<std::vector<int64_t>> c_dims;
   std::vector<double> c_values;
@@ -77,154 +117,142 @@ Outcome fold_into_gemm(FoldContext& ctx, int gemm, int bn) {
     if (!v || !c_dims) return Outcome::kept(Reason::NonConstantBias, "the Gemm's C '" + c_name + "' is not a constant");
     c_values = std::move(*v);
   }
-  auto affine_or = read_batchnorm(ctx, bn);
-  if (auto* o = std::get_if<Outcome>(&affine_or)) return *o;
-  const BatchNormAffine& affine = std::get<BatchNormAffine>(affine_or);
-
-  auto new_weight = rescale_weight(ctx, weight, affine.scale);
-  if (auto* o = std::get_if<Outcome>(&new_weight)) return *o;
-  const double beta = n.attr_float("beta", 1.0f);
-  std::vector<double> c_factor(affine.scale);
-  for (double& f : c_factor) f *= beta;
-  auto bias_or = fold_bias(c_dims, c_values, c_factor, affine.shift, "the Gemm's C '" + c_name + "'");
-  if (auto* o = std::get_if<Outcome>(&bias_or)) return *o;
-  const FoldedBias& bias = std::get<FoldedBias>(bias_or);
-  auto new_bias = store_or_keep(weight.tensor.data_type, bias.values, "C");
-  if (auto* o = std::get_if<Outcome>(&new_bias)) return *o;
-
-  Outcome out = folded(g, {gemm}, "Gemm", "B' = a * B per output column, C' = beta * a * C + t, beta = 1");
-  const std::string base = base_name(n);
-  const int32_t dtype = weight.tensor.data_type;
-  const std::vector<int64_t> weight_dims = weight.tensor.dims;
-  write_layer_input(ctx, gemm, 1, dtype, weight_dims, std::move(std::get<graph::LazyBytes>(new_weight)), base + "_B", out);
-  write_layer_input(ctx, gemm, 2, dtype, bias.dims, std::get<std::string>(new_bias), base + "_C", out);
-  if (beta != 1.0) g.set_float_attribute(gemm, "beta", 1.0f);
-  take_over_batchnorm_output(g, gemm, 0, bn, affine);
-  return out;
+  QDQFOLD_TRY(affine, read_batchnorm(ctx, bn));
+  plan.affine = std::move(affine);
+  QDQFOLD_TRY(new_weight, rescale_weight(ctx, plan.weight, plan.affine.scale));
+  plan.new_weight = std::move(new_weight);
+  plan.beta = n.attr_float("beta", 1.0f);
+  std::vector<double> c_factor(plan.affine.scale);
+  for (double& f : c_factor) f *= plan.beta;
+  QDQFOLD_TRY(bias, fold_bias(c_dims, c_values, c_factor, plan.affine.shift, "the Gemm's C '" + c_name + "'"));
+  plan.bias = std::move(bias);
+  QDQFOLD_TRY(raw, store_or_keep(plan.weight.tensor.data_type, plan.bias.values, "C"));
+  plan.bias_raw = std::move(raw);
+  return plan;
 }
 
-// MatMul with a rank >= 3 output -> an elementwise affine along its features (the last axis; layer scale):
-// W' = a * W per output column, and the shift (if any) as an Add after the MatMul; no Gemm (its input is not 2-D).
-Outcome fold_into_rank3_matmul(FoldContext& ctx, int matmul, int node, const FloatWeight& weight,
-                               const BatchNormAffine& affine) {
+// MatMul -> BN: the MatMul becomes a Gemm carrying the BN's shift as C; or, for an elementwise affine along
+// the last axis of a rank >= 3 output (layer scale), W' = a * W per output column and the shift as an Add
+// after the MatMul (no Gemm: its input is not 2-D).
+Expected<GemmBnPlan> plan_matmul(FoldContext& ctx, const GemmBnMatch& m, int bn, GemmBnPlan plan) {
   Graph& g = ctx.graph;
-  auto new_weight = rescale_weight(ctx, weight, affine.scale);
-  if (auto* o = std::get_if<Outcome>(&new_weight)) return *o;
-  std::string shift_raw;
-  if (!affine.zero_shift()) {
-    auto raw = store_or_keep(weight.tensor.data_type, affine.shift, "bias");
-    if (auto* o = std::get_if<Outcome>(&raw)) return *o;
-    shift_raw = std::move(std::get<std::string>(raw));
-  }
-  Outcome out = folded(g, {matmul}, "MatMul", std::string("B' = a * B per output column (the features, its last axis)") +
-                                                  (shift_raw.empty() ? "" : ", t added after it"));
-  const Node& n = g.nodes[matmul];
-  const std::string base = base_name(n);
-  const int32_t dtype = weight.tensor.data_type;
-  const std::vector<int64_t> weight_dims = weight.tensor.dims;
-  const int64_t features = weight.layout.out_channels;
-  write_layer_input(ctx, matmul, 1, dtype, weight_dims, std::move(std::get<graph::LazyBytes>(new_weight)), base + "_B", out);
-  take_over_batchnorm_output(g, matmul, 0, node, affine);
-  if (!shift_raw.empty()) add_constant_after(ctx, matmul, dtype, {features}, shift_raw, "_shift", out);
-  return out;
-}
-
-// MatMul -> BN: the MatMul becomes a Gemm carrying the BN's shift as C.
-Outcome fold_into_matmul(FoldContext& ctx, int matmul, int bn) {
-  Graph& g = ctx.graph;
-  auto weight_or = read_float_weight(ctx, matmul);
-  if (auto* o = std::get_if<Outcome>(&weight_or)) return *o;
-  const FloatWeight& weight = std::get<FloatWeight>(weight_or);
-  const Node& n = g.nodes[matmul];
+  const Node& n = g.nodes[m.layer];
   if (n.outputs.size() != 1 || n.inputs.size() != 2) return Outcome::kept(Reason::Malformed, "MatMul has an unexpected arity");
-  if (auto blocked = layer_output_blocker(g, matmul, n.outputs[0], bn)) return *blocked;
+  QDQFOLD_CHECK(layer_output_blocker(g, m.layer, n.outputs[0], bn));
   const std::string bn_output = g.nodes[bn].outputs[0];
-  auto affine_or = read_batchnorm(ctx, bn);
-  if (auto* o = std::get_if<Outcome>(&affine_or)) return *o;
-  const BatchNormAffine& affine = std::get<BatchNormAffine>(affine_or);
-  if (affine.last_axis) return fold_into_rank3_matmul(ctx, matmul, bn, weight, affine);
-  if (auto not_2d = require_2d_output(g, n.outputs[0], bn_output, n.inputs[0])) return *not_2d;
-  auto new_weight = rescale_weight(ctx, weight, affine.scale);
-  if (auto* o = std::get_if<Outcome>(&new_weight)) return *o;
-  auto new_bias = store_or_keep(weight.tensor.data_type, affine.shift, "bias");
-  if (auto* o = std::get_if<Outcome>(&new_bias)) return *o;
-
-  Outcome out = folded(g, {matmul}, "Gemm", "the MatMul became a Gemm with B' = a * B per output column, C = t");
-  const std::string base = base_name(n);
-  const int32_t dtype = weight.tensor.data_type;
-  const std::vector<int64_t> weight_dims = weight.tensor.dims;
-  const int64_t features = weight.layout.out_channels;
-  write_layer_input(ctx, matmul, 1, dtype, weight_dims, std::move(std::get<graph::LazyBytes>(new_weight)), base + "_B", out);
-  g.set_op_type(matmul, "Gemm");
-  write_layer_input(ctx, matmul, 2, dtype, {features}, std::get<std::string>(new_bias), base + "_C", out);
-  // Before opset 7, Gemm broadcasts C only when told to.
-  if (g.opset("") < 7) g.set_int_attribute(matmul, "broadcast", 1);
-  take_over_batchnorm_output(g, matmul, 0, bn, affine);
-  return out;
+  QDQFOLD_TRY(affine, read_batchnorm(ctx, bn));
+  plan.affine = std::move(affine);
+  if (plan.affine.last_axis) {
+    plan.kind = GemmBnPlan::Kind::Rank3MatMul;
+    QDQFOLD_TRY(new_weight, rescale_weight(ctx, plan.weight, plan.affine.scale));
+    plan.new_weight = std::move(new_weight);
+    if (!plan.affine.zero_shift()) {
+      QDQFOLD_TRY(raw, store_or_keep(plan.weight.tensor.data_type, plan.affine.shift, "bias"));
+      plan.bias_raw = std::move(raw);
+    }
+    return plan;
+  }
+  plan.kind = GemmBnPlan::Kind::MatMulToGemm;
+  QDQFOLD_CHECK(require_2d_output(g, n.outputs[0], bn_output, n.inputs[0]));
+  QDQFOLD_TRY(new_weight, rescale_weight(ctx, plan.weight, plan.affine.scale));
+  plan.new_weight = std::move(new_weight);
+  QDQFOLD_TRY(raw, store_or_keep(plan.weight.tensor.data_type, plan.affine.shift, "bias"));
+  plan.bias_raw = std::move(raw);
+  return plan;
 }
 
-// MatMul -> Add(constant bias) -> BN. Returns NotApplicable when the Add is not that pattern.
-Outcome fold_into_matmul_add(FoldContext& ctx, int add, int bn) {
+// MatMul -> Add(constant c) -> BN: B' = a * B per output column, c' = a * c + t.
+Expected<GemmBnPlan> plan_matmul_add(FoldContext& ctx, const GemmBnMatch& m, int bn, GemmBnPlan plan) {
   Graph& g = ctx.graph;
-  const Node& a = g.nodes[add];
-  if (a.inputs.size() != 2 || a.outputs.size() != 1) return Outcome::not_applicable();
-  int matmul = -1, bias_slot = -1;
-  for (int s = 0; s < 2; ++s) {
-    const int p = g.producer(a.inputs[s]);
-    if (p >= 0 && g.nodes[p].is("MatMul") && constant_dims(g, a.inputs[1 - s])) {
-      matmul = p;
-      bias_slot = 1 - s;
-      break;
-    }
-  }
-  if (matmul < 0) return Outcome::not_applicable();
-
-  auto weight_or = read_float_weight(ctx, matmul);
-  if (auto* o = std::get_if<Outcome>(&weight_or)) return *o;
-  const FloatWeight& weight = std::get<FloatWeight>(weight_or);
-  const Node& m = g.nodes[matmul];
-  if (m.outputs.size() != 1 || m.inputs.size() != 2) return Outcome::kept(Reason::Malformed, "MatMul has an unexpected arity");
-  if (auto blocked = layer_output_blocker(g, matmul, m.outputs[0], add, 1 - bias_slot)) return *blocked;
-  if (auto blocked = layer_output_blocker(g, add, a.outputs[0], bn)) return *blocked;
-  auto affine_or = read_batchnorm(ctx, bn);
-  if (auto* o = std::get_if<Outcome>(&affine_or)) return *o;
-  const BatchNormAffine& affine = std::get<BatchNormAffine>(affine_or);
-  if (!affine.last_axis)  // an affine along the last axis of a rank >= 3 output is on the features already
-    if (auto not_2d = require_2d_output(g, a.outputs[0], g.nodes[bn].outputs[0], m.inputs[0])) return *not_2d;
-
-  const std::string& bias_name = a.inputs[bias_slot];
+  const Node& a = g.nodes[m.add];
+  const Node& mm = g.nodes[m.layer];
+  plan.kind = GemmBnPlan::Kind::MatMulAdd;
+  if (mm.outputs.size() != 1 || mm.inputs.size() != 2) return Outcome::kept(Reason::Malformed, "MatMul has an unexpected arity");
+  QDQFOLD_CHECK(layer_output_blocker(g, m.layer, mm.outputs[0], m.add, 1 - m.bias_slot));
+  QDQFOLD_CHECK(layer_output_blocker(g, m.add, a.outputs[0], bn));
+  QDQFOLD_TRY(affine, read_batchnorm(ctx, bn));
+  plan.affine = std::move(affine);
+  if (!plan.affine.last_axis)  // an affine along the last axis of a rank >= 3 output is on the features already
+    QDQFOLD_CHECK(require_2d_output(g, a.outputs[0], g.nodes[bn].outputs[0], mm.inputs[0]));
+  const std::string& bias_name = a.inputs[m.bias_slot];
   auto bias_values = constant_values(g, bias_name);
   auto bias_dims = constant_dims(g, bias_name);
   if (!bias_values || !bias_dims) return Outcome::kept(Reason::NonConstantBias, "the bias '" + bias_name + "' is not a constant");
+  QDQFOLD_TRY(new_weight, rescale_weight(ctx, plan.weight, plan.affine.scale));
+  plan.new_weight = std::move(new_weight);
+  QDQFOLD_TRY(bias, fold_bias(bias_dims, *bias_values, plan.affine.scale, plan.affine.shift, "the bias '" + bias_name + "'"));
+  plan.bias = std::move(bias);
+  QDQFOLD_TRY(raw, store_or_keep(plan.weight.tensor.data_type, plan.bias.values, "bias"));
+  plan.bias_raw = std::move(raw);
+  return plan;
+}
 
-  auto new_weight = rescale_weight(ctx, weight, affine.scale);
-  if (auto* o = std::get_if<Outcome>(&new_weight)) return *o;
-  auto bias_or = fold_bias(bias_dims, *bias_values, affine.scale, affine.shift, "the bias '" + bias_name + "'");
-  if (auto* o = std::get_if<Outcome>(&bias_or)) return *o;
-  const FoldedBias& bias = std::get<FoldedBias>(bias_or);
-  auto new_bias = store_or_keep(weight.tensor.data_type, bias.values, "bias");
-  if (auto* o = std::get_if<Outcome>(&new_bias)) return *o;
+Expected<GemmBnPlan> plan_gemm_bn(FoldContext& ctx, const GemmBnMatch& m, int bn) {
+  GemmBnPlan plan;
+  // Gemm: transA=1 too, B holds the outputs.
+  QDQFOLD_TRY(weight, read_float_weight(ctx, m.layer, /*backward_fold=*/m.shape == GemmBnMatch::Shape::Gemm));
+  plan.weight = std::move(weight);
+  switch (m.shape) {
+    case GemmBnMatch::Shape::Gemm: return plan_gemm(ctx, m, bn, std::move(plan));
+    case GemmBnMatch::Shape::MatMul: return plan_matmul(ctx, m, bn, std::move(plan));
+    case GemmBnMatch::Shape::MatMulAdd: return plan_matmul_add(ctx, m, bn, std::move(plan));
+  }
+  return Outcome::not_applicable();
+}
 
-  Outcome out = folded(g, {matmul, add}, "MatMul", "B' = a * B per output column, and the Add's c' = a * c + t");
-  const std::string base = base_name(m);
-  const int32_t dtype = weight.tensor.data_type;
-  const std::vector<int64_t> weight_dims = weight.tensor.dims;
-  write_layer_input(ctx, matmul, 1, dtype, weight_dims, std::move(std::get<graph::LazyBytes>(new_weight)), base + "_B", out);
-  write_layer_input(ctx, add, bias_slot, dtype, bias.dims, std::get<std::string>(new_bias), base + "_bias", out);
-  take_over_batchnorm_output(g, add, 0, bn, affine);
-  return out;
+// ---------------------------------------------------------------- apply
+
+Outcome apply_gemm_bn(FoldContext& ctx, const GemmBnMatch& m, int bn, GemmBnPlan& plan) {
+  Graph& g = ctx.graph;
+  const std::string base = base_name(g.nodes[m.layer]);
+  const int32_t dtype = plan.weight.tensor.data_type;
+  const std::vector<int64_t> weight_dims = plan.weight.tensor.dims;
+  const int64_t features = plan.weight.layout.out_channels;
+  switch (plan.kind) {
+    case GemmBnPlan::Kind::Gemm: {
+      Outcome out = folded(g, {m.layer}, "Gemm", "B' = a * B per output column, C' = beta * a * C + t, beta = 1");
+      write_layer_input(ctx, m.layer, 1, dtype, weight_dims, std::move(plan.new_weight), base + "_B", out);
+      write_layer_input(ctx, m.layer, 2, dtype, plan.bias.dims, plan.bias_raw, base + "_C", out);
+      if (plan.beta != 1.0) g.set_float_attribute(m.layer, "beta", 1.0f);
+      take_over_batchnorm_output(g, m.layer, 0, bn, plan.affine);
+      return out;
+    }
+    case GemmBnPlan::Kind::Rank3MatMul: {
+      Outcome out = folded(g, {m.layer}, "MatMul", std::string("B' = a * B per output column (the features, its last axis)") +
+                                                       (plan.bias_raw.empty() ? "" : ", t added after it"));
+      write_layer_input(ctx, m.layer, 1, dtype, weight_dims, std::move(plan.new_weight), base + "_B", out);
+      take_over_batchnorm_output(g, m.layer, 0, bn, plan.affine);
+      if (!plan.bias_raw.empty()) add_constant_after(ctx, m.layer, dtype, {features}, plan.bias_raw, "_shift", out);
+      return out;
+    }
+    case GemmBnPlan::Kind::MatMulToGemm: {
+      Outcome out = folded(g, {m.layer}, "Gemm", "the MatMul became a Gemm with B' = a * B per output column, C = t");
+      write_layer_input(ctx, m.layer, 1, dtype, weight_dims, std::move(plan.new_weight), base + "_B", out);
+      g.set_op_type(m.layer, "Gemm");
+      write_layer_input(ctx, m.layer, 2, dtype, {features}, plan.bias_raw, base + "_C", out);
+      // Before opset 7, Gemm broadcasts C only when told to.
+      if (g.opset("") < 7) g.set_int_attribute(m.layer, "broadcast", 1);
+      take_over_batchnorm_output(g, m.layer, 0, bn, plan.affine);
+      return out;
+    }
+    case GemmBnPlan::Kind::MatMulAdd: {
+      Outcome out = folded(g, {m.layer, m.add}, "MatMul", "B' = a * B per output column, and the Add's c' = a * c + t");
+      write_layer_input(ctx, m.layer, 1, dtype, weight_dims, std::move(plan.new_weight), base + "_B", out);
+      write_layer_input(ctx, m.add, m.bias_slot, dtype, plan.bias.dims, plan.bias_raw, base + "_bias", out);
+      take_over_batchnorm_output(g, m.add, 0, bn, plan.affine);
+      return out;
+    }
+  }
+  return Outcome::not_applicable();
 }
 
 }  // namespace
 
 Outcome fold_gemm_bn(FoldContext& ctx, int bn) {
-  Graph& g = ctx.graph;
-  const int layer = batchnorm_input_producer(g, bn);
-  if (layer < 0) return Outcome::not_applicable();
-  if (g.nodes[layer].is("Gemm")) return fold_into_gemm(ctx, layer, bn);
-  if (g.nodes[layer].is("MatMul")) return fold_into_matmul(ctx, layer, bn);
-  if (g.nodes[layer].is("Add")) return fold_into_matmul_add(ctx, layer, bn);
-  return Outcome::not_applicable();
+  const std::optional<GemmBnMatch> match = select_gemm_bn(ctx.graph, bn);
+  if (!match) return Outcome::not_applicable();
+  QDQFOLD_TRY(plan, plan_gemm_bn(ctx, *match, bn));
+  return apply_gemm_bn(ctx, *match, bn, plan);
 }
 
 }  // namespace qdqfold::folds

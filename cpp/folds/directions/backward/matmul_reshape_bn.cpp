@@ -13,6 +13,7 @@
 // output must be read only by the reshape and the reshape's only by the BN. A weight produced by
 // DequantizeLinear is the QDQ fold's pattern: not applicable here.
 #include "folds/directions/backward/backward.h"
+#include "folds/expected.h"
 #include "folds/folds.h"
 #include "folds/directions/forward/forward.h"
 
@@ -52,93 +53,117 @@ std::optional<Outcome> require_feature_axis_kept(Graph& g, int reshape, const st
   return std::nullopt;
 }
 
-}  // namespace
+// ---------------------------------------------------------------- select
 
-Outcome fold_matmul_reshape_bn(FoldContext& ctx, int bn) {
-  Graph& g = ctx.graph;
-  const int reshape = batchnorm_input_producer(g, bn);
-  if (reshape < 0 || !(g.nodes[reshape].is("Flatten") || g.nodes[reshape].is("Reshape"))) return Outcome::not_applicable();
-  if (g.nodes[reshape].inputs.empty() || g.nodes[reshape].outputs.size() != 1) return Outcome::not_applicable();
-  int matmul = g.producer(g.nodes[reshape].inputs[0]);
-  // Linear with a bias: MatMul -> Add(constant c) -> reshape.
-  int add = -1, bias_slot = -1;
-  if (matmul >= 0 && g.nodes[matmul].is("Add") && g.nodes[matmul].inputs.size() == 2 && g.nodes[matmul].outputs.size() == 1) {
-    for (int s = 0; s < 2 && add < 0; ++s) {
-      const int p = g.producer(g.nodes[matmul].inputs[s]);
-      if (p >= 0 && g.nodes[p].is("MatMul") && constant_dims(g, g.nodes[matmul].inputs[1 - s])) {
-        add = matmul;
-        bias_slot = 1 - s;
-        matmul = p;
-      }
+struct MatmulReshapeMatch {
+  int reshape = -1;  // the Flatten / Reshape the BN reads
+  int matmul = -1;
+  int add = -1;      // Linear with a bias: MatMul -> Add(constant c) -> reshape, and the Add's slot of c
+  int bias_slot = -1;
+};
+
+std::optional<MatmulReshapeMatch> select_matmul_reshape_bn(Graph& g, int bn) {
+  MatmulReshapeMatch m;
+  m.reshape = batchnorm_input_producer(g, bn);
+  if (m.reshape < 0 || !(g.nodes[m.reshape].is("Flatten") || g.nodes[m.reshape].is("Reshape"))) return std::nullopt;
+  if (g.nodes[m.reshape].inputs.empty() || g.nodes[m.reshape].outputs.size() != 1) return std::nullopt;
+  m.matmul = g.producer(g.nodes[m.reshape].inputs[0]);
+  if (m.matmul >= 0)
+    if (const auto ma = select_matmul_add(g, m.matmul)) {
+      m.add = ma->add;
+      m.bias_slot = ma->bias_slot;
+      m.matmul = ma->matmul;
     }
-  }
-  if (matmul < 0 || !g.nodes[matmul].is("MatMul")) return Outcome::not_applicable();
+  if (m.matmul < 0 || !g.nodes[m.matmul].is("MatMul")) return std::nullopt;
+  const auto& in = g.nodes[m.matmul].inputs;
+  if (in.size() >= 2 && !in[1].empty() && produced_by_dequantize(g, in[1])) return std::nullopt;  // qdq-layer-bn's
+  return m;
+}
 
-  auto weight_or = read_float_weight(ctx, matmul);
-  if (auto* o = std::get_if<Outcome>(&weight_or)) return *o;
-  const FloatWeight& weight = std::get<FloatWeight>(weight_or);
-  const Node& m = g.nodes[matmul];
-  if (m.outputs.size() != 1 || m.inputs.size() != 2) return Outcome::kept(Reason::Malformed, "MatMul has an unexpected arity");
-  const std::string feature_map = add >= 0 ? g.nodes[add].outputs[0] : m.outputs[0];  // what the reshape reads
-  if (add >= 0) {
-    if (auto blocked = layer_output_blocker(g, matmul, m.outputs[0], add, 1 - bias_slot)) return *blocked;
-    if (auto blocked = layer_output_blocker(g, add, feature_map, reshape, 0)) return *blocked;
-  } else if (auto blocked = layer_output_blocker(g, matmul, m.outputs[0], reshape, 0)) {
-    return *blocked;
-  }
-  if (auto blocked = layer_output_blocker(g, reshape, g.nodes[reshape].outputs[0], bn)) return *blocked;
-  const int64_t features = weight.layout.out_channels;
-  if (auto moved = require_feature_axis_kept(g, reshape, feature_map, m.inputs[0], features)) return *moved;
+// ---------------------------------------------------------------- plan
 
-  auto affine_or = read_batchnorm(ctx, bn);
-  if (auto* o = std::get_if<Outcome>(&affine_or)) return *o;
-  const BatchNormAffine& affine = std::get<BatchNormAffine>(affine_or);
-  if (static_cast<int64_t>(affine.scale.size()) != features)
-    return Outcome::kept(Reason::ShapeMismatch, "the BN has " + std::to_string(affine.scale.size()) + " channels but the "
-                                           "MatMul has " + std::to_string(features) + " output features");
-  auto new_weight = rescale_weight(ctx, weight, affine.scale);
-  if (auto* o = std::get_if<Outcome>(&new_weight)) return *o;
-  FoldedBias bias;
+struct MatmulReshapePlan {
+  FloatWeight weight;
+  BatchNormAffine affine;
+  graph::LazyBytes new_weight;
+  FoldedBias bias;         // with an Add: c' = a * c + t
   std::string bias_raw;
-  int32_t bias_type = weight.tensor.data_type;
-  if (add >= 0) {  // the bias Add takes a * c + t
-    const std::string& name = g.nodes[add].inputs[bias_slot];
+  int32_t bias_type = 0;
+  std::string shift_raw;   // without: t, added after the MatMul ("" when t = 0)
+};
+
+Expected<MatmulReshapePlan> plan_matmul_reshape_bn(FoldContext& ctx, const MatmulReshapeMatch& mt, int bn) {
+  Graph& g = ctx.graph;
+  MatmulReshapePlan plan;
+  QDQFOLD_TRY(weight, read_float_weight(ctx, mt.matmul));
+  plan.weight = std::move(weight);
+  const Node& m = g.nodes[mt.matmul];
+  if (m.outputs.size() != 1 || m.inputs.size() != 2) return Outcome::kept(Reason::Malformed, "MatMul has an unexpected arity");
+  const std::string feature_map = mt.add >= 0 ? g.nodes[mt.add].outputs[0] : m.outputs[0];  // what the reshape reads
+  if (mt.add >= 0) {
+    QDQFOLD_CHECK(layer_output_blocker(g, mt.matmul, m.outputs[0], mt.add, 1 - mt.bias_slot));
+    QDQFOLD_CHECK(layer_output_blocker(g, mt.add, feature_map, mt.reshape, 0));
+  } else {
+    QDQFOLD_CHECK(layer_output_blocker(g, mt.matmul, m.outputs[0], mt.reshape, 0));
+  }
+  QDQFOLD_CHECK(layer_output_blocker(g, mt.reshape, g.nodes[mt.reshape].outputs[0], bn));
+  const int64_t features = plan.weight.layout.out_channels;
+  QDQFOLD_CHECK(require_feature_axis_kept(g, mt.reshape, feature_map, m.inputs[0], features));
+  QDQFOLD_TRY(affine, read_batchnorm(ctx, bn));
+  plan.affine = std::move(affine);
+  if (static_cast<int64_t>(plan.affine.scale.size()) != features)
+    return Outcome::kept(Reason::ShapeMismatch, "the BN has " + std::to_string(plan.affine.scale.size()) +
+                                                    " channels but the MatMul has " + std::to_string(features) +
+                                                    " output features");
+  QDQFOLD_TRY(new_weight, rescale_weight(ctx, plan.weight, plan.affine.scale));
+  plan.new_weight = std::move(new_weight);
+  plan.bias_type = plan.weight.tensor.data_type;
+  if (mt.add >= 0) {  // the bias Add takes a * c + t
+    const std::string& name = g.nodes[mt.add].inputs[mt.bias_slot];
     auto values = constant_values(g, name);
     auto dims = constant_dims(g, name);
     if (!values || !dims) return Outcome::kept(Reason::NonConstantBias, "the bias '" + name + "' is not a constant");
-    if (auto ref = g.constant(name); ref && graph::is_float_type(ref->tensor.data_type)) bias_type = ref->tensor.data_type;
-    auto folded_or = fold_bias(dims, *values, affine.scale, affine.shift, "the bias '" + name + "'");
-    if (auto* o = std::get_if<Outcome>(&folded_or)) return *o;
-    bias = std::move(std::get<FoldedBias>(folded_or));
-    auto raw = store_or_keep(bias_type, bias.values, "bias");
-    if (auto* o = std::get_if<Outcome>(&raw)) return *o;
-    bias_raw = std::move(std::get<std::string>(raw));
+    if (auto ref = g.constant(name); ref && graph::is_float_type(ref->tensor.data_type)) plan.bias_type = ref->tensor.data_type;
+    QDQFOLD_TRY(folded, fold_bias(dims, *values, plan.affine.scale, plan.affine.shift, "the bias '" + name + "'"));
+    plan.bias = std::move(folded);
+    QDQFOLD_TRY(raw, store_or_keep(plan.bias_type, plan.bias.values, "bias"));
+    plan.bias_raw = std::move(raw);
+  } else if (!plan.affine.zero_shift()) {
+    QDQFOLD_TRY(raw, store_or_keep(plan.weight.tensor.data_type, plan.affine.shift, "bias"));
+    plan.shift_raw = std::move(raw);
   }
-  std::string shift_raw;
-  if (add < 0 && !affine.zero_shift()) {
-    auto raw = store_or_keep(weight.tensor.data_type, affine.shift, "bias");
-    if (auto* o = std::get_if<Outcome>(&raw)) return *o;
-    shift_raw = std::move(std::get<std::string>(raw));
-  }
+  return plan;
+}
 
-  // Every condition holds: edit.
-  Outcome out;
-  out.verdict = Verdict::Folded;
-  out.code = code(FoldName::MatmulReshapeBn);
-  out.into = {m.display_name(matmul)};
-  if (add >= 0) out.into.push_back(g.nodes[add].display_name(add));
+// ---------------------------------------------------------------- apply
+
+Outcome apply_matmul_reshape_bn(FoldContext& ctx, const MatmulReshapeMatch& mt, int bn, MatmulReshapePlan& plan) {
+  Graph& g = ctx.graph;
+  const Node& m = g.nodes[mt.matmul];
+  Outcome out = Outcome::folded(FoldName::MatmulReshapeBn);
+  out.into = {m.display_name(mt.matmul)};
+  if (mt.add >= 0) out.into.push_back(g.nodes[mt.add].display_name(mt.add));
   out.into_op = "MatMul";
-  out.message = "folded into MatMul '" + out.into[0] + "' through " + describe_node(g, reshape) +
+  out.message = "folded into MatMul '" + out.into[0] + "' through " + describe_node(g, mt.reshape) +
                 ": W' = a * W per output column" +
-                (add >= 0 ? ", the bias c' = a * c + t" : shift_raw.empty() ? "" : ", t added after the MatMul");
+                (mt.add >= 0 ? ", the bias c' = a * c + t" : plan.shift_raw.empty() ? "" : ", t added after the MatMul");
   const std::string base = m.name.empty() ? m.outputs[0] : m.name;
-  const int32_t dtype = weight.tensor.data_type;
-  const std::vector<int64_t> weight_dims = weight.tensor.dims;
-  write_layer_input(ctx, matmul, 1, dtype, weight_dims, std::move(std::get<graph::LazyBytes>(new_weight)), base + "_B", out);
-  if (add >= 0) write_layer_input(ctx, add, bias_slot, bias_type, bias.dims, bias_raw, base + "_bias", out);
-  if (!shift_raw.empty()) add_constant_after(ctx, matmul, dtype, {features}, shift_raw, "_bn_shift", out);
-  take_over_batchnorm_output(g, reshape, 0, bn, affine);
+  const int32_t dtype = plan.weight.tensor.data_type;
+  const int64_t features = plan.weight.layout.out_channels;
+  write_layer_input(ctx, mt.matmul, 1, dtype, plan.weight.tensor.dims, std::move(plan.new_weight), base + "_B", out);
+  if (mt.add >= 0) write_layer_input(ctx, mt.add, mt.bias_slot, plan.bias_type, plan.bias.dims, plan.bias_raw, base + "_bias", out);
+  if (!plan.shift_raw.empty()) add_constant_after(ctx, mt.matmul, dtype, {features}, plan.shift_raw, "_bn_shift", out);
+  take_over_batchnorm_output(g, mt.reshape, 0, bn, plan.affine);
   return out;
+}
+
+}  // namespace
+
+Outcome fold_matmul_reshape_bn(FoldContext& ctx, int bn) {
+  const std::optional<MatmulReshapeMatch> match = select_matmul_reshape_bn(ctx.graph, bn);
+  if (!match) return Outcome::not_applicable();
+  QDQFOLD_TRY(plan, plan_matmul_reshape_bn(ctx, *match, bn));
+  return apply_matmul_reshape_bn(ctx, *match, bn, plan);
 }
 
 }  // namespace qdqfold::folds
