@@ -15,7 +15,7 @@ struct Pending {
   BatchNormRecord record;
   folds::Outcome chosen;  // the fold, or the first reason to keep it that a rule gave
   const char* direction = "";
-  bool affine = false;    // Mul / Add / Sub / Div by a per-channel constant (folds/affine.h)
+  bool affine = false;    // Mul / Add / Sub / Div by a per-channel constant (folds/sources/affine.h)
 };
 
 void finish(Pending& p, bool no_rules) {

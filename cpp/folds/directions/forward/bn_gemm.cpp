@@ -11,6 +11,7 @@
 // Exact: a Gemm has no padding. A BN read directly by a Gemm (2-D input) is the case HW = 1.
 
 #include "folds/directions/forward/forward.h"
+#include "folds/expected.h"
 #include "folds/directions/forward/padding_correction.h"
 
 #include "wire/fields.h"
@@ -88,13 +89,9 @@ PlanOrKept plan_bn_gemm(FoldContext& ctx, int bn, const BatchNormAffine& affine,
   Graph& g = ctx.graph;
   const int layer = reader.layer;
   const std::string who = describe_node(g, layer);
-  auto weight = read_forward_weight(ctx, layer);
-  if (auto* o = std::get_if<Outcome>(&weight)) return std::move(*o);
-  const FloatWeight w = std::move(std::get<FloatWeight>(weight));
+  QDQFOLD_TRY(w, read_forward_weight(ctx, layer));
   const auto channels = static_cast<int64_t>(affine.scale.size());
-  auto hw_or = features_per_channel(ctx, bn, reader, channels, w.layout.in_channels);
-  if (auto* o = std::get_if<Outcome>(&hw_or)) return std::move(*o);
-  const int64_t hw = std::get<int64_t>(hw_or);
+  QDQFOLD_TRY(hw, features_per_channel(ctx, bn, reader, channels, w.layout.in_channels));
   const bool is_gemm = g.nodes[layer].is("Gemm");
   const int64_t outputs = w.layout.out_channels;
   const int32_t dtype = w.tensor.data_type;
@@ -141,9 +138,8 @@ PlanOrKept plan_bn_gemm(FoldContext& ctx, int bn, const BatchNormAffine& affine,
           bias.push_back(beta * c_values[static_cast<size_t>(r * cols + (cols == 1 ? 0 : o))] +
                          alpha * sums[static_cast<size_t>(o)][0]);
     }
-    auto stored = store_or_keep(dtype, bias, is_gemm ? "bias" : "shift");
-    if (auto* o = std::get_if<Outcome>(&stored)) return std::move(*o);
-    bias_raw = std::move(std::get<std::string>(stored));
+    QDQFOLD_TRY(stored, store_or_keep(dtype, bias, is_gemm ? "bias" : "shift"));
+    bias_raw = std::move(stored);
   }
   plan.apply = [layer, dtype, is_gemm, beta, weight_dims = w.tensor.dims,
                 scaled = std::move(std::get<std::string>(scaled)), bias_raw,

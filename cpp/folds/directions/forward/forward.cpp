@@ -1,5 +1,6 @@
 // The forward fold's driver and the helpers its planners share; see forward.h for the graph and formula.
 #include "folds/directions/forward/forward.h"
+#include "folds/expected.h"
 
 #include <cstring>
 
@@ -223,12 +224,8 @@ void add_constant_after(FoldContext& ctx, int layer, int32_t data_type, const st
 
 Outcome fold_bn_forward(FoldContext& ctx, int bn) {
   Graph& g = ctx.graph;
-  auto found = forward_readers(ctx, bn);
-  if (auto* o = std::get_if<Outcome>(&found)) return std::move(*o);
-  const auto readers = std::move(std::get<std::vector<ForwardReader>>(found));
-  auto read = read_batchnorm(ctx, bn);
-  if (auto* o = std::get_if<Outcome>(&read)) return std::move(*o);
-  const BatchNormAffine affine = std::move(std::get<BatchNormAffine>(read));
+  QDQFOLD_TRY(readers, forward_readers(ctx, bn));
+  QDQFOLD_TRY(affine, read_batchnorm(ctx, bn));
   if (affine.last_axis) return Outcome::not_applicable();  // a MatMul's features, folded backwards only
 
   std::vector<LayerPlan> plans;
