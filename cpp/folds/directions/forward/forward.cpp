@@ -142,44 +142,6 @@ std::optional<std::vector<int64_t>> activation_shape(const FoldContext& ctx, int
   return partial;
 }
 
-std::vector<std::vector<double>> shift_through_weight(const FloatWeight& w, const std::vector<double>& shift,
-                                                      int64_t features_per_channel) {
-  const WeightLayout& l = w.layout;
-  std::vector<std::vector<double>> sums(static_cast<size_t>(l.out_channels),
-                                        std::vector<double>(static_cast<size_t>(l.R), 0.0));
-  for (int64_t p = 0; p < l.P; ++p)
-    for (int64_t q = 0; q < l.Q; ++q) {
-      const double t = shift[static_cast<size_t>(l.input_of(p, q) / features_per_channel)];
-      if (t == 0.0) continue;
-      auto& row = sums[static_cast<size_t>(l.output_of(p, q))];
-      const size_t base = static_cast<size_t>((p * l.Q + q) * l.R);
-      for (int64_t r = 0; r < l.R; ++r)
-        row[static_cast<size_t>(r)] += graph::float_element(w.tensor.data_type, w.bytes, base + static_cast<size_t>(r)) * t;
-    }
-  return sums;
-}
-
-std::variant<std::string, Outcome> scale_input_features(const FloatWeight& w, const std::vector<double>& scale,
-                                                        int64_t features_per_channel) {
-  const WeightLayout& l = w.layout;
-  kernels::ChannelAxis axis = l.input_axis();
-  if (features_per_channel != 1) {  // Gemm/MatMul after a Flatten: feature f = c * HW + p (groups == 1)
-    const int64_t channels = l.in_channels / features_per_channel;
-    axis = l.p_is_output ? kernels::ChannelAxis{1, l.P, channels, features_per_channel}
-                         : kernels::ChannelAxis{1, 1, channels, features_per_channel * l.Q};
-  }
-  // A read-only check pass first (it counts overflows), then the write.
-  auto r = kernels::affine_channels(w.tensor.data_type, w.bytes, axis, scale.data(), nullptr, static_cast<char*>(nullptr));
-  if (!r.ok) return Outcome::kept(Reason::UnreadableWeight, "the weight '" + w.tensor.name + "' does not match its dims");
-  if (r.overflowed)
-    return Outcome::kept(Reason::Overflow, std::to_string(r.overflowed) + " values of weight '" + w.tensor.name +
-                                         "' would overflow " + graph::data_type_name(w.tensor.data_type) +
-                                         " once scaled by BN's factor");
-  std::string out;
-  kernels::scale_channels(w.tensor.data_type, w.bytes, axis, scale, out);
-  return out;
-}
-
 std::variant<FloatWeight, Outcome> read_forward_weight(FoldContext& ctx, int layer) {
   Graph& g = ctx.graph;
   const Node& n = g.nodes[layer];

@@ -52,15 +52,6 @@ struct LayerPlan {
 };
 using PlanOrKept = std::variant<LayerPlan, Outcome>;
 
-// The BN shift carried through the weight: tap_sums[o][r] = sum over (p, q) with output o of
-// W[p, q, r] * t[channel of input(p, q)], where input feature f belongs to channel f / features_per_channel.
-std::vector<std::vector<double>> shift_through_weight(const FloatWeight& w, const std::vector<double>& shift,
-                                                      int64_t features_per_channel);
-
-// W' = W * scale[channel of each input feature], rounded once; Kept when a value would overflow.
-std::variant<std::string, Outcome> scale_input_features(const FloatWeight& w, const std::vector<double>& scale,
-                                                        int64_t features_per_channel);
-
 // The weight of a layer BN feeds, with the forward fold's own reasons for keeping BN: a quantized weight, a
 // weight other nodes read too.
 std::variant<FloatWeight, Outcome> read_forward_weight(FoldContext& ctx, int layer);
