@@ -1,7 +1,12 @@
 // The contract between the fold driver and the folds. A fold looks at one BatchNormalization node and either
 // does not apply (the pattern is not its own), keeps the BN for a stated reason (the pattern is its own but
-// a condition fails), or folds it. Conditions are checked cheapest first and nothing is edited until all of
-// them hold, so "kept" never leaves a half-edited graph.
+// a condition fails), or folds it. Every fold is written in three steps (as onnxruntime's QDQ selectors and
+// actions are):
+//   select  the pattern's nodes, as a match struct naming them, or nullopt: "not my pattern" (NotApplicable);
+//   plan    every check, cheapest first, and every value the edit needs, or Kept with a Reason (reasons.h);
+//   apply   the edits, which cannot fail for a reason the plan could have seen.
+// Nothing is edited before apply, so "kept" never leaves a half-edited graph. expected.h has the helper that
+// chains the steps.
 #pragma once
 
 #include <map>

@@ -1,6 +1,8 @@
 // merge-branches: see merge_branches.h for the graph and the formula.
 #include "folds/merge_branches.h"
 
+#include "folds/expected.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -228,13 +230,11 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
     if (b.kind == Branch::Kind::Conv) {
       const Node& conv = g.nodes[b.node];
       if (conv.outputs.size() != 1) return Outcome::kept(Reason::Malformed, describe_node(g, b.node) + " has more than one output");
-      auto w = read_branch_weight(ctx, b.node);
-      if (auto* o = std::get_if<Outcome>(&w)) return *o;
-      ConvBranch c = std::move(std::get<ConvBranch>(w));
+      QDQFOLD_TRY(w, read_branch_weight(ctx, b.node));
+      ConvBranch c = std::move(w);
       c.sign = b.sign;
-      auto geometry = read_conv_geometry(conv, c.dims);
-      if (auto* o = std::get_if<Outcome>(&geometry)) return *o;
-      c.geometry = std::get<ConvGeometry>(geometry);
+      QDQFOLD_TRY(geometry, read_conv_geometry(conv, c.dims));
+      c.geometry = geometry;
       if (c.geometry.auto_pad == "SAME_UPPER" || c.geometry.auto_pad == "SAME_LOWER")
         return Outcome::kept(Reason::AutoPad, describe_node(g, b.node) + " pads with auto_pad=" + c.geometry.auto_pad +
                                              ", whose pads depend on the input size");
@@ -242,18 +242,15 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
       if (!bias_name.empty() && produced_by_dequantize(g, bias_name))
         return Outcome::kept(Reason::QuantizedBias, describe_node(g, b.node) + " has a quantized bias, whose scale is the "
                                                                           "input's times the weight's");
-      auto bias = read_bias(g, bias_name, c.dims[0], "bias");
-      if (auto* o = std::get_if<Outcome>(&bias)) return *o;
-      c.bias = std::get<std::vector<double>>(bias);
+      QDQFOLD_TRY(bias, read_bias(g, bias_name, c.dims[0], "bias"));
+      c.bias = bias;
       plan.convs.push_back(std::move(c));
     } else {
       IdentityBranch id;
       id.bn = b.node;
       id.sign = b.sign;
       if (b.node >= 0) {
-        auto affine = read_batchnorm(ctx, b.node);
-        if (auto* o = std::get_if<Outcome>(&affine)) return *o;
-        auto& a = std::get<BatchNormAffine>(affine);
+        QDQFOLD_TRY(a, read_batchnorm(ctx, b.node));
         id.scale = a.scale;
         id.shift = a.shift;
         id.parameters = a.parameter_values;
@@ -385,14 +382,12 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
     if (plan.convs[i].geometry.kernel == K) { plan.primary = static_cast<int>(i); break; }
   plan.weight_dims = {M, Cg};
   plan.weight_dims.insert(plan.weight_dims.end(), K.begin(), K.end());
-  auto bias_raw = store_or_keep(plan.data_type, b, "merged bias");
-  if (auto* o = std::get_if<Outcome>(&bias_raw)) return *o;
-  plan.bias_raw = std::move(std::get<std::string>(bias_raw));
+  QDQFOLD_TRY(bias_raw, store_or_keep(plan.data_type, b, "merged bias"));
+  plan.bias_raw = std::move(bias_raw);
   const ConvBranch& keep = plan.convs[plan.primary];
   if (!keep.quantized) {
-    auto weight_raw = store_or_keep(plan.data_type, w, "merged weight");
-    if (auto* o = std::get_if<Outcome>(&weight_raw)) return *o;
-    plan.weight_raw = std::move(std::get<std::string>(weight_raw));
+    QDQFOLD_TRY(weight_raw, store_or_keep(plan.data_type, w, "merged weight"));
+    plan.weight_raw = std::move(weight_raw);
     return plan;
   }
 
@@ -423,9 +418,8 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
     }
   }
   if (pq.qat()) {  // W' on the new grid: the QuantizeLinear that stays gives back exactly these integers
-    auto weight_raw = store_or_keep(pq.float_type, snapped, "merged weight");
-    if (auto* o = std::get_if<Outcome>(&weight_raw)) return *o;
-    plan.weight_raw = std::move(std::get<std::string>(weight_raw));
+    QDQFOLD_TRY(weight_raw, store_or_keep(pq.float_type, snapped, "merged weight"));
+    plan.weight_raw = std::move(weight_raw);
     for (size_t i = 0; i < w.size(); ++i) {
       const double stored = graph::float_element(pq.float_type, plan.weight_raw, i);
       if (kernels::quantize_element(static_cast<float>(stored), static_cast<float>(plan.new_scale[i / per_channel]), 0,

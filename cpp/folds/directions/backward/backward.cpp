@@ -17,12 +17,12 @@ int batchnorm_input_producer(Graph& g, int bn) {
   return g.producer(n.inputs[affine_data_slot(g, bn)]);
 }
 
-std::optional<MatMulAdd> select_matmul_add(const Graph& g, int add) {
+std::optional<MatMulAdd> select_matmul_add(Graph& g, int add) {
   const Node& a = g.nodes[add];
   if (!a.is("Add") || a.inputs.size() != 2 || a.outputs.size() != 1) return std::nullopt;
   for (int s = 0; s < 2; ++s) {
     const int p = g.producer(a.inputs[s]);
-    if (p >= 0 && g.nodes[p].is("MatMul") && constant_dims(const_cast<Graph&>(g), a.inputs[1 - s]))
+    if (p >= 0 && g.nodes[p].is("MatMul") && constant_dims(g, a.inputs[1 - s]))
       return MatMulAdd{p, add, 1 - s};
   }
   return std::nullopt;

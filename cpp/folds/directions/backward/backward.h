@@ -31,7 +31,7 @@ struct MatMulAdd {
 };
 // Node `add` as that pattern (an Add with two inputs and one output, one input made by a MatMul and the other a
 // constant; the first such operand order), or nullopt.
-std::optional<MatMulAdd> select_matmul_add(const graph::Graph& g, int add);
+std::optional<MatMulAdd> select_matmul_add(graph::Graph& g, int add);
 
 // A Kept outcome when `layer`'s output `value` cannot be handed on: it is a graph output, or something other
 // than input `slot` of node `reader` (the BN, or the Add after a MatMul) also reads it. nullopt when that

@@ -16,6 +16,9 @@
 //   DQ(s_b) is re-quantized with s_b' = s_x * s'_w (when s_b = s_x * s_w) or s_b * |a|: round(b' / s_b'),
 //   whose error (at most half a step) is reported. A layer without bias gains one in the form the graph uses.
 //
+// Select (QdqLayerMatch: Direct, MatMulAdd or ActivationQuantizer), plan (QdqLayerPlan: the weight's rescale
+// from weights/quantized_*, the bias from weights/quantized_bias, the opset decision), apply.
+//
 // Not exact, so not by default: Conv -> Q -> DQ -> BN (an activation quantizer between layer and BN, as
 // onnxruntime's quantizer writes without pre-processing). drop_activation_quantizers=True removes that Q/DQ
 // pair and folds; the report marks the fold approximate.
@@ -123,8 +126,8 @@ struct QdqLayerMatch {
   int act_q = -1, act_dq = -1;  // ActivationQuantizer: the pair
 };
 
-std::optional<QdqLayerMatch> select_qdq_layer_bn(const Graph& g, int bn) {
-  const int producer = batchnorm_input_producer(const_cast<Graph&>(g), bn);
+std::optional<QdqLayerMatch> select_qdq_layer_bn(Graph& g, int bn) {
+  const int producer = batchnorm_input_producer(g, bn);
   if (producer < 0) return std::nullopt;
   QdqLayerMatch m;
   m.bn = bn;
@@ -139,17 +142,12 @@ std::optional<QdqLayerMatch> select_qdq_layer_bn(const Graph& g, int bn) {
     m.act_q = qa;
     m.act_dq = producer;
   } else if (p.is("Add")) {
-    if (p.inputs.size() != 2 || p.outputs.size() != 1) return std::nullopt;
-    for (int s = 0; s < 2 && m.add < 0; ++s) {
-      const int mm = g.producer(p.inputs[s]);
-      if (mm >= 0 && g.nodes[mm].is("MatMul") && constant_dims(const_cast<Graph&>(g), p.inputs[1 - s])) {
-        m.shape = QdqLayerMatch::Shape::MatMulAdd;
-        m.add = producer;
-        m.add_bias_slot = 1 - s;
-        m.layer = mm;
-      }
-    }
-    if (m.add < 0) return std::nullopt;
+    const auto ma = select_matmul_add(g, producer);
+    if (!ma) return std::nullopt;
+    m.shape = QdqLayerMatch::Shape::MatMulAdd;
+    m.add = ma->add;
+    m.add_bias_slot = ma->bias_slot;
+    m.layer = ma->matmul;
   }
   const Node& ln = g.nodes[m.layer];
   if (!is_layer(ln) || ln.inputs.size() < 2 || ln.outputs.size() != 1) return std::nullopt;
