@@ -1,5 +1,6 @@
 // The folds the driver tries on each BatchNormalization, in order: backward folds (into the producer) before
-// forward folds (into the readers). A new fold adds one file under folds/ and one line here.
+// forward folds (into the readers). A new fold adds one file under directions/backward/ (or a planner under
+// directions/forward/), its declaration in folds.h and one line here; its name goes into reasons.h.
 #include "folds/fold.h"
 #include "folds/folds.h"
 
