@@ -33,7 +33,7 @@ Outcome* stopped(Expected<T>& e) {
 #define QDQFOLD_TRY(var, ...) QDQFOLD_TRY_(var, QDQFOLD_CONCAT(qdqfold_step_, __LINE__), __VA_ARGS__)
 #define QDQFOLD_TRY_(var, step, ...)                                                 \
   auto step = (__VA_ARGS__);                                                         \
-  if (auto* stop = std::get_if<::qdqfold::folds::Outcome>(&step)) return std::move(*stop); \
+  if (auto* qdqfold_stop_ = std::get_if<::qdqfold::folds::Outcome>(&step)) return std::move(*qdqfold_stop_); \
   auto&& var = std::move(std::get<0>(step))
 
 // Returns the Outcome of a check (std::optional<Outcome>) from the enclosing function when it gives one.
