@@ -3,7 +3,7 @@
 import mmap
 import os
 import sys
-from typing import Any, Mapping, Sequence, TypedDict, Union
+from typing import Any, Literal, Mapping, Sequence, TypedDict, Union
 
 if sys.version_info >= (3, 11):
     from typing import NotRequired, Unpack
@@ -70,6 +70,13 @@ class ReportFields(TypedDict):
     batchnorm: dict[str, str]  # each key of a BatchNormEntry -> its Python type, in the order of the dict
     report: dict[str, ReportField]  # each key of a Report / FileReport, in the order of the dict
 
+class ReasonEntry(TypedDict):
+    code: str
+    kind: Literal["kept", "fold"]
+    meaning: str
+    option: str
+    flag: str
+
 class Options(TypedDict, total=False):
     """Keyword options of fold, fold_with_report and fold_file; options() gives the defaults."""
 
@@ -119,3 +126,4 @@ def fold_file(
 def interrupt() -> None: ...
 def options() -> dict[str, Any]: ...
 def report_fields() -> ReportFields: ...
+def reasons() -> list[ReasonEntry]: ...

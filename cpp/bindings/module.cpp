@@ -13,6 +13,7 @@
 #include "../core/file_io.h"
 #include "../core/files.h"
 #include "../core/report_fields.h"
+#include "../folds/reasons.h"
 
 namespace py = pybind11;
 using qdqfold::Options;
@@ -397,4 +398,22 @@ PYBIND11_MODULE(qdqfold_native, m) {
       "'batchnorm': {key: Python type} of each entry of 'batchnorms' and 'merges'. 'report': {key: {'type',\n"
       "'fold_with_report', 'fold_file'}}, the last two saying when the key is in that function's dict:\n"
       "'always', 'non-empty' (only when not empty) or 'never'.");
+  // The table of reason codes and fold names (cpp/folds/reasons.h).
+  m.def(
+      "reasons",
+      []() {
+        py::list out;
+        for (const auto& e : qdqfold::folds::reason_table()) {
+          py::dict d;
+          d["code"] = e.code;
+          d["kind"] = e.kind;
+          d["meaning"] = e.meaning;
+          d["option"] = e.option;
+          d["flag"] = e.flag;
+          out.append(std::move(d));
+        }
+        return out;
+      },
+      "reasons() -> list[dict]: every code a report can carry, as {code, kind ('kept' or 'fold'), meaning,\n"
+      "option, flag}: option and flag name the keyword of fold() and the CLI flag that change it ('' for none).");
 }

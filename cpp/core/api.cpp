@@ -1,6 +1,6 @@
 #include "api.h"
 
-#include "../folds/affine.h"
+#include "../folds/sources/affine.h"
 #include "../folds/fold.h"
 #include "../folds/merge_branches.h"
 #include "report_fields.h"
@@ -16,14 +16,14 @@ struct Pending {
   BatchNormRecord record;
   folds::Outcome chosen;  // the fold, or the first reason to keep it that a rule gave
   const char* direction = "";
-  bool affine = false;    // Mul / Add / Sub / Div by a per-channel constant (folds/affine.h)
+  bool affine = false;    // Mul / Add / Sub / Div by a per-channel constant (folds/sources/affine.h)
 };
 
 void finish(Pending& p, bool no_rules) {
   folds::Outcome& chosen = p.chosen;
   if (chosen.verdict == folds::Verdict::NotApplicable) {
-    chosen = no_rules ? folds::Outcome::kept("not-implemented", "no fold is implemented yet")
-                      : folds::Outcome::kept("no-foldable-layer",
+    chosen = no_rules ? folds::Outcome::kept(folds::Reason::NotImplemented, "no fold is implemented yet")
+                      : folds::Outcome::kept(folds::Reason::NoFoldableLayer,
                                              "neither the node that produces its input nor the nodes that read its "
                                              "output is a layer it can fold into");
   }
@@ -78,7 +78,7 @@ void record_merge(graph::Graph* g, folds::MergeOutcome& m, std::vector<Pending>&
 void merge_branch_sums(graph::Model& model, const Options& options, std::vector<Pending>& pending, Report& report) {
   for (graph::Graph* g : model.all_graphs())
     for (size_t i = 0; i < g->nodes.size(); ++i) {
-      if (g->nodes[i].removed || g->nodes[i].created) continue;
+      if (g->nodes[i].removed() || g->nodes[i].created()) continue;
       folds::FoldContext ctx{model, *g, options, nullptr};
       auto outcomes = folds::merge_branches(ctx, static_cast<int>(i));
       if (outcomes.empty()) continue;  // not a sum of branches: nothing was read
@@ -97,7 +97,7 @@ static std::map<std::string, int64_t> op_types(graph::Model& model) {
   std::map<std::string, int64_t> counts;
   for (graph::Graph* g : model.all_graphs())
     for (const auto& n : g->nodes)
-      if (!n.removed) ++counts[n.domain.empty() || n.domain == "ai.onnx" ? n.op_type : n.domain + "." + n.op_type];
+      if (!n.removed()) ++counts[n.domain.empty() || n.domain == "ai.onnx" ? n.op_type : n.domain + "." + n.op_type];
   return counts;
 }
 
@@ -110,7 +110,7 @@ Report run_folds(graph::Model& model, const Options& options) {
   folds::BiasErrors bias_errors;
   for (graph::Graph* g : model.all_graphs())
     for (size_t i = 0; i < g->nodes.size(); ++i)
-      if (!g->nodes[i].removed && !g->nodes[i].created &&
+      if (!g->nodes[i].removed() && !g->nodes[i].created() &&
           (g->nodes[i].is("BatchNormalization") ||
            (options.fold_affine && folds::is_elementwise_affine(*g, static_cast<int>(i))))) {
         Pending p{g, static_cast<int>(i), {}, {}};
@@ -128,7 +128,7 @@ Report run_folds(graph::Model& model, const Options& options) {
       Pending& p = pending[backward ? k : pending.size() - 1 - k];
       if (p.chosen.verdict == folds::Verdict::Folded) continue;
       // An elementwise node an earlier fold removed or changed is no longer a candidate.
-      if (p.affine && (p.graph->nodes[p.node].removed || !folds::is_elementwise_affine(*p.graph, p.node))) continue;
+      if (p.affine && (p.graph->nodes[p.node].removed() || !folds::is_elementwise_affine(*p.graph, p.node))) continue;
       folds::FoldContext ctx{model, *p.graph, options, &bias_errors};
       for (const auto& rule : rules) {
         if (std::string_view(rule.direction) != pass) continue;
@@ -150,11 +150,11 @@ Report run_folds(graph::Model& model, const Options& options) {
   for (Pending& p : pending) {
     // An elementwise node is reported when folded, or kept where it follows a layer with a constant weight.
     if (p.affine && p.chosen.verdict != folds::Verdict::Folded &&
-        (p.chosen.verdict == folds::Verdict::NotApplicable || p.graph->nodes[p.node].removed ||
+        (p.chosen.verdict == folds::Verdict::NotApplicable || p.graph->nodes[p.node].removed() ||
          !folds::affine_reported_when_kept(*p.graph, p.node)))
       continue;
     finish(p, rules.empty());
-    if (!p.record.folded && overridable > 0 && p.record.code.rfind("non-constant", 0) == 0)
+    if (!p.record.folded && overridable > 0 && folds::changed_by_freezing_inputs(p.record.code))
       p.record.message += "; " + std::to_string(overridable) + " initializers of this model are also listed as graph "
                           "inputs (overridable at run time, so not constants): freeze_initializer_inputs=True "
                           "reads them as constants";

@@ -1,7 +1,12 @@
 // The contract between the fold driver and the folds. A fold looks at one BatchNormalization node and either
 // does not apply (the pattern is not its own), keeps the BN for a stated reason (the pattern is its own but
-// a condition fails), or folds it. Conditions are checked cheapest first and nothing is edited until all of
-// them hold, so "kept" never leaves a half-edited graph.
+// a condition fails), or folds it. Every fold is written in three steps (as onnxruntime's QDQ selectors and
+// actions are):
+//   select  the pattern's nodes, as a match struct naming them, or nullopt: "not my pattern" (NotApplicable);
+//   plan    every check, cheapest first, and every value the edit needs, or Kept with a Reason (reasons.h);
+//   apply   the edits, which cannot fail for a reason the plan could have seen.
+// Nothing is edited before apply, so "kept" never leaves a half-edited graph. expected.h has the helper that
+// chains the steps.
 #pragma once
 
 #include <map>
@@ -9,9 +14,10 @@
 #include <utility>
 #include <vector>
 
-#include "../core/options.h"
-#include "../core/report.h"
-#include "../graph/graph.h"
+#include "core/options.h"
+#include "core/report.h"
+#include "graph/graph.h"
+#include "folds/reasons.h"
 
 namespace qdqfold::folds {
 
@@ -30,7 +36,7 @@ enum class Verdict { NotApplicable, Kept, Folded };
 
 struct Outcome {
   Verdict verdict = Verdict::NotApplicable;
-  std::string code;     // reason code (kept) or fold name (folded)
+  std::string code;     // reason code (kept) or fold name (folded), from reasons.h
   std::string message;
   std::vector<std::string> into;
   std::string into_op;
@@ -40,11 +46,26 @@ struct Outcome {
   std::vector<std::pair<std::string, double>> metrics;
 
   static Outcome not_applicable() { return {}; }
-  static Outcome kept(std::string code, std::string message) {
+  static Outcome kept(Reason reason, std::string message) {
     Outcome o;
     o.verdict = Verdict::Kept;
-    o.code = std::move(code);
+    o.code = folds::code(reason);
     o.message = std::move(message);
+    return o;
+  }
+  // Kept for the reason `from` (a Kept outcome of another step) gave, with a new message.
+  static Outcome kept_as(const Outcome& from, std::string message) {
+    Outcome o;
+    o.verdict = Verdict::Kept;
+    o.code = from.code;
+    o.message = std::move(message);
+    return o;
+  }
+  // Folded under `name`; the fold fills in the rest.
+  static Outcome folded(FoldName name) {
+    Outcome o;
+    o.verdict = Verdict::Folded;
+    o.code = folds::code(name);
     return o;
   }
 };

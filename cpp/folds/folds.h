@@ -2,7 +2,7 @@
 // the graph before and after and the formula. Keep this list additive: one block per file.
 #pragma once
 
-#include "fold.h"
+#include "folds/fold.h"
 
 namespace qdqfold::folds {
 

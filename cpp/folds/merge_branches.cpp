@@ -1,5 +1,7 @@
 // merge-branches: see merge_branches.h for the graph and the formula.
-#include "merge_branches.h"
+#include "folds/merge_branches.h"
+
+#include "folds/expected.h"
 
 #include <algorithm>
 #include <cmath>
@@ -7,11 +9,11 @@
 #include <optional>
 #include <variant>
 
-#include "../kernels/numeric.h"
-#include "backward.h"
-#include "forward.h"
-#include "padding_correction.h"
-#include "quantized_weight.h"
+#include "kernels/numeric.h"
+#include "folds/directions/backward/backward.h"
+#include "folds/directions/forward/forward.h"
+#include "folds/directions/forward/padding_correction.h"
+#include "folds/weights/quantized_weight.h"
 
 namespace qdqfold::folds {
 
@@ -21,7 +23,7 @@ using wire::DataType;
 
 namespace {
 
-bool is_sum_node(const Node& n) { return !n.removed && (n.is("Add") || n.is("Sum") || n.is("Sub")); }
+bool is_sum_node(const Node& n) { return !n.removed() && (n.is("Add") || n.is("Sum") || n.is("Sub")); }
 
 // ---------------------------------------------------------------- select
 
@@ -91,15 +93,15 @@ std::variant<BranchSet, Outcome> find_branches(const Graph& g, int root, std::ve
     if (t.value != set.x) {
       const int p = t.value.empty() ? -1 : g.producer(t.value);
       if (p < 0 || !(g.nodes[p].is("Conv") || g.nodes[p].is("BatchNormalization")))
-        return Outcome::kept("not-a-branch", "term '" + t.value + "' of the sum is " +
+        return Outcome::kept(Reason::NotABranch, "term '" + t.value + "' of the sum is " +
                                                  (p < 0 ? std::string("not made by a node (a constant or an input)")
                                                         : "made by " + describe_node(g, p)) +
                                                  ", not by a Conv or a BatchNormalization reading '" + set.x + "'");
       if (branch_input(g, t.value) != set.x)
-        return Outcome::kept("different-input", describe_node(g, p) + " reads '" + branch_input(g, t.value) +
+        return Outcome::kept(Reason::DifferentInput, describe_node(g, p) + " reads '" + branch_input(g, t.value) +
                                                     "', not '" + set.x + "' that the other branches read");
       if (!read_only_by(g, t.value, t.reader))
-        return Outcome::kept("branch-output-shared", "the output '" + t.value + "' of " + describe_node(g, p) +
+        return Outcome::kept(Reason::BranchOutputShared, "the output '" + t.value + "' of " + describe_node(g, p) +
                                                          " is also read elsewhere (or is a graph output), which "
                                                          "needs that branch on its own");
       b.kind = g.nodes[p].is("Conv") ? Branch::Kind::Conv : Branch::Kind::BatchNorm;
@@ -156,14 +158,14 @@ std::optional<std::vector<double>> dequantized_values(QuantizedWeight& w) {
   std::vector<double> out(static_cast<size_t>(w.count));
   std::optional<std::vector<int64_t>> ints;
   if (!w.qat()) {
-    ints = kernels::read_quantized(w.data, w.int_type, w.count);
+    ints = kernels::read_quantized(w.data.view(), w.int_type, w.count);
     if (!ints) return std::nullopt;
   }
   for (int64_t i = 0; i < w.count; ++i) {
     const int64_t k = w.layout.scale_index(i);
     const double s = w.scale[k];
     const int64_t z = w.zero[k];
-    const int64_t q = w.qat() ? kernels::quantize_element(static_cast<float>(graph::float_element(w.float_type, w.data, i)),
+    const int64_t q = w.qat() ? kernels::quantize_element(static_cast<float>(graph::float_element(w.float_type, w.data.view(), i)),
                                                           static_cast<float>(s), z, w.range)
                               : (*ints)[i];
     out[i] = static_cast<double>(q - z) * s;
@@ -186,25 +188,25 @@ std::variant<ConvBranch, Outcome> read_branch_weight(FoldContext& ctx, int node)
     return c;
   }
   Outcome& o = std::get<Outcome>(w);
-  if (o.verdict != Verdict::NotApplicable) return Outcome::kept(o.code, describe_node(g, node) + ": " + o.message);
+  if (o.verdict != Verdict::NotApplicable) return Outcome::kept_as(o, describe_node(g, node) + ": " + o.message);
   if (!ctx.options.requantize_merged)
-    return Outcome::kept("quantized-weight",
+    return Outcome::kept(Reason::QuantizedWeight,
                          describe_node(g, node) + " has a quantized weight (DequantizeLinear): the merged kernel "
                          "needs new integers on a new grid, which no exact merge gives (requantize_merged=True "
                          "re-quantizes, approximately)");
   const std::string& weight = g.nodes[node].inputs[1];
   auto qw = read_quantized_weight(g, g.producer(weight), node);
   if (auto* qo = std::get_if<Outcome>(&qw)) {
-    if (qo->verdict == Verdict::NotApplicable) return Outcome::kept("non-constant-weight", describe_node(g, node) + " has no constant weight");
-    return Outcome::kept(qo->code, describe_node(g, node) + ": " + qo->message);
+    if (qo->verdict == Verdict::NotApplicable) return Outcome::kept(Reason::NonConstantWeight, describe_node(g, node) + " has no constant weight");
+    return Outcome::kept_as(*qo, describe_node(g, node) + ": " + qo->message);
   }
   QuantizedWeight& q = std::get<QuantizedWeight>(qw);
   std::string why;
   auto layout = weight_layout(g.nodes[node], q.dims, why);
-  if (!layout) return Outcome::kept("malformed", describe_node(g, node) + ": " + why);
+  if (!layout) return Outcome::kept(Reason::Malformed, describe_node(g, node) + ": " + why);
   auto values = dequantized_values(q);
   if (!values || q.range.lo >= 0 || q.range.hi > 32767)
-    return Outcome::kept("quantized-weight-type", describe_node(g, node) + " has a weight of " +
+    return Outcome::kept(Reason::QuantizedWeightType, describe_node(g, node) + " has a weight of " +
                                                       graph::data_type_name(q.int_type) +
                                                       ": the merge re-quantizes to int8 or int16 only");
   c.dims = q.dims;
@@ -227,33 +229,28 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
   for (const auto& b : set.branches) {
     if (b.kind == Branch::Kind::Conv) {
       const Node& conv = g.nodes[b.node];
-      if (conv.outputs.size() != 1) return Outcome::kept("malformed", describe_node(g, b.node) + " has more than one output");
-      auto w = read_branch_weight(ctx, b.node);
-      if (auto* o = std::get_if<Outcome>(&w)) return *o;
-      ConvBranch c = std::move(std::get<ConvBranch>(w));
+      if (conv.outputs.size() != 1) return Outcome::kept(Reason::Malformed, describe_node(g, b.node) + " has more than one output");
+      QDQFOLD_TRY(w, read_branch_weight(ctx, b.node));
+      ConvBranch c = std::move(w);
       c.sign = b.sign;
-      auto geometry = read_conv_geometry(conv, c.dims);
-      if (auto* o = std::get_if<Outcome>(&geometry)) return *o;
-      c.geometry = std::get<ConvGeometry>(geometry);
+      QDQFOLD_TRY(geometry, read_conv_geometry(conv, c.dims));
+      c.geometry = geometry;
       if (c.geometry.auto_pad == "SAME_UPPER" || c.geometry.auto_pad == "SAME_LOWER")
-        return Outcome::kept("auto-pad", describe_node(g, b.node) + " pads with auto_pad=" + c.geometry.auto_pad +
+        return Outcome::kept(Reason::AutoPad, describe_node(g, b.node) + " pads with auto_pad=" + c.geometry.auto_pad +
                                              ", whose pads depend on the input size");
       const std::string bias_name = conv.inputs.size() > 2 ? conv.inputs[2] : "";
       if (!bias_name.empty() && produced_by_dequantize(g, bias_name))
-        return Outcome::kept("quantized-bias", describe_node(g, b.node) + " has a quantized bias, whose scale is the "
+        return Outcome::kept(Reason::QuantizedBias, describe_node(g, b.node) + " has a quantized bias, whose scale is the "
                                                                           "input's times the weight's");
-      auto bias = read_bias(g, bias_name, c.dims[0], "bias");
-      if (auto* o = std::get_if<Outcome>(&bias)) return *o;
-      c.bias = std::get<std::vector<double>>(bias);
+      QDQFOLD_TRY(bias, read_bias(g, bias_name, c.dims[0], "bias"));
+      c.bias = bias;
       plan.convs.push_back(std::move(c));
     } else {
       IdentityBranch id;
       id.bn = b.node;
       id.sign = b.sign;
       if (b.node >= 0) {
-        auto affine = read_batchnorm(ctx, b.node);
-        if (auto* o = std::get_if<Outcome>(&affine)) return *o;
-        auto& a = std::get<BatchNormAffine>(affine);
+        QDQFOLD_TRY(a, read_batchnorm(ctx, b.node));
         id.scale = a.scale;
         id.shift = a.shift;
         id.parameters = a.parameter_values;
@@ -273,20 +270,20 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
     const std::string who = describe_node(g, c.node);
     const auto& d = c.dims;
     if (c.quantized.has_value() != first.quantized.has_value())
-      return Outcome::kept("quantized-mix", who + " and " + describe_node(g, first.node) +
+      return Outcome::kept(Reason::QuantizedMix, who + " and " + describe_node(g, first.node) +
                                                 " differ in having a quantized weight");
     if (c.data_type != plan.data_type)
-      return Outcome::kept("type-mismatch", who + " has a weight of another type than " + describe_node(g, first.node));
-    if (c.geometry.rank() != rank) return Outcome::kept("rank-mismatch", who + " has a kernel of another rank");
+      return Outcome::kept(Reason::TypeMismatch, who + " has a weight of another type than " + describe_node(g, first.node));
+    if (c.geometry.rank() != rank) return Outcome::kept(Reason::RankMismatch, who + " has a kernel of another rank");
     if (c.groups != groups)
-      return Outcome::kept("group-mismatch", who + " has group=" + std::to_string(c.groups) + ", " +
+      return Outcome::kept(Reason::GroupMismatch, who + " has group=" + std::to_string(c.groups) + ", " +
                                                  describe_node(g, first.node) + " group=" + std::to_string(groups));
     if (d[0] != d0[0] || d[1] != d0[1])
-      return Outcome::kept("channel-mismatch", who + " has a weight of " + std::to_string(d[0]) + "x" +
+      return Outcome::kept(Reason::ChannelMismatch, who + " has a weight of " + std::to_string(d[0]) + "x" +
                                                    std::to_string(d[1]) + " channels, " + describe_node(g, first.node) +
                                                    " " + std::to_string(d0[0]) + "x" + std::to_string(d0[1]));
     if (c.geometry.strides != first.geometry.strides)
-      return Outcome::kept("stride-mismatch", who + " has other strides than " + describe_node(g, first.node));
+      return Outcome::kept(Reason::StrideMismatch, who + " has other strides than " + describe_node(g, first.node));
     for (size_t d2 = 0; d2 < rank; ++d2) K[d2] = std::max(K[d2], c.geometry.kernel[d2]);
   }
   // Target pads and dilation per dim: those of a conv with the largest kernel in that dim (a dilation means
@@ -305,7 +302,7 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
   for (const auto& c : plan.convs)
     for (size_t d = 0; d < rank; ++d)
       if (c.geometry.kernel[d] > 1 && c.geometry.dilations[d] != plan.dilations[d])
-        return Outcome::kept("dilation-mismatch", describe_node(g, c.node) + " has dilation " +
+        return Outcome::kept(Reason::DilationMismatch, describe_node(g, c.node) + " has dilation " +
                                                       std::to_string(c.geometry.dilations[d]) + " in spatial dim " +
                                                       std::to_string(d) + ", the merged kernel " +
                                                       std::to_string(plan.dilations[d]));
@@ -318,7 +315,7 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
       const bool aligned = shift % dil == 0 && shift / dil >= 0 && shift / dil <= spare &&
                            c.geometry.pads_end[d] + (spare - shift / dil) * dil == plan.pads_end[d];
       if (!aligned)
-        return Outcome::kept("pads-misaligned",
+        return Outcome::kept(Reason::PadsMisaligned,
                              describe_node(g, c.node) + " (" + kernel_text(c.geometry.kernel) + ", " +
                                  c.geometry.describe() + ") does not see the same input positions as a " +
                                  kernel_text(K) + " kernel with pads begin " + kernel_text(plan.pads_begin) +
@@ -332,15 +329,15 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
   if (!plan.identities.empty()) {
     const std::string who = plan.identities[0].bn >= 0 ? describe_node(g, plan.identities[0].bn) : "'" + set.x + "'";
     for (int64_t s : first.geometry.strides)
-      if (s != 1) return Outcome::kept("identity-stride", "the identity branch " + who + " sits beside convs with stride " + kernel_text(first.geometry.strides));
+      if (s != 1) return Outcome::kept(Reason::IdentityStride, "the identity branch " + who + " sits beside convs with stride " + kernel_text(first.geometry.strides));
     if (M != Cg * groups)
-      return Outcome::kept("identity-channels", "the identity branch " + who + " has " + std::to_string(Cg * groups) +
+      return Outcome::kept(Reason::IdentityChannels, "the identity branch " + who + " has " + std::to_string(Cg * groups) +
                                                     " channels, the convs " + std::to_string(M) + " outputs");
     for (size_t d = 0; d < rank; ++d) {
       const int64_t dil = plan.dilations[d];
       const int64_t j = plan.pads_begin[d] / dil;
       if (plan.pads_begin[d] % dil != 0 || j >= K[d] || plan.pads_end[d] != (K[d] - 1 - j) * dil)
-        return Outcome::kept("identity-misaligned", "the identity branch " + who + " has no tap of the merged " +
+        return Outcome::kept(Reason::IdentityMisaligned, "the identity branch " + who + " has no tap of the merged " +
                                                         kernel_text(K) + " kernel that reads x at the output position "
                                                         "(pads begin " + kernel_text(plan.pads_begin) + ", end " +
                                                         kernel_text(plan.pads_end) + ")");
@@ -348,7 +345,7 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
     }
     for (const auto& id : plan.identities)
       if (id.bn >= 0 && static_cast<int64_t>(id.scale.size()) != M)
-        return Outcome::kept("identity-channels", describe_node(g, id.bn) + " has " + std::to_string(id.scale.size()) +
+        return Outcome::kept(Reason::IdentityChannels, describe_node(g, id.bn) + " has " + std::to_string(id.scale.size()) +
                                                       " channels, the convs " + std::to_string(M) + " outputs");
   }
 
@@ -385,21 +382,19 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
     if (plan.convs[i].geometry.kernel == K) { plan.primary = static_cast<int>(i); break; }
   plan.weight_dims = {M, Cg};
   plan.weight_dims.insert(plan.weight_dims.end(), K.begin(), K.end());
-  auto bias_raw = store_or_keep(plan.data_type, b, "merged bias");
-  if (auto* o = std::get_if<Outcome>(&bias_raw)) return *o;
-  plan.bias_raw = std::move(std::get<std::string>(bias_raw));
+  QDQFOLD_TRY(bias_raw, store_or_keep(plan.data_type, b, "merged bias"));
+  plan.bias_raw = std::move(bias_raw);
   const ConvBranch& keep = plan.convs[plan.primary];
   if (!keep.quantized) {
-    auto weight_raw = store_or_keep(plan.data_type, w, "merged weight");
-    if (auto* o = std::get_if<Outcome>(&weight_raw)) return *o;
-    plan.weight_raw = std::move(std::get<std::string>(weight_raw));
+    QDQFOLD_TRY(weight_raw, store_or_keep(plan.data_type, w, "merged weight"));
+    plan.weight_raw = std::move(weight_raw);
     return plan;
   }
 
   // requantize_merged: symmetric per output channel, s'[o] = max |W[o]| / q_max, q = round(W / s'), z = 0.
   const QuantizedWeight& pq = *keep.quantized;
   if (!pq.axis_supported || pq.layout.block_size > 0)
-    return Outcome::kept("quantized-weight-axis", describe_node(g, keep.node) + "'s DequantizeLinear " +
+    return Outcome::kept(Reason::QuantizedWeightAxis, describe_node(g, keep.node) + "'s DequantizeLinear " +
                                                       (pq.layout.block_size > 0 ? "is blocked" : "has no axis (opset < 13)") +
                                                       ": the merged weight needs a scale per output channel");
   const int64_t qmax = pq.range.hi;
@@ -412,7 +407,7 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
     for (int64_t i = o * per_channel; i < (o + 1) * per_channel; ++i) largest = std::max(largest, std::abs(w[i]));
     double scale = largest > 0 ? kernels::round_to_float_type(largest / static_cast<double>(qmax), pq.scale_type) : 1.0;
     if (!(scale > 0) || !std::isfinite(scale))
-      return Outcome::kept("overflow", "the merged weight of output channel " + std::to_string(o) + " has no " +
+      return Outcome::kept(Reason::Overflow, "the merged weight of output channel " + std::to_string(o) + " has no " +
                                            graph::data_type_name(pq.scale_type) + " scale");
     plan.new_scale[o] = scale;
     for (int64_t i = o * per_channel; i < (o + 1) * per_channel; ++i) {
@@ -423,14 +418,13 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
     }
   }
   if (pq.qat()) {  // W' on the new grid: the QuantizeLinear that stays gives back exactly these integers
-    auto weight_raw = store_or_keep(pq.float_type, snapped, "merged weight");
-    if (auto* o = std::get_if<Outcome>(&weight_raw)) return *o;
-    plan.weight_raw = std::move(std::get<std::string>(weight_raw));
+    QDQFOLD_TRY(weight_raw, store_or_keep(pq.float_type, snapped, "merged weight"));
+    plan.weight_raw = std::move(weight_raw);
     for (size_t i = 0; i < w.size(); ++i) {
       const double stored = graph::float_element(pq.float_type, plan.weight_raw, i);
       if (kernels::quantize_element(static_cast<float>(stored), static_cast<float>(plan.new_scale[i / per_channel]), 0,
                                     pq.range) != plan.ints[i])
-        return Outcome::kept("requantize-snap", "the merged float weight does not quantize back to its integers");
+        return Outcome::kept(Reason::RequantizeSnap, "the merged float weight does not quantize back to its integers");
     }
   } else {
     plan.weight_raw = kernels::write_quantized(plan.ints, pq.int_type);
@@ -477,7 +471,7 @@ void write_requantized(FoldContext& ctx, const QuantizedWeight& w, const MergePl
                          base + (slot == 1 ? "_scale" : "_zero_point"), out);
   }
   for (int n : {w.dq, w.q})
-    if (n >= 0) set_int_attribute(g, n, "axis", 0);
+    if (n >= 0) g.set_int_attribute(n, "axis", 0);
 }
 
 void apply_merge(FoldContext& ctx, const BranchSet& set, MergePlan& plan, Outcome& out) {
@@ -564,7 +558,7 @@ MergeOutcome merge_tree(FoldContext& ctx, int root) {
   // Every condition holds: edit.
   Outcome& out = result.outcome;
   out.verdict = Verdict::Folded;
-  out.code = "merge-branches";
+  out.code = code(FoldName::MergeBranches);
   const int layer = plan.convs[plan.primary].node;
   out.into = {g.nodes[layer].display_name(layer)};
   out.into_op = "Conv";

@@ -32,7 +32,7 @@
 #include <string>
 #include <vector>
 
-#include "fold.h"
+#include "folds/fold.h"
 
 namespace qdqfold::folds {
 

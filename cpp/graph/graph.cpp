@@ -59,7 +59,7 @@ bool Graph::is_overridable_initializer(const std::string& value) const {
 
 size_t Graph::overridable_initializer_count() const {
   size_t n = 0;
-  for (const auto& [name, index] : initializer_index_) n += graph_inputs_.count(name) && !initializer_removed[index];
+  for (const auto& [name, index] : initializer_index_) n += graph_inputs_.count(name) && !edits_.initializer_removed[index];
   return n;
 }
 
@@ -67,10 +67,10 @@ size_t Graph::overridable_initializer_count() const {
 // input would otherwise override the folded value with the unfolded one.
 void Graph::drop_graph_input(const std::string& value) {
   if (!graph_inputs_.erase(value)) return;
-  for (auto& [name, payload] : inputs_added)
+  for (auto& [name, payload] : edits_.inputs_added)
     if (name == value) payload.clear();  // written only when not empty
   for (size_t k = 0; k < inputs.size(); ++k)
-    if (inputs[k].name == value && k < input_removed.size()) input_removed[k] = true;
+    if (inputs[k].name == value && k < edits_.input_removed.size()) edits_.input_removed[k] = true;
   mark_dirty();
 }
 
@@ -110,13 +110,13 @@ void Graph::build_index() {
     }
   for (size_t k = 0; k < nodes.size(); ++k) {
     const Node& n = nodes[k];
-    if (n.removed) continue;
+    if (n.removed()) continue;
     for (const auto& o : n.outputs)
       if (!o.empty()) producer_[o] = static_cast<int>(k);
   }
   for (size_t k = 0; k < nodes.size(); ++k) {
     const Node& n = nodes[k];
-    if (n.removed) continue;
+    if (n.removed()) continue;
     for (size_t s = 0; s < n.inputs.size(); ++s) {
       add_use(n.inputs[s], Use{static_cast<int>(k), static_cast<int>(s)});
       if (!n.inputs[s].empty() && !defines(n.inputs[s])) outer_reads.insert(n.inputs[s]);
@@ -165,7 +165,7 @@ int64_t Graph::opset(const std::string& domain) const {
 // A Constant node a fold wrote (functions hold new tensors that way): its value is in set_attributes, so a
 // later fold (a BN chain) can read it like any other constant.
 std::optional<ConstRef> Graph::created_constant(int node, const std::string& value) {
-  for (const auto& [name, payload] : nodes[node].set_attributes) {
+  for (const auto& [name, payload] : nodes[node].edits_.set_attributes) {
     if (name != "value") continue;
     Reader r(payload, payload.data());
     while (!r.done()) {
@@ -181,7 +181,7 @@ std::optional<ConstRef> Graph::created_constant(int node, const std::string& val
 }
 
 static bool is_plain_identity(const Node& n) {
-  return n.is("Identity") && n.inputs.size() == 1 && n.outputs.size() == 1 && n.subgraphs.empty() && !n.removed;
+  return n.is("Identity") && n.inputs.size() == 1 && n.outputs.size() == 1 && n.subgraphs.empty() && !n.removed();
 }
 
 std::optional<ConstRef> Graph::constant(const std::string& value) {
@@ -189,13 +189,13 @@ std::optional<ConstRef> Graph::constant(const std::string& value) {
   auto init = initializer_index_.find(value);
   if (init != initializer_index_.end()) {
     // An initializer that is also a graph input can be overridden at run time: not a constant (unless frozen).
-    if ((graph_inputs_.count(value) && !frozen(value)) || initializer_removed[init->second]) return std::nullopt;
+    if ((graph_inputs_.count(value) && !frozen(value)) || edits_.initializer_removed[init->second]) return std::nullopt;
     return ConstRef{this, init->second, -1, initializers[init->second], false};
   }
   int p = producer(value);
   if (p >= 0) {
     const Node& n = nodes[p];
-    if (n.is("Constant") && n.created) return created_constant(p, value);
+    if (n.is("Constant") && n.created()) return created_constant(p, value);
     if (is_plain_identity(n)) {
       // Follow the chain in this graph; a cyclic one (malformed) is not a constant.
       std::string from = n.inputs[0];
@@ -283,7 +283,7 @@ std::optional<std::vector<int64_t>> Graph::shape_of(const std::string& value) co
 // ---------------------------------------------------------------- Graph: edits
 
 void Graph::mark_dirty() {
-  for (Graph* g = this; g && !g->dirty; g = g->parent) g->dirty = true;
+  for (Graph* g = this; g && !g->edits_.dirty; g = g->parent) g->edits_.dirty = true;
 }
 
 void Graph::set_input(int node, int slot, const std::string& value) {
@@ -292,7 +292,7 @@ void Graph::set_input(int node, int slot, const std::string& value) {
   remove_use(n.inputs[slot], Use{node, slot});
   n.inputs[slot] = value;
   add_use(value, Use{node, slot});
-  n.edited = true;
+  n.edits_.edited = true;
   mark_dirty();
 }
 
@@ -302,22 +302,22 @@ void Graph::set_output(int node, int slot, const std::string& value) {
   if (it != producer_.end() && it->second == node) producer_.erase(it);
   n.outputs[slot] = value;
   producer_[value] = node;
-  n.edited = true;
+  n.edits_.edited = true;
   mark_dirty();
 }
 
 void Graph::set_op_type(int node, const std::string& op_type) {
   nodes[node].op_type = op_type;
-  nodes[node].edited = true;
+  nodes[node].edits_.edited = true;
   mark_dirty();
 }
 
 void Graph::set_attribute(int node, const std::string& name, std::string payload) {
   Node& n = nodes[node];
-  for (auto& [k, v] : n.set_attributes)
+  for (auto& [k, v] : n.edits_.set_attributes)
     if (k == name) { v = std::move(payload); mark_dirty(); return; }
-  n.set_attributes.emplace_back(name, std::move(payload));
-  n.edited = true;
+  n.edits_.set_attributes.emplace_back(name, std::move(payload));
+  n.edits_.edited = true;
   mark_dirty();
 }
 
@@ -358,7 +358,7 @@ void Graph::set_float_attribute(int node, const std::string& name, float value) 
 
 void Graph::remove_node(int node) {
   Node& n = nodes[node];
-  if (n.removed) return;
+  if (n.removed()) return;
   for (size_t s = 0; s < n.inputs.size(); ++s) remove_use(n.inputs[s], Use{node, static_cast<int>(s)});
   for (const auto& sub : n.subgraphs)
     for (const auto& v : sub->outer_reads) remove_use(v, Use{node, -1});
@@ -366,13 +366,13 @@ void Graph::remove_node(int node) {
     auto it = producer_.find(o);
     if (it != producer_.end() && it->second == node) producer_.erase(it);
   }
-  n.removed = true;
+  n.edits_.removed = true;
   mark_dirty();
 }
 
 int Graph::add_node(Node node, int insert_before) {
-  node.created = true;
-  node.insert_before = insert_before;
+  node.edits_.created = true;
+  node.edits_.insert_before = insert_before;
   int k = static_cast<int>(nodes.size());
   nodes.push_back(std::move(node));
   const Node& n = nodes.back();
@@ -383,6 +383,57 @@ int Graph::add_node(Node node, int insert_before) {
   for (size_t s = 0; s < n.inputs.size(); ++s) add_use(n.inputs[s], Use{k, static_cast<int>(s)});
   mark_dirty();
   return k;
+}
+
+int Graph::add_node_before(Node node, int reader) {
+  const NodeEdits& r = nodes[reader].edits_;
+  return add_node(std::move(node), r.created ? r.insert_before : reader);
+}
+
+// The initializer write_constant replaces in place: an initializer of this graph that only `readers` read
+// (and that is not a graph output). Its index, else -1; `ref` is its ConstRef.
+static int replaceable_initializer(Graph& g, const std::vector<Use>& readers, const std::string& old,
+                                   std::optional<ConstRef>& ref) {
+  if (old.empty()) return -1;
+  ref = g.constant(old);
+  const auto& uses = g.uses(old);
+  bool only_ours = !g.is_graph_output(old) && uses.size() == readers.size();
+  for (const Use& u : uses)
+    only_ours = only_ours && std::any_of(readers.begin(), readers.end(),
+                                         [&](const Use& r) { return r.node == u.node && r.slot == u.slot; });
+  return ref && ref->graph == &g && ref->initializer >= 0 && only_ours ? ref->initializer : -1;
+}
+
+Graph::WrittenConstant Graph::write_constant(const std::vector<Use>& readers, std::string old,
+                                             int32_t data_type, const std::vector<int64_t>& dims,
+                                             const std::string& raw, const std::string& base) {
+  std::optional<ConstRef> ref;
+  if (int k = replaceable_initializer(*this, readers, old, ref); k >= 0) {
+    if (ref->tensor.dims != dims) remove_value_info(old);  // its recorded shape would be stale
+    replace_initializer(k, reencode_tensor(ref->tensor, data_type, dims, raw));
+    return {old, false};
+  }
+  const std::string name = model->fresh_name((old.empty() ? base : old) + "_bnfolded");
+  add_tensor(name, encode_tensor(name, data_type, dims, raw));
+  for (const Use& u : readers) set_input(u.node, u.slot, name);
+  if (!old.empty()) drop_if_unused(old);
+  return {name, true};
+}
+
+Graph::WrittenConstant Graph::write_constant(const std::vector<Use>& readers, std::string old,
+                                             int32_t data_type, const std::vector<int64_t>& dims, LazyBytes data,
+                                             const std::string& base) {
+  std::optional<ConstRef> ref;
+  if (int k = replaceable_initializer(*this, readers, old, ref); k >= 0) {
+    if (ref->tensor.dims != dims) remove_value_info(old);  // its recorded shape would be stale
+    replace_initializer_lazy(k, reencode_tensor_header(ref->tensor, data_type, dims), std::move(data));
+    return {old, false};
+  }
+  const std::string name = model->fresh_name((old.empty() ? base : old) + "_bnfolded");
+  add_tensor_lazy(name, encode_tensor_header(name, data_type, dims), std::move(data));
+  for (const Use& u : readers) set_input(u.node, u.slot, name);
+  if (!old.empty()) drop_if_unused(old);
+  return {name, true};
 }
 
 void Graph::add_tensor(const std::string& name, std::string tensor_payload) {
@@ -396,13 +447,13 @@ void Graph::add_tensor(const std::string& name, std::string tensor_payload) {
     put_bytes_field(attr, num(AttributeField::Name), "value");
     put_varint_field(attr, num(AttributeField::Type), static_cast<uint64_t>(AttributeType::Tensor));
     put_bytes_field(attr, num(AttributeField::T), tensor_payload);
-    c.set_attributes.emplace_back("value", std::move(attr));
+    c.edits_.set_attributes.emplace_back("value", std::move(attr));
     add_node(std::move(c), 0);
     return;
   }
-  initializer_added.push_back(std::make_unique<std::string>(std::move(tensor_payload)));
+  edits_.initializer_added.push_back(std::make_unique<std::string>(std::move(tensor_payload)));
   // Index it as a constant: parse back the payload we just wrote (cheap: header fields only).
-  const std::string& stored = *initializer_added.back();
+  const std::string& stored = *edits_.initializer_added.back();
   Tensor parsed = parse_tensor(stored, stored.data(), path + " new initializer");
   index_added_initializer(name, std::move(parsed));
 }
@@ -421,14 +472,14 @@ void Graph::index_added_initializer(const std::string& name, Tensor tensor) {
     put_bytes_field(type, num(TypeField::TensorType), tensor_type);
     put_bytes_field(info, num(ValueInfoField::Name), name);
     put_bytes_field(info, num(ValueInfoField::Type), type);
-    inputs_added.emplace_back(name, std::move(info));
+    edits_.inputs_added.emplace_back(name, std::move(info));
     graph_inputs_.insert(name);
   }
   int k = static_cast<int>(initializers.size());
   initializers.push_back(std::move(tensor));
-  initializer_removed.push_back(false);
-  initializer_replaced.push_back(nullptr);
-  initializer_lazy.push_back(nullptr);
+  edits_.initializer_removed.push_back(false);
+  edits_.initializer_replaced.push_back(nullptr);
+  edits_.initializer_lazy.push_back(nullptr);
   initializer_index_[name] = k;
   mark_dirty();
 }
@@ -458,9 +509,9 @@ void Graph::add_tensor_lazy(const std::string& name, std::string header, LazyByt
   lazy->header = std::move(header);
   lazy->data = std::make_shared<const LazyBytes>(std::move(data));
   Tensor t = lazy_tensor(lazy->header, lazy->data, path + " new initializer");
-  initializer_added.push_back(nullptr);
+  edits_.initializer_added.push_back(nullptr);
   index_added_initializer(name, std::move(t));
-  initializer_lazy.back() = std::move(lazy);
+  edits_.initializer_lazy.back() = std::move(lazy);
 }
 
 void Graph::replace_initializer_lazy(int index, std::string header, LazyBytes data) {
@@ -469,16 +520,16 @@ void Graph::replace_initializer_lazy(int index, std::string header, LazyBytes da
   lazy->header = std::move(header);
   lazy->data = std::make_shared<const LazyBytes>(std::move(data));
   initializers[index] = lazy_tensor(lazy->header, lazy->data, path + " replaced initializer");
-  initializer_replaced[index] = nullptr;
-  initializer_lazy[index] = std::move(lazy);
+  edits_.initializer_replaced[index] = nullptr;
+  edits_.initializer_lazy[index] = std::move(lazy);
   mark_dirty();
 }
 
 void Graph::replace_initializer(int index, std::string tensor_payload) {
   drop_replaced_input(initializers[index].name);
-  initializer_replaced[index] = std::make_unique<std::string>(std::move(tensor_payload));
-  initializer_lazy[index] = nullptr;
-  const std::string& stored = *initializer_replaced[index];
+  edits_.initializer_replaced[index] = std::make_unique<std::string>(std::move(tensor_payload));
+  edits_.initializer_lazy[index] = nullptr;
+  const std::string& stored = *edits_.initializer_replaced[index];
   initializers[index] = parse_tensor(stored, stored.data(), path + " replaced initializer");
   mark_dirty();
 }
@@ -487,8 +538,8 @@ void Graph::remove_value_info(const std::string& value) {
   auto refs = value_info_refs_.find(value);
   if (refs == value_info_refs_.end()) return;
   for (int k : refs->second.value_info)
-    if (!value_info_removed[k]) {
-      value_info_removed[k] = true;
+    if (!edits_.value_info_removed[k]) {
+      edits_.value_info_removed[k] = true;
       mark_dirty();
     }
 }
@@ -510,9 +561,9 @@ void Graph::drop_if_unused(const std::string& value) {
   if (value.empty() || reader_count(value) > 0) return;
   auto init = initializer_index_.find(value);
   if (init != initializer_index_.end()) {
-    if ((graph_inputs_.count(value) && !frozen(value)) || initializer_removed[init->second]) return;
+    if ((graph_inputs_.count(value) && !frozen(value)) || edits_.initializer_removed[init->second]) return;
     drop_graph_input(value);
-    initializer_removed[init->second] = true;
+    edits_.initializer_removed[init->second] = true;
     initializer_index_.erase(init);
     mark_dirty();
     return;
@@ -543,6 +594,13 @@ void Graph::drop_if_unused(const std::string& value) {
 bool Model::outlives_writing(std::string_view bytes) const {
   const bool in_buffer = bytes.data() >= buffer.data() && bytes.data() + bytes.size() <= buffer.data() + buffer.size();
   return in_buffer || (external && external->holds(bytes));
+}
+
+PinnedBytes Model::pin(std::string_view bytes, std::shared_ptr<const std::string> storage) const {
+  if (outlives_writing(bytes)) return PinnedBytes({}, bytes);
+  if (storage && storage->data() == bytes.data()) return PinnedBytes(std::move(storage), bytes);
+  auto copy = std::make_shared<const std::string>(bytes);
+  return PinnedBytes(copy, *copy);
 }
 
 std::string Model::fresh_name(const std::string& base) {

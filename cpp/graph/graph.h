@@ -1,7 +1,8 @@
 // The graph index: a parsed view of a ModelProto that folds query and edit. Names, op types and attributes
-// are small copies; tensor data and every untouched message stay views into the caller's buffer. Edits are
-// recorded on the objects (removed, replaced, added) and applied by the writer (write.cpp), which copies
-// everything else through as byte ranges.
+// are small copies; tensor data and every untouched message stay views into the caller's buffer. Edits go
+// through Graph's methods, which record them (NodeEdits, Graph::GraphEdits: private to graph/, reached by the
+// parser and the writer through edit_record.h) and keep the index current; the writer (write.cpp) applies them
+// and copies everything else through as byte ranges.
 #pragma once
 
 #include <atomic>
@@ -38,6 +39,15 @@ struct Attribute {
 class Graph;
 class Model;
 
+// What folds changed on a node, applied by the writer (write.cpp). Only graph/ reads or writes it.
+struct NodeEdits {
+  bool removed = false;
+  bool edited = false;                      // inputs, outputs, op_type or attributes changed
+  std::vector<std::pair<std::string, std::string>> set_attributes;  // name -> AttributeProto payload
+  bool created = false;                     // made by a fold; written from the fields above
+  int insert_before = -1;                   // for created nodes: position among the original nodes
+};
+
 struct Node {
   std::string name, op_type, domain;
   std::vector<std::string> inputs, outputs;
@@ -45,12 +55,9 @@ struct Node {
   std::vector<std::unique_ptr<Graph>> subgraphs;
   std::string_view body;  // NodeProto payload (empty for nodes a fold created)
 
-  // Edits, applied by the writer.
-  bool removed = false;
-  bool edited = false;                      // inputs, outputs, op_type or attributes changed
-  std::vector<std::pair<std::string, std::string>> set_attributes;  // name -> AttributeProto payload
-  bool created = false;                     // made by a fold; written from the fields above
-  int insert_before = -1;                   // for created nodes: position among the original nodes
+  // The edit record (NodeEdits) is private to graph/: folds edit through Graph's methods.
+  bool removed() const { return edits_.removed; }
+  bool created() const { return edits_.created; }  // made by a fold (Graph::add_node)
 
   bool is(std::string_view op) const { return op_type == op && (domain.empty() || domain == "ai.onnx"); }
   const Attribute* attr(std::string_view n) const;
@@ -59,6 +66,11 @@ struct Node {
   std::vector<int64_t> attr_ints(std::string_view n) const;
   std::string attr_string(std::string_view n, std::string fallback = "") const;
   std::string display_name(int index) const;
+
+ private:
+  friend class Graph;
+  friend struct EditRecord;
+  NodeEdits edits_;
 };
 
 enum class GraphKind { Main, Subgraph, Function };
@@ -106,24 +118,15 @@ class Graph {
   };
   std::vector<FieldRef> fields;
 
-  // Edits to initializers and value_info.
-  std::vector<bool> initializer_removed;
-  // New TensorProto payloads; heap strings, because the parsed Tensor views point into them.
-  std::vector<std::unique_ptr<std::string>> initializer_replaced;  // null where unchanged
-  std::vector<std::unique_ptr<std::string>> initializer_added;    // null where added lazily
+  std::vector<ExternalRef> original_external;  // per original initializer: where its data lived, if external
+
   // Replacement or added data produced lazily (see LazyBytes): the TensorProto is `header` + raw_data.
   struct LazyInitializer {
     std::string header;
     std::shared_ptr<const LazyBytes> data;
   };
-  std::vector<std::unique_ptr<LazyInitializer>> initializer_lazy;  // null where not lazy
-  std::vector<ExternalRef> original_external;  // per original initializer: where its data lived, if external
-  std::vector<bool> value_info_removed;
-  std::vector<bool> input_removed;  // graph inputs dropped (frozen initializers a fold replaced or removed)
-  // ValueInfoProto payloads of graph inputs a fold added: IR version < 4 lists every initializer as an input.
-  std::vector<std::pair<std::string, std::string>> inputs_added;  // name, payload (empty: dropped again)
-  size_t original_initializer_count = 0;  // initializers past this index were added by folds
-  bool dirty = false;
+  // True when a fold edited this graph or a graph nested in it (the writer re-encodes it then).
+  bool dirty() const { return edits_.dirty; }
 
   // ---- queries
   const std::vector<Use>& uses(const std::string& value) const;
@@ -160,6 +163,24 @@ class Graph {
   void set_float_attribute(int node, const std::string& name, float value);
   void remove_node(int node);
   int add_node(Node node, int insert_before);
+  // Adds `node` where the writer puts it just before node `reader` (an original node, or one a fold created).
+  int add_node_before(Node node, int reader);
+  // The one constant writer: makes the inputs `readers` (which all read `old`, or nothing when `old` is empty)
+  // read a constant of `data_type` and `dims`. `old` is replaced in place when it is an initializer of this
+  // graph that only `readers` read (and not a graph output); otherwise the constant is stored under a fresh
+  // name derived from `old` (or `base` when `old` is empty) + "_bnfolded" (an initializer; a Constant node in
+  // a function), the readers are rewired to it, and `old` is dropped if nothing reads it any more. Its value
+  // info is dropped when the dims change. Returns the name read now, and whether it is a new tensor. `old` is
+  // taken by value: it is often a node's input, which the rewiring changes.
+  struct WrittenConstant {
+    std::string name;
+    bool is_new = false;
+  };
+  WrittenConstant write_constant(const std::vector<Use>& readers, std::string old, int32_t data_type,
+                                 const std::vector<int64_t>& dims, const std::string& raw, const std::string& base);
+  // The same with data produced when the output is written.
+  WrittenConstant write_constant(const std::vector<Use>& readers, std::string old, int32_t data_type,
+                                 const std::vector<int64_t>& dims, LazyBytes data, const std::string& base);
   // Stores a tensor under `name` (a fresh name): an initializer in a graph, a Constant node in a function.
   void add_tensor(const std::string& name, std::string tensor_payload);
   void replace_initializer(int index, std::string tensor_payload);
@@ -177,6 +198,22 @@ class Graph {
   std::unordered_set<std::string> outer_reads;  // names read here (or in nested graphs) but defined outside
 
  private:
+  friend struct EditRecord;
+  // What folds changed on initializers, value_info and inputs, applied by the writer. Only graph/ sees it
+  // (graph/edit_record.h): folds edit through the methods above.
+  struct GraphEdits {
+    std::vector<bool> initializer_removed;
+    // New TensorProto payloads; heap strings, because the parsed Tensor views point into them.
+    std::vector<std::unique_ptr<std::string>> initializer_replaced;  // null where unchanged
+    std::vector<std::unique_ptr<std::string>> initializer_added;    // null where added lazily
+    std::vector<std::unique_ptr<LazyInitializer>> initializer_lazy;  // null where not lazy
+    std::vector<bool> value_info_removed;
+    std::vector<bool> input_removed;  // graph inputs dropped (frozen initializers a fold replaced or removed)
+    // ValueInfoProto payloads of graph inputs a fold added: IR version < 4 lists every initializer as an input.
+    std::vector<std::pair<std::string, std::string>> inputs_added;  // name, payload (empty: dropped again)
+    size_t original_initializer_count = 0;  // initializers past this index were added by folds
+    bool dirty = false;
+  } edits_;
   std::unordered_map<std::string, int> producer_;
   std::unordered_map<std::string, int> initializer_index_;
   std::unordered_map<std::string, std::vector<Use>> uses_;
@@ -272,6 +309,9 @@ class Model {
   // True when `bytes` stay valid until the output is written: a view of the input buffer or of a mapped
   // external data file. A fold's data generator may then keep the view instead of a copy.
   bool outlives_writing(std::string_view bytes) const;
+  // `bytes` held for a generator that runs when the output is written: the view itself when it outlives
+  // writing; else `storage` when `bytes` starts its contents (bytes a Tensor decoded into it); else a copy.
+  PinnedBytes pin(std::string_view bytes, std::shared_ptr<const std::string> storage = {}) const;
 
   // A name used nowhere in the model yet, derived from `base`.
   std::string fresh_name(const std::string& base);

@@ -2,6 +2,7 @@
 #include <algorithm>
 
 #include "../wire/fields.h"
+#include "edit_record.h"
 #include "graph.h"
 
 namespace qdqfold::graph {
@@ -251,13 +252,13 @@ struct Parser {
     }
     g.nodes.resize(node_bodies.size());
     for (size_t k = 0; k < node_bodies.size(); ++k) parse_node(g.nodes[k], node_bodies[k], g, depth, static_cast<int>(k));
-    g.initializer_removed.assign(g.initializers.size(), false);
-    g.initializer_replaced.resize(g.initializers.size());
-    g.original_initializer_count = g.initializers.size();
-    g.initializer_lazy.resize(g.initializers.size());
+    EditRecord::of(g).initializer_removed.assign(g.initializers.size(), false);
+    EditRecord::of(g).initializer_replaced.resize(g.initializers.size());
+    EditRecord::of(g).original_initializer_count = g.initializers.size();
+    EditRecord::of(g).initializer_lazy.resize(g.initializers.size());
     for (const auto& t : g.initializers) g.original_external.push_back(t.external ? t.external_ref : ExternalRef{});
-    g.value_info_removed.assign(g.value_info.size(), false);
-    g.input_removed.assign(g.inputs.size(), false);
+    EditRecord::of(g).value_info_removed.assign(g.value_info.size(), false);
+    EditRecord::of(g).input_removed.assign(g.inputs.size(), false);
     g.build_index();
     check_structure(g);
   }

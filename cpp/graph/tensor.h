@@ -52,6 +52,27 @@ struct LazyBytes {
   std::function<void(char* dst, size_t begin, size_t end)> fill_range;
 };
 
+// Bytes a data generator (LazyBytes) reads when the output is written, after the fold that made it returned.
+// The lifetime is part of the type: either a view that stays valid until then (the input buffer, a mapped
+// external data file: Model::outlives_writing) or a copy that every copy of this object shares. Only
+// Model::pin makes one, so a generator cannot be handed a view that dies with the fold.
+class PinnedBytes {
+ public:
+  PinnedBytes() = default;
+  std::string_view view() const { return view_; }
+  const char* data() const { return view_.data(); }
+  size_t size() const { return view_.size(); }
+  char operator[](size_t i) const { return view_[i]; }
+  bool owned() const { return owner_ != nullptr; }
+
+ private:
+  friend class Model;
+  PinnedBytes(std::shared_ptr<const std::string> owner, std::string_view view)
+      : owner_(std::move(owner)), view_(view) {}
+  std::shared_ptr<const std::string> owner_;
+  std::string_view view_;
+};
+
 struct Tensor {
   std::string name;
   int32_t data_type = 0;

@@ -7,6 +7,7 @@
 
 #include "../wire/fields.h"
 #include "../wire/writer.h"
+#include "edit_record.h"
 #include "graph.h"
 
 namespace qdqfold::graph {
@@ -51,7 +52,7 @@ struct Writer {
 
   bool has_dirty_subgraph(const Node& n, int attribute) const {
     for (const auto& s : n.subgraphs)
-      if (s->owner_attribute == attribute && s->dirty) return true;
+      if (s->owner_attribute == attribute && s->dirty()) return true;
     return false;
   }
 
@@ -66,7 +67,7 @@ struct Writer {
         for (const auto& s : n.subgraphs)
           if (s->owner_attribute == attribute && s->owner_position == position) sub = s.get();
         ++position;
-        if (sub && sub->dirty) {
+        if (sub && sub->dirty()) {
           message(out, f.number, graph(*sub));
           continue;
         }
@@ -82,7 +83,7 @@ struct Writer {
     for (const auto& o : n.outputs) put_bytes_field(s, num(NodeField::Output), o);
     if (!n.name.empty()) put_bytes_field(s, num(NodeField::Name), n.name);
     put_bytes_field(s, num(NodeField::OpType), n.op_type);
-    for (const auto& [name, payload] : n.set_attributes) put_bytes_field(s, num(NodeField::Attribute), payload);
+    for (const auto& [name, payload] : EditRecord::of(n).set_attributes) put_bytes_field(s, num(NodeField::Attribute), payload);
     if (!n.domain.empty()) put_bytes_field(s, num(NodeField::Domain), n.domain);
     return s;
   }
@@ -91,13 +92,13 @@ struct Writer {
   // attributes set by a fold replace the ones of the same name or follow the others.
   Pieces edited_node(const Node& n) {
     Pieces out;
-    if (n.created) {
+    if (n.created()) {
       out.view(arena.keep(created_node(n)));
       return out;
     }
     size_t in = 0, outp = 0;
     int attribute = 0;
-    std::vector<bool> attr_done(n.set_attributes.size(), false);
+    std::vector<bool> attr_done(EditRecord::of(n).set_attributes.size(), false);
     Reader r(n.body, n.body.data());
     while (!r.done()) {
       Field f = r.next("node");
@@ -114,9 +115,9 @@ struct Writer {
         case NodeField::Attribute: {
           const std::string& name = n.attributes[attribute].name;
           bool replaced = false;
-          for (size_t k = 0; k < n.set_attributes.size(); ++k)
-            if (n.set_attributes[k].first == name) {
-              owned(out, f.number, n.set_attributes[k].second);
+          for (size_t k = 0; k < EditRecord::of(n).set_attributes.size(); ++k)
+            if (EditRecord::of(n).set_attributes[k].first == name) {
+              owned(out, f.number, EditRecord::of(n).set_attributes[k].second);
               attr_done[k] = true;
               replaced = true;
             }
@@ -132,20 +133,20 @@ struct Writer {
     }
     for (; in < n.inputs.size(); ++in) owned(out, num(NodeField::Input), n.inputs[in]);
     for (; outp < n.outputs.size(); ++outp) owned(out, num(NodeField::Output), n.outputs[outp]);
-    for (size_t k = 0; k < n.set_attributes.size(); ++k)
-      if (!attr_done[k]) owned(out, num(NodeField::Attribute), n.set_attributes[k].second);
+    for (size_t k = 0; k < EditRecord::of(n).set_attributes.size(); ++k)
+      if (!attr_done[k]) owned(out, num(NodeField::Attribute), EditRecord::of(n).set_attributes[k].second);
     return out;
   }
 
   bool node_changed(const Node& n) const {
-    if (n.edited || n.created) return true;
+    if (EditRecord::of(n).edited || n.created()) return true;
     for (const auto& s : n.subgraphs)
-      if (s->dirty) return true;
+      if (s->dirty()) return true;
     return false;
   }
 
   void node(Pieces& out, uint32_t field, const Node& n, std::string_view whole) {
-    if (n.removed) return;
+    if (n.removed()) return;
     if (!node_changed(n)) out.view(whole);
     else message(out, field, edited_node(n));
   }
@@ -157,27 +158,27 @@ struct Writer {
     auto it = created_at.find(position);
     if (it == created_at.end()) return;
     for (int k : it->second)
-      if (!g.nodes[k].removed) message(out, field, edited_node(g.nodes[k]));
+      if (!g.nodes[k].removed()) message(out, field, edited_node(g.nodes[k]));
   }
 
   // An initializer: as it was, replaced, added, or produced lazily; in file mode an initializer whose data
   // lived in an external file keeps living there (see external_initializer).
   void initializer(Pieces& out, Graph& g, size_t k, std::string_view whole) {
-    if (g.initializer_removed[k]) return;
+    if (EditRecord::of(g).initializer_removed[k]) return;
     const uint32_t field = num(GraphField::Initializer);
-    const Graph::LazyInitializer* lazy = g.initializer_lazy[k].get();
+    const Graph::LazyInitializer* lazy = EditRecord::of(g).initializer_lazy[k].get();
     if (external_output && external_output->layout != ExternalOutput::Layout::AsInput) {
       laid_out_initializer(out, g, k, whole);
-    } else if (external_output && k < g.original_initializer_count && !g.original_external[k].location.empty()) {
+    } else if (external_output && k < EditRecord::of(g).original_initializer_count && !g.original_external[k].location.empty()) {
       external_initializer(out, g, k, whole);
     } else if (lazy) {
       lazy_tensor(out, field, lazy->header, lazy->data);
-    } else if (g.initializer_replaced[k]) {
-      owned(out, field, *g.initializer_replaced[k]);
-    } else if (k < g.original_initializer_count) {
+    } else if (EditRecord::of(g).initializer_replaced[k]) {
+      owned(out, field, *EditRecord::of(g).initializer_replaced[k]);
+    } else if (k < EditRecord::of(g).original_initializer_count) {
       out.view(whole);
     } else {
-      owned(out, field, *g.initializer_added[k - g.original_initializer_count]);
+      owned(out, field, *EditRecord::of(g).initializer_added[k - EditRecord::of(g).original_initializer_count]);
     }
   }
 
@@ -188,17 +189,17 @@ struct Writer {
     ExternalOutput& ext = *external_output;
     const uint32_t field = num(GraphField::Initializer);
     const Tensor& current = g.initializers[k];
-    const Graph::LazyInitializer* lazy = g.initializer_lazy[k].get();
-    const bool original = k < g.original_initializer_count;
+    const Graph::LazyInitializer* lazy = EditRecord::of(g).initializer_lazy[k].get();
+    const bool original = k < EditRecord::of(g).original_initializer_count;
     const bool was_external = original && !g.original_external[k].location.empty();
     const size_t size = lazy ? lazy->data->size : current.raw.size();
     const bool to_file = ext.layout == ExternalOutput::Layout::External && (lazy || current.has_raw) &&
                          static_cast<int64_t>(size) >= ext.threshold;
     if (!to_file && !was_external) {  // inline, as it was
       if (lazy) lazy_tensor(out, field, lazy->header, lazy->data);
-      else if (g.initializer_replaced[k]) owned(out, field, *g.initializer_replaced[k]);
+      else if (EditRecord::of(g).initializer_replaced[k]) owned(out, field, *EditRecord::of(g).initializer_replaced[k]);
       else if (original) out.view(whole);
-      else owned(out, field, *g.initializer_added[k - g.original_initializer_count]);
+      else owned(out, field, *EditRecord::of(g).initializer_added[k - EditRecord::of(g).original_initializer_count]);
       return;
     }
     std::string header = lazy ? lazy->header : reencode_tensor_header(current, current.data_type, current.dims);
@@ -289,8 +290,8 @@ struct Writer {
     const ExternalRef& ref = g.original_external[k];
     const std::string& location = external_output->location_out.at(ref.location);
     const Tensor& current = g.initializers[k];
-    const Graph::LazyInitializer* lazy = g.initializer_lazy[k].get();
-    const bool changed = lazy || g.initializer_replaced[k];
+    const Graph::LazyInitializer* lazy = EditRecord::of(g).initializer_lazy[k].get();
+    const bool changed = lazy || EditRecord::of(g).initializer_replaced[k];
     const uint32_t field = num(GraphField::Initializer);
     if (!changed && location == ref.location) {
       out.view(whole);
@@ -300,7 +301,7 @@ struct Writer {
     const int64_t length = ref.length;  // resolved on parse in file mode
     if (changed && static_cast<int64_t>(size) != length) {  // another size: inline
       if (lazy) lazy_tensor(out, field, lazy->header, lazy->data);
-      else owned(out, field, *g.initializer_replaced[k]);
+      else owned(out, field, *EditRecord::of(g).initializer_replaced[k]);
       return;
     }
     int64_t offset = ref.offset;
@@ -325,7 +326,7 @@ struct Writer {
 
   Pieces graph(Graph& g) {
     Pieces out;
-    if (!g.dirty) {
+    if (!g.dirty()) {
       out.view(g.body);
       return out;
     }
@@ -336,7 +337,7 @@ struct Writer {
     created_at.clear();
     int original_nodes = 0;
     for (size_t k = 0; k < g.nodes.size(); ++k) {
-      if (g.nodes[k].created) created_at[g.nodes[k].insert_before].push_back(static_cast<int>(k));
+      if (g.nodes[k].created()) created_at[EditRecord::of(g.nodes[k]).insert_before].push_back(static_cast<int>(k));
       else ++original_nodes;
     }
     int last_node_field = -1, last_initializer_field = -1;
@@ -345,7 +346,7 @@ struct Writer {
       if (!function && g.fields[k].number == num(GraphField::Initializer)) last_initializer_field = static_cast<int>(k);
     }
     auto added_initializers = [&] {
-      for (size_t k = g.original_initializer_count; k < g.initializers.size(); ++k) initializer(out, g, k, {});
+      for (size_t k = EditRecord::of(g).original_initializer_count; k < g.initializers.size(); ++k) initializer(out, g, k, {});
     };
     // New initializers go first when the graph has none, so that they precede the nodes like the rest.
     if (!function && last_initializer_field < 0) added_initializers();
@@ -361,9 +362,9 @@ struct Writer {
         initializer(out, g, f.index, f.whole);
         if (static_cast<int>(k) == last_initializer_field) added_initializers();
       } else if (f.number == value_info_field && f.index >= 0) {
-        if (!g.value_info_removed[f.index]) out.view(f.whole);
+        if (!EditRecord::of(g).value_info_removed[f.index]) out.view(f.whole);
       } else if (!function && f.number == num(GraphField::Input) && f.index >= 0) {
-        if (!g.input_removed[f.index]) out.view(f.whole);  // a frozen initializer's input a fold dropped
+        if (!EditRecord::of(g).input_removed[f.index]) out.view(f.whole);  // a frozen initializer's input a fold dropped
       } else {
         out.view(f.whole);
       }
@@ -371,7 +372,7 @@ struct Writer {
     if (last_node_field < 0) created_before(out, g, node_field, -1);
     // Graph inputs for new initializers (IR version < 4 lists every initializer as an input); the field order
     // of a message does not matter, so they go last.
-    for (const auto& [name, payload] : g.inputs_added)
+    for (const auto& [name, payload] : EditRecord::of(g).inputs_added)
       if (!payload.empty()) owned_string(out, num(GraphField::Input), payload);
     created_at = std::move(outer_created);  // subgraphs are written while their owner is being written
     return out;
@@ -399,9 +400,9 @@ struct Writer {
   Pieces model(Model& m) {
     Pieces out;
     for (const auto& f : m.fields) {
-      if (f.number == num(ModelField::Graph) && m.graph->dirty) {
+      if (f.number == num(ModelField::Graph) && m.graph->dirty()) {
         message(out, f.number, graph(*m.graph));
-      } else if (f.number == num(ModelField::Functions) && f.index >= 0 && m.functions[f.index]->dirty) {
+      } else if (f.number == num(ModelField::Functions) && f.index >= 0 && m.functions[f.index]->dirty()) {
         message(out, f.number, graph(*m.functions[f.index]));
       } else if (f.number == num(ModelField::OpsetImport) && !m.raised_opsets.empty() && raised_opset(out, m, f.whole)) {
         // rewritten with the raised version

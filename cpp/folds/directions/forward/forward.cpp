@@ -1,11 +1,12 @@
 // The forward fold's driver and the helpers its planners share; see forward.h for the graph and formula.
-#include "forward.h"
+#include "folds/directions/forward/forward.h"
+#include "folds/expected.h"
 
 #include <cstring>
 
-#include "../kernels/numeric.h"
-#include "../kernels/per_channel.h"
-#include "affine.h"
+#include "kernels/numeric.h"
+#include "kernels/per_channel.h"
+#include "folds/sources/affine.h"
 
 namespace qdqfold::folds {
 
@@ -46,7 +47,7 @@ struct Walk {
 
 void visit(Graph& g, const std::string& value, ForwardReader path, Walk& walk) {
   if (g.is_graph_output(value) && !walk.other)
-    walk.other = Outcome::kept("graph-output", path.values.empty() && path.reshape < 0
+    walk.other = Outcome::kept(Reason::GraphOutput, path.values.empty() && path.reshape < 0
                                                    ? "its output is a graph output, which must keep BN's values"
                                                    : "its output reaches graph output '" + value +
                                                          "' through identity nodes, which must keep BN's values");
@@ -71,12 +72,12 @@ void visit(Graph& g, const std::string& value, ForwardReader path, Walk& walk) {
         for (const auto& u : g.uses(n.outputs[0]))
           if (g.nodes[u.node].is("DequantizeLinear")) dq = ", dequantized by " + describe_node(g, u.node);
       walk.quantizer = Outcome::kept(
-          "activation-quantizer",
+          Reason::ActivationQuantizer,
           "its output feeds the activation quantizer " + describe_node(g, use.node) + dq +
               ", which rounds BN's output: folding BN into the layer after it would change the quantized activations");
     } else if (!walk.other) {
       walk.other = Outcome::kept(
-          "other-reader", use.slot < 0 ? "its output is read inside a subgraph of " + describe_node(g, use.node)
+          Reason::OtherReader, use.slot < 0 ? "its output is read inside a subgraph of " + describe_node(g, use.node)
                                        : "its output is also read by " + describe_node(g, use.node) +
                                              ", which is not a layer it can fold into");
     }
@@ -110,7 +111,7 @@ std::variant<std::vector<ForwardReader>, Outcome> forward_readers(FoldContext& c
   for (size_t i = 0; i < walk.layers.size(); ++i)
     for (size_t j = 0; j < i; ++j)
       if (walk.layers[i].layer == walk.layers[j].layer)
-        return Outcome::kept("other-reader", describe_node(g, walk.layers[i].layer) + " reads its output twice");
+        return Outcome::kept(Reason::OtherReader, describe_node(g, walk.layers[i].layer) + " reads its output twice");
   return walk.layers;
 }
 
@@ -141,52 +142,14 @@ std::optional<std::vector<int64_t>> activation_shape(const FoldContext& ctx, int
   return partial;
 }
 
-std::vector<std::vector<double>> shift_through_weight(const FloatWeight& w, const std::vector<double>& shift,
-                                                      int64_t features_per_channel) {
-  const WeightLayout& l = w.layout;
-  std::vector<std::vector<double>> sums(static_cast<size_t>(l.out_channels),
-                                        std::vector<double>(static_cast<size_t>(l.R), 0.0));
-  for (int64_t p = 0; p < l.P; ++p)
-    for (int64_t q = 0; q < l.Q; ++q) {
-      const double t = shift[static_cast<size_t>(l.input_of(p, q) / features_per_channel)];
-      if (t == 0.0) continue;
-      auto& row = sums[static_cast<size_t>(l.output_of(p, q))];
-      const size_t base = static_cast<size_t>((p * l.Q + q) * l.R);
-      for (int64_t r = 0; r < l.R; ++r)
-        row[static_cast<size_t>(r)] += graph::float_element(w.tensor.data_type, w.bytes, base + static_cast<size_t>(r)) * t;
-    }
-  return sums;
-}
-
-std::variant<std::string, Outcome> scale_input_features(const FloatWeight& w, const std::vector<double>& scale,
-                                                        int64_t features_per_channel) {
-  const WeightLayout& l = w.layout;
-  kernels::ChannelAxis axis = l.input_axis();
-  if (features_per_channel != 1) {  // Gemm/MatMul after a Flatten: feature f = c * HW + p (groups == 1)
-    const int64_t channels = l.in_channels / features_per_channel;
-    axis = l.p_is_output ? kernels::ChannelAxis{1, l.P, channels, features_per_channel}
-                         : kernels::ChannelAxis{1, 1, channels, features_per_channel * l.Q};
-  }
-  // A read-only check pass first (it counts overflows), then the write.
-  auto r = kernels::affine_channels(w.tensor.data_type, w.bytes, axis, scale.data(), nullptr, static_cast<char*>(nullptr));
-  if (!r.ok) return Outcome::kept("unreadable-weight", "the weight '" + w.tensor.name + "' does not match its dims");
-  if (r.overflowed)
-    return Outcome::kept("overflow", std::to_string(r.overflowed) + " values of weight '" + w.tensor.name +
-                                         "' would overflow " + graph::data_type_name(w.tensor.data_type) +
-                                         " once scaled by BN's factor");
-  std::string out;
-  kernels::scale_channels(w.tensor.data_type, w.bytes, axis, scale, out);
-  return out;
-}
-
 std::variant<FloatWeight, Outcome> read_forward_weight(FoldContext& ctx, int layer) {
   Graph& g = ctx.graph;
   const Node& n = g.nodes[layer];
   if (n.inputs.size() < 2 || n.inputs[1].empty() || n.outputs.empty() || n.outputs[0].empty())
-    return Outcome::kept("malformed-layer", describe_node(g, layer) + " has no weight input or no output");
+    return Outcome::kept(Reason::MalformedLayer, describe_node(g, layer) + " has no weight input or no output");
   const std::string& weight = n.inputs[1];
   if (produced_by_dequantize(g, weight))
-    return Outcome::kept("quantized-weight", describe_node(g, layer) + " takes its weight through " +
+    return Outcome::kept(Reason::QuantizedWeight, describe_node(g, layer) + " takes its weight through " +
                                                  describe_node(g, g.producer(weight)) +
                                                  ": a quantized weight cannot absorb BN's per-input-channel factor "
                                                  "without new integers (re-quantization), which is not exact");
@@ -196,7 +159,7 @@ std::variant<FloatWeight, Outcome> read_forward_weight(FoldContext& ctx, int lay
     std::string who = "another node";
     for (const auto& u : g.uses(weight))
       if (u.node != layer) who = describe_node(g, u.node);
-    return Outcome::kept("shared-weight", "the weight '" + weight + "' of " + describe_node(g, layer) +
+    return Outcome::kept(Reason::SharedWeight, "the weight '" + weight + "' of " + describe_node(g, layer) +
                                               " is also read by " + who +
                                               ", which must keep it: folding BN would need a second copy");
   }
@@ -223,12 +186,8 @@ void add_constant_after(FoldContext& ctx, int layer, int32_t data_type, const st
 
 Outcome fold_bn_forward(FoldContext& ctx, int bn) {
   Graph& g = ctx.graph;
-  auto found = forward_readers(ctx, bn);
-  if (auto* o = std::get_if<Outcome>(&found)) return std::move(*o);
-  const auto readers = std::move(std::get<std::vector<ForwardReader>>(found));
-  auto read = read_batchnorm(ctx, bn);
-  if (auto* o = std::get_if<Outcome>(&read)) return std::move(*o);
-  const BatchNormAffine affine = std::move(std::get<BatchNormAffine>(read));
+  QDQFOLD_TRY(readers, forward_readers(ctx, bn));
+  QDQFOLD_TRY(affine, read_batchnorm(ctx, bn));
   if (affine.last_axis) return Outcome::not_applicable();  // a MatMul's features, folded backwards only
 
   std::vector<LayerPlan> plans;
@@ -254,8 +213,8 @@ Outcome fold_bn_forward(FoldContext& ctx, int bn) {
     const std::string& op = g.nodes[plan.layer].op_type;
     if (done.into_op.empty()) done.into_op = op;
     else if (done.into_op.find(op) == std::string::npos) done.into_op += "," + op;
-    if (done.code.empty()) done.code = plan.fold_name;
-    else if (done.code != plan.fold_name) done.code = "bn-layers";
+    if (done.code.empty()) done.code = code(plan.fold_name);
+    else if (done.code != code(plan.fold_name)) done.code = code(FoldName::BnLayers);
     for (const auto& m : plan.metrics) {
       bool merged = false;
       for (auto& [k, v] : done.metrics)

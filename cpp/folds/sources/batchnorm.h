@@ -8,7 +8,7 @@
 #include <variant>
 #include <vector>
 
-#include "fold.h"
+#include "folds/fold.h"
 
 namespace qdqfold::folds {
 

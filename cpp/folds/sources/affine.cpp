@@ -1,11 +1,11 @@
 // The elementwise affine source; see affine.h for the patterns and the map each op gives.
-#include "affine.h"
+#include "folds/sources/affine.h"
 
 #include <algorithm>
 #include <cmath>
 
-#include "backward.h"
-#include "layer.h"
+#include "folds/directions/backward/backward.h"
+#include "folds/weights/layout.h"
 
 namespace qdqfold::folds {
 
@@ -115,22 +115,22 @@ std::variant<BatchNormAffine, Outcome> read_elementwise_affine(FoldContext& ctx,
   auto c = g.constant(cname);
   auto values = c ? c->tensor.values() : std::nullopt;
   if (!c || !values || !graph::is_float_type(c->tensor.data_type))
-    return Outcome::kept("non-constant-parameters", "its operand '" + cname + "' is not a readable float constant");
+    return Outcome::kept(Reason::NonConstantParameters, "its operand '" + cname + "' is not a readable float constant");
   const std::vector<int64_t>& dims = c->tensor.dims;
   int varying = -1;
   for (size_t k = 0; k < dims.size(); ++k)
     if (dims[k] != 1) {
       if (varying >= 0)
-        return Outcome::kept("channel-axis-mismatch", "its constant '" + cname + "' varies along more than one axis");
+        return Outcome::kept(Reason::ChannelAxisMismatch, "its constant '" + cname + "' varies along more than one axis");
       varying = static_cast<int>(k);
     }
 
   // The constant must not widen x (rank at most x's) and may vary only along x's axis 1.
   const auto rank = activation_rank(g, x);
   if (rank && dims.size() > *rank)
-    return Outcome::kept("channel-axis-mismatch", "its constant '" + cname + "' has a higher rank than the activation");
+    return Outcome::kept(Reason::ChannelAxisMismatch, "its constant '" + cname + "' has a higher rank than the activation");
   if (!rank && (varying >= 0 || dims.size() > 1))
-    return Outcome::kept("unknown-rank", "the rank of its input '" + x + "' is unknown, so it is not known which "
+    return Outcome::kept(Reason::UnknownRank, "the rank of its input '" + x + "' is unknown, so it is not known which "
                                          "axis its constant '" + cname + "' runs along");
   int64_t channels = -1;
   // A MatMul's rank >= 3 output [.., N, F] (transformer layer scale after Linear): the features are the last
@@ -146,29 +146,29 @@ std::variant<BatchNormAffine, Outcome> read_elementwise_affine(FoldContext& ctx,
     const auto features = producer_channels(g, g.nodes[mm].outputs[0]);
     channels = varying >= 0 ? dims[varying] : features.value_or(-1);
     if (channels <= 0 || values->size() != (varying >= 0 ? static_cast<size_t>(channels) : 1))
-      return Outcome::kept("shape-mismatch", "its constant '" + cname + "' does not match the MatMul's features");
+      return Outcome::kept(Reason::ShapeMismatch, "its constant '" + cname + "' does not match the MatMul's features");
   } else if (varying >= 0) {
     const auto axis = static_cast<int64_t>(*rank) - static_cast<int64_t>(dims.size()) + varying;
     if (axis != 1)
-      return Outcome::kept("channel-axis-mismatch",
+      return Outcome::kept(Reason::ChannelAxisMismatch,
                            "its constant '" + cname + "' runs along axis " + std::to_string(axis) + " of the rank-" +
                                std::to_string(*rank) + " activation, not along the channels (axis 1)");
     channels = dims[varying];
     if (channels <= 0 || values->size() != static_cast<size_t>(channels))
-      return Outcome::kept("shape-mismatch", "its constant '" + cname + "' holds " + std::to_string(values->size()) +
+      return Outcome::kept(Reason::ShapeMismatch, "its constant '" + cname + "' holds " + std::to_string(values->size()) +
                                                  " values for " + std::to_string(channels) + " channels");
   } else if (!last_axis) {
     if (values->size() != 1)
-      return Outcome::kept("shape-mismatch", "its constant '" + cname + "' holds " + std::to_string(values->size()) +
+      return Outcome::kept(Reason::ShapeMismatch, "its constant '" + cname + "' holds " + std::to_string(values->size()) +
                                                  " values for its dims");
     if (auto s = g.shape_of(x); s && s->size() >= 2 && (*s)[1] > 0) channels = (*s)[1];
     else if (auto s2 = g.shape_of(n.outputs[0]); s2 && s2->size() >= 2 && (*s2)[1] > 0) channels = (*s2)[1];
     else if (auto p = producer_channels(g, x)) channels = *p;
     if (channels <= 0)
-      return Outcome::kept("unknown-channels", "the channel count of its input '" + x + "' is unknown");
+      return Outcome::kept(Reason::UnknownChannels, "the channel count of its input '" + x + "' is unknown");
   }
   if (auto s = g.shape_of(x); !last_axis && s && s->size() >= 2 && (*s)[1] >= 0 && (*s)[1] != channels)
-    return Outcome::kept("shape-mismatch", "its input has " + std::to_string((*s)[1]) + " channels but its constant " +
+    return Outcome::kept(Reason::ShapeMismatch, "its input has " + std::to_string((*s)[1]) + " channels but its constant " +
                                                std::to_string(channels));
 
   BatchNormAffine affine;
@@ -180,7 +180,7 @@ std::variant<BatchNormAffine, Outcome> read_elementwise_affine(FoldContext& ctx,
   for (size_t i = 0; i < affine.scale.size(); ++i) {
     const double v = (*values)[values->size() == 1 ? 0 : i];
     if (!std::isfinite(v) || (n.is("Div") && v == 0.0))
-      return Outcome::kept("non-finite-parameters", "its constant '" + cname + "' holds " +
+      return Outcome::kept(Reason::NonFiniteParameters, "its constant '" + cname + "' holds " +
                                                         (std::isfinite(v) ? "a zero divisor" : "NaN or Inf") +
                                                         " in channel " + std::to_string(i));
     if (n.is("Mul")) affine.scale[i] = v;
@@ -196,19 +196,7 @@ std::variant<BatchNormAffine, Outcome> read_elementwise_affine(FoldContext& ctx,
 }
 
 std::string affine_fold_name(const std::string& bn_fold_name, const Node& n) {
-  std::string op = n.op_type;
-  for (char& ch : op) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-  std::string out;
-  size_t start = 0;
-  while (start <= bn_fold_name.size()) {
-    size_t end = bn_fold_name.find('-', start);
-    if (end == std::string::npos) end = bn_fold_name.size();
-    const std::string token = bn_fold_name.substr(start, end - start);
-    if (!out.empty()) out += '-';
-    out += token == "bn" ? op : token;
-    start = end + 1;
-  }
-  return out;
+  return affine_variant_name(bn_fold_name, n.op_type);
 }
 
 bool affine_reported_when_kept(Graph& g, int node) {

@@ -10,11 +10,12 @@
 //   C'       = beta * C + d  (broadcast to [.., N]), and beta' = 1
 // Exact: a Gemm has no padding. A BN read directly by a Gemm (2-D input) is the case HW = 1.
 
-#include "forward.h"
-#include "padding_correction.h"
+#include "folds/directions/forward/forward.h"
+#include "folds/expected.h"
+#include "folds/directions/forward/padding_correction.h"
 
-#include "../wire/fields.h"
-#include "../wire/writer.h"
+#include "wire/fields.h"
+#include "wire/writer.h"
 
 namespace qdqfold::folds {
 
@@ -30,7 +31,7 @@ std::variant<int64_t, Outcome> features_per_channel(FoldContext& ctx, int bn, co
   const std::string who = describe_node(g, reader.layer);
   const auto shape = activation_shape(ctx, bn, reader);
   if (width % channels != 0)
-    return Outcome::kept("shape-mismatch", who + " takes " + std::to_string(width) + " input features, not a multiple "
+    return Outcome::kept(Reason::ShapeMismatch, who + " takes " + std::to_string(width) + " input features, not a multiple "
                                                "of BN's " + std::to_string(channels) + " channels");
   const int64_t hw = width / channels;
   std::optional<int64_t> known_hw;  // from the activation's shape, when every spatial dim is known
@@ -40,15 +41,15 @@ std::variant<int64_t, Outcome> features_per_channel(FoldContext& ctx, int bn, co
     if (p > 0) known_hw = p;
   }
   if (known_hw && *known_hw != hw)
-    return Outcome::kept("shape-mismatch", "BN's output has " + std::to_string(channels * *known_hw) +
+    return Outcome::kept(Reason::ShapeMismatch, "BN's output has " + std::to_string(channels * *known_hw) +
                                                " features per sample but " + who + " takes " + std::to_string(width));
   if (reader.reshape < 0) {
     // Gemm reads a 2-D input by definition; a MatMul must be shown one.
     if (g.nodes[reader.layer].is("MatMul") && (!shape || shape->size() != 2))
-      return Outcome::kept("unknown-rank", who + " reads BN's output directly and its rank is not known to be 2 "
+      return Outcome::kept(Reason::UnknownRank, who + " reads BN's output directly and its rank is not known to be 2 "
                                                  "(MatMul would contract its last axis, not the channels)");
     if (hw != 1)
-      return Outcome::kept("shape-mismatch", who + " takes " + std::to_string(width) + " features, BN has " +
+      return Outcome::kept(Reason::ShapeMismatch, who + " takes " + std::to_string(width) + " features, BN has " +
                                                  std::to_string(channels) + " channels");
     return hw;
   }
@@ -58,7 +59,7 @@ std::variant<int64_t, Outcome> features_per_channel(FoldContext& ctx, int bn, co
     int64_t axis = reshape.attr_int("axis", 1);
     if (axis < 0 && shape) axis += static_cast<int64_t>(shape->size());
     if (axis != 1)
-      return Outcome::kept("unsupported-reshape", how + " flattens from axis " +
+      return Outcome::kept(Reason::UnsupportedReshape, how + " flattens from axis " +
                                                       std::to_string(reshape.attr_int("axis", 1)) + ", not 1");
     return hw;
   }
@@ -66,7 +67,7 @@ std::variant<int64_t, Outcome> features_per_channel(FoldContext& ctx, int bn, co
   auto target = reshape.inputs.size() > 1 ? constant_values(g, reshape.inputs[1]) : std::nullopt;
   const bool allow_zero = reshape.attr_int("allowzero", 0) != 0;
   if (!target || target->size() != 2)
-    return Outcome::kept("unsupported-reshape", how + " does not reshape to a constant 2-D shape");
+    return Outcome::kept(Reason::UnsupportedReshape, how + " does not reshape to a constant 2-D shape");
   const double rows = (*target)[0], cols = (*target)[1];
   if (rows == 0 && cols == -1 && !allow_zero) return hw;  // [0, -1]: keep the batch, flatten the rest
   if (shape && shape->size() >= 2 && (*shape)[0] > 0 && known_hw) {
@@ -77,7 +78,7 @@ std::variant<int64_t, Outcome> features_per_channel(FoldContext& ctx, int bn, co
     if (c == -1 && r > 0) c = static_cast<double>(batch * per_sample) / r;
     if (r == static_cast<double>(batch) && c == static_cast<double>(per_sample)) return hw;
   }
-  return Outcome::kept("unsupported-reshape", how + " reshapes to [" + std::to_string(static_cast<int64_t>(rows)) +
+  return Outcome::kept(Reason::UnsupportedReshape, how + " reshapes to [" + std::to_string(static_cast<int64_t>(rows)) +
                                                   ", " + std::to_string(static_cast<int64_t>(cols)) +
                                                   "], which is not known to keep one sample per row");
 }
@@ -88,13 +89,9 @@ PlanOrKept plan_bn_gemm(FoldContext& ctx, int bn, const BatchNormAffine& affine,
   Graph& g = ctx.graph;
   const int layer = reader.layer;
   const std::string who = describe_node(g, layer);
-  auto weight = read_forward_weight(ctx, layer);
-  if (auto* o = std::get_if<Outcome>(&weight)) return std::move(*o);
-  const FloatWeight w = std::move(std::get<FloatWeight>(weight));
+  QDQFOLD_TRY(w, read_forward_weight(ctx, layer));
   const auto channels = static_cast<int64_t>(affine.scale.size());
-  auto hw_or = features_per_channel(ctx, bn, reader, channels, w.layout.in_channels);
-  if (auto* o = std::get_if<Outcome>(&hw_or)) return std::move(*o);
-  const int64_t hw = std::get<int64_t>(hw_or);
+  QDQFOLD_TRY(hw, features_per_channel(ctx, bn, reader, channels, w.layout.in_channels));
   const bool is_gemm = g.nodes[layer].is("Gemm");
   const int64_t outputs = w.layout.out_channels;
   const int32_t dtype = w.tensor.data_type;
@@ -107,15 +104,15 @@ PlanOrKept plan_bn_gemm(FoldContext& ctx, int bn, const BatchNormAffine& affine,
   std::vector<int64_t> c_dims;
   if (!c_name.empty()) {
     if (produced_by_dequantize(g, c_name))
-      return Outcome::kept("quantized-bias", who + " takes its bias through " + describe_node(g, g.producer(c_name)));
+      return Outcome::kept(Reason::QuantizedBias, who + " takes its bias through " + describe_node(g, g.producer(c_name)));
     auto ref = g.constant(c_name);
     auto values = ref ? ref->tensor.values() : std::nullopt;
-    if (!values) return Outcome::kept("non-constant-bias", "the bias '" + c_name + "' of " + who + " is not a constant");
+    if (!values) return Outcome::kept(Reason::NonConstantBias, "the bias '" + c_name + "' of " + who + " is not a constant");
     c_values = std::move(*values);
     c_dims = ref->tensor.dims;
     const int64_t last = c_dims.empty() ? 1 : c_dims.back();
     if (c_dims.size() > 2 || (last != 1 && last != outputs))
-      return Outcome::kept("shape-mismatch", "the bias '" + c_name + "' of " + who + " has shape " + dims_text(c_dims) +
+      return Outcome::kept(Reason::ShapeMismatch, "the bias '" + c_name + "' of " + who + " has shape " + dims_text(c_dims) +
                                                  ", which does not broadcast to " + std::to_string(outputs) + " outputs");
   }
 
@@ -123,7 +120,7 @@ PlanOrKept plan_bn_gemm(FoldContext& ctx, int bn, const BatchNormAffine& affine,
   if (auto* o = std::get_if<Outcome>(&scaled)) return std::move(*o);
   LayerPlan plan;
   plan.layer = layer;
-  plan.fold_name = is_gemm ? "bn-gemm" : "bn-matmul";
+  plan.fold_name = is_gemm ? FoldName::BnGemm : FoldName::BnMatmul;
   if (hw > 1) plan.note = "feature f of " + std::to_string(w.layout.in_channels) + " belongs to channel f / " + std::to_string(hw);
   std::optional<std::string> bias_raw;
   std::vector<int64_t> bias_dims{outputs};
@@ -141,9 +138,8 @@ PlanOrKept plan_bn_gemm(FoldContext& ctx, int bn, const BatchNormAffine& affine,
           bias.push_back(beta * c_values[static_cast<size_t>(r * cols + (cols == 1 ? 0 : o))] +
                          alpha * sums[static_cast<size_t>(o)][0]);
     }
-    auto stored = store_or_keep(dtype, bias, is_gemm ? "bias" : "shift");
-    if (auto* o = std::get_if<Outcome>(&stored)) return std::move(*o);
-    bias_raw = std::move(std::get<std::string>(stored));
+    QDQFOLD_TRY(stored, store_or_keep(dtype, bias, is_gemm ? "bias" : "shift"));
+    bias_raw = std::move(stored);
   }
   plan.apply = [layer, dtype, is_gemm, beta, weight_dims = w.tensor.dims,
                 scaled = std::move(std::get<std::string>(scaled)), bias_raw,

@@ -1,4 +1,4 @@
-#include "padding_correction.h"
+#include "folds/directions/forward/padding_correction.h"
 
 #include <numeric>
 #include <sstream>
@@ -43,7 +43,7 @@ std::optional<std::vector<int64_t>> spatial_ints(const graph::Node& n, const cha
 }
 
 Outcome malformed(const graph::Node& layer, const std::string& what) {
-  return Outcome::kept("malformed-layer", layer.op_type + " '" + layer.name + "' has " + what);
+  return Outcome::kept(Reason::MalformedLayer, layer.op_type + " '" + layer.name + "' has " + what);
 }
 
 }  // namespace
@@ -123,17 +123,17 @@ std::variant<TapMap, Outcome> tap_map(const ConvGeometry& g, const std::vector<i
                                       const std::string& layer_name) {
   TapMap map;
   const char* op = g.transposed ? "ConvTranspose" : "Conv";
-  auto kept = [&](const std::string& code, const std::string& why) {
+  auto kept = [&](Reason code, const std::string& why) {
     return Outcome::kept(code, std::string(op) + " '" + layer_name + "' " + why);
   };
-  if (input_dims.size() != g.rank()) return kept("shape-mismatch", "has a kernel of another rank than its input");
+  if (input_dims.size() != g.rank()) return kept(Reason::ShapeMismatch, "has a kernel of another rank than its input");
   map.taps.resize(g.rank());
   for (size_t d = 0; d < g.rank(); ++d) {
     const int64_t in = input_dims[d], k = g.kernel[d], s = g.strides[d], dil = g.dilations[d];
     const int64_t k_eff = g.effective_kernel(d);
-    if (in < 1) return kept("shape-mismatch", "has an empty input");
+    if (in < 1) return kept(Reason::ShapeMismatch, "has an empty input");
     if (in > kMaxPositions || k_eff > kMaxPositions)
-      return kept("correction-too-large", "has a spatial dimension too large for a correction map");
+      return kept(Reason::CorrectionTooLarge, "has a spatial dimension too large for a correction map");
     int64_t begin = g.pads_begin[d], end = g.pads_end[d], out = 0;
     if (!g.transposed) {
       if (g.auto_pad == "SAME_UPPER" || g.auto_pad == "SAME_LOWER") {
@@ -143,7 +143,7 @@ std::variant<TapMap, Outcome> tap_map(const ConvGeometry& g, const std::vector<i
         end = total - begin;
       } else {
         const int64_t span = in + begin + end - k_eff;
-        if (span < 0) return kept("shape-mismatch", "has a kernel larger than its padded input");
+        if (span < 0) return kept(Reason::ShapeMismatch, "has a kernel larger than its padded input");
         out = span / s + 1;
       }
     } else {
@@ -154,16 +154,16 @@ std::variant<TapMap, Outcome> tap_map(const ConvGeometry& g, const std::vector<i
         const int64_t total = full - out;
         // Runtimes disagree on which side takes the odd pixel; an even total splits the same everywhere.
         if (total < 0 || total % 2 != 0)
-          return kept("unsupported-attributes", "computes a total crop of " + std::to_string(total) + " in spatial "
+          return kept(Reason::UnsupportedAttributes, "computes a total crop of " + std::to_string(total) + " in spatial "
                                                 "dimension " + std::to_string(d) + ", which runtimes split differently");
         begin = end = total / 2;
       } else {
         out = full - begin - end;
       }
     }
-    if (out < 1) return kept("shape-mismatch", "has an empty output");
+    if (out < 1) return kept(Reason::ShapeMismatch, "has an empty output");
     if (in > kMaxPositions || out > kMaxPositions || out * k > kMaxPositions)
-      return kept("correction-too-large", "has " + std::to_string(out) + " output positions in spatial dimension " +
+      return kept(Reason::CorrectionTooLarge, "has " + std::to_string(out) + " output positions in spatial dimension " +
                                               std::to_string(d) + ", too many for a correction map");
     map.output_dims.push_back(out);
     auto& taps = map.taps[d];

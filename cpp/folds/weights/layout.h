@@ -12,8 +12,8 @@
 #include <string>
 #include <vector>
 
-#include "../graph/graph.h"
-#include "../kernels/per_channel.h"
+#include "graph/graph.h"
+#include "kernels/per_channel.h"
 
 namespace qdqfold::folds {
 

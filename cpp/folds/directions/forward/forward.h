@@ -19,8 +19,8 @@
 #include <variant>
 #include <vector>
 
-#include "batchnorm.h"
-#include "backward.h"
+#include "folds/sources/batchnorm.h"
+#include "folds/directions/backward/backward.h"
 
 namespace qdqfold::folds {
 
@@ -45,21 +45,12 @@ std::optional<std::vector<int64_t>> activation_shape(const FoldContext& ctx, int
 // What a planner decided for one layer: the edits to make once every layer of the BN said yes.
 struct LayerPlan {
   int layer = -1;
-  std::string fold_name;  // "bn-conv", "bn-convtranspose", "bn-gemm", "bn-matmul"
+  FoldName fold_name = FoldName::BnConv;  // BnConv, BnConvtranspose, BnGemm or BnMatmul
   std::string note;       // appended to the report sentence (e.g. the correction's size), may be empty
   std::vector<std::pair<std::string, double>> metrics;
   std::function<void(FoldContext&, Outcome&)> apply;
 };
 using PlanOrKept = std::variant<LayerPlan, Outcome>;
-
-// The BN shift carried through the weight: tap_sums[o][r] = sum over (p, q) with output o of
-// W[p, q, r] * t[channel of input(p, q)], where input feature f belongs to channel f / features_per_channel.
-std::vector<std::vector<double>> shift_through_weight(const FloatWeight& w, const std::vector<double>& shift,
-                                                      int64_t features_per_channel);
-
-// W' = W * scale[channel of each input feature], rounded once; Kept when a value would overflow.
-std::variant<std::string, Outcome> scale_input_features(const FloatWeight& w, const std::vector<double>& scale,
-                                                        int64_t features_per_channel);
 
 // The weight of a layer BN feeds, with the forward fold's own reasons for keeping BN: a quantized weight, a
 // weight other nodes read too.

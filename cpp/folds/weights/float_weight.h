@@ -1,29 +1,26 @@
-// Pieces every backward fold (layer -> BatchNormalization, folded into the layer) needs: may the layer give
-// its output to the BN, reading the layer's float weight and bias, writing their new values without touching
-// a tensor anyone else reads, and handing the BN's output name to the layer.
+// The float weight form: a layer's constant float weight (input 1), and how a per-channel factor enters it.
+//
+//   per output channel (backward folds):  W'[o, ...] = a[o] * W[o, ...]              rescale_weight
+//   per input channel (forward folds):    W'[., c, ...] = W[., c, ...] * a[c]        scale_input_features
+//                                         b'[o] = b[o] + sum over c, k of W[o, c, k] * t[c]   shift_through_weight
+//   float bias:                           b'[o] = a[o] * b[o] + t[o]                 read_bias, store_or_keep
+//   bias broadcast on a 2-D output:       c'[i, j] = factor[j] * c[i, j] + t[j]      fold_bias
+//
+// Each is rounded once to the weight's type and kept (Reason::Overflow) when a value does not fit. Where the
+// output and input channels sit in the weight is layout.h's.
 #pragma once
 
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <variant>
 #include <vector>
 
-#include "batchnorm.h"
-#include "layer.h"
+#include "folds/fold.h"
+#include "folds/weights/layout.h"
 
 namespace qdqfold::folds {
-
-// The node that produces BN `bn`'s input, or -1 when there is none or the BN has no output to hand over:
-// every backward fold starts here, and -1 means the fold does not apply. For an elementwise affine node
-// (affine.h), the producer of its activation operand.
-int batchnorm_input_producer(graph::Graph& g, int bn);
-
-// A Kept outcome when `layer`'s output `value` cannot be handed on: it is a graph output, or something other
-// than input `slot` of node `reader` (the BN, or the Add after a MatMul) also reads it. nullopt when that
-// input is its only reader. The default slot is the reader's activation input (affine_data_slot).
-std::optional<Outcome> layer_output_blocker(graph::Graph& g, int layer, const std::string& value, int reader,
-                                            int slot = -1);
 
 // True when `value` comes out of a DequantizeLinear: a quantized weight, the QDQ folds' pattern.
 bool produced_by_dequantize(const graph::Graph& g, const std::string& value);
@@ -42,9 +39,6 @@ struct FloatWeight {
 // layer does not fit. `backward_fold`: see weight_layout (a Gemm with transA=1 is accepted only then).
 std::variant<FloatWeight, Outcome> read_float_weight(FoldContext& ctx, int layer, bool backward_fold = false);
 
-// Dims of a constant (initializer, Constant node, or DequantizeLinear of constant integers).
-std::optional<std::vector<int64_t>> constant_dims(graph::Graph& g, const std::string& value);
-
 // Values of the layer's bias `value` (empty name: no bias, all zeros), which must hold `count` values.
 std::variant<std::vector<double>, Outcome> read_bias(graph::Graph& g, const std::string& value, int64_t count,
                                                      const char* what);
@@ -57,20 +51,6 @@ std::variant<graph::LazyBytes, Outcome> rescale_weight(FoldContext& ctx, const F
 
 // `values` in `data_type`; Kept ("overflow") when one does not fit.
 std::variant<std::string, Outcome> store_or_keep(int32_t data_type, const std::vector<double>& values, const char* what);
-
-// Makes input `slot` of `layer` read a tensor with the given type, dims and raw bytes. The tensor it read
-// is replaced in place when it is an initializer of this graph read by nothing else; otherwise a new
-// tensor with a fresh name (derived from the old name, or from `fallback_base` when the slot was empty) is
-// written in this graph (a Constant node in a function), the layer is rewired, and the old one is dropped
-// if nothing reads it any more. New names are added to `outcome.new_tensors`.
-void write_layer_input(FoldContext& ctx, int layer, int slot, int32_t data_type, const std::vector<int64_t>& dims,
-                       graph::LazyBytes data, const std::string& fallback_base, Outcome& outcome);
-void write_layer_input(FoldContext& ctx, int layer, int slot, int32_t data_type, const std::vector<int64_t>& dims,
-                       const std::string& raw, const std::string& fallback_base, Outcome& outcome);
-
-// The last step of a backward fold: BN `bn` is removed and output `slot` of `layer` takes over the BN's
-// output name (so graph outputs and value_info keep their names).
-void take_over_batchnorm_output(graph::Graph& g, int layer, int slot, int bn, const BatchNormAffine& affine);
 
 // A bias added to a 2-D [rows, features] output (Gemm's C, the Add after a MatMul), with the BN applied to it:
 // dims and values after the fold.
@@ -86,8 +66,13 @@ std::variant<FoldedBias, Outcome> fold_bias(const std::optional<std::vector<int6
                                             const std::vector<double>& values, const std::vector<double>& factor,
                                             const std::vector<double>& shift, const std::string& what);
 
-// The rank of `value` when it is known: from shape information, or because its producer always makes
-// rank-2 outputs (Flatten, Gemm); for an outer-scope value read in a subgraph, from the enclosing graph.
-std::optional<size_t> known_rank(const graph::Graph& g, const std::string& value);
+// The BN shift carried through the weight: tap_sums[o][r] = sum over (p, q) with output o of
+// W[p, q, r] * t[channel of input(p, q)], where input feature f belongs to channel f / features_per_channel.
+std::vector<std::vector<double>> shift_through_weight(const FloatWeight& w, const std::vector<double>& shift,
+                                                      int64_t features_per_channel);
+
+// W' = W * scale[channel of each input feature], rounded once; Kept when a value would overflow.
+std::variant<std::string, Outcome> scale_input_features(const FloatWeight& w, const std::vector<double>& scale,
+                                                        int64_t features_per_channel);
 
 }  // namespace qdqfold::folds

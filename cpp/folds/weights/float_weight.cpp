@@ -1,36 +1,14 @@
-#include "backward.h"
+#include "folds/weights/float_weight.h"
 
 #include <algorithm>
-#include <cstring>
 
-#include "../kernels/per_channel.h"
-#include "affine.h"
+#include "folds/sources/batchnorm.h"
+#include "kernels/per_channel.h"
 
 namespace qdqfold::folds {
 
 using graph::Graph;
 using graph::Node;
-
-int batchnorm_input_producer(Graph& g, int bn) {
-  const Node& n = g.nodes[bn];
-  if (n.inputs.empty() || n.outputs.empty() || n.outputs[0].empty()) return -1;
-  return g.producer(n.inputs[affine_data_slot(g, bn)]);
-}
-
-std::optional<Outcome> layer_output_blocker(Graph& g, int layer, const std::string& value, int reader, int slot) {
-  if (slot < 0) slot = affine_data_slot(g, reader);
-  const std::string who = g.nodes[layer].op_type + " '" + g.nodes[layer].display_name(layer) + "'";
-  if (g.is_graph_output(value))
-    return Outcome::kept("layer-output-is-graph-output",
-                         "the output of " + who + " is also a graph output, which must keep its values");
-  const auto& uses = g.uses(value);
-  for (const auto& u : uses)
-    if (u.node != reader || u.slot != slot)
-      return Outcome::kept("layer-output-read-elsewhere",
-                           "the output of " + who + " is also read by " + g.nodes[u.node].op_type + " '" +
-                               g.nodes[u.node].display_name(u.node) + "', which must keep seeing the unnormalized values");
-  return std::nullopt;
-}
 
 bool produced_by_dequantize(const Graph& g, const std::string& value) {
   const int p = g.producer(value);
@@ -42,7 +20,7 @@ std::variant<FloatWeight, Outcome> read_float_weight(FoldContext& ctx, int layer
   const Node& n = g.nodes[layer];
   const std::string who = n.op_type + " '" + n.display_name(layer) + "'";
   if (n.inputs.size() < 2 || n.inputs[1].empty())
-    return Outcome::kept("malformed", who + " has no weight input");
+    return Outcome::kept(Reason::Malformed, who + " has no weight input");
   const std::string& name = n.inputs[1];
   if (produced_by_dequantize(g, name)) return Outcome::not_applicable();
   auto ref = g.constant(name);
@@ -51,50 +29,42 @@ std::variant<FloatWeight, Outcome> read_float_weight(FoldContext& ctx, int layer
     // per-tensor scale, no axis). trt::DequantizeLinear of a float weight (INT4) is qdq_layer_bn's.
     const std::string op = "trt::" + g.nodes[p].op_type;
     if (g.nodes[p].op_type == "TRT_FP8DequantizeLinear")
-      return Outcome::kept("tensorrt-quantizer",
+      return Outcome::kept(Reason::TensorrtQuantizer,
                            "the weight '" + name + "' of " + who + " comes out of TensorRT's " + op +
                                ", which takes one per-tensor scale and has no axis: BN's per-channel factors cannot "
                                "go into it, and re-quantizing the FP8 weight would not be exact");
-    return Outcome::kept("tensorrt-quantizer", "the weight '" + name + "' of " + who + " comes out of TensorRT's "
+    return Outcome::kept(Reason::TensorrtQuantizer, "the weight '" + name + "' of " + who + " comes out of TensorRT's "
                                                "custom " + op + ", which qdqfold does not fold through; the "
                                                "standard QuantizeLinear / DequantizeLinear export folds");
   }
   if (!ref)
-    return Outcome::kept("non-constant-weight", "the weight '" + name + "' of " + who + " is not a constant");
+    return Outcome::kept(Reason::NonConstantWeight, "the weight '" + name + "' of " + who + " is not a constant");
   FloatWeight w;
   w.tensor = ref->tensor;
   if (!kernels::is_supported_float(w.tensor.data_type))
-    return Outcome::kept("unsupported-dtype", "the weight '" + name + "' of " + who + " is " +
+    return Outcome::kept(Reason::UnsupportedDtype, "the weight '" + name + "' of " + who + " is " +
                                                   graph::data_type_name(w.tensor.data_type) +
                                                   ", not float32, float16, bfloat16 or float64");
   std::string why;
   auto layout = weight_layout(n, w.tensor.dims, why, backward_fold);
-  if (!layout) return Outcome::kept("unsupported-layer", who + ": " + why);
+  if (!layout) return Outcome::kept(Reason::UnsupportedLayer, who + ": " + why);
   w.layout = *layout;
   w.storage = std::make_shared<std::string>();
   auto bytes = w.tensor.bytes(*w.storage);
   if (!bytes)
-    return Outcome::kept("unreadable-weight", "the data of weight '" + name + "' of " + who +
+    return Outcome::kept(Reason::UnreadableWeight, "the data of weight '" + name + "' of " + who +
                                                   " is not in the model file (external data) or cannot be decoded");
   w.bytes = *bytes;
   return w;
-}
-
-std::optional<std::vector<int64_t>> constant_dims(Graph& g, const std::string& value) {
-  if (auto c = g.constant(value)) return c->tensor.dims;
-  const int p = g.producer(value);
-  if (p >= 0 && g.nodes[p].is("DequantizeLinear") && !g.nodes[p].inputs.empty())
-    if (auto q = g.constant(g.nodes[p].inputs[0])) return q->tensor.dims;
-  return std::nullopt;
 }
 
 std::variant<std::vector<double>, Outcome> read_bias(Graph& g, const std::string& value, int64_t count,
                                                      const char* what) {
   if (value.empty()) return std::vector<double>(static_cast<size_t>(count), 0.0);
   auto values = constant_values(g, value);
-  if (!values) return Outcome::kept("non-constant-bias", std::string("the ") + what + " '" + value + "' is not a constant");
+  if (!values) return Outcome::kept(Reason::NonConstantBias, std::string("the ") + what + " '" + value + "' is not a constant");
   if (static_cast<int64_t>(values->size()) != count)
-    return Outcome::kept("shape-mismatch", std::string("the ") + what + " '" + value + "' has " +
+    return Outcome::kept(Reason::ShapeMismatch, std::string("the ") + what + " '" + value + "' has " +
                                                std::to_string(values->size()) + " values for " +
                                                std::to_string(count) + " output channels");
   return std::move(*values);
@@ -126,39 +96,34 @@ std::variant<graph::LazyBytes, Outcome> rescale_weight(FoldContext& ctx, const F
                                                        const std::vector<double>& scale) {
   const auto axis = w.layout.output_axis();
   if (axis.channel_count() != static_cast<int64_t>(scale.size()))
-    return Outcome::kept("shape-mismatch", "the BN has " + std::to_string(scale.size()) + " channels but the layer has " +
+    return Outcome::kept(Reason::ShapeMismatch, "the BN has " + std::to_string(scale.size()) + " channels but the layer has " +
                                                std::to_string(axis.channel_count()) + " output channels");
   const int32_t dtype = w.tensor.data_type;
   // Deferred: the generator counts overflows as it writes (one pass over the weight instead of two).
   const auto deferred = ctx.model.deferred_checks;
   if (!deferred) {
     auto r = check_rescale(ctx.model, dtype, w.bytes, axis, scale);
-    if (!r.ok) return Outcome::kept("unreadable-weight", "the weight '" + w.tensor.name + "' does not match its dims");
+    if (!r.ok) return Outcome::kept(Reason::UnreadableWeight, "the weight '" + w.tensor.name + "' does not match its dims");
     if (r.overflowed)
-      return Outcome::kept("overflow", std::to_string(r.overflowed) + " weight values of channel " +
+      return Outcome::kept(Reason::Overflow, std::to_string(r.overflowed) + " weight values of channel " +
                                            std::to_string(r.first_overflow_channel) + " and beyond would overflow " +
                                            graph::data_type_name(dtype) + " once scaled");
   } else if (w.bytes.size() != static_cast<size_t>(axis.element_count()) * graph::element_size(dtype)) {
-    return Outcome::kept("unreadable-weight", "the weight '" + w.tensor.name + "' does not match its dims");
+    return Outcome::kept(Reason::UnreadableWeight, "the weight '" + w.tensor.name + "' does not match its dims");
   }
-  // The source must outlive the fold: the model's buffer and mapped external data do; anything else
-  // (decoded typed data, a tensor another fold wrote and may replace again) is kept alive by the generator.
-  std::shared_ptr<const std::string> owner;
-  std::string_view src = w.bytes;
-  if (!ctx.model.outlives_writing(src)) {
-    owner = w.storage && w.storage->data() == src.data() ? w.storage : std::make_shared<std::string>(src);
-    src = *owner;
-  }
+  // The source must outlive the fold (graph::PinnedBytes): the model's buffer and mapped external data do;
+  // anything else (decoded typed data, a tensor another fold wrote and may replace again) is kept alive by it.
+  const graph::PinnedBytes src = ctx.model.pin(w.bytes, w.storage);
   graph::LazyBytes data;
   data.size = src.size();
-  data.fill = [owner, src, dtype, axis, scale, deferred](char* dst) {
-    auto r = kernels::affine_channels(dtype, src, axis, scale.data(), nullptr, dst);
+  data.fill = [src, dtype, axis, scale, deferred](char* dst) {
+    auto r = kernels::affine_channels(dtype, src.view(), axis, scale.data(), nullptr, dst);
     if (deferred && r.overflowed) deferred->fail();
   };
   // Chunks are cut on element boundaries by the file writer's chunk size (a multiple of every element size).
   const size_t element = src.size() / static_cast<size_t>(std::max<int64_t>(axis.element_count(), 1));
-  data.fill_range = [owner, src, dtype, axis, scale, element, deferred](char* dst, size_t begin, size_t end) {
-    auto r = kernels::affine_channels(dtype, src, axis, scale.data(), nullptr, dst,
+  data.fill_range = [src, dtype, axis, scale, element, deferred](char* dst, size_t begin, size_t end) {
+    auto r = kernels::affine_channels(dtype, src.view(), axis, scale.data(), nullptr, dst,
                                       static_cast<int64_t>(begin / element), static_cast<int64_t>(end / element));
     if (deferred && r.overflowed) deferred->fail();
   };
@@ -168,44 +133,9 @@ std::variant<graph::LazyBytes, Outcome> rescale_weight(FoldContext& ctx, const F
 std::variant<std::string, Outcome> store_or_keep(int32_t data_type, const std::vector<double>& values, const char* what) {
   auto raw = kernels::store_values(data_type, values);
   if (!raw)
-    return Outcome::kept("overflow", std::string("the folded ") + what + " does not fit in " +
+    return Outcome::kept(Reason::Overflow, std::string("the folded ") + what + " does not fit in " +
                                          graph::data_type_name(data_type));
   return std::move(*raw);
-}
-
-void write_layer_input(FoldContext& ctx, int layer, int slot, int32_t data_type, const std::vector<int64_t>& dims,
-                       const std::string& raw, const std::string& fallback_base, Outcome& outcome) {
-  auto owned = std::make_shared<const std::string>(raw);
-  graph::LazyBytes data;
-  data.size = owned->size();
-  data.fill = [owned](char* dst) { std::memcpy(dst, owned->data(), owned->size()); };
-  write_layer_input(ctx, layer, slot, data_type, dims, std::move(data), fallback_base, outcome);
-}
-
-void write_layer_input(FoldContext& ctx, int layer, int slot, int32_t data_type, const std::vector<int64_t>& dims,
-                       graph::LazyBytes data, const std::string& fallback_base, Outcome& outcome) {
-  Graph& g = ctx.graph;
-  const std::string old = slot < static_cast<int>(g.nodes[layer].inputs.size()) ? g.nodes[layer].inputs[slot] : "";
-  if (!old.empty()) {
-    auto ref = g.constant(old);
-    if (ref && ref->graph == &g && ref->initializer >= 0 && read_only_by(g, old, layer)) {
-      if (ref->tensor.dims != dims) g.remove_value_info(old);  // its recorded shape would be stale
-      g.replace_initializer_lazy(ref->initializer, graph::reencode_tensor_header(ref->tensor, data_type, dims),
-                                 std::move(data));
-      return;
-    }
-  }
-  const std::string name = new_tensor_name(ctx.model, old.empty() ? fallback_base : old, "_bnfolded");
-  g.add_tensor_lazy(name, graph::encode_tensor_header(name, data_type, dims), std::move(data));
-  g.set_input(layer, slot, name);
-  outcome.new_tensors.push_back(name);
-  if (!old.empty()) g.drop_if_unused(old);
-}
-
-void take_over_batchnorm_output(Graph& g, int layer, int slot, int bn, const BatchNormAffine& affine) {
-  const std::string bn_output = g.nodes[bn].outputs[0];
-  remove_folded_batchnorm(g, bn, affine);
-  g.set_output(layer, slot, bn_output);
 }
 
 std::variant<FoldedBias, Outcome> fold_bias(const std::optional<std::vector<int64_t>>& dims,
@@ -222,7 +152,7 @@ std::variant<FoldedBias, Outcome> fold_bias(const std::optional<std::vector<int6
   const int64_t last = rank == 0 ? 1 : dims->back();
   const int64_t rows = rank == 2 ? (*dims)[0] : 1;
   if (rank > 2 || (last != 1 && last != features) || static_cast<int64_t>(values.size()) != rows * last)
-    return Outcome::kept("shape-mismatch", what + " does not broadcast against the " + std::to_string(features) +
+    return Outcome::kept(Reason::ShapeMismatch, what + " does not broadcast against the " + std::to_string(features) +
                                                " output features");
   out.dims = rank == 2 ? std::vector<int64_t>{rows, features} : std::vector<int64_t>{features};
   out.values.resize(static_cast<size_t>(rows * features));
@@ -232,13 +162,42 @@ std::variant<FoldedBias, Outcome> fold_bias(const std::optional<std::vector<int6
   return out;
 }
 
-std::optional<size_t> known_rank(const Graph& g, const std::string& value) {
-  if (auto s = g.shape_of(value)) return s->size();
-  const int p = g.producer(value);
-  if (p >= 0 && (g.nodes[p].is("Flatten") || g.nodes[p].is("Gemm"))) return 2;
-  // An outer-scope value read in an If/Loop/Scan body: its producer is in the enclosing graph.
-  if (g.parent && !g.defines(value)) return known_rank(*g.parent, value);
-  return std::nullopt;
+std::vector<std::vector<double>> shift_through_weight(const FloatWeight& w, const std::vector<double>& shift,
+                                                      int64_t features_per_channel) {
+  const WeightLayout& l = w.layout;
+  std::vector<std::vector<double>> sums(static_cast<size_t>(l.out_channels),
+                                        std::vector<double>(static_cast<size_t>(l.R), 0.0));
+  for (int64_t p = 0; p < l.P; ++p)
+    for (int64_t q = 0; q < l.Q; ++q) {
+      const double t = shift[static_cast<size_t>(l.input_of(p, q) / features_per_channel)];
+      if (t == 0.0) continue;
+      auto& row = sums[static_cast<size_t>(l.output_of(p, q))];
+      const size_t base = static_cast<size_t>((p * l.Q + q) * l.R);
+      for (int64_t r = 0; r < l.R; ++r)
+        row[static_cast<size_t>(r)] += graph::float_element(w.tensor.data_type, w.bytes, base + static_cast<size_t>(r)) * t;
+    }
+  return sums;
+}
+
+std::variant<std::string, Outcome> scale_input_features(const FloatWeight& w, const std::vector<double>& scale,
+                                                        int64_t features_per_channel) {
+  const WeightLayout& l = w.layout;
+  kernels::ChannelAxis axis = l.input_axis();
+  if (features_per_channel != 1) {  // Gemm/MatMul after a Flatten: feature f = c * HW + p (groups == 1)
+    const int64_t channels = l.in_channels / features_per_channel;
+    axis = l.p_is_output ? kernels::ChannelAxis{1, l.P, channels, features_per_channel}
+                         : kernels::ChannelAxis{1, 1, channels, features_per_channel * l.Q};
+  }
+  // A read-only check pass first (it counts overflows), then the write.
+  auto r = kernels::affine_channels(w.tensor.data_type, w.bytes, axis, scale.data(), nullptr, static_cast<char*>(nullptr));
+  if (!r.ok) return Outcome::kept(Reason::UnreadableWeight, "the weight '" + w.tensor.name + "' does not match its dims");
+  if (r.overflowed)
+    return Outcome::kept(Reason::Overflow, std::to_string(r.overflowed) + " values of weight '" + w.tensor.name +
+                                         "' would overflow " + graph::data_type_name(w.tensor.data_type) +
+                                         " once scaled by BN's factor");
+  std::string out;
+  kernels::scale_channels(w.tensor.data_type, w.bytes, axis, scale, out);
+  return out;
 }
 
 }  // namespace qdqfold::folds

@@ -1,4 +1,4 @@
-#include "layer.h"
+#include "folds/weights/layout.h"
 
 namespace qdqfold::folds {
 

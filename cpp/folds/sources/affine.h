@@ -21,7 +21,7 @@
 #include <string>
 #include <variant>
 
-#include "batchnorm.h"
+#include "folds/sources/batchnorm.h"
 
 namespace qdqfold::folds {
 

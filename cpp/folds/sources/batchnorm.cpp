@@ -1,9 +1,9 @@
-#include "batchnorm.h"
+#include "folds/sources/batchnorm.h"
 
 #include <cmath>
 #include <limits>
 
-#include "affine.h"
+#include "folds/sources/affine.h"
 
 namespace qdqfold::folds {
 
@@ -73,20 +73,20 @@ std::variant<BatchNormAffine, Outcome> read_batchnorm(FoldContext& ctx, int bn) 
   if (n.outputs.size() > 1) {
     for (size_t k = 1; k < n.outputs.size(); ++k)
       if (!n.outputs[k].empty())
-        return Outcome::kept("training-form", "it has running-statistics outputs (training form), so it is not an "
+        return Outcome::kept(Reason::TrainingForm, "it has running-statistics outputs (training form), so it is not an "
                                               "inference BatchNormalization");
   }
   if (n.attr_int("training_mode", 0) != 0)
-    return Outcome::kept("training-mode", "training_mode=1: it normalizes with batch statistics, not a fixed map");
+    return Outcome::kept(Reason::TrainingMode, "training_mode=1: it normalizes with batch statistics, not a fixed map");
   // Opset 1-6 have is_test, default 0: without is_test=1 the node normalizes with batch statistics.
   if (version < 7 && n.attr_int("is_test", 0) == 0)
-    return Outcome::kept("training-mode", std::string(n.attr("is_test") ? "is_test=0" : "is_test is absent (default 0)") +
+    return Outcome::kept(Reason::TrainingMode, std::string(n.attr("is_test") ? "is_test=0" : "is_test is absent (default 0)") +
                                               " in opset " + std::to_string(version) +
                                               ": it normalizes with batch statistics (training form)");
   if (version < 9 && n.attr_int("spatial", 1) != 1)
-    return Outcome::kept("not-per-channel", "spatial=0: its statistics are per element, not per channel");
+    return Outcome::kept(Reason::NotPerChannel, "spatial=0: its statistics are per element, not per channel");
   if (n.inputs.size() < 5)
-    return Outcome::kept("malformed", "it has " + std::to_string(n.inputs.size()) + " inputs instead of 5");
+    return Outcome::kept(Reason::Malformed, "it has " + std::to_string(n.inputs.size()) + " inputs instead of 5");
 
   BatchNormAffine affine;
   static const char* names[] = {"scale", "B", "mean", "var"};
@@ -95,7 +95,7 @@ std::variant<BatchNormAffine, Outcome> read_batchnorm(FoldContext& ctx, int bn) 
     const std::string& v = n.inputs[k + 1];
     auto values = constant_values(g, v);
     if (!values)
-      return Outcome::kept("non-constant-parameters",
+      return Outcome::kept(Reason::NonConstantParameters,
                            std::string("its ") + names[k] + " input '" + v + "' is not a constant");
     p[k] = std::move(*values);
     affine.parameter_values.push_back(v);
@@ -103,9 +103,9 @@ std::variant<BatchNormAffine, Outcome> read_batchnorm(FoldContext& ctx, int bn) 
   const size_t c = p[0].size();
   for (int k = 1; k < 4; ++k)
     if (p[k].size() != c)
-      return Outcome::kept("shape-mismatch", std::string("its ") + names[k] + " has " + std::to_string(p[k].size()) +
+      return Outcome::kept(Reason::ShapeMismatch, std::string("its ") + names[k] + " has " + std::to_string(p[k].size()) +
                                                  " values but scale has " + std::to_string(c));
-  if (c == 0) return Outcome::kept("shape-mismatch", "its parameters are empty");
+  if (c == 0) return Outcome::kept(Reason::ShapeMismatch, "its parameters are empty");
   const double eps = n.attr_float("epsilon", 1e-5f);
   // The largest finite value of the BN's type: where its own arithmetic (1 / sqrt(var + eps), the factor a, the
   // shift t) overflows, the original's output is Inf or NaN in that channel, and a fold never changes which
@@ -120,23 +120,23 @@ std::variant<BatchNormAffine, Outcome> read_batchnorm(FoldContext& ctx, int bn) 
   for (size_t i = 0; i < c; ++i) {
     for (int k = 0; k < 4; ++k)
       if (!std::isfinite(p[k][i]))
-        return Outcome::kept("non-finite-parameters", std::string("its ") + names[k] + " holds NaN or Inf in channel " +
+        return Outcome::kept(Reason::NonFiniteParameters, std::string("its ") + names[k] + " holds NaN or Inf in channel " +
                                                           std::to_string(i));
     const double denom = p[3][i] + eps;
     if (!(denom > 0))
-      return Outcome::kept("non-positive-variance", "var + epsilon <= 0 in channel " + std::to_string(i) +
+      return Outcome::kept(Reason::NonPositiveVariance, "var + epsilon <= 0 in channel " + std::to_string(i) +
                                                         ": the original output is NaN there, a fold would hide it");
     affine.scale[i] = p[0][i] / std::sqrt(denom);
     affine.shift[i] = p[1][i] - p[2][i] * affine.scale[i];
     const double inv = 1.0 / std::sqrt(denom);
     if (!(inv <= type_max && std::fabs(affine.scale[i]) <= type_max && std::fabs(p[2][i] * affine.scale[i]) <= type_max &&
           std::fabs(affine.shift[i]) <= type_max))
-      return Outcome::kept("overflow", "its factor gamma / sqrt(var + epsilon) or shift overflows its type in channel " +
+      return Outcome::kept(Reason::Overflow, "its factor gamma / sqrt(var + epsilon) or shift overflows its type in channel " +
                                            std::to_string(i) + ": the original output is Inf or NaN there, a fold "
                                            "would change that");
   }
   if (auto x = g.shape_of(n.inputs[0]); x && x->size() >= 2 && (*x)[1] >= 0 && (*x)[1] != static_cast<int64_t>(c))
-    return Outcome::kept("shape-mismatch", "its input has " + std::to_string((*x)[1]) + " channels but " +
+    return Outcome::kept(Reason::ShapeMismatch, "its input has " + std::to_string((*x)[1]) + " channels but " +
                                                std::to_string(c) + " parameters");
   return affine;
 }

@@ -12,8 +12,9 @@
 // added by one Add of a constant [1, M, out...] tensor, else BN is kept ("padding" / "uneven-taps").
 #include <cmath>
 
-#include "forward.h"
-#include "padding_correction.h"
+#include "folds/directions/forward/forward.h"
+#include "folds/expected.h"
+#include "folds/directions/forward/padding_correction.h"
 
 namespace qdqfold::folds {
 
@@ -39,21 +40,16 @@ PlanOrKept plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine& affine,
   Graph& g = ctx.graph;
   const int layer = reader.layer;
   const std::string who = describe_node(g, layer);
-  auto weight = read_forward_weight(ctx, layer);
-  if (auto* o = std::get_if<Outcome>(&weight)) return std::move(*o);
-  const FloatWeight w = std::move(std::get<FloatWeight>(weight));
+  QDQFOLD_TRY(w, read_forward_weight(ctx, layer));
   const auto channels = static_cast<int64_t>(affine.scale.size());
   if (w.layout.in_channels != channels)
-    return Outcome::kept("shape-mismatch", who + " has " + std::to_string(w.layout.in_channels) +
+    return Outcome::kept(Reason::ShapeMismatch, who + " has " + std::to_string(w.layout.in_channels) +
                                                " input channels but BN has " + std::to_string(channels));
-  auto geometry = read_conv_geometry(g.nodes[layer], w.tensor.dims);
-  if (auto* o = std::get_if<Outcome>(&geometry)) return std::move(*o);
-  const ConvGeometry geo = std::move(std::get<ConvGeometry>(geometry));
+  QDQFOLD_TRY(geo, read_conv_geometry(g.nodes[layer], w.tensor.dims));
   const std::string bias_name = g.nodes[layer].inputs.size() > 2 ? g.nodes[layer].inputs[2] : "";
   if (!bias_name.empty() && produced_by_dequantize(g, bias_name))
-    return Outcome::kept("quantized-bias", who + " takes its bias through " + describe_node(g, g.producer(bias_name)));
-  auto bias_values = read_bias(g, bias_name, w.layout.out_channels, "bias");
-  if (auto* o = std::get_if<Outcome>(&bias_values)) return std::move(*o);
+    return Outcome::kept(Reason::QuantizedBias, who + " takes its bias through " + describe_node(g, g.producer(bias_name)));
+  QDQFOLD_TRY(bias_values, read_bias(g, bias_name, w.layout.out_channels, "bias"));
 
   // Does BN's shift reach every output position as the same constant?
   const bool shifted = !affine.zero_shift();
@@ -62,24 +58,23 @@ PlanOrKept plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine& affine,
   const auto shape = activation_shape(ctx, bn, reader);
   const auto spatial = spatial_input(shape, geo.rank());
   if (!uniform && spatial) {
-    auto m = tap_map(geo, *spatial, g.nodes[layer].display_name(layer));
-    if (auto* o = std::get_if<Outcome>(&m)) return std::move(*o);
-    map = std::move(std::get<TapMap>(m));
+    QDQFOLD_TRY(m, tap_map(geo, *spatial, g.nodes[layer].display_name(layer)));
+    map = std::move(m);
     uniform = map->uniform;  // e.g. end pads that no window reaches
   }
   if (!uniform && !ctx.options.pad_correction) {
     if (geo.transposed)
-      return Outcome::kept("uneven-taps", who + " (" + geo.describe() + ") does not give every output position "
+      return Outcome::kept(Reason::UnevenTaps, who + " (" + geo.describe() + ") does not give every output position "
                                            "every kernel tap, so BN's shift would become a position-dependent map, "
                                            "not a bias; the option pad_correction=True folds it exactly with one "
                                            "constant correction Add");
-    return Outcome::kept("padding", who + " pads its input (" + geo.describe() + ") and BN's shift is nonzero: "
+    return Outcome::kept(Reason::Padding, who + " pads its input (" + geo.describe() + ") and BN's shift is nonzero: "
                                     "after folding, the padded zeros would act as BN's shift t instead of 0; "
                                     "the option pad_correction=True folds it exactly with one constant "
                                     "border-correction Add");
   }
   if (!uniform && !map)
-    return Outcome::kept("dynamic-shape", "pad_correction needs the static spatial size of the input of " + who +
+    return Outcome::kept(Reason::DynamicShape, "pad_correction needs the static spatial size of the input of " + who +
                                               " to build its correction map, and its shape is " +
                                               (shape ? dims_text(*shape) : std::string("unknown")));
 
@@ -89,17 +84,16 @@ PlanOrKept plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine& affine,
   if (auto* o = std::get_if<Outcome>(&scaled)) return std::move(*o);
   LayerPlan plan;
   plan.layer = layer;
-  plan.fold_name = geo.transposed ? "bn-convtranspose" : "bn-conv";
+  plan.fold_name = geo.transposed ? FoldName::BnConvtranspose : FoldName::BnConv;
   std::optional<std::string> bias_raw, correction_raw;
   std::vector<int64_t> correction_dims;
   if (shifted) {
     const auto sums = shift_through_weight(w, affine.shift, 1);
-    std::vector<double> bias = std::get<std::vector<double>>(bias_values);
+    std::vector<double> bias = bias_values;
     for (size_t o = 0; o < bias.size(); ++o)
       for (double v : sums[o]) bias[o] += v;
-    auto stored = store_or_keep(dtype, bias, "bias");
-    if (auto* o = std::get_if<Outcome>(&stored)) return std::move(*o);
-    bias_raw = std::move(std::get<std::string>(stored));
+    QDQFOLD_TRY(stored, store_or_keep(dtype, bias, "bias"));
+    bias_raw = std::move(stored);
     if (!uniform) {
       correction_dims = {1, w.layout.out_channels};
       int64_t elements = w.layout.out_channels;
@@ -108,14 +102,13 @@ PlanOrKept plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine& affine,
         elements *= d;
       }
       if (elements > kMaxCorrectionElements)
-        return Outcome::kept("correction-too-large", "the border correction of " + who + " would be a constant of " +
+        return Outcome::kept(Reason::CorrectionTooLarge, "the border correction of " + who + " would be a constant of " +
                                                          std::to_string(elements) + " elements");
       const auto correction = border_correction(*map, geo.kernel, sums);
       double largest = 0.0;
       for (double v : correction) largest = std::max(largest, std::fabs(v));
-      auto c = store_or_keep(dtype, correction, "border correction");
-      if (auto* o = std::get_if<Outcome>(&c)) return std::move(*o);
-      correction_raw = std::move(std::get<std::string>(c));
+      QDQFOLD_TRY(c, store_or_keep(dtype, correction, "border correction"));
+      correction_raw = std::move(c);
       plan.metrics = {{"max_abs_correction", largest}, {"correction_elements", static_cast<double>(elements)}};
       plan.note = "border correction added as a constant " + dims_text(correction_dims) + " (max |C| = " +
                   std::to_string(largest) + ")";

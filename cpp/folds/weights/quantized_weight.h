@@ -19,9 +19,10 @@
 #include <variant>
 #include <vector>
 
-#include "../kernels/quantized.h"
-#include "fold.h"
-#include "layer.h"
+#include "kernels/quantized.h"
+#include "folds/fold.h"
+#include "folds/weights/layout.h"
+#include "folds/weights/qdq_chain.h"
 
 namespace qdqfold::folds {
 
@@ -56,8 +57,8 @@ struct QuantizedWeight {
   kernels::IntegerRange range; // valid integers (unused for float8)
   std::vector<int64_t> dims;   // weight dims
   int64_t count = 0;           // elements
-  std::string_view data;       // raw_data of the integers (int form) or of W (QAT form): read, never copied
-  std::shared_ptr<const std::string> owner;  // holds `data` when it is not a view of the model's buffer
+  graph::PinnedBytes data;     // raw_data of the integers (int form) or of W (QAT form): read, never copied
+                               // where the model's buffer holds it, and valid until the output is written
   int32_t float_type = 0;      // QAT form: type of W
   int32_t scale_type = 0;
   std::vector<double> scale;
@@ -93,6 +94,13 @@ struct RescaledWeight {
   std::shared_ptr<graph::Model::DeferredChecks> negation_check;
 };
 
+// Kept ("opset-too-old") when the factors `a` differ between output channels that share the per-tensor scale
+// of `w`, so the scale must become per-channel, and `w`'s DequantizeLinear has no `axis` (opset < 13). The
+// planner asks this before rescaling and may raise the opset instead (allow_opset_upgrade; then it sets
+// w.axis_supported). nullopt otherwise.
+std::optional<Outcome> per_channel_scale_needs_axis(const QuantizedWeight& w, const WeightLayout& wl,
+                                                    const std::vector<double>& a, const std::string& who);
+
 // Rescales `w` by the factors `a` (one per output channel of `layer`, whose weight layout is `wl`).
 // `keep_quantizer`: the QAT form stays Q -> DQ, so the new float weight must quantize to the new integers
 // (checked here for every element that occurs; the weight itself is computed when written).
@@ -114,27 +122,5 @@ void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const We
 // the QAT form materialized) or W' = (q' - z') * s' in w.float_type (the QAT form kept).
 graph::LazyBytes rescaled_weight_data(const QuantizedWeight& w, const WeightLayout& wl, const RescaledWeight& r,
                                       bool as_integers);
-
-// Writes a constant read by the given (node, slot) inputs: replaced in place when those are its only
-// readers and it is an initializer of this graph, otherwise written under a fresh name and those inputs
-// rewired (the old one is dropped when nothing reads it any more). Empty `old` creates a new tensor named
-// from `base`. Returns the name now read.
-std::string write_constant_for(FoldContext& ctx, const std::vector<graph::Use>& readers, std::string old,
-                               int32_t data_type, const std::vector<int64_t>& dims, const std::string& raw,
-                               const std::string& base, Outcome& outcome);
-// The same with data produced when the output is written.
-std::string write_constant_for(FoldContext& ctx, const std::vector<graph::Use>& readers, std::string old,
-                               int32_t data_type, const std::vector<int64_t>& dims, graph::LazyBytes data,
-                               const std::string& base, Outcome& outcome);
-
-// An AttributeProto payload holding one int.
-std::string int_attribute(const std::string& name, int64_t value);
-// Sets int attribute `name` of `node`, in the written node and in its parsed view (so a later fold reading
-// the node sees the new value).
-void set_int_attribute(graph::Graph& g, int node, const std::string& name, int64_t value);
-
-// True for QuantizeLinear / DequantizeLinear in the default domain or com.microsoft.
-bool is_quantize(const graph::Node& n);
-bool is_dequantize(const graph::Node& n);
 
 }  // namespace qdqfold::folds

@@ -1,0 +1,73 @@
+// Writing a rescaled quantized weight into the graph (quantized_weight.h: write_quantized_weight).
+#include <algorithm>
+
+#include "folds/edits.h"
+#include "folds/weights/qdq_chain.h"
+#include "folds/weights/quantized_weight.h"
+#include "folds/sources/batchnorm.h"
+
+namespace qdqfold::folds {
+
+using graph::Graph;
+using graph::Node;
+using graph::Use;
+using wire::DataType;
+
+namespace {
+
+// Writes one quantization parameter (slot 1 scale, slot 2 zero point) for the given Q/DQ nodes. Nodes that
+// read different tensors for it (equal in value) get one new tensor each.
+void write_parameter(FoldContext& ctx, const std::vector<int>& nodes, int slot, int32_t data_type,
+                     const std::vector<int64_t>& dims, const std::string& raw, const std::string& base,
+                     Outcome& outcome) {
+  Graph& g = ctx.graph;
+  std::vector<std::pair<std::string, std::vector<Use>>> groups;
+  for (int n : nodes) {
+    const std::string name = slot < static_cast<int>(g.nodes[n].inputs.size()) ? g.nodes[n].inputs[slot] : "";
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& p) { return p.first == name; });
+    if (it == groups.end()) groups.push_back({name, {Use{n, slot}}});
+    else it->second.push_back(Use{n, slot});
+  }
+  for (const auto& [name, readers] : groups) write_constant_for(ctx, readers, name, data_type, dims, raw, base, outcome);
+}
+
+}  // namespace
+
+void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const WeightLayout& wl,
+                            const RescaledWeight& r, bool materialize, Outcome& outcome) {
+  Graph& g = ctx.graph;
+  const Node& d = g.nodes[w.dq];
+  const std::string base = d.name.empty() ? d.outputs[0] : d.name;
+  std::vector<int> qdq = {w.dq};
+  if (w.qat() && materialize) {
+    // int initializer -> DequantizeLinear: the QuantizeLinear goes, its float weight too if nothing else reads it.
+    const std::vector<std::string> q_inputs = g.nodes[w.q].inputs;
+    const std::string q_output = g.nodes[w.q].outputs[0];
+    const std::string name = new_tensor_name(ctx.model, q_inputs[0], "_quantized");
+    g.add_tensor_lazy(name, graph::encode_tensor_header(name, w.int_type, w.dims), rescaled_weight_data(w, wl, r, true));
+    g.set_input(w.clip >= 0 ? w.clip : w.dq, 0, name);
+    outcome.new_tensors.push_back(name);
+    g.remove_node(w.q);
+    g.remove_value_info(q_output);
+    for (const auto& v : q_inputs) g.drop_if_unused(v);
+  } else if (w.qat()) {
+    if (w.q != w.dq) qdq.push_back(w.q);  // trt::DequantizeLinear is its own quantizer
+    write_constant_for(ctx, {Use{w.q, 0}}, g.nodes[w.q].inputs[0], w.float_type, w.dims,
+                       rescaled_weight_data(w, wl, r, false), base + "_weight", outcome);
+  } else if (r.ints_changed) {  // else the integers stay as they are: not read, not copied
+    const int reader = w.clip >= 0 ? w.clip : w.dq;  // the Clip (Brevitas) reads the integers before the DQ
+    write_constant_for(ctx, {Use{reader, 0}}, g.nodes[reader].inputs[0], w.int_type, w.dims,
+                       rescaled_weight_data(w, wl, r, true), base + "_weight", outcome);
+  }
+  const std::vector<int64_t>& pdims = r.layout.scale_dims;
+  auto scale_raw = kernels::store_values(w.scale_type, r.scale);
+  write_parameter(ctx, qdq, 1, w.scale_type, pdims, scale_raw ? *scale_raw : std::string(), base + "_scale", outcome);
+  bool any_nonzero = std::any_of(r.zero.begin(), r.zero.end(), [](int64_t z) { return z != 0; });
+  if ((w.has_zero && r.zero_changed) || (!w.has_zero && any_nonzero))
+    write_parameter(ctx, qdq, 2, w.int_type, pdims, kernels::write_quantized(r.zero, w.int_type), base + "_zero_point",
+                    outcome);
+  if (r.promoted)
+    for (int n : qdq) g.set_int_attribute(n, "axis", r.layout.axis);
+}
+
+}  // namespace qdqfold::folds
