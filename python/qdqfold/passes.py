@@ -68,6 +68,9 @@ _NUMPY_DTYPES = {
     12: "<u4", 13: "<u8",
 }
 
+# The NumPy dtypes whose bytes are the wire's as they are (int8's str is "|i1", not "i1": compare dtypes).
+_VIEWABLE = frozenset(np.dtype(t) for t in _NUMPY_DTYPES.values())
+
 # The location of a stand-in for an in-memory tensor: a NUL byte cannot start a file name.
 _MARK = "\x00qdqfold-in-memory/"
 
@@ -219,7 +222,7 @@ def _raw_bytes(tensor: Any) -> Any:
     """The tensor's bytes as ONNX raw_data holds them, without a copy where NumPy already has them."""
     if type(tensor) is ir.Tensor:  # noqa: E721 (subclasses may store their data differently)
         array = tensor.raw
-        if (isinstance(array, np.ndarray) and array.flags.c_contiguous and array.dtype.str in _NUMPY_DTYPES.values()
+        if (isinstance(array, np.ndarray) and array.flags.c_contiguous and array.dtype in _VIEWABLE
                 and array.dtype == tensor.dtype.numpy()):
             return memoryview(array).cast("B")  # type: ignore[arg-type]
     return tensor.tobytes()
