@@ -121,20 +121,6 @@ def test_tensors_the_fold_leaves_are_the_input_models_own_objects(numpy_backed):
     assert_same_initializers(initializers(to_proto(result.model)), initializers(native))
 
 
-def test_feature_detection_tells_a_native_module_without_tensors(monkeypatch):
-    monkeypatch.setattr(passes, "_native_tensors", None)
-
-    def old_fold(model, **options):
-        raise TypeError(f"unknown option '{next(iter(options))}'")
-
-    monkeypatch.setattr(qdqfold_native, "fold", old_fold)
-    assert passes.native_takes_tensors() is False
-    monkeypatch.setattr(passes, "_native_tensors", None)
-    monkeypatch.undo()
-    monkeypatch.setattr(passes, "_native_tensors", None)
-    assert passes.native_takes_tensors() is True
-
-
 def test_without_tensors_in_memory_tensors_are_copied_into_the_model(monkeypatch):
     """A qdqfold_native from before tensors=: the pass writes in-memory tensors into the bytes it hands over."""
     monkeypatch.setattr(passes, "_native_tensors", False)
@@ -311,21 +297,25 @@ def test_without_base_directory_external_tensors_are_read_into_memory(tmp_path, 
     assert_same_initializers(initializers(to_proto(result.model)), initializers(native))
 
 
-def test_feature_detection_tells_a_native_module_without_base_directory(monkeypatch):
-    monkeypatch.setattr(passes, "_native_base_directory", None)
+@pytest.mark.parametrize("cache, detect, keyword", [("_native_base_directory", "native_reads_external_data",
+                                                     "base_directory"),
+                                                    ("_native_tensors", "native_takes_tensors", "tensors")])
+def test_feature_detection_tells_a_native_module_without_the_keyword(monkeypatch, cache, detect, keyword):
+    monkeypatch.setattr(passes, cache, None)
 
     def old_fold(model, **options):
         raise TypeError(f"unknown option '{next(iter(options))}'")
 
     monkeypatch.setattr(qdqfold_native, "fold", old_fold)
-    assert passes.native_reads_external_data() is False
-    monkeypatch.setattr(passes, "_native_base_directory", None)
+    assert getattr(passes, detect)() is False
+    monkeypatch.setattr(passes, cache, None)
+
     def new_fold(model, **options):
-        assert set(options) == {"base_directory"}
+        assert set(options) == {keyword}
         raise qdqfold.FoldError("the input is empty (0 bytes), not an ONNX model")
 
     monkeypatch.setattr(qdqfold_native, "fold", new_fold)
-    assert passes.native_reads_external_data() is True
+    assert getattr(passes, detect)() is True
 
 
 # -- other tools -----------------------------------------------------------------------------------------

@@ -167,41 +167,37 @@ def _external_location(data: memoryview, start: int, end: int) -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------------------------------
-# base_directory: feature-detected once.
+# base_directory and tensors: feature-detected once each.
+
+
+def _native_takes(keyword: str, value: Any) -> bool:
+    """Whether this ``qdqfold_native``'s fold() takes the keyword (later builds than some users have)."""
+    try:
+        qdqfold_native.fold(b"", **{keyword: value})
+    except TypeError:  # "unknown option '<keyword>'": a build from before it
+        return False
+    except ValueError:  # FoldError: the empty input, after the keyword was taken
+        return True
+    return True  # pragma: no cover - an empty input is never a model
+
 
 _native_base_directory: Optional[bool] = None
+_native_tensors: Optional[bool] = None
 
 
 def native_reads_external_data() -> bool:
     """Whether this ``qdqfold_native`` takes ``base_directory=`` (reads external data itself)."""
     global _native_base_directory
     if _native_base_directory is None:
-        try:
-            qdqfold_native.fold(b"", base_directory=os.curdir)
-        except TypeError:  # "unknown option 'base_directory'": a build from before it
-            _native_base_directory = False
-        except ValueError:  # FoldError: the empty input, after the keyword was taken
-            _native_base_directory = True
-        else:  # pragma: no cover - an empty input is never a model
-            _native_base_directory = True
+        _native_base_directory = _native_takes("base_directory", os.curdir)
     return _native_base_directory
-
-
-_native_tensors: Optional[bool] = None
 
 
 def native_takes_tensors() -> bool:
     """Whether this ``qdqfold_native`` takes ``tensors=`` (external data from buffers held in memory)."""
     global _native_tensors
     if _native_tensors is None:
-        try:
-            qdqfold_native.fold(b"", tensors={})
-        except TypeError:  # "unknown option 'tensors'": a build from before it
-            _native_tensors = False
-        except ValueError:  # FoldError: the empty input, after the keyword was taken
-            _native_tensors = True
-        else:  # pragma: no cover - an empty input is never a model
-            _native_tensors = True
+        _native_tensors = _native_takes("tensors", {})
     return _native_tensors
 
 
