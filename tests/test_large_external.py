@@ -5,6 +5,8 @@ fold still reads and rescales every byte of it."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import onnx
 import pytest
@@ -52,7 +54,16 @@ def big_model(tmp_path_factory):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, BIG, 1, 1])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     (directory / "big.onnx").write_bytes(model.SerializeToString())
-    return directory, w1, model
+    yield directory, w1, model
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _remove_outputs(tmp_path):
+    """The folded 2.4 GB weights are written out in full (not as holes): remove them after each test, or pytest's
+    three kept temporary directories per run hold about 7 GB of them (a CI disk filled up that way)."""
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def _bn_affine(model: onnx.ModelProto, prefix: str) -> tuple[np.ndarray, np.ndarray]:
