@@ -143,6 +143,30 @@ def test_cli_unknown_dim_is_reported(tmp_path):
     assert result.returncode != 0 and "no symbolic dimension 'Q'" in result.stderr
 
 
+def test_cli_unknown_dim_is_refused_before_anything_is_written(tmp_path):
+    """A --dim the inputs lack is found before the fold, from the model's own inputs (not after the output was
+    written, as it once was); a --dim they have folds and verifies."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in sys.path if p)}
+    model = symbolic_conv_bn()
+    # An initializer listed as a graph input with its own symbolic dim is not an input --dim can name.
+    weight = next(i for i in model.graph.initializer)
+    listed = helper.make_tensor_value_info(weight.name, TensorProto.FLOAT, ["K", *weight.dims[1:]])
+    model.graph.input.append(listed)
+    path, out = tmp_path / "sym.onnx", tmp_path / "out" / "sym.onnx"
+    onnx.save(model, path)
+    for dim in ("Q=3", "K=3"):
+        result = subprocess.run([sys.executable, "-m", "qdqfold", str(path), "-o", str(out), "--verify", "--dim", dim],
+                                capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 1, result.stderr
+        assert f"{path}: cannot verify: the model's inputs have no symbolic dimension '{dim[0]}' (they have: H, N, W)" \
+            in result.stderr
+        assert not out.parent.exists(), "nothing is written when a flag of the run is wrong"
+    result = subprocess.run([sys.executable, "-m", "qdqfold", str(path), "-o", str(out), "--verify", "--dim", "H=9",
+                             "--ort-level", "off"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert out.exists()
+
+
 def test_cli_several_input_files_and_one_level(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in sys.path if p)}
     rng = np.random.default_rng(1)

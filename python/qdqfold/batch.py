@@ -140,6 +140,24 @@ def _model_info(path: Path) -> ModelInfo:
             return read_model_info(mapped)
 
 
+def _check_dim_names(src: Path, info: ModelInfo | None, dims: dict[str, int]) -> None:
+    """A ``--dim`` that names no symbolic dimension of the inputs is an error before anything is written, in
+    the words verification would use after the fold."""
+    from .graphinfo import WireFormatError
+    from .verify import VerifyError, check_dim_names
+
+    try:
+        names = (info or _model_info(src)).input_dim_params
+    except WireFormatError:
+        return  # not a model: the fold says so, in the native core's words
+    except OSError as e:
+        raise ModelError(f"{src}: cannot read: {e.strerror or e}") from e
+    try:
+        check_dim_names(dims, names)
+    except VerifyError as e:
+        raise ModelError(f"{src}: cannot verify: {e}") from e
+
+
 def _fold_in_memory(src: Path, options: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     """A dry run: folds the mapped model in memory, its external data read by the core under the same rules as a
     file-to-file fold (folded tensors come back inline, others keep their references; the mapping is guarded,
@@ -193,6 +211,8 @@ def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, opti
             info = None  # not a model: the fold below says so, in the native core's words
         except OSError as e:
             raise ModelError(f"{src}: cannot read: {e.strerror or e}") from e
+    if verification is not None and verification.dims:
+        _check_dim_names(src, info, verification.dims)
     # The original must be read before an in-place fold replaces it; that takes it whole into memory.
     original: Any = None
     if verification is not None and in_place:

@@ -17,6 +17,8 @@ BytesLike = Union[bytes, bytearray, memoryview]
 _MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
 _GRAPH_NODE, _GRAPH_NAME, _GRAPH_INITIALIZER = 1, 2, 5
 _TENSOR_EXTERNAL_DATA, _ENTRY_KEY, _ENTRY_VALUE = 13, 1, 2
+_TENSOR_NAME, _GRAPH_INPUT = 8, 11
+_VALUE_INFO_NAME, _VALUE_INFO_TYPE, _TYPE_TENSOR, _TENSOR_TYPE_SHAPE, _SHAPE_DIM, _DIM_PARAM = 1, 2, 1, 2, 1, 2
 _FUNCTION_NAME, _FUNCTION_NODE, _FUNCTION_DOMAIN = 1, 7, 10
 _NODE_INPUT, _NODE_OUTPUT, _NODE_NAME, _NODE_OP_TYPE, _NODE_ATTRIBUTE, _NODE_DOMAIN = 1, 2, 3, 4, 5, 7
 _ATTRIBUTE_NAME, _ATTRIBUTE_G, _ATTRIBUTE_GRAPHS = 1, 6, 11
@@ -87,6 +89,9 @@ class ModelInfo:
     nodes: list[NodeInfo] = field(default_factory=list)
     #: The external-data locations its initializers name (relative to the model's directory), each once.
     external_locations: set[str] = field(default_factory=set)
+    #: The symbolic dimensions (dim_param) of the main graph's inputs that are not initializers: what a
+    #: ``--dim NAME=SIZE`` of --verify can name.
+    input_dim_params: set[str] = field(default_factory=set)
 
     def op_counts(self) -> Counter:
         """How many nodes of each op type (custom domains as ``domain.OpType``)."""
@@ -117,6 +122,7 @@ def _read_model(buf: memoryview) -> ModelInfo:
             continue
         if number == _MODEL_GRAPH:
             _read_graph(buf, value, "main", info)
+            info.input_dim_params = _input_dim_params(buf, value)
         elif number == _MODEL_FUNCTIONS:
             functions.append(value)
     for span in functions:
@@ -135,6 +141,39 @@ def _read_model(buf: memoryview) -> ModelInfo:
             for sub_span, sub_path in _read_node(buf, node_span, f"function:{domain}.{name}", info):
                 _read_graph(buf, sub_span, sub_path, info)
     return info
+
+
+def _input_dim_params(buf: memoryview, span: tuple[int, int]) -> set[str]:
+    """The dim_params of the tensor inputs of the graph at ``span`` that are not also initializers."""
+    inputs: dict[str, set[str]] = {}
+    initializers = set()
+    for number, wire_type, value in _fields(buf, *span):
+        if wire_type != _LENGTH:
+            continue
+        if number == _GRAPH_INITIALIZER:
+            initializers.update(_text(buf, v) for n, t, v in _fields(buf, *value) if n == _TENSOR_NAME and t == _LENGTH)
+        elif number == _GRAPH_INPUT:
+            name, params = "", set()
+            for n, t, v in _fields(buf, *value):
+                if t != _LENGTH:
+                    continue
+                if n == _VALUE_INFO_NAME:
+                    name = _text(buf, v)
+                elif n == _VALUE_INFO_TYPE:
+                    for shape in _nested(buf, v, _TYPE_TENSOR, _TENSOR_TYPE_SHAPE):
+                        for dim in _nested(buf, shape, _SHAPE_DIM):
+                            params.update(_text(buf, p) for k, pt, p in _fields(buf, *dim)
+                                          if k == _DIM_PARAM and pt == _LENGTH)
+            inputs[name] = params
+    return set().union(*(params for name, params in inputs.items() if name not in initializers))
+
+
+def _nested(buf: memoryview, span: tuple[int, int], *numbers: int) -> Iterator[tuple[int, int]]:
+    """The spans of the length-delimited fields reached from ``span`` by the field numbers in turn."""
+    spans = [span]
+    for number in numbers:
+        spans = [v for s in spans for n, t, v in _fields(buf, *s) if n == number and t == _LENGTH]
+    return iter(spans)
 
 
 def _node_spans(buf: memoryview, span: tuple[int, int], info: ModelInfo) -> list[tuple[int, int]]:

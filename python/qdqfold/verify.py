@@ -382,6 +382,16 @@ _NUMPY_TYPES = {
 }
 
 
+def check_dim_names(dims: Iterable[str], names: Iterable[str]) -> None:
+    """A VerifyError when ``dims`` names a symbolic dimension that is not among the inputs' ``names``."""
+    names = set(names)
+    unknown = sorted(set(dims) - names)
+    if unknown:
+        have = ", ".join(sorted(names)) or "none"
+        raise VerifyError(f"the model's inputs have no symbolic dimension {', '.join(map(repr, unknown))} "
+                          f"(they have: {have})")
+
+
 def symbolic_sizes(session, dims: Mapping[str, int] | None = None, symbolic_size: int | None = None) -> dict[str, int]:
     """The size every symbolic dimension of the inputs takes: ``dims[name]`` when given, else ``symbolic_size``
     when given, else 1 for a leading (batch) dimension and ``DEFAULT_SPATIAL_SIZE`` for the others. A ``dims``
@@ -392,11 +402,7 @@ def symbolic_sizes(session, dims: Mapping[str, int] | None = None, symbolic_size
         for axis, d in enumerate(i.shape):
             if isinstance(d, str) and d not in names:
                 names[d] = axis
-    unknown = sorted(set(dims) - set(names))
-    if unknown:
-        have = ", ".join(sorted(names)) or "none"
-        raise VerifyError(f"the model's inputs have no symbolic dimension {', '.join(map(repr, unknown))} "
-                          f"(they have: {have})")
+    check_dim_names(dims, names)
     return {name: dims[name] if name in dims else symbolic_size if symbolic_size is not None
             else 1 if axis == 0 else DEFAULT_SPATIAL_SIZE for name, axis in names.items()}
 
