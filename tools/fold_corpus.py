@@ -67,11 +67,15 @@ def digest(paths: list[Path]) -> str:
     return h.hexdigest()[:20]
 
 
+def outcome_rows(report: dict) -> list:
+    """What the report says of each BN and of each merged sum (merge_branches): the fields a refactoring must
+    keep (tools/record_folds.py compares the same rows)."""
+    return [[entry.get(key) for key in ("graph", "node", "folded", "direction", "code", "message", "exact", "into")]
+            for entries in ("batchnorms", "merges") for entry in report.get(entries, [])]
+
+
 def outcomes(report: dict) -> str:
-    rows = [[bn.get("graph"), bn.get("node"), bn.get("folded"), bn.get("direction"), bn.get("code"), bn.get("message"), bn.get("exact"),
-             bn.get("into")] for bn in report.get("batchnorms", [])]
-    extra = {k: report.get(k) for k in ("merged_branches",) if k in report}
-    return hashlib.sha256(json.dumps([rows, extra], sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return hashlib.sha256(json.dumps(outcome_rows(report), sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def main() -> int:

@@ -20,19 +20,16 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fold_corpus import outcome_rows  # noqa: E402  (the rows fold_corpus compares)
+
 
 def _sha(data) -> str:
     return hashlib.sha256(bytes(data)).hexdigest()[:20]
 
 
 def _outcomes(report) -> list:
-    if not isinstance(report, dict):
-        return []
-    out = []
-    for bn in report.get("batchnorms", []):
-        out.append([bn.get("graph"), bn.get("node"), bn.get("folded"), bn.get("direction"), bn.get("code"), bn.get("message"), bn.get("exact"),
-                    bn.get("into")])
-    return out
+    return outcome_rows(report) if isinstance(report, dict) else []
 
 
 def _options(kwargs) -> str:

@@ -31,23 +31,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
-# The option sets of tools/fold_corpus.py: the outputs must agree byte for byte under each.
-OPTION_SETS = {
-    "default": {},
-    "no-forward": {"fold_forward": False},
-    "no-backward": {"fold_backward": False},
-    "no-affine": {"fold_affine": False},
-    "pad": {"pad_correction": True},
-    "opset": {"allow_opset_upgrade": True},
-    "zero-point": {"allow_nonzero_zero_point": True},
-    "materialize": {"materialize_quantized_weights": True},
-    "drop-aq": {"drop_activation_quantizers": True},
-    "freeze": {"freeze_initializer_inputs": True},
-    "merge": {"merge_branches": True},
-    "merge-requant": {"merge_branches": True, "requantize_merged": True},
-    "everything": {"pad_correction": True, "allow_opset_upgrade": True, "allow_nonzero_zero_point": True,
-                   "freeze_initializer_inputs": True, "merge_branches": True, "requantize_merged": True},
-}
+# The option sets of tools/fold_corpus.py (only the standard library at import): the outputs must agree byte
+# for byte under each.
+sys.path.insert(0, str(ROOT / "tools"))
+from fold_corpus import OPTION_SETS  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------
