@@ -1,0 +1,430 @@
+"""Which layers onnxruntime runs as integer kernels, and whether their 16-bit pair sums can saturate: a static
+check of a model file, no runtime needed.
+
+**Which layers.** onnxruntime's QDQ selectors (``qdq_transformer/selectors_actions/qdq_selectors.cc``) turn
+``DQ(x) -> Conv(DQ(W), b) -> Q`` into QLinearConv, ``DQ -> MatMul(DQ) -> Q`` into QLinearMatMul and
+``DQ -> Gemm(DQ)`` (an output Q optional) into QGemm when every data input comes from a DequantizeLinear, the
+layer's output goes only to QuantizeLinear nodes and is not a graph output, and the input and output
+quantizers have one type (a constant float weight behind ``Q -> DQ`` counts: its constant folding turns the Q
+into an integer initializer; a float or int32 bias counts too). On x86-64 it first turns int8 activation
+quantizers into uint8 ones (zero point + 128), so the activation integers a kernel multiplies are bytes.
+
+**Why they can saturate.** Without VNNI (x86-64 with AVX2, or AVX-512 without VNNI) onnxruntime's u8s8 GEMM
+multiplies with ``vpmaddubsw``: each pair of neighbouring products ``a[k] w[k] + a[k+1] w[k+1]`` (``a`` the
+activation byte in [0, 255], ``w`` the int8 weight) is added into a *saturating* int16 before the int32
+accumulation. A pair of same-sign weights with ``255 (|w1| + |w2|) > 32767`` (``|w1| + |w2| >= 129``) can
+therefore clip, and the layer computes something else than its int32 arithmetic says. VNNI (``vpdpbusd``)
+accumulates in int32 and never clips; nor does the session option ``session.x64quantprecision=1`` (16-bit
+promotion, slower). Depthwise convolutions (one input and one output channel per group) and uint8 weights run
+in other kernels, which widen to 16 bits first, and never saturate.
+
+**The bound.** Per layer and output channel, the weights in the order the kernel reads them along the
+reduction axis (Conv: kernel position major, input channel minor, as QLinearConv packs its filter; MatMul /
+Gemm: the rows of B), in neighbouring pairs; both pairings (from the first element and from the second) are
+checked, since how a kernel aligns an odd channel count is its own business. Each pair's largest and smallest
+possible sum over the activation bytes the input quantizer can produce (its type's range, from its zero
+point up when a Relu feeds it) is compared with int16's range. A layer flagged here *can* saturate on such a
+CPU; whether it does depends on the inputs (``bench/saturation.py`` measures both).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+
+#: int16's range: a pair sum outside it clips in vpmaddubsw.
+INT16_MAX, INT16_MIN = 32767, -32768
+
+#: The session option that makes onnxruntime's x86-64 integer kernels promote to 16 bits (never saturating).
+PRECISION_OPTION = "session.x64quantprecision"
+
+_INT8, _UINT8 = 3, 2  # TensorProto.INT8, UINT8
+
+
+@dataclass
+class KernelLayer:
+    """One layer onnxruntime will run as an integer kernel, and the static saturation bound of its pair sums."""
+
+    node: str  # the layer node's name (or "<op>#<index>" when unnamed)
+    op: str  # Conv / MatMul / Gemm
+    kernel: str  # QLinearConv / QLinearMatMul / QGemm
+    activation: str  # "uint8" or "int8" (run as uint8 on x86-64)
+    weight: str  # "int8" or "uint8"
+    activation_range: list[int]  # the activation bytes the kernel can see, after the x86-64 shift to uint8
+    pair_max: int  # the largest / smallest pair sum over every output channel and both pairings
+    pair_min: int
+    can_saturate: bool  # some pair sum leaves int16's range (x86-64 without VNNI)
+    channels: int  # output channels with such a pair
+    why_not: str | None = None  # when it cannot: the kernel that runs instead (depthwise, uint8 weights)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Index:
+    def __init__(self, graph: onnx.GraphProto, folder: str | None):
+        self.graph, self.folder = graph, folder
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.readers: dict[str, list] = {}
+        for n in graph.node:
+            for i in n.input:
+                self.readers.setdefault(i, []).append(n)
+        self.inits = {t.name: t for t in graph.initializer}
+        self.inputs = {i.name for i in graph.input}
+        self.outputs = {o.name for o in graph.output}
+        self._arrays: dict[str, Any] = {}
+
+    def constant(self, name: str):
+        """The value of an initializer or Constant node (through Identity), else None."""
+        import numpy as np
+        from onnx import numpy_helper
+
+        if name in self._arrays:
+            return self._arrays[name]
+        value = None
+        node = self.producer.get(name)
+        if name in self.inits and name not in self.inputs:
+            value = numpy_helper.to_array(self.inits[name], base_dir=self.folder or "")
+        elif node is not None and node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    value = numpy_helper.to_array(a.t, base_dir=self.folder or "")
+                elif a.name in ("value_float", "value_int"):
+                    value = np.array(a.f if a.name == "value_float" else a.i)
+        elif node is not None and node.op_type == "Identity":
+            value = self.constant(node.input[0])
+        self._arrays[name] = value
+        return value
+
+    def produced_by(self, name: str, op: str):
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == op and node.domain in ("", "ai.onnx") else None
+
+
+def _attr(node, name: str, default: Any) -> Any:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _zero_point_type(index: _Index, node) -> int | None:
+    """The integer type of a Q/DQ node's quantized side: its zero point's type, uint8 when it has none."""
+    if len(node.input) < 3 or not node.input[2]:
+        return _UINT8
+    zp = node.input[2]
+    if zp in index.inits:
+        return index.inits[zp].data_type
+    value = index.constant(zp)
+    if value is None:
+        return None
+    return {"int8": _INT8, "uint8": _UINT8}.get(str(value.dtype))
+
+
+def _weight_integers(index: _Index, dq) -> np.ndarray | None:
+    """The integers a weight DequantizeLinear dequantizes: a constant integer tensor, or the integers of a
+    QuantizeLinear of a constant float tensor (which onnxruntime's constant folding computes)."""
+    import numpy as np
+
+    value = index.constant(dq.input[0])
+    if value is not None:
+        return value if value.dtype in (np.int8, np.uint8) else None
+    q = index.produced_by(dq.input[0], "QuantizeLinear")
+    if q is None:
+        return None
+    w, s = index.constant(q.input[0]), index.constant(q.input[1])
+    z = index.constant(q.input[2]) if len(q.input) > 2 and q.input[2] else np.zeros((), np.uint8)
+    if w is None or s is None or z is None or z.dtype not in (np.int8, np.uint8):
+        return None
+    w = w.astype(np.float32)
+    s, z_int = s.astype(np.float32), z.astype(np.int32)
+    if s.ndim == 1 and s.size > 1:  # per axis
+        axis = _attr(q, "axis", 1) % w.ndim
+        shape = [1] * w.ndim
+        shape[axis] = s.size
+        s, z_int = s.reshape(shape), z_int.reshape(shape) if z_int.size > 1 else z_int
+    info = np.iinfo(z.dtype)
+    q_int = np.clip(np.rint(w / s) + z_int, info.min, info.max)  # round half to even, as QuantizeLinear
+    return q_int.astype(z.dtype)
+
+
+def _activation_bytes(index: _Index, dq) -> list[int] | None:
+    """The range of activation bytes the kernel sees for the activation DequantizeLinear ``dq``: the type's
+    range (int8 shifted by 128, as onnxruntime does on x86-64), from the zero point up when a Relu feeds the
+    QuantizeLinear that produced it."""
+    t = _zero_point_type(index, dq)
+    if t not in (_INT8, _UINT8):
+        return None
+    lo, hi = (-128, 127) if t == _INT8 else (0, 255)
+    q = index.produced_by(dq.input[0], "QuantizeLinear")
+    if q is not None and index.produced_by(q.input[0], "Relu") is not None:
+        zp = index.constant(q.input[2]) if len(q.input) > 2 and q.input[2] else None
+        if zp is not None and zp.size == 1:
+            lo = max(lo, int(zp.reshape(-1)[0]))
+    shift = 128 if t == _INT8 else 0
+    return [lo + shift, hi + shift]
+
+
+def _pair_bounds(k_rows: np.ndarray, a_lo: int, a_hi: int) -> tuple[int, int, int]:
+    """``k_rows``: [channels, K] int weights in the order the kernel reads them. The largest and smallest pair
+    sum over activation bytes in [a_lo, a_hi], over both pairings, and the channels with a pair outside int16."""
+    import numpy as np
+
+    w = k_rows.astype(np.int64)
+    hi_each = np.maximum(w * a_lo, w * a_hi)
+    lo_each = np.minimum(w * a_lo, w * a_hi)
+    pair_max = np.full(w.shape[0], np.iinfo(np.int64).min)
+    pair_min = np.full(w.shape[0], np.iinfo(np.int64).max)
+    for start in (0, 1):
+        h, l = hi_each[:, start:], lo_each[:, start:]
+        if h.shape[1] % 2:
+            h = np.pad(h, ((0, 0), (0, 1)))
+            l = np.pad(l, ((0, 0), (0, 1)))
+        if h.shape[1] == 0:
+            continue
+        pair_max = np.maximum(pair_max, (h[:, 0::2] + h[:, 1::2]).max(axis=1))
+        pair_min = np.minimum(pair_min, (l[:, 0::2] + l[:, 1::2]).min(axis=1))
+    bad = (pair_max > INT16_MAX) | (pair_min < INT16_MIN)
+    return int(pair_max.max()), int(pair_min.min()), int(bad.sum())
+
+
+def _reduction_rows(op: str, node, w: np.ndarray) -> np.ndarray | None:
+    """The weight as [output channels, K] in the order the kernel's reduction reads it."""
+    import numpy as np
+
+    if op == "Conv":
+        if w.ndim < 3:
+            return None
+        m, c = w.shape[0], w.shape[1]
+        # [M, C/g, k...] -> [M, k..., C/g]: kernel position major, input channel minor.
+        return np.moveaxis(w.reshape(m, c, -1), 1, 2).reshape(m, -1)
+    if w.ndim != 2:
+        return None
+    if op == "Gemm" and _attr(node, "transB", 0):
+        return w  # [N, K]
+    return w.T  # B is [K, N]
+
+
+def _layer_name(node, position: int) -> str:
+    return node.name or f"{node.op_type}#{position}"
+
+
+def integer_layers(model: onnx.ModelProto, folder: str | os.PathLike | None = None) -> list[KernelLayer]:
+    """The layers of ``model``'s main graph that onnxruntime will run as integer kernels on x86-64 (see the
+    module doc), each with its pair-sum bound. ``folder``: where its external data lives."""
+    index = _Index(model.graph, os.fspath(folder) if folder else None)
+    found: list[KernelLayer] = []
+    for position, node in enumerate(model.graph.node):
+        if node.op_type not in ("Conv", "MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            continue
+        if len(node.input) < 2:
+            continue
+        dq_x, dq_w = index.produced_by(node.input[0], "DequantizeLinear"), \
+            index.produced_by(node.input[1], "DequantizeLinear")
+        if dq_x is None or dq_w is None:
+            continue
+        out = node.output[0]
+        readers = index.readers.get(out, [])
+        if out in index.outputs:
+            continue
+        to_q = bool(readers) and all(r.op_type == "QuantizeLinear" for r in readers)
+        if not to_q and node.op_type != "Gemm":  # QGemm may output float
+            continue
+        a_type = _zero_point_type(index, dq_x)
+        if to_q and any(_zero_point_type(index, r) != a_type for r in readers):
+            continue  # onnxruntime wants one type in and out
+        integers = _weight_integers(index, dq_w)
+        a_range = _activation_bytes(index, dq_x)
+        if integers is None or a_range is None:
+            continue
+        kernel = {"Conv": "QLinearConv", "MatMul": "QLinearMatMul", "Gemm": "QGemm"}[node.op_type]
+        why_not = None
+        if str(integers.dtype) == "uint8":
+            why_not = "uint8 weights run in a kernel that widens to 16 bits first"
+        elif node.op_type == "Conv" and integers.ndim >= 3 and integers.shape[1] == 1 and \
+                _attr(node, "group", 1) > 1 and integers.shape[0] == _attr(node, "group", 1):
+            why_not = "depthwise: onnxruntime's depthwise kernel widens to 16 bits first"
+        rows = _reduction_rows(node.op_type, node, integers)
+        if rows is None:
+            continue
+        pair_max, pair_min, channels = _pair_bounds(rows, *a_range)
+        can = why_not is None and channels > 0
+        found.append(KernelLayer(node=_layer_name(node, position), op=node.op_type, kernel=kernel,
+                                 activation="int8" if a_type == _INT8 else "uint8", weight=str(integers.dtype),
+                                 activation_range=a_range, pair_max=pair_max, pair_min=pair_min, can_saturate=can,
+                                 channels=channels if why_not is None else 0, why_not=why_not))
+    return found
+
+
+def check_file(path: str | os.PathLike) -> list[KernelLayer]:
+    """:func:`integer_layers` of the model file ``path`` (external data read beside it, only the weights the
+    integer layers use)."""
+    import onnx
+
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    return integer_layers(model, os.path.dirname(os.path.abspath(os.fspath(path))))
+
+
+def check_bytes(data: bytes, folder: str | os.PathLike | None = None) -> list[KernelLayer]:
+    import onnx
+
+    return integer_layers(onnx.load_from_string(data), folder)
+
+
+def summary(layers: list[KernelLayer]) -> dict[str, Any]:
+    """The JSON section ``integer_kernels``: the layers and how many can saturate."""
+    by_kernel: dict[str, int] = {}
+    for layer in layers:
+        by_kernel[layer.kernel] = by_kernel.get(layer.kernel, 0) + 1
+    return {"expected": dict(sorted(by_kernel.items())), "can_saturate": sum(lay.can_saturate for lay in layers),
+            "cpus": "x86-64 without VNNI (AVX2, or AVX-512 without VNNI)", "remedy": f"{PRECISION_OPTION}=1",
+            "layers": [lay.to_dict() for lay in layers]}
+
+
+# ------------------------------------------------------------------------- measured, on this machine's CPU
+
+def _closure(index: _Index, names: list[str]) -> list | None:
+    """The nodes that compute ``names`` from constants alone, in graph order; None when one needs an input."""
+    needed: dict[int, Any] = {}
+    stack = list(names)
+    while stack:
+        name = stack.pop()
+        if not name or name in index.inits:
+            if name in index.inputs:
+                return None
+            continue
+        node = index.producer.get(name)
+        if node is None:
+            return None  # a graph input
+        if id(node) in needed:
+            continue
+        needed[id(node)] = node
+        stack.extend(node.input)
+    order = {id(n): k for k, n in enumerate(index.graph.node)}
+    return sorted(needed.values(), key=lambda n: order[id(n)])
+
+
+def _isolated(model: onnx.ModelProto, index: _Index, layers: list[KernelLayer]) -> tuple[Any, dict, dict]:
+    """One model holding each integer layer alone: its integer input activation as a graph input, then its
+    activation DequantizeLinear, the layer with its constant weight and bias paths, and its first output
+    QuantizeLinear, dequantized again as an output. Returns the model, per layer input the original value it
+    takes (the activation as its DequantizeLinear gives it), and per output its quantization step."""
+    from onnx import helper
+
+    by_name = {_layer_name(n, k): n for k, n in enumerate(model.graph.node)}
+    nodes, inputs, outputs, used_inits, feeds_from, steps = [], [], [], set(), {}, {}
+    for k, layer in enumerate(layers):
+        node = by_name[layer.node]
+        dq_x = index.producer[node.input[0]]
+        q_out = index.readers[node.output[0]][0]
+        constants = _closure(index, list(node.input[1:]) + list(dq_x.input[1:]) + list(q_out.input[1:]))
+        if constants is None:
+            continue
+        prefix = f"iso{k}_"
+        rename = {}
+        for n in constants:
+            for o in n.output:
+                rename[o] = prefix + o
+        for n in constants:
+            copy = helper.make_node(n.op_type, [rename.get(i, i) for i in n.input], [rename[o] for o in n.output],
+                                    domain=n.domain)
+            copy.attribute.extend(n.attribute)
+            nodes.append(copy)
+        used = [i for n in constants for i in n.input] + list(node.input[1:]) + list(dq_x.input[1:]) + \
+            list(q_out.input[1:])
+        used_inits.update(i for i in used if i in index.inits)
+        x_in, x_q, x_dq, y, y_q = prefix + "x", prefix + "x_q", prefix + "x_dq", prefix + "y", layer.node
+        # The input is the activation as the model dequantized it; quantized again with the same parameters it
+        # gives the same integers, through the same Q -> DQ pair onnxruntime fuses (and shifts to uint8).
+        inputs.append(helper.make_tensor_value_info(x_in, 1, None))
+        requant = helper.make_node("QuantizeLinear", [x_in] + [rename.get(i, i) for i in dq_x.input[1:]], [x_q])
+        requant.attribute.extend(dq_x.attribute)
+        dq = helper.make_node("DequantizeLinear", [x_q] + [rename.get(i, i) for i in dq_x.input[1:]], [x_dq])
+        dq.attribute.extend(dq_x.attribute)
+        nodes.append(requant)
+        layer_node = helper.make_node(node.op_type, [x_dq] + [rename.get(i, i) for i in node.input[1:]], [y])
+        layer_node.attribute.extend(node.attribute)
+        q = helper.make_node("QuantizeLinear", [y] + [rename.get(i, i) for i in q_out.input[1:]], [prefix + "y_q"])
+        q.attribute.extend(q_out.attribute)
+        # Dequantized again: onnxruntime does not fuse a layer whose QuantizeLinear output is a graph output.
+        dq_y = helper.make_node("DequantizeLinear", [prefix + "y_q"] + [rename.get(i, i) for i in q_out.input[1:]],
+                                [y_q])
+        dq_y.attribute.extend(q_out.attribute)
+        nodes += [dq, layer_node, q, dq_y]
+        outputs.append(helper.make_empty_tensor_value_info(y_q))
+        steps[y_q] = index.constant(q_out.input[1])
+        feeds_from[x_in] = dq_x.output[0]
+    graph = helper.make_graph(nodes, "integer_layers", inputs, outputs,
+                              [t for t in model.graph.initializer if t.name in used_inits])
+    iso = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    return iso, feeds_from, steps
+
+
+def measure(model: onnx.ModelProto, folder: str | None, feed_sets: list[dict[str, Any]],
+            layers: list[KernelLayer] | None = None) -> list[dict[str, Any]]:
+    """Each integer layer alone, on the integer activations the model gives it (optimisations off: the float
+    path, exact), run by onnxruntime at its default level as this CPU's integer kernel and again with
+    ``session.x64quantprecision=1`` (the same kernel in 16-bit precision, which cannot saturate): per layer, the
+    output integers that differ between the two (``moved``, of ``elements``) and by how many steps at most.
+    On a CPU with VNNI nothing moves."""
+    import numpy as np
+    import onnxruntime as ort
+
+    layers = integer_layers(model, folder) if layers is None else layers
+    if not layers:
+        return []
+    index = _Index(model.graph, folder)
+    iso, feeds_from, steps = _isolated(model, index, layers)
+    if not feeds_from:
+        return []
+    exposed = [v for v in dict.fromkeys(feeds_from.values()) if v not in index.inputs]
+
+    def session(data: bytes, level, config: dict[str, str]):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 4
+        for key, value in config.items():
+            options.add_session_config_entry(key, value)
+        if folder:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+    from onnx import helper
+
+    count = len(model.graph.output)
+    try:
+        for name in exposed:
+            model.graph.output.append(helper.make_empty_tensor_value_info(name))
+        full = session(model.SerializeToString(), ort.GraphOptimizationLevel.ORT_DISABLE_ALL, {})
+    finally:
+        del model.graph.output[count:]
+    iso_bytes = iso.SerializeToString()
+    deployed = session(iso_bytes, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, {})
+    promoted = session(iso_bytes, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, {PRECISION_OPTION: "1"})
+    wanted = {i.name for i in full.get_inputs()}
+    names = [o.name for o in full.get_outputs()]
+    out_names = [o.name for o in deployed.get_outputs()]
+    figures = {name: {"moved": 0, "elements": 0, "max_steps": 0} for name in out_names}
+    for feeds in feed_sets:
+        values = dict(zip(names, full.run(None, {k: v for k, v in feeds.items() if k in wanted})))
+        values.update({k: v for k, v in feeds.items()})
+        iso_feeds = {x: values[src] for x, src in feeds_from.items()}
+        for name, a, b in zip(out_names, deployed.run(None, iso_feeds), promoted.run(None, iso_feeds)):
+            step = steps[name]
+            diff = np.rint(np.abs(a.astype(np.float64) - b.astype(np.float64)) /
+                           (float(np.max(step)) if step is not None and np.size(step) == 1 else 1.0))
+            f = figures[name]
+            f["moved"] += int((diff > 0).sum())
+            f["elements"] += int(diff.size)
+            f["max_steps"] = max(f["max_steps"], int(diff.max(initial=0)))
+    by_layer = {lay.node: lay for lay in layers}
+    return [{"node": name, "kernel": by_layer[name].kernel, "can_saturate": by_layer[name].can_saturate, **f}
+            for name, f in figures.items()]
