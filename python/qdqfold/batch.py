@@ -71,6 +71,9 @@ class ModelResult:
     error: str | None = None
     traceback: str | None = None
     model_info: ModelInfo | None = field(default=None, repr=False)  # the original's nodes, for --explain
+    #: The folded model's layers that onnxruntime will run as integer kernels, with the static saturation
+    #: check (qdqfold.kernels); None when not checked (a model without quantizers, or the quiet CLI path).
+    integer_kernels: list | None = None
 
     @property
     def ok(self) -> bool:
@@ -86,6 +89,10 @@ class ModelResult:
         data["op_types"] = {"before": self.ops_before, "after": self.ops_after}
         data["size"] = {"before": self.size_before, "after": self.size_after}
         data["seconds"] = round(self.seconds, 6)
+        if self.integer_kernels is not None:
+            from .kernels import summary
+
+            data["integer_kernels"] = summary(self.integer_kernels)
         if self.verification is not None:
             data["verify"] = self.verification.to_dict()
         return data
@@ -244,6 +251,7 @@ def fold_file_result(src: str | os.PathLike, dst: str | os.PathLike | None, opti
                              report=report, ops_before=dict(native["op_types"]["before"]),
                              ops_after=dict(native["op_types"]["after"]), size_before=size_before,
                              size_after=size_after, model_info=info)
+        result.integer_kernels = _kernel_check(target, folded, result.ops_after, src.parent)
         if verification is not None:
             _raise_if_interrupted(src, dst)
             result.verification = _verify(original if original is not None else src, target, verification, report,
@@ -311,10 +319,27 @@ def fold_bytes_result(data: bytes, label: str, dst: str | os.PathLike | None, op
                          report=report, ops_before=dict(native["op_types"]["before"]),
                          ops_after=dict(native["op_types"]["after"]), size_before=len(data), size_after=len(folded),
                          model_info=info_before)
+    result.integer_kernels = _kernel_check(None, folded, result.ops_after, base_directory)
     if verification is not None:
         result.verification = _verify(data, folded, verification, report, label)
     result.seconds = time.perf_counter() - start
     return result, folded
+
+
+def _kernel_check(path: Path | None, data: bytes | None, ops_after: dict[str, int],
+                  folder: str | os.PathLike | None = None) -> list | None:
+    """The static saturation check of the folded model (qdqfold.kernels), for a model with quantizers and
+    layers only (a float model is not read again). A model it cannot read is not checked (None)."""
+    if not ops_after.get("DequantizeLinear") or not any(ops_after.get(op) for op in ("Conv", "MatMul", "Gemm")):
+        return None
+    from . import kernels
+
+    try:
+        if data is not None:  # folded in memory: the tensors it did not change are still in the input's files
+            return kernels.check_bytes(data, folder)
+        return kernels.check_file(path) if path is not None else None
+    except Exception:  # noqa: BLE001 - the check is advice: a model onnx cannot read is reported without it
+        return None
 
 
 def read_for_stdout(src: Path) -> tuple[bytes, Path]:

@@ -34,6 +34,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # bad input, a path that cannot be read or written; in batch mode: any model failed
 EXIT_USAGE = 2  # bad arguments (argparse's own code too)
 EXIT_MISMATCH = 3  # --verify: the verdict is "differs"
+EXIT_KERNELS = 4  # --strict-kernels: onnxruntime's integer kernels can saturate (or, with --verify, did)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 EXIT_STATUS_HELP = """exit status:
@@ -43,6 +44,8 @@ EXIT_STATUS_HELP = """exit status:
   2  bad arguments (including an unknown --explain node, or an output that would overwrite its input
      without --in-place)
   3  --verify: the verdict is "differs" (a fold over its rounding bound, or an output beyond the rounding floor)
+  4  --strict-kernels: the fold is exact, but a layer onnxruntime runs as an integer kernel can saturate on
+     x86-64 CPUs without VNNI (static check), or with --verify moved the outputs on this CPU
   130  interrupted (Ctrl-C): nothing partial is left; with several models, the failures list what was not done"""
 
 # Flags for the fold options of qdqfold_native.options(): a flag turns the default around. An option the
@@ -207,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "every output against a rounding twin of the original (BN and weight scales one ulp "
                             "off, not folded), on the same inputs; verdict exact / approximate / differs (exit "
                             "status 3); count onnxruntime's quantized node units before and after")
+    check.add_argument("--strict-kernels", action="store_true",
+                       help="exit status 4 when a layer onnxruntime will run as an integer kernel can saturate its "
+                            "16-bit pair sums on x86-64 CPUs without VNNI (or, with --verify, moved the outputs on "
+                            "this CPU); without it that is a warning")
     check.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="T",
                        help="difference always allowed, as a share of each output's range, where the rounding "
                             "floor is smaller (float models; default %(default)g)")
@@ -337,6 +344,20 @@ def _verification_failure(result: ModelResult) -> str | None:
     return f"{result.input}: verification failed: {v.failure_message()}"
 
 
+def kernel_warning(result: ModelResult) -> str | None:
+    """One line when onnxruntime's integer kernels can move this model on some CPU (static check) or did on
+    this one (--verify); None otherwise."""
+    v = result.verification
+    if v is not None and v.kernel_warning:
+        return f"{result.input}: {v.kernel_message()}"
+    flagged = [lay.node for lay in result.integer_kernels or [] if lay.can_saturate]
+    if flagged:
+        return (f"{result.input}: {len(flagged)} integer layer(s) can saturate on x86-64 CPUs without VNNI: "
+                f"{', '.join(flagged[:6])}{' ...' if len(flagged) > 6 else ''} (session.x64quantprecision=1 "
+                f"avoids it)")
+    return None
+
+
 def _path_rule(function, *arguments, **keywords):
     """``function`` of qdqfold.paths, its refusal turned into the command line's usage or input error."""
     try:
@@ -360,7 +381,7 @@ def run_single(args: argparse.Namespace) -> int:
                            dry_run=args.dry_run)
     where = {"in_place": args.in_place, "dry_run": args.dry_run, "report_only": report_only}
     shown = args.report_json or args.json or args.explain or not args.quiet
-    if not (shown or args.verify or source == "-" or to_stdout):
+    if not (shown or args.verify or args.strict_kernels or source == "-" or to_stdout):
         output = _path_rule(paths.single_output, source, args.output, **where)
         if output is not None:
             try:
@@ -419,6 +440,11 @@ def run_single(args: argparse.Namespace) -> int:
     if failure:
         print(f"qdqfold: {failure}", file=sys.stderr)
         return EXIT_MISMATCH
+    warning = kernel_warning(result)
+    if warning and not args.quiet:
+        print(f"qdqfold: warning: {warning}", file=sys.stderr)
+    if warning and args.strict_kernels:
+        return EXIT_KERNELS
     return EXIT_OK
 
 
@@ -516,7 +542,13 @@ def run_many(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     if failed:
         return EXIT_FAILED
-    return EXIT_MISMATCH if mismatched else EXIT_OK
+    if mismatched:
+        return EXIT_MISMATCH
+    warnings = [w for w in map(kernel_warning, done) if w]
+    if not args.quiet and not args.json:
+        for warning in warnings:
+            print(f"qdqfold: warning: {warning}", file=sys.stderr)
+    return EXIT_KERNELS if warnings and args.strict_kernels else EXIT_OK
 
 
 def run(args: argparse.Namespace) -> int:

@@ -140,7 +140,8 @@ def _verify_lines(v: VerifyResult, style: Style) -> list[str]:
                                                     + (f"; symbolic {dims}" if dims else "") + ")")]
     verdict = {"exact": style.good, "approximate": style.warn, "differs": style.bad}[v.verdict](v.verdict.upper())
     lines.append(f"  verdict: {verdict}" + (" (only with onnxruntime's optimisations on)"
-                                            if v.only_with_optimisations() else ""))
+                                            if v.only_with_optimisations() else "")
+                 + (" (the fold; this CPU's integer kernels move the outputs, see below)" if v.kernel_warning else ""))
     rows = []
     for level, outputs in v.levels.items():
         for o in outputs:
@@ -170,7 +171,46 @@ def _verify_lines(v: VerifyResult, style: Style) -> list[str]:
         text = f"  onnxruntime quantized node units ({v.units_level}): before {before}, after {after}"
         text += f" ({detail})" if detail else ""
         lines.append(text if after >= before else style.bad(text))
+    if v.kernels is not None:
+        lines += _kernel_verify_lines(v.kernels, style)
     return lines
+
+
+def _kernel_verify_lines(k: dict[str, Any], style: Style) -> list[str]:
+    """What this CPU's integer kernels do to the folded model (VerifyResult.kernels)."""
+    lines = [style.warn(f"  integer kernels on this CPU (level {k['level']}): the rows above for that level are the "
+                        f"fold run with {k['option']}; as deployed, without it:")]
+    rows = [[o["name"], _fmt(o["of_range"]), "-" if o["moved"] is None else f"{o['moved']}/{o['elements']}",
+             _fmt(o["snr_db"]),
+             _fmt(o["with_option_of_range"])] for o in k["outputs"]]
+    lines += _table(rows, ["output", "kernels/range", "moved", "SNR dB", f"with option/range"], style, "lrrrr")
+    moved = [lay for lay in k["layers"] if lay.get("moved")]
+    for lay in moved:
+        lines.append(style.warn(f"    {lay['node']} ({lay['kernel']}): {lay['moved']}/{lay['elements']} output "
+                                f"integers off by up to {lay['max_steps']} steps, alone on the same inputs "
+                                f"(16-bit pair sums saturate)"))
+    if not moved and k["layers"]:
+        lines.append(style.dim(f"    no integer layer moves alone: the difference comes from their requantization"))
+    for remedy in k["remedies"]:
+        lines += wrapped(f"- {remedy}", "    ", "      ")
+    return lines
+
+
+def kernel_check_lines(layers: list[Any], style: Style) -> list[str]:
+    """The static saturation check (qdqfold.kernels) of the folded model's integer layers."""
+    if not layers:
+        return []
+    flagged = [lay for lay in layers if lay.can_saturate]
+    by_kernel = Counter(lay.kernel for lay in layers)
+    head = (f"integer kernels onnxruntime will form: {len(layers)} ("
+            + ", ".join(f"{op} {n}" for op, n in sorted(by_kernel.items())) + ")")
+    if not flagged:
+        return [head + "; none can saturate on x86-64 without VNNI"]
+    names = ", ".join(lay.node for lay in flagged[:6]) + (" ..." if len(flagged) > 6 else "")
+    return [head] + [style.warn(line) for line in wrapped(
+        f"{len(flagged)} can saturate on x86-64 CPUs without VNNI (AVX2, AVX-512 without VNNI): {names}; "
+        f"there, run with the session option session.x64quantprecision=1 (see --explain, or --verify to measure)",
+        "  ", "    ")]
 
 
 def print_single(result: ModelResult, style: Style, out: TextIO) -> None:
@@ -182,6 +222,10 @@ def print_single(result: ModelResult, style: Style, out: TextIO) -> None:
     print(file=out)
     for line in _op_table(result.ops_before, result.ops_after, result.size_before, result.size_after, style):
         print(line, file=out)
+    if result.integer_kernels:
+        print(file=out)
+        for line in kernel_check_lines(result.integer_kernels, style):
+            print(line, file=out)
     if result.verification is not None:
         print(file=out)
         for line in _verify_lines(result.verification, style):

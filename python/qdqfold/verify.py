@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 ModelLike = Union["onnx.ModelProto", bytes, bytearray, memoryview, str, os.PathLike]
 
 #: Version of the ``verify`` section of the JSON report.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Default tolerance (DEFAULT_TOLERANCE): the largest difference allowed, as a share of each output's range,
 #: where the rounding floor is smaller (float models). It and DEFAULT_LEVELS live in qdqfold._defaults, so the
@@ -154,6 +154,10 @@ class VerifyResult:
     #: Set when the models were compared with TensorRT's trt:: quantizers rewritten as standard ops
     #: (qdqfold.trt_compat.standard_qdq): onnxruntime cannot run them as they are.
     rewritten: str | None = None
+    #: Set when the folded model differed at a level only because of onnxruntime's integer kernels on this CPU
+    #: (see _attribute_to_kernels): the level, the session option under which the fold is within the floor,
+    #: the deployed figures per output, the integer layers measured one by one, and the option's cost.
+    kernels: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -168,6 +172,23 @@ class VerifyResult:
     @property
     def passed(self) -> bool:
         return self.verdict != "differs"
+
+    @property
+    def kernel_warning(self) -> bool:
+        """The fold is judged without them, but this CPU's integer kernels move the deployed outputs."""
+        return self.kernels is not None and any(o["moved"] or o["of_range"] > 0 for o in self.kernels["outputs"])
+
+    def kernel_message(self) -> str | None:
+        """One line on what this CPU's integer kernels do to the folded model (None when nothing)."""
+        if not self.kernel_warning:
+            return None
+        k = self.kernels
+        worst = max(k["outputs"], key=lambda o: o["of_range"])
+        layers = [lay["node"] for lay in k["layers"] if lay["moved"]]
+        named = f" in {', '.join(layers[:6])}{' ...' if len(layers) > 6 else ''}" if layers else ""
+        return (f"onnxruntime's integer kernels on this CPU move output {worst['name']!r} by {worst['of_range']:.3g} "
+                f"of its range at level {k['level']} (the fold itself is exact: with {k['option']} it is within the "
+                f"rounding floor); their 16-bit pair sums saturate{named}")
 
     @property
     def moved(self) -> int:
@@ -210,6 +231,7 @@ class VerifyResult:
         data["worst_fold"] = None if worst is None else {"node": worst.node, "ratio": worst.ratio,
                                                          "max_abs": worst.max_abs, "channel": worst.channel}
         data["differs_only_with_optimisations"] = self.only_with_optimisations()
+        data["kernel_warning"] = self.kernel_warning
         data["quantized_units"] = {"before": sum(self.quantized_units_before.values()),
                                    "after": sum(self.quantized_units_after.values())}
         return data
@@ -350,7 +372,7 @@ def _rewrite_trt(base: _Model, fold: _Model) -> tuple[_Model, _Model] | None:
 
 
 def _session(source: str | bytes, level: Any = None, optimized_path: str | None = None,
-             external_folder: str | None = None):
+             external_folder: str | None = None, config: Mapping[str, str] | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -361,6 +383,8 @@ def _session(source: str | bytes, level: Any = None, optimized_path: str | None 
         options.optimized_model_filepath = optimized_path
     if external_folder and not isinstance(source, str):
         options.add_session_config_entry(_EXTERNAL_FOLDER, external_folder)
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
@@ -1225,6 +1249,7 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
     baselines: list[list[Any]] = []
     certs: dict[str, FoldCertificate] = {}
     extra_sets: dict[str, int] = {}
+    level_feeds: dict[str, list[dict[str, Any]]] = {}
     twin_off: bytes | None = None
     twin_on: bytes | None = None
     # onnxruntime's quantized units are counted in the model it builds at the default level (or extended)
@@ -1233,10 +1258,12 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
     units: tuple[dict, dict] | None = None
     tmpdir = tempfile.TemporaryDirectory(prefix="qdqfold-verify-")
     tmp = tmpdir.name
-    def judge_level(lv: str) -> list[OutputCheck]:
+    def judge_level(lv: str, replaced: Mapping[str, list] | None = None) -> list[OutputCheck]:
         checks = []
         for name in names:
             folds, floors, _ = per_level[lv][name]
+            if replaced is not None:
+                folds = replaced[name]
             off_floors = per_level["off"][name][1] if "off" in per_level else []
             floor_off = max((f[3] for f in off_floors), default=None)
             # With optimisations on, onnxruntime's own rewrites of the original move it too (e.g. its
@@ -1308,6 +1335,7 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
                     feed_sets = load_inputs(given, s["original"])  # type: ignore[arg-type]
                     source_text = ", ".join(os.fspath(i) for i in given)  # type: ignore[arg-type]
         per_level[lv] = {n: ([], [], []) for n in names}
+        level_feeds[lv] = list(feed_sets)
         cert_session = None  # built on the first input set, once the exposed activations' types are known
         for index, feeds in enumerate(feed_sets):
             try:
@@ -1360,6 +1388,7 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
         while inputs is None and "twin" in s and extra < EXTRA_INPUT_SETS and \
                 any(c.verdict == "differs" for c in judge_level(lv)):
             feeds = random_inputs(s["original"], seed + 1000 + extra, symbolic_size, dims, _index_limits(proto))
+            level_feeds[lv].append(feeds)
             extra += 1
             out_original, out_folded, out_twin = _run(s["original"], feeds), _run(s["folded"], feeds), \
                 _run(s["twin"], feeds)
@@ -1372,6 +1401,16 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
         raise VerifyError("onnxruntime cannot build the original at any optimisation level asked: " +
                           "; ".join(f"{lv}: {why}" for lv, why in skipped_levels.items()))
     level_checks = {lv: judge_level(lv) for lv in levels}
+    kernels = None
+    if all(c.verdict != "differs" for c in level_checks.get("off", [])) and \
+            all(c.passed for c in certs.values()):
+        for lv in levels:
+            if lv != "off" and any(c.verdict == "differs" for c in level_checks[lv]):
+                found = _attribute_to_kernels(base, fold, lv, names, level_feeds[lv], steps, level_checks[lv],
+                                              lambda replaced, lv=lv: judge_level(lv, replaced))
+                if found is not None:
+                    level_checks[lv], kernels = found
+                    break
     for checks in level_checks.values():
         for check, shape in zip(checks, shapes):
             check.shape, check.elements = shape, int(np.prod(shape)) if shape else 1
@@ -1383,7 +1422,7 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
                           input_sets=len(feed_sets), input_source=source_text, symbolic_dims=sizes,
                           extra_input_sets=extra_sets, skipped_levels=skipped_levels,
                           rewritten="TensorRT's trt:: quantizers rewritten as standard ops for this comparison"
-                          if rewritten else None)
+                          if rewritten else None, kernels=kernels)
     tmpdir.cleanup()
     # onnxruntime forms quantized units only from Q/DQ pairs: a model without them has none to lose.
     if count_units and any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in base.proto().graph.node):
@@ -1397,3 +1436,74 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
             result.quantized_units_before, result.quantized_units_after = units
             result.units_level = LEVELS[units_level]
     return result
+
+
+# ------------------------------------------------------------------------------- the runtime's kernels
+
+#: Session options under which onnxruntime's integer kernels cannot move the result, tried in order:
+#: 16-bit precision for x86-64's u8s8 kernels (the same kernels, no saturating pair sums), then no QDQ fusion
+#: at all (every layer in float, as the original ran).
+KERNEL_OPTIONS = (("session.x64quantprecision", "1"), ("session.disable_quant_qdq", "1"))
+
+#: Runs of each session when the cost of the session option is measured.
+_COST_RUNS = 5
+
+
+def _attribute_to_kernels(base: _Model, fold: _Model, lv: str, names: list[str], feed_sets: list[dict[str, Any]],
+                          steps: Mapping[str, float], deployed: list[OutputCheck], judge) -> tuple | None:
+    """At level ``lv`` the folded model differs from the original beyond the floor. When onnxruntime's integer
+    kernels are the cause (the folded model lets it form kernels the original did not have), the fold run
+    under one of :data:`KERNEL_OPTIONS` is within the floor: then the fold is exact and the difference is this
+    CPU's kernels'. Returns the level's checks under that option and the ``kernels`` section (the deployed
+    figures, each integer layer measured alone, and what the option costs), or None when no option explains
+    the difference (it stays "differs")."""
+    import time
+
+    import numpy as np
+
+    from . import kernels as kernel_check
+
+    level = _level(lv)
+    original = _session(base.source(), level, external_folder=base.folder)
+    outs_original = [_run(original, feeds) for feeds in feed_sets]
+    for key, value in KERNEL_OPTIONS:
+        folded = _session(fold.source(), level, external_folder=fold.folder, config={key: value})
+        replaced: dict[str, list] = {name: [] for name in names}
+        for feeds, out_o in zip(feed_sets, outs_original):
+            out_f = _run(folded, feeds)
+            for k, name in enumerate(names):
+                replaced[name].append(_figures(out_o[k], out_f[k], steps.get(name)))
+        checks = judge(replaced)
+        if any(c.verdict == "differs" for c in checks):
+            continue
+        # The cost of the option: the folded model's run time with it over without it (interleaved runs).
+        plain = _session(fold.source(), level, external_folder=fold.folder)
+        timing = {"plain": [], "option": []}
+        for _ in range(_COST_RUNS):
+            for which, sess in (("plain", plain), ("option", folded)):
+                t0 = time.perf_counter()
+                _run(sess, feed_sets[0])
+                timing[which].append(time.perf_counter() - t0)
+        cost = float(np.median(timing["option"]) / max(np.median(timing["plain"]), 1e-12))
+        proto = fold.proto()
+        layers = kernel_check.integer_layers(proto, fold.folder)
+        try:
+            measured = kernel_check.measure(proto, fold.folder, feed_sets[:3], layers)
+        except Exception:  # noqa: BLE001 - onnxruntime cannot build the isolated layers: report without them
+            measured = [{"node": lay.node, "kernel": lay.kernel, "can_saturate": lay.can_saturate, "moved": None,
+                         "elements": None, "max_steps": None} for lay in layers]
+        section = {
+            "level": lv, "option": f"{key}={value}",
+            "outputs": [{"name": d.name, "of_range": d.of_range, "max_abs": d.max_abs, "moved": d.moved,
+                         "elements": int(np.prod(np.shape(outs_original[0][k]))),
+                         "snr_db": d.snr_db, "with_option_of_range": c.of_range}
+                        for k, (d, c) in enumerate(zip(deployed, checks))],
+            "layers": measured, "option_cost": cost,
+            "remedies": [f"run with the session option {KERNEL_OPTIONS[0][0]}={KERNEL_OPTIONS[0][1]} "
+                         f"(measured here: {cost:.2f}x the run time)" if key == KERNEL_OPTIONS[0][0] else
+                         f"run with the session option {key}={value} (every layer in float; {cost:.2f}x)",
+                         "deploy on a CPU with VNNI (AVX-VNNI or AVX512-VNNI), whose integer kernels do not saturate",
+                         "keep the saturating layers in float (no output QuantizeLinear after them)"],
+        }
+        return checks, section
+    return None
