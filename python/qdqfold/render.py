@@ -138,7 +138,8 @@ def _verify_lines(v: VerifyResult, style: Style) -> list[str]:
     source += f" (+{extra} to decide)" if extra else ""
     lines = [style.bold("verification") + style.dim(f" (onnxruntime, levels {', '.join(v.levels)}; {source}; {shapes}"
                                                     + (f"; symbolic {dims}" if dims else "") + ")")]
-    verdict = {"exact": style.good, "approximate": style.warn, "differs": style.bad}[v.verdict](v.verdict.upper())
+    verdict = {"exact": style.good, "approximate": style.warn, "uncertified": style.warn,
+               "differs": style.bad}[v.verdict](v.verdict.upper())
     lines.append(f"  verdict: {verdict}" + (" (only with onnxruntime's optimisations on)"
                                             if v.only_with_optimisations() else "")
                  + (" (the fold; this CPU's integer kernels move the outputs, see below)" if v.kernel_warning else ""))

@@ -24,8 +24,9 @@
 
 Verdict per output and overall: **exact** (every certificate within its bound, and every output within
 ``FLOOR_MULTIPLE`` times the floor, see :func:`_judge`, or within ``tolerance`` of its range),
-**approximate** (an approximate option folded something: the figures say how far), **differs** (anything
-else: exit status 3 in the CLI).
+**approximate** (an approximate option folded something: the figures say how far), **uncertified** (the
+outputs are within the floor, but some fold could not be isolated for a certificate: a fold inside a subgraph,
+or parallel layers; ``uncertified`` names them), **differs** (anything else: exit status 3 in the CLI).
 
 Cost: models given as files are loaded by onnxruntime by path; the derived models (twin, exposed original,
 certificate model) refer to the weights in the model file in place; each session is built once and runs
@@ -167,7 +168,8 @@ class VerifyResult:
             return "differs"
         if any(o.verdict == "approximate" for o in checks) or any(not c.exact_fold for c in self.certificates):
             return "approximate"
-        return "exact"
+        # No certificate, no "exact": the outputs agree, but a fold no certificate isolated is not proven.
+        return "uncertified" if self.uncertified else "exact"
 
     @property
     def passed(self) -> bool:
@@ -856,8 +858,8 @@ def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, repor
     """Which value to feed and which to compare for every folded BN of the main graph."""
     import numpy as np
 
-    o_nodes = {n.name: n for n in original.graph.node if n.name}
-    f_nodes = {n.name: n for n in folded.graph.node if n.name}
+    o_nodes = _nodes_by_report_name(original.graph.node)
+    f_nodes = _nodes_by_report_name(folded.graph.node)
     f_produced = {o for n in folded.graph.node for o in n.output} | {i.name for i in folded.graph.input}
     f_inits = {t.name: t for t in folded.graph.initializer}
     o_inits = {t.name: t for t in original.graph.initializer}
@@ -866,8 +868,9 @@ def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, repor
     merged = {}  # layer -> last plan (a chain Conv -> BN -> BN: the later BN's output is what the layer makes)
     for entry in _folded_entries(report):
         bn = o_nodes.get(entry["node"])
-        layers = [f_nodes.get(name) for name in entry["into"]]
         originals = [o_nodes.get(name) for name in entry["into"]]
+        layers = [_folded_layer(f_nodes, folded, name, o, bn, entry["direction"])
+                  for name, o in zip(entry["into"], originals)]
         if bn is None or any(n is None for n in layers) or any(n is None for n in originals):
             skipped.append(entry["node"])
             continue
@@ -892,7 +895,7 @@ def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, repor
         for y in ys:
             if y not in f_produced:
                 # A chain (Conv -> BN -> BN): a later BN's fold into the same layer covers this one.
-                chained.append((entry["node"], layer.name if layer is not None else None))
+                chained.append((entry["node"], layer.output[0] if layer is not None else None))
                 continue
             terms = 1
             if layer is not None and len(layer.input) > 1:
@@ -942,15 +945,41 @@ def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, repor
                     plan.terms += 1  # one more rounding per element on the way
                 scale_shift = None
             if backward and layer is not None:
-                previous = merged.get(layer.name)
+                previous = merged.get(layer.output[0])
                 if previous is not None and previous in plans:
                     plans.remove(previous)  # its output no longer exists; this one covers the layer
                     if previous.shift is not None and scale_shift is not None and len(previous.shift) == len(plan.shift):
                         plan.shift = plan.shift + scale_shift[0] * previous.shift
-                merged[layer.name] = plan
+                merged[layer.output[0]] = plan
             plans.append(plan)
     skipped += [node for node, layer in chained if layer is None or layer not in merged]
     return plans, skipped
+
+
+def _nodes_by_report_name(nodes) -> dict[str, Any]:
+    """Nodes by the name the core's report gives them: their own, or ``<op type>#<position>`` when unnamed
+    (graph::Node::display_name), so that certificates do not depend on an exporter naming its nodes."""
+    named: dict[str, Any] = {}
+    for position, n in enumerate(nodes):
+        named.setdefault(n.name or f"{n.op_type}#{position}", n)
+    return named
+
+
+def _folded_layer(f_nodes: Mapping[str, Any], folded, name: str, original_layer, bn, direction: str):
+    """The folded model's node for the layer the report calls ``name``. A named layer keeps its name; an
+    unnamed one (reported by its position in the original) is found by what it reads and makes: backwards,
+    the node that now produces the BN's output from the layer's input; forwards, the node of that op type
+    that makes the layer's output. None when that is not one node."""
+    if original_layer is None or bn is None:
+        return None
+    if original_layer.name:
+        return f_nodes.get(name)
+    want = bn.output[0] if direction == "backward" else original_layer.output[0]
+    same = [n for n in folded.graph.node if n.op_type == original_layer.op_type and not n.name and n.output]
+    found = [n for n in same if n.output[0] == want]
+    if not found and original_layer.input:  # a chain of BNs folded into it: it makes the last one's output
+        found = [n for n in same if n.input and n.input[0] == original_layer.input[0]]
+    return found[0] if len(found) == 1 else None
 
 
 def _before_forward_folds(x: str, original, forward_bns: set[str]) -> str:
@@ -1440,10 +1469,11 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
 
 # ------------------------------------------------------------------------------- the runtime's kernels
 
-#: Session options under which onnxruntime's integer kernels cannot move the result, tried in order:
-#: 16-bit precision for x86-64's u8s8 kernels (the same kernels, no saturating pair sums), then no QDQ fusion
-#: at all (every layer in float, as the original ran).
-KERNEL_OPTIONS = (("session.x64quantprecision", "1"), ("session.disable_quant_qdq", "1"))
+#: Session options under which onnxruntime's integer kernels cannot saturate: 16-bit precision for x86-64's
+#: u8s8 kernels (the same graph and kernels, no saturating pair sums). Not ``session.disable_quant_qdq``: it also
+#: turns off onnxruntime's other QDQ rewrites (its float16 bias quantization, say), so it would excuse
+#: deployment hazards that are the fold's to avoid (tests/test_verify_levels.py).
+KERNEL_OPTIONS = (("session.x64quantprecision", "1"),)
 
 #: Runs of each session when the cost of the session option is measured.
 _COST_RUNS = 5
@@ -1499,9 +1529,7 @@ def _attribute_to_kernels(base: _Model, fold: _Model, lv: str, names: list[str],
                          "snr_db": d.snr_db, "with_option_of_range": c.of_range}
                         for k, (d, c) in enumerate(zip(deployed, checks))],
             "layers": measured, "option_cost": cost,
-            "remedies": [f"run with the session option {KERNEL_OPTIONS[0][0]}={KERNEL_OPTIONS[0][1]} "
-                         f"(measured here: {cost:.2f}x the run time)" if key == KERNEL_OPTIONS[0][0] else
-                         f"run with the session option {key}={value} (every layer in float; {cost:.2f}x)",
+            "remedies": [f"run with the session option {key}={value} (measured here: {cost:.2f}x the run time)",
                          "deploy on a CPU with VNNI (AVX-VNNI or AVX512-VNNI), whose integer kernels do not saturate",
                          "keep the saturating layers in float (no output QuantizeLinear after them)"],
         }
