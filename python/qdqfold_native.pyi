@@ -127,3 +127,18 @@ def interrupt() -> None: ...
 def options() -> dict[str, Any]: ...
 def report_fields() -> ReportFields: ...
 def reasons() -> list[ReasonEntry]: ...
+
+class IntegerLayer(TypedDict):
+    node: str
+    op: str
+    kernel: str
+    activation: str
+    weight: str
+    activation_range: tuple[int, int]
+    pair_max: int
+    pair_min: int
+    can_saturate: bool
+    channels: int
+    why_not: str | None
+
+def integer_kernels(model: BytesLike, *, base_directory: PathLike | None = None) -> list[IntegerLayer]: ...

@@ -391,7 +391,7 @@ def test_every_native_option_has_a_flag():
 
 def test_exit_statuses_are_documented_in_help_and_readme():
     help_codes = set(re.findall(r"^  (\d)  ", EXIT_STATUS_HELP, re.M))
-    assert help_codes == {"0", "1", "2", "3"}
+    assert help_codes == {"0", "1", "2", "3", "4"}
     assert "exit status" in qdqfold("--help").stdout
     readme_codes = set(re.findall(r"^\| (\d) \|", README.read_text(), re.M))
     assert readme_codes == help_codes

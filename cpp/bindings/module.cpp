@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "../analysis/integer_kernels.h"
 #include "../core/api.h"
 #include "../core/deferred_checks.h"
 #include "../core/file_io.h"
@@ -398,6 +399,49 @@ PYBIND11_MODULE(qdqfold_native, m) {
       "'batchnorm': {key: Python type} of each entry of 'batchnorms' and 'merges'. 'report': {key: {'type',\n"
       "'fold_with_report', 'fold_file'}}, the last two saying when the key is in that function's dict:\n"
       "'always', 'non-empty' (only when not empty) or 'never'.");
+  // The static saturation check of onnxruntime's integer kernels (cpp/analysis/integer_kernels.h).
+  m.def(
+      "integer_kernels",
+      [](const py::object& model, const py::object& base) {
+        std::unique_ptr<qdqfold::graph::ExternalResolver> external;
+        if (!base.is_none()) {
+          const auto directory = py::cast<std::string>(py::module_::import("os").attr("fspath")(base));
+          external = qdqfold::external_data_in(directory, "the model in memory");
+        }
+        InputBuffer input(model);
+        const qdqfold::io::GuardedRange guard(input.bytes().data(), input.bytes().size());
+        std::vector<qdqfold::analysis::IntegerLayer> layers;
+        {
+          py::gil_scoped_release release;
+          auto parsed = qdqfold::graph::parse_model(input.bytes(), external.get());
+          layers = qdqfold::analysis::integer_layers(*parsed);
+        }
+        if (guard.faulted()) throw qdqfold::io::FileError("the model: the input changed while it was being read");
+        py::list out;
+        for (const auto& l : layers) {
+          py::dict d;
+          d["node"] = text(l.node);
+          d["op"] = l.op;
+          d["kernel"] = l.kernel;
+          d["activation"] = l.activation;
+          d["weight"] = l.weight;
+          d["activation_range"] = py::make_tuple(l.activation_lo, l.activation_hi);
+          d["pair_max"] = l.pair_max;
+          d["pair_min"] = l.pair_min;
+          d["can_saturate"] = l.can_saturate;
+          d["channels"] = l.channels;
+          d["why_not"] = l.why_not.empty() ? py::object(py::none()) : py::object(py::str(l.why_not));
+          out.append(std::move(d));
+        }
+        return out;
+      },
+      py::arg("model"), py::kw_only(), py::arg("base_directory") = py::none(),
+      "integer_kernels(model, *, base_directory=None) -> list[dict]\n\n"
+      "The layers of `model` (a bytes-like serialized ModelProto, read in place) that onnxruntime will run as\n"
+      "integer kernels (QLinearConv, QLinearMatMul, QGemm) on x86-64, each with the bound of its 16-bit pair sums:\n"
+      "{node, op, kernel, activation, weight, activation_range, pair_max, pair_min, can_saturate, channels,\n"
+      "why_not}. can_saturate: on x86-64 CPUs without VNNI (AVX2, AVX-512 without VNNI) some pair of products\n"
+      "can leave int16's range (vpmaddubsw saturates). `base_directory`: where external data lives.");
   // The table of reason codes and fold names (cpp/folds/reasons.h).
   m.def(
       "reasons",

@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import numpy as np
     import onnx
 
 #: int16's range: a pair sum outside it clips in vpmaddubsw.
@@ -128,154 +127,42 @@ def _zero_point_type(index: _Index, node) -> int | None:
     return {"int8": _INT8, "uint8": _UINT8}.get(str(value.dtype))
 
 
-def _weight_integers(index: _Index, dq) -> np.ndarray | None:
-    """The integers a weight DequantizeLinear dequantizes: a constant integer tensor, or the integers of a
-    QuantizeLinear of a constant float tensor (which onnxruntime's constant folding computes)."""
-    import numpy as np
-
-    value = index.constant(dq.input[0])
-    if value is not None:
-        return value if value.dtype in (np.int8, np.uint8) else None
-    q = index.produced_by(dq.input[0], "QuantizeLinear")
-    if q is None:
-        return None
-    w, s = index.constant(q.input[0]), index.constant(q.input[1])
-    z = index.constant(q.input[2]) if len(q.input) > 2 and q.input[2] else np.zeros((), np.uint8)
-    if w is None or s is None or z is None or z.dtype not in (np.int8, np.uint8):
-        return None
-    w = w.astype(np.float32)
-    s, z_int = s.astype(np.float32), z.astype(np.int32)
-    if s.ndim == 1 and s.size > 1:  # per axis
-        axis = _attr(q, "axis", 1) % w.ndim
-        shape = [1] * w.ndim
-        shape[axis] = s.size
-        s, z_int = s.reshape(shape), z_int.reshape(shape) if z_int.size > 1 else z_int
-    info = np.iinfo(z.dtype)
-    q_int = np.clip(np.rint(w / s) + z_int, info.min, info.max)  # round half to even, as QuantizeLinear
-    return q_int.astype(z.dtype)
-
-
-def _activation_bytes(index: _Index, dq) -> list[int] | None:
-    """The range of activation bytes the kernel sees for the activation DequantizeLinear ``dq``: the type's
-    range (int8 shifted by 128, as onnxruntime does on x86-64), from the zero point up when a Relu feeds the
-    QuantizeLinear that produced it."""
-    t = _zero_point_type(index, dq)
-    if t not in (_INT8, _UINT8):
-        return None
-    lo, hi = (-128, 127) if t == _INT8 else (0, 255)
-    q = index.produced_by(dq.input[0], "QuantizeLinear")
-    if q is not None and index.produced_by(q.input[0], "Relu") is not None:
-        zp = index.constant(q.input[2]) if len(q.input) > 2 and q.input[2] else None
-        if zp is not None and zp.size == 1:
-            lo = max(lo, int(zp.reshape(-1)[0]))
-    shift = 128 if t == _INT8 else 0
-    return [lo + shift, hi + shift]
-
-
-def _pair_bounds(k_rows: np.ndarray, a_lo: int, a_hi: int) -> tuple[int, int, int]:
-    """``k_rows``: [channels, K] int weights in the order the kernel reads them. The largest and smallest pair
-    sum over activation bytes in [a_lo, a_hi], over both pairings, and the channels with a pair outside int16."""
-    import numpy as np
-
-    w = k_rows.astype(np.int64)
-    hi_each = np.maximum(w * a_lo, w * a_hi)
-    lo_each = np.minimum(w * a_lo, w * a_hi)
-    pair_max = np.full(w.shape[0], np.iinfo(np.int64).min)
-    pair_min = np.full(w.shape[0], np.iinfo(np.int64).max)
-    for start in (0, 1):
-        h, l = hi_each[:, start:], lo_each[:, start:]
-        if h.shape[1] % 2:
-            h = np.pad(h, ((0, 0), (0, 1)))
-            l = np.pad(l, ((0, 0), (0, 1)))
-        if h.shape[1] == 0:
-            continue
-        pair_max = np.maximum(pair_max, (h[:, 0::2] + h[:, 1::2]).max(axis=1))
-        pair_min = np.minimum(pair_min, (l[:, 0::2] + l[:, 1::2]).min(axis=1))
-    bad = (pair_max > INT16_MAX) | (pair_min < INT16_MIN)
-    return int(pair_max.max()), int(pair_min.min()), int(bad.sum())
-
-
-def _reduction_rows(op: str, node, w: np.ndarray) -> np.ndarray | None:
-    """The weight as [output channels, K] in the order the kernel's reduction reads it."""
-    import numpy as np
-
-    if op == "Conv":
-        if w.ndim < 3:
-            return None
-        m, c = w.shape[0], w.shape[1]
-        # [M, C/g, k...] -> [M, k..., C/g]: kernel position major, input channel minor.
-        return np.moveaxis(w.reshape(m, c, -1), 1, 2).reshape(m, -1)
-    if w.ndim != 2:
-        return None
-    if op == "Gemm" and _attr(node, "transB", 0):
-        return w  # [N, K]
-    return w.T  # B is [K, N]
-
-
 def _layer_name(node, position: int) -> str:
     return node.name or f"{node.op_type}#{position}"
 
 
-def integer_layers(model: onnx.ModelProto, folder: str | os.PathLike | None = None) -> list[KernelLayer]:
-    """The layers of ``model``'s main graph that onnxruntime will run as integer kernels on x86-64 (see the
-    module doc), each with its pair-sum bound. ``folder``: where its external data lives."""
-    index = _Index(model.graph, os.fspath(folder) if folder else None)
-    found: list[KernelLayer] = []
-    for position, node in enumerate(model.graph.node):
-        if node.op_type not in ("Conv", "MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
-            continue
-        if len(node.input) < 2:
-            continue
-        dq_x, dq_w = index.produced_by(node.input[0], "DequantizeLinear"), \
-            index.produced_by(node.input[1], "DequantizeLinear")
-        if dq_x is None or dq_w is None:
-            continue
-        out = node.output[0]
-        readers = index.readers.get(out, [])
-        if out in index.outputs:
-            continue
-        to_q = bool(readers) and all(r.op_type == "QuantizeLinear" for r in readers)
-        if not to_q and node.op_type != "Gemm":  # QGemm may output float
-            continue
-        a_type = _zero_point_type(index, dq_x)
-        if to_q and any(_zero_point_type(index, r) != a_type for r in readers):
-            continue  # onnxruntime wants one type in and out
-        integers = _weight_integers(index, dq_w)
-        a_range = _activation_bytes(index, dq_x)
-        if integers is None or a_range is None:
-            continue
-        kernel = {"Conv": "QLinearConv", "MatMul": "QLinearMatMul", "Gemm": "QGemm"}[node.op_type]
-        why_not = None
-        if str(integers.dtype) == "uint8":
-            why_not = "uint8 weights run in a kernel that widens to 16 bits first"
-        elif node.op_type == "Conv" and integers.ndim >= 3 and integers.shape[1] == 1 and \
-                _attr(node, "group", 1) > 1 and integers.shape[0] == _attr(node, "group", 1):
-            why_not = "depthwise: onnxruntime's depthwise kernel widens to 16 bits first"
-        rows = _reduction_rows(node.op_type, node, integers)
-        if rows is None:
-            continue
-        pair_max, pair_min, channels = _pair_bounds(rows, *a_range)
-        can = why_not is None and channels > 0
-        found.append(KernelLayer(node=_layer_name(node, position), op=node.op_type, kernel=kernel,
-                                 activation="int8" if a_type == _INT8 else "uint8", weight=str(integers.dtype),
-                                 activation_range=a_range, pair_max=pair_max, pair_min=pair_min, can_saturate=can,
-                                 channels=channels if why_not is None else 0, why_not=why_not))
-    return found
+def _layers(found: list[dict[str, Any]]) -> list[KernelLayer]:
+    return [KernelLayer(**{**d, "activation_range": list(d["activation_range"])}) for d in found]
+
+
+def check_bytes(data: Any, folder: str | os.PathLike | None = None) -> list[KernelLayer]:
+    """The integer layers of a serialized model (any bytes-like object, read in place), by the native core
+    (``qdqfold_native.integer_kernels``). ``folder``: where its external data lives."""
+    import qdqfold_native
+
+    return _layers(qdqfold_native.integer_kernels(data, base_directory=os.fspath(folder) if folder else None))
 
 
 def check_file(path: str | os.PathLike) -> list[KernelLayer]:
-    """:func:`integer_layers` of the model file ``path`` (external data read beside it, only the weights the
-    integer layers use)."""
-    import onnx
+    """:func:`check_bytes` of the model file ``path`` (mapped, not read; external data beside it)."""
+    import mmap
 
-    model = onnx.load(os.fspath(path), load_external_data=False)
-    return integer_layers(model, os.path.dirname(os.path.abspath(os.fspath(path))))
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return []
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                return check_bytes(view, os.path.dirname(os.path.abspath(path)))
+            finally:
+                view.release()
 
 
-def check_bytes(data: bytes, folder: str | os.PathLike | None = None) -> list[KernelLayer]:
-    import onnx
-
-    return integer_layers(onnx.load_from_string(data), folder)
+def integer_layers(model: onnx.ModelProto, folder: str | os.PathLike | None = None) -> list[KernelLayer]:
+    """:func:`check_bytes` of a ModelProto."""
+    return check_bytes(model.SerializeToString(), folder)
 
 
 def summary(layers: list[KernelLayer]) -> dict[str, Any]:
