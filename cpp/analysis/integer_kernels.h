@@ -3,10 +3,10 @@
 //
 //   DQ(x) -> Conv(DQ(W), b) -> Q        onnxruntime (QDQ selectors) ->  QLinearConv
 //   DQ(x) -> MatMul(DQ(W))  -> Q                                      ->  QLinearMatMul
-//   DQ(x) -> Gemm(DQ(W))   [-> Q]                                     ->  QGemm
+//   DQ(x) -> Gemm(DQ(W))   -> Q                                       ->  QGemm
 //
 // when every data input comes from a DequantizeLinear, the layer's output goes only to QuantizeLinear nodes
-// (Gemm: or to nothing else) and is not a graph output, and the input and output quantizers have one type. A
+// and is not a graph output, and the input and output quantizers have one type. A
 // constant float weight behind Q -> DQ counts (onnxruntime folds the Q into integers). On x86-64 int8
 // activations run as uint8 (zero point + 128), so the kernel multiplies activation bytes a in [0, 255].
 //

@@ -3,7 +3,7 @@ check of a model file, no runtime needed.
 
 **Which layers.** onnxruntime's QDQ selectors (``qdq_transformer/selectors_actions/qdq_selectors.cc``) turn
 ``DQ(x) -> Conv(DQ(W), b) -> Q`` into QLinearConv, ``DQ -> MatMul(DQ) -> Q`` into QLinearMatMul and
-``DQ -> Gemm(DQ)`` (an output Q optional) into QGemm when every data input comes from a DequantizeLinear, the
+``DQ -> Gemm(DQ) -> Q`` into QGemm when every data input comes from a DequantizeLinear, the
 layer's output goes only to QuantizeLinear nodes and is not a graph output, and the input and output
 quantizers have one type (a constant float weight behind ``Q -> DQ`` counts: its constant folding turns the Q
 into an integer initializer; a float or int32 bias counts too). On x86-64 it first turns int8 activation
