@@ -31,7 +31,7 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _qdq_conv(w: np.ndarray, group: int = 1, output_q: bool = True, relu_before: bool = False,
-              act=TensorProto.INT8, weight_type=np.int8) -> onnx.ModelProto:
+              act=TensorProto.INT8, weight_type=np.int8, relu_after: bool = False, out_zp: int = 0) -> onnx.ModelProto:
     """float x -> [Relu] -> Q -> DQ -> Conv(DQ(int W)) -> [Q -> DQ] -> y: one layer, a per-tensor activation
     quantizer, per-tensor weight scale."""
     c_in = w.shape[1] * group
@@ -39,7 +39,8 @@ def _qdq_conv(w: np.ndarray, group: int = 1, output_q: bool = True, relu_before:
     inits = [numpy_helper.from_array(w.astype(weight_type), "W"), numpy_helper.from_array(np.array(0.01, np.float32), "sw"),
              numpy_helper.from_array(np.zeros((), weight_type), "zw"),
              numpy_helper.from_array(np.array(0.05, np.float32), "sx"), numpy_helper.from_array(zp_act, "zx"),
-             numpy_helper.from_array(np.array(0.1, np.float32), "sy"), numpy_helper.from_array(zp_act, "zy")]
+             numpy_helper.from_array(np.array(0.1, np.float32), "sy"),
+             numpy_helper.from_array(np.array(out_zp, zp_act.dtype), "zy")]
     nodes = []
     x = "x"
     if relu_before:
@@ -50,8 +51,11 @@ def _qdq_conv(w: np.ndarray, group: int = 1, output_q: bool = True, relu_before:
               helper.make_node("DequantizeLinear", ["W", "sw", "zw"], ["wd"]),
               helper.make_node("Conv", ["xd", "wd"], ["c"], name="layer", group=group)]
     out = "c"
+    if relu_after:
+        nodes.append(helper.make_node("Relu", ["c"], ["cr"]))
+        out = "cr"
     if output_q:
-        nodes += [helper.make_node("QuantizeLinear", ["c", "sy", "zy"], ["cq"]),
+        nodes += [helper.make_node("QuantizeLinear", [out, "sy", "zy"], ["cq"]),
                   helper.make_node("DequantizeLinear", ["cq", "sy", "zy"], ["y"])]
         out = "y"
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c_in, 4, 4])],
@@ -103,6 +107,16 @@ def test_depthwise_uint8_weight_and_float_output_layers():
     assert lay["weight"] == "uint8" and not lay["can_saturate"] and lay["why_not"]
     # No QuantizeLinear after the Conv: onnxruntime keeps it in float, and the check lists nothing.
     assert qdqfold_native.integer_kernels(_qdq_conv(_pair_weight(65, 64), output_q=False).SerializeToString()) == []
+
+
+@pytest.mark.skipif(not X86, reason="which layers onnxruntime fuses with int8 activations differs off x86-64")
+@pytest.mark.parametrize("act, zp, fused", [(TensorProto.UINT8, 0, True), (TensorProto.INT8, -128, True),
+                                            (TensorProto.INT8, 0, False)])
+def test_a_relu_before_the_output_quantizer_is_fused_only_at_the_types_minimum(act, zp, fused):
+    """onnxruntime removes Relu -> Q only where Q's zero point is its type's minimum (ReluQuantFusion)."""
+    data = _qdq_conv(_pair_weight(65, 64), act=act, relu_after=True, out_zp=zp).SerializeToString()
+    listed = qdqfold_native.integer_kernels(data)
+    assert len(listed) == _ort_qlinear(data) == int(fused)
 
 
 def _ort_qlinear(model_bytes: bytes) -> int:

@@ -112,6 +112,34 @@ std::optional<std::pair<int64_t, int64_t>> activation_bytes(graph::Graph& g, con
   return std::make_pair(lo + shift, hi + shift);
 }
 
+// onnxruntime's ReluQuantFusion and ClipQuantFusion remove a Relu (or a Clip whose range holds the
+// quantizer's) between a layer and its only reader QuantizeLinear when the quantizer's zero point is its type's
+// minimum: then Q(Relu(y)) = Q(y) for every y, and the layer feeds the Q directly. The Relu / Clip node's index
+// when `value` feeds such a node, else -1.
+int activation_before_q(graph::Graph& g, const std::string& value) {
+  const auto& uses = g.uses(value);
+  if (uses.size() != 1 || uses[0].node < 0 || g.is_graph_output(value)) return -1;
+  const int a = uses[0].node;
+  const graph::Node& act = g.nodes[a];
+  if (!(act.is("Relu") || act.is("Clip")) || act.outputs.empty() || g.is_graph_output(act.outputs[0])) return -1;
+  const auto& next = g.uses(act.outputs[0]);
+  if (next.size() != 1 || next[0].node < 0 || !g.nodes[next[0].node].is("QuantizeLinear")) return -1;
+  const graph::Node& q = g.nodes[next[0].node];
+  const int32_t t = zero_point_type(g, q);
+  const auto zp = q.inputs.size() > 2 && !q.inputs[2].empty() ? scalar(g, q.inputs[2]) : std::optional<double>(0.0);
+  const auto scale = q.inputs.size() > 1 ? scalar(g, q.inputs[1]) : std::nullopt;
+  if (!zp || !scale || (t != kInt8 && t != kUint8)) return -1;
+  const double qmin = t == kInt8 ? -128 : 0, qmax = t == kInt8 ? 127 : 255;
+  if (*zp != qmin) return -1;  // the quantizer's lowest value is 0: Relu's
+  if (act.is("Clip")) {
+    // Clip(lo, hi) is redundant when [lo, hi] holds the quantizer's range [0, (qmax - zp) * scale].
+    const auto lo = act.inputs.size() > 1 && !act.inputs[1].empty() ? scalar(g, act.inputs[1]) : std::nullopt;
+    const auto hi = act.inputs.size() > 2 && !act.inputs[2].empty() ? scalar(g, act.inputs[2]) : std::nullopt;
+    if (!lo || *lo > 0 || (hi && *hi < (qmax - *zp) * *scale)) return -1;
+  }
+  return a;
+}
+
 // Pair-sum bounds over rows of `k` weights each (row r's element j at rows[r * k + j]).
 void bound_pairs(const std::vector<int64_t>& rows, int64_t channels, int64_t k, int64_t a_lo, int64_t a_hi,
                  IntegerLayer& layer) {
@@ -175,8 +203,9 @@ std::vector<IntegerLayer> integer_layers(graph::Model& model) {
     const graph::Node* dq_x = producer_op(g, node.inputs[0], "DequantizeLinear");
     const graph::Node* dq_w = producer_op(g, node.inputs[1], "DequantizeLinear");
     if (!dq_x || !dq_w || dq_x->inputs.empty() || dq_w->inputs.empty()) continue;
-    const std::string& out = node.outputs[0];
+    std::string out = node.outputs[0];
     if (g.is_graph_output(out)) continue;
+    if (const int act = activation_before_q(g, out); act >= 0) out = g.nodes[act].outputs[0];
     const auto& uses = g.uses(out);
     bool to_q = !uses.empty();
     for (const auto& u : uses) to_q = to_q && u.node >= 0 && g.nodes[u.node].is("QuantizeLinear");

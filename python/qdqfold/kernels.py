@@ -211,7 +211,11 @@ def _isolated(model: onnx.ModelProto, index: _Index, layers: list[KernelLayer]) 
         node = by_name[layer.node]
         dq_x = index.producer[node.input[0]]
         q_out = index.readers[node.output[0]][0]
-        constants = _closure(index, list(node.input[1:]) + list(dq_x.input[1:]) + list(q_out.input[1:]))
+        between = None
+        if q_out.op_type in ("Relu", "Clip"):  # removed by onnxruntime before the Q (integer_kernels.h)
+            between, q_out = q_out, index.readers[q_out.output[0]][0]
+        constants = _closure(index, list(node.input[1:]) + list(dq_x.input[1:]) + list(q_out.input[1:]) +
+                             (list(between.input[1:]) if between is not None else []))
         if constants is None:
             continue
         prefix = f"iso{k}_"
@@ -225,7 +229,7 @@ def _isolated(model: onnx.ModelProto, index: _Index, layers: list[KernelLayer]) 
             copy.attribute.extend(n.attribute)
             nodes.append(copy)
         used = [i for n in constants for i in n.input] + list(node.input[1:]) + list(dq_x.input[1:]) + \
-            list(q_out.input[1:])
+            list(q_out.input[1:]) + (list(between.input[1:]) if between is not None else [])
         used_inits.update(i for i in used if i in index.inits)
         x_in, x_q, x_dq, y, y_q = prefix + "x", prefix + "x_q", prefix + "x_dq", prefix + "y", layer.node
         # The input is the activation as the model dequantized it; quantized again with the same parameters it
@@ -238,13 +242,20 @@ def _isolated(model: onnx.ModelProto, index: _Index, layers: list[KernelLayer]) 
         nodes.append(requant)
         layer_node = helper.make_node(node.op_type, [x_dq] + [rename.get(i, i) for i in node.input[1:]], [y])
         layer_node.attribute.extend(node.attribute)
+        acts = []
+        if between is not None:
+            act = helper.make_node(between.op_type, [y] + [rename.get(i, i) for i in between.input[1:]],
+                                   [prefix + "y_act"])
+            act.attribute.extend(between.attribute)
+            acts.append(act)
+            y = prefix + "y_act"
         q = helper.make_node("QuantizeLinear", [y] + [rename.get(i, i) for i in q_out.input[1:]], [prefix + "y_q"])
         q.attribute.extend(q_out.attribute)
         # Dequantized again: onnxruntime does not fuse a layer whose QuantizeLinear output is a graph output.
         dq_y = helper.make_node("DequantizeLinear", [prefix + "y_q"] + [rename.get(i, i) for i in q_out.input[1:]],
                                 [y_q])
         dq_y.attribute.extend(q_out.attribute)
-        nodes += [dq, layer_node, q, dq_y]
+        nodes += [dq, layer_node, *acts, q, dq_y]
         outputs.append(helper.make_empty_tensor_value_info(y_q))
         steps[y_q] = index.constant(q_out.input[1])
         feeds_from[x_in] = dq_x.output[0]
