@@ -429,6 +429,7 @@ def run_single(args: argparse.Namespace) -> int:
                 story = result.report.explain(args.explain, result.model_info)
             except KeyError as e:
                 raise UsageError(e.args[0]) from e
+            story += render.explain_kernels(result, args.explain)
             if not args.json:
                 render.print_explain(story, report_stream)
         elif not args.quiet and not args.json:

@@ -197,6 +197,26 @@ def _kernel_verify_lines(k: dict[str, Any], style: Style) -> list[str]:
     return lines
 
 
+def explain_kernels(result: ModelResult, node: str) -> str:
+    """For --explain: the static saturation check of the layer(s) the BN ``node`` was folded into, when
+    onnxruntime will run them as integer kernels (empty otherwise)."""
+    if not result.integer_kernels or result.report is None:
+        return ""
+    into = {name for r in result.report.batchnorms if r.node == node for name in (r.into or [])}
+    lines = []
+    for lay in result.integer_kernels:
+        if lay.node not in into:
+            continue
+        verdict = (f"can saturate on x86-64 CPUs without VNNI: {lay.channels} output channels have a pair of "
+                   f"int8 weights whose products over activation bytes {lay.activation_range[0]}..{lay.activation_range[1]} "
+                   f"reach {lay.pair_min}..{lay.pair_max}, beyond int16 (session.x64quantprecision=1 avoids it)"
+                   if lay.can_saturate else
+                   f"cannot saturate ({lay.why_not})" if lay.why_not else
+                   f"cannot saturate: its pair sums stay within {lay.pair_min}..{lay.pair_max}")
+        lines.append(f"\n  {lay.node} runs as {lay.kernel} in onnxruntime after the fold; it {verdict}")
+    return "".join(lines)
+
+
 def kernel_check_lines(layers: list[Any], style: Style) -> list[str]:
     """The static saturation check (qdqfold.kernels) of the folded model's integer layers."""
     if not layers:
