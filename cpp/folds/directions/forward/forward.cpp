@@ -55,6 +55,7 @@ void visit(Graph& g, const std::string& value, ForwardReader path, Walk& walk) {
   for (const auto& use : g.uses(value)) {
     const Node& n = g.nodes[use.node];
     const bool first = use.slot == 0;
+    if (reads_only_shape(g, use)) continue;  // the fold changes no shape; remove_forward_batchnorm rewires it
     if (first && is_see_through(g, n) && !n.outputs.empty() && !n.outputs[0].empty()) {
       visit(g, n.outputs[0], path, walk);
     } else if (first && path.reshape < 0 && (n.is("Flatten") || n.is("Reshape")) && !n.outputs.empty()) {
