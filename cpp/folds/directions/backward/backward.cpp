@@ -33,13 +33,13 @@ std::optional<Outcome> layer_output_blocker(Graph& g, int layer, const std::stri
   const std::string who = g.nodes[layer].op_type + " '" + g.nodes[layer].display_name(layer) + "'";
   if (g.is_graph_output(value))
     return Outcome::kept(Reason::LayerOutputIsGraphOutput,
-                         "the output of " + who + " is also a graph output, which must keep its values");
+                         "the output of " + who + " is also a graph output, which must keep its values").at_(value);
   const auto& uses = g.uses(value);
   for (const auto& u : uses)
     if ((u.node != reader || u.slot != slot) && !reads_only_shape(g, u))
       return Outcome::kept(Reason::LayerOutputReadElsewhere,
                            "the output of " + who + " is also read by " + g.nodes[u.node].op_type + " '" +
-                               g.nodes[u.node].display_name(u.node) + "', which must keep seeing the unnormalized values");
+                               g.nodes[u.node].display_name(u.node) + "', which must keep seeing the unnormalized values").at_(g.nodes[u.node].display_name(u.node));
   return std::nullopt;
 }
 
