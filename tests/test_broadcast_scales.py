@@ -154,6 +154,7 @@ def test_a_scale_that_does_not_broadcast_to_the_axis_is_still_malformed():
     r = report["batchnorms"][0]
     assert not r["folded"] and r["code"] == "malformed-quantization", r
     assert "does not broadcast to one value per slice of axis 0" in r["message"]
+    assert r["attempts"][0]["at"] == "w_DQ"  # the node at fault
 
 
 # ModelOpt INT4 for TensorRT, as its exporter writes it: the scale a Constant node of shape [C_out, 1, 1, 1].

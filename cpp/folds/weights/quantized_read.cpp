@@ -305,11 +305,12 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
   r.ms_domain = d.domain == "com.microsoft" || d.domain == "trt";
   r.opset = g.opset(d.domain == "com.microsoft" ? "com.microsoft" : "");
   w.axis_supported = r.ms_domain || r.opset >= 13;
-  QDQFOLD_CHECK(read_parameters(r, w));
-  QDQFOLD_CHECK(read_source(r, w));
-  QDQFOLD_CHECK(read_range(r, w));
-  QDQFOLD_CHECK(read_scale_layout(r, w));
-  QDQFOLD_CHECK(read_data(r, w));
+  // A reason to keep names the DequantizeLinear at fault (the report's attempts), unless a step named another.
+  for (auto step : {read_parameters, read_source, read_range, read_scale_layout, read_data})
+    if (std::optional<Outcome> kept = step(r, w)) {
+      if (kept->at.empty()) kept->at = d.display_name(dq);
+      return std::move(*kept);
+    }
   return w;
 }
 
