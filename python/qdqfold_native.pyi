@@ -25,6 +25,14 @@ class FileError(FoldError):
 # The report's TypedDicts follow report_fields() (cpp/core/report_fields.h); tests/test_report_fields.py checks
 # that they agree: a key the table gives a dict only when not empty is NotRequired here.
 
+class FoldAttempt(TypedDict):
+    rule: str  # the fold rule that looked at the BN ("conv-bn", "bn-layers", "merge-branches", ...)
+    verdict: Literal["kept", "folded"]
+    code: str  # the reason code, or the fold's name
+    message: str
+    at: str | None  # the node or value at fault, where the rule names one
+    option: str | None  # the option (keyword) that changes this outcome
+
 class BatchNormEntry(TypedDict):
     graph: str
     node: str
@@ -38,6 +46,7 @@ class BatchNormEntry(TypedDict):
     new_tensors: list[str]
     metrics: dict[str, float]
     op_type: str  # "BatchNormalization", or Mul / Add / Sub / Div by a per-channel constant folded like one
+    attempts: list[FoldAttempt]  # every rule that looked at it, in order; `code` is the deciding one
 
 class OpTypes(TypedDict):
     before: dict[str, int]  # nodes by op type ("domain.Op" outside the default domain), every graph
@@ -69,6 +78,19 @@ class ReportField(TypedDict):
 class ReportFields(TypedDict):
     batchnorm: dict[str, str]  # each key of a BatchNormEntry -> its Python type, in the order of the dict
     report: dict[str, ReportField]  # each key of a Report / FileReport, in the order of the dict
+
+class LayerKind(TypedDict):
+    op: str
+    weight_input: int
+    weight_scale_input: int  # of the DequantizeLinear (and QuantizeLinear) feeding the weight
+    weight_zero_point_input: int
+    bias_input: int | None  # None: the bias is an Add of a constant after it (MatMul)
+    bias: str
+    output_axis: str
+    spatial: bool
+    backward: bool
+    forward: bool
+    quantized: bool
 
 class ReasonEntry(TypedDict):
     code: str
@@ -142,3 +164,4 @@ class IntegerLayer(TypedDict):
     why_not: str | None
 
 def integer_kernels(model: BytesLike, *, base_directory: PathLike | None = None) -> list[IntegerLayer]: ...
+def layer_kinds() -> list[LayerKind]: ...

@@ -106,7 +106,7 @@ def test_the_json_report_names_its_schema_and_the_schema_file_describes_it(tmp_p
     single = json.loads(cli(SEED, "-o", tmp_path / "a.onnx", "--json").stdout)
     many = json.loads(cli(SEED, FLOAT_SEED, "-o", tmp_path / "dir", "--json").stdout)
     for document, kind in ((single, "model"), (many, "batch")):
-        assert document["schema"] == schema["$id"] == "qdqfold.report/1"
+        assert document["schema"] == schema["$id"] == "qdqfold.report/2"
         described = schema["$defs"][kind]
         assert set(described["required"]) <= set(document)
         assert set(document) <= set(described["properties"]), set(document) - set(described["properties"])

@@ -43,3 +43,25 @@ def test_a_reshape_that_moves_the_features_keeps_the_bn(form):
     r = report["batchnorms"][0]
     assert not r["folded"] and r["code"] == "reshape-moves-features", r
     assert out == data
+
+
+# Issue 24, item 2: timm's LeViT (levit_128s) kept 46 of 52 BNs as `layer-output-read-elsewhere`: `.reshape_as(x)`
+# exports as Shape(MatMul output) -> Reshape, and that Shape node read the MatMul's output. A reader of the shape
+# only never blocks a fold, which changes no shape. (At the end of the file: the helper's RNG is shared.)
+@pytest.mark.parametrize("form", [dict(flatten="Flatten", axis=2), dict(flatten="Reshape", shape=(-1, F)),
+                                  dict(flatten="Flatten", bias=True), dict(flatten="Flatten", size=True)],
+                         ids=["flatten2", "reshape-1F", "bias", "size-too"])
+def test_linear_norm_whose_matmul_output_is_read_by_shape_folds(form):
+    form = dict(form)
+    reader = "Size" if form.pop("size", False) else "Shape"
+    model = levit_linear_norm(**form, shape_reader=reader)
+    assert [n.op_type for n in model.graph.node].count("Shape") == 1
+    out, report = qdqfold_native.fold_with_report(model.SerializeToString())
+    r = report["batchnorms"][0]
+    assert r["folded"] and r["code"] == "matmul-reshape-bn", r
+    folded = onnx.load_from_string(out)
+    assert "BatchNormalization" not in [n.op_type for n in folded.graph.node]
+    shape = next(n for n in folded.graph.node if n.op_type == "Shape")
+    assert shape.input[0] == "/m/c/linear/MatMul_output_0"  # the MatMul's (or bias Add's) output, still there
+    onnx.checker.check_model(folded, full_check=True)
+    assert_same_outputs(model, folded)

@@ -83,6 +83,10 @@ CHECKS = {
     "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
     "list[BatchNormEntry]": lambda v: isinstance(v, list) and all(isinstance(e, dict) for e in v),
     "OpTypes": lambda v: isinstance(v, dict) and set(v) == {"before", "after"},
+    "list[FoldAttempt]": lambda v: isinstance(v, list) and all(
+        isinstance(a, dict) and list(a) == ["rule", "verdict", "code", "message", "at", "option"]
+        and a["verdict"] in ("kept", "folded") and all(isinstance(a[k], str) for k in ("rule", "code", "message"))
+        and all(a[k] is None or isinstance(a[k], str) for k in ("at", "option")) for a in v),
 }
 
 

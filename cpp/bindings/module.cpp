@@ -15,6 +15,7 @@
 #include "../core/files.h"
 #include "../core/report_fields.h"
 #include "../folds/reasons.h"
+#include "../folds/layer_kinds.h"
 
 namespace py = pybind11;
 using qdqfold::Options;
@@ -123,6 +124,7 @@ const char* python_type(FieldKind kind) {
     case FieldKind::Records: return "list[BatchNormEntry]";
     case FieldKind::OpTypes: return "OpTypes";
     case FieldKind::Int: return "int";
+    case FieldKind::Attempts: return "list[FoldAttempt]";
   }
   return "";
 }
@@ -168,6 +170,16 @@ py::object show(Kind<FieldKind::OpTypes>, const qdqfold::OpTypeCounts& c, const 
 }
 template <typename Whole>
 py::object show(Kind<FieldKind::Int>, int64_t n, const Whole&) { return py::int_(n); }
+template <typename Whole>
+py::object show(Kind<FieldKind::Attempts>, const std::vector<qdqfold::FoldAttempt>& v, const Whole&) {
+  auto optional = [](const std::string& s) { return s.empty() ? py::object(py::none()) : py::object(text(s)); };
+  py::list attempts;
+  for (const auto& a : v)
+    attempts.append(py::dict(py::arg("rule") = text(a.rule), py::arg("verdict") = text(a.verdict),
+                             py::arg("code") = text(a.code), py::arg("message") = text(a.message),
+                             py::arg("at") = optional(a.at), py::arg("option") = optional(a.option)));
+  return std::move(attempts);
+}
 
 template <typename K, typename T, typename Whole>
 void put(py::dict& d, const char* key, K kind, const T& value, const Whole& whole) {
@@ -460,4 +472,28 @@ PYBIND11_MODULE(qdqfold_native, m) {
       },
       "reasons() -> list[dict]: every code a report can carry, as {code, kind ('kept' or 'fold'), meaning,\n"
       "option, flag}: option and flag name the keyword of fold() and the CLI flag that change it ('' for none).");
+  m.def(
+      "layer_kinds",
+      []() {
+        py::list out;
+        for (const auto& k : qdqfold::folds::layer_kinds()) {
+          py::dict d;
+          d["op"] = k.op;
+          d["weight_input"] = k.weight_input;
+          d["weight_scale_input"] = qdqfold::folds::kWeightScaleInput;
+          d["weight_zero_point_input"] = qdqfold::folds::kWeightZeroPointInput;
+          d["bias_input"] = k.bias_input < 0 ? py::object(py::none()) : py::object(py::int_(k.bias_input));
+          d["bias"] = k.bias;
+          d["output_axis"] = k.output_axis;
+          d["spatial"] = k.spatial;
+          d["backward"] = k.backward;
+          d["forward"] = k.forward;
+          d["quantized"] = k.quantized;
+          out.append(std::move(d));
+        }
+        return out;
+      },
+      "layer_kinds() -> list[dict]: the layers qdqfold folds into (cpp/folds/layer_kinds.h), as {op, weight_input,\n"
+      "weight_scale_input and weight_zero_point_input (of the DequantizeLinear feeding the weight), bias_input\n"
+      "(None: an Add after it), bias, output_axis, spatial, backward, forward, quantized}.");
 }

@@ -17,7 +17,23 @@ struct Pending {
   folds::Outcome chosen;  // the fold, or the first reason to keep it that a rule gave
   const char* direction = "";
   bool affine = false;    // Mul / Add / Sub / Div by a per-channel constant (folds/sources/affine.h)
+  std::vector<FoldAttempt> attempts;  // every rule's kept or folded outcome, in order
 };
+
+// The option (keyword) that changes the outcome of reason `code`, or "" (reasons.h).
+std::string option_for(const std::string& code) {
+  for (const auto& e : folds::reason_table())
+    if (e.code == code && std::string_view(e.kind) == "kept") return e.option;
+  return "";
+}
+
+// Rule `rule`'s outcome `o` (kept or folded) as an attempt.
+void note_attempt(Pending& p, const std::string& rule, const folds::Outcome& o) {
+  if (o.verdict == folds::Verdict::NotApplicable) return;
+  const bool folded = o.verdict == folds::Verdict::Folded;
+  p.attempts.push_back(FoldAttempt{rule, folded ? "folded" : "kept", o.code, o.message, o.at,
+                                   folded ? std::string() : option_for(o.code)});
+}
 
 void finish(Pending& p, bool no_rules) {
   folds::Outcome& chosen = p.chosen;
@@ -30,6 +46,7 @@ void finish(Pending& p, bool no_rules) {
   BatchNormRecord& r = p.record;
   r.folded = chosen.verdict == folds::Verdict::Folded;
   r.direction = r.folded ? p.direction : "";
+  r.attempts = std::move(p.attempts);
   // Every field an Outcome carries (report_fields.h, `from` Outcome).
 #define QDQFOLD_FROM_Driver(member)
 #define QDQFOLD_FROM_Outcome(member) r.member = std::move(chosen.member);
@@ -40,13 +57,14 @@ void finish(Pending& p, bool no_rules) {
 #undef QDQFOLD_FROM_Driver
 }
 
-// An Outcome is its verdict and the record fields it carries: a member added to folds::Outcome must be a row
-// of QDQFOLD_RECORD_FIELDS too, or the report would not show it.
+// An Outcome is its verdict, the node at fault (shown in the record's attempts) and the record fields it
+// carries: a member added to folds::Outcome must be a row of QDQFOLD_RECORD_FIELDS too, or the report would not
+// show it.
 #define QDQFOLD_COUNT_Driver 0
 #define QDQFOLD_COUNT_Outcome 1
 #define QDQFOLD_COUNT(member, kind, from) +QDQFOLD_COUNT_##from
 static_assert(std::is_aggregate_v<folds::Outcome> &&
-                  member_count<folds::Outcome>() == 1 QDQFOLD_RECORD_FIELDS(QDQFOLD_COUNT),
+                  member_count<folds::Outcome>() == 2 QDQFOLD_RECORD_FIELDS(QDQFOLD_COUNT),
               "a folds::Outcome member is missing from QDQFOLD_RECORD_FIELDS (core/report_fields.h)");
 #undef QDQFOLD_COUNT
 #undef QDQFOLD_COUNT_Outcome
@@ -60,6 +78,7 @@ void record_merge(graph::Graph* g, folds::MergeOutcome& m, std::vector<Pending>&
   for (int bn : m.identity_batchnorms)
     for (Pending& p : pending)
       if (p.graph == g && p.node == bn && p.chosen.verdict != folds::Verdict::Folded) {
+        note_attempt(p, folds::code(folds::FoldName::MergeBranches), m.outcome);
         p.chosen = m.outcome;
         p.chosen.metrics.clear();
         p.chosen.new_tensors.clear();
@@ -70,6 +89,7 @@ void record_merge(graph::Graph* g, folds::MergeOutcome& m, std::vector<Pending>&
   entry.record.graph = g->path;
   entry.record.node = name;
   entry.record.op_type = g->nodes[m.sum].op_type;  // Add, Sum or Sub
+  note_attempt(entry, folds::code(folds::FoldName::MergeBranches), entry.chosen);
   finish(entry, false);
   report.merges.push_back(std::move(entry.record));
 }
@@ -136,10 +156,12 @@ Report run_folds(graph::Model& model, const Options& options) {
         if (o.verdict == folds::Verdict::Folded) {
           if (o.code.empty()) o.code = rule.name;
           if (p.affine) o.code = folds::affine_fold_name(o.code, p.graph->nodes[p.node]);
+          note_attempt(p, rule.name, o);
           p.chosen = std::move(o);
           p.direction = rule.direction;
           break;
         }
+        note_attempt(p, rule.name, o);
         if (o.verdict == folds::Verdict::Kept && p.chosen.verdict == folds::Verdict::NotApplicable) p.chosen = std::move(o);
       }
       if (model.after_each_fold) model.after_each_fold();

@@ -12,6 +12,18 @@
 
 namespace qdqfold {
 
+// One fold rule's look at a BN: every rule whose pattern matched it, in the order the driver tried them (the
+// backward pass, the forward pass, merge_branches), with its verdict. The record's own code is the deciding
+// one: the fold, or the first reason to keep it.
+struct FoldAttempt {
+  std::string rule;     // the rule, e.g. "conv-bn", "bn-layers" (the forward folds), "merge-branches"
+  std::string verdict;  // "kept" or "folded"
+  std::string code;     // the reason code, or the fold's name
+  std::string message;
+  std::string at;       // the node or value at fault where the rule names one, else empty (None)
+  std::string option;   // the option (keyword) that changes this outcome, else empty (None)
+};
+
 struct BatchNormRecord {
   std::string graph;       // "main", "main/<node>:<attribute>" for subgraphs, "function:<domain>.<name>"
   std::string node;        // the BN node's name (or "BatchNormalization#<index>" when unnamed)
@@ -29,6 +41,7 @@ struct BatchNormRecord {
   bool bias_rounded = false;
   std::vector<std::string> new_tensors;
   std::vector<std::pair<std::string, double>> metrics;  // e.g. largest bias rounding error
+  std::vector<FoldAttempt> attempts;  // every rule that looked at it, in order (see FoldAttempt)
 };
 
 // Nodes by op type ("domain.Op" outside the default domain) in every graph, subgraphs and functions included.

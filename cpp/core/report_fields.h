@@ -30,6 +30,7 @@ enum class FieldKind {
   Records,       // [BatchNormRecord as a dict]
   OpTypes,       // {"before": {op type: count}, "after": {...}}
   Int,           // int
+  Attempts,      // [{"rule", "verdict", "code", "message", "at": str | None, "option": str | None}]
 };
 
 // Each BatchNormRecord member, in the order of the dict's keys: X(member, kind, from), `from` being
@@ -48,7 +49,8 @@ enum class FieldKind {
   X(exact, Exact, Outcome)            \
   X(bias_rounded, Hidden, Outcome)    \
   X(new_tensors, Texts, Outcome)      \
-  X(metrics, Metrics, Outcome)
+  X(metrics, Metrics, Outcome)        \
+  X(attempts, Attempts, Driver)
 
 // When a Report member is in the dict of fold() / fold_with_report() (a model in memory) and of fold_file().
 enum class Presence {

@@ -7,8 +7,8 @@ namespace qdqfold::folds {
 
 std::string write_constant_for(FoldContext& ctx, const std::vector<graph::Use>& readers, std::string old,
                                int32_t data_type, const std::vector<int64_t>& dims, const std::string& raw,
-                               const std::string& base, Outcome& outcome) {
-  auto written = ctx.graph.write_constant(readers, old, data_type, dims, raw, base);
+                               const std::string& base, Outcome& outcome, bool keep_constant_node) {
+  auto written = ctx.graph.write_constant(readers, old, data_type, dims, raw, base, keep_constant_node);
   if (written.is_new) outcome.new_tensors.push_back(written.name);
   return written.name;
 }

@@ -10,10 +10,11 @@
 namespace qdqfold::folds {
 
 // Makes the inputs `readers` read a constant (graph::Graph::write_constant: `old` replaced in place when only
-// they read it, else a new tensor named from `old` or `base`). Returns the name now read.
+// they read it (a Constant node's value too with `keep_constant_node`), else a new tensor named from `old` or `base`). Returns the name now read.
 std::string write_constant_for(FoldContext& ctx, const std::vector<graph::Use>& readers, std::string old,
                                int32_t data_type, const std::vector<int64_t>& dims, const std::string& raw,
-                               const std::string& base, Outcome& outcome);
+                               const std::string& base, Outcome& outcome,
+                               bool keep_constant_node = false);
 // The same with data produced when the output is written.
 std::string write_constant_for(FoldContext& ctx, const std::vector<graph::Use>& readers, std::string old,
                                int32_t data_type, const std::vector<int64_t>& dims, graph::LazyBytes data,

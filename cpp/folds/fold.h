@@ -44,8 +44,15 @@ struct Outcome {
   bool bias_rounded = false;  // exact but for a reported int32 bias rounding (see BatchNormRecord)
   std::vector<std::string> new_tensors;
   std::vector<std::pair<std::string, double>> metrics;
+  // The node or value at fault (a kept outcome), where the step names one: shown in the report's attempts.
+  std::string at;
 
   static Outcome not_applicable() { return {}; }
+  // This outcome with the node or value at fault.
+  Outcome&& at_(std::string what) && {
+    at = std::move(what);
+    return std::move(*this);
+  }
   static Outcome kept(Reason reason, std::string message) {
     Outcome o;
     o.verdict = Verdict::Kept;

@@ -195,7 +195,9 @@ std::optional<ConstRef> Graph::constant(const std::string& value) {
   int p = producer(value);
   if (p >= 0) {
     const Node& n = nodes[p];
-    if (n.is("Constant") && n.created()) return created_constant(p, value);
+    if (n.is("Constant") && (n.created() || n.edits_.edited)) {  // a value a fold wrote (write_constant)
+      if (auto written = created_constant(p, value)) return written;
+    }
     if (is_plain_identity(n)) {
       // Follow the chain in this graph; a cyclic one (malformed) is not a constant.
       std::string from = n.inputs[0];
@@ -406,12 +408,30 @@ static int replaceable_initializer(Graph& g, const std::vector<Use>& readers, co
 
 Graph::WrittenConstant Graph::write_constant(const std::vector<Use>& readers, std::string old,
                                              int32_t data_type, const std::vector<int64_t>& dims,
-                                             const std::string& raw, const std::string& base) {
+                                             const std::string& raw, const std::string& base,
+                                             bool keep_constant_node) {
   std::optional<ConstRef> ref;
   if (int k = replaceable_initializer(*this, readers, old, ref); k >= 0) {
     if (ref->tensor.dims != dims) remove_value_info(old);  // its recorded shape would be stale
     replace_initializer(k, reencode_tensor(ref->tensor, data_type, dims, raw));
     return {old, false};
+  }
+  if (keep_constant_node && ref && ref->graph == this && ref->constant_node >= 0 && !ref->through_identity &&
+      !is_graph_output(old)) {
+    const auto& uses = this->uses(old);
+    bool only_ours = uses.size() == readers.size();
+    for (const Use& u : uses)
+      only_ours = only_ours && std::any_of(readers.begin(), readers.end(),
+                                           [&](const Use& r) { return r.node == u.node && r.slot == u.slot; });
+    if (only_ours) {
+      if (ref->tensor.dims != dims) remove_value_info(old);
+      std::string attr;
+      put_bytes_field(attr, num(AttributeField::Name), "value");
+      put_varint_field(attr, num(AttributeField::Type), static_cast<uint64_t>(AttributeType::Tensor));
+      put_bytes_field(attr, num(AttributeField::T), reencode_tensor(ref->tensor, data_type, dims, raw));
+      set_attribute(ref->constant_node, "value", std::move(attr));
+      return {old, false};
+    }
   }
   const std::string name = model->fresh_name((old.empty() ? base : old) + "_bnfolded");
   add_tensor(name, encode_tensor(name, data_type, dims, raw));

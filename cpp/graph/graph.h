@@ -176,8 +176,12 @@ class Graph {
     std::string name;
     bool is_new = false;
   };
+  // `keep_constant_node`: where `old` is the output of a Constant node of this graph that only `readers` read
+  // (and not a graph output), that node's value is replaced in place instead, so the exporter's form stays
+  // (ModelOpt writes its weight scales as Constant nodes).
   WrittenConstant write_constant(const std::vector<Use>& readers, std::string old, int32_t data_type,
-                                 const std::vector<int64_t>& dims, const std::string& raw, const std::string& base);
+                                 const std::vector<int64_t>& dims, const std::string& raw, const std::string& base,
+                                 bool keep_constant_node = false);
   // The same with data produced when the output is written.
   WrittenConstant write_constant(const std::vector<Use>& readers, std::string old, int32_t data_type,
                                  const std::vector<int64_t>& dims, LazyBytes data, const std::string& base);

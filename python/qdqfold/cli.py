@@ -79,8 +79,8 @@ def _in_cli_words(result: ModelResult) -> ModelResult:
     import dataclasses
 
     if result.report is not None:
-        result.report.batchnorms = [dataclasses.replace(b, message=cli_words(b.message))
-                                    for b in result.report.batchnorms]
+        result.report.batchnorms = [dataclasses.replace(b, message=cli_words(b.message), attempts=[
+            {**a, "message": cli_words(a["message"])} for a in b.attempts]) for b in result.report.batchnorms]
     if result.error is not None:
         result.error = cli_words(result.error)
     return result

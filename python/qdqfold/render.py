@@ -19,6 +19,7 @@ from .report import found_line, with_schema
 
 if TYPE_CHECKING:
     from .batch import ModelResult
+    from .report import FoldAttempt
     from .verify import VerifyResult
 
 _ANSI = re.compile(r"\033\[[0-9;]*m")
@@ -320,6 +321,19 @@ def json_text(document: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- whole runs
+
+def attempt_lines(attempts: list[FoldAttempt]) -> list[str]:
+    """The lines of ``--explain`` for a BN's attempts: every fold rule that looked at it, in order, with its
+    verdict, the node or value at fault and the option that would change it."""
+    if not attempts:
+        return []
+    lines = ["  rules that looked at it, in order:"]
+    for k, a in enumerate(attempts, 1):
+        where = f" at {a['at']}" if a.get("at") else ""
+        option = f" (option: {a['option']})" if a.get("option") else ""
+        lines.append(f"  {k}. {a['rule']}: {a['verdict']} [{a['code']}]{where}{option} {a['message']}")
+    return lines
+
 
 def print_explain(story: str, out: TextIO) -> None:
     """One BN's story (``FoldReport.explain``), each line wrapped to the terminal."""

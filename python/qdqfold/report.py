@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
     from .graphinfo import ModelInfo
@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 #: The JSON document's format: "schema" in every report the CLI writes (see docs/report.schema.json). The
 #: number changes when a field changes meaning or goes away; new fields may appear without a change.
-SCHEMA = "qdqfold.report/1"
+SCHEMA = "qdqfold.report/2"  # 2: "attempts" per BatchNormalization
 
 
 def with_schema(document: dict[str, Any]) -> dict[str, Any]:
@@ -25,6 +25,17 @@ def _how(exact: bool | str, metrics: dict[str, float], approximately: str) -> st
     if exact == "bias-rounded":
         return f"exactly but for the int32 bias rounding, <= {metrics.get('bias_error_at_output', 0):.3g} at the output"
     return "exactly" if exact else approximately
+
+
+class FoldAttempt(TypedDict):
+    """One fold rule's look at a BN (``BatchNormEntry.attempts``)."""
+
+    rule: str  # "conv-bn", "bn-layers" (the forward folds), "merge-branches", ...
+    verdict: str  # "kept" or "folded"
+    code: str  # the reason code, or the fold's name
+    message: str
+    at: str | None  # the node or value at fault, where the rule names one
+    option: str | None  # the option (keyword) that changes this outcome
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,10 @@ class BatchNormEntry:
     # "BatchNormalization", or Mul / Add / Sub / Div by a per-channel constant folded like one (FrozenBatchNorm2d,
     # layer scale); such a node is listed when folded, or kept after a layer with a constant weight.
     op_type: str = "BatchNormalization"
+    #: Every fold rule that looked at it, in order: {"rule", "verdict" ("kept" / "folded"), "code", "message",
+    #: "at" (the node or value at fault, or None), "option" (the keyword that changes it, or None)}. ``code`` is
+    #: the deciding one (the fold, or the first reason to keep it), the one the summary counts.
+    attempts: list[FoldAttempt] = field(default_factory=list)
 
     def describe(self) -> str:
         """One line for people."""
@@ -172,6 +187,9 @@ class FoldReport:
             lines.append(f"  why     {entry.message}")
         for key, value in entry.metrics.items():
             lines.append(f"  {key} = {value:.6g}")
+        from .render import attempt_lines
+
+        lines += attempt_lines(entry.attempts)
         return "\n".join(lines)
 
     def summary(self) -> str:

@@ -812,7 +812,7 @@ def _folded_entries(report: Any) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------- the certificates
 
 _UNIT_ROUNDOFF = {1: 2.0**-23, 10: 2.0**-10, 16: 2.0**-7, 11: 2.0**-52}  # by TensorProto element type
-_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_LAYERS = tuple(k["op"] for k in __import__("qdqfold_native").layer_kinds())  # the core's table (layer_kinds.h)
 
 
 @dataclass

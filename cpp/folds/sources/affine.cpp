@@ -1,5 +1,6 @@
 // The elementwise affine source; see affine.h for the patterns and the map each op gives.
 #include "folds/sources/affine.h"
+#include "folds/layer_kinds.h"
 
 #include <algorithm>
 #include <cmath>
@@ -210,7 +211,7 @@ bool affine_reported_when_kept(Graph& g, int node) {
   }
   if (p < 0) return false;
   const Node& layer = g.nodes[p];
-  if (!(layer.is("Conv") || layer.is("ConvTranspose") || layer.is("Gemm") || layer.is("MatMul"))) return false;
+  if (!is_layer(layer)) return false;
   if (layer.is("MatMul") && n.is("Add")) return false;  // MatMul + Add(bias) is the plain linear layer
   return layer.inputs.size() > 1 && weight_dims(g, layer.inputs[1]).has_value();
 }

@@ -64,6 +64,12 @@ bool read_only_by(const Graph& g, const std::string& value, int reader) {
   return uses.size() == 1 && uses[0].node == reader && uses[0].slot >= 0;
 }
 
+bool reads_only_shape(const Graph& g, const graph::Use& u) {
+  if (u.slot != 0) return false;  // a subgraph's read (slot < 0) may be anything
+  const Node& n = g.nodes[u.node];
+  return n.is("Shape") || n.is("Size");
+}
+
 std::variant<BatchNormAffine, Outcome> read_batchnorm(FoldContext& ctx, int bn) {
   Graph& g = ctx.graph;
   const Node& n = g.nodes[bn];

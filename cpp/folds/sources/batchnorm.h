@@ -34,6 +34,11 @@ std::optional<std::vector<double>> constant_values(graph::Graph& g, const std::s
 // True when `value` is read exactly once, by node `reader`, and is not a graph output.
 bool read_only_by(const graph::Graph& g, const std::string& value, int reader);
 
+// True when use `u` reads only the shape of the value (Shape, Size): a fold changes no shape, so such a reader
+// never blocks one; where the value it reads goes away (a backward fold hands the BN's output name to the
+// layer), take_over_batchnorm_output points it at the value that replaces it, of the same shape.
+bool reads_only_shape(const graph::Graph& g, const graph::Use& u);
+
 // Removes BN node `bn` after its producer took over its output name (backward folds): drops the producer's
 // old output from value_info and the BN's parameters where nothing else reads them. `bn` may also be an
 // elementwise affine node (affine.h); every BN fold accepts one, reading it through read_batchnorm.

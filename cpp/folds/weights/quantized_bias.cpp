@@ -1,4 +1,5 @@
 #include "folds/weights/quantized_bias.h"
+#include "folds/layer_kinds.h"
 
 #include <algorithm>
 #include <cmath>
@@ -43,7 +44,7 @@ BiasForm graph_bias_form(Graph& g, int except) {
   bool saw_float = false;
   for (size_t k = 0; k < g.nodes.size(); ++k) {
     const Node& n = g.nodes[k];
-    if (n.removed() || static_cast<int>(k) == except || !(n.is("Conv") || n.is("ConvTranspose") || n.is("Gemm"))) continue;
+    if (n.removed() || static_cast<int>(k) == except || !is_layer(n) || layer_kind(n)->bias_input < 0) continue;
     if (n.inputs.size() < 3 || n.inputs[2].empty() || n.inputs[1].empty()) continue;
     const int w = g.producer(n.inputs[1]);
     if (w < 0 || !is_dequantize(g.nodes[w])) continue;

@@ -222,19 +222,33 @@ std::optional<Outcome> read_scale_layout(Reading& r, QuantizedWeight& w) {
     if (axis < 0) axis += rank;
     if (axis < 0 || axis >= rank) return malformed(r.who, "its quantization axis is out of range");
     w.layout.axis = axis;
-    if (w.layout.block_size > 0) {
-      bool ok = static_cast<int64_t>(sdims.size()) == rank;
-      for (int64_t k = 0; ok && k < rank; ++k)
-        ok = sdims[k] == (k == axis ? (w.dims[k] + w.layout.block_size - 1) / w.layout.block_size : w.dims[k]);
-      if (!ok) return malformed(r.who, "its blocked scale does not match the weight's dims and block_size");
-    } else if (sdims.size() != 1 || sdims[0] != w.dims[axis]) {
-      return malformed(r.who, "its per-axis scale does not have one value per slice of axis " + std::to_string(axis));
-    }
+    // The scale may be stored in any shape that broadcasts, axis by axis, to one value per slice (per block)
+    // of the axis: ModelOpt's INT4 export writes [C, 1, 1, 1]. It is read in the layout's own dims and
+    // written back in the stored ones (quantized_write.cpp).
+    const std::vector<int64_t> full = w.layout.full_dims(w.dims);
+    auto from = w.layout.broadcast_dims(sdims, w.dims);
+    if (!from)
+      return malformed(r.who, w.layout.block_size > 0
+                                  ? "its blocked scale does not match the weight's dims and block_size"
+                                  : "its per-axis scale does not broadcast to one value per slice of axis " +
+                                        std::to_string(axis));
+    w.layout.scale_dims = w.layout.block_size > 0 ? full : std::vector<int64_t>{w.dims[axis]};
+    if (sdims != w.layout.scale_dims) w.layout.stored_scale_dims = sdims;
+    w.scale = broadcast_values(w.scale, *from, full);
   }
   w.layout.prepare(w.dims);
   w.has_zero = r.zero.present;
   if (r.zero.ref) {
     auto z = quantized_values(r.zero.ref->tensor);
+    const auto& zdims = r.zero.ref->tensor.dims;
+    if (z && !w.layout.per_tensor() && zdims != w.layout.scale_dims) {  // a broadcast shape, as the scale's
+      auto from = w.layout.broadcast_dims(zdims, w.dims);
+      if (!from) return malformed(r.who, "its zero point does not match its scale");
+      std::vector<double> as_double(z->begin(), z->end());
+      as_double = broadcast_values(as_double, *from, w.layout.full_dims(w.dims));
+      z->assign(as_double.begin(), as_double.end());
+      w.layout.stored_zero_dims = zdims;
+    }
     if (!z || z->size() != w.scale.size()) return malformed(r.who, "its zero point does not match its scale");
     w.zero = std::move(*z);
     if (w.float8())
@@ -291,11 +305,12 @@ std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, i
   r.ms_domain = d.domain == "com.microsoft" || d.domain == "trt";
   r.opset = g.opset(d.domain == "com.microsoft" ? "com.microsoft" : "");
   w.axis_supported = r.ms_domain || r.opset >= 13;
-  QDQFOLD_CHECK(read_parameters(r, w));
-  QDQFOLD_CHECK(read_source(r, w));
-  QDQFOLD_CHECK(read_range(r, w));
-  QDQFOLD_CHECK(read_scale_layout(r, w));
-  QDQFOLD_CHECK(read_data(r, w));
+  // A reason to keep names the DequantizeLinear at fault (the report's attempts), unless a step named another.
+  for (auto step : {read_parameters, read_source, read_range, read_scale_layout, read_data})
+    if (std::optional<Outcome> kept = step(r, w)) {
+      if (kept->at.empty()) kept->at = d.display_name(dq);
+      return std::move(*kept);
+    }
   return w;
 }
 

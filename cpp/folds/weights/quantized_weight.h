@@ -31,7 +31,11 @@ namespace qdqfold::folds {
 struct QuantLayout {
   int64_t axis = -1;
   int64_t block_size = 0;
-  std::vector<int64_t> scale_dims;
+  std::vector<int64_t> scale_dims;  // per axis: [C]; blocked: the weight's dims with the axis in blocks
+  // The dims the model stores the scale and the zero point with where they differ from scale_dims: a shape
+  // that broadcasts to them ([C, 1, 1, 1] for one value per slice of axis 0; a blocked scale with 1 on axes
+  // it does not vary along). Empty: scale_dims. The write-back keeps them where the new values allow.
+  std::vector<int64_t> stored_scale_dims, stored_zero_dims;
 
   bool per_tensor() const { return axis < 0; }
   // Index into the scale of element `i` of a tensor with `dims` (strides precomputed by `prepare`).
@@ -43,10 +47,28 @@ struct QuantLayout {
   // Viewed as rows of n elements: 0 or 1 when the scale element of element j of row r is
   // scale_index(r * n) + step * j (per tensor or per row: 0; per column, or blocked across rows: 1), else -1.
   int row_step(int64_t n) const;
+  // The dims with which a parameter stored with `stored` dims broadcasts, axis by axis, to this layout's
+  // values (axis and block_size set) for a weight of `weight_dims`: `stored` itself when it has the weight's
+  // rank, a 1-D per-axis parameter placed on the axis. nullopt when it does not broadcast, axis by axis, to
+  // one value per slice (per block) of the axis (other ranks are not read as broadcasts).
+  std::optional<std::vector<int64_t>> broadcast_dims(const std::vector<int64_t>& stored,
+                                                     const std::vector<int64_t>& weight_dims) const;
+  // The full dims of the values, axis by axis: the weight's rank, the slices (blocks) of the axis on it, for a
+  // blocked layout the weight's dims elsewhere, else 1.
+  std::vector<int64_t> full_dims(const std::vector<int64_t>& weight_dims) const;
 
  private:
   int64_t inner_ = 1, axis_dim_ = 1, blocks_ = 1;
 };
+
+// `values` stored with dims `from` (broadcast_dims), repeated to the dims `to` it broadcasts to.
+std::vector<double> broadcast_values(const std::vector<double>& values, const std::vector<int64_t>& from,
+                                     const std::vector<int64_t>& to);
+// The inverse where it exists: `values` of dims `to`, stored with dims `from`; nullopt when they vary along an
+// axis that `from` broadcasts.
+std::optional<std::vector<double>> unbroadcast_values(const std::vector<double>& values,
+                                                      const std::vector<int64_t>& from,
+                                                      const std::vector<int64_t>& to);
 
 struct QuantizedWeight {
   int dq = -1;                 // the DequantizeLinear node

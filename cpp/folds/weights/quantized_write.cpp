@@ -28,7 +28,27 @@ void write_parameter(FoldContext& ctx, const std::vector<int>& nodes, int slot, 
     if (it == groups.end()) groups.push_back({name, {Use{n, slot}}});
     else it->second.push_back(Use{n, slot});
   }
-  for (const auto& [name, readers] : groups) write_constant_for(ctx, readers, name, data_type, dims, raw, base, outcome);
+  for (const auto& [name, readers] : groups)
+    write_constant_for(ctx, readers, name, data_type, dims, raw, base, outcome, /*keep_constant_node=*/true);
+}
+
+// A parameter's values in the dims the model stores it with (QuantLayout::stored_scale_dims / stored_zero_dims;
+// a per-tensor scale made per-channel takes the broadcast shape when it was stored with the weight's rank),
+// where the new values still broadcast from them; else in the layout's own dims.
+std::pair<std::vector<int64_t>, std::vector<double>> stored_form(const QuantizedWeight& w, const RescaledWeight& r,
+                                                                 const std::vector<int64_t>& stored,
+                                                                 std::vector<double> values) {
+  const QuantLayout& l = r.layout;
+  std::vector<int64_t> want = stored;
+  if (r.promoted) {
+    want.clear();
+    if (w.layout.scale_dims.size() == w.dims.size() && w.dims.size() >= 2) want = l.full_dims(w.dims);
+  }
+  if (want.empty() || l.per_tensor()) return {l.scale_dims, std::move(values)};
+  auto from = l.broadcast_dims(want, w.dims);
+  auto packed = from ? unbroadcast_values(values, *from, l.full_dims(w.dims)) : std::nullopt;
+  if (!packed) return {l.scale_dims, std::move(values)};
+  return {want, std::move(*packed)};
 }
 
 }  // namespace
@@ -59,13 +79,25 @@ void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const We
     write_constant_for(ctx, {Use{reader, 0}}, g.nodes[reader].inputs[0], w.int_type, w.dims,
                        rescaled_weight_data(w, wl, r, true), base + "_weight", outcome);
   }
-  const std::vector<int64_t>& pdims = r.layout.scale_dims;
-  auto scale_raw = kernels::store_values(w.scale_type, r.scale);
-  write_parameter(ctx, qdq, 1, w.scale_type, pdims, scale_raw ? *scale_raw : std::string(), base + "_scale", outcome);
+  const auto [scale_dims, scale] = stored_form(w, r, r.layout.stored_scale_dims, r.scale);
+  auto scale_raw = kernels::store_values(w.scale_type, scale);
+  write_parameter(ctx, qdq, 1, w.scale_type, scale_dims, scale_raw ? *scale_raw : std::string(), base + "_scale",
+                  outcome);
   bool any_nonzero = std::any_of(r.zero.begin(), r.zero.end(), [](int64_t z) { return z != 0; });
-  if ((w.has_zero && r.zero_changed) || (!w.has_zero && any_nonzero))
-    write_parameter(ctx, qdq, 2, w.int_type, pdims, kernels::write_quantized(r.zero, w.int_type), base + "_zero_point",
-                    outcome);
+  // The zero point keeps its stored shape while the scale keeps its own; it follows the scale's otherwise.
+  const auto& old_scale_dims = w.layout.stored_scale_dims.empty() ? w.layout.scale_dims : w.layout.stored_scale_dims;
+  const bool scale_kept_shape = scale_dims == old_scale_dims;
+  const auto [zero_dims, zero] =
+      stored_form(w, r, w.has_zero && scale_kept_shape ? r.layout.stored_zero_dims : scale_dims,
+                  std::vector<double>(r.zero.begin(), r.zero.end()));
+  // A zero point is rewritten when its values change, or its shape must follow the scale's.
+  const auto& old_zero_dims = w.layout.stored_zero_dims.empty() ? w.layout.scale_dims : w.layout.stored_zero_dims;
+  const bool reshaped = !r.layout.per_tensor() && zero_dims != old_zero_dims;
+  if ((w.has_zero && (r.zero_changed || reshaped)) || (!w.has_zero && any_nonzero)) {
+    write_parameter(ctx, qdq, 2, w.int_type, zero_dims,
+                    kernels::write_quantized(std::vector<int64_t>(zero.begin(), zero.end()), w.int_type),
+                    base + "_zero_point", outcome);
+  }
   if (r.promoted)
     for (int n : qdq) g.set_int_attribute(n, "axis", r.layout.axis);
 }

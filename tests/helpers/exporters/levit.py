@@ -12,7 +12,9 @@ RNG = np.random.default_rng(147)
 B, N, K, F = 2, 5, 8, 6
 
 
-def levit_linear_norm(flatten="Flatten", axis=2, shape=(-1, F), zero_shift=False, bias=False):
+def levit_linear_norm(flatten="Flatten", axis=2, shape=(-1, F), zero_shift=False, bias=False, shape_reader=None):
+    """`shape_reader` ("Shape" or "Size"): `.reshape_as(x)` as torch exports it, the back Reshape's shape read
+    from the MatMul's output by a Shape node (Size: a Size node reads it too, its count an extra output)."""
     gamma = RNG.uniform(0.5, 1.5, F) * np.where(np.arange(F) % 3 == 1, -1, 1)
     beta = np.zeros(F) if zero_shift else RNG.standard_normal(F)
     mean = np.zeros(F) if zero_shift else RNG.standard_normal(F)
@@ -38,8 +40,14 @@ def levit_linear_norm(flatten="Flatten", axis=2, shape=(-1, F), zero_shift=False
                                                                               "running_var")],
                           ["/m/c/bn/BatchNormalization_output_0"], name="/m/c/bn/BatchNormalization", epsilon=1e-5),
               h.make_node("Reshape", ["/m/c/bn/BatchNormalization_output_0", "back_shape"], ["y"], name="/m/c/Reshape_1")]
-    graph = h.make_graph(nodes, "main_graph", [h.make_tensor_value_info("x", T.FLOAT, [B, N, K])],
-                         [h.make_tensor_value_info("y", T.FLOAT, [B, N, F])], inits)
+    outputs = [h.make_tensor_value_info("y", T.FLOAT, [B, N, F])]
+    if shape_reader:
+        inits = [i for i in inits if i.name != "back_shape"]
+        nodes.insert(-1, h.make_node("Shape", ["/m/c/linear/MatMul_output_0"], ["back_shape"], name="/m/c/Shape"))
+    if shape_reader == "Size":
+        nodes.append(h.make_node("Size", ["/m/c/linear/MatMul_output_0"], ["count"], name="/m/c/Size"))
+        outputs.append(h.make_tensor_value_info("count", T.INT64, []))
+    graph = h.make_graph(nodes, "main_graph", [h.make_tensor_value_info("x", T.FLOAT, [B, N, K])], outputs, inits)
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], producer_name="pytorch")
     model.ir_version = 8
     return model

@@ -33,13 +33,13 @@ std::optional<Outcome> layer_output_blocker(Graph& g, int layer, const std::stri
   const std::string who = g.nodes[layer].op_type + " '" + g.nodes[layer].display_name(layer) + "'";
   if (g.is_graph_output(value))
     return Outcome::kept(Reason::LayerOutputIsGraphOutput,
-                         "the output of " + who + " is also a graph output, which must keep its values");
+                         "the output of " + who + " is also a graph output, which must keep its values").at_(value);
   const auto& uses = g.uses(value);
   for (const auto& u : uses)
-    if (u.node != reader || u.slot != slot)
+    if ((u.node != reader || u.slot != slot) && !reads_only_shape(g, u))
       return Outcome::kept(Reason::LayerOutputReadElsewhere,
                            "the output of " + who + " is also read by " + g.nodes[u.node].op_type + " '" +
-                               g.nodes[u.node].display_name(u.node) + "', which must keep seeing the unnormalized values");
+                               g.nodes[u.node].display_name(u.node) + "', which must keep seeing the unnormalized values").at_(g.nodes[u.node].display_name(u.node));
   return std::nullopt;
 }
 
@@ -53,8 +53,14 @@ std::optional<std::vector<int64_t>> constant_dims(Graph& g, const std::string& v
 
 void take_over_batchnorm_output(Graph& g, int layer, int slot, int bn, const BatchNormAffine& affine) {
   const std::string bn_output = g.nodes[bn].outputs[0];
+  const std::string old_output = g.nodes[layer].outputs[slot];
   remove_folded_batchnorm(g, bn, affine);
   g.set_output(layer, slot, bn_output);
+  // The old value is gone: its shape readers (layer_output_blocker let them be) read the BN's output now, of
+  // the same shape.
+  const std::vector<graph::Use> uses = g.uses(old_output);  // a copy: set_input edits the list
+  for (const auto& u : uses)
+    if (reads_only_shape(g, u)) g.set_input(u.node, u.slot, bn_output);
 }
 
 std::optional<size_t> known_rank(const Graph& g, const std::string& value) {

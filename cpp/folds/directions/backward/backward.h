@@ -34,7 +34,8 @@ struct MatMulAdd {
 std::optional<MatMulAdd> select_matmul_add(graph::Graph& g, int add);
 
 // A Kept outcome when `layer`'s output `value` cannot be handed on: it is a graph output, or something other
-// than input `slot` of node `reader` (the BN, or the Add after a MatMul) also reads it. nullopt when that
+// than input `slot` of node `reader` (the BN, or the Add after a MatMul) also reads it; readers of its shape
+// only (Shape, Size: reads_only_shape) do not count. nullopt when that
 // input is its only reader. The default slot is the reader's activation input (affine_data_slot).
 std::optional<Outcome> layer_output_blocker(graph::Graph& g, int layer, const std::string& value, int reader,
                                             int slot = -1);

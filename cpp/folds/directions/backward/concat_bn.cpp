@@ -10,6 +10,7 @@
 // and the output channels must add up to BN's; otherwise the BN is kept with the first reason found (nothing is
 // edited until every producer can take its slice). Quantized producers are not folded through a Concat.
 #include "folds/directions/backward/backward.h"
+#include "folds/layer_kinds.h"
 #include "folds/expected.h"
 #include "folds/folds.h"
 #include "folds/directions/forward/padding_correction.h"
@@ -43,7 +44,7 @@ std::optional<int> select_concat_bn(Graph& g, int bn) {
   if (inputs.empty()) return std::nullopt;
   for (const auto& in : inputs) {
     const int p = g.producer(in);
-    if (p < 0 || !(g.nodes[p].is("Conv") || g.nodes[p].is("ConvTranspose"))) return std::nullopt;
+    if (p < 0 || !is_spatial_layer(g.nodes[p])) return std::nullopt;
   }
   return concat;
 }
@@ -124,11 +125,12 @@ Expected<ConcatBnPlan> plan_concat_bn(FoldContext& ctx, int concat, int bn) {
 Outcome apply_concat_bn(FoldContext& ctx, int concat, int bn, ConcatBnPlan& plan) {
   Graph& g = ctx.graph;
   Outcome out = Outcome::folded(FoldName::ConcatBn);
-  out.into_op = g.nodes[plan.slices[0].layer].op_type;
+  std::vector<std::string> ops;
+  for (const auto& p : plan.slices) ops.push_back(g.nodes[p.layer].op_type);
+  out.into_op = join_op_types(ops);  // each op once, in the table's order
   for (auto& p : plan.slices) {
     const Node& conv = g.nodes[p.layer];
     out.into.push_back(conv.display_name(p.layer));
-    if (conv.op_type != out.into_op && out.into_op.find(conv.op_type) == std::string::npos) out.into_op += "," + conv.op_type;
     const std::string layer_name = conv.name.empty() ? conv.outputs[0] : conv.name;
     write_layer_input(ctx, p.layer, 1, p.dtype, p.weight_dims, std::move(p.weight), layer_name + "_W", out);
     write_layer_input(ctx, p.layer, 2, p.dtype, {p.channels}, p.bias, layer_name + "_B", out);

@@ -10,6 +10,7 @@
 // of each group's block of C/g rows, o = group * (M/g) + j (WeightLayout::output_axis). Any rank, any group.
 // A weight produced by DequantizeLinear is the QDQ fold's pattern (qdq_*.cpp): not applicable here.
 #include "folds/directions/backward/backward.h"
+#include "folds/layer_kinds.h"
 #include "folds/expected.h"
 #include "folds/folds.h"
 #include "folds/directions/forward/padding_correction.h"
@@ -21,7 +22,7 @@ namespace {
 // select: a Conv / ConvTranspose produces the BN's input, and its weight is not behind DequantizeLinear.
 std::optional<int> select_conv_bn(graph::Graph& g, int bn) {
   const int layer = batchnorm_input_producer(g, bn);
-  if (layer < 0 || !(g.nodes[layer].is("Conv") || g.nodes[layer].is("ConvTranspose"))) return std::nullopt;
+  if (layer < 0 || !is_spatial_layer(g.nodes[layer])) return std::nullopt;
   const auto& in = g.nodes[layer].inputs;
   if (in.size() >= 2 && !in[1].empty() && produced_by_dequantize(g, in[1])) return std::nullopt;  // qdq-layer-bn's
   return layer;

@@ -23,6 +23,7 @@
 // onnxruntime's quantizer writes without pre-processing). drop_activation_quantizers=True removes that Q/DQ
 // pair and folds; the report marks the fold approximate.
 #include <algorithm>
+#include "folds/layer_kinds.h"
 #include <cmath>
 #include <limits>
 #include <unordered_set>
@@ -45,7 +46,6 @@ using wire::DataType;
 
 std::string label(const Graph& g, int n) { return g.nodes[n].op_type + " '" + g.nodes[n].display_name(n) + "'"; }
 
-bool is_layer(const Node& n) { return n.is("Conv") || n.is("ConvTranspose") || n.is("Gemm") || n.is("MatMul"); }
 
 // The rank of `value`, looking through the activation quantizers (elementwise) in front of it, in this graph
 // or, for an outer-scope value read in a subgraph, in the enclosing graph that makes it.

@@ -67,16 +67,16 @@ PlanOrKept plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine& affine,
       return Outcome::kept(Reason::UnevenTaps, who + " (" + geo.describe() + ") does not give every output position "
                                            "every kernel tap, so BN's shift would become a position-dependent map, "
                                            "not a bias; the option pad_correction=True folds it exactly with one "
-                                           "constant correction Add");
+                                           "constant correction Add").at_(g.nodes[layer].display_name(layer));
     return Outcome::kept(Reason::Padding, who + " pads its input (" + geo.describe() + ") and BN's shift is nonzero: "
                                     "after folding, the padded zeros would act as BN's shift t instead of 0; "
                                     "the option pad_correction=True folds it exactly with one constant "
-                                    "border-correction Add");
+                                    "border-correction Add").at_(g.nodes[layer].display_name(layer));
   }
   if (!uniform && !map)
     return Outcome::kept(Reason::DynamicShape, "pad_correction needs the static spatial size of the input of " + who +
                                               " to build its correction map, and its shape is " +
-                                              (shape ? dims_text(*shape) : std::string("unknown")));
+                                              (shape ? dims_text(*shape) : std::string("unknown"))).at_(g.nodes[layer].display_name(layer));
 
   // The numbers.
   const int32_t dtype = w.tensor.data_type;

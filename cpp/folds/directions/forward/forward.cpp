@@ -1,5 +1,6 @@
 // The forward fold's driver and the helpers its planners share; see forward.h for the graph and formula.
 #include "folds/directions/forward/forward.h"
+#include "folds/layer_kinds.h"
 #include "folds/expected.h"
 
 #include <cstring>
@@ -50,19 +51,19 @@ void visit(Graph& g, const std::string& value, ForwardReader path, Walk& walk) {
     walk.other = Outcome::kept(Reason::GraphOutput, path.values.empty() && path.reshape < 0
                                                    ? "its output is a graph output, which must keep BN's values"
                                                    : "its output reaches graph output '" + value +
-                                                         "' through identity nodes, which must keep BN's values");
+                                                         "' through identity nodes, which must keep BN's values").at_(value);
   if (path.reshape < 0) path.values.push_back(value);
   for (const auto& use : g.uses(value)) {
     const Node& n = g.nodes[use.node];
     const bool first = use.slot == 0;
+    if (reads_only_shape(g, use)) continue;  // the fold changes no shape; remove_forward_batchnorm rewires it
     if (first && is_see_through(g, n) && !n.outputs.empty() && !n.outputs[0].empty()) {
       visit(g, n.outputs[0], path, walk);
     } else if (first && path.reshape < 0 && (n.is("Flatten") || n.is("Reshape")) && !n.outputs.empty()) {
       ForwardReader next = path;
       next.reshape = use.node;
       visit(g, n.outputs[0], next, walk);
-    } else if (first && ((path.reshape < 0 && (n.is("Conv") || n.is("ConvTranspose"))) || n.is("Gemm") ||
-                         n.is("MatMul"))) {
+    } else if (first && is_layer(n) && (path.reshape < 0 || !is_spatial_layer(n))) {  // layer_kinds.h
       ForwardReader reader = path;
       reader.layer = use.node;
       walk.layers.push_back(std::move(reader));
@@ -74,12 +75,12 @@ void visit(Graph& g, const std::string& value, ForwardReader path, Walk& walk) {
       walk.quantizer = Outcome::kept(
           Reason::ActivationQuantizer,
           "its output feeds the activation quantizer " + describe_node(g, use.node) + dq +
-              ", which rounds BN's output: folding BN into the layer after it would change the quantized activations");
+              ", which rounds BN's output: folding BN into the layer after it would change the quantized activations").at_(n.display_name(use.node));
     } else if (!walk.other) {
       walk.other = Outcome::kept(
           Reason::OtherReader, use.slot < 0 ? "its output is read inside a subgraph of " + describe_node(g, use.node)
                                        : "its output is also read by " + describe_node(g, use.node) +
-                                             ", which is not a layer it can fold into");
+                                             ", which is not a layer it can fold into").at_(n.display_name(use.node));
     }
   }
 }
@@ -193,8 +194,8 @@ Outcome fold_bn_forward(FoldContext& ctx, int bn) {
   std::vector<LayerPlan> plans;
   for (const auto& reader : readers) {
     const Node& layer = g.nodes[reader.layer];
-    PlanOrKept plan = layer.is("Conv") || layer.is("ConvTranspose") ? plan_bn_conv(ctx, bn, affine, reader)
-                                                                    : plan_bn_gemm(ctx, bn, affine, reader);
+    PlanOrKept plan = is_spatial_layer(layer) ? plan_bn_conv(ctx, bn, affine, reader)
+                                              : plan_bn_gemm(ctx, bn, affine, reader);
     if (auto* o = std::get_if<Outcome>(&plan)) {
       if (o->verdict == Verdict::Kept && readers.size() > 1)
         o->message += " (it has " + std::to_string(readers.size()) + " layer readers and folds only into all of them)";
@@ -206,13 +207,12 @@ Outcome fold_bn_forward(FoldContext& ctx, int bn) {
   // Every layer can take BN exactly: edit.
   Outcome done;
   done.verdict = Verdict::Folded;
-  std::vector<std::string> notes;
+  std::vector<std::string> notes, ops;
   for (auto& plan : plans) {
     plan.apply(ctx, done);
     done.into.push_back(g.nodes[plan.layer].display_name(plan.layer));
-    const std::string& op = g.nodes[plan.layer].op_type;
-    if (done.into_op.empty()) done.into_op = op;
-    else if (done.into_op.find(op) == std::string::npos) done.into_op += "," + op;
+    ops.push_back(g.nodes[plan.layer].op_type);
+    done.into_op = join_op_types(ops);  // each op once, in the table's order: not the readers' order
     if (done.code.empty()) done.code = code(plan.fold_name);
     else if (done.code != code(plan.fold_name)) done.code = code(FoldName::BnLayers);
     for (const auto& m : plan.metrics) {
