@@ -132,9 +132,13 @@ def test_bn_conv_without_bias_gets_one_and_strides_dilations_are_fine_without_pa
 def test_weight_that_would_overflow_once_scaled_keeps_the_bn():
     model = bn_conv_model([1, 4, 5, 5], pads=[0, 0, 0, 0], zero_shift=True)  # t = 0: the bias stays finite
     gamma = next(t for t in model.graph.initializer if t.name == "bn_scale")
-    gamma.CopyFrom(numpy_helper.from_array(np.full(4, 3e38, dtype=np.float32), "bn_scale"))
-    var = next(t for t in model.graph.initializer if t.name == "bn_var")  # 1: the factor a itself fits
+    gamma.CopyFrom(numpy_helper.from_array(np.full(4, 4e9, dtype=np.float32), "bn_scale"))
+    var = next(t for t in model.graph.initializer if t.name == "bn_var")  # 1: a = 4e9 is within the 2^32 headroom
     var.CopyFrom(numpy_helper.from_array(np.full(4, 1.0, dtype=np.float32), "bn_var"))
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    values = numpy_helper.to_array(w).copy()
+    values.flat[7] = 1e30  # 1e30 * 4e9 does not fit float32
+    w.CopyFrom(numpy_helper.from_array(values, "w"))
     entry = assert_kept(model, "overflow")
     assert "weight 'w' would overflow float32" in entry.message
 
