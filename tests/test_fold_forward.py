@@ -132,9 +132,13 @@ def test_bn_conv_without_bias_gets_one_and_strides_dilations_are_fine_without_pa
 def test_weight_that_would_overflow_once_scaled_keeps_the_bn():
     model = bn_conv_model([1, 4, 5, 5], pads=[0, 0, 0, 0], zero_shift=True)  # t = 0: the bias stays finite
     gamma = next(t for t in model.graph.initializer if t.name == "bn_scale")
-    gamma.CopyFrom(numpy_helper.from_array(np.full(4, 3e38, dtype=np.float32), "bn_scale"))
-    var = next(t for t in model.graph.initializer if t.name == "bn_var")  # 1: the factor a itself fits
+    gamma.CopyFrom(numpy_helper.from_array(np.full(4, 4e9, dtype=np.float32), "bn_scale"))
+    var = next(t for t in model.graph.initializer if t.name == "bn_var")  # 1: a = 4e9 is within the 2^32 headroom
     var.CopyFrom(numpy_helper.from_array(np.full(4, 1.0, dtype=np.float32), "bn_var"))
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    values = numpy_helper.to_array(w).copy()
+    values.flat[7] = 1e30  # 1e30 * 4e9 does not fit float32
+    w.CopyFrom(numpy_helper.from_array(values, "w"))
     entry = assert_kept(model, "overflow")
     assert "weight 'w' would overflow float32" in entry.message
 
@@ -159,12 +163,14 @@ def test_auto_pad_same_with_a_1x1_kernel_pads_nothing():
 
 def test_end_pads_no_window_reaches_fold_without_the_option():
     # in 6, kernel 2, stride 2, pads end 1: the last window covers 4..5 and never reads the pad. Seeing that
-    # needs the input's size, here from the model's value_info.
+    # needs the input's size, which the core infers from the static graph input (no value_info needed).
     model = bn_conv_model([1, 3, 6, 6], kernel=2, strides=[2, 2], pads=[0, 0, 1, 1])
-    assert_kept(model, "padding")
-    model.graph.value_info.append(vi("r", [1, 3, 6, 6]))
     folded, entry = assert_folded_forward(model)
     assert "Add" not in op_types(folded)
+    # A symbolic input with a value_info claiming 6 x 6 proves nothing (fed 7 x 7, the last window reads the pad).
+    dynamic = bn_conv_model([1, 3, 6, 6], kernel=2, strides=[2, 2], pads=[0, 0, 1, 1], input_shape=[1, 3, "h", "w"])
+    dynamic.graph.value_info.append(vi("r", [1, 3, 6, 6]))
+    assert_kept(dynamic, "padding")
 
 
 # ---------------------------------------------------------------- padding
@@ -232,8 +238,11 @@ def test_shapes_come_from_the_shapes_option_when_the_model_has_none():
     # x's own shape is symbolic; the caller knows it.
     model = bn_conv_model([2, 4, 8, 8], pads=[1, 1, 1, 1], input_shape=["n", 4, "h", "w"])
     data = model.SerializeToString()
-    out, report = qdqfold_native.fold_with_report(data, pad_correction=True, shapes={"r": [None, 4, 8, 8]})
+    out, report = qdqfold_native.fold_with_report(data, pad_correction=True, shapes={"x": [None, 4, 8, 8]})
     assert report["batchnorms"][0]["folded"]
+    # A shape given for an intermediate value is a claim like value_info: the core infers those itself.
+    _, claimed = qdqfold_native.fold_with_report(data, pad_correction=True, shapes={"r": [None, 4, 8, 8]})
+    assert claimed["batchnorms"][0]["code"] == "dynamic-shape"
     assert_same_outputs(data, out, feeds={"x": RNG.standard_normal((2, 4, 8, 8)).astype(np.float32)})
     # The model's own value_info is not altered by the shape inference the Python layer runs.
     folded = onnx.load_from_string(out)
@@ -338,11 +347,13 @@ def test_bn_reshape_keeping_the_batch_folds():
 
 @pytest.mark.parametrize("target", [(2, -1), (-1, 48), (2, 48)])
 def test_bn_reshape_to_2d_gemm_folds_when_the_shape_shows_one_sample_per_row(target):
-    assert_kept(bn_flatten_model(reshape="Reshape", reshape_to=target), "unsupported-reshape")
-    model = bn_flatten_model(reshape="Reshape", reshape_to=target, value_info=[vi("n", [2, 4, 3, 4])])
-    assert_folded_forward(model)
-    # With pad_correction the shapes come from onnx shape inference.
+    # The core infers the shape from the static graph input itself.
+    assert_folded_forward(bn_flatten_model(reshape="Reshape", reshape_to=target))
     assert_folded_forward(bn_flatten_model(reshape="Reshape", reshape_to=target), pad_correction=True)
+    # A symbolic batch with a value_info claiming 2 proves nothing: fed 4 samples, a row would hold two.
+    model = bn_flatten_model(reshape="Reshape", reshape_to=target, value_info=[vi("n", [2, 4, 3, 4])])
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    assert_kept(model, "unsupported-reshape")
 
 
 def test_reshape_that_does_not_keep_samples_in_rows_is_kept():
@@ -367,8 +378,9 @@ def test_bn1d_before_matmul_needs_a_known_rank():
     c, n_out = 6, 3
     inits = [*bn_params("bn", c), tensor("w", [c, n_out])]
     nodes = [helper.make_node("Relu", ["x"], ["r"]), bn_node("r", "n"), helper.make_node("MatMul", ["n", "w"], ["y"])]
-    assert_kept(make_model(nodes, [vi("x", [4, c])], [vi("y", None)], inits), "unknown-rank")
-    assert_folded_forward(make_model(nodes, [vi("x", [4, c])], [vi("y", None)], inits, value_info=[vi("r", [4, c])]))
+    assert_folded_forward(make_model(nodes, [vi("x", [4, c])], [vi("y", None)], inits))
+    # An input without a shape: a value_info claiming rank 2 is not a proof.
+    assert_kept(make_model(nodes, [vi("x", None)], [vi("y", None)], inits, value_info=[vi("r", [4, c])]), "unknown-rank")
 
 
 def test_gemm_with_transposed_input_is_kept():
@@ -641,12 +653,17 @@ def test_bfloat16_weights_are_rounded_once():
 # ---------------------------------------------------------------- odd input: kept, never a crash
 
 
-def test_absurd_spatial_size_from_value_info_is_kept_not_allocated():
-    model = bn_conv_model([1, 4, 8, 8], pads=[1, 1, 1, 1])
-    model.graph.value_info.append(vi("r", [1, 4, 2 ** 40, 2 ** 40]))
+@pytest.mark.parametrize("size", [2 ** 30, 2 ** 40, 2 ** 62])
+def test_absurd_spatial_size_of_the_input_is_kept_not_allocated(size):
+    model = bn_conv_model([1, 4, 8, 8], pads=[1, 1, 1, 1], input_shape=[1, 4, "h", "w"])
     data = model.SerializeToString()
-    out, report = qdqfold_native.fold_with_report(data, pad_correction=True)
-    assert report["batchnorms"][0]["code"] == "correction-too-large" and out == data
+    out, report = qdqfold_native.fold_with_report(data, pad_correction=True, shapes={"x": [1, 4, size, size]})
+    assert report["batchnorms"][0]["code"] in ("correction-too-large", "dynamic-shape") and out == data
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = size
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_value = size
+    data = model.SerializeToString()
+    out, report = qdqfold_native.fold_with_report(data, pad_correction=True, shapes={})
+    assert report["batchnorms"][0]["code"] in ("correction-too-large", "dynamic-shape") and out == data
 
 
 @pytest.mark.parametrize("attrs", [dict(dilations=[2 ** 62, 1]), dict(strides=[0, 1]), dict(pads=[1, 1, -1, 1]),

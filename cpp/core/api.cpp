@@ -3,6 +3,7 @@
 #include "../folds/sources/affine.h"
 #include "../folds/fold.h"
 #include "../folds/merge_branches.h"
+#include "../folds/shapes.h"
 #include "report_fields.h"
 
 namespace qdqfold {
@@ -128,6 +129,7 @@ Report run_folds(graph::Model& model, const Options& options) {
   const size_t overridable = model.freeze_initializer_inputs ? 0 : model.graph->overridable_initializer_count();
   std::vector<Pending> pending;
   folds::BiasErrors bias_errors;
+  folds::ShapeProofs shape_proofs;
   for (graph::Graph* g : model.all_graphs())
     for (size_t i = 0; i < g->nodes.size(); ++i)
       if (!g->nodes[i].removed() && !g->nodes[i].created() &&
@@ -149,7 +151,7 @@ Report run_folds(graph::Model& model, const Options& options) {
       if (p.chosen.verdict == folds::Verdict::Folded) continue;
       // An elementwise node an earlier fold removed or changed is no longer a candidate.
       if (p.affine && (p.graph->nodes[p.node].removed() || !folds::is_elementwise_affine(*p.graph, p.node))) continue;
-      folds::FoldContext ctx{model, *p.graph, options, &bias_errors};
+      folds::FoldContext ctx{model, *p.graph, options, &bias_errors, &shape_proofs};
       for (const auto& rule : rules) {
         if (std::string_view(rule.direction) != pass) continue;
         folds::Outcome o = rule.apply(ctx, p.node);

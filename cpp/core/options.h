@@ -41,9 +41,10 @@ struct Options {
   // With merge_branches: merge branches with quantized weights too, re-quantizing the merged kernel
   // symmetrically per output channel. Not exact; reported approximate with the largest change.
   bool requantize_merged = false;
-  // Static shapes of values (dims, -1 where unknown) that the model's own value_info lacks, e.g. from onnx
-  // shape inference run on a copy by the Python layer; pad_correction reads the spatial size from them.
-  // Keyword `shapes` ({name: [dims]}); not a switch, so options() does not list it.
+  // Static shapes of graph inputs (dims, -1 where unknown) that complete the inputs' declared shapes: the
+  // caller fixes the size it will feed. The core infers every other value's shape itself from them
+  // (folds/shapes.h); entries for other values are not used, nor is value_info (a claim runtimes do not
+  // check). Keyword `shapes` ({name: [dims]}); not a switch, so options() does not list it.
   std::map<std::string, std::vector<int64_t>> shapes;
 };
 

@@ -25,11 +25,14 @@ namespace qdqfold::folds {
 // folds into it left at its output, so a chain (Conv -> BN -> BN) reports the sum as it reaches the output.
 using BiasErrors = std::map<std::pair<const graph::Graph*, int>, std::vector<double>>;
 
+struct ShapeProofs;  // shapes.h
+
 struct FoldContext {
   graph::Model& model;
   graph::Graph& graph;
   const Options& options;
   BiasErrors* bias_errors = nullptr;  // one per fold run (run_folds); null: chains are not tracked
+  ShapeProofs* shape_proofs = nullptr;  // one per fold run (run_folds); null: proven shapes are not kept
 };
 
 enum class Verdict { NotApplicable, Kept, Folded };

@@ -30,7 +30,8 @@
     "", "")                                                                                                        \
   X(DifferentInput, "different-input", "the summed branches do not read one input (merge_branches)", "", "")       \
   X(DilationMismatch, "dilation-mismatch", "the branches have different dilations (merge_branches)", "", "")       \
-  X(DynamicShape, "dynamic-shape", "the border correction needs a static spatial size that is not known",          \
+  X(DynamicShape, "dynamic-shape", "the border correction needs a static spatial size, which the core infers from the graph inputs' " \
+    "declared shapes (value_info is a claim, not used)",          \
     "shapes", "")                                                                                                  \
   X(Float8Quantizer, "float8-quantizer", "a QuantizeLinear that makes float8 values, whose rounding is not mirrored", \
     "", "")                                                                                                        \
@@ -74,7 +75,8 @@
     "a per-tensor scale must become per-channel, which needs DequantizeLinear's axis (opset >= 13)",                \
     "allow_opset_upgrade", "--allow-opset-upgrade")                                                                \
   X(OtherReader, "other-reader", "the BN's output is also read by something that is not a layer", "", "")          \
-  X(Overflow, "overflow", "a folded value overflows its type", "", "")                                             \
+  X(Overflow, "overflow", "a folded value overflows its type, or BN's factor is beyond 2^32, where the folded " \
+    "layer's sums would overflow (+Inf and -Inf: NaN) where the original's do not", "", "")                       \
   X(Padding, "padding", "BN -> padded layer with a nonzero shift: the border would change", "pad_correction",      \
     "--pad-correction")                                                                                            \
   X(PadsMisaligned, "pads-misaligned", "the branches' pads do not centre their kernels alike (merge_branches)", "",  \

@@ -233,42 +233,52 @@ std::optional<ConstRef> Graph::constant(const std::string& value) {
   return std::nullopt;
 }
 
-std::optional<std::vector<int64_t>> Graph::shape_of(const std::string& value) const {
-  auto from = [&](const ValueInfo& v) -> std::optional<std::vector<int64_t>> {
-    {
-      // ValueInfoProto.type -> TypeProto.tensor_type -> shape -> dim*
-      auto sub = [&](std::string_view body, uint32_t field) -> std::optional<std::string_view> {
-        Reader r(body, model->buffer.data());
-        std::optional<std::string_view> found;
-        while (!r.done()) {
-          Field f = r.next("value_info");
-          if (f.number == field && f.type == WireType::Bytes) found = f.bytes;
-        }
-        return found;
-      };
-      auto type = sub(v.body, num(ValueInfoField::Type));
-      if (!type) return std::nullopt;
-      auto tensor = sub(*type, num(TypeField::TensorType));
-      if (!tensor) return std::nullopt;
-      auto shape = sub(*tensor, num(TensorTypeField::Shape));
-      if (!shape) return std::nullopt;
-      std::vector<int64_t> dims;
-      Reader r(*shape, model->buffer.data());
-      while (!r.done()) {
-        Field f = r.next("shape");
-        if (f.number != num(ShapeField::Dim) || f.type != WireType::Bytes) continue;
-        int64_t d = -1;
-        Reader dr(f.bytes, model->buffer.data());
-        while (!dr.done()) {
-          Field g = dr.next("dim");
-          if (g.number == num(DimensionField::DimValue) && g.type == WireType::Varint) d = static_cast<int64_t>(g.scalar);
-        }
-        dims.push_back(d < 0 ? -1 : d);
-      }
-      return dims;
+namespace {
+
+// The dims of a ValueInfoProto's tensor shape, -1 where a dim is symbolic or unknown; nullopt without a shape.
+std::optional<std::vector<int64_t>> declared_dims(const ValueInfo& v, const char* base) {
+  // ValueInfoProto.type -> TypeProto.tensor_type -> shape -> dim*
+  auto sub = [&](std::string_view body, uint32_t field) -> std::optional<std::string_view> {
+    Reader r(body, base);
+    std::optional<std::string_view> found;
+    while (!r.done()) {
+      Field f = r.next("value_info");
+      if (f.number == field && f.type == WireType::Bytes) found = f.bytes;
     }
-    return std::nullopt;
+    return found;
   };
+  auto type = sub(v.body, num(ValueInfoField::Type));
+  if (!type) return std::nullopt;
+  auto tensor = sub(*type, num(TypeField::TensorType));
+  if (!tensor) return std::nullopt;
+  auto shape = sub(*tensor, num(TensorTypeField::Shape));
+  if (!shape) return std::nullopt;
+  std::vector<int64_t> dims;
+  Reader r(*shape, base);
+  while (!r.done()) {
+    Field f = r.next("shape");
+    if (f.number != num(ShapeField::Dim) || f.type != WireType::Bytes) continue;
+    int64_t d = -1;
+    Reader dr(f.bytes, base);
+    while (!dr.done()) {
+      Field g = dr.next("dim");
+      if (g.number == num(DimensionField::DimValue) && g.type == WireType::Varint) d = static_cast<int64_t>(g.scalar);
+    }
+    dims.push_back(d < 0 ? -1 : d);
+  }
+  return dims;
+}
+
+}  // namespace
+
+std::optional<std::vector<int64_t>> Graph::input_shape(const std::string& value) const {
+  auto refs = value_info_refs_.find(value);
+  if (refs == value_info_refs_.end() || refs->second.first[0] < 0) return std::nullopt;
+  return declared_dims(inputs[refs->second.first[0]], model->buffer.data());
+}
+
+std::optional<std::vector<int64_t>> Graph::shape_of(const std::string& value) const {
+  auto from = [&](const ValueInfo& v) { return declared_dims(v, model->buffer.data()); };
   auto refs = value_info_refs_.find(value);
   if (refs != value_info_refs_.end()) {
     const std::vector<ValueInfo>* lists[3] = {&inputs, &value_info, &outputs};  // the order they are consulted

@@ -148,6 +148,9 @@ class Graph {
   // A name this graph does not define (no producer, initializer or input here) is read from an enclosing
   // graph, whose shape information shape_of then consults.
   std::optional<std::vector<int64_t>> shape_of(const std::string& value) const;
+  // The shape a graph input of this graph declares (its type, which runtimes check feeds against), and nothing
+  // else: no value_info or output claim. nullopt when `value` is no input here or declares no shape.
+  std::optional<std::vector<int64_t>> input_shape(const std::string& value) const;
   // True when this graph itself defines `value`: a node output, an initializer or a graph input.
   bool defines(const std::string& value) const;
   int64_t opset(const std::string& domain = "") const;

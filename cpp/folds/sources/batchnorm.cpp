@@ -70,7 +70,42 @@ bool reads_only_shape(const Graph& g, const graph::Use& u) {
   return n.is("Shape") || n.is("Size");
 }
 
+namespace {
+
+// Beyond this factor, a fold moves overflow to a place where it does something else. The original computes
+// the layer's sums at their own size and multiplies by a once: a too large product is +-Inf. Folded, every
+// weight carries a, so the partial sums grow a times larger and can overflow to +Inf and -Inf within one
+// sum, which adds up to NaN (gamma 3e38: 50 of 50 outputs NaN where the original has +-Inf and no NaN). With
+// |a| <= 2^32 that needs partial sums beyond FLT_MAX / 2^32 (~7.9e28) in the original, where its own output
+// overflows too: far outside any model's range. Real BN factors stay below ~1e6 (gamma / sqrt(eps)).
+constexpr double kLargestFactor = 4294967296.0;  // 2^32
+
+std::optional<Outcome> factor_beyond_headroom(const Node& n, const BatchNormAffine& affine) {
+  for (size_t i = 0; i < affine.scale.size(); ++i)
+    if (!(std::fabs(affine.scale[i]) <= kLargestFactor)) {
+      const std::string what = n.is("BatchNormalization") ? "factor gamma / sqrt(var + epsilon)" : "constant factor";
+      return Outcome::kept(Reason::Overflow, "its " + what + " is " + std::to_string(affine.scale[i]) + " in channel " +
+                                             std::to_string(i) + ", beyond 2^32: folded into the weights it would make "
+                                             "the layer's sums overflow float32 to +Inf and -Inf (NaN) where the "
+                                             "original's overflow gives +-Inf, so it is kept");
+    }
+  return std::nullopt;
+}
+
+std::variant<BatchNormAffine, Outcome> read_batchnorm_map(FoldContext& ctx, int bn);
+
+}  // namespace
+
 std::variant<BatchNormAffine, Outcome> read_batchnorm(FoldContext& ctx, int bn) {
+  auto read = read_batchnorm_map(ctx, bn);
+  if (auto* affine = std::get_if<BatchNormAffine>(&read))
+    if (auto kept = factor_beyond_headroom(ctx.graph.nodes[bn], *affine)) return std::move(*kept);
+  return read;
+}
+
+namespace {
+
+std::variant<BatchNormAffine, Outcome> read_batchnorm_map(FoldContext& ctx, int bn) {
   Graph& g = ctx.graph;
   const Node& n = g.nodes[bn];
   // An elementwise Mul/Add/Sub/Div by a per-channel constant is the same map (affine.h).
@@ -146,6 +181,8 @@ std::variant<BatchNormAffine, Outcome> read_batchnorm(FoldContext& ctx, int bn) 
                                                std::to_string(c) + " parameters");
   return affine;
 }
+
+}  // namespace
 
 void remove_folded_batchnorm(Graph& g, int bn, const BatchNormAffine& affine) {
   const std::string bn_input = g.nodes[bn].inputs[affine_data_slot(g, bn)];

@@ -75,8 +75,10 @@ PlanOrKept plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine& affine,
   }
   if (!uniform && !map)
     return Outcome::kept(Reason::DynamicShape, "pad_correction needs the static spatial size of the input of " + who +
-                                              " to build its correction map, and its shape is " +
-                                              (shape ? dims_text(*shape) : std::string("unknown"))).at_(g.nodes[layer].display_name(layer));
+                                              " to build its correction map, and the size it can infer from the graph "
+                                              "inputs' declared shapes is " +
+                                              (shape ? dims_text(*shape) : std::string("unknown")) +
+                                              " (value_info is a claim, not checked by runtimes, so not used)").at_(g.nodes[layer].display_name(layer));
 
   // The numbers.
   const int32_t dtype = w.tensor.data_type;

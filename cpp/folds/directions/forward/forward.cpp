@@ -8,6 +8,7 @@
 #include "kernels/numeric.h"
 #include "kernels/per_channel.h"
 #include "folds/sources/affine.h"
+#include "folds/shapes.h"
 
 namespace qdqfold::folds {
 
@@ -117,14 +118,7 @@ std::variant<std::vector<ForwardReader>, Outcome> forward_readers(FoldContext& c
 }
 
 std::optional<std::vector<int64_t>> known_shape(const FoldContext& ctx, const std::string& value) {
-  auto model_shape = ctx.graph.shape_of(value);
-  auto given = ctx.options.shapes.find(value);
-  if (given == ctx.options.shapes.end()) return model_shape;
-  if (!model_shape) return given->second;
-  if (model_shape->size() == given->second.size())
-    for (size_t d = 0; d < model_shape->size(); ++d)
-      if ((*model_shape)[d] < 0) (*model_shape)[d] = given->second[d];
-  return model_shape;
+  return proven_shape(ctx, value);
 }
 
 std::optional<std::vector<int64_t>> activation_shape(const FoldContext& ctx, int bn, const ForwardReader& reader) {

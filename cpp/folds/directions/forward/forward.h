@@ -36,7 +36,8 @@ struct ForwardReader {
 // reader, a subgraph) or an activation quantizer stands between BN and the layer.
 std::variant<std::vector<ForwardReader>, Outcome> forward_readers(FoldContext& ctx, int bn);
 
-// The static shape of `value`: the model's shape information, completed by the `shapes` option.
+// The shape of `value` as the core proves it (shapes.h: from the graph inputs' declared shapes, completed by
+// the `shapes` option for those inputs, through the ops it knows); never a value_info or output claim.
 std::optional<std::vector<int64_t>> known_shape(const FoldContext& ctx, const std::string& value);
 
 // The shape of BN's input (= output) from any value that carries it, preferring one with every dim known.

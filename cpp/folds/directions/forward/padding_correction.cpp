@@ -119,6 +119,29 @@ bool every_position_gets_every_tap(const ConvGeometry& g) {
   return true;
 }
 
+std::optional<int64_t> output_extent(const ConvGeometry& g, size_t d, int64_t in) {
+  if (in < 1 || in > kMaxPositions || d >= g.rank()) return std::nullopt;
+  const int64_t s = g.strides[d], k_eff = g.effective_kernel(d);
+  int64_t out = 0;
+  if (!g.transposed) {
+    if (g.auto_pad == "SAME_UPPER" || g.auto_pad == "SAME_LOWER") {
+      out = (in + s - 1) / s;
+    } else {
+      const int64_t span = in + g.pads_begin[d] + g.pads_end[d] - k_eff;
+      if (span < 0) return std::nullopt;
+      out = span / s + 1;
+    }
+  } else if (!g.output_shape.empty()) {
+    out = g.output_shape[d];
+  } else if (g.auto_pad == "SAME_UPPER" || g.auto_pad == "SAME_LOWER") {
+    out = in * s;
+  } else {
+    out = s * (in - 1) + g.output_padding[d] + k_eff - g.pads_begin[d] - g.pads_end[d];
+  }
+  if (out < 1) return std::nullopt;
+  return out;
+}
+
 std::variant<TapMap, Outcome> tap_map(const ConvGeometry& g, const std::vector<int64_t>& input_dims,
                                       const std::string& layer_name) {
   TapMap map;

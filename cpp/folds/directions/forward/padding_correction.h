@@ -45,6 +45,10 @@ std::variant<ConvGeometry, Outcome> read_conv_geometry(const graph::Node& layer,
 // crop at least the kernel's reach on both sides.
 bool every_position_gets_every_tap(const ConvGeometry& geometry);
 
+// The output size of `geometry` in spatial dimension `d` for an input of size `in` (>= 1), as tap_map
+// computes it, or nullopt when there is none (a kernel larger than the padded input, an empty output).
+std::optional<int64_t> output_extent(const ConvGeometry& geometry, size_t d, int64_t in);
+
 // Per spatial dimension, the taps each output index receives.
 struct TapMap {
   std::vector<int64_t> output_dims;                        // spatial output size
