@@ -115,3 +115,29 @@ def test_every_fixture_is_listed() -> None:
     assert set(files) == listed
     readme = (REAL / "README.md").read_text()
     assert all(f in readme for f in files)
+
+
+def test_real_exports_tool(tmp_path) -> None:
+    """tools/real_exports.py on two of the cuts laid out as exports: one row each, counts and verdict."""
+    import importlib.util
+    import json
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("real_exports", Path(__file__).parents[1] / "tools" / "real_exports.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for exporter, cut in (("modelopt_int8", "modelopt_int8_resnet18_1bn.onnx"),
+                          ("ortq_pc", "ortq_pc_mobilenet_v2_3bn.onnx")):
+        (tmp_path / exporter).mkdir()
+        shutil.copy(REAL / cut, tmp_path / exporter / "cut.onnx")
+    out, rows = tmp_path / "table.md", tmp_path / "rows.json"
+    assert tool.main([str(tmp_path), "--out", str(out), "--json", str(rows), "--input-sets", "1"]) == 0
+    by = {r["exporter"]: r for r in json.loads(rows.read_text())}
+    assert (by["modelopt_int8"]["found"], by["modelopt_int8"]["folded"], by["modelopt_int8"]["verdict"]) == (1, 1, "exact")
+    assert by["ortq_pc"]["kept_by_reason"] == {"activation-quantizer": 3} and "verdict" not in by["ortq_pc"]
+    text = out.read_text()
+    assert "| modelopt_int8 | cut | 1 | 1 | - | exact |" in text
+    assert "| ortq_pc | cut | 3 | 0 | 3 activation-quantizer |" in text
+    # --before adds the earlier run's counts.
+    assert tool.main([str(tmp_path), "--only", "ortq_pc", "--before", str(rows), "--out", str(out)]) == 0
+    assert out.read_text().splitlines()[-1].endswith("| 0 folded; 3 activation-quantizer |")

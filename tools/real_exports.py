@@ -67,13 +67,23 @@ def measure(path: Path, options: dict[str, bool], levels: tuple[str, ...] = ("of
     return row
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def _counts(r: dict[str, Any] | None) -> str:
+    if r is None or "found" not in r:
+        return "-"
+    kept = ", ".join(f"{n} {code}" for code, n in r["kept_by_reason"].items())
+    return f"{r['folded']} folded" + (f"; {kept}" if kept else "")
+
+
+def table(rows: list[dict[str, Any]], before: list[dict[str, Any]] | None = None) -> str:
+    """The markdown table; with ``before`` (rows of an earlier run, e.g. of main), a column of its counts."""
+    old = {(r["exporter"], r["model"]): r for r in before or []}
     head = ("| exporter | model | BNs found | folded | kept by reason | verdict | deviation / range | "
-            "rounding floor | worst fold (ratio to bound) | certified |")
-    lines = [head, "|" + "|".join("---" for _ in range(10)) + "|"]
+            "rounding floor | worst fold (ratio to bound) | certified |" + (" before |" if before else ""))
+    lines = [head, "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"]
     for r in rows:
         if "found" not in r:
-            lines.append(f"| {r['exporter']} | {r['model']} | - | - | {r['error']} | - | - | - | - | - |")
+            lines.append(f"| {r['exporter']} | {r['model']} | - | - | {r['error']} | - | - | - | - | - |"
+                         + (f" {_counts(old.get((r['exporter'], r['model'])))} |" if before else ""))
             continue
         kept = ", ".join(f"{n} {code}" for code, n in r["kept_by_reason"].items()) or "-"
         verdict = r.get("verdict", "-" if not r["folded"] else "")
@@ -83,7 +93,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             if "certified" in r else "-"
         lines.append(f"| {r['exporter']} | {r['model']} | {r['found']} | {r['folded']} | {kept} | {verdict} | "
                      f"{_fmt(r.get('deviation'))} | {_fmt(r.get('floor'))} | {_fmt(r.get('worst_fold_ratio'))} | "
-                     f"{cert} |")
+                     f"{cert} |" + (f" {_counts(old.get((r['exporter'], r['model'])))} |" if before else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -97,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="off,default", help="onnxruntime levels to verify at (off,default)")
     parser.add_argument("--input-sets", type=int, default=3)
     parser.add_argument("--only", nargs="+", help="only these exporters (directory names)")
+    parser.add_argument("--before", type=Path, help="the --json rows of an earlier run (e.g. with main's build): "
+                                                     "adds a column of its folded / kept counts")
     for name, default in qdqfold.OPTIONS.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, action="store_const", const=not default,
                             default=default)
@@ -110,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in paths:
         print(f"{path} ...", file=sys.stderr, flush=True)
         rows.append(measure(path, options, tuple(args.levels.split(",")), args.input_sets))
-    text = f"qdqfold {qdqfold.__version__}\n\n" + table(rows)
+    before = json.loads(args.before.read_text()) if args.before else None
+    text = f"qdqfold {qdqfold.__version__}\n\n" + table(rows, before)
     print(text)
     if args.out:
         args.out.write_text(text)
