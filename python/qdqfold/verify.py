@@ -1126,8 +1126,11 @@ def _certify(plan: _CertPlan, expected: np.ndarray, actual: np.ndarray, magnitud
     diff[np.isnan(a) & np.isnan(e)] = 0.0
     diff[np.isnan(diff)] = np.inf
     k = 2.0 * math.sqrt(plan.terms) + 8.0
-    mag = np.abs(np.asarray(magnitude, np.float64)) if magnitude is not None and np.shape(magnitude) == e.shape \
-        else np.zeros_like(e)
+    mag = np.zeros_like(e)
+    if magnitude is not None and np.size(magnitude) == e.size:
+        # The layer's |W'| |x| in the layer's shape; a Reshape or Flatten between the layer and the BN (LeViT's
+        # MatMul -> Reshape -> BN) is a row-major view, element for element the BN's value.
+        mag = np.abs(np.asarray(magnitude, np.float64)).reshape(e.shape)
     shift = 0.0
     if plan.shift is not None and e.ndim >= 2 and e.shape[1] == len(plan.shift):
         shift = np.asarray(plan.shift).reshape([1, -1] + [1] * (e.ndim - 2))
