@@ -89,3 +89,19 @@ def test_a_symbolic_batch_is_fine_but_a_claimed_spatial_size_is_not():
     folded = fold_api(model, pad_correction=True)
     assert folded.report.batchnorms[0].folded
     assert_same_outputs(folded.input, folded.bytes, feeds={"x": RNG.standard_normal((3, 4, 8, 8)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("x_shape", [[2, 6, 6], None])
+def test_a_matmul_output_claimed_2d_but_3d_is_not_folded_as_features(x_shape):
+    # MatMul([2, 6, 6], W [6, 6]) is 3-D: BN normalizes its axis 1, not the features. A value_info claiming
+    # [2, 6] made gemm-bn write a Gemm onnxruntime refuses ("expected to have rank 2 but has rank 3").
+    inits = [tensor("w", [6, 6]), *bn_params("bn", 6)]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), bn_node("y", "out")]
+    model = make_model(nodes, [vi("x", x_shape)], [vi("out", None)], inits, value_info=[vi("y", [2, 6])])
+    model.graph.output[0].type.tensor_type.ClearField("shape")
+    folded = fold_api(model)
+    entry = folded.records["bn"]
+    assert not entry.folded and entry.code == ("channel-axis-mismatch" if x_shape else "unknown-rank"), entry.describe()
+    assert folded.unchanged
+    feeds = {"x": RNG.standard_normal((2, 6, 6)).astype(np.float32)}
+    np.testing.assert_array_equal(run(folded.bytes, feeds)[0], run(folded.input, feeds)[0])

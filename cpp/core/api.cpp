@@ -130,6 +130,7 @@ Report run_folds(graph::Model& model, const Options& options) {
   std::vector<Pending> pending;
   folds::BiasErrors bias_errors;
   folds::ShapeProofs shape_proofs;
+  folds::ShapeScope shape_scope(options, shape_proofs);  // for known_rank, which is handed only a graph
   for (graph::Graph* g : model.all_graphs())
     for (size_t i = 0; i < g->nodes.size(); ++i)
       if (!g->nodes[i].removed() && !g->nodes[i].created() &&

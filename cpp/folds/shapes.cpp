@@ -278,7 +278,7 @@ Maybe compute(Graph& g, const Node& n, const Lookup& in) {
 
 class Prover {
  public:
-  Prover(const FoldContext& ctx, ShapeProofs& proofs) : ctx_(ctx), proofs_(proofs) {}
+  Prover(const Options& options, ShapeProofs& proofs) : options_(options), proofs_(proofs) {}
 
   Maybe get(Graph& g, const std::string& root) {
     auto key = [&](const std::string& v) { return std::make_pair(static_cast<const Graph*>(&g), v); };
@@ -330,8 +330,8 @@ class Prover {
     if (g.is_graph_input(v)) {
       if (g.kind != graph::GraphKind::Main) return std::nullopt;  // a body's inputs are set by its owner node
       auto declared = g.input_shape(v);
-      auto given = ctx_.options.shapes.find(v);
-      if (given == ctx_.options.shapes.end()) return declared;
+      auto given = options_.shapes.find(v);
+      if (given == options_.shapes.end()) return declared;
       if (!declared) return given->second;
       if (declared->size() != given->second.size()) return declared;  // the declaration is what runtimes check
       for (size_t d = 0; d < declared->size(); ++d)
@@ -348,16 +348,38 @@ class Prover {
     return std::nullopt;
   }
 
-  const FoldContext& ctx_;
+  const Options& options_;
   ShapeProofs& proofs_;
 };
+
+thread_local const Options* scope_options = nullptr;
+thread_local ShapeProofs* scope_proofs = nullptr;
 
 }  // namespace
 
 std::optional<Dims> proven_shape(const FoldContext& ctx, const std::string& value) {
   ShapeProofs local;
-  Prover prover(ctx, ctx.shape_proofs ? *ctx.shape_proofs : local);
+  Prover prover(ctx.options, ctx.shape_proofs ? *ctx.shape_proofs : local);
   return prover.get(ctx.graph, value);
+}
+
+std::optional<Dims> proven_shape(const graph::Graph& g, const std::string& value) {
+  static const Options defaults;
+  ShapeProofs local;
+  Prover prover(scope_options ? *scope_options : defaults, scope_proofs ? *scope_proofs : local);
+  // Graph::constant is not const (it may look through Identity chains); nothing here edits the graph.
+  return prover.get(const_cast<graph::Graph&>(g), value);
+}
+
+ShapeScope::ShapeScope(const Options& options, ShapeProofs& proofs)
+    : previous_options_(scope_options), previous_proofs_(scope_proofs) {
+  scope_options = &options;
+  scope_proofs = &proofs;
+}
+
+ShapeScope::~ShapeScope() {
+  scope_options = previous_options_;
+  scope_proofs = previous_proofs_;
 }
 
 }  // namespace qdqfold::folds

@@ -38,4 +38,21 @@ struct ShapeProofs {
 // graph), as described above.
 std::optional<Dims> proven_shape(const FoldContext& ctx, const std::string& value);
 
+// The same for helpers that are handed only a graph (known_rank): with the options and proofs of the fold
+// run in progress on this thread (ShapeScope), else with the graph inputs' declared shapes alone.
+std::optional<Dims> proven_shape(const graph::Graph& g, const std::string& value);
+
+// Makes `options` and `proofs` those of proven_shape(graph, value) on this thread while it lives (run_folds).
+class ShapeScope {
+ public:
+  ShapeScope(const Options& options, ShapeProofs& proofs);
+  ~ShapeScope();
+  ShapeScope(const ShapeScope&) = delete;
+  ShapeScope& operator=(const ShapeScope&) = delete;
+
+ private:
+  const Options* previous_options_;
+  ShapeProofs* previous_proofs_;
+};
+
 }  // namespace qdqfold::folds

@@ -1,4 +1,5 @@
 #include "folds/directions/backward/backward.h"
+#include "folds/shapes.h"
 
 #include <algorithm>
 #include <cstring>
@@ -64,11 +65,10 @@ void take_over_batchnorm_output(Graph& g, int layer, int slot, int bn, const Bat
 }
 
 std::optional<size_t> known_rank(const Graph& g, const std::string& value) {
-  if (auto s = g.shape_of(value)) return s->size();
-  const int p = g.producer(value);
-  if (p >= 0 && (g.nodes[p].is("Flatten") || g.nodes[p].is("Gemm"))) return 2;
-  // An outer-scope value read in an If/Loop/Scan body: its producer is in the enclosing graph.
-  if (g.parent && !g.defines(value)) return known_rank(*g.parent, value);
+  // Proven (folds/shapes.h: from the graph inputs through the ops the core knows, Flatten and Gemm among
+  // them, outer-scope values in their own graph), never a value_info claim: a MatMul output claimed 2-D
+  // but 3-D made gemm-bn write a Gemm that onnxruntime refuses.
+  if (auto s = proven_shape(g, value)) return s->size();
   return std::nullopt;
 }
 
