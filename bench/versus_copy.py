@@ -1,6 +1,8 @@
 """qdqfold against a plain copy of the same model, in the same run: the floors of issue 7's targets.
 
-For each cached bench model (build them first with bench.py), taking turns, median of --repeat runs:
+For each cached bench model (build them first with bench.py; `vgg11-bn`, VGG-11-BN with torchvision's shapes,
+is built here by vgg11_bn.py) in each --workdir (repeatable: one per file system, e.g. ext4 and tmpfs; the model
+is copied from the first), taking turns across models and file systems, median of --repeat runs:
 
 - `cp IN OUT` and `python -m qdqfold IN -o OUT -q`, both as whole processes;
 - `qdqfold_native.fold_file(IN, OUT)` timed around the call in this process;
@@ -13,12 +15,14 @@ round too, so a before/after comparison sees the same load.
 
     python bench/versus_copy.py vgg-100mb vgg-qat-500mb [--workdir /tmp/qdqfold-bench] [--native-path build]
         [--baseline /tmp/old/python]
+    python bench/versus_copy.py vgg11-bn --workdir /tmp/qdqfold-bench --workdir /dev/shm/qdqfold-bench --repeat 7
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,10 +38,48 @@ def timed(action) -> float:
     return time.perf_counter() - start
 
 
+def file_system(path: Path) -> str:
+    """The type of the file system holding `path` (the longest mount point of /proc/mounts above it)."""
+    best, kind = "", "?"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            fields = line.split()
+            point = fields[1]
+            if str(path.resolve()).startswith(point.rstrip("/") + "/") and len(point) > len(best):
+                best, kind = point, fields[2]
+    except (OSError, IndexError):
+        pass
+    return kind
+
+
+def model_in(workdirs: list[Path], name: str) -> list[Path]:
+    """The model `name` in every workdir: built (vgg11-bn only) or taken from the first, copied to the others."""
+    paths = [w / f"{name}-s0.onnx" for w in workdirs]
+    if not paths[0].exists():
+        if name != "vgg11-bn":
+            sys.exit(f"{paths[0]}: not built yet (python bench/bench.py builds it)")
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, str(Path(__file__).with_name("vgg11_bn.py")), "-o", str(paths[0])], check=True)
+    for p in paths[1:]:
+        if not p.exists() or p.stat().st_size != paths[0].stat().st_size:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(paths[0], p)
+    return paths
+
+
+def load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="cached bench models by name, e.g. vgg-qat-500mb (seed 0)")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/qdqfold-bench"))
+    parser.add_argument("--workdir", type=Path, action="append",
+                        help="where the models are and the outputs go (repeatable: one per file system); "
+                             "default /tmp/qdqfold-bench")
     parser.add_argument("--native-path", type=Path, action="append")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--baseline", type=Path, action="append",
@@ -49,44 +91,54 @@ def main() -> None:
     sys.path[:0] = env.get("PYTHONPATH", "").split(os.pathsep)
     import qdqfold_native
 
-    out_dir = args.workdir / "versus-copy"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dst = out_dir / "out.onnx"
+    workdirs = args.workdir or [Path("/tmp/qdqfold-bench")]
 
-    def fresh_output() -> None:
+    def fresh_output(dst: Path) -> None:
         dst.unlink(missing_ok=True)
         os.sync()
 
     print(machine_info())
-    print(f"qdqfold_native: {qdqfold_native.__file__}; medians of {args.repeat}, taking turns")
-    print(f"{'model':16s} {'cp s':>7s} {'CLI s':>7s} {'CLI/cp':>7s} {'fold_file s':>11s} {'/cp':>6s} "
+    print(f"qdqfold_native: {qdqfold_native.__file__}; medians of {args.repeat}, taking turns; load average {load()}")
+    print(f"{'model':12s} {'fs':6s} {'cp s':>7s} {'CLI s':>7s} {'CLI/cp':>7s} {'fold_file s':>11s} {'/cp':>6s} "
           f"{'fold() s':>9s} {'copy s':>7s} {'fold/copy':>9s}" + (f" {'base CLI s':>10s} {'/cp':>6s}" if base_env else ""))
+    runs = []  # (model name, workdir, source, output)
     for name in args.models:
-        src = args.workdir / f"{name}-s0.onnx"
-        if not src.exists():
-            sys.exit(f"{src}: not built yet (python bench/bench.py builds it)")
-        times: dict[str, list[float]] = {k: [] for k in ("cp", "cli", "fold_file", "fold", "copy", "base")}
-        data = src.read_bytes()
-        for _ in range(args.repeat):
-            fresh_output()
-            times["cp"].append(timed(lambda: subprocess.run(["cp", str(src), str(dst)], check=True)))
-            fresh_output()
-            times["cli"].append(timed(lambda: subprocess.run(
+        for workdir, src in zip(workdirs, model_in(workdirs, name)):
+            out_dir = workdir / "versus-copy"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            runs.append((name, workdir, src, out_dir / "out.onnx"))
+    times = {run: {k: [] for k in ("cp", "cli", "fold_file", "fold", "copy", "base")} for run in runs}
+    for _ in range(args.repeat):
+        for run in runs:
+            name, workdir, src, dst = run
+            t = times[run]
+            fresh_output(dst)
+            t["cp"].append(timed(lambda: subprocess.run(["cp", str(src), str(dst)], check=True)))
+            fresh_output(dst)
+            t["cli"].append(timed(lambda: subprocess.run(
                 [sys.executable, "-m", "qdqfold", str(src), "-o", str(dst), "-q"], check=True, env=env)))
             if base_env is not None:
-                fresh_output()
-                times["base"].append(timed(lambda: subprocess.run(
+                fresh_output(dst)
+                t["base"].append(timed(lambda: subprocess.run(
                     [sys.executable, "-m", "qdqfold", str(src), "-o", str(dst), "-q"], check=True, env=base_env)))
-            fresh_output()
-            times["fold_file"].append(timed(lambda: qdqfold_native.fold_file(str(src), str(dst))))
-            fresh_output()
-            times["fold"].append(timed(lambda: qdqfold_native.fold(data)))
-            times["copy"].append(timed(lambda: bytearray(data)))
-        m = {k: statistics.median(v) for k, v in times.items() if v}
-        print(f"{name:16s} {m['cp']:7.3f} {m['cli']:7.3f} {m['cli'] / m['cp']:6.2f}x {m['fold_file']:11.3f} "
-              f"{m['fold_file'] / m['cp']:5.2f}x {m['fold']:9.3f} {m['copy']:7.3f} {m['fold'] / m['copy']:8.2f}x"
+            fresh_output(dst)
+            t["fold_file"].append(timed(lambda: qdqfold_native.fold_file(str(src), str(dst))))
+            fresh_output(dst)
+            if workdir == workdirs[0]:  # bytes in memory: once per model
+                data = src.read_bytes()
+                t["fold"].append(timed(lambda: qdqfold_native.fold(data)))
+                t["copy"].append(timed(lambda: bytearray(data)))
+                del data
+    for run in runs:
+        name, workdir, src, dst = run
+        m = {k: statistics.median(v) for k, v in times[run].items() if v}
+        in_memory = (f"{m['fold']:9.3f} {m['copy']:7.3f} {m['fold'] / m['copy']:8.2f}x" if "fold" in m
+                     else f"{'':9s} {'':7s} {'':9s}")
+        print(f"{name:12s} {file_system(workdir):6s} {m['cp']:7.3f} {m['cli']:7.3f} {m['cli'] / m['cp']:6.2f}x "
+              f"{m['fold_file']:11.3f} {m['fold_file'] / m['cp']:5.2f}x {in_memory}"
               + (f" {m['base']:10.3f} {m['base'] / m['cp']:5.2f}x" if base_env else ""))
-    dst.unlink(missing_ok=True)
+        dst.unlink(missing_ok=True)
+    print(f"load average after the rounds: {load()}")
     python_start = statistics.median(timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True))
                                      for _ in range(args.repeat))
     cli_start = statistics.median(timed(lambda: subprocess.run([sys.executable, "-m", "qdqfold", "--version"],

@@ -26,6 +26,7 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <memory>
@@ -377,9 +378,60 @@ void OutputFile::pwrite_all(const char* p, size_t n, int64_t offset) {
   }
 }
 
+#if defined(QDQFOLD_IO_LINUX)
+namespace {
+
+constexpr size_t kPipeBytes = size_t(1) << 20;
+
+// Copies up to `n` bytes of `in` from `*from` to the current end of `out` through a pipe of kPipeBytes, in the
+// kernel (splice reads page cache pages into the pipe by reference, the second splice copies them into the
+// output's page cache); advances *from and returns the bytes left. Returns `n` untouched when there is no
+// such pipe, and stops early when the input ends or cannot be spliced (the caller copies the rest another way).
+// Why: copy_file_range between unaligned offsets on a file system without a copy of its own (ext4, tmpfs)
+// goes through the kernel's splice with a 64 KB pipe, and ext4 then writes the output in 4 KB folios, each
+// with its own block reservation: 494 MB took 0.21 s of system time where the same copy, page-aligned or
+// through a 1 MB pipe, took 0.14 s (Linux 6.18). `cp` copies whole files, aligned, and never meets this.
+size_t splice_through_pipe(int in, loff_t* from, int out, size_t n, const std::string& destination) {
+  int ends[2];
+  if (pipe2(ends, O_CLOEXEC) != 0) return n;
+  struct Close {
+    int* ends;
+    ~Close() {
+      close_keeping_errno(ends[0]);
+      close_keeping_errno(ends[1]);
+    }
+  } close_both{ends};
+  const int size = fcntl(ends[1], F_SETPIPE_SZ, static_cast<int>(kPipeBytes));
+  if (size < static_cast<int>(kPipeBytes)) return n;  // over the user's pipe limit: no better than copy_file_range
+  while (n > 0) {
+    ssize_t got = splice(in, from, ends[1], nullptr, std::min(n, kPipeBytes), SPLICE_F_MOVE);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) break;  // the input ended early or cannot be spliced: the pipe is empty here
+    n -= static_cast<size_t>(got);
+    while (got > 0) {  // the pipe is drained before the next read, so neither splice ever blocks
+      const ssize_t put = splice(ends[0], nullptr, out, nullptr, static_cast<size_t>(got), SPLICE_F_MOVE);
+      if (put < 0 && errno == EINTR) continue;
+      if (put <= 0) {
+        if (put == 0) errno = EIO;
+        throw_os_error("cannot write", destination);
+      }
+      got -= put;
+    }
+  }
+  return n;
+}
+
+}  // namespace
+#endif
+
 void OutputFile::copy_from(const MappedFile& in, int64_t offset, size_t n) {
 #if defined(QDQFOLD_IO_LINUX)
   loff_t from = offset;
+  // copy_file_range where the file system may share or copy the blocks itself (a reflink on btrfs and XFS
+  // needs block-aligned offsets), through a pipe of our own for large unaligned ranges (see above).
+  const auto page = static_cast<int64_t>(g_page_size);
+  if (n >= kPipeBytes && (offset % page != 0 || ::lseek(static_cast<int>(file_), 0, SEEK_CUR) % page != 0))
+    n = splice_through_pipe(static_cast<int>(in.file_), &from, static_cast<int>(file_), n, destination_);
   while (n > 0) {
     ssize_t c = copy_file_range(static_cast<int>(in.file_), &from, static_cast<int>(file_), nullptr, n, 0);
     if (c < 0 && errno == EINTR) continue;
