@@ -4,6 +4,7 @@
 #include "../folds/fold.h"
 #include "../folds/merge_branches.h"
 #include "report_fields.h"
+#include "../targets/onnxruntime.h"
 
 namespace qdqfold {
 
@@ -103,6 +104,8 @@ static std::map<std::string, int64_t> op_types(graph::Model& model) {
 
 Report run_folds(graph::Model& model, const Options& options) {
   auto before = op_types(model);
+  std::map<std::string, int64_t> kernels_before;
+  if (!options.target.empty()) kernels_before = targets::predict_onnxruntime_kernels(model);
   const auto& rules = folds::fold_rules();
   model.freeze_initializer_inputs = options.freeze_initializer_inputs || model.ir_version < 4;
   const size_t overridable = model.freeze_initializer_inputs ? 0 : model.graph->overridable_initializer_count();
@@ -160,6 +163,7 @@ Report run_folds(graph::Model& model, const Options& options) {
                           "reads them as constants";
     report.batchnorms.push_back(std::move(p.record));
   }
+  targets::run_target(model, options, std::move(kernels_before), report);
   report.op_types.before = std::move(before);
   report.op_types.after = op_types(model);
   return report;
