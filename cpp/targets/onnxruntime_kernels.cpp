@@ -16,6 +16,10 @@
 //   QDQPropagationTransformer: a per-tensor Q (constant scalar scale and zero point) after a chain of MaxPool /
 //       Reshape / Transpose / Squeeze / Unsqueeze / Slice, each the only reader of its input, is copied back to the
 //       node's output; a DQ before such a chain forward to the node's input.
+//   QDQS8ToU8Transformer: on x86-64 (QDQIsInt8Allowed() is false off ARM) every int8 activation Q -> DQ pair
+//       becomes uint8 before the selectors run, and an int8 activation that is not such a pair forms no kernel.
+//       The prediction is x86-64's (measured there: an int8 input quantizer with a uint8 output quantizer forms
+//       QLinearConv); on ARM the selectors see the int8 types as written.
 // A prediction, not a measurement: tests/test_target_onnxruntime.py checks it against the count in the model
 // onnxruntime saves (optimized_model_filepath, ORT_ENABLE_ALL).
 #include <optional>
@@ -68,6 +72,16 @@ bool scalar_parameters(Graph& g, int qdq) {
   return n.inputs.size() >= 2;
 }
 
+// The activation type a Q or DQ node has once onnxruntime converted int8 activation pairs to uint8 (x86-64).
+int32_t activation_type(Graph& g, int qdq) {
+  const int32_t t = integer_type(g, qdq);
+  if (t != static_cast<int32_t>(DataType::Int8)) return t;
+  const Node& n = g.nodes[qdq];
+  const bool pair = n.is("QuantizeLinear") || (!n.inputs.empty() && g.producer(n.inputs[0]) >= 0 &&
+                                                g.nodes[g.producer(n.inputs[0])].is("QuantizeLinear"));
+  return pair ? static_cast<int32_t>(DataType::Uint8) : t;
+}
+
 // The DequantizeLinear an input comes from (directly, or forward through a propagating chain), else -1.
 int input_dq(Graph& g, const std::string& value, int reader) {
   int p = value.empty() ? -1 : g.producer(value);
@@ -96,7 +110,7 @@ int32_t output_q(Graph& g, int node) {
   int32_t type = -2;
   for (const auto& u : uses) {
     if (u.slot != 0 || !g.nodes[u.node].is("QuantizeLinear")) { type = 0; break; }
-    const int32_t t = integer_type(g, u.node);
+    const int32_t t = activation_type(g, u.node);
     if (type != -2 && type != t) return 0;
     type = t;
   }
@@ -120,7 +134,7 @@ int32_t output_q(Graph& g, int node) {
     }
     const bool at_minimum = (t == static_cast<int32_t>(DataType::Int8) && zp == -128) ||
                             (t == static_cast<int32_t>(DataType::Uint8) && zp == 0);
-    return at_minimum ? t : 0;
+    return at_minimum ? activation_type(g, q) : 0;
   }
   // Q propagated backwards over a chain of single-reader ops.
   while (propagates(g.nodes[next]) && !g.nodes[next].outputs.empty()) {
@@ -128,7 +142,7 @@ int32_t output_q(Graph& g, int node) {
     const auto& vu = g.uses(v);
     if (g.is_graph_output(v) || vu.size() != 1 || vu[0].slot != 0) return 0;
     next = vu[0].node;
-    if (g.nodes[next].is("QuantizeLinear")) return scalar_parameters(g, next) ? integer_type(g, next) : 0;
+    if (g.nodes[next].is("QuantizeLinear")) return scalar_parameters(g, next) ? activation_type(g, next) : 0;
   }
   return 0;
 }
@@ -142,14 +156,14 @@ std::string kernel(Graph& g, int node) {
   if (!(conv || gemm || matmul || binary) || n.inputs.size() < 2) return "";
   const int a = input_dq(g, n.inputs[0], node), b = input_dq(g, n.inputs[1], node);
   if (a < 0 || b < 0) return "";
-  const int32_t ta = integer_type(g, a), tb = integer_type(g, b);
-  if (ta == 0 || tb == 0) return "";
+  // The weight keeps its type (a constant, not an activation pair); a binary op's inputs are activations.
+  const int32_t ta = activation_type(g, a), tb = binary ? activation_type(g, b) : integer_type(g, b);
   const auto int8 = static_cast<int32_t>(DataType::Int8);
+  if (ta == 0 || tb == 0 || ta == int8) return "";  // an int8 activation left as int8: not taken on x86-64
   const int32_t ty = output_q(g, node);
   const bool quantized_out = ty > 0;
   if (quantized_out && ty != ta) return "";
   if (binary) return quantized_out && ta == tb ? "QLinear" + n.op_type : "";
-  if (ta == int8 && tb != int8) return "";
   // Without output quantizers MatMul and Gemm still form a kernel (float output), unless some reader is a Q.
   bool q_reader = false;
   for (const auto& u : g.uses(n.outputs[0])) q_reader = q_reader || g.nodes[u.node].is("QuantizeLinear");
