@@ -252,3 +252,34 @@ def test_cli_target_flag_reports_the_target(tmp_path, mobilenet):
     story = subprocess.run([sys.executable, "-m", "qdqfold", str(src), "-n", "--target", "onnxruntime", "--explain",
                             "/features/features.3/conv/conv.2/Conv"], capture_output=True, text=True, check=True).stdout
     assert "not-commuting" in story and "Add '/features/features.3/Add'" in story
+
+
+def test_a_float_weight_behind_quantize_linear_is_stored_as_its_integers():
+    """Float W -> Q(axis 0) -> DQ -> Conv, no BN: the target stores the integers Q makes; outputs bit-identical."""
+    model = layer_model([relu()])
+    g = model.graph
+    wq = next(i for i in g.initializer if i.name == "wq")
+    scale = nh.to_array(next(i for i in g.initializer if i.name == "sw"))
+    # Float values around the grid, ties included (x.5 steps), as a QAT export holds them.
+    steps = nh.to_array(wq).astype(np.float32) + RNG.choice([-0.5, -0.3, 0.0, 0.25, 0.5], (C, C, 3, 3))
+    g.initializer.remove(wq)
+    g.initializer.append(nh.from_array((steps * scale.reshape(-1, 1, 1, 1)).astype(np.float32), "wf"))
+    g.node.insert(2, h.make_node("QuantizeLinear", ["wf", "sw", "zw"], ["wq"], name="wquant", axis=0))
+    data = model.SerializeToString()
+    out, report = qdqfold_native.fold_with_report(data, target="onnxruntime")
+    (layer,) = report["target_layers"]
+    assert layer["metrics"] == {"weight_stored_as_integers": 1.0} and "int8 integers" in layer["message"]
+    folded = onnx.load_from_string(out)
+    assert "wquant" not in [n.name for n in folded.graph.node] and "wf" not in [i.name for i in folded.graph.initializer]
+    (stored,) = [i for i in folded.graph.initializer if i.name in layer["new_tensors"]]
+    assert stored.data_type == T.INT8
+    for seed in range(3):
+        np.testing.assert_array_equal(run(out, feeds(seed))[0], run(data, feeds(seed))[0])
+
+
+def test_mobilenet_v2_qat_weights_are_stored_as_integers(mobilenet):
+    data, folded, targeted, report = mobilenet
+    model = onnx.load_from_string(targeted)
+    assert "QuantizeLinear" not in {n.op_type for n in model.graph.node
+                                    if n.input and n.input[0] in {i.name for i in model.graph.initializer}}
+    assert len(targeted) * 3 < len(data)  # int8 weights: about a quarter of the float bytes

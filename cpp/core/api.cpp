@@ -102,7 +102,18 @@ static std::map<std::string, int64_t> op_types(graph::Model& model) {
   return counts;
 }
 
+static Report run_folds_with(graph::Model& model, const Options& options);
+
+// The onnxruntime target stores quantized weights as integers: folded ones through the folds' own
+// materialization (materialize_quantized_weights), the others in the target (targets/onnxruntime_weights.cpp).
 Report run_folds(graph::Model& model, const Options& options) {
+  if (options.target.empty() || options.materialize_quantized_weights) return run_folds_with(model, options);
+  Options with_integers = options;
+  with_integers.materialize_quantized_weights = true;
+  return run_folds_with(model, with_integers);
+}
+
+static Report run_folds_with(graph::Model& model, const Options& options) {
   auto before = op_types(model);
   std::map<std::string, int64_t> kernels_before;
   if (!options.target.empty()) kernels_before = targets::predict_onnxruntime_kernels(model);

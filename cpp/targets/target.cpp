@@ -21,7 +21,10 @@ void run_target(graph::Model& model, const Options& options, std::map<std::strin
       if (!n.removed() && !n.created() && (n.is("Conv") || n.is("Gemm") || n.is("MatMul")))
         layers.push_back(static_cast<int>(i));
     }
-    for (int layer : layers) report.target_layers.push_back(output_quantizer(model, *g, layer));
+    for (int layer : layers) {
+      report.target_layers.push_back(output_quantizer(model, *g, layer));
+      store_integer_weight(model, *g, layer, report.target_layers.back());
+    }
   }
   report.target_kernels.before = std::move(kernels_before);
   report.target_kernels.after = predict_onnxruntime_kernels(model);
