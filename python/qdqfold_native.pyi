@@ -57,6 +57,9 @@ class _Folded(TypedDict):
     merges: NotRequired[list[BatchNormEntry]]  # merge_branches: one entry per sum of parallel branches
     op_types: OpTypes
     input_bytes: int  # the model and the external data files it read
+    target: NotRequired[str]  # target=...: its name
+    target_layers: NotRequired[list[BatchNormEntry]]  # per layer: given output quantizers, or why not
+    target_kernels: NotRequired[OpTypes]  # integer kernels onnxruntime is expected to form, by op
 
 class Report(_Folded):
     """What fold_with_report returns."""
@@ -114,6 +117,7 @@ class Options(TypedDict, total=False):
     merge_branches: bool  # False: merge parallel Conv/BN/identity branches summed over one input into one Conv
     requantize_merged: bool  # False: APPROXIMATE, merge quantized branches too, re-quantized per output channel
     shapes: Mapping[str, Sequence[int | None]]  # static shapes for pad_correction (value name -> dims)
+    target: Literal["onnxruntime"] | None  # None: after folding, rewrite for that runtime's integer kernels
 
 # base_directory: the directory external-data locations are relative to (reads confined to it); without it,
 # BNs whose weights are external are kept. tensors: external-data locations whose bytes are the given buffers

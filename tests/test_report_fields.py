@@ -182,14 +182,30 @@ def test_report_py_reads_every_field():
 
 def test_report_py_reads_actual_reports(tmp_path):
     path = _external(tmp_path)
-    native = qdqfold_native.fold_file(path, tmp_path / "out.onnx", merge_branches=True)
+    native = qdqfold_native.fold_file(path, tmp_path / "out.onnx", merge_branches=True, target="onnxruntime")
     folded = report_py.FoldReport.from_native(native)
     for name in (f.name for f in dataclasses.fields(report_py.FoldReport)):
         value = getattr(folded, name)
-        if value and isinstance(value[0], report_py.BatchNormEntry):
+        if isinstance(value, list) and value and isinstance(value[0], report_py.BatchNormEntry):
             value = [dataclasses.asdict(e) for e in value]
         assert value == native[name], name
-    assert folded.merges and folded.data_files
+    assert folded.merges and folded.data_files and folded.target_layers
+    # to_dict's document reads back the same.
+    assert report_py.FoldReport.from_dict(folded.to_dict()) == folded
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_target_fields_follow_the_table(tmp_path, call):
+    """target="onnxruntime" gives the report its target, target_layers (entries of the same form) and
+    target_kernels (an OpTypes dict)."""
+    if call == "fold_with_report":
+        _, report = qdqfold_native.fold_with_report(_model().SerializeToString(), target="onnxruntime")
+    else:
+        report = qdqfold_native.fold_file(_external(tmp_path), None, target="onnxruntime")
+    _check_report(report, call)
+    assert report["target"] == "onnxruntime" and report["target_kernels"]["after"]
+    for entry in report["target_layers"]:
+        _check_entry(entry)
 
 
 def test_the_json_schema_describes_every_entry_field():

@@ -16,6 +16,7 @@
 #include "../core/report_fields.h"
 #include "../folds/reasons.h"
 #include "../folds/layer_kinds.h"
+#include "../targets/onnxruntime.h"
 
 namespace py = pybind11;
 using qdqfold::Options;
@@ -61,6 +62,17 @@ Options parse_options(const py::kwargs& kwargs) {
     const auto key = py::cast<std::string>(item.first);
     if (key == "shapes") {
       options.shapes = parse_shapes(item.second);
+      continue;
+    }
+    if (key == "target") {
+      if (item.second.is_none()) continue;
+      if (!PyUnicode_Check(item.second.ptr()))
+        throw py::type_error(std::string("option 'target' takes None or a target name: ") +
+                             qdqfold::targets::known_targets());
+      options.target = item.second.cast<std::string>();
+      if (!qdqfold::targets::is_known_target(options.target))
+        throw py::type_error("option 'target': unknown target '" + options.target + "'; the targets are: " +
+                             qdqfold::targets::known_targets());
       continue;
     }
     const qdqfold::OptionSwitch& option = qdqfold::option_switch(key);  // OptionError: TypeError

@@ -5,6 +5,7 @@
 #include "../folds/merge_branches.h"
 #include "../folds/shapes.h"
 #include "report_fields.h"
+#include "../targets/onnxruntime.h"
 
 namespace qdqfold {
 
@@ -122,8 +123,21 @@ static std::map<std::string, int64_t> op_types(graph::Model& model) {
   return counts;
 }
 
+static Report run_folds_with(graph::Model& model, const Options& options);
+
+// The onnxruntime target stores quantized weights as integers: folded ones through the folds' own
+// materialization (materialize_quantized_weights), the others in the target (targets/onnxruntime_weights.cpp).
 Report run_folds(graph::Model& model, const Options& options) {
+  if (options.target.empty() || options.materialize_quantized_weights) return run_folds_with(model, options);
+  Options with_integers = options;
+  with_integers.materialize_quantized_weights = true;
+  return run_folds_with(model, with_integers);
+}
+
+static Report run_folds_with(graph::Model& model, const Options& options) {
   auto before = op_types(model);
+  std::map<std::string, int64_t> kernels_before;
+  if (!options.target.empty()) kernels_before = targets::predict_onnxruntime_kernels(model);
   const auto& rules = folds::fold_rules();
   model.freeze_initializer_inputs = options.freeze_initializer_inputs || model.ir_version < 4;
   const size_t overridable = model.freeze_initializer_inputs ? 0 : model.graph->overridable_initializer_count();
@@ -185,6 +199,7 @@ Report run_folds(graph::Model& model, const Options& options) {
                           "reads them as constants";
     report.batchnorms.push_back(std::move(p.record));
   }
+  targets::run_target(model, options, std::move(kernels_before), report);
   report.op_types.before = std::move(before);
   report.op_types.after = op_types(model);
   return report;

@@ -24,7 +24,7 @@ const OptionSwitch& option_switch(std::string_view keyword) {
     if (keyword == s.name) return s;
   std::string known;
   for (const auto& s : option_switches()) known += std::string(known.empty() ? "" : ", ") + s.name;
-  throw OptionError("unknown option '" + std::string(keyword) + "'; the options are: " + known + ", shapes");
+  throw OptionError("unknown option '" + std::string(keyword) + "'; the options are: " + known + ", shapes, target");
 }
 
 }  // namespace qdqfold

@@ -46,6 +46,10 @@ struct Options {
   // (folds/shapes.h); entries for other values are not used, nor is value_info (a claim runtimes do not
   // check). Keyword `shapes` ({name: [dims]}); not a switch, so options() does not list it.
   std::map<std::string, std::vector<int64_t>> shapes;
+  // A deployment target run after the folds (targets/onnxruntime.h): "" (none) or "onnxruntime", which gives a
+  // layer whose output reaches activation quantizers through ops that commute with rounding those quantizers'
+  // Q -> DQ right after it, exactly. Keyword `target` (a str); not a switch, so options() does not list it.
+  std::string target;
 };
 
 // An option a caller named that does not exist, or a value or combination of options that is not taken (the

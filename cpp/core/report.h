@@ -64,6 +64,13 @@ struct Report {
   std::vector<std::string> input_files;
   int64_t input_bytes = 0;  // the model and those files, as read
   OpTypeCounts op_types;
+  // The deployment target (Options::target; empty without one), one entry per layer it looked at (node: the
+  // layer; folded: given output quantizers, code "output-quantizer", into: the quantizers whose parameters it
+  // took; kept: left as it was, with the reason), and the integer kernels onnxruntime is expected to form, by
+  // kernel op, on the model as read and after the target (targets/onnxruntime_kernels.cpp).
+  std::string target;
+  std::vector<BatchNormRecord> target_layers;
+  OpTypeCounts target_kernels;
 };
 
 }  // namespace qdqfold

@@ -67,7 +67,10 @@ enum class Presence {
   X(data_files, Texts, Never, Always)          \
   X(removed_files, Texts, Never, Always)       \
   X(input_files, Texts, NonEmpty, Always)      \
-  X(input_bytes, Int, Always, Always)
+  X(input_bytes, Int, Always, Always)           \
+  X(target, Text, NonEmpty, NonEmpty)          \
+  X(target_layers, Records, NonEmpty, NonEmpty) \
+  X(target_kernels, OpTypes, NonEmpty, NonEmpty)
 
 struct FieldInfo {
   const char* name;

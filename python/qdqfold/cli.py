@@ -237,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "threads; the workers must see the inputs and the output directory at the same paths "
                            "(needs: pip install 'qdqfold[dask]')")
     group = parser.add_argument_group("fold options")
+    group.add_argument("--target", choices=("onnxruntime",), default=None,
+                       help="after folding, rewrite the model into the shape this runtime turns into integer "
+                            "kernels, exactly (onnxruntime: output quantizers after layers whose output reaches "
+                            "activation quantizers through Relu / Clip / MaxPool / reshapes)")
     for name in OPTIONS:
         flag, help_text = _option_flag(name)
         group.add_argument(flag, dest=name, action="store_const", const=not OPTIONS[name], default=OPTIONS[name],
@@ -255,8 +259,11 @@ class InputError(Exception):
 
 # ---------------------------------------------------------------------------------------------- running
 
-def _options(args: argparse.Namespace) -> dict[str, bool]:
-    return {name: getattr(args, name) for name in OPTIONS}
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {name: getattr(args, name) for name in OPTIONS}
+    if getattr(args, "target", None):
+        options["target"] = args.target
+    return options
 
 
 def _storage(args: argparse.Namespace) -> dict[str, object]:

@@ -114,6 +114,9 @@ def _bn_lines(report, style: Style, limit: int = 20) -> list[str]:
         lines += wrapped(f"{mark} {entry.describe()}", "  ", "    ")
     if len(shown) > limit:
         lines.append(style.dim(f"  ... and {len(shown) - limit} more kept (see --report-json)"))
+    target = report.target_lines()
+    if target:
+        lines += [style.bold(target[0]), *target[1:]]
     return lines
 
 

@@ -97,16 +97,29 @@ class FoldReport:
     #: merge_branches: one entry per sum of parallel branches (node: the sum), merged ("merge-branches") or
     #: kept with its reason; the identity BNs a merge removed are in ``batchnorms`` too.
     merges: list[BatchNormEntry] = field(default_factory=list)
+    #: The deployment target (``target="onnxruntime"``; "" without one): one entry per layer it looked at
+    #: (node: the layer; folded: given output quantizers, code "output-quantizer"; else left in float with the
+    #: reason), and the integer kernels onnxruntime is expected to form, {"before": {op: n}, "after": {op: n}}.
+    target: str = ""
+    target_layers: list[BatchNormEntry] = field(default_factory=list)
+    target_kernels: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
     def from_native(cls, data: dict[str, Any]) -> "FoldReport":
         return cls([BatchNormEntry(**entry) for entry in data["batchnorms"]],
                    list(data.get("data_files", [])), list(data.get("removed_files", [])),
-                   [BatchNormEntry(**entry) for entry in data.get("merges", [])])
+                   [BatchNormEntry(**entry) for entry in data.get("merges", [])],
+                   str(data.get("target", "")),
+                   [BatchNormEntry(**entry) for entry in data.get("target_layers", [])],
+                   {k: dict(v) for k, v in data.get("target_kernels", {}).items()})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FoldReport":
         """The inverse of :meth:`to_dict` (totals are recomputed, not read)."""
+        target = data.get("target")
+        if isinstance(target, dict):  # to_dict's block
+            data = {**data, "target": target["name"], "target_layers": target["layers"],
+                    "target_kernels": target["kernels"]}
         return cls.from_native(data)
 
     @property
@@ -158,10 +171,44 @@ class FoldReport:
     def find(self, node: str) -> BatchNormEntry | None:
         return next((b for b in self.batchnorms if b.node == node), None)
 
+    def target_lines(self) -> list[str]:
+        """The deployment target's part of a summary: layers given output quantizers, left in float by reason,
+        and the integer kernels expected before -> after (empty without a target)."""
+        if not self.target:
+            return []
+        given = [e for e in self.target_layers if e.folded]
+        left = Counter(e.code for e in self.target_layers if not e.folded)
+        lines = [f"Target {self.target}: {len(given)} of {len(self.target_layers)} layers given output quantizers "
+                 "(exactly)"]
+        for code, count in sorted(left.items()):
+            lines.append(f"  unchanged {count} x {code}")
+        before, after = self.target_kernels.get("before", {}), self.target_kernels.get("after", {})
+        changed = [op for op in sorted(set(before) | set(after)) if before.get(op, 0) or after.get(op, 0)]
+        kernels = ", ".join(f"{op} {before.get(op, 0)} -> {after.get(op, 0)}" for op in changed) or "none"
+        lines.append(f"  integer kernels onnxruntime is expected to form: {kernels}")
+        return lines
+
+    def explain_layer(self, node: str) -> str | None:
+        """A layer's story under the target, or None when the target did not look at a layer of that name."""
+        entry = next((e for e in self.target_layers if e.node == node), None)
+        if entry is None:
+            return None
+        lines = [f"{entry.op_type} {entry.node}" + ("" if entry.graph == "main" else f" (graph {entry.graph})"),
+                 f"  target  {self.target}: " + ("given output quantizers" if entry.folded else "left as it was")
+                 + f" [{entry.code}]"]
+        if entry.into:
+            lines.append(f"  from    {', '.join(entry.into)}")
+        if entry.new_tensors:
+            lines.append(f"  new tensors: {', '.join(entry.new_tensors)}")
+        lines.append(f"  why     {entry.message}")
+        return "\n".join(lines)
+
     def explain(self, node: str, model: "ModelInfo | None" = None) -> str:
         """One BN's story for people: where it sits (when the original model's ``ModelInfo`` is given), what
         happened to it and why. Raises ``KeyError`` (listing the BN names) when there is no such BN."""
         entry = self.find(node)
+        if entry is None and (story := self.explain_layer(node)) is not None:
+            return story
         if entry is None:
             names = ", ".join(b.node for b in self.batchnorms) or "none"
             raise KeyError(f"no BatchNormalization named {node!r}; the model's are: {names}")
@@ -206,6 +253,7 @@ class FoldReport:
             lines.append(f"  {len(approximate)} folded approximately (an approximate option was given)")
         for code, count in sorted(self.kept_by_reason().items()):
             lines.append(f"  kept {count} x {code}")
+        lines += self.target_lines()
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,6 +265,14 @@ class FoldReport:
             "data_files": list(self.data_files),
             "removed_files": list(self.removed_files),
             **({"merges": [asdict(m) for m in self.merges]} if self.merges else {}),
+            **({"target": {
+                "name": self.target,
+                "given_output_quantizers": sum(e.folded for e in self.target_layers),
+                "left_by_reason": dict(sorted(Counter(e.code for e in self.target_layers if not e.folded).items())),
+                "kernels": self.target_kernels,
+                # The integer-kernel saturation check (issue 21) adds its verdict per layer here.
+                "layers": [asdict(e) for e in self.target_layers],
+            }} if self.target else {}),
         }
 
     def to_json(self, indent: int = 2) -> str:

@@ -1,0 +1,46 @@
+// The onnxruntime deployment target (Options::target == "onnxruntime"): a stage after the folds that rewrites the
+// model into the shape onnxruntime's QDQ transformers turn into integer kernels, without changing what it
+// computes. Three parts, one file each:
+//
+//   onnxruntime_output_quantizers.cpp  a layer (Conv / Gemm / MatMul with dequantized inputs) whose output
+//       reaches activation quantizers only through ops that commute with rounding gets those quantizers'
+//       Q -> DQ right after it (exact: the same integers reach the downstream quantizers; the proof is there);
+//   onnxruntime_weights.cpp  a float weight behind QuantizeLinear stored as its integers (exact);
+//   onnxruntime_kernels.cpp  the integer kernels onnxruntime is expected to form, by op, predicted from its
+//       selector rules (qdq_selectors.cc) on the graph before the folds and after the target;
+//   target.cpp  the driver: runs the stage on every graph and fills Report::target*.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/options.h"
+#include "core/report.h"
+#include "graph/graph.h"
+
+namespace qdqfold::targets {
+
+// The target names Options::target takes ("" for none).
+bool is_known_target(const std::string& name);
+const char* known_targets();  // for messages: "onnxruntime"
+
+// One layer's outcome: given output quantizers (folded = true, code "output-quantizer"), or left in float
+// (folded = false) with a reason code and sentence.
+BatchNormRecord output_quantizer(graph::Model& model, graph::Graph& g, int layer);
+
+// A constant float32 weight behind its own QuantizeLinear stored as the integers it quantizes to (exact);
+// noted in `record` (new_tensors, metric "weight_stored_as_integers", message).
+void store_integer_weight(graph::Model& model, graph::Graph& g, int layer, BatchNormRecord& record);
+
+// The integer kernels onnxruntime's CPU provider is expected to form at its default level, by kernel op type
+// (QLinearConv, QLinearMatMul, MatMulIntegerToFloat, QGemm, QLinearAdd, QLinearMul; each listed, 0 included).
+std::map<std::string, int64_t> predict_onnxruntime_kernels(graph::Model& model);
+
+// After the folds: runs the target on `model` and fills report.target, target_layers and target_kernels
+// (`kernels_before`: the prediction on the model as read).
+void run_target(graph::Model& model, const Options& options, std::map<std::string, int64_t> kernels_before,
+                Report& report);
+
+}  // namespace qdqfold::targets

@@ -1,0 +1,87 @@
+// integer-weight (target onnxruntime): a constant float weight behind its own QuantizeLinear is stored as the
+// integers that QuantizeLinear makes.
+//
+//   before:  W (float32) -> QuantizeLinear(s, z, axis) -> q -> DequantizeLinear(s, z, axis) -> layer
+//   after:   q (int8 / uint8 / ...) -> DequantizeLinear(s, z, axis) -> layer
+//
+// q = clamp(round_half_even(fl32(W / s)) + z), computed by kernels::quantize_element exactly as onnxruntime's
+// QuantizeLinear does (float32 division, then rounding), so the DequantizeLinear reads the same integers and the
+// layer the same weight: exact, bit for bit. A quarter of the bytes; runtimes that want stored integers get them.
+// The layers whose BN was folded got theirs from the fold (materialize_quantized_weights, which the target
+// turns on). Left alone: a float16 / bfloat16 weight or scale (onnxruntime's float16 division is not modelled),
+// a weight or a quantized value read elsewhere, blocked quantization, float8 outputs.
+#include <optional>
+
+#include "graph/tensor.h"
+#include "kernels/quantized.h"
+#include "targets/onnxruntime.h"
+
+namespace qdqfold::targets {
+
+using graph::Graph;
+using graph::Node;
+using wire::DataType;
+
+namespace {
+
+bool only_read_by(const Graph& g, const std::string& value, int node) {
+  const auto& uses = g.uses(value);
+  return !g.is_graph_output(value) && uses.size() == 1 && uses[0].node == node && uses[0].slot >= 0;
+}
+
+}  // namespace
+
+// Stores layer `layer`'s weight as integers where that is exact; notes it in `record`.
+void store_integer_weight(graph::Model& model, Graph& g, int layer, BatchNormRecord& record) {
+  if (g.nodes[layer].inputs.size() < 2) return;
+  const int dq = g.producer(g.nodes[layer].inputs[1]);
+  if (dq < 0 || !g.nodes[dq].is("DequantizeLinear") || g.nodes[dq].inputs.size() < 2) return;
+  const int q = g.producer(g.nodes[dq].inputs[0]);
+  if (q < 0 || !g.nodes[q].is("QuantizeLinear") || g.nodes[q].inputs.size() < 2) return;
+  const Node& qn = g.nodes[q];
+  if (qn.attr_int("block_size", 0) != 0 || qn.outputs.size() != 1 || !only_read_by(g, qn.outputs[0], dq)) return;
+  const std::string w_name = qn.inputs[0];
+  auto w = g.constant(w_name);
+  auto s = g.constant(qn.inputs[1]);
+  const std::string z_name = qn.inputs.size() > 2 ? qn.inputs[2] : "";
+  auto z = z_name.empty() ? std::nullopt : g.constant(z_name);
+  const auto f32 = static_cast<int32_t>(DataType::Float);
+  if (!w || !s || (!z_name.empty() && !z) || w->tensor.data_type != f32 || s->tensor.data_type != f32) return;
+  if (!only_read_by(g, w_name, q)) return;
+  const int32_t type = z ? z->tensor.data_type
+                         : static_cast<int32_t>(qn.attr_int("output_dtype", static_cast<int64_t>(DataType::Uint8)));
+  auto range = kernels::integer_range(type);
+  if (!range || type == static_cast<int32_t>(DataType::Int32)) return;
+  auto wv = w->tensor.values();
+  auto sv = s->tensor.values();
+  std::optional<std::vector<double>> zv = z ? z->tensor.values() : std::vector<double>{0.0};
+  if (!wv || !sv || !zv || sv->size() != zv->size() || sv->empty()) return;
+  const auto& dims = w->tensor.dims;
+  int64_t axis = qn.attr_int("axis", 1), inner = 1, channels = 1;
+  if (sv->size() > 1) {
+    if (axis < 0) axis += static_cast<int64_t>(dims.size());
+    if (axis < 0 || axis >= static_cast<int64_t>(dims.size()) || dims[axis] != static_cast<int64_t>(sv->size()))
+      return;
+    channels = dims[axis];
+    for (size_t d = static_cast<size_t>(axis) + 1; d < dims.size(); ++d) inner *= dims[d];
+  }
+  std::vector<int64_t> ints(wv->size());
+  for (size_t i = 0; i < wv->size(); ++i) {
+    const size_t c = channels > 1 ? static_cast<size_t>((static_cast<int64_t>(i) / inner) % channels) : 0;
+    ints[i] = kernels::quantize_element(static_cast<float>((*wv)[i]), static_cast<float>((*sv)[c]),
+                                        static_cast<int64_t>((*zv)[c]), *range);
+  }
+  const std::string name = model.fresh_name(w_name + "_quantized");
+  g.add_tensor(name, graph::encode_tensor(name, type, dims, kernels::write_quantized(ints, type)));
+  const std::string q_output = g.nodes[q].outputs[0];
+  g.set_input(dq, 0, name);
+  g.remove_node(q);
+  g.remove_value_info(q_output);
+  g.drop_if_unused(w_name);
+  record.new_tensors.push_back(name);
+  record.metrics.emplace_back("weight_stored_as_integers", 1.0);
+  record.message += "; its float weight behind QuantizeLinear stored as the " +
+                    std::string(graph::data_type_name(type)) + " integers it quantizes to (exact)";
+}
+
+}  // namespace qdqfold::targets
