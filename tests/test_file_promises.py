@@ -133,6 +133,27 @@ def test_outputs_keep_an_existing_mode_and_new_ones_get_the_umask(tmp_path):
         assert (mode(new_file), mode(new_stdin)) == (expected, expected)
 
 
+@pytest.mark.skipif(not hasattr(os, "setxattr"), reason="extended attributes: Linux")
+def test_an_existing_output_keeps_its_owner_and_extended_attributes(tmp_path):
+    source = tmp_path / "m.onnx"
+    source.write_bytes(chain(3).SerializeToString())
+    existing = tmp_path / "existing.onnx"
+    existing.write_bytes(b"old")
+    try:
+        os.setxattr(existing, "user.qdqfold-test", b"kept")
+    except OSError:
+        pytest.skip("this file system has no user extended attributes")
+    owner = None
+    if os.geteuid() == 0:  # root may give the file away, as the owner of an existing output would have it
+        owner = (12345, 12346)
+        os.chown(existing, *owner)
+    assert run_cli(source, "-o", existing, "-q").returncode == 0
+    assert existing.read_bytes() != b"old"
+    assert os.getxattr(existing, "user.qdqfold-test") == b"kept"
+    if owner is not None:
+        assert (existing.stat().st_uid, existing.stat().st_gid) == owner
+
+
 def test_data_files_follow_their_model_file(tmp_path):
     model = external_model(tmp_path / "in")
     out = tmp_path / "out"
@@ -175,6 +196,10 @@ def test_long_paths_and_odd_names_give_one_line(tmp_path):
     with pytest.raises(qdqfold_native.FileError) as raised:
         qdqfold_native.fold_file(tmp_path / "no\nsuch.onnx", tmp_path / "o3.onnx")
     assert "\n" not in str(raised.value) and "no\\nsuch.onnx" in str(raised.value)
+    with pytest.raises(qdqfold_native.FileError, match="too long"):
+        qdqfold.fold_model(tmp_path / ("x" * 300 + ".onnx"))
+    (result,) = qdqfold.fold_many([tmp_path / ("x" * 300 + ".onnx")], tmp_path / "many")
+    assert "too long" in result.error and "\n" not in result.error
 
 
 def test_in_place_over_a_tree_never_writes_outside_it(tmp_path):

@@ -162,8 +162,12 @@ def _fold_path_to_proto(path: Path, options: dict[str, Any]) -> tuple[onnx.Model
 
     from .report import FoldReport
 
-    if not path.is_file():
-        raise qdqfold_native.FileError(f"{path}: no such model file" if not path.exists()
+    try:
+        is_file, exists = path.is_file(), path.exists()
+    except OSError as e:  # a name over NAME_MAX, a path over PATH_MAX
+        raise qdqfold_native.FileError(f"{path}: cannot read: {e.strerror or e}") from e
+    if not is_file:
+        raise qdqfold_native.FileError(f"{path}: no such model file" if not exists
                                        else f"{path}: is not a regular file")
     if _too_big_for_a_proto(path):
         with tempfile.TemporaryDirectory(prefix="qdqfold-") as scratch:
