@@ -190,6 +190,10 @@ def test_long_paths_and_odd_names_give_one_line(tmp_path):
     odd = tmp_path / "new\nline.onnx"
     done = run_cli(odd, "-o", tmp_path / "o.onnx")
     assert done.returncode == 1 and "new\\nline.onnx" in one_error_line(done)
+    # The report's lines too: a model written to such a path is named on one line.
+    done = run_cli(source, "-o", tmp_path / "we\nird.onnx")
+    assert done.returncode == 0 and "we\\nird.onnx" in done.stdout.decode()
+    assert not [line for line in done.stdout.decode().splitlines() if line.startswith("ird.onnx")]
     odd.mkdir()
     done = run_cli(odd, "-o", tmp_path / "o2.onnx")
     assert done.returncode == 1 and "new\\nline.onnx" in one_error_line(done)
