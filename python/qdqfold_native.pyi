@@ -147,6 +147,8 @@ def fold_file(
     save_as_external_data: bool | None = None,
     size_threshold: int = 1024,
     data_name: str | None = None,
+    base_directory: PathLike | None = None,  # where external data resolves instead of src's directory
+    model_label: str | None = None,  # how messages name src (a spooled stream: '<stdin>')
     **options: Unpack[Options],
 ) -> FileReport: ...
 def interrupt() -> None: ...

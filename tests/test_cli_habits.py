@@ -65,7 +65,7 @@ def test_standard_input_and_output(tmp_path):
 
     done = cli("-", "-o", "-", stdin=b"not a model")
     assert done.returncode == 1 and done.stdout == b""
-    assert done.stderr.decode().strip().startswith("qdqfold: error: -: not a valid ONNX model")
+    assert done.stderr.decode().strip().startswith("qdqfold: error: <stdin>: not a valid ONNX model")
 
 
 def test_standard_output_refuses_what_it_cannot_carry(tmp_path):

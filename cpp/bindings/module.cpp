@@ -299,7 +299,10 @@ PYBIND11_MODULE(qdqfold_native, m) {
   py::register_exception_translator([](std::exception_ptr p) {
     // Messages quote names from the model, which need not be UTF-8: decode with replacement, so that a
     // FoldError is what arrives, not a UnicodeDecodeError.
-    auto raise = [](const py::object& type, const std::string& what) {
+    // A message is one line: control characters (a newline in a path or a node name) are escaped, so that a
+    // newline prints as \n.
+    auto raise = [](const py::object& type, const std::string& message) {
+      const std::string what = qdqfold::io::one_line(message);
       py::set_error(type, py::reinterpret_steal<py::str>(
                               PyUnicode_DecodeUTF8(what.data(), static_cast<Py_ssize_t>(what.size()), "replace")));
     };
@@ -367,6 +370,16 @@ PYBIND11_MODULE(qdqfold_native, m) {
           storage.data_name(data_name.cast<std::string>());
         }
         storage.apply_to(file_options);
+        // A model without a directory of its own (standard input spooled to a temporary file): where its
+        // external data lives, and how messages name it.
+        const py::object base = take_keyword(kwargs, "base_directory");
+        const py::object label = take_keyword(kwargs, "model_label");
+        if (!base.is_none())
+          file_options.base_directory = py::cast<std::string>(py::module_::import("os").attr("fspath")(base));
+        if (!label.is_none()) {
+          if (!PyUnicode_Check(label.ptr())) throw py::type_error("option 'model_label' takes a str");
+          file_options.model_label = label.cast<std::string>();
+        }
         const Options options = parse_options(kwargs);
         const auto fspath = py::module_::import("os").attr("fspath");
         const auto source = py::cast<std::string>(fspath(src));
@@ -381,7 +394,7 @@ PYBIND11_MODULE(qdqfold_native, m) {
       },
       py::arg("src"), py::arg("dst"),
       "fold_file(src, dst, *, force=False, save_as_external_data=None, size_threshold=1024, data_name=None,\n"
-      "          **options) -> dict\n\n"
+      "          base_directory=None, model_label=None, **options) -> dict\n\n"
       "Folds the model file `src` into `dst` (may be the same path; None: a dry run that writes nothing) and\n"
       "returns the report, with 'input_files' (the input's external data files), 'data_files'\n"
       "(the external data files written beside `dst`) and 'removed_files'. The input is mapped, not read; each\n"
@@ -392,7 +405,11 @@ PYBIND11_MODULE(qdqfold_native, m) {
       "written or replaced, or that changed while they were read, and FoldError for an invalid model.\n"
       "How the output stores tensor data: save_as_external_data=None keeps the input's layout; False writes every\n"
       "tensor inline (FileError past 2 GB); True (implied by size_threshold or data_name) writes every initializer\n"
-      "of at least size_threshold bytes to one data file, data_name or dst.data, the others inline.");
+      "of at least size_threshold bytes to one data file, data_name or dst.data, the others inline.\n"
+      "base_directory: where external data locations resolve instead of src's directory (a model read from a\n"
+      "stream, spooled to a temporary file); model_label: how messages name src (e.g. '<stdin>').\n"
+      "An existing dst keeps its mode (owner and extended attributes where permitted); a new one gets\n"
+      "0666 & ~umask; the data files take the mode of their model file.");
   m.def(
       "interrupt", []() { qdqfold::io::interrupt(); },
       "interrupt() -> None\n\n"

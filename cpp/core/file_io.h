@@ -41,6 +41,10 @@ class FileError : public FoldError {
 // "path: what: <the operating system's reason for the last failed call of this thread>".
 [[noreturn]] void throw_os_error(const std::string& what, const std::string& path);
 
+// `text` on one line: control characters escaped (newline "\n", tab "\t", carriage return "\r", others
+// "\xNN"), so that a path holding a newline cannot split a message in two.
+std::string one_line(const std::string& text);
+
 // Which file a path names (after links): two names of one file compare equal. POSIX: device and inode;
 // Windows: volume serial number and file index.
 struct FileId {
@@ -120,9 +124,11 @@ class MappedFile {
 };
 
 // A temporary file beside `destination`, renamed over it by commit(); removed if never committed.
+// `mode_like`: the file whose mode (and owner) the new file takes when it exists (empty: `destination`); a data
+// file follows its model file this way.
 class OutputFile {
  public:
-  explicit OutputFile(std::string destination);
+  explicit OutputFile(std::string destination, std::string mode_like = {});
   ~OutputFile();
   OutputFile(const OutputFile&) = delete;
   OutputFile& operator=(const OutputFile&) = delete;
@@ -131,13 +137,15 @@ class OutputFile {
   void pwrite_all(const char* p, size_t n, int64_t offset);
   // Copies [offset, offset + n) of `in` to the current end, inside the kernel where it can.
   void copy_from(const MappedFile& in, int64_t offset, size_t n);
-  // Gives the file the permissions a plain create would (POSIX: the temporary file is made 0600), closes it
-  // and renames it over the destination (Windows: MoveFileExW with MOVEFILE_REPLACE_EXISTING).
+  // Gives the file the mode cp and install would (POSIX: the temporary file is made 0600): an existing
+  // `mode_like` file's mode, owner and group where permitted, and (Linux) extended attributes; else the
+  // umask's mode (0666 & ~umask). Then closes it and renames it over the destination (Windows: MoveFileExW
+  // with MOVEFILE_REPLACE_EXISTING).
   void commit();
   const std::string& destination() const { return destination_; }
 
  private:
-  std::string destination_, temp_;
+  std::string destination_, mode_like_, temp_;
   intptr_t file_ = -1;     // POSIX: the descriptor; Windows: the HANDLE
   int64_t position_ = 0;   // Windows: where write() goes next (every write there is positional)
   bool committed_ = false;

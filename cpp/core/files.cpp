@@ -549,12 +549,12 @@ StagedOutput stage_fold_file(MappedFile& input, FileResolver& resolver, const st
   std::vector<std::unique_ptr<OutputFile>>& data_files = staged.data_files;
   if (external.layout == Layout::AsInput) {
     for (size_t k = 0; k < resolver.files().size(); ++k) {
-      auto out = std::make_unique<OutputFile>(directory + "/" + data_names[k]);
+      auto out = std::make_unique<OutputFile>(directory + "/" + data_names[k], staged.outputs.model);
       write_data_file(*resolver.files()[k].file, data_names[k], external.overwrites, resolver, *out, stop);
       data_files.push_back(std::move(out));
     }
   } else if (!data_names.empty()) {
-    auto out = std::make_unique<OutputFile>(directory + "/" + data_names[0]);
+    auto out = std::make_unique<OutputFile>(directory + "/" + data_names[0], staged.outputs.model);
     write_pieces(external.data_pieces, sources, *out, stop);
     data_files.push_back(std::move(out));
   }
@@ -636,13 +636,15 @@ Report fold_file(const std::string& src, const std::string& dst, const Options& 
                     "output), other than the output's own");
   const Interruption stop{io::interrupt_generation(), dst};  // an interrupt() from now on stops this fold
   MappedFile input(src, "the model file");
-  FileResolver resolver(io::directory_of(src), src);
+  const std::string& label = file_options.model_label.empty() ? src : file_options.model_label;
+  FileResolver resolver(file_options.base_directory.empty() ? io::directory_of(src) : file_options.base_directory,
+                        label);
   try {
     // A dry run writes nothing, so nothing could make a deferred check: it checks everything first.
     StagedOutput staged =
-        dst.empty() ? stage_fold_file(input, resolver, src, dst, options, file_options, nullptr, stop)
+        dst.empty() ? stage_fold_file(input, resolver, label, dst, options, file_options, nullptr, stop)
                     : run_with_deferred_checks([&](std::shared_ptr<DeferredChecks> checks) {
-                        return stage_fold_file(input, resolver, src, dst, options, file_options, std::move(checks),
+                        return stage_fold_file(input, resolver, label, dst, options, file_options, std::move(checks),
                                                stop);
                       });
     return commit(staged, input, resolver, stop);

@@ -36,6 +36,11 @@ struct FileOptions {
   graph::ExternalOutput::Layout layout = graph::ExternalOutput::Layout::AsInput;
   int64_t size_threshold = 1024;
   std::string data_name;
+  // Where external data locations resolve (empty: src's directory), for a model that has no directory of
+  // its own (standard input, spooled to a private temporary file), and how messages name that model (empty:
+  // src).
+  std::string base_directory;
+  std::string model_label;
 };
 
 // fold_file's storage keywords as a caller gives them one by one (the Python binding's save_as_external_data,

@@ -27,6 +27,26 @@ size_t last_separator(const std::string& path) {
 }
 }  // namespace
 
+std::string one_line(const std::string& text) {
+  std::string out;
+  out.reserve(text.size());
+  for (const char c : text) {
+    const auto u = static_cast<unsigned char>(c);
+    if (u >= 0x20 && u != 0x7f) {
+      out.push_back(c);
+      continue;
+    }
+    static constexpr char kHex[] = "0123456789abcdef";
+    switch (c) {
+      case '\n': out += "\\n"; break;
+      case '\t': out += "\\t"; break;
+      case '\r': out += "\\r"; break;
+      default: out += "\\x"; out.push_back(kHex[u >> 4]); out.push_back(kHex[u & 15]);
+    }
+  }
+  return out;
+}
+
 const char* describe(FileKind kind) {
   switch (kind) {
     case FileKind::directory: return "a directory";

@@ -25,6 +25,10 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
+#if defined(QDQFOLD_IO_LINUX)
+#include <sys/xattr.h>
+#endif
+#include <cstdio>
 
 #include <algorithm>
 #include <cerrno>
@@ -333,7 +337,8 @@ void MappedFile::let_go_of(const FileId&) {}  // POSIX replaces and removes mapp
 
 // ------------------------------------------------------------------------------------------------- writing
 
-OutputFile::OutputFile(std::string destination) : destination_(std::move(destination)) {
+OutputFile::OutputFile(std::string destination, std::string mode_like)
+    : destination_(std::move(destination)), mode_like_(std::move(mode_like)) {
   const std::string prefix = directory_of(destination_) + "/." + file_name_of(destination_) + ".";
 #if defined(QDQFOLD_IO_LINUX)
   temp_ = prefix + "XXXXXX.tmp";
@@ -447,11 +452,72 @@ void OutputFile::copy_from(const MappedFile& in, int64_t offset, size_t n) {
   write(in.view().data() + offset, n);
 }
 
+namespace {
+
+// The process's umask, read without changing it where the system tells (Linux: /proc/self/status): umask(0)
+// and back would give a file another thread creates meanwhile the wrong mode.
+mode_t current_umask() {
+#if defined(QDQFOLD_IO_LINUX)
+  if (FILE* status = std::fopen("/proc/self/status", "re")) {
+    char line[256];
+    unsigned mask = 0;
+    bool found = false;
+    while (!found && std::fgets(line, sizeof line, status)) found = std::sscanf(line, "Umask: %o", &mask) == 1;
+    std::fclose(status);
+    if (found) return static_cast<mode_t>(mask);
+  }
+#endif
+  static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+  pthread_mutex_lock(&lock);
+  const mode_t mask = umask(022);
+  umask(mask);
+  pthread_mutex_unlock(&lock);
+  return mask;
+}
+
+#if defined(QDQFOLD_IO_LINUX)
+// The extended attributes of `from` (ACLs, SELinux labels, user.*) copied onto `fd`, as far as permitted.
+void copy_xattrs(const char* from, int fd) {
+  const ssize_t size = listxattr(from, nullptr, 0);
+  if (size <= 0) return;
+  std::string names(static_cast<size_t>(size), '\0');
+  const ssize_t got = listxattr(from, names.data(), names.size());
+  if (got <= 0) return;
+  names.resize(static_cast<size_t>(got));
+  std::string value;
+  for (size_t begin = 0; begin < names.size();) {
+    const char* name = names.c_str() + begin;
+    begin += std::strlen(name) + 1;
+    const ssize_t n = getxattr(from, name, nullptr, 0);
+    if (n < 0) continue;
+    value.assign(static_cast<size_t>(n), '\0');
+    const ssize_t m = getxattr(from, name, value.data(), value.size());
+    if (m >= 0) fsetxattr(fd, name, value.data(), static_cast<size_t>(m), 0);  // not permitted: skipped
+  }
+}
+#endif
+
+}  // namespace
+
 void OutputFile::commit() {
   const int fd = static_cast<int>(file_);
-  mode_t mask = umask(0);
-  umask(mask);
-  fchmod(fd, 0666 & ~mask);
+  // As cp onto an existing file and install: the existing file's mode (and owner, group and extended
+  // attributes where permitted); a new file gets the umask's mode, whatever the input's mode.
+  const std::string& like = mode_like_.empty() ? destination_ : mode_like_;
+  struct stat existing {};
+  if (::stat(like.c_str(), &existing) == 0 && S_ISREG(existing.st_mode)) {
+    if (existing.st_uid != geteuid() || existing.st_gid != getegid()) {
+      if (fchown(fd, existing.st_uid, existing.st_gid) != 0 && fchown(fd, static_cast<uid_t>(-1), existing.st_gid) != 0) {
+        // not permitted (another user's file): the new file is this user's, as cp's is
+      }
+    }
+#if defined(QDQFOLD_IO_LINUX)
+    copy_xattrs(like.c_str(), fd);
+#endif
+    fchmod(fd, existing.st_mode & 07777);  // after fchown, which may clear set-user-ID bits
+  } else {
+    fchmod(fd, 0666 & ~current_umask());
+  }
   file_ = -1;
   if (::close(fd) != 0) throw_os_error("cannot write", destination_);
   if (::rename(temp_.c_str(), destination_.c_str()) != 0) throw_os_error("cannot write", destination_);

@@ -286,7 +286,8 @@ bool MappedFile::changed() const {
 
 // ---------------------------------------------------------------------------------------------- writing
 
-OutputFile::OutputFile(std::string destination) : destination_(std::move(destination)) {
+OutputFile::OutputFile(std::string destination, std::string mode_like)
+    : destination_(std::move(destination)), mode_like_(std::move(mode_like)) {  // mode_like: POSIX modes only
   const std::string prefix = directory_of(destination_) + "/." + file_name_of(destination_) + ".";
   HANDLE h = INVALID_HANDLE_VALUE;
   for (int attempt = 0; attempt < 100 && h == INVALID_HANDLE_VALUE; ++attempt) {

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
 
     from .api import OPTIONS, fold_bytes, fold_model
     from .batch import ModelResult, VerifySettings, fold_many
+    from .files import MissingWeightsWarning
     from .report import BatchNormEntry, FoldReport
     from .verify import VerifyError, VerifyResult, verify
 
@@ -32,6 +33,7 @@ __all__ = [
     "BatchNormEntry",
     "FoldError",
     "FoldReport",
+    "MissingWeightsWarning",
     "ModelResult",
     "OPTIONS",
     "VerifyError",
@@ -46,7 +48,7 @@ __all__ = [
 
 #: Where each public name lives.
 _HOMES = {
-    "FoldError": "qdqfold_native",
+    "FoldError": "qdqfold_native", "MissingWeightsWarning": ".files",
     "OPTIONS": ".api", "fold_bytes": ".api", "fold_model": ".api",
     "ModelResult": ".batch", "VerifySettings": ".batch", "fold_many": ".batch",
     "BatchNormEntry": ".report", "FoldReport": ".report",

@@ -61,13 +61,23 @@ def with_inferred_shapes(model: bytes | bytearray | memoryview | str | os.PathLi
     return options
 
 
-def fold_bytes(data: bytes | bytearray | memoryview, **options: Any) -> tuple[bytes, FoldReport]:
+def fold_bytes(data: bytes | bytearray | memoryview, *, stacklevel: int = 3, **options: Any) -> tuple[bytes, FoldReport]:
     """Folds a serialized model; returns the new model's bytes and the report. With ``pad_correction`` the
-    static shapes the correction needs come from onnx shape inference (on a copy) unless ``shapes`` is given."""
+    static shapes the correction needs come from onnx shape inference (on a copy) unless ``shapes`` is given.
+    ``base_directory``: the directory external data locations are relative to; without it, BNs whose weights
+    are in external data are kept and a :class:`qdqfold.MissingWeightsWarning` says so."""
+    from .files import warn_missing_weights
     from .report import FoldReport
 
     out, report = qdqfold_native.fold_with_report(data, **with_inferred_shapes(data, options))
+    if options.get("base_directory") is None:
+        warn_missing_weights(report["batchnorms"], "the model in memory", _INSTEAD, stacklevel=stacklevel)
     return out, FoldReport.from_native(report)
+
+
+#: What to do instead, when a model in memory had its weights' data elsewhere.
+_INSTEAD = ("pass base_directory=DIR (the directory holding its data files), or load the model with its data "
+            "(onnx.load(path), or fold_model(path))")
 
 
 def _has_external_data(model: onnx.ModelProto) -> bool:
@@ -97,14 +107,19 @@ def load_model_bytes(path: str | os.PathLike) -> bytes:
 
 
 def write_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """Writes ``data`` to a temporary file beside ``path`` and renames it, so ``path`` is never half-written."""
+    """Writes ``data`` to a temporary file beside ``path`` and renames it, so ``path`` is never half-written. An
+    existing ``path`` keeps its mode (and owner where permitted); a new one gets 0666 & ~umask."""
     import tempfile
+
+    from .files import give_mode
 
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            give_mode(f.fileno(), path)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -147,8 +162,12 @@ def _fold_path_to_proto(path: Path, options: dict[str, Any]) -> tuple[onnx.Model
 
     from .report import FoldReport
 
-    if not path.is_file():
-        raise qdqfold_native.FileError(f"{path}: no such model file" if not path.exists()
+    try:
+        is_file, exists = path.is_file(), path.exists()
+    except OSError as e:  # a name over NAME_MAX, a path over PATH_MAX
+        raise qdqfold_native.FileError(f"{path}: cannot read: {e.strerror or e}") from e
+    if not is_file:
+        raise qdqfold_native.FileError(f"{path}: no such model file" if not exists
                                        else f"{path}: is not a regular file")
     if _too_big_for_a_proto(path):
         with tempfile.TemporaryDirectory(prefix="qdqfold-") as scratch:
@@ -158,7 +177,7 @@ def _fold_path_to_proto(path: Path, options: dict[str, Any]) -> tuple[onnx.Model
     with open(path, "rb") as f:
         data: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
     try:
-        folded_bytes, rep = fold_bytes(data, base_directory=str(path.parent), **options)
+        folded_bytes, rep = fold_bytes(data, base_directory=str(path.parent), **options)  # no warning: a directory
     finally:
         if isinstance(data, mmap.mmap):
             data.close()
@@ -182,6 +201,10 @@ def fold_model(model: ModelLike, *, output: str | os.PathLike | None = None, rep
       atomically, external data in files named after ``output``) and returns ``output`` as a ``Path``.
       ``force`` lets those data files replace existing files that are not from an earlier run.
 
+    An in-memory model (ModelProto or bytes) that keeps weights in external data reads them from
+    ``base_directory=DIR``; a ModelProto result then has every tensor loaded. Without it, the BNs whose weights
+    are not there are kept and a :class:`qdqfold.MissingWeightsWarning` (a UserWarning) says what to pass.
+
     With ``report=True`` the result is a pair ``(folded, FoldReport)``. Keyword options are those of
     :data:`OPTIONS`. Raises :class:`qdqfold.FoldError` for input that is not a valid ONNX model, and
     ``qdqfold_native.FileError`` (a FoldError) naming the file for files that cannot be read or written.
@@ -198,11 +221,15 @@ def fold_model(model: ModelLike, *, output: str | os.PathLike | None = None, rep
                 "the ModelProto is over protobuf's 2 GB limit and cannot be serialized for folding; save it with "
                 "external data (onnx.save(model, path, save_as_external_data=True)) and call "
                 "fold_model(path, output=...)") from e
-        folded_bytes, rep = fold_bytes(serialized, **options)
+        folded_bytes, rep = fold_bytes(serialized, stacklevel=4, **options)
         result: Any = onnx.ModelProto()
         result.ParseFromString(folded_bytes)
+        base = options.get("base_directory")
+        if base is not None and _has_external_data(result):
+            # The tensors no fold changed, loaded from base_directory as for a path: the result names no data file.
+            onnx.load_external_data_for_model(result, os.fspath(base))
     elif isinstance(model, (bytes, bytearray, memoryview)):
-        result, rep = fold_bytes(model, **options)
+        result, rep = fold_bytes(model, stacklevel=4, **options)
     elif isinstance(model, (str, os.PathLike)):
         if output is not None:  # file to file in the native core: mapped, external data kept external
             native = qdqfold_native.fold_file(model, output, force=force, **with_inferred_shapes(model, options))

@@ -342,6 +342,40 @@ def _kernel_check(path: Path | None, data: bytes | None, ops_after: dict[str, in
         return None
 
 
+def external_locations(data: bytes) -> set[str]:
+    """The external data locations a serialized model names (none when it is not a model qdqfold reads)."""
+    from .graphinfo import WireFormatError, read_model_info
+
+    try:
+        return set(read_model_info(data).external_locations)
+    except WireFormatError:
+        return set()
+
+
+def fold_spooled_result(data: bytes, label: str, base_directory: str | os.PathLike, dst: str | os.PathLike,
+                        options: dict[str, Any] | None = None, *, force: bool = False,
+                        make_parents: bool = True) -> ModelResult:
+    """Folds a serialized model that keeps weights in external data but has no directory of its own (standard
+    input) into the file ``dst``: the bytes are spooled to a private temporary file and folded file to file,
+    external data read from ``base_directory`` under the usual rules and written to data files named after
+    ``dst``, so that the output never names a data file qdqfold did not write. Raises :class:`ModelError`."""
+    import tempfile
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="qdqfold-stdin-") as scratch:
+        spool = Path(scratch) / "model.onnx"
+        spool.write_bytes(data)
+        native = _fold_file(spool, Path(dst), dict(options or {}), make_parents=make_parents, force=force,
+                            base_directory=base_directory, label=label)
+    report = FoldReport.from_native(native)
+    result = ModelResult(input=label, output=str(dst), written=True, report=report,
+                         ops_before=dict(native["op_types"]["before"]), ops_after=dict(native["op_types"]["after"]),
+                         size_before=native["input_bytes"], size_after=_files_size(Path(dst), report.data_files))
+    result.integer_kernels = _kernel_check(Path(dst), None, result.ops_after)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
 def read_for_stdout(src: Path) -> tuple[bytes, Path]:
     """The bytes of the model file ``src`` for a fold whose output goes to standard output (one message, so no
     external data in the output: tensors the fold does not change would still point at the input's files)."""
@@ -422,7 +456,8 @@ def fold_many(paths: Iterable[str | os.PathLike] | str | os.PathLike, out_dir: s
         raise ValueError("give out_dir, or dry_run=True, or in_place=True")
     import concurrent.futures
 
-    plan = plan_outputs(paths, None if dry_run else out_dir, in_place=in_place and not dry_run)
+    refused: list[tuple[Path, str]] = []  # in_place: models reached through a link out of their directory
+    plan = plan_outputs(paths, None if dry_run else out_dir, in_place=in_place and not dry_run, refused=refused)
     results: list[ModelResult | None] = [None] * len(plan)
     own = executor is None
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) if own else executor
@@ -432,4 +467,5 @@ def fold_many(paths: Iterable[str | os.PathLike] | str | os.PathLike, out_dir: s
     finally:
         if own:
             pool.shutdown()
-    return [r for r in results if r is not None]
+    return [ModelResult(input=str(src), output=None, error=why) for src, why in refused] + [
+        r for r in results if r is not None]

@@ -132,6 +132,20 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+#: --dask-timeout's default: a batch on Dask gives up when no model finished for this long.
+DASK_TIMEOUT = 900.0
+
+
 def _terminal_columns() -> int:
     """shutil.get_terminal_size().columns, read as shutil reads it (COLUMNS, else standard output's terminal,
     else 80) without importing shutil, which loads the compression modules (a few milliseconds of every run)."""
@@ -173,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ONNX model file(s), or directories searched recursively for *.onnx; '-' reads a "
                              "model from standard input. With exactly two and no -o/--in-place/--dry-run, the "
                              "second is the output (qdqfold in.onnx out.onnx, as onnxsim and onnxslim take it)")
+    parser.add_argument("--base-dir", metavar="DIR",
+                        help="with '-' (standard input): the directory that holds the model's external data files "
+                             "(a model from standard input has no directory of its own; without --base-dir one "
+                             "that keeps weights in external data is refused)")
     where = parser.add_argument_group("where to write")
     where.add_argument("-o", "--output", metavar="OUT",
                        help="the folded model (one input; '-' writes it to standard output and the report to "
@@ -236,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fold on the workers of a running Dask scheduler (e.g. tcp://host:8786) instead of "
                            "threads; the workers must see the inputs and the output directory at the same paths "
                            "(needs: pip install 'qdqfold[dask]')")
+    many.add_argument("--dask-timeout", type=_positive_float, default=DASK_TIMEOUT, metavar="SECONDS",
+                      help="with --dask: give up on the models left when none has finished for SECONDS (workers "
+                           "that keep dying, a model that never ends); they are listed as failed (default "
+                           "%(default)g)")
     group = parser.add_argument_group("fold options")
     group.add_argument("--target", choices=("onnxruntime",), default=None,
                        help="after folding, rewrite the model into the shape this runtime turns into integer "
@@ -321,10 +343,10 @@ def _run_interruptibly(function, *arguments, **keywords):
     worker = threading.Thread(target=work, name="qdqfold-fold")
     worker.start()
     try:
-        done.wait()
+        _wait_for(done)
     except KeyboardInterrupt:
         interrupt_running()
-        done.wait()
+        _wait_for(done, stoppable=False)
         raise
     finally:
         if done.is_set():
@@ -332,6 +354,43 @@ def _run_interruptibly(function, *arguments, **keywords):
     if "error" in outcome:
         raise outcome.pop("error")
     return outcome["value"]
+
+
+#: How often a wait of the main thread wakes up: a SIGINT the system delivered to another thread of the process
+#: is handled by Python only when the main thread runs, which a wait on a lock alone would postpone.
+_POLL_SECONDS = 0.1
+
+
+def _wait_for(event, stoppable: bool = True) -> None:
+    """Waits for ``event``, waking every _POLL_SECONDS so that Ctrl-C is seen at once. Not ``stoppable``: a
+    Ctrl-C meanwhile (a second one, after the folds were told to stop) does not end the wait."""
+    while True:
+        try:
+            if event.wait(_POLL_SECONDS):
+                return
+        except KeyboardInterrupt:
+            if stoppable:
+                raise
+
+
+def _on_ctrl_c(signum, frame) -> None:  # noqa: ARG001 (a signal handler's signature)
+    """SIGINT while the command line runs: the folds are told to stop at once (no partial output), whatever
+    the main thread is doing, and the main thread gets KeyboardInterrupt (once: a second Ctrl-C while the
+    folds give up is not another exception). The exit status is 130 even if a library swallows the exception."""
+    first = not _interrupted.is_set()
+    interrupt_running()
+    if first:
+        raise KeyboardInterrupt
+
+
+def _handle_ctrl_c():
+    """Installs _on_ctrl_c; returns the handler to restore, or None when this is not the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, _on_ctrl_c)
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -381,8 +440,39 @@ def _fold_quietly(source: Path, output: Path, options: dict[str, bool], force: b
     files.fold_file(source, output, options, make_parents=True, force=force, storage=storage)
 
 
+def _warn_missing_weights(results: list[ModelResult]) -> None:
+    """A warning on standard error for each model whose BNs were kept because their weights are not there."""
+    for result in results:
+        if result.report is not None:
+            kept = files.missing_weights(result.report.batchnorms)
+            if kept:
+                message = files.missing_weights_message(
+                    result.input, len(kept), "give --base-dir DIR (the directory holding the data files) with '-', "
+                    "or fold the model file where its data files are")
+                print(f"qdqfold: warning: {files.one_line(message)}", file=sys.stderr)
+
+
+def _check_stdin_external_data(args: argparse.Namespace, locations: list[str], to_stdout: bool) -> None:
+    """A model from standard input that keeps weights in external data: read from --base-dir, or refused (it has
+    no directory; an output naming those files would read whatever carries their names beside it)."""
+    stdin, names = files.STDIN_LABEL, ", ".join(locations)
+    if args.base_dir is None:
+        raise InputError(f"{stdin}: keeps weights in external data ({names}); a model from standard input has no "
+                         f"directory to read them from: give --base-dir DIR (the directory that holds them), or "
+                         f"fold the model file itself")
+    if to_stdout:
+        raise InputError(f"{stdin}: keeps weights in external data ({names}), which cannot be written to standard "
+                         f"output; give -o FILE")
+    if args.verify:
+        raise InputError(f"{stdin}: keeps weights in external data ({names}); --verify runs models from their "
+                         f"files: fold {os.path.join(args.base_dir, 'MODEL.onnx')} itself to verify")
+
+
 def run_single(args: argparse.Namespace) -> int:
     source = args.inputs[0]
+    if args.base_dir is not None and source != "-":
+        raise UsageError("--base-dir is for a model from standard input ('-'); a model file's external data is read "
+                         "from its own directory")
     report_only = bool(args.explain or args.json)
     to_stdout = _path_rule(paths.check_standard_output, args.output, json=args.json, in_place=args.in_place,
                            dry_run=args.dry_run)
@@ -397,20 +487,28 @@ def run_single(args: argparse.Namespace) -> int:
                 raise InputError(str(e)) from e
             return EXIT_OK
 
-    from .batch import fold_bytes_result, fold_file_result, read_for_stdout
+    from .batch import external_locations, fold_bytes_result, fold_file_result, fold_spooled_result, read_for_stdout
 
     folded: bytes | None = None
     try:
         if source == "-" or to_stdout:  # the model passes through memory
             _path_rule(paths.check_through_memory, external_data_options=bool(
                 args.external_data or args.size_threshold is not None or args.data_name))
+            label = source
             if source == "-":
-                data, base = sys.stdin.buffer.read(), None
+                data, base, label = sys.stdin.buffer.read(), args.base_dir, files.STDIN_LABEL
             else:
                 data, base = read_for_stdout(Path(source))
             output = None if to_stdout else _path_rule(paths.single_output, source, args.output, **where)
-            result, folded = _run_interruptibly(fold_bytes_result, data, source, output, _options(args),
-                                                verification=_verification(args), base_directory=base)
+            locations = external_locations(data) if source == "-" else set()
+            if locations:
+                _check_stdin_external_data(args, sorted(locations), to_stdout)
+            if locations and output is not None:  # folded file to file: its data files are its own
+                result = _run_interruptibly(fold_spooled_result, data, label, base, output, _options(args),
+                                            force=args.force)
+            else:
+                result, folded = _run_interruptibly(fold_bytes_result, data, label, output, _options(args),
+                                                    verification=_verification(args), base_directory=base)
         else:
             output = _path_rule(paths.single_output, source, args.output, **where)
             result = _run_interruptibly(fold_file_result, source, output, _options(args),
@@ -418,6 +516,7 @@ def run_single(args: argparse.Namespace) -> int:
                                         storage=_storage(args), model_info=bool(args.explain))
     except ModelError as e:
         raise InputError(str(e)) from e
+    _warn_missing_weights([result])
     if shown:
         from . import render
 
@@ -471,21 +570,25 @@ def _dask_client(address: str):
 def run_many(args: argparse.Namespace) -> int:
     import concurrent.futures
     import shutil
+    import time
 
     from . import render
     from .batch import ModelResult, fold_file_captured, plan_outputs
 
     if args.explain:
         raise UsageError("--explain takes one model file")
+    if args.base_dir is not None:
+        raise UsageError("--base-dir is for a model from standard input ('-')")
     _path_rule(paths.check_many_request, args.output, in_place=args.in_place, dry_run=args.dry_run,
                report_only=args.json, data_name=args.data_name)
     storage = _storage(args)
     out_dir = Path(args.output) if args.output else None
+    refused: list[tuple[Path, str]] = []  # --in-place: models reached through a link out of their tree
     try:
-        plan = plan_outputs(args.inputs, out_dir, in_place=args.in_place)
+        plan = plan_outputs(args.inputs, out_dir, in_place=args.in_place, refused=refused)
     except ValueError as e:  # paths.OutputPathError: two models to one file, or to another's data file name
         raise UsageError(str(e)) from e
-    if not plan:
+    if not plan and not refused:
         raise InputError(f"{', '.join(args.inputs)}: no *.onnx model found")
     if out_dir is not None:
         _path_rule(paths.make_output_directory, out_dir)
@@ -506,11 +609,33 @@ def run_many(args: argparse.Namespace) -> int:
                                force=args.force, storage=storage): index
                    for index, (src, dst) in enumerate(plan)}
         try:
-            for future in concurrent.futures.as_completed(futures):
-                result = _in_cli_words(future.result())
-                results[futures[future]] = result
-                bar.update(1)
-                bar.set_postfix_str(Path(result.input).name, refresh=False)
+            pending = set(futures)
+            progress = time.monotonic()  # when a model last finished (or the batch began)
+            while pending:
+                finished, pending = concurrent.futures.wait(pending, timeout=_POLL_SECONDS,
+                                                            return_when=concurrent.futures.FIRST_COMPLETED)
+                if finished:
+                    progress = time.monotonic()
+                for future in finished:
+                    try:
+                        result = _in_cli_words(future.result())
+                    except Exception as e:  # noqa: BLE001 (the executor itself failed: a Dask worker died)
+                        src, dst = plan[futures[future]]
+                        result = ModelResult(input=str(src), output=str(dst) if dst is not None else None,
+                                             error=f"{src}: not folded: the executor failed: {type(e).__name__}: {e}")
+                    results[futures[future]] = result
+                    bar.update(1)
+                    bar.set_postfix_str(Path(result.input).name, refresh=False)
+                if client is not None and pending and time.monotonic() - progress > args.dask_timeout:
+                    # Workers that keep dying (or models that never end): give up on what is left, and say so.
+                    for future in pending:
+                        future.cancel()
+                        src, dst = plan[futures[future]]
+                        results[futures[future]] = ModelResult(
+                            input=str(src), output=str(dst) if dst is not None else None,
+                            error=f"{src}: not folded: gave up after {args.dask_timeout:g} s on Dask with no model "
+                                  f"finishing (workers dying, or a model slower than --dask-timeout)")
+                    pending = set()
         except KeyboardInterrupt:
             # Ctrl-C: models not started are cancelled, running folds stop at their next chunk (no partial
             # output), verifications not started are skipped; the summary says what was not done.
@@ -524,6 +649,8 @@ def run_many(args: argparse.Namespace) -> int:
             # (a future cancelled here never counts as done for wait(): only the others are waited for)
             concurrent.futures.wait([f for f in futures if not f.cancelled()])
             for future, index in futures.items():
+                if results[index] is not None:
+                    continue
                 if future.cancelled():
                     src, dst = plan[index]
                     results[index] = ModelResult(input=str(src), output=str(dst) if dst is not None else None,
@@ -531,10 +658,12 @@ def run_many(args: argparse.Namespace) -> int:
                 elif results[index] is None:
                     results[index] = _in_cli_words(future.result())
         finally:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=client is None)  # a Dask future given up on may never end
             if client is not None:
                 client.close()
-    done = [r for r in results if r is not None]
+    done = [ModelResult(input=str(src), output=None, error=why) for src, why in refused]
+    done += [r for r in results if r is not None]
+    _warn_missing_weights(done)
     failed = [r for r in done if not r.ok]
     mismatched = [m for m in map(_verification_failure, done) if m]
 
@@ -561,6 +690,21 @@ def run_many(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     _interrupted.clear()  # an earlier run's Ctrl-C (main() called again in one process) does not carry over
+    previous = _handle_ctrl_c()
+    try:
+        status = _run(args)
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, previous)
+    if _interrupted.is_set() and status != EXIT_INTERRUPTED:  # a Ctrl-C some library swallowed
+        print("qdqfold: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return status
+
+
+def _run(args: argparse.Namespace) -> int:
     args.inputs, args.output = paths.positional_output(args.inputs, args.output, in_place=args.in_place,
                                                        dry_run=args.dry_run,
                                                        report_only=bool(args.json or args.explain))
@@ -579,12 +723,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         parser.print_usage(sys.stderr)
-        print(f"qdqfold: error: {e}", file=sys.stderr)
+        print(f"qdqfold: error: {files.one_line(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except InputError as e:
         if args.debug:
             raise
-        print(f"qdqfold: error: {cli_words(str(e))}", file=sys.stderr)
+        print(f"qdqfold: error: {files.one_line(cli_words(str(e)))}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("qdqfold: interrupted", file=sys.stderr)
@@ -596,6 +740,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug in qdqfold: still one line, the traceback with --debug
         if args.debug:
             raise
-        print(f"qdqfold: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
-              file=sys.stderr)
+        print(f"qdqfold: internal error: {type(e).__name__}: {files.one_line(str(e))} (run with --debug for the "
+              f"traceback)", file=sys.stderr)
         return EXIT_FAILED

@@ -37,6 +37,29 @@ class OutputPathError(ValueError):
         self.bad_input = bad_input
 
 
+def _is_dir(path: str | Path) -> bool:
+    """Path.is_dir(), False for a path the system cannot even look at (a name over NAME_MAX, a path over
+    PATH_MAX, no permission): the fold then says why, in one line naming it."""
+    try:
+        return Path(path).is_dir()
+    except OSError:
+        return False
+
+
+def _is_file(path: str | Path) -> bool:
+    try:
+        return Path(path).is_file()
+    except OSError:
+        return False
+
+
+def _exists(path: str | Path) -> bool:
+    try:
+        return Path(path).exists()
+    except OSError:
+        return False
+
+
 def same_file(a: str | Path, b: str | Path) -> bool:
     """``a`` and ``b`` are one file (by their absolute paths when either cannot be looked at)."""
     try:
@@ -47,7 +70,7 @@ def same_file(a: str | Path, b: str | Path) -> bool:
 
 def names_directory(output: str) -> bool:
     """``-o`` names a directory: it ends with a slash (created if missing) or is an existing directory."""
-    return output.endswith(("/", os.sep)) or Path(output).is_dir()
+    return output.endswith(("/", os.sep)) or _is_dir(output)
 
 
 def positional_output(inputs: list[str], output: str | None, *, in_place: bool, dry_run: bool,
@@ -58,14 +81,14 @@ def positional_output(inputs: list[str], output: str | None, *, in_place: bool, 
     if len(inputs) != 2 or output or in_place or dry_run or report_only:
         return inputs, output
     first, second = inputs
-    if first != "-" and Path(first).is_dir():
+    if first != "-" and _is_dir(first):
         return inputs, output  # a directory and something: two inputs (a usage error later says what is missing)
     return [first], second
 
 
 def is_single(inputs: list[str]) -> bool:
     """One model: a single input that is standard input or not a directory."""
-    return len(inputs) == 1 and (inputs[0] == "-" or not Path(inputs[0]).is_dir())
+    return len(inputs) == 1 and (inputs[0] == "-" or not _is_dir(inputs[0]))
 
 
 def _check_dry_run(output: str | None, in_place: bool, dry_run: bool) -> None:
@@ -110,7 +133,7 @@ def single_output(source: str, output: str | None, *, in_place: bool, dry_run: b
         return path
     if output:
         target = Path(output) / path.name if names_directory(output) else Path(output)
-        if target.exists() and path.exists() and same_file(target, path):
+        if _exists(target) and _exists(path) and same_file(target, path):
             raise OutputPathError(f"{target} is the input; pass --in-place to overwrite it")
         return target
     if report_only:
@@ -124,8 +147,8 @@ def check_many_target(inputs: list[str], output: str | None) -> None:
         raise OutputPathError("'-' (standard input) folds one model; give it alone")
     if output == "-":
         raise OutputPathError("-o - writes one model to standard output; give one input")
-    if output and (Path(output).is_file() or output.endswith(MODEL_SUFFIX)):
-        directory = next((p for p in inputs if Path(p).is_dir()), None)
+    if output and (_is_file(output) or output.endswith(MODEL_SUFFIX)):
+        directory = next((p for p in inputs if _is_dir(p)), None)
         if directory is not None:  # one model file expected, a directory given
             raise OutputPathError(f"{directory}: is a directory, not a model file (to fold every model in it, "
                                   f"give -o a directory)", bad_input=True)
@@ -165,24 +188,50 @@ def _is_within(path: Path, directory: Path) -> bool:
         return False
 
 
+def link_out_of_tree(model: Path, tree: Path) -> str | None:
+    """Why ``--in-place`` over the directory ``tree`` does not replace ``model`` (found in it): a link (of the
+    model, or of a directory on its way) that leads outside ``tree``; None when it stays inside. An in-place
+    fold of a tree never writes outside the tree it was given."""
+    try:
+        real, root = model.resolve(), tree.resolve()
+    except (OSError, RuntimeError):  # a loop of links
+        return f"{model}: is a symbolic link that cannot be followed; not replaced"
+    if real == root or root in real.parents:
+        return None
+    return (f"{model}: is a link to {real}, outside {tree}; --in-place over a directory replaces only files "
+            f"inside it (fold {real} itself, or give -o DIR)")
+
+
 def plan_outputs(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike | None, *,
-                 in_place: bool = False) -> list[tuple[Path, Path | None]]:
+                 in_place: bool = False, refused: list[tuple[Path, str]] | None = None) -> list[tuple[Path, Path | None]]:
     """(input, output) for every model: a directory contributes every ``*.onnx`` below it (recursively; a
     model ``D/a/b.onnx`` goes to ``OUT/a/b.onnx``), a file ``F`` goes to ``OUT/<name of F>``. With
     ``in_place`` each model is its own output; with neither ``out_dir`` nor ``in_place``, outputs are None
     (a dry run). A path that does not exist is kept, so that its job reports it. Raises
     :class:`OutputPathError` (a ``ValueError``) when two inputs would be written to the same output, or an
-    output to a name another output gives its external data."""
+    output to a name another output gives its external data.
+
+    With ``in_place``, a model found in a directory through a link that leads outside that directory is not
+    planned (see :func:`link_out_of_tree`): it goes to ``refused`` as (path, one-line reason), or, when no
+    ``refused`` list is given, is an :class:`OutputPathError` (bad input)."""
     out = Path(out_dir) if out_dir is not None else None
     plan: list[tuple[Path, Path | None]] = []
     for path in map(Path, paths):
-        if path.is_dir():
+        if _is_dir(path):
             # An output directory inside the input directory holds earlier outputs, not inputs.
             skip = out if out is not None and _is_within(out, path) and out.resolve() != path.resolve() else None
             found = sorted(p for p in path.rglob(f"*{MODEL_SUFFIX}")
                            if p.is_file() and not p.name.startswith(".")
                            and not (skip is not None and _is_within(p, skip)))
             pairs = [(p, p.relative_to(path)) for p in found]
+            if in_place:
+                outside = [(p, why) for p in found if (why := link_out_of_tree(p, path)) is not None]
+                if outside and refused is None:
+                    raise OutputPathError(outside[0][1], bad_input=True)
+                if outside:
+                    refused.extend(outside)
+                    left_out = {p for p, _ in outside}
+                    pairs = [pair for pair in pairs if pair[0] not in left_out]
         else:
             pairs = [(path, Path(path.name))]
         for src, relative in pairs:
@@ -196,7 +245,7 @@ def plan_outputs(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike 
         if key in seen and seen[key] != src:
             raise OutputPathError(f"{seen[key]} and {src} would both be written to {dst}")
         seen[key] = src
-        if not in_place and src.exists() and src.resolve() == key:
+        if not in_place and _exists(src) and src.resolve() == key:
             raise OutputPathError(f"{dst} is its own input; pass --in-place to overwrite it")
     # Each output's external data goes to files named after it (<out>.data, <out>.2.data, ...): no output may
     # carry such a name of another.

@@ -15,6 +15,7 @@ import textwrap
 from collections import Counter
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .files import one_line
 from .report import found_line, with_schema
 
 if TYPE_CHECKING:
@@ -241,7 +242,8 @@ def kernel_check_lines(layers: list[Any], style: Style) -> list[str]:
 def print_single(result: ModelResult, style: Style, out: TextIO) -> None:
     assert result.report is not None
     target = {None: "dry run, nothing written", "-": "standard output"}.get(result.output, result.output)
-    print(f"{style.bold(result.input)} -> {target}" + style.dim(f"  ({result.seconds:.2f} s)"), file=out)
+    print(f"{style.bold(one_line(result.input))} -> {one_line(target)}" + style.dim(f"  ({result.seconds:.2f} s)"),
+          file=out)
     for line in _bn_lines(result.report, style):
         print(line, file=out)
     print(file=out)
@@ -258,9 +260,9 @@ def print_single(result: ModelResult, style: Style, out: TextIO) -> None:
     if result.written:
         data = result.report.data_files
         where = "the model to standard output" if result.output == "-" else result.output
-        print(f"wrote {where}" + (f" and its external data {', '.join(data)}" if data else ""), file=out)
+        print(one_line(f"wrote {where}" + (f" and its external data {', '.join(data)}" if data else "")), file=out)
     for path in result.report.removed_files:
-        print(f"removed {path} (data the folded model no longer uses)", file=out)
+        print(f"removed {one_line(path)} (data the folded model no longer uses)", file=out)
 
 
 
@@ -292,10 +294,10 @@ def many_summary(results: list[ModelResult], style: Style) -> list[str]:
 
 def model_line(result: ModelResult, style: Style) -> str:
     if not result.ok:
-        return f"{style.bad('FAIL')} {result.error}"
+        return f"{style.bad('FAIL')} {one_line(result.error or '')}"
     t = result.report.totals()
-    target = f" -> {result.output}" if result.output and result.output != result.input else ""
-    text = f"{style.good('ok')}   {result.input}{target}: {t['folded']}/{t['batchnorms'] + t.get('elementwise', 0)} BN folded"
+    target = f" -> {one_line(result.output)}" if result.output and result.output != result.input else ""
+    text = f"{style.good('ok')}   {one_line(result.input)}{target}: {t['folded']}/{t['batchnorms'] + t.get('elementwise', 0)} BN folded"
     if result.verification is not None:
         text += ", verified" if result.verification.passed else ", " + style.bad("verification FAILED")
     return text
@@ -364,8 +366,8 @@ def print_many_failures(done: list[ModelResult], mismatched: list[str], *, inter
     if failed:
         print(f"qdqfold: {len(failed)} of {len(done)} models failed:", file=sys.stderr)
         for r in failed:
-            print(f"  {r.error}", file=sys.stderr)
+            print(f"  {one_line(r.error or '')}", file=sys.stderr)
     for m in mismatched:
-        print(f"qdqfold: {m}", file=sys.stderr)
+        print(f"qdqfold: {one_line(m)}", file=sys.stderr)
     if interrupted:
         print("qdqfold: interrupted", file=sys.stderr)
