@@ -46,14 +46,10 @@ CASES = [
     # TensorRT's FP8 quantizers are kept by design; NNCF's torch export writes OpenVINO FakeQuantize ops.
     Case("modelopt_fp8_mobilenet_v2_3bn.onnx", 3, 0, {"tensorrt-quantizer": 3}),
     Case("nncf_torch_mobilenet_v2_3bn.onnx", 3, 0, {"non-constant-weight": 3}),
-    # Main keeps these: 3 x malformed-quantization (the trt::DequantizeLinear scale is [C_out, 1, 1, 1]).
-    Case("modelopt_int4_mobilenet_v2_3bn.onnx", 3, 3,
-         xfail="issue 24 item 1: ModelOpt INT4's broadcast-shaped per-channel scale [C_out,1,1,1] is read as "
-               "malformed-quantization on main"),
-    # Main keeps it: layer-output-read-elsewhere (the MatMul's output is also read by a Shape node).
-    Case("levit_torchscript_qkv_1bn.onnx", 1, 1,
-         xfail="issue 24 item 2: LeViT's MatMul output is also read by a Shape node, which main counts as a "
-               "reader that blocks the fold (layer-output-read-elsewhere)"),
+    # Folded since issue 24 item 1 (the trt::DequantizeLinear scale is [C_out, 1, 1, 1], broadcast per channel).
+    Case("modelopt_int4_mobilenet_v2_3bn.onnx", 3, 3),
+    # Folded since issue 24 item 2 (the MatMul's output is also read by a Shape node, which reads only its shape).
+    Case("levit_torchscript_qkv_1bn.onnx", 1, 1),
 ]
 
 def _param(case: Case):
