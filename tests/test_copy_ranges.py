@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qdqfold_native
+from helpers.folding import FOLD_FILE_UNDER_SIZE_LIMIT
 from helpers.onnxrt import assert_same_outputs
 
 
@@ -72,20 +73,6 @@ def test_large_unchanged_ranges_of_an_external_data_file(tmp_path):
     assert_same_outputs(model, onnx.load(out / "m.onnx"))
 
 
-_FAILS_IN_A_COPY = """
-import resource, signal, sys
-import qdqfold_native
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
-resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))
-try:
-    qdqfold_native.fold_file(sys.argv[1], sys.argv[2])
-except qdqfold_native.FoldError as e:
-    print("FoldError:", e)
-    sys.exit(3)
-print("no error")
-"""
-
-
 @pytest.mark.parametrize("limit", [1_000_000, 3_000_000, 5_000_000])
 def test_a_write_that_fails_inside_a_copied_range_leaves_no_file(tmp_path, limit):
     """The file-size limit (as a full disk would) falls inside fc_a (3.5 MB, from about 2.3 KB on) or fc_b."""
@@ -93,7 +80,7 @@ def test_a_write_that_fails_inside_a_copied_range_leaves_no_file(tmp_path, limit
     (tmp_path / "in").mkdir()
     (tmp_path / "out").mkdir()
     onnx.save(model, tmp_path / "in" / "m.onnx")
-    done = subprocess.run([sys.executable, "-c", _FAILS_IN_A_COPY, str(tmp_path / "in" / "m.onnx"),
+    done = subprocess.run([sys.executable, "-c", FOLD_FILE_UNDER_SIZE_LIMIT, str(tmp_path / "in" / "m.onnx"),
                            str(tmp_path / "out" / "folded.onnx"), str(limit)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 3, (done.returncode, done.stdout, done.stderr)

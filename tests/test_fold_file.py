@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qdqfold_native
+from helpers.folding import FOLD_FILE_UNDER_SIZE_LIMIT
 from helpers.onnxrt import assert_same_outputs
 from helpers.samples import MODELS
 
@@ -157,21 +158,6 @@ def test_fold_model_path_to_path_goes_file_to_file(tmp_path):
     assert_same_outputs(conv_bn_model(), onnx.load(result))
 
 
-_WRITE_FAILS_MIDWAY = """
-import resource, signal, sys
-import qdqfold_native
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
-limit = int(sys.argv[3])
-resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-try:
-    qdqfold_native.fold_file(sys.argv[1], sys.argv[2])
-except qdqfold_native.FoldError as e:
-    print("FoldError:", e)
-    sys.exit(3)
-print("no error")
-"""
-
-
 @pytest.mark.parametrize("limit_mb", [0.0005, 2.5, 7.5])
 def test_a_write_that_fails_midway_is_a_fold_error_and_leaves_no_file(tmp_path, limit_mb):
     """The output is written on a second thread (core/background_writer.h): a write failing there (here: the
@@ -187,7 +173,7 @@ def test_a_write_that_fails_midway_is_a_fold_error_and_leaves_no_file(tmp_path, 
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     limit = int(limit_mb * 1e6)
-    done = subprocess.run([sys.executable, "-c", _WRITE_FAILS_MIDWAY, str(src), str(out_dir / "folded.onnx"),
+    done = subprocess.run([sys.executable, "-c", FOLD_FILE_UNDER_SIZE_LIMIT, str(src), str(out_dir / "folded.onnx"),
                            str(limit)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 3, (done.returncode, done.stdout, done.stderr)
     assert "folded.onnx: cannot write" in done.stdout

@@ -83,3 +83,20 @@ def assert_folded(model: onnx.ModelProto, rtol=1e-5, expect_codes=None, **option
     onnx.checker.check_model(folded.model, full_check=True)
     assert_same_outputs(model, folded.model, rtol_of_range=rtol)
     return folded.model, folded.report
+
+
+#: A driver for `python -c`: fold_file(argv[1], argv[2]) under a file-size limit of argv[3] bytes (as a full disk
+#: would stop a write). Prints "FoldError: ..." and exits 3 when the fold fails, else prints "no error".
+FOLD_FILE_UNDER_SIZE_LIMIT = """
+import resource, signal, sys
+import qdqfold_native
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+limit = int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+    qdqfold_native.fold_file(sys.argv[1], sys.argv[2])
+except qdqfold_native.FoldError as e:
+    print("FoldError:", e)
+    sys.exit(3)
+print("no error")
+"""
