@@ -116,11 +116,7 @@ def test_a_relu_before_the_output_quantizer_is_fused_only_at_the_types_minimum(a
     """onnxruntime removes Relu -> Q only where Q's zero point is its type's minimum (ReluQuantFusion)."""
     data = _qdq_conv(_pair_weight(65, 64), act=act, relu_after=True, out_zp=zp).SerializeToString()
     listed = qdqfold_native.integer_kernels(data)
-    assert len(listed) == _ort_qlinear(data) == int(fused)
-
-
-def _ort_qlinear(model_bytes: bytes) -> int:
-    return quantized_units(model_bytes)
+    assert len(listed) == quantized_units(data) == int(fused)
 
 
 @pytest.mark.skipif(not X86, reason="which layers onnxruntime fuses with int8 activations differs off x86-64")
@@ -129,7 +125,7 @@ def _ort_qlinear(model_bytes: bytes) -> int:
 def test_the_layers_listed_are_the_integer_kernels_onnxruntime_forms(name):
     for data in ((MODELS / name).read_bytes(), qdqfold_native.fold((MODELS / name).read_bytes())):
         listed = qdqfold_native.integer_kernels(data)
-        assert len(listed) == _ort_qlinear(data), [lay["node"] for lay in listed]
+        assert len(listed) == quantized_units(data), [lay["node"] for lay in listed]
 
 
 def test_every_layer_that_moves_alone_on_this_cpu_is_flagged():

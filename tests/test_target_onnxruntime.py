@@ -12,8 +12,6 @@ level are not compared, since the integer kernels saturate on AVX2-only CPUs, is
 from __future__ import annotations
 
 import collections
-import os
-import tempfile
 
 import numpy as np
 import onnx
@@ -26,6 +24,7 @@ from onnx import numpy_helper as nh
 import qdqfold_native
 from helpers.exporters.modelopt_qat import mobilenet_v2_qat
 from helpers.onnxrt import run
+from helpers.qdq import ort_op_counts
 
 RNG = np.random.default_rng(22)
 C = 4
@@ -34,14 +33,7 @@ KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "MatMulInteger
 
 def ort_kernels(data: bytes) -> dict[str, int]:
     """The integer kernels in the model onnxruntime builds at its default level (saved optimized model)."""
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "optimized.onnx")
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.optimized_model_filepath = path
-        so.log_severity_level = 3
-        ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-        counts = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+    counts = ort_op_counts(data, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     return {k: counts[k] for k in KERNELS}
 
 

@@ -356,16 +356,21 @@ def assert_same(case, folded_bytes, record, feeds=None, rtol_of_range=1e-5):
 QUANT_UNITS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger")
 
 
-def quantized_units(model_bytes) -> int:
-    """Quantized node units onnxruntime forms (CPU, extended optimisations, saved optimized model)."""
+def ort_op_counts(model_bytes, level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED) -> collections.Counter:
+    """Nodes by op type in the model onnxruntime builds (CPU, at `level`, its saved optimized model)."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "opt.onnx")
         so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.graph_optimization_level = level
         so.optimized_model_filepath = path
         so.log_severity_level = 3
         ort.InferenceSession(bytes(model_bytes), so, providers=["CPUExecutionProvider"])
-        counts = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+        return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+def quantized_units(model_bytes) -> int:
+    """Quantized node units onnxruntime forms (CPU, extended optimisations, saved optimized model)."""
+    counts = ort_op_counts(model_bytes)
     return sum(counts[k] for k in QUANT_UNITS)
 
 
