@@ -1,30 +1,12 @@
-"""Which layers onnxruntime runs as integer kernels, and whether their 16-bit pair sums can saturate: a static
-check of a model file, no runtime needed.
+"""onnxruntime's integer kernels after a fold: which layers become one, whether their 16-bit pair sums can
+saturate on x86-64 CPUs without VNNI, and what they do on this CPU.
 
-**Which layers.** onnxruntime's QDQ selectors (``qdq_transformer/selectors_actions/qdq_selectors.cc``) turn
-``DQ(x) -> Conv(DQ(W), b) -> Q`` into QLinearConv, ``DQ -> MatMul(DQ) -> Q`` into QLinearMatMul and
-``DQ -> Gemm(DQ) -> Q`` into QGemm when every data input comes from a DequantizeLinear, the
-layer's output goes only to QuantizeLinear nodes and is not a graph output, and the input and output
-quantizers have one type (a constant float weight behind ``Q -> DQ`` counts: its constant folding turns the Q
-into an integer initializer; a float or int32 bias counts too). On x86-64 it first turns int8 activation
-quantizers into uint8 ones (zero point + 128), so the activation integers a kernel multiplies are bytes.
-
-**Why they can saturate.** Without VNNI (x86-64 with AVX2, or AVX-512 without VNNI) onnxruntime's u8s8 GEMM
-multiplies with ``vpmaddubsw``: each pair of neighbouring products ``a[k] w[k] + a[k+1] w[k+1]`` (``a`` the
-activation byte in [0, 255], ``w`` the int8 weight) is added into a *saturating* int16 before the int32
-accumulation. A pair of same-sign weights with ``255 (|w1| + |w2|) > 32767`` (``|w1| + |w2| >= 129``) can
-therefore clip, and the layer computes something else than its int32 arithmetic says. VNNI (``vpdpbusd``)
-accumulates in int32 and never clips; nor does the session option ``session.x64quantprecision=1`` (16-bit
-promotion, slower). Depthwise convolutions (one input and one output channel per group) and uint8 weights run
-in other kernels, which widen to 16 bits first, and never saturate.
-
-**The bound.** Per layer and output channel, the weights in the order the kernel reads them along the
-reduction axis (Conv: kernel position major, input channel minor, as QLinearConv packs its filter; MatMul /
-Gemm: the rows of B), in neighbouring pairs; both pairings (from the first element and from the second) are
-checked, since how a kernel aligns an odd channel count is its own business. Each pair's largest and smallest
-possible sum over the activation bytes the input quantizer can produce (its type's range, from its zero
-point up when a Relu feeds it) is compared with int16's range. A layer flagged here *can* saturate on such a
-CPU; whether it does depends on the inputs (``bench/saturation.py`` measures both).
+- The static check is the native core's (``qdqfold_native.integer_kernels``; the rules, the arithmetic and why
+  it is a bound are in ``cpp/analysis/integer_kernels.h``): :func:`check_bytes`, :func:`check_file`,
+  :func:`integer_layers` give its layers as :class:`KernelLayer`.
+- :func:`measure` runs each integer layer alone on this CPU, its kernel against the same kernel with
+  ``session.x64quantprecision=1`` (16-bit products, never saturating): what verify reports per layer and what
+  ``bench/saturation.py`` compares the static check with.
 """
 
 from __future__ import annotations
@@ -35,9 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import onnx
-
-#: int16's range: a pair sum outside it clips in vpmaddubsw.
-INT16_MAX, INT16_MIN = 32767, -32768
 
 #: The session option that makes onnxruntime's x86-64 integer kernels promote to 16 bits (never saturating).
 PRECISION_OPTION = "session.x64quantprecision"
@@ -103,15 +82,6 @@ class _Index:
     def produced_by(self, name: str, op: str):
         node = self.producer.get(name)
         return node if node is not None and node.op_type == op and node.domain in ("", "ai.onnx") else None
-
-
-def _attr(node, name: str, default: Any) -> Any:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _zero_point_type(index: _Index, node) -> int | None:

@@ -189,7 +189,7 @@ def _kernel_verify_lines(k: dict[str, Any], style: Style) -> list[str]:
     rows = [[o["name"], _fmt(o["of_range"]), "-" if o["moved"] is None else f"{o['moved']}/{o['elements']}",
              _fmt(o["snr_db"]),
              _fmt(o["with_option_of_range"])] for o in k["outputs"]]
-    lines += _table(rows, ["output", "kernels/range", "moved", "SNR dB", f"with option/range"], style, "lrrrr")
+    lines += _table(rows, ["output", "kernels/range", "moved", "SNR dB", "with option/range"], style, "lrrrr")
     moved = [lay for lay in k["layers"] if lay.get("moved")]
     for lay in moved:
         lines.append(style.warn(f"    {lay['node']} ({lay['kernel']}): {lay['moved']}/{lay['elements']} output "

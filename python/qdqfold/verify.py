@@ -1519,7 +1519,8 @@ def _attribute_to_kernels(base: _Model, fold: _Model, lv: str, names: list[str],
                 timing[which].append(time.perf_counter() - t0)
         cost = float(np.median(timing["option"]) / max(np.median(timing["plain"]), 1e-12))
         proto = fold.proto()
-        layers = kernel_check.integer_layers(proto, fold.folder)
+        source = fold.source()  # the file as written (mapped by check_file), or the bytes verify was given
+        layers = kernel_check.check_file(source) if isinstance(source, str) else kernel_check.check_bytes(source)
         try:
             measured = kernel_check.measure(proto, fold.folder, feed_sets[:3], layers)
         except Exception:  # noqa: BLE001 - onnxruntime cannot build the isolated layers: report without them
