@@ -11,6 +11,7 @@ else:  # a dependency of qdqfold on these Pythons (pyproject.toml)
     from typing_extensions import NotRequired, Unpack
 
 __version__: str
+file_backend: str  # "linux", "posix" (POSIX.1-2008 only) or "windows": cpp/platform/backend.h
 
 BytesLike = Union[bytes, bytearray, memoryview, mmap.mmap]
 PathLike = Union[str, os.PathLike[str]]

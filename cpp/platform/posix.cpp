@@ -506,14 +506,14 @@ void OutputFile::commit() {
   const std::string& like = mode_like_.empty() ? destination_ : mode_like_;
   struct stat existing {};
   if (::stat(like.c_str(), &existing) == 0 && S_ISREG(existing.st_mode)) {
+#if defined(QDQFOLD_IO_LINUX)
+    copy_xattrs(like.c_str(), fd);  // while the new file is still this user's: user.* needs write permission
+#endif
     if (existing.st_uid != geteuid() || existing.st_gid != getegid()) {
       if (fchown(fd, existing.st_uid, existing.st_gid) != 0 && fchown(fd, static_cast<uid_t>(-1), existing.st_gid) != 0) {
         // not permitted (another user's file): the new file is this user's, as cp's is
       }
     }
-#if defined(QDQFOLD_IO_LINUX)
-    copy_xattrs(like.c_str(), fd);
-#endif
     fchmod(fd, existing.st_mode & 07777);  // after fchown, which may clear set-user-ID bits
   } else {
     fchmod(fd, 0666 & ~current_umask());
