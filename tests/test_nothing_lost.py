@@ -22,7 +22,7 @@ import qdqfold_native
 from helpers.onnxrt import random_inputs, run
 from helpers.wire import length_delimited
 
-# CI runs a fixed budget; QDQFOLD_PROPERTY_EXAMPLES=2000 for a longer hunt (see the README, Development).
+# CI runs a fixed budget; QDQFOLD_PROPERTY_EXAMPLES=2000 for a longer hunt (see docs/development.md).
 EXAMPLES = int(os.environ.get("QDQFOLD_PROPERTY_EXAMPLES", "60"))
 
 F32 = TensorProto.FLOAT

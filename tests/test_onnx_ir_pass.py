@@ -315,7 +315,7 @@ def test_feature_detection_tells_a_native_module_without_the_keyword(monkeypatch
 
 
 def qdqfold_rewriter(model: onnx.ModelProto):
-    """README, "onnxsim": qdqfold as onnxsim's custom_rewriter."""
+    """docs/toolchains.md, "onnxsim": qdqfold as onnxsim's custom_rewriter."""
     folded, report = qdqfold.fold_model(model, report=True)
     return folded if report.folded else False
 
@@ -338,7 +338,7 @@ def test_qdqfold_before_onnxslim(name):
     onnxslim = pytest.importorskip("onnxslim")
     model = onnx.load(MODELS / name)
     alone = onnxslim.slim(model)
-    combined = onnxslim.slim(qdqfold.fold_model(model))  # README, "onnxslim"
+    combined = onnxslim.slim(qdqfold.fold_model(model))  # docs/toolchains.md, "onnxslim"
     assert bn_count(combined) == 0 < bn_count(alone)
     assert_same_outputs(model, combined)
 

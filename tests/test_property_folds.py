@@ -24,7 +24,7 @@ from qdqfold.verify import verify
 
 from helpers.onnxrt import random_inputs, run
 
-# CI runs a fixed budget; QDQFOLD_PROPERTY_EXAMPLES=2000 for a longer hunt (see the README, Development).
+# CI runs a fixed budget; QDQFOLD_PROPERTY_EXAMPLES=2000 for a longer hunt (see docs/development.md).
 EXAMPLES = int(os.environ.get("QDQFOLD_PROPERTY_EXAMPLES", "60"))
 
 NP_TYPE = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}

@@ -2,7 +2,7 @@
 // the destination and renamed over it, so a failure never leaves a half-written file. Bytes copied through
 // unchanged go file to file inside the kernel (copy_file_range) without passing through this process.
 //
-// Which files are read and written is decided here, never by the model (README, "Files qdqfold reads and
+// Which files are read and written is decided here, never by the model (docs/files.md, "Files qdqfold reads and
 // writes"):
 //   - External data is read only from regular files inside the model's directory (subfolders allowed),
 //     after following links; one file reached by several names (`m.data`, `./m.data`, a link) is one file.

@@ -1,6 +1,6 @@
 // Every code a report can carry, in one table: the reasons a BN (or an elementwise affine node, or a branch
 // sum) is kept, and the names of the folds that fold it. A fold writes Reason::X or FoldName::X, never a
-// string; qdqfold_native.reasons() hands the table to Python (README "Reasons" lists it, tests/test_reasons.py
+// string; qdqfold_native.reasons() hands the table to Python (docs/reasons.md is made from it, tests/test_reasons.py
 // checks the two agree and that every code the folds produce is here).
 //
 // Columns: the enumerator, the code as reported, its one-line meaning, and the option (keyword of

@@ -204,8 +204,8 @@ void MappedFile::let_go_of(const FileId& id) {
   }
 }
 
-// No guard on Windows (a read error on a mapped page would need structured exceptions; see the README's
-// platform notes): a caller's buffer is read as it is.
+// No guard on Windows (a read error on a mapped page would need structured exceptions; see docs/development.md,
+// "The platform layer"): a caller's buffer is read as it is.
 GuardedRange::GuardedRange(const char*, size_t) {}
 GuardedRange::~GuardedRange() = default;
 bool GuardedRange::faulted() const { return false; }

@@ -227,7 +227,7 @@ def _raw_bytes(tensor: Any) -> Any:
 class FoldBatchNormalization(ir.passes.FunctionalPass):
     """Folds BatchNormalization into the layers around it, quantized (QDQ) weights included, exactly.
 
-    The keyword arguments are qdqfold's fold options (``qdqfold_native.options()``; README, "What it folds").
+    The keyword arguments are qdqfold's fold options (``qdqfold_native.options()``; docs/folds.md).
     ``shapes`` (value name -> dims) gives the static sizes ``pad_correction`` needs; without it they come
     from the IR's own shapes and onnx shape inference on the graph.
 
