@@ -1,11 +1,12 @@
 """Writes the generated pages of docs/ from the tables the native core holds, so they cannot drift from it.
 
-    python tools/make_docs.py           # rewrites docs/reasons.md and docs/report-schema.md
+    python tools/make_docs.py           # rewrites docs/reasons.md, docs/report-schema.md, docs/options.md
     python tools/make_docs.py --check   # exit 1, naming the stale pages, when a committed page differs
 
 docs/reasons.md comes from qdqfold_native.reasons() (cpp/folds/reasons.h); docs/report-schema.md from
 qdqfold_native.report_fields() (cpp/core/report_fields.h) and docs/report.schema.json (the JSON document the
-CLI writes). tests/test_docs.py fails when a committed page is not what this script writes.
+CLI writes); docs/options.md from qdqfold_native.options() and the CLI's flags for them (qdqfold.cli.OPTION_FLAGS).
+tests/test_docs.py fails when a committed page is not what this script writes.
 """
 
 from __future__ import annotations
@@ -144,7 +145,31 @@ def report_schema_page(fields: dict | None = None, schema: dict | None = None) -
     return "\n".join(lines) + "\n"
 
 
-PAGES = {"reasons.md": reasons_page, "report-schema.md": report_schema_page}
+def options_page(options: dict | None = None, flags: dict | None = None) -> str:
+    if flags is None:
+        from qdqfold.cli import OPTION_FLAGS as flags
+    options = qdqfold_native.options() if options is None else options
+    lines = [
+        "# Fold options",
+        "",
+        GENERATED.format(source="`qdqfold_native.options()` and the CLI's `OPTION_FLAGS` (python/qdqfold/cli.py)"),
+        "",
+        "Every switch of the fold: a keyword of `qdqfold_native.fold`, `fold_with_report`, `fold_file`,",
+        "`qdqfold.fold_model`, `fold_many` and the onnx_ir pass, and the CLI flag that turns its default around.",
+        "Besides these, `shapes` (static sizes for `pad_correction`; a keyword, not a switch), `target=\"onnxruntime\"`",
+        "([deployment.md](deployment.md)), `base_directory` and `tensors` ([python-api.md](python-api.md)) and the",
+        "storage keywords `save_as_external_data`, `size_threshold`, `data_name` ([cli.md](cli.md)).",
+        "",
+        "| keyword | default | CLI flag | what the flag does |",
+        "|---|---|---|---|",
+    ]
+    for name, default in options.items():
+        flag, text = flags[name]
+        lines.append(f"| `{name}` | `{default}` | `{flag}` | {_cell(text)} |")
+    return "\n".join(lines) + "\n"
+
+
+PAGES = {"reasons.md": reasons_page, "report-schema.md": report_schema_page, "options.md": options_page}
 
 
 def stale_pages() -> list[str]:
