@@ -1,5 +1,6 @@
 """The table of reason codes and fold names (cpp/folds/reasons.h, qdqfold_native.reasons()): docs/reasons.md
-(generated from it by tools/make_docs.py; tests/test_docs.py checks it is up to date) lists every entry as it is, its options and flags exist, and every code a fold reports is in it."""
+(generated from it by tools/make_docs.py; tests/test_docs.py checks it is up to date) lists every entry as it
+is, its options and flags exist, and every code a fold reports is in it."""
 
 from __future__ import annotations
 

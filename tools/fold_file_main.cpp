@@ -1,7 +1,6 @@
 // qdqfold_fold_file: the core's fold_file (cpp/core/files.h) as a small program, without Python. It is how the
 // backends that Python does not load here are run: the strict-POSIX build (tools/check_portable.sh) and the
-// Windows build under Wine (tools/check_windows.sh). Same file rules as the CLI (docs/files.md, "Files qdqfold reads
-// and writes").
+// Windows build under Wine (tools/check_windows.sh). Same file rules as the CLI (docs/files.md).
 //
 //   qdqfold_fold_file [--force] [--pad-correction] IN.onnx OUT.onnx
 //
