@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from helpers.build import F32, RNG, bn_count, bn_node, bn_params, gemm_model, make_model, op_types, vi, weight
+from helpers import folding
 from helpers.folding import assert_folded, fold
 from helpers.onnxrt import assert_same_outputs, random_inputs
 
@@ -21,16 +22,9 @@ from helpers.onnxrt import assert_same_outputs, random_inputs
 
 
 def assert_kept(model, code, **options):
-    """Folds with the backward folds only; the single BN is kept with `code` and nothing changes."""
+    """The single BN kept with `code` by the backward folds only (helpers.folding.assert_kept)."""
     options.setdefault("fold_forward", False)
-    folded = fold(model, **options)
-    entries = folded.report["batchnorms"]
-    assert len(entries) == 1
-    assert entries[0]["folded"] is False
-    assert entries[0]["code"] == code, (entries[0]["code"], entries[0]["message"])
-    assert entries[0]["message"]
-    assert folded.bytes == folded.input, "a kept BN must leave the model byte-identical"
-    return entries[0]
+    return folding.assert_kept(model, code, **options)
 
 
 def conv_bn_model(rank=2, group=1, cin=4, cout=6, bias=True, transpose=False, dtype=np.float32, opset=17,

@@ -18,6 +18,7 @@ import qdqfold
 import qdqfold_native
 
 from helpers.build import op_types
+from helpers import folding
 from helpers.folding import fold_api
 from helpers.onnxrt import assert_same_outputs, random_inputs, run
 
@@ -75,11 +76,7 @@ def assert_folded_forward(model, *, into: int = 1, rtol: float = 1e-5, **options
 
 
 def assert_kept(model, code: str, **options):
-    folded = fold_api(model, **options)
-    entry = folded.report.batchnorms[0]
-    assert not entry.folded and entry.code == code, entry.describe()
-    assert folded.bytes == folded.input
-    return entry
+    return folding.assert_kept(model, code, api=True, **options)
 
 
 def bn_conv_model(shape, out_channels=6, kernel=3, group=1, pads=None, auto_pad=None, strides=None,
