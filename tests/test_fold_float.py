@@ -12,8 +12,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 from helpers.build import RNG, bn_node, bn_params, gemm_model, op_types, vi
-from helpers.folding import assert_folded
 from helpers.float_layers import assert_kept, conv_bn_model, matmul_model
+from helpers.folding import assert_folded
 
 
 # ---------------------------------------------------------------- Conv / ConvTranspose
@@ -175,7 +175,6 @@ def test_gemm_trans_a_folds_backwards(trans_b):
     assert op_types(folded) == ["Gemm"]
     attrs = {a.name: helper.get_attribute_value(a) for a in folded.graph.node[0].attribute}
     assert attrs["transA"] == 1
-
 
 
 def test_matmul_bn_becomes_gemm():

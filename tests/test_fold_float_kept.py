@@ -9,8 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from helpers.build import F32, RNG, gemm_model, op_types, vi, weight
-from helpers.folding import assert_folded, fold
 from helpers.float_layers import assert_kept, conv_bn_model, matmul_model
+from helpers.folding import assert_folded, fold
 
 
 # ---------------------------------------------------------------- preconditions: kept with a reason

@@ -12,9 +12,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from helpers.build import F32, bn_count, gemm_model
+from helpers.float_layers import assert_kept, conv_bn_model, matmul_model
 from helpers.folding import assert_folded, fold
 from helpers.onnxrt import assert_same_outputs
-from helpers.float_layers import assert_kept, conv_bn_model, matmul_model
 
 
 # ---------------------------------------------------------------- dtypes

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
-from helpers.build import F32, bn_node, bn_params, make_model, vi, weight
 from helpers import folding
+from helpers.build import F32, bn_node, bn_params, make_model, vi, weight
 
 
 def assert_kept(model, code, **options):
