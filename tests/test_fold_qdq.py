@@ -16,7 +16,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from helpers.qdq import EPS, FLOAT8, Case, assert_folded_weight, expected_integers, folded_weight, mid_zero
-from helpers.qdq_folds import assert_kept, fold_and_check
+from helpers.qdq_folds import assert_kept, fold_and_check, with_unit_variance
 
 
 # ------------------------------------------------------------------------------------------------ forms
@@ -240,12 +240,7 @@ def test_blocked_across_output_channels_is_kept():
 def test_blocked_across_output_channels_with_tied_factors_folds():
     gamma = np.array([1.1, 1.1, -0.8, -0.8, 0.6, 0.6])
     case = Case(qtype=T.INT8, block_size=2, block_axis=0, cin=8, cout=6, gamma=gamma)
-    case.var[:] = 1.0
-    for init in case.model.graph.initializer:
-        if init.name == "var":
-            init.CopyFrom(nh.from_array(case.var, "var"))
-    case.a = case.gamma.astype(np.float64) / np.sqrt(1.0 + np.float64(np.float32(EPS)))
-    case.t = case.beta.astype(np.float64) - case.mean.astype(np.float64) * case.a
+    with_unit_variance(case)
     out, _ = fold_and_check(case)
     f = folded_weight(out)
     np.testing.assert_array_equal(f["q"], expected_integers(case))

@@ -15,8 +15,8 @@ from onnx import numpy_helper as nh
 
 from helpers.folding import fold
 from helpers.onnxrt import random_inputs, run
-from helpers.qdq import EPS, Case, assert_folded_weight, assert_same, expected_integers, folded_weight, quantized_units
-from helpers.qdq_folds import assert_kept, fold_and_check
+from helpers.qdq import Case, assert_folded_weight, assert_same, expected_integers, folded_weight, quantized_units
+from helpers.qdq_folds import assert_kept, fold_and_check, with_unit_variance
 
 
 # ------------------------------------------------------------------------------------------------ kept
@@ -109,12 +109,7 @@ def test_old_opset_per_tensor_with_equal_factors_folds():
     # Every |a| equal: the per-tensor scale absorbs it without an axis; negative channels still mirror.
     case = Case(per_channel=False, opset=10, gamma=np.array([1.3, -1.3, 1.3, 1.3, -1.3, 1.3]))
     case.model.ir_version = 7
-    case.var[:] = 1.0
-    for init in case.model.graph.initializer:
-        if init.name == "var":
-            init.CopyFrom(nh.from_array(case.var, "var"))
-    case.a = case.gamma.astype(np.float64) / np.sqrt(1.0 + np.float64(np.float32(EPS)))
-    case.t = case.beta.astype(np.float64) - case.mean.astype(np.float64) * case.a
+    with_unit_variance(case)
     out, _ = fold_and_check(case)
     f = folded_weight(out)
     assert f["scale"].size == 1 and f["axis"] is None
