@@ -349,11 +349,11 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
             for number, wire_type, _, s, e in wire.spans(view, start, end):
                 if number == wire.TENSOR_NAME:
                     name = bytes(view[s:e]).decode("utf-8", "replace")
-                elif number == wire.TENSOR_DATA_TYPE and wire_type == 0:
+                elif number == wire.TENSOR_DATA_TYPE and wire_type == wire.VARINT:
                     data_type = _varint(view, s)[0]
                 elif number == wire.TENSOR_RAW_DATA:
                     raw = (s, e)
-                elif number == wire.TENSOR_DIMS and wire_type == 0:
+                elif number == wire.TENSOR_DIMS and wire_type == wire.VARINT:
                     dims.append(_varint(view, s)[0])
                 elif number == wire.TENSOR_DIMS and wire_type == wire.LENGTH:
                     pos = s
