@@ -16,8 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 import qdqfold_native
 from qdqfold_native import FoldError
 
-from helpers.hostile import (FOLDS, RNG, SANITIZED, qdq_conv_bn, assert_kept_unchanged, assert_safe, assert_same_or_nan,
-                             bn_node, bn_tensors, conv_bn, initializer, make, serialize)
+from helpers.hostile import (FOLDS, RNG, SANITIZED, assert_kept_unchanged, assert_safe, assert_same_or_nan, bn_node,
+                             bn_tensors, conv_bn, initializer, make, qdq_conv_bn, serialize)
 from helpers.wire import length_delimited as field
 
 
