@@ -23,7 +23,7 @@ import pytest
 import qdqfold
 import qdqfold_native
 from qdqfold import cli
-from test_safe_files import chain, save_external
+from helpers.safe_files import chain, save_external
 
 
 def run_cli(*args, stdin: bytes | None = None, umask: int | None = None, cwd: Path | None = None,

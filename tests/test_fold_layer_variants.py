@@ -19,7 +19,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import qdqfold_native
-from helpers.build import bn_node, bn_params, gemm_model, op_types, vi
+from helpers.build import bn_arrays, bn_node, bn_params, gemm_model, op_types, vi
 from helpers.build import make_model as make_float_model
 from helpers.folding import assert_folded, fold
 from helpers.onnxrt import assert_same_outputs, run
@@ -148,11 +148,7 @@ SCALE = np.random.default_rng(2).uniform(0.01, 0.05, COUT).astype(np.float32)
 
 
 def bn_tensors(prefix):
-    rng = np.random.default_rng(1)
-    gamma = np.array([1.2, -0.7, 0.9, -1.5, 0.6], np.float32)
-    return {prefix + "gamma": gamma, prefix + "beta": rng.standard_normal(COUT).astype(np.float32),
-            prefix + "mean": rng.standard_normal(COUT).astype(np.float32),
-            prefix + "var": rng.uniform(0.5, 2.0, COUT).astype(np.float32)}
+    return bn_arrays([1.2, -0.7, 0.9, -1.5, 0.6], prefix)
 
 
 def if_model(form, x_shape=(3, CIN), outer="input", act_quant=False):

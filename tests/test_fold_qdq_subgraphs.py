@@ -13,6 +13,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
+from helpers.build import bn_arrays
 from helpers.folding import fold
 from helpers.onnxrt import assert_same_outputs, run
 
@@ -22,10 +23,7 @@ GAMMA = np.array([1.2, -0.7, 0.9, -1.5, 0.6], np.float32)
 
 
 def bn_tensors(prefix=""):
-    rng = np.random.default_rng(1)
-    return {prefix + "gamma": GAMMA, prefix + "beta": rng.standard_normal(COUT).astype(np.float32),
-            prefix + "mean": rng.standard_normal(COUT).astype(np.float32),
-            prefix + "var": rng.uniform(0.5, 2.0, COUT).astype(np.float32)}
+    return bn_arrays(GAMMA, prefix)
 
 
 def factors():

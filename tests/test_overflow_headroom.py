@@ -14,9 +14,9 @@ import pytest
 from onnx import helper, numpy_helper
 
 from helpers.folding import fold
+from helpers.forward_models import bn_node, make_model, tensor, vi
 from helpers.onnxrt import random_inputs, run
 from helpers.qdq import Case
-from test_fold_forward import bn_node, make_model, tensor, vi
 
 HUGE = [3e38, 1.0, -3e38, 1.0, 1.0, 1.0]
 # For float weights: W * a stays finite (|W| < 3.4), only the folded layer's sums overflow.

@@ -14,8 +14,8 @@ import pytest
 from onnx import helper
 
 from helpers.folding import fold_api
+from helpers.forward_models import bn_conv_model, bn_node, bn_params, make_model, tensor, vi
 from helpers.onnxrt import assert_same_outputs, run
-from test_fold_forward import bn_conv_model, bn_node, bn_params, make_model, tensor, vi
 
 RNG = np.random.default_rng(21)
 FEED = {"x": RNG.standard_normal((1, 4, 8, 8)).astype(np.float32)}

@@ -2,74 +2,17 @@
 
 Reads the protobuf wire format directly and skips tensors without copying them, so counting op types of a
 large model costs a walk over its node list, not a parse of its weights (``onnx.load`` would copy every
-initializer into Python). Field numbers are those of ``onnx.proto`` (the same as ``cpp/wire/fields.h``).
+initializer into Python). The wire format and its field numbers: :mod:`qdqfold.wire`.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator, Union
+from typing import Iterator
 
-BytesLike = Union[bytes, bytearray, memoryview]
-
-# onnx.proto field numbers used here.
-_MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
-_GRAPH_NODE, _GRAPH_NAME, _GRAPH_INITIALIZER = 1, 2, 5
-_TENSOR_EXTERNAL_DATA, _ENTRY_KEY, _ENTRY_VALUE = 13, 1, 2
-_TENSOR_NAME, _GRAPH_INPUT = 8, 11
-_VALUE_INFO_NAME, _VALUE_INFO_TYPE, _TYPE_TENSOR, _TENSOR_TYPE_SHAPE, _SHAPE_DIM, _DIM_PARAM = 1, 2, 1, 2, 1, 2
-_FUNCTION_NAME, _FUNCTION_NODE, _FUNCTION_DOMAIN = 1, 7, 10
-_NODE_INPUT, _NODE_OUTPUT, _NODE_NAME, _NODE_OP_TYPE, _NODE_ATTRIBUTE, _NODE_DOMAIN = 1, 2, 3, 4, 5, 7
-_ATTRIBUTE_NAME, _ATTRIBUTE_G, _ATTRIBUTE_GRAPHS = 1, 6, 11
-
-_VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
-
-
-class WireFormatError(ValueError):
-    """The bytes are not a protobuf message of the expected shape."""
-
-
-def _fields(buf: memoryview, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, object]]:
-    """(field number, wire type, value) of each field in buf[start:end]; a length-delimited value is the
-    (start, end) pair of its payload, so nothing is copied."""
-    pos, end = start, len(buf) if end is None else end
-    while pos < end:
-        key, pos = _varint(buf, pos, end)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == _VARINT:
-            value, pos = _varint(buf, pos, end)
-        elif wire_type == _LENGTH:
-            length, pos = _varint(buf, pos, end)
-            if pos + length > end:
-                raise WireFormatError(f"field {number} runs past the end of its message at byte {pos}")
-            value, pos = (pos, pos + length), pos + length
-        elif wire_type == _FIXED64:
-            value, pos = None, pos + 8
-        elif wire_type == _FIXED32:
-            value, pos = None, pos + 4
-        else:
-            raise WireFormatError(f"unsupported wire type {wire_type} at byte {pos}")
-        if pos > end:
-            raise WireFormatError("truncated message")
-        yield number, wire_type, value
-
-
-def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise WireFormatError(f"bad varint at byte {pos}")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _text(buf: memoryview, span: tuple[int, int]) -> str:
-    return bytes(buf[span[0]:span[1]]).decode("utf-8", "replace")
+from . import wire
+from .wire import BytesLike, WireFormatError  # noqa: F401 - WireFormatError: named here too
 
 
 @dataclass(frozen=True)
@@ -117,25 +60,25 @@ def read_model_info(data: BytesLike) -> ModelInfo:
 def _read_model(buf: memoryview) -> ModelInfo:
     info = ModelInfo()
     functions = []
-    for number, wire_type, value in _fields(buf):
-        if wire_type != _LENGTH:
+    for number, wire_type, value in wire.fields(buf):
+        if wire_type != wire.LENGTH:
             continue
-        if number == _MODEL_GRAPH:
+        if number == wire.MODEL_GRAPH:
             _read_graph(buf, value, "main", info)
             info.input_dim_params = _input_dim_params(buf, value)
-        elif number == _MODEL_FUNCTIONS:
+        elif number == wire.MODEL_FUNCTIONS:
             functions.append(value)
     for span in functions:
         name = domain = ""
         node_spans = []
-        for number, wire_type, value in _fields(buf, *span):
-            if wire_type != _LENGTH:
+        for number, wire_type, value in wire.fields(buf, *span):
+            if wire_type != wire.LENGTH:
                 continue
-            if number == _FUNCTION_NAME:
-                name = _text(buf, value)
-            elif number == _FUNCTION_DOMAIN:
-                domain = _text(buf, value)
-            elif number == _FUNCTION_NODE:
+            if number == wire.FUNCTION_NAME:
+                name = wire.text(buf, value)
+            elif number == wire.FUNCTION_DOMAIN:
+                domain = wire.text(buf, value)
+            elif number == wire.FUNCTION_NODE:
                 node_spans.append(value)
         for node_span in node_spans:
             for sub_span, sub_path in _read_node(buf, node_span, f"function:{domain}.{name}", info):
@@ -147,50 +90,43 @@ def _input_dim_params(buf: memoryview, span: tuple[int, int]) -> set[str]:
     """The dim_params of the tensor inputs of the graph at ``span`` that are not also initializers."""
     inputs: dict[str, set[str]] = {}
     initializers = set()
-    for number, wire_type, value in _fields(buf, *span):
-        if wire_type != _LENGTH:
+    for number, wire_type, value in wire.fields(buf, *span):
+        if wire_type != wire.LENGTH:
             continue
-        if number == _GRAPH_INITIALIZER:
-            initializers.update(_text(buf, v) for n, t, v in _fields(buf, *value) if n == _TENSOR_NAME and t == _LENGTH)
-        elif number == _GRAPH_INPUT:
+        if number == wire.GRAPH_INITIALIZER:
+            initializers.update(wire.text(buf, v) for n, t, v in wire.fields(buf, *value)
+                                if n == wire.TENSOR_NAME and t == wire.LENGTH)
+        elif number == wire.GRAPH_INPUT:
             name, params = "", set()
-            for n, t, v in _fields(buf, *value):
-                if t != _LENGTH:
+            for n, t, v in wire.fields(buf, *value):
+                if t != wire.LENGTH:
                     continue
-                if n == _VALUE_INFO_NAME:
-                    name = _text(buf, v)
-                elif n == _VALUE_INFO_TYPE:
-                    for shape in _nested(buf, v, _TYPE_TENSOR, _TENSOR_TYPE_SHAPE):
-                        for dim in _nested(buf, shape, _SHAPE_DIM):
-                            params.update(_text(buf, p) for k, pt, p in _fields(buf, *dim)
-                                          if k == _DIM_PARAM and pt == _LENGTH)
+                if n == wire.VALUE_INFO_NAME:
+                    name = wire.text(buf, v)
+                elif n == wire.VALUE_INFO_TYPE:
+                    for shape in wire.nested(buf, v, wire.TYPE_TENSOR, wire.TENSOR_TYPE_SHAPE):
+                        for dim in wire.nested(buf, shape, wire.SHAPE_DIM):
+                            params.update(wire.text(buf, p) for k, pt, p in wire.fields(buf, *dim)
+                                          if k == wire.DIM_PARAM and pt == wire.LENGTH)
             inputs[name] = params
     return set().union(*(params for name, params in inputs.items() if name not in initializers))
-
-
-def _nested(buf: memoryview, span: tuple[int, int], *numbers: int) -> Iterator[tuple[int, int]]:
-    """The spans of the length-delimited fields reached from ``span`` by the field numbers in turn."""
-    spans = [span]
-    for number in numbers:
-        spans = [v for s in spans for n, t, v in _fields(buf, *s) if n == number and t == _LENGTH]
-    return iter(spans)
 
 
 def _node_spans(buf: memoryview, span: tuple[int, int], info: ModelInfo) -> list[tuple[int, int]]:
     """The node payloads of the graph at ``span``; the external-data locations of its initializers go to
     ``info`` (only the small external_data entries are read, never a tensor's data)."""
     nodes = []
-    for number, wire_type, value in _fields(buf, *span):
-        if wire_type != _LENGTH:
+    for number, wire_type, value in wire.fields(buf, *span):
+        if wire_type != wire.LENGTH:
             continue
-        if number == _GRAPH_NODE:
+        if number == wire.GRAPH_NODE:
             nodes.append(value)
-        elif number == _GRAPH_INITIALIZER:
-            for tensor_field, tensor_type, entry in _fields(buf, *value):
-                if tensor_field == _TENSOR_EXTERNAL_DATA and tensor_type == _LENGTH:
-                    pairs = {k: _text(buf, v) for k, t, v in _fields(buf, *entry) if t == _LENGTH}
-                    if pairs.get(_ENTRY_KEY) == "location" and _ENTRY_VALUE in pairs:
-                        info.external_locations.add(pairs[_ENTRY_VALUE])
+        elif number == wire.GRAPH_INITIALIZER:
+            for tensor_field, tensor_type, entry in wire.fields(buf, *value):
+                if tensor_field == wire.TENSOR_EXTERNAL_DATA and tensor_type == wire.LENGTH:
+                    pairs = {k: wire.text(buf, v) for k, t, v in wire.fields(buf, *entry) if t == wire.LENGTH}
+                    if pairs.get(wire.ENTRY_KEY) == "location" and wire.ENTRY_VALUE in pairs:
+                        info.external_locations.add(pairs[wire.ENTRY_VALUE])
     return nodes
 
 
@@ -215,20 +151,20 @@ def _read_node(buf: memoryview, span: tuple[int, int], graph: str, info: ModelIn
     inputs: list[str] = []
     outputs: list[str] = []
     attributes = []
-    for number, wire_type, value in _fields(buf, *span):
-        if wire_type != _LENGTH:
+    for number, wire_type, value in wire.fields(buf, *span):
+        if wire_type != wire.LENGTH:
             continue
-        if number == _NODE_OP_TYPE:
-            op_type = _text(buf, value)
-        elif number == _NODE_DOMAIN:
-            domain = _text(buf, value)
-        elif number == _NODE_NAME:
-            name = _text(buf, value)
-        elif number == _NODE_INPUT:
-            inputs.append(_text(buf, value))
-        elif number == _NODE_OUTPUT:
-            outputs.append(_text(buf, value))
-        elif number == _NODE_ATTRIBUTE:
+        if number == wire.NODE_OP_TYPE:
+            op_type = wire.text(buf, value)
+        elif number == wire.NODE_DOMAIN:
+            domain = wire.text(buf, value)
+        elif number == wire.NODE_NAME:
+            name = wire.text(buf, value)
+        elif number == wire.NODE_INPUT:
+            inputs.append(wire.text(buf, value))
+        elif number == wire.NODE_OUTPUT:
+            outputs.append(wire.text(buf, value))
+        elif number == wire.NODE_ATTRIBUTE:
             attributes.append(value)
     info.nodes.append(NodeInfo(op_type=op_type, domain=domain, name=name, inputs=tuple(inputs), outputs=tuple(outputs),
                                graph=graph))
@@ -236,12 +172,12 @@ def _read_node(buf: memoryview, span: tuple[int, int], graph: str, info: ModelIn
     for attribute in attributes:  # subgraphs (If/Loop/Scan bodies) after their node
         attribute_name = ""
         graphs = []
-        for number, wire_type, value in _fields(buf, *attribute):
-            if wire_type != _LENGTH:
+        for number, wire_type, value in wire.fields(buf, *attribute):
+            if wire_type != wire.LENGTH:
                 continue
-            if number == _ATTRIBUTE_NAME:
-                attribute_name = _text(buf, value)
-            elif number in (_ATTRIBUTE_G, _ATTRIBUTE_GRAPHS):
+            if number == wire.ATTRIBUTE_NAME:
+                attribute_name = wire.text(buf, value)
+            elif number in (wire.ATTRIBUTE_G, wire.ATTRIBUTE_GRAPHS):
                 graphs.append(value)
         subgraphs += [(g, f"{graph}/{name}:{attribute_name}") for g in graphs]
     return subgraphs

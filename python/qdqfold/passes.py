@@ -33,7 +33,7 @@ How the model gets to the native core without copying more than it must:
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 try:
     import onnx_ir as ir
@@ -44,7 +44,7 @@ import numpy as np
 
 import qdqfold_native
 
-from .graphinfo import _varint as read_varint
+from . import wire
 from .report import FoldReport
 
 if TYPE_CHECKING:
@@ -53,14 +53,7 @@ if TYPE_CHECKING:
 __all__ = ["FoldBatchNormalization"]
 
 # ------------------------------------------------------------------------------------------------------
-# The protobuf wire format, as much of it as the skeleton needs.
-
-_LEN = 2
-_MODEL_GRAPH = 7  # ModelProto.graph
-_GRAPH_INITIALIZER = 5  # GraphProto.initializer
-_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME, _TENSOR_RAW_DATA = 1, 2, 8, 9
-_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 13, 14
-_ENTRY_KEY, _ENTRY_VALUE = 1, 2
+# The protobuf wire format: qdqfold.wire.
 
 # TensorProto.DataType -> NumPy little-endian dtype, for the types a view can hold as they are on the wire.
 _NUMPY_DTYPES = {
@@ -76,65 +69,27 @@ _MARK = "\x00qdqfold-in-memory/"
 
 
 def _varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
-    """The varint at ``pos`` and the position after it (the report reader's, bounded by the whole buffer)."""
-    return read_varint(data, pos, len(data))
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _len_field(number: int, length: int) -> bytes:
-    """The key and length of a length-delimited field (its payload follows)."""
-    return _encode_varint(number << 3 | _LEN) + _encode_varint(length)
-
-
-def _fields(data: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
-    """(number, wire type, field start, payload start, payload end) of each field in data[start:end]."""
-    pos = start
-    while pos < end:
-        field_start = pos
-        key, pos = _varint(data, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value_start = pos
-            _, pos = _varint(data, pos)
-        elif wire == 1:
-            value_start, pos = pos, pos + 8
-        elif wire == 2:
-            length, value_start = _varint(data, pos)
-            pos = value_start + length
-        elif wire == 5:
-            value_start, pos = pos, pos + 4
-        else:
-            raise ValueError(f"unexpected protobuf wire type {wire} at byte {field_start}")
-        if pos > end:
-            raise ValueError(f"field {number} at byte {field_start} runs past its message")
-        yield number, wire, field_start, value_start, pos
+    """The varint at ``pos`` and the position after it (bounded by the whole buffer)."""
+    return wire.varint(data, pos, len(data))
 
 
 def _rewrite_initializers(data: memoryview, rewrite) -> list[Any]:
     """The pieces of ModelProto `data` with each top-level initializer replaced by ``rewrite(start, end)``
     (a list of pieces forming the new TensorProto payload, or None to keep it)."""
     pieces: list[Any] = []
-    for number, wire, field_start, start, end in _fields(data, 0, len(data)):
-        if number != _MODEL_GRAPH or wire != _LEN:
+    for number, wire_type, field_start, start, end in wire.spans(data, 0, len(data)):
+        if number != wire.MODEL_GRAPH or wire_type != wire.LENGTH:
             pieces.append(data[field_start:end])
             continue
         graph: list[Any] = []
-        for g_number, g_wire, g_field_start, g_start, g_end in _fields(data, start, end):
-            new = rewrite(g_start, g_end) if g_number == _GRAPH_INITIALIZER and g_wire == _LEN else None
+        for g_number, g_wire, g_field_start, g_start, g_end in wire.spans(data, start, end):
+            new = rewrite(g_start, g_end) if g_number == wire.GRAPH_INITIALIZER and g_wire == wire.LENGTH else None
             if new is None:
                 graph.append(data[g_field_start:g_end])
             else:
-                graph.append(_len_field(_GRAPH_INITIALIZER, sum(len(p) for p in new)))
+                graph.append(wire.length_field(wire.GRAPH_INITIALIZER, sum(len(p) for p in new)))
                 graph.extend(new)
-        pieces.append(_len_field(_MODEL_GRAPH, sum(len(p) for p in graph)))
+        pieces.append(wire.length_field(wire.MODEL_GRAPH, sum(len(p) for p in graph)))
         pieces.extend(graph)
     return pieces
 
@@ -153,13 +108,13 @@ def _concatenate(pieces: list[Any]) -> np.ndarray:
 
 
 def _external_location(data: memoryview, start: int, end: int) -> Optional[str]:
-    for number, wire, _, s, e in _fields(data, start, end):
-        if number == _TENSOR_EXTERNAL_DATA and wire == _LEN:
+    for number, wire_type, _, s, e in wire.spans(data, start, end):
+        if number == wire.TENSOR_EXTERNAL_DATA and wire_type == wire.LENGTH:
             key = value = None
-            for n, w, _, s2, e2 in _fields(data, s, e):
-                if n == _ENTRY_KEY:
+            for n, w, _, s2, e2 in wire.spans(data, s, e):
+                if n == wire.ENTRY_KEY:
                     key = bytes(data[s2:e2])
-                elif n == _ENTRY_VALUE:
+                elif n == wire.ENTRY_VALUE:
                     value = bytes(data[s2:e2])
             if key == b"location" and value is not None:
                 return value.decode("utf-8", "replace")
@@ -349,9 +304,9 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
             if location is None or not location.startswith(_MARK):
                 return None
             raw = _raw_bytes(in_memory[location])
-            kept = [view[fs:fe] for n, _, fs, _, fe in _fields(view, start, end)
-                    if n not in (_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION)]
-            return [*kept, _len_field(_TENSOR_RAW_DATA, len(raw)), raw]
+            kept = [view[fs:fe] for n, _, fs, _, fe in wire.spans(view, start, end)
+                    if n not in (wire.TENSOR_EXTERNAL_DATA, wire.TENSOR_DATA_LOCATION)]
+            return [*kept, wire.length_field(wire.TENSOR_RAW_DATA, len(raw)), raw]
 
         return _concatenate(_rewrite_initializers(view, inline))
 
@@ -391,16 +346,16 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
             name = raw = None
             data_type = 0
             dims: list[int] = []
-            for number, wire, _, s, e in _fields(view, start, end):
-                if number == _TENSOR_NAME:
+            for number, wire_type, _, s, e in wire.spans(view, start, end):
+                if number == wire.TENSOR_NAME:
                     name = bytes(view[s:e]).decode("utf-8", "replace")
-                elif number == _TENSOR_DATA_TYPE and wire == 0:
+                elif number == wire.TENSOR_DATA_TYPE and wire_type == wire.VARINT:
                     data_type = _varint(view, s)[0]
-                elif number == _TENSOR_RAW_DATA:
+                elif number == wire.TENSOR_RAW_DATA:
                     raw = (s, e)
-                elif number == _TENSOR_DIMS and wire == 0:
+                elif number == wire.TENSOR_DIMS and wire_type == wire.VARINT:
                     dims.append(_varint(view, s)[0])
-                elif number == _TENSOR_DIMS and wire == _LEN:
+                elif number == wire.TENSOR_DIMS and wire_type == wire.LENGTH:
                     pos = s
                     while pos < e:
                         dim, pos = _varint(view, pos)
@@ -415,7 +370,7 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
                 return None  # let onnx and the IR judge a tensor whose size does not add up
             array = np.frombuffer(out, dtype=dtype, count=count, offset=raw[0]).reshape(dims)
             views[name] = (array, data_type)
-            return [view[fs:fe] for n, _, fs, _, fe in _fields(view, start, end) if n != _TENSOR_RAW_DATA]
+            return [view[fs:fe] for n, _, fs, _, fe in wire.spans(view, start, end) if n != wire.TENSOR_RAW_DATA]
 
         skeleton = b"".join(_rewrite_initializers(view, strip))
         model = ir.serde.deserialize_model(onnx.ModelProto.FromString(skeleton))

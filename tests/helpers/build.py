@@ -24,6 +24,16 @@ def bn_params(prefix: str, c: int, rng=RNG, dtype=np.float32) -> list[onnx.Tenso
     return [numpy_helper.from_array(v.astype(dtype), f"{prefix}_{n}") for n, v in zip(names, [gamma, beta, mean, var])]
 
 
+def bn_arrays(gamma, prefix: str = "") -> dict[str, np.ndarray]:
+    """BN parameters as arrays keyed ``<prefix>gamma`` ... ``<prefix>var``: the given gamma, beta and mean standard
+    normal and var in [0.5, 2) from a generator seeded 1 (the same values on every call)."""
+    rng = np.random.default_rng(1)
+    c = len(gamma)
+    return {prefix + "gamma": np.asarray(gamma, np.float32), prefix + "beta": rng.standard_normal(c).astype(np.float32),
+            prefix + "mean": rng.standard_normal(c).astype(np.float32),
+            prefix + "var": rng.uniform(0.5, 2.0, c).astype(np.float32)}
+
+
 def bn_node(x: str, y: str, prefix: str, name: str | None = None, **attrs) -> onnx.NodeProto:
     return helper.make_node("BatchNormalization", [x] + [f"{prefix}_{n}" for n in ["scale", "bias", "mean", "var"]],
                             [y], name=name or prefix, **attrs)

@@ -85,6 +85,27 @@ def assert_folded(model: onnx.ModelProto, rtol=1e-5, expect_codes=None, **option
     return folded.model, folded.report
 
 
+def assert_kept(model: onnx.ModelProto | bytes, code: str, *words: str, node: str | None = None, api: bool = False,
+                **options) -> Any:
+    """Folds `model` (fold(), or fold_api() with api=True) and asserts its BN (the only one, or the one named
+    `node`) is kept with reason `code` and a message naming each of `words`, the model byte-identical. Returns
+    that report entry: a dict, or a BatchNormEntry with api=True."""
+    folded = (fold_api if api else fold)(model, **options)
+    records = folded.records
+    if node is None:
+        assert len(records) == 1, list(records)
+        entry = next(iter(records.values()))
+    else:
+        entry = records[node]
+    fields = vars(entry) if api else entry
+    assert fields["folded"] is False and fields["code"] == code, (fields["code"], fields["message"])
+    assert fields["message"]
+    for word in words:
+        assert word in fields["message"], fields["message"]
+    assert folded.unchanged, "a kept BN must leave the model byte-identical"
+    return entry
+
+
 #: A driver for `python -c`: fold_file(argv[1], argv[2]) under a file-size limit of argv[3] bytes (as a full disk
 #: would stop a write). Prints "FoldError: ..." and exits 3 when the fold fails, else prints "no error".
 FOLD_FILE_UNDER_SIZE_LIMIT = """
