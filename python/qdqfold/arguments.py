@@ -130,18 +130,19 @@ def _positive_float(text: str) -> float:
 DASK_TIMEOUT = 900.0
 
 
-def _terminal_columns() -> int:
-    """shutil.get_terminal_size().columns, read as shutil reads it (COLUMNS, else standard output's terminal,
-    else 80) without importing shutil, which loads the compression modules (a few milliseconds of every run)."""
+def terminal_columns(fallback: int = 80) -> int:
+    """shutil.get_terminal_size((fallback, 24)).columns, read as shutil reads it (COLUMNS, else standard output's
+    terminal, else ``fallback``) without importing shutil, which loads the compression modules (a few
+    milliseconds of every run)."""
     try:
         columns = int(os.environ["COLUMNS"])
     except (KeyError, ValueError):
         columns = 0
     if columns <= 0:
         try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns or fallback  # type: ignore[union-attr]
         except (AttributeError, ValueError, OSError):  # AttributeError: no sys.__stdout__ (None), as shutil has it
-            columns = 80
+            columns = fallback
     return columns
 
 
@@ -152,7 +153,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
                  width: int | None = None) -> None:
         super().__init__(prog, indent_increment, max_help_position,
-                         width if width is not None else _terminal_columns() - 2)
+                         width if width is not None else terminal_columns() - 2)
 
 
 def build_parser() -> argparse.ArgumentParser:
