@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -36,10 +37,20 @@ from pathlib import Path
 from bench import child_env, machine_info, qdqfold_paths
 
 
-def timed(action) -> float:
+def timed(action, cpu: list[float] | None = None) -> float:
+    """The wall time of `action`; its CPU time (user + system, this process's threads and its children's) is
+    appended to `cpu`."""
+    def used() -> float:
+        return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                     resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+    before = used()
     start = time.perf_counter()
     action()
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    if cpu is not None:
+        cpu.append(used() - before)
+    return wall
 
 
 def file_system(path: Path) -> str:
@@ -126,25 +137,27 @@ def main() -> None:
             out_dir = workdir / "versus-copy"
             out_dir.mkdir(parents=True, exist_ok=True)
             runs.append((name, workdir, src, out_dir / "out.onnx"))
-    times = {run: {k: [] for k in ("cp", "cli", "report", "fold_file", "fold", "copy", "base")} for run in runs}
+    keys = ("cp", "cli", "report", "fold_file", "fold", "copy", "base")
+    times = {run: {k: [] for k in keys} for run in runs}
+    cpus = {run: {k: [] for k in keys} for run in runs}
     for _ in range(args.repeat):
         for run in runs:
             name, workdir, src, dst = run
-            t = times[run]
+            t, c = times[run], cpus[run]
             fresh_output(dst)
-            t["cp"].append(timed(lambda: subprocess.run(["cp", str(src), str(dst)], check=True)))
+            t["cp"].append(timed(lambda: subprocess.run(["cp", str(src), str(dst)], check=True), c["cp"]))
             fresh_output(dst)
             t["cli"].append(timed(lambda: subprocess.run(
-                [python, "-m", "qdqfold", str(src), "-o", str(dst), "-q"], check=True, env=env)))
+                [python, "-m", "qdqfold", str(src), "-o", str(dst), "-q"], check=True, env=env), c["cli"]))
             fresh_output(dst)
             t["report"].append(timed(lambda: subprocess.run(
-                [python, "-m", "qdqfold", str(src), "-o", str(dst)], check=True, env=env, stdout=subprocess.PIPE)))
+                [python, "-m", "qdqfold", str(src), "-o", str(dst)], check=True, env=env, stdout=subprocess.PIPE), c["report"]))
             if base_env is not None:
                 fresh_output(dst)
                 t["base"].append(timed(lambda: subprocess.run(
-                    [python, "-m", "qdqfold", str(src), "-o", str(dst), "-q"], check=True, env=base_env)))
+                    [python, "-m", "qdqfold", str(src), "-o", str(dst), "-q"], check=True, env=base_env), c["base"]))
             fresh_output(dst)
-            t["fold_file"].append(timed(lambda: qdqfold_native.fold_file(str(src), str(dst))))
+            t["fold_file"].append(timed(lambda: qdqfold_native.fold_file(str(src), str(dst)), c["fold_file"]))
             fresh_output(dst)
             if workdir == workdirs[0]:  # bytes in memory: once per model
                 data = src.read_bytes()
@@ -161,6 +174,14 @@ def main() -> None:
               f"{m['report']:8.3f} {m['report'] / m['cp']:5.2f}x"
               + (f" {m['base']:10.3f} {m['base'] / m['cp']:5.2f}x" if base_env else ""))
         dst.unlink(missing_ok=True)
+    print("CPU time, user + system (medians): what each takes where no other job waits for a core")
+    for run in runs:
+        name, workdir, src, dst = run
+        m = {k: statistics.median(v) for k, v in cpus[run].items() if v}
+        print(f"{name:12s} {file_system(workdir):6s} cp {m['cp']:.3f} s; CLI {m['cli']:.3f} s "
+              f"({m['cli'] / m['cp']:.2f}x); CLI with the report {m['report']:.3f} s ({m['report'] / m['cp']:.2f}x); "
+              f"fold_file {m['fold_file']:.3f} s ({m['fold_file'] / m['cp']:.2f}x)"
+              + (f"; base CLI {m['base']:.3f} s ({m['base'] / m['cp']:.2f}x)" if base_env else ""))
     print(f"load average after the rounds: {load()}")
     python_start = statistics.median(timed(lambda: subprocess.run([python, "-c", "pass"], check=True))
                                      for _ in range(args.repeat))

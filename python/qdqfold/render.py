@@ -6,7 +6,6 @@ when something is shown (a run with ``-q`` and no JSON report never loads it).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -322,6 +321,8 @@ def many_document(done: list[ModelResult]) -> dict[str, Any]:
 
 def json_text(document: dict[str, Any]) -> str:
     """A JSON document as printed and as written to --report-json (without the final newline)."""
+    import json  # here: a run that prints no JSON does not load it
+
     return json.dumps(document, indent=2)
 
 
