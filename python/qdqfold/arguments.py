@@ -69,7 +69,6 @@ OPTION_FLAGS = {
 }
 
 
-
 def cli_words(text: str) -> str:
     """``text`` (a message of the core or the Python layer) with each Python keyword (``pad_correction=True``)
     replaced by the command line's flag (``--pad-correction``), so messages in the CLI name what to type."""
@@ -255,14 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
 class UsageError(Exception):
-    pass
+    """Bad arguments: the usage line and one error line, exit status 2 (EXIT_USAGE)."""
 
 
 class InputError(Exception):
-    pass
-
+    """Bad input, or a path that cannot be read or written: one error line, exit status 1 (EXIT_FAILED)."""
 
 
 def options_of(args: argparse.Namespace) -> dict[str, Any]:
@@ -304,11 +301,9 @@ def style_of(args: argparse.Namespace) -> Style:
     return Style(colour_wanted(args.color, sys.stderr if args.output == "-" else sys.stdout))
 
 
-
 def path_rule(function, *arguments, **keywords):
     """``function`` of qdqfold.paths, its refusal turned into the command line's usage or input error."""
     try:
         return function(*arguments, **keywords)
     except paths.OutputPathError as e:
         raise (InputError if e.bad_input else UsageError)(str(e)) from e
-

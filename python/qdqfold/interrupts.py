@@ -82,4 +82,3 @@ def handle_ctrl_c():
     if threading.current_thread() is not threading.main_thread():
         return None
     return signal.signal(signal.SIGINT, _on_ctrl_c)
-

@@ -149,4 +149,3 @@ def run_many(args: argparse.Namespace) -> int:
         for warning in warnings:
             print(f"qdqfold: warning: {warning}", file=sys.stderr)
     return EXIT_KERNELS if warnings and args.strict_kernels else EXIT_OK
-

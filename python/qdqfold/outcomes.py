@@ -28,7 +28,6 @@ def in_cli_words(result: ModelResult) -> ModelResult:
     return result
 
 
-
 def write_json(path: str, data: Any) -> None:
     from .api import write_atomically
     from .render import json_text
@@ -60,7 +59,6 @@ def kernel_warning(result: ModelResult) -> str | None:
     return None
 
 
-
 def print_missing_weights(results: list[ModelResult]) -> None:
     """A warning on standard error for each model whose BNs were kept because their weights are not there."""
     for result in results:
@@ -71,4 +69,3 @@ def print_missing_weights(results: list[ModelResult]) -> None:
                     result.input, len(kept), "give --base-dir DIR (the directory holding the data files) with '-', "
                     "or fold the model file where its data files are")
                 print(f"qdqfold: warning: {files.one_line(message)}", file=sys.stderr)
-

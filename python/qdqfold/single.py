@@ -26,7 +26,6 @@ def _fold_quietly(source: Path, output: Path, options: dict[str, bool], force: b
     files.fold_file(source, output, options, make_parents=True, force=force, storage=storage)
 
 
-
 def _check_stdin_external_data(args: argparse.Namespace, locations: list[str], to_stdout: bool) -> None:
     """A model from standard input that keeps weights in external data: read from --base-dir, or refused (it has
     no directory; an output naming those files would read whatever carries their names beside it)."""
@@ -129,4 +128,3 @@ def run_single(args: argparse.Namespace) -> int:
     if warning and args.strict_kernels:
         return EXIT_KERNELS
     return EXIT_OK
-
