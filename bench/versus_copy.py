@@ -151,7 +151,8 @@ def main() -> None:
                 [python, "-m", "qdqfold", str(src), "-o", str(dst), "-q"], check=True, env=env), c["cli"]))
             fresh_output(dst)
             t["report"].append(timed(lambda: subprocess.run(
-                [python, "-m", "qdqfold", str(src), "-o", str(dst)], check=True, env=env, stdout=subprocess.PIPE), c["report"]))
+                [python, "-m", "qdqfold", str(src), "-o", str(dst)], check=True, env=env, stdout=subprocess.PIPE),
+                c["report"]))
             if base_env is not None:
                 fresh_output(dst)
                 t["base"].append(timed(lambda: subprocess.run(
