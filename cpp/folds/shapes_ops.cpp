@@ -20,6 +20,7 @@ using Maybe = std::optional<Dims>;
 // Index-like values (Slice's starts / ends, Split's sizes, axes) beyond this are clamped to it: every dim is
 // at most 2^40 (shapes.cpp), so clamping changes no result and keeps the arithmetic in range.
 constexpr double kClamp = 4611686018427387904.0;  // 2^62
+constexpr int64_t kLargestDim = int64_t{1} << 40;   // shapes.cpp's kMaxDim
 
 // Values of a constant integer input, each clamped to [-2^62, 2^62]; nullopt when not a constant or a value is
 // not an integer.
@@ -206,7 +207,7 @@ Maybe split(Graph& g, const Node& n, size_t slot, const Maybe& x) {
   if (sizes && static_cast<int64_t>(sizes->size()) == parts) {
     int64_t total = 0;
     for (int64_t s : *sizes) {
-      if (s < 0) return std::nullopt;
+      if (s < 0 || s > kLargestDim) return std::nullopt;  // not a valid Split (and the sum cannot overflow)
       total += s;
     }
     if (d >= 0 && total != d) return std::nullopt;  // not a valid Split
