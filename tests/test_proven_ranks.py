@@ -87,6 +87,9 @@ def chain_model(chain: str, x_shape=(B, N, K)) -> onnx.ModelProto:
         nodes = [mk("Split", ["x", "half"], ["a", "b"], axis=2), mk("Concat", ["b", "a"], ["c"], axis=2),
                  mk("Shape", ["x"], ["s"]), mk("Gather", ["s", "st"], ["e"], axis=0),
                  mk("Slice", ["c", "st", "e", "st"], ["m"])]
+    elif chain == "unsqueeze-squeeze":  # [1, B, N, K] and back, constant axes; Size read beside it
+        inits += [i64("ax", [0])]
+        nodes = [mk("Unsqueeze", ["x", "ax"], ["u"]), mk("Squeeze", ["u", "ax"], ["m"]), mk("Size", ["u"], ["count"])]
     elif chain == "unsqueeze-rank4":  # m [B, 1, N, K]: Flatten(axis=2) is [B, N*F], BN's axis 1 is not F
         inits += [i64("ax", [1])]
         nodes = [mk("Unsqueeze", ["x", "ax"], ["m"])]
@@ -104,7 +107,7 @@ def chain_model(chain: str, x_shape=(B, N, K)) -> onnx.ModelProto:
     return model
 
 
-@pytest.mark.parametrize("chain", ["gather-unsqueeze-concat", "reshape-as", "split-slice"])
+@pytest.mark.parametrize("chain", ["gather-unsqueeze-concat", "reshape-as", "split-slice", "unsqueeze-squeeze"])
 def test_a_rank_proven_through_the_chain_folds_exactly(chain):
     model = chain_model(chain)
     folded, report = qdqfold.fold_bytes(model.SerializeToString())
