@@ -10,9 +10,11 @@
 #include <variant>
 
 #include "kernels/numeric.h"
-#include "folds/directions/backward/backward.h"
-#include "folds/directions/forward/forward.h"
-#include "folds/directions/forward/padding_correction.h"
+#include "folds/common/conv_geometry.h"
+#include "folds/common/values.h"
+#include "folds/edits.h"
+#include "folds/sources/batchnorm.h"
+#include "folds/weights/float_weight.h"
 #include "folds/weights/quantized_weight.h"
 
 namespace qdqfold::folds {
@@ -68,7 +70,7 @@ std::string branch_input(const Graph& g, const std::string& v) {
 }
 
 // `identity_bns`: the BNs among the terms that read x, filled as soon as x is known (a kept sum names them too).
-std::variant<BranchSet, Outcome> find_branches(const Graph& g, int root, std::vector<int>& identity_bns) {
+Expected<BranchSet> find_branches(const Graph& g, int root, std::vector<int>& identity_bns) {
   BranchSet set;
   std::vector<Term> terms;
   collect_terms(g, root, 1, set.tree, terms);
@@ -174,7 +176,7 @@ std::optional<std::vector<double>> dequantized_values(QuantizedWeight& w) {
 }
 
 // Reads conv `node`'s weight: float, or (requantize_merged) quantized.
-std::variant<ConvBranch, Outcome> read_branch_weight(FoldContext& ctx, int node) {
+Expected<ConvBranch> read_branch_weight(FoldContext& ctx, int node) {
   Graph& g = ctx.graph;
   ConvBranch c;
   c.node = node;
@@ -223,7 +225,7 @@ std::string kernel_text(const std::vector<int64_t>& k) {
   return s;
 }
 
-std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& set) {
+Expected<MergePlan> plan_merge(FoldContext& ctx, const BranchSet& set) {
   Graph& g = ctx.graph;
   MergePlan plan;
   for (const auto& b : set.branches) {

@@ -25,7 +25,7 @@ using graph::Node;
 namespace {
 
 // How many input features of the layer belong to each BN channel (HW), or why the layout is not known.
-std::variant<int64_t, Outcome> features_per_channel(FoldContext& ctx, int bn, const ForwardReader& reader,
+Expected<int64_t> features_per_channel(FoldContext& ctx, int bn, const ForwardReader& reader,
                                                     int64_t channels, int64_t width) {
   Graph& g = ctx.graph;
   const std::string who = describe_node(g, reader.layer);

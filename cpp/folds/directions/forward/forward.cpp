@@ -16,10 +16,6 @@ using graph::Graph;
 using graph::Node;
 using wire::DataType;
 
-std::string describe_node(const Graph& g, int node) {
-  return g.nodes[node].op_type + " '" + g.nodes[node].display_name(node) + "'";
-}
-
 namespace {
 
 // Dropout is the identity at inference unless it is told to train: opset < 7 through is_test (default 0,
@@ -100,7 +96,7 @@ void remove_forward_batchnorm(Graph& g, int bn, const BatchNormAffine& affine) {
 
 }  // namespace
 
-std::variant<std::vector<ForwardReader>, Outcome> forward_readers(FoldContext& ctx, int bn) {
+Expected<std::vector<ForwardReader>> forward_readers(FoldContext& ctx, int bn) {
   Graph& g = ctx.graph;
   const Node& n = g.nodes[bn];
   if (n.inputs.empty() || n.inputs[affine_data_slot(g, bn)].empty() || n.outputs.empty() || n.outputs[0].empty())
@@ -137,7 +133,7 @@ std::optional<std::vector<int64_t>> activation_shape(const FoldContext& ctx, int
   return partial;
 }
 
-std::variant<FloatWeight, Outcome> read_forward_weight(FoldContext& ctx, int layer) {
+Expected<FloatWeight> read_forward_weight(FoldContext& ctx, int layer) {
   Graph& g = ctx.graph;
   const Node& n = g.nodes[layer];
   if (n.inputs.size() < 2 || n.inputs[1].empty() || n.outputs.empty() || n.outputs[0].empty())
@@ -159,24 +155,6 @@ std::variant<FloatWeight, Outcome> read_forward_weight(FoldContext& ctx, int lay
                                               ", which must keep it: folding BN would need a second copy");
   }
   return w;
-}
-
-void add_constant_after(FoldContext& ctx, int layer, int32_t data_type, const std::vector<int64_t>& dims,
-                        const std::string& raw, const char* suffix, Outcome& outcome) {
-  Graph& g = ctx.graph;
-  const std::string output = g.nodes[layer].outputs[0];
-  const std::string base = g.nodes[layer].display_name(layer);
-  const std::string constant = new_tensor_name(ctx.model, base, suffix);
-  const std::string renamed = ctx.model.fresh_name(output + "_before" + suffix);
-  g.add_tensor(constant, graph::encode_tensor(constant, data_type, dims, raw));
-  outcome.new_tensors.push_back(constant);
-  g.set_output(layer, 0, renamed);
-  Node add;
-  add.op_type = "Add";
-  add.name = ctx.model.fresh_name(base + suffix);
-  add.inputs = {renamed, constant};
-  add.outputs = {output};
-  g.add_node(std::move(add), layer + 1);
 }
 
 Outcome fold_bn_forward(FoldContext& ctx, int bn) {

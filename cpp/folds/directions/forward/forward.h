@@ -19,8 +19,11 @@
 #include <variant>
 #include <vector>
 
+#include "folds/common/values.h"
+#include "folds/expected.h"
+#include "folds/edits.h"
 #include "folds/sources/batchnorm.h"
-#include "folds/directions/backward/backward.h"
+#include "folds/weights/float_weight.h"
 
 namespace qdqfold::folds {
 
@@ -34,7 +37,7 @@ struct ForwardReader {
 // Every layer reading BN `bn`'s output, or the outcome when BN cannot fold forwards: NotApplicable when no
 // layer reads it, Kept when one does but something else also sees BN's output (a graph output, a non-layer
 // reader, a subgraph) or an activation quantizer stands between BN and the layer.
-std::variant<std::vector<ForwardReader>, Outcome> forward_readers(FoldContext& ctx, int bn);
+Expected<std::vector<ForwardReader>> forward_readers(FoldContext& ctx, int bn);
 
 // The shape of `value` as the core proves it (shapes.h: from the graph inputs' declared shapes, completed by
 // the `shapes` option for those inputs, through the ops it knows); never a value_info or output claim.
@@ -51,19 +54,11 @@ struct LayerPlan {
   std::vector<std::pair<std::string, double>> metrics;
   std::function<void(FoldContext&, Outcome&)> apply;
 };
-using PlanOrKept = std::variant<LayerPlan, Outcome>;
+using PlanOrKept = Expected<LayerPlan>;
 
 // The weight of a layer BN feeds, with the forward fold's own reasons for keeping BN: a quantized weight, a
 // weight other nodes read too.
-std::variant<FloatWeight, Outcome> read_forward_weight(FoldContext& ctx, int layer);
-
-// Adds a constant after `layer`: its output 0 is renamed, and Add(renamed, constant) produces the old name
-// (graph outputs, value_info and readers keep theirs). The constant is a new tensor named after the layer.
-void add_constant_after(FoldContext& ctx, int layer, int32_t data_type, const std::vector<int64_t>& dims,
-                        const std::string& raw, const char* suffix, Outcome& outcome);
-
-// "Conv '/c1/Conv'" for messages.
-std::string describe_node(const graph::Graph& g, int node);
+Expected<FloatWeight> read_forward_weight(FoldContext& ctx, int layer);
 
 // The forward fold (registered in registry.cpp after the backward folds).
 Outcome fold_bn_forward(FoldContext& ctx, int bn);
