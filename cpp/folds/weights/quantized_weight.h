@@ -134,6 +134,13 @@ Expected<RescaledWeight> rescale_quantized_weight(const QuantizedWeight& w, cons
                                                                bool keep_quantizer, const std::string& who,
                                                                std::shared_ptr<graph::Model::DeferredChecks> deferred = {});
 
+// Writes one quantization parameter (slot 1 scale, slot 2 zero point) for the Q/DQ nodes `nodes`, through
+// write_constant_for (edits.h). Nodes that read different tensors for it (equal in value) get one new tensor
+// each. `keep_constant_node`: a parameter held by a Constant node only they read is rewritten in that node.
+void write_quantization_parameter(FoldContext& ctx, const std::vector<int>& nodes, int slot, int32_t data_type,
+                                  const std::vector<int64_t>& dims, const std::string& raw, const std::string& base,
+                                  Outcome& outcome, bool keep_constant_node = true);
+
 // Writes `r` into the graph for weight `w`: new scale and zero point for this layer's Q/DQ only (a tensor
 // that any other node reads is never edited), new integers or snapped float weight, axis attribute when the
 // scale was promoted. `materialize`: the QAT form becomes int initializer -> DequantizeLinear (Q removed).
