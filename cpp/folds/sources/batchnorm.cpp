@@ -1,5 +1,4 @@
 #include "folds/sources/batchnorm.h"
-#include "folds/expected.h"
 
 #include <cmath>
 #include <limits>

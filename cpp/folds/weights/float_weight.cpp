@@ -1,5 +1,4 @@
 #include "folds/weights/float_weight.h"
-#include "folds/expected.h"
 
 #include <algorithm>
 

@@ -1,5 +1,4 @@
 #include "folds/weights/quantized_bias.h"
-#include "folds/expected.h"
 #include "folds/layer_kinds.h"
 
 #include <algorithm>

@@ -1,8 +1,6 @@
 #include "folds/directions/forward/padding_correction.h"
-#include "folds/expected.h"
 
 #include <numeric>
-#include <sstream>
 
 namespace qdqfold::folds {
 
