@@ -6,9 +6,9 @@
 #include <initializer_list>
 #include <unordered_set>
 
-#include "folds/directions/forward/padding_correction.h"
+#include "folds/common/conv_geometry.h"
+#include "folds/common/values.h"
 #include "folds/shapes_ops.h"
-#include "folds/sources/batchnorm.h"
 
 namespace qdqfold::folds {
 

@@ -7,7 +7,7 @@
 #include <cmath>
 #include <string>
 
-#include "folds/sources/batchnorm.h"
+#include "folds/common/values.h"
 
 namespace qdqfold::folds::shape_ops {
 
