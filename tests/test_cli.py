@@ -380,7 +380,7 @@ def test_colour_only_on_a_terminal_and_never_with_no_color(tmp_path):
 def test_every_native_option_has_a_flag():
     native = qdqfold_native.options()
     missing = sorted(set(native) - set(OPTION_FLAGS))
-    assert not missing, f"add these native options to OPTION_FLAGS in python/qdqfold/cli.py: {missing}"
+    assert not missing, f"add these native options to OPTION_FLAGS in python/qdqfold/arguments.py: {missing}"
     assert not set(OPTION_FLAGS) - set(native), "OPTION_FLAGS lists options the native module does not have"
     help_text = build_parser().format_help()
     for name, (flag, _) in OPTION_FLAGS.items():

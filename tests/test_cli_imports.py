@@ -21,7 +21,8 @@ NOT_FOR_A_QUIET_FOLD = (*HEAVY, "qdqfold.batch", "qdqfold.report", "qdqfold.rend
                         "dataclasses", "inspect", "concurrent.futures", "tempfile", "json", "traceback", "tqdm")
 
 _DRIVER = """
-import runpy, sys
+import atexit, runpy, sys
+atexit.register(lambda: None)  # keeps the interpreter's own exit (see qdqfold._start._exit_now): modules listed
 sys.argv = ["qdqfold", *sys.argv[1:]]
 try:
     runpy.run_module("qdqfold", run_name="__main__", alter_sys=True)  # as python -m qdqfold runs it
@@ -55,6 +56,15 @@ def test_a_reported_fold_loads_no_verification(tmp_path):
     assert status == 0
     assert sorted(m for m in HEAVY if m in modules) == []
     assert {"qdqfold.report", "qdqfold.render"} <= modules
+
+
+def test_a_reported_fold_loads_no_json_nor_shutil(tmp_path):
+    # The summary as `qdqfold M -o O` prints it: no JSON module (only --json / --report-json need it), no shutil
+    # (the terminal's width is read from os; shutil loads the compression modules).
+    status, modules = _run_cli(SEED, "-o", tmp_path / "out.onnx")
+    assert status == 0
+    assert "qdqfold.render" in modules
+    assert sorted(m for m in ("json", "shutil", "bz2", "lzma") if m in modules) == []
 
 
 def test_a_zoo_fold_loads_no_verification(tmp_path):

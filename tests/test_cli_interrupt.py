@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from qdqfold import cli
+from qdqfold import interrupts
 
 
 @pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
@@ -23,7 +23,7 @@ def test_ctrl_c_waits_for_the_fold_to_give_up(monkeypatch):
         time.sleep(0.2)  # giving up takes a moment (temporary files are removed)
         gave_up.set()
 
-    monkeypatch.setattr(cli, "interrupt_running", told_to_stop.set)
+    monkeypatch.setattr(interrupts, "interrupt_running", told_to_stop.set)
     main = threading.main_thread().ident
 
     def press_ctrl_c() -> None:
@@ -33,5 +33,5 @@ def test_ctrl_c_waits_for_the_fold_to_give_up(monkeypatch):
 
     threading.Thread(target=press_ctrl_c).start()
     with pytest.raises(KeyboardInterrupt):
-        cli._run_interruptibly(fold)
+        interrupts.run_interruptibly(fold)
     assert told_to_stop.is_set() and gave_up.is_set()

@@ -22,7 +22,7 @@ import pytest
 
 import qdqfold
 import qdqfold_native
-from qdqfold import cli
+from qdqfold import cli, many
 from helpers.safe_files import chain, save_external
 
 
@@ -278,7 +278,7 @@ def test_a_ctrl_c_that_a_library_swallows_still_exits_130(tmp_path, monkeypatch,
     zoo.mkdir()
     for k in range(3):
         (zoo / f"m{k}.onnx").write_bytes(chain(k).SerializeToString())
-    words = cli._in_cli_words
+    words = many.in_cli_words
 
     def swallowing(result):
         try:
@@ -287,7 +287,7 @@ def test_a_ctrl_c_that_a_library_swallows_still_exits_130(tmp_path, monkeypatch,
             pass
         return words(result)
 
-    monkeypatch.setattr(cli, "_in_cli_words", swallowing)
+    monkeypatch.setattr(many, "in_cli_words", swallowing)
     assert cli.main([str(zoo), "-o", str(tmp_path / "out"), "--jobs", "2", "-q"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert not [p for p in tmp_path.rglob("*.tmp")]
@@ -322,7 +322,7 @@ def test_a_dask_batch_gives_up_on_models_that_never_finish(tmp_path, monkeypatch
         def close(self):
             pass
 
-    monkeypatch.setattr(cli, "_dask_client", lambda address: Client())
+    monkeypatch.setattr(many, "dask_client", lambda address: Client())
     status = cli.main([str(zoo), "-o", str(tmp_path / "out"), "--dask", "tcp://nowhere:8786", "--dask-timeout",
                        "0.5", "-q", "--no-progress"])
     assert status == 1

@@ -355,6 +355,16 @@ void Graph::set_int_attribute(int node, const std::string& name, int64_t value) 
   parsed.i = value;
 }
 
+void Graph::set_ints_attribute(int node, const std::string& name, const std::vector<int64_t>& values) {
+  std::string a;
+  put_bytes_field(a, num(AttributeField::Name), name);
+  for (int64_t v : values) put_varint_field(a, num(AttributeField::Ints), static_cast<uint64_t>(v));
+  put_varint_field(a, num(AttributeField::Type), static_cast<uint64_t>(AttributeType::Ints));
+  set_attribute(node, name, std::move(a));
+  Attribute& parsed = parsed_attribute(nodes[node], name, AttributeType::Ints);
+  parsed.ints = values;
+}
+
 void Graph::set_float_attribute(int node, const std::string& name, float value) {
   std::string a;
   uint32_t bits;

@@ -160,10 +160,11 @@ class Graph {
   void set_output(int node, int slot, const std::string& value);
   void set_op_type(int node, const std::string& op_type);
   void set_attribute(int node, const std::string& name, std::string payload);
-  // Sets an int or float attribute both in the written node and in its parsed view, so a later fold reading
+  // Sets an int, float or ints attribute both in the written node and in its parsed view, so a later fold reading
   // the node (a second BN folded into the same layer) sees the new value.
   void set_int_attribute(int node, const std::string& name, int64_t value);
   void set_float_attribute(int node, const std::string& name, float value);
+  void set_ints_attribute(int node, const std::string& name, const std::vector<int64_t>& values);
   void remove_node(int node);
   int add_node(Node node, int insert_before);
   // Adds `node` where the writer puts it just before node `reader` (an original node, or one a fold created).

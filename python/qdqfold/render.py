@@ -6,15 +6,14 @@ when something is shown (a run with ``-q`` and no JSON report never loads it).
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import sys
 import textwrap
 from collections import Counter
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .arguments import terminal_columns
 from .files import one_line
 from .report import found_line, with_schema
 
@@ -123,7 +122,7 @@ def _bn_lines(report, style: Style, limit: int = 20) -> list[str]:
 
 def wrapped(text: str, first: str, rest: str) -> list[str]:
     """``text`` wrapped to the terminal's width (100 columns when not a terminal)."""
-    width = max(60, shutil.get_terminal_size((100, 24)).columns - 1)
+    width = max(60, terminal_columns(100) - 1)
     return textwrap.wrap(text, width, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False,
                          break_long_words=False) or [first]
 
@@ -322,6 +321,8 @@ def many_document(done: list[ModelResult]) -> dict[str, Any]:
 
 def json_text(document: dict[str, Any]) -> str:
     """A JSON document as printed and as written to --report-json (without the final newline)."""
+    import json  # here: a run that prints no JSON does not load it
+
     return json.dumps(document, indent=2)
 
 

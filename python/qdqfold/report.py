@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -276,4 +275,6 @@ class FoldReport:
         }
 
     def to_json(self, indent: int = 2) -> str:
+        import json  # here: a run that prints no JSON does not load it
+
         return json.dumps(self.to_dict(), indent=indent)
