@@ -5,6 +5,8 @@
 //   onnxruntime_output_quantizers.cpp  a layer (Conv / Gemm / MatMul with dequantized inputs) whose output
 //       reaches activation quantizers only through ops that commute with rounding gets those quantizers'
 //       Q -> DQ right after it (exact: the same integers reach the downstream quantizers; the proof is there);
+//   onnxruntime_residuals.cpp  an Add / Concat's inputs given Q -> DQ pairs: exactly where an input is already on
+//       a DequantizeLinear's grid, by a new rounding only under requantize_residuals (approximate, reported);
 //   onnxruntime_weights.cpp  a float weight behind QuantizeLinear stored as its integers (exact);
 //   onnxruntime_kernels.cpp  the integer kernels onnxruntime is expected to form, by op, predicted from its
 //       selector rules (qdq_selectors.cc) on the graph before the folds and after the target;
@@ -29,6 +31,10 @@ const char* known_targets();  // for messages: "onnxruntime"
 // One layer's outcome: given output quantizers (folded = true, code "output-quantizer"), or left in float
 // (folded = false) with a reason code and sentence.
 BatchNormRecord output_quantizer(graph::Model& model, graph::Graph& g, int layer);
+
+// The Add / Concat nodes of `g` whose inputs are not all dequantized: each input given a Q -> DQ pair where
+// that is exact (on a grid already) or, with `requantize`, by a new rounding; one record per node looked at.
+std::vector<BatchNormRecord> residual_inputs(graph::Model& model, graph::Graph& g, bool requantize);
 
 // A constant float32 weight behind its own QuantizeLinear stored as the integers it quantizes to (exact);
 // noted in `record` (new_tensors, metric "weight_stored_as_integers", message).

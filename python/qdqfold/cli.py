@@ -71,6 +71,8 @@ OPTION_FLAGS = {
                        "conv (RepVGG, MobileOne, ACNet, RepMixer), exactly"),
     "requantize_merged": ("--requantize-merged", "APPROXIMATE: with --merge-branches, merge branches with quantized "
                           "weights too, re-quantizing the merged kernel per output channel"),
+    "requantize_residuals": ("--requantize-residuals", "APPROXIMATE: with --target, quantize the float inputs of "
+                             "residual Adds / Concats so they and the convs feeding them become integer kernels"),
 }
 
 
