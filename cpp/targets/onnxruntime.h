@@ -36,6 +36,10 @@ BatchNormRecord output_quantizer(graph::Model& model, graph::Graph& g, int layer
 // that is exact (on a grid already) or, with `requantize`, by a new rounding; one record per node looked at.
 std::vector<BatchNormRecord> residual_inputs(graph::Model& model, graph::Graph& g, bool requantize);
 
+// Every int8 activation Q -> DQ pair of `g` rewritten as the uint8 pair that computes the same floats
+// (onnxruntime_uint8.cpp); returns how many quantizers.
+int uint8_activations(graph::Model& model, graph::Graph& g);
+
 // A constant float32 weight behind its own QuantizeLinear stored as the integers it quantizes to (exact);
 // noted in `record` (new_tensors, metric "weight_stored_as_integers", message).
 void store_integer_weight(graph::Model& model, graph::Graph& g, int layer, BatchNormRecord& record);

@@ -47,6 +47,12 @@ void run_target(graph::Model& model, const Options& options, std::map<std::strin
       if (!sum) store_integer_weight(model, *g, layer, report.target_layers.back());
     }
   }
+  // Last, so the pairs the target added are converted too; only where the target changed something (a model it
+  // leaves alone stays byte for byte as it was).
+  bool changed = false;
+  for (const auto& r : report.target_layers) changed = changed || r.folded;
+  for (graph::Graph* g : model.all_graphs())
+    if (changed && g->kind != graph::GraphKind::Function) uint8_activations(model, *g);
   report.target_kernels.before = std::move(kernels_before);
   report.target_kernels.after = predict_onnxruntime_kernels(model);
 }
