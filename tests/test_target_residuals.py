@@ -165,3 +165,21 @@ def test_resnet_requantize_residuals_makes_every_conv_an_integer_kernel_as_predi
     assert predicted["QLinearConv"] == requantized["QLinearConv"] and predicted["QLinearAdd"] == adds - 1
     codes = [t["code"] for t in report["target_layers"] if t["op_type"] == "Add"]
     assert codes.count("requantized-residual") == adds
+
+
+@pytest.mark.parametrize("net", ["resnet", "mobilenet_v2"])
+def test_the_saturation_check_covers_every_layer_the_target_makes_an_integer_kernel(net):
+    """Issue 22 item 5: the static saturation check (cpp/analysis/integer_kernels.h) lists every layer onnxruntime
+    runs as an integer kernel after the target, as many as the target predicts and onnxruntime forms."""
+    from helpers.exporters.modelopt_qat import mobilenet_v2_qat
+
+    from qdqfold import kernels
+
+    model = resnet_qat(width=0.125) if net == "resnet" else mobilenet_v2_qat(width=0.25, size=32)
+    out, report = qdqfold_native.fold_with_report(model.SerializeToString(), target="onnxruntime",
+                                                  requantize_residuals=True)
+    checked = kernels.check_bytes(bytes(out))
+    formed = ort_counts(bytes(out))
+    for op in ("QLinearConv", "QLinearMatMul", "QGemm"):
+        assert sum(lay.kernel == op for lay in checked) == formed[op] == report["target_kernels"]["after"][op], op
+    assert formed["QLinearAdd"] == report["target_kernels"]["after"]["QLinearAdd"] > 0
