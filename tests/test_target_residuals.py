@@ -183,3 +183,25 @@ def test_the_saturation_check_covers_every_layer_the_target_makes_an_integer_ker
     for op in ("QLinearConv", "QLinearMatMul", "QGemm"):
         assert sum(lay.kernel == op for lay in checked) == formed[op] == report["target_kernels"]["after"][op], op
     assert formed["QLinearAdd"] == report["target_kernels"]["after"]["QLinearAdd"] > 0
+
+
+def test_a_concat_of_grid_inputs_becomes_qlinearconcat_exactly():
+    inits = [nh.from_array(np.array(0.05, np.float32), "s"), nh.from_array(np.array(0, np.int8), "z"),
+             nh.from_array(np.array(0.03, np.float32), "s2")]
+    nodes = [h.make_node("QuantizeLinear", ["a", "s", "z"], ["aq"]), h.make_node("DequantizeLinear", ["aq", "s", "z"], ["ad"]),
+             h.make_node("Relu", ["ad"], ["ar"], name="relu"),
+             h.make_node("QuantizeLinear", ["b", "s2", "z"], ["bq"]),
+             h.make_node("DequantizeLinear", ["bq", "s2", "z"], ["bd"]),
+             h.make_node("Concat", ["ar", "bd"], ["c"], name="concat", axis=1),
+             h.make_node("QuantizeLinear", ["c", "s", "z"], ["cq"]), h.make_node("DequantizeLinear", ["cq", "s", "z"], ["y"])]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info(n, T.FLOAT, SHAPE) for n in "ab"],
+                         [h.make_tensor_value_info("y", T.FLOAT, [1, 8, 6, 6])], inits)
+    data = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]).SerializeToString()
+    out, report = qdqfold_native.fold_with_report(data, target="onnxruntime")
+    (rec,) = report["target_layers"]
+    assert rec["node"] == "concat" and rec["code"] == "grid-input" and rec["exact"]
+    rng = np.random.default_rng(3)
+    feeds = {n: (rng.standard_normal(SHAPE) * 4).astype(np.float32) for n in "ab"}
+    np.testing.assert_array_equal(run(bytes(out), feeds)[0], run(data, feeds)[0])
+    assert ort_counts(data)["QLinearConcat"] == report["target_kernels"]["before"]["QLinearConcat"] == 0
+    assert ort_counts(bytes(out))["QLinearConcat"] == report["target_kernels"]["after"]["QLinearConcat"] == 1

@@ -45,7 +45,8 @@ int uint8_activations(graph::Model& model, graph::Graph& g);
 void store_integer_weight(graph::Model& model, graph::Graph& g, int layer, BatchNormRecord& record);
 
 // The integer kernels onnxruntime's CPU provider is expected to form at its default level, by kernel op type
-// (QLinearConv, QLinearMatMul, MatMulIntegerToFloat, QGemm, QLinearAdd, QLinearMul; each listed, 0 included).
+// (QLinearConv, QLinearMatMul, MatMulIntegerToFloat, QGemm, QLinearAdd, QLinearMul, QLinearConcat;
+// each listed, 0 included).
 std::map<std::string, int64_t> predict_onnxruntime_kernels(graph::Model& model);
 
 // After the folds: runs the target on `model` and fills report.target, target_layers and target_kernels
