@@ -134,13 +134,17 @@ def test_requantize_residuals_rounds_within_the_reported_step_and_is_reported_ap
     assert len(pairs) == 2
     for name in [v for p in pairs for v in p]:
         target.graph.output.append(h.make_empty_tensor_value_info(name))
+    producer = {o: n for n in target.graph.node for o in n.output}
+    inits = {t.name: nh.to_array(t) for t in target.graph.initializer}
     rng = np.random.default_rng(1)
     moved = 0.0
     for _ in range(3):
         x = (rng.standard_normal(SHAPE) * 2).astype(np.float32)
         values = dict(zip([o.name for o in target.graph.output], run(target.SerializeToString(), {"x": x})))
         for old, new in pairs:
-            inside = np.abs(values[old]) <= 127 * step  # inside the quantizer's range (all scales here <= step)
+            scale = float(inits[producer[new].input[1]])  # the new pair's own step (at most the reported one)
+            assert scale <= step
+            inside = np.abs(values[old]) <= 127 * scale  # inside its range: elsewhere the rounding clips
             d = np.abs(values[old].astype(np.float64) - values[new])[inside]
             assert d.max() <= step / 2 * (1 + 1e-6)
             moved = max(moved, float(d.max()))
@@ -205,3 +209,25 @@ def test_a_concat_of_grid_inputs_becomes_qlinearconcat_exactly():
     np.testing.assert_array_equal(run(bytes(out), feeds)[0], run(data, feeds)[0])
     assert ort_counts(data)["QLinearConcat"] == report["target_kernels"]["before"]["QLinearConcat"] == 0
     assert ort_counts(bytes(out))["QLinearConcat"] == report["target_kernels"]["after"]["QLinearConcat"] == 1
+
+
+def test_store_float_weights_gives_float_layers_the_dq_constant_bit_for_bit():
+    """Issue 22 item 4: a conv left in float (its output feeds a residual Add without quantizers) reads its weight
+    as the float32 constant its DequantizeLinear computes: the same outputs bit for bit, one DQ fewer."""
+    model = conv_residual()
+    data = model.SerializeToString()
+    plain, _ = qdqfold_native.fold_with_report(data, target="onnxruntime")
+    out, report = qdqfold_native.fold_with_report(data, target="onnxruntime", store_float_weights=True)
+    (conv,) = [t for t in report["target_layers"] if t["node"] == "conv"]
+    assert not conv["folded"] and dict(conv["metrics"]).get("weight_stored_as_float") == 1.0
+    dqs = [sum(n.op_type == "DequantizeLinear" for n in onnx.load_from_string(bytes(m)).graph.node) for m in (plain, out)]
+    assert dqs[1] == dqs[0] - 1
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        x = {"x": (rng.standard_normal(SHAPE) * 3).astype(np.float32)}
+        np.testing.assert_array_equal(run(bytes(out), x)[0], run(data, x)[0])
+    # A layer that becomes an integer kernel keeps its integer weight.
+    out2, report2 = qdqfold_native.fold_with_report(data, target="onnxruntime", requantize_residuals=True,
+                                                    store_float_weights=True)
+    assert all("weight_stored_as_float" not in dict(t["metrics"]) for t in report2["target_layers"])
+    assert ort_counts(bytes(out2))["QLinearConv"] == 1

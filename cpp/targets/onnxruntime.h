@@ -44,6 +44,13 @@ int uint8_activations(graph::Model& model, graph::Graph& g);
 // noted in `record` (new_tensors, metric "weight_stored_as_integers", message).
 void store_integer_weight(graph::Model& model, graph::Graph& g, int layer, BatchNormRecord& record);
 
+// store_float_weights: a layer left in float reads its weight as the float32 constant its DequantizeLinear
+// computes, bit for bit (metric "weight_stored_as_float").
+void store_float_weight(graph::Model& model, graph::Graph& g, int layer, BatchNormRecord& record);
+
+// The kernel op onnxruntime is expected to make of node `node` ("" when it stays float).
+std::string predicted_kernel(graph::Graph& g, int node);
+
 // The integer kernels onnxruntime's CPU provider is expected to form at its default level, by kernel op type
 // (QLinearConv, QLinearMatMul, MatMulIntegerToFloat, QGemm, QLinearAdd, QLinearMul, QLinearConcat;
 // each listed, 0 included).

@@ -195,6 +195,8 @@ std::string kernel(Graph& g, int node) {
 
 }  // namespace
 
+std::string predicted_kernel(Graph& g, int node) { return kernel(g, node); }
+
 std::map<std::string, int64_t> predict_onnxruntime_kernels(graph::Model& model) {
   std::map<std::string, int64_t> counts = {{"QLinearConv", 0}, {"QLinearMatMul", 0}, {"MatMulIntegerToFloat", 0},
                                            {"QGemm", 0},       {"QLinearAdd", 0},    {"QLinearMul", 0},

@@ -24,6 +24,7 @@ void run_target(graph::Model& model, const Options& options, std::map<std::strin
       report.target_layers.push_back(std::move(r));
     }
     std::vector<int> layers;
+    std::vector<std::pair<int, size_t>> layer_records;  // layer node -> its record
     for (size_t i = 0; i < g->nodes.size(); ++i) {
       const graph::Node& n = g->nodes[i];
       const bool sum = n.is("Add") || n.is("Concat");
@@ -44,8 +45,16 @@ void run_target(graph::Model& model, const Options& options, std::map<std::strin
         continue;
       }
       report.target_layers.push_back(std::move(r));
-      if (!sum) store_integer_weight(model, *g, layer, report.target_layers.back());
+      if (!sum) {
+        store_integer_weight(model, *g, layer, report.target_layers.back());
+        layer_records.emplace_back(layer, report.target_layers.size() - 1);
+      }
     }
+    // Once every rewrite is in: the layers onnxruntime will still run in float.
+    if (options.store_float_weights)
+      for (auto [layer, record] : layer_records)
+        if (predicted_kernel(*g, layer).empty())
+          store_float_weight(model, *g, layer, report.target_layers[record]);
   }
   // Last, so the pairs the target added are converted too; only where the target changed something (a model it
   // leaves alone stays byte for byte as it was).
