@@ -97,15 +97,16 @@ void record_merge(graph::Graph* g, folds::MergeOutcome& m, std::vector<Pending>&
 }
 
 // After the BN folds: every sum of parallel branches merged into one Conv where exact (merge_branches.h).
-void merge_branch_sums(graph::Model& model, const Options& options, std::vector<Pending>& pending, Report& report) {
+void merge_branch_sums(graph::Model& model, const Options& options, const FoldHooks& hooks,
+                       std::vector<Pending>& pending, Report& report) {
   for (graph::Graph* g : model.all_graphs())
     for (size_t i = 0; i < g->nodes.size(); ++i) {
       if (g->nodes[i].removed() || g->nodes[i].created()) continue;
-      folds::FoldContext ctx{model, *g, options, nullptr};
+      folds::FoldContext ctx{model, *g, options, nullptr, nullptr, &hooks};
       auto outcomes = folds::merge_branches(ctx, static_cast<int>(i));
       if (outcomes.empty()) continue;  // not a sum of branches: nothing was read
       for (folds::MergeOutcome& m : outcomes) record_merge(g, m, pending, report);
-      if (model.after_each_fold) model.after_each_fold();
+      if (hooks.after_each_fold) hooks.after_each_fold();
     }
 }
 
@@ -123,18 +124,18 @@ static std::map<std::string, int64_t> op_types(graph::Model& model) {
   return counts;
 }
 
-static Report run_folds_with(graph::Model& model, const Options& options);
+static Report run_folds_with(graph::Model& model, const Options& options, const FoldHooks& hooks);
 
 // The onnxruntime target stores quantized weights as integers: folded ones through the folds' own
 // materialization (materialize_quantized_weights), the others in the target (targets/onnxruntime_weights.cpp).
-Report run_folds(graph::Model& model, const Options& options) {
-  if (options.target.empty() || options.materialize_quantized_weights) return run_folds_with(model, options);
+Report run_folds(graph::Model& model, const Options& options, const FoldHooks& hooks) {
+  if (options.target.empty() || options.materialize_quantized_weights) return run_folds_with(model, options, hooks);
   Options with_integers = options;
   with_integers.materialize_quantized_weights = true;
-  return run_folds_with(model, with_integers);
+  return run_folds_with(model, with_integers, hooks);
 }
 
-static Report run_folds_with(graph::Model& model, const Options& options) {
+static Report run_folds_with(graph::Model& model, const Options& options, const FoldHooks& hooks) {
   auto before = op_types(model);
   std::map<std::string, int64_t> kernels_before;
   if (!options.target.empty()) kernels_before = targets::predict_onnxruntime_kernels(model);
@@ -166,7 +167,7 @@ static Report run_folds_with(graph::Model& model, const Options& options) {
       if (p.chosen.verdict == folds::Verdict::Folded) continue;
       // An elementwise node an earlier fold removed or changed is no longer a candidate.
       if (p.affine && (p.graph->nodes[p.node].removed() || !folds::is_elementwise_affine(*p.graph, p.node))) continue;
-      folds::FoldContext ctx{model, *p.graph, options, &bias_errors, &shape_proofs};
+      folds::FoldContext ctx{model, *p.graph, options, &bias_errors, &shape_proofs, &hooks};
       for (const auto& rule : rules) {
         if (std::string_view(rule.direction) != pass) continue;
         folds::Outcome o = rule.apply(ctx, p.node);
@@ -181,11 +182,11 @@ static Report run_folds_with(graph::Model& model, const Options& options) {
         note_attempt(p, rule.name, o);
         if (o.verdict == folds::Verdict::Kept && p.chosen.verdict == folds::Verdict::NotApplicable) p.chosen = std::move(o);
       }
-      if (model.after_each_fold) model.after_each_fold();
+      if (hooks.after_each_fold) hooks.after_each_fold();
     }
   }
   Report report;
-  if (options.merge_branches) merge_branch_sums(model, options, pending, report);
+  if (options.merge_branches) merge_branch_sums(model, options, hooks, pending, report);
   for (Pending& p : pending) {
     // An elementwise node is reported when folded, or kept where it follows a layer with a constant weight.
     if (p.affine && p.chosen.verdict != folds::Verdict::Folded &&
@@ -206,12 +207,13 @@ static Report run_folds_with(graph::Model& model, const Options& options) {
 }
 
 std::unique_ptr<FoldPlan> plan_fold(std::string_view model_bytes, const Options& options,
-                                    std::shared_ptr<graph::Model::DeferredChecks> deferred_checks,
+                                    std::shared_ptr<DeferredChecks> deferred_checks,
                                     graph::ExternalResolver* external) {
   auto plan = std::make_unique<FoldPlan>();
   plan->model = graph::parse_model(model_bytes, external);
-  plan->model->deferred_checks = std::move(deferred_checks);
-  plan->report = run_folds(*plan->model, options);
+  FoldHooks hooks;
+  hooks.deferred_checks = std::move(deferred_checks);
+  plan->report = run_folds(*plan->model, options, hooks);
   plan->pieces = graph::write_model(*plan->model, plan->arena);
   return plan;
 }

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "../graph/external_output.h"
 #include "../graph/graph.h"
 #include "../wire/writer.h"
 #include "file_io.h"

@@ -253,16 +253,17 @@ StagedOutput stage_fold_file(MappedFile& input, FileResolver& resolver, const st
   auto plan = std::make_unique<FoldPlan>();
   plan->model = graph::parse_model(input.view(), &resolver);
   refuse_unrelocatable_external_data(*plan->model, src);
-  plan->model->deferred_checks = std::move(deferred_checks);
-  plan->model->after_each_fold = [&] {
+  FoldHooks hooks;  // file mode's: the folds give back the mapped pages they read
+  hooks.deferred_checks = std::move(deferred_checks);
+  hooks.after_each_fold = [&] {
     input.drop_resident();
     resolver.drop_resident();
   };
-  plan->model->release_pages = [&](std::string_view bytes) {
+  hooks.release_pages = [&](std::string_view bytes) {
     input.release(bytes);
     resolver.release(bytes);
   };
-  plan->report = run_folds(*plan->model, options);
+  plan->report = run_folds(*plan->model, options, hooks);
   report_inputs(plan->report, input.view().size(), &resolver);
   StagedOutput staged;
   if (dst.empty()) {  // a dry run: the report, nothing written
@@ -286,8 +287,7 @@ StagedOutput stage_fold_file(MappedFile& input, FileResolver& resolver, const st
     for (size_t k = 0; k < resolver.files().size(); ++k)
       external.append_at[data_names[k]] = static_cast<int64_t>(resolver.files()[k].file->view().size());
   }
-  plan->model->external_output = &external;
-  plan->pieces = graph::write_model(*plan->model, plan->arena);
+  plan->pieces = graph::write_model(*plan->model, plan->arena, &external);
   if (external.layout == Layout::External && external.data_pieces.size() > 0) data_names.push_back(external.data_name);
   if (external.layout == Layout::Inline && plan->pieces.size() > static_cast<size_t>(INT32_MAX))
     throw FileError(dst + ": the model would be " + std::to_string(plan->pieces.size()) + " bytes with its data "

@@ -5,7 +5,6 @@
 // and copies everything else through as byte ranges.
 #pragma once
 
-#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -38,6 +37,7 @@ struct Attribute {
 
 class Graph;
 class Model;
+struct ExternalOutput;  // external_output.h
 
 // What folds changed on a node, applied by the writer (write.cpp). Only graph/ reads or writes it.
 struct NodeEdits {
@@ -244,53 +244,10 @@ class Graph {
   std::unordered_map<std::string, ValueInfoRefs> value_info_refs_;
 };
 
-// File mode: where external data goes. The file writer fills `location_out` before writing the model; the
-// model writer records the tensors whose data must overwrite the copied data files.
-struct ExternalOutput {
-  // Where the output's tensor data goes. AsInput: initializers stay inline or external as they were (each
-  // input data file copied to `location_out`, offsets kept). Inline: every initializer inline. External:
-  // every initializer with raw data of at least `threshold` bytes goes to `data_name`, one after another
-  // (those of 1 MB and more at 64 KB boundaries, as onnx.save aligns them), the others inline.
-  enum class Layout { AsInput, Inline, External };
-  Layout layout = Layout::AsInput;
-  int64_t threshold = 1024;
-  std::string data_name;
-  wire::Pieces data_pieces;  // External: the data file's contents, filled by the model writer
-  std::map<std::string, std::string> location_out;  // input location -> output location
-  // Output location -> where data appended to that file goes next (filled by the file writer with the
-  // input file's size). A folded tensor whose bytes another tensor also reads (aliased external data) cannot
-  // be overwritten in place: it is appended there instead, at a 4096-byte boundary.
-  std::map<std::string, int64_t> append_at;
-  struct Overwrite {
-    std::string location;  // output location
-    int64_t offset = 0;
-    std::string_view bytes;                 // or
-    std::shared_ptr<const LazyBytes> lazy;  // data to write there
-  };
-  std::vector<Overwrite> overwrites;
-};
-
 class Model {
  public:
   std::string_view buffer;
   ExternalResolver* external = nullptr;         // maps external data (file mode); null for bytes in memory
-  ExternalOutput* external_output = nullptr;    // file mode: how external data is written
-  // File mode: called after each BatchNormalization is dealt with, so the file writer can give back the
-  // pages of the mapped input that the fold read (they stay in the page cache).
-  std::function<void()> after_each_fold;
-  // File mode: gives back the pages of a view of a mapped file that a fold has finished reading, so a
-  // read-only pass over a weight larger than memory does not keep it resident. Null for bytes in memory.
-  std::function<void(std::string_view)> release_pages;
-  // Set by the caller for a first, optimistic run (see api.h, plan_fold): a fold may then skip a read-only
-  // pass over a whole weight whose only purpose is a check that almost never fails (a value overflowing once
-  // scaled, a negated integer leaving its type), and have the weight's generator make that check while it
-  // writes. A generator whose check fails calls fail(); the caller throws that output away and runs again
-  // without deferral, so the result is the same as with every check done first. Null: check first.
-  struct DeferredChecks {
-    std::atomic<bool> failed{false};
-    void fail() { failed.store(true, std::memory_order_relaxed); }
-  };
-  std::shared_ptr<DeferredChecks> deferred_checks;
   struct FieldRef {
     uint32_t number;
     std::string_view whole;
@@ -332,7 +289,8 @@ class Model {
 };
 
 // Serializes the model with its edits: untouched fields as views of the input, the rest re-encoded.
-wire::Pieces write_model(Model& model, wire::Arena& arena);
+// `external_output` (file mode, external_output.h): where tensor data goes; null keeps every tensor as it was.
+wire::Pieces write_model(Model& model, wire::Arena& arena, ExternalOutput* external_output = nullptr);
 
 // Parses a serialized ModelProto. Throws wire::WireError naming the problem and its byte offset. External
 // data is mapped through `external` when given.

@@ -8,6 +8,7 @@
 #include "../wire/fields.h"
 #include "../wire/writer.h"
 #include "edit_record.h"
+#include "external_output.h"
 #include "graph.h"
 
 namespace qdqfold::graph {
@@ -240,7 +241,7 @@ struct Writer {
   // Every initializer whose external bytes overlap another's: one sweep per data file in offset order, where
   // an interval overlaps an earlier one exactly when it starts before the furthest end seen so far (and
   // then overlaps the interval that reached that end too).
-  static std::set<std::pair<const Graph*, size_t>> find_shared_external(Model& model) {
+  std::set<std::pair<const Graph*, size_t>> find_shared_external(Model& model) const {
     struct Interval {
       int64_t begin, end;
       const Graph* graph;
@@ -252,7 +253,7 @@ struct Writer {
         const ExternalRef& r = g->original_external[i];
         if (r.location.empty() || r.length <= 0) continue;
         // Grouped by the file written, so that two names of one data file (m.data, ./m.data) are one file.
-        const std::string& file = model.external_output ? model.external_output->location_out.at(r.location) : r.location;
+        const std::string& file = external_output ? external_output->location_out.at(r.location) : r.location;
         by_file[file].push_back({r.offset, r.offset + r.length, g, i});
       }
     std::set<std::pair<const Graph*, size_t>> shared;
@@ -417,24 +418,24 @@ struct Writer {
 }  // namespace
 
 // In file mode every graph holding an initializer whose external data moves to another location is rewritten.
-static void mark_moved_external_data(Model& model) {
-  if (!model.external_output) return;
-  if (model.external_output->layout != ExternalOutput::Layout::AsInput) {  // any initializer may move
+static void mark_moved_external_data(Model& model, const ExternalOutput* external_output) {
+  if (!external_output) return;
+  if (external_output->layout != ExternalOutput::Layout::AsInput) {  // any initializer may move
     for (Graph* g : model.all_graphs())
       if (!g->initializers.empty()) g->mark_dirty();
     return;
   }
   for (Graph* g : model.all_graphs())
     for (const auto& ref : g->original_external)
-      if (!ref.location.empty() && model.external_output->location_out.at(ref.location) != ref.location) {
+      if (!ref.location.empty() && external_output->location_out.at(ref.location) != ref.location) {
         g->mark_dirty();
         break;
       }
 }
 
-Pieces write_model(Model& model, Arena& arena) {
-  mark_moved_external_data(model);
-  Writer writer(arena, model.external_output);
+Pieces write_model(Model& model, Arena& arena, ExternalOutput* external_output) {
+  mark_moved_external_data(model, external_output);
+  Writer writer(arena, external_output);
   writer.whole_model = &model;
   return writer.model(model);
 }

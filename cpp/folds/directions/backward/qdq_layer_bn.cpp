@@ -283,7 +283,7 @@ Expected<QdqLayerPlan> plan_qdq_layer_bn(FoldContext& ctx, const QdqLayerMatch& 
   plan.materialize = plan.weight.qat() && !plan.weight.fused() && ctx.options.materialize_quantized_weights;
   QDQFOLD_CHECK(plan_opset(ctx, plan));
   QDQFOLD_TRY(rescaled, rescale_quantized_weight(plan.weight, plan.layout, plan.affine.scale, ctx.options,
-                                                 plan.weight.qat() && !plan.materialize, who, ctx.model.deferred_checks));
+                                                 plan.weight.qat() && !plan.materialize, who, ctx.deferred_checks()));
   plan.rescaled = std::move(rescaled);
   const auto& zero = plan.rescaled.zero;
   if (plan.weight.fused() && std::any_of(zero.begin(), zero.end(), [](int64_t z) { return z != 0; }))
