@@ -75,7 +75,7 @@ static_assert(std::is_aggregate_v<folds::Outcome> &&
 // One merge outcome into the report: its own entry in `merges`; the identity BNs it removed are recorded as
 // folded by it, those it kept get its reason.
 void record_merge(graph::Graph* g, folds::MergeOutcome& m, std::vector<Pending>& pending, Report& report) {
-  const std::string name = g->nodes[m.sum].display_name(m.sum);
+  const std::string name = g->nodes()[m.sum].display_name(m.sum);
   const bool merged = m.outcome.verdict == folds::Verdict::Folded;
   for (int bn : m.identity_batchnorms)
     for (Pending& p : pending)
@@ -90,7 +90,7 @@ void record_merge(graph::Graph* g, folds::MergeOutcome& m, std::vector<Pending>&
   Pending entry{g, m.sum, {}, std::move(m.outcome), merged ? "merge" : ""};
   entry.record.graph = g->path;
   entry.record.node = name;
-  entry.record.op_type = g->nodes[m.sum].op_type;  // Add, Sum or Sub
+  entry.record.op_type = g->nodes()[m.sum].op_type;  // Add, Sum or Sub
   note_attempt(entry, folds::code(folds::FoldName::MergeBranches), entry.chosen);
   finish(entry, false);
   report.merges.push_back(std::move(entry.record));
@@ -100,8 +100,8 @@ void record_merge(graph::Graph* g, folds::MergeOutcome& m, std::vector<Pending>&
 void merge_branch_sums(graph::Model& model, const Options& options, const FoldHooks& hooks,
                        std::vector<Pending>& pending, Report& report) {
   for (graph::Graph* g : model.all_graphs())
-    for (size_t i = 0; i < g->nodes.size(); ++i) {
-      if (g->nodes[i].removed() || g->nodes[i].created()) continue;
+    for (size_t i = 0; i < g->nodes().size(); ++i) {
+      if (g->nodes()[i].removed() || g->nodes()[i].created()) continue;
       folds::FoldContext ctx{model, *g, options, nullptr, nullptr, &hooks};
       auto outcomes = folds::merge_branches(ctx, static_cast<int>(i));
       if (outcomes.empty()) continue;  // not a sum of branches: nothing was read
@@ -119,7 +119,7 @@ void merge_branch_sums(graph::Model& model, const Options& options, const FoldHo
 static std::map<std::string, int64_t> op_types(graph::Model& model) {
   std::map<std::string, int64_t> counts;
   for (graph::Graph* g : model.all_graphs())
-    for (const auto& n : g->nodes)
+    for (const auto& n : g->nodes())
       if (!n.removed()) ++counts[n.domain.empty() || n.domain == "ai.onnx" ? n.op_type : n.domain + "." + n.op_type];
   return counts;
 }
@@ -147,15 +147,15 @@ static Report run_folds_with(graph::Model& model, const Options& options, const 
   folds::ShapeProofs shape_proofs;
   folds::ShapeScope shape_scope(options, shape_proofs);  // for known_rank, which is handed only a graph
   for (graph::Graph* g : model.all_graphs())
-    for (size_t i = 0; i < g->nodes.size(); ++i)
-      if (!g->nodes[i].removed() && !g->nodes[i].created() &&
-          (g->nodes[i].is("BatchNormalization") ||
+    for (size_t i = 0; i < g->nodes().size(); ++i)
+      if (!g->nodes()[i].removed() && !g->nodes()[i].created() &&
+          (g->nodes()[i].is("BatchNormalization") ||
            (options.fold_affine && folds::is_elementwise_affine(*g, static_cast<int>(i))))) {
         Pending p{g, static_cast<int>(i), {}, {}};
-        p.affine = !g->nodes[i].is("BatchNormalization");
+        p.affine = !g->nodes()[i].is("BatchNormalization");
         p.record.graph = g->path;
-        p.record.node = g->nodes[i].display_name(static_cast<int>(i));
-        p.record.op_type = g->nodes[i].op_type;
+        p.record.node = g->nodes()[i].display_name(static_cast<int>(i));
+        p.record.op_type = g->nodes()[i].op_type;
         pending.push_back(std::move(p));
       }
   for (const char* pass : {"backward", "forward"}) {
@@ -166,14 +166,14 @@ static Report run_folds_with(graph::Model& model, const Options& options, const 
       Pending& p = pending[backward ? k : pending.size() - 1 - k];
       if (p.chosen.verdict == folds::Verdict::Folded) continue;
       // An elementwise node an earlier fold removed or changed is no longer a candidate.
-      if (p.affine && (p.graph->nodes[p.node].removed() || !folds::is_elementwise_affine(*p.graph, p.node))) continue;
+      if (p.affine && (p.graph->nodes()[p.node].removed() || !folds::is_elementwise_affine(*p.graph, p.node))) continue;
       folds::FoldContext ctx{model, *p.graph, options, &bias_errors, &shape_proofs, &hooks};
       for (const auto& rule : rules) {
         if (std::string_view(rule.direction) != pass) continue;
         folds::Outcome o = rule.apply(ctx, p.node);
         if (o.verdict == folds::Verdict::Folded) {
           if (o.code.empty()) o.code = rule.name;
-          if (p.affine) o.code = folds::affine_fold_name(o.code, p.graph->nodes[p.node]);
+          if (p.affine) o.code = folds::affine_fold_name(o.code, p.graph->nodes()[p.node]);
           note_attempt(p, rule.name, o);
           p.chosen = std::move(o);
           p.direction = rule.direction;
@@ -190,7 +190,7 @@ static Report run_folds_with(graph::Model& model, const Options& options, const 
   for (Pending& p : pending) {
     // An elementwise node is reported when folded, or kept where it follows a layer with a constant weight.
     if (p.affine && p.chosen.verdict != folds::Verdict::Folded &&
-        (p.chosen.verdict == folds::Verdict::NotApplicable || p.graph->nodes[p.node].removed() ||
+        (p.chosen.verdict == folds::Verdict::NotApplicable || p.graph->nodes()[p.node].removed() ||
          !folds::affine_reported_when_kept(*p.graph, p.node)))
       continue;
     finish(p, rules.empty());

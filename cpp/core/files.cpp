@@ -60,7 +60,7 @@ bool sparse_is_external(std::string_view sparse) {
 void refuse_unrelocatable_external_data(graph::Model& model, const std::string& src) {
   using wire::AttributeField;
   for (graph::Graph* g : model.all_graphs()) {
-    for (const auto& field : g->fields)
+    for (const auto& field : g->fields())
       if (field.number == wire::num(wire::GraphField::SparseInitializer) && g->kind != graph::GraphKind::Function) {
         wire::Reader outer(field.whole, field.whole.data());
         const wire::Field f = outer.next("sparse_initializer");
@@ -68,8 +68,8 @@ void refuse_unrelocatable_external_data(graph::Model& model, const std::string& 
           throw FileError(src + ": a sparse initializer of " + g->path + " keeps external data; qdqfold relocates "
                           "the external data of dense initializers only");
       }
-    for (size_t k = 0; k < g->nodes.size(); ++k) {
-      const graph::Node& node = g->nodes[k];
+    for (size_t k = 0; k < g->nodes().size(); ++k) {
+      const graph::Node& node = g->nodes()[k];
       if (node.body.empty()) continue;
       wire::Reader r(node.body, node.body.data());
       while (!r.done()) {

@@ -23,7 +23,7 @@ std::string write_constant_for(FoldContext& ctx, const std::vector<graph::Use>& 
 
 void write_layer_input(FoldContext& ctx, int layer, int slot, int32_t data_type, const std::vector<int64_t>& dims,
                        graph::LazyBytes data, const std::string& fallback_base, Outcome& outcome) {
-  const auto& inputs = ctx.graph.nodes[layer].inputs;
+  const auto& inputs = ctx.graph.nodes()[layer].inputs;
   const std::string old = slot < static_cast<int>(inputs.size()) ? inputs[slot] : "";
   write_constant_for(ctx, {graph::Use{layer, slot}}, old, data_type, dims, std::move(data), fallback_base, outcome);
 }

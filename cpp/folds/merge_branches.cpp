@@ -49,12 +49,12 @@ struct BranchSet {
 // The terms under `node` with their signs: a term made by another Add/Sum/Sub read only here is expanded.
 void collect_terms(const Graph& g, int node, int sign, std::vector<int>& tree, std::vector<Term>& terms) {
   tree.push_back(node);
-  const Node& n = g.nodes[node];
+  const Node& n = g.nodes()[node];
   for (size_t s = 0; s < n.inputs.size(); ++s) {
     const std::string& v = n.inputs[s];
     const int term_sign = n.is("Sub") && s == 1 ? -sign : sign;
     const int p = v.empty() ? -1 : g.producer(v);
-    if (p >= 0 && is_sum_node(g.nodes[p]) && read_only_by(g, v, node)) collect_terms(g, p, term_sign, tree, terms);
+    if (p >= 0 && is_sum_node(g.nodes()[p]) && read_only_by(g, v, node)) collect_terms(g, p, term_sign, tree, terms);
     else terms.push_back({v, term_sign, node});
   }
 }
@@ -62,8 +62,8 @@ void collect_terms(const Graph& g, int node, int sign, std::vector<int>& tree, s
 // The tensor a term reads when it is a branch form (Conv or BN output: their input; anything else: itself).
 std::string branch_input(const Graph& g, const std::string& v) {
   const int p = v.empty() ? -1 : g.producer(v);
-  if (p >= 0 && (g.nodes[p].is("Conv") || g.nodes[p].is("BatchNormalization")) && !g.nodes[p].inputs.empty())
-    return g.nodes[p].inputs[0];
+  if (p >= 0 && (g.nodes()[p].is("Conv") || g.nodes()[p].is("BatchNormalization")) && !g.nodes()[p].inputs.empty())
+    return g.nodes()[p].inputs[0];
   return v;
 }
 
@@ -75,8 +75,8 @@ std::variant<BranchSet, Outcome> find_branches(const Graph& g, int root, std::ve
   // x: the input of the first Conv term that at least one other term shares.
   for (const auto& t : terms) {
     const int p = t.value.empty() ? -1 : g.producer(t.value);
-    if (p < 0 || !g.nodes[p].is("Conv") || g.nodes[p].inputs.empty()) continue;
-    const std::string x = g.nodes[p].inputs[0];
+    if (p < 0 || !g.nodes()[p].is("Conv") || g.nodes()[p].inputs.empty()) continue;
+    const std::string x = g.nodes()[p].inputs[0];
     int sharing = 0;
     for (const auto& u : terms) sharing += branch_input(g, u.value) == x;
     if (sharing >= 2) { set.x = x; break; }
@@ -84,7 +84,7 @@ std::variant<BranchSet, Outcome> find_branches(const Graph& g, int root, std::ve
   if (set.x.empty()) return Outcome::not_applicable();
   for (const auto& t : terms) {
     const int p = t.value.empty() ? -1 : g.producer(t.value);
-    if (p >= 0 && g.nodes[p].is("BatchNormalization") && branch_input(g, t.value) == set.x &&
+    if (p >= 0 && g.nodes()[p].is("BatchNormalization") && branch_input(g, t.value) == set.x &&
         read_only_by(g, t.value, t.reader))
       identity_bns.push_back(p);
   }
@@ -92,7 +92,7 @@ std::variant<BranchSet, Outcome> find_branches(const Graph& g, int root, std::ve
     Branch b{Branch::Kind::Identity, t.value, t.sign, -1};
     if (t.value != set.x) {
       const int p = t.value.empty() ? -1 : g.producer(t.value);
-      if (p < 0 || !(g.nodes[p].is("Conv") || g.nodes[p].is("BatchNormalization")))
+      if (p < 0 || !(g.nodes()[p].is("Conv") || g.nodes()[p].is("BatchNormalization")))
         return Outcome::kept(Reason::NotABranch, "term '" + t.value + "' of the sum is " +
                                                  (p < 0 ? std::string("not made by a node (a constant or an input)")
                                                         : "made by " + describe_node(g, p)) +
@@ -104,7 +104,7 @@ std::variant<BranchSet, Outcome> find_branches(const Graph& g, int root, std::ve
         return Outcome::kept(Reason::BranchOutputShared, "the output '" + t.value + "' of " + describe_node(g, p) +
                                                          " is also read elsewhere (or is a graph output), which "
                                                          "needs that branch on its own");
-      b.kind = g.nodes[p].is("Conv") ? Branch::Kind::Conv : Branch::Kind::BatchNorm;
+      b.kind = g.nodes()[p].is("Conv") ? Branch::Kind::Conv : Branch::Kind::BatchNorm;
       b.node = p;
     }
     set.branches.push_back(b);
@@ -194,7 +194,7 @@ std::variant<ConvBranch, Outcome> read_branch_weight(FoldContext& ctx, int node)
                          describe_node(g, node) + " has a quantized weight (DequantizeLinear): the merged kernel "
                          "needs new integers on a new grid, which no exact merge gives (requantize_merged=True "
                          "re-quantizes, approximately)");
-  const std::string& weight = g.nodes[node].inputs[1];
+  const std::string& weight = g.nodes()[node].inputs[1];
   auto qw = read_quantized_weight(g, g.producer(weight), node);
   if (auto* qo = std::get_if<Outcome>(&qw)) {
     if (qo->verdict == Verdict::NotApplicable) return Outcome::kept(Reason::NonConstantWeight, describe_node(g, node) + " has no constant weight");
@@ -202,7 +202,7 @@ std::variant<ConvBranch, Outcome> read_branch_weight(FoldContext& ctx, int node)
   }
   QuantizedWeight& q = std::get<QuantizedWeight>(qw);
   std::string why;
-  auto layout = weight_layout(g.nodes[node], q.dims, why);
+  auto layout = weight_layout(g.nodes()[node], q.dims, why);
   if (!layout) return Outcome::kept(Reason::Malformed, describe_node(g, node) + ": " + why);
   auto values = dequantized_values(q);
   if (!values || q.range.lo >= 0 || q.range.hi > 32767)
@@ -228,7 +228,7 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
   MergePlan plan;
   for (const auto& b : set.branches) {
     if (b.kind == Branch::Kind::Conv) {
-      const Node& conv = g.nodes[b.node];
+      const Node& conv = g.nodes()[b.node];
       if (conv.outputs.size() != 1) return Outcome::kept(Reason::Malformed, describe_node(g, b.node) + " has more than one output");
       QDQFOLD_TRY(w, read_branch_weight(ctx, b.node));
       ConvBranch c = std::move(w);
@@ -434,14 +434,6 @@ std::variant<MergePlan, Outcome> plan_merge(FoldContext& ctx, const BranchSet& s
 
 // ---------------------------------------------------------------- apply
 
-std::string ints_attribute(const std::string& name, const std::vector<int64_t>& values) {
-  std::string a;
-  wire::put_bytes_field(a, wire::num(wire::AttributeField::Name), name);
-  for (int64_t v : values) wire::put_varint_field(a, wire::num(wire::AttributeField::Ints), static_cast<uint64_t>(v));
-  wire::put_varint_field(a, wire::num(wire::AttributeField::Type), static_cast<uint64_t>(wire::AttributeType::Ints));
-  return a;
-}
-
 // The kept conv's quantized weight becomes the merged one: its integers (or, QAT form, its float weight on the
 // new grid), a scale per output channel and zero points of 0, for its own Q/DQ only; axis 0.
 void write_requantized(FoldContext& ctx, const QuantizedWeight& w, const MergePlan& plan, const std::string& base,
@@ -449,10 +441,10 @@ void write_requantized(FoldContext& ctx, const QuantizedWeight& w, const MergePl
   Graph& g = ctx.graph;
   const int64_t M = plan.weight_dims[0];
   if (w.qat())
-    write_constant_for(ctx, {graph::Use{w.q, 0}}, g.nodes[w.q].inputs[0], w.float_type, plan.weight_dims,
+    write_constant_for(ctx, {graph::Use{w.q, 0}}, g.nodes()[w.q].inputs[0], w.float_type, plan.weight_dims,
                        plan.weight_raw, base + "_W", out);
   else
-    write_constant_for(ctx, {graph::Use{w.dq, 0}}, g.nodes[w.dq].inputs[0], w.int_type, plan.weight_dims,
+    write_constant_for(ctx, {graph::Use{w.dq, 0}}, g.nodes()[w.dq].inputs[0], w.int_type, plan.weight_dims,
                        plan.weight_raw, base + "_Wq", out);
   auto scale_raw = store_or_keep(w.scale_type, plan.new_scale, "scale");
   const std::string scale = std::get<std::string>(scale_raw);  // positive finite values of this type: fits
@@ -460,8 +452,8 @@ void write_requantized(FoldContext& ctx, const QuantizedWeight& w, const MergePl
   for (int slot : {1, 2}) {
     std::vector<std::pair<std::string, std::vector<graph::Use>>> by_name;
     for (int n : {w.dq, w.q}) {
-      if (n < 0 || static_cast<int>(g.nodes[n].inputs.size()) <= slot || g.nodes[n].inputs[slot].empty()) continue;
-      const std::string& name = g.nodes[n].inputs[slot];
+      if (n < 0 || static_cast<int>(g.nodes()[n].inputs.size()) <= slot || g.nodes()[n].inputs[slot].empty()) continue;
+      const std::string& name = g.nodes()[n].inputs[slot];
       auto it = std::find_if(by_name.begin(), by_name.end(), [&](const auto& e) { return e.first == name; });
       if (it == by_name.end()) by_name.push_back({name, {graph::Use{n, slot}}});
       else it->second.push_back(graph::Use{n, slot});
@@ -478,43 +470,43 @@ void apply_merge(FoldContext& ctx, const BranchSet& set, MergePlan& plan, Outcom
   Graph& g = ctx.graph;
   const ConvBranch& keep = plan.convs[plan.primary];
   const int layer = keep.node;
-  const std::string root_output = g.nodes[set.tree[0]].outputs[0];
-  const std::string layer_name = g.nodes[layer].name.empty() ? g.nodes[layer].outputs[0] : g.nodes[layer].name;
+  const std::string root_output = g.nodes()[set.tree[0]].outputs[0];
+  const std::string layer_name = g.nodes()[layer].name.empty() ? g.nodes()[layer].outputs[0] : g.nodes()[layer].name;
   if (keep.quantized) write_requantized(ctx, *keep.quantized, plan, layer_name, out);
   else write_layer_input(ctx, layer, 1, plan.data_type, plan.weight_dims, plan.weight_raw, layer_name + "_W", out);
   write_layer_input(ctx, layer, 2, plan.data_type, {plan.weight_dims[0]}, plan.bias_raw, layer_name + "_B", out);
   const std::vector<int64_t> K(plan.weight_dims.begin() + 2, plan.weight_dims.end());
   if (keep.geometry.kernel != K) {
-    if (g.nodes[layer].attr("kernel_shape")) g.set_attribute(layer, "kernel_shape", ints_attribute("kernel_shape", K));
+    if (g.nodes()[layer].attr("kernel_shape")) g.set_ints_attribute(layer, "kernel_shape", K);
     std::vector<int64_t> pads = plan.pads_begin;
     pads.insert(pads.end(), plan.pads_end.begin(), plan.pads_end.end());
-    g.set_attribute(layer, "pads", ints_attribute("pads", pads));
+    g.set_ints_attribute(layer, "pads", pads);
     if (keep.geometry.dilations != plan.dilations)
-      g.set_attribute(layer, "dilations", ints_attribute("dilations", plan.dilations));
+      g.set_ints_attribute(layer, "dilations", plan.dilations);
   }
   // The tree, the other convs and the identity BNs go; the kept conv takes the root's output name.
   std::vector<std::string> dropped_values, dropped_tensors;
   for (int n : set.tree) {
-    for (const auto& o : g.nodes[n].outputs) dropped_values.push_back(o);
+    for (const auto& o : g.nodes()[n].outputs) dropped_values.push_back(o);
     g.remove_node(n);
   }
   for (size_t i = 0; i < plan.convs.size(); ++i) {
-    const Node& c = g.nodes[plan.convs[i].node];
+    const Node& c = g.nodes()[plan.convs[i].node];
     dropped_values.push_back(c.outputs[0]);
     if (static_cast<int>(i) == plan.primary) continue;
     for (size_t s = 1; s < c.inputs.size(); ++s) dropped_tensors.push_back(c.inputs[s]);
     g.remove_node(plan.convs[i].node);
     if (const auto& q = plan.convs[i].quantized)  // its weight's DequantizeLinear (and QuantizeLinear)
       for (int n : {q->dq, q->q})
-        if (n >= 0 && g.reader_count(g.nodes[n].outputs[0]) == 0 && !g.is_graph_output(g.nodes[n].outputs[0])) {
-          dropped_values.push_back(g.nodes[n].outputs[0]);
-          dropped_tensors.insert(dropped_tensors.end(), g.nodes[n].inputs.begin(), g.nodes[n].inputs.end());
+        if (n >= 0 && g.reader_count(g.nodes()[n].outputs[0]) == 0 && !g.is_graph_output(g.nodes()[n].outputs[0])) {
+          dropped_values.push_back(g.nodes()[n].outputs[0]);
+          dropped_tensors.insert(dropped_tensors.end(), g.nodes()[n].inputs.begin(), g.nodes()[n].inputs.end());
           g.remove_node(n);
         }
   }
   for (const auto& id : plan.identities)
     if (id.bn >= 0) {
-      dropped_values.push_back(g.nodes[id.bn].outputs[0]);
+      dropped_values.push_back(g.nodes()[id.bn].outputs[0]);
       dropped_tensors.insert(dropped_tensors.end(), id.parameters.begin(), id.parameters.end());
       g.remove_node(id.bn);
     }
@@ -528,11 +520,11 @@ void apply_merge(FoldContext& ctx, const BranchSet& set, MergePlan& plan, Outcom
 }  // namespace
 
 bool is_branch_sum_root(const Graph& g, int node) {
-  if (!is_sum_node(g.nodes[node]) || g.nodes[node].outputs.empty()) return false;
-  const std::string& out = g.nodes[node].outputs[0];
+  if (!is_sum_node(g.nodes()[node]) || g.nodes()[node].outputs.empty()) return false;
+  const std::string& out = g.nodes()[node].outputs[0];
   if (out.empty() || g.is_graph_output(out)) return true;
   const auto& uses = g.uses(out);
-  return !(uses.size() == 1 && uses[0].slot >= 0 && is_sum_node(g.nodes[uses[0].node]));
+  return !(uses.size() == 1 && uses[0].slot >= 0 && is_sum_node(g.nodes()[uses[0].node]));
 }
 
 namespace {
@@ -541,7 +533,7 @@ MergeOutcome merge_tree(FoldContext& ctx, int root) {
   Graph& g = ctx.graph;
   MergeOutcome result;
   result.sum = root;
-  if (g.nodes[root].outputs.size() != 1) return result;
+  if (g.nodes()[root].outputs.size() != 1) return result;
   auto found = find_branches(g, root, result.identity_batchnorms);
   if (auto* o = std::get_if<Outcome>(&found)) {
     result.outcome = std::move(*o);
@@ -560,7 +552,7 @@ MergeOutcome merge_tree(FoldContext& ctx, int root) {
   out.verdict = Verdict::Folded;
   out.code = code(FoldName::MergeBranches);
   const int layer = plan.convs[plan.primary].node;
-  out.into = {g.nodes[layer].display_name(layer)};
+  out.into = {g.nodes()[layer].display_name(layer)};
   out.into_op = "Conv";
   const std::string K = kernel_text(std::vector<int64_t>(plan.weight_dims.begin() + 2, plan.weight_dims.end()));
   std::string parts;
@@ -595,9 +587,9 @@ MergeOutcome merge_tree(FoldContext& ctx, int root) {
 void merge_tree_or_parts(FoldContext& ctx, int node, std::vector<MergeOutcome>& outcomes) {
   Graph& g = ctx.graph;
   std::vector<int> inner;
-  for (const auto& v : g.nodes[node].inputs) {
+  for (const auto& v : g.nodes()[node].inputs) {
     const int p = v.empty() ? -1 : g.producer(v);
-    if (p >= 0 && is_sum_node(g.nodes[p]) && read_only_by(g, v, node)) inner.push_back(p);
+    if (p >= 0 && is_sum_node(g.nodes()[p]) && read_only_by(g, v, node)) inner.push_back(p);
   }
   MergeOutcome whole = merge_tree(ctx, node);
   if (whole.outcome.verdict == Verdict::Folded) {

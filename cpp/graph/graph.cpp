@@ -96,11 +96,11 @@ void Graph::build_index() {
   graph_inputs_.clear();
   graph_outputs_.clear();
   outer_reads.clear();
-  for (size_t k = 0; k < initializers.size(); ++k) initializer_index_[initializers[k].name] = static_cast<int>(k);
+  for (size_t k = 0; k < initializers_.size(); ++k) initializer_index_[initializers_[k].name] = static_cast<int>(k);
   for (const auto& v : inputs) graph_inputs_.insert(v.name);
   for (const auto& v : outputs) graph_outputs_.insert(v.name);
   value_info_refs_.clear();
-  const std::vector<ValueInfo>* lists[3] = {&inputs, &value_info, &outputs};
+  const std::vector<ValueInfo>* lists[3] = {&inputs, &value_info_, &outputs};
   for (int l = 0; l < 3; ++l)
     for (size_t k = 0; k < lists[l]->size(); ++k) {
       const ValueInfo& v = (*lists[l])[k];
@@ -108,14 +108,14 @@ void Graph::build_index() {
       if (refs.first[l] < 0 && !v.body.empty()) refs.first[l] = static_cast<int>(k);
       if (l == 1) refs.value_info.push_back(static_cast<int>(k));
     }
-  for (size_t k = 0; k < nodes.size(); ++k) {
-    const Node& n = nodes[k];
+  for (size_t k = 0; k < nodes_.size(); ++k) {
+    const Node& n = nodes_[k];
     if (n.removed()) continue;
     for (const auto& o : n.outputs)
       if (!o.empty()) producer_[o] = static_cast<int>(k);
   }
-  for (size_t k = 0; k < nodes.size(); ++k) {
-    const Node& n = nodes[k];
+  for (size_t k = 0; k < nodes_.size(); ++k) {
+    const Node& n = nodes_[k];
     if (n.removed()) continue;
     for (size_t s = 0; s < n.inputs.size(); ++s) {
       add_use(n.inputs[s], Use{static_cast<int>(k), static_cast<int>(s)});
@@ -165,7 +165,7 @@ int64_t Graph::opset(const std::string& domain) const {
 // A Constant node a fold wrote (functions hold new tensors that way): its value is in set_attributes, so a
 // later fold (a BN chain) can read it like any other constant.
 std::optional<ConstRef> Graph::created_constant(int node, const std::string& value) {
-  for (const auto& [name, payload] : nodes[node].edits_.set_attributes) {
+  for (const auto& [name, payload] : nodes_[node].edits_.set_attributes) {
     if (name != "value") continue;
     Reader r(payload, payload.data());
     while (!r.done()) {
@@ -186,22 +186,22 @@ std::optional<ConstRef> Graph::constant(const std::string& value) {
   if (init != initializer_index_.end()) {
     // An initializer that is also a graph input can be overridden at run time: not a constant (unless frozen).
     if ((graph_inputs_.count(value) && !frozen(value)) || edits_.initializer_removed[init->second]) return std::nullopt;
-    return ConstRef{this, init->second, -1, initializers[init->second], false};
+    return ConstRef{this, init->second, -1, initializers_[init->second], false};
   }
   int p = producer(value);
   if (p >= 0) {
-    const Node& n = nodes[p];
+    const Node& n = nodes_[p];
     if (n.is("Constant") && (n.created() || n.edits_.edited)) {  // a value a fold wrote (write_constant)
       if (auto written = created_constant(p, value)) return written;
     }
     if (is_plain_identity(n)) {
       // Follow the chain in this graph; a cyclic one (malformed) is not a constant.
       std::string from = n.inputs[0];
-      for (size_t steps = 0; steps <= nodes.size(); ++steps) {
+      for (size_t steps = 0; steps <= nodes_.size(); ++steps) {
         const int q = producer(from);
-        if (q < 0 || !is_plain_identity(nodes[q])) break;
-        if (steps == nodes.size()) return std::nullopt;
-        from = nodes[q].inputs[0];
+        if (q < 0 || !is_plain_identity(nodes_[q])) break;
+        if (steps == nodes_.size()) return std::nullopt;
+        from = nodes_[q].inputs[0];
       }
       auto source = constant(from);
       if (!source) return std::nullopt;
@@ -277,7 +277,7 @@ std::optional<std::vector<int64_t>> Graph::shape_of(const std::string& value) co
   auto from = [&](const ValueInfo& v) { return declared_dims(v, model->buffer.data()); };
   auto refs = value_info_refs_.find(value);
   if (refs != value_info_refs_.end()) {
-    const std::vector<ValueInfo>* lists[3] = {&inputs, &value_info, &outputs};  // the order they are consulted
+    const std::vector<ValueInfo>* lists[3] = {&inputs, &value_info_, &outputs};  // the order they are consulted
     for (int l = 0; l < 3; ++l)
       if (int k = refs->second.first[l]; k >= 0)
         if (auto s = from((*lists[l])[k])) return s;
@@ -313,7 +313,7 @@ std::vector<Graph*> Model::all_graphs() {
   std::vector<Graph*> out;
   auto visit = [&](auto&& self, Graph* g) -> void {
     out.push_back(g);
-    for (auto& n : g->nodes)
+    for (auto& n : g->nodes())
       for (auto& s : n.subgraphs) self(self, s.get());
   };
   visit(visit, graph.get());

@@ -83,8 +83,8 @@ struct Use {
 // Where a constant came from, and its tensor.
 struct ConstRef {
   Graph* graph = nullptr;  // the graph that holds it (may be an outer graph of the one asked)
-  int initializer = -1;    // index into graph->initializers, or
-  int constant_node = -1;  // index of the Constant node in graph->nodes
+  int initializer = -1;    // index into graph->initializers(), or
+  int constant_node = -1;  // index of the Constant node in graph->nodes()
   Tensor tensor;
   // Read through Identity nodes (torch's exporter shares equal initializers that way): the tensor is another
   // value's, so `initializer` and `constant_node` are -1 and nothing edits it in place.
@@ -106,9 +106,7 @@ class Graph {
   int owner_node = -1;  // for subgraphs: the node of `parent` that holds this graph,
   int owner_attribute = -1, owner_position = -1;  // in which attribute, at which position
 
-  std::vector<Node> nodes;
-  std::vector<Tensor> initializers;
-  std::vector<ValueInfo> inputs, outputs, value_info;
+  std::vector<ValueInfo> inputs, outputs;
   std::map<std::string, int64_t> function_opsets;  // FunctionProto.opset_import (functions only)
 
   struct FieldRef {
@@ -116,7 +114,12 @@ class Graph {
     std::string_view whole;
     int index;  // position in nodes / initializers / value_info for those fields, else -1
   };
-  std::vector<FieldRef> fields;
+
+  // ---- the contents, read-only: every change goes through the edits below, which keep the index current
+  const std::vector<Node>& nodes() const { return nodes_; }
+  const std::vector<Tensor>& initializers() const { return initializers_; }
+  const std::vector<ValueInfo>& value_info() const { return value_info_; }
+  const std::vector<FieldRef>& fields() const { return fields_; }  // the GraphProto's fields, in order
 
   std::vector<ExternalRef> original_external;  // per original initializer: where its data lived, if external
 
@@ -159,11 +162,16 @@ class Graph {
   void set_input(int node, int slot, const std::string& value);
   void set_output(int node, int slot, const std::string& value);
   void set_op_type(int node, const std::string& op_type);
-  void set_attribute(int node, const std::string& name, std::string payload);
-  // Sets an int or float attribute both in the written node and in its parsed view, so a later fold reading
-  // the node (a second BN folded into the same layer) sees the new value.
+  // One setter per attribute kind: each sets the attribute both in the written node and in its parsed view
+  // (Node::attr), so a later fold reading the node (a second BN folded into the same layer) sees the new value.
+  // An attribute of that name is replaced (where it was), else added.
   void set_int_attribute(int node, const std::string& name, int64_t value);
   void set_float_attribute(int node, const std::string& name, float value);
+  void set_ints_attribute(int node, const std::string& name, const std::vector<int64_t>& values);
+  void set_floats_attribute(int node, const std::string& name, const std::vector<float>& values);
+  void set_string_attribute(int node, const std::string& name, const std::string& value);
+  // `tensor_payload`: a TensorProto (encode_tensor, reencode_tensor).
+  void set_tensor_attribute(int node, const std::string& name, const std::string& tensor_payload);
   void remove_node(int node);
   int add_node(Node node, int insert_before);
   // Adds `node` where the writer puts it just before node `reader` (an original node, or one a fold created).
@@ -206,6 +214,15 @@ class Graph {
 
  private:
   friend struct EditRecord;
+  std::vector<Node> nodes_;
+  std::vector<Tensor> initializers_;
+  std::vector<ValueInfo> value_info_;
+  std::vector<FieldRef> fields_;
+  // The raw setter behind the typed ones: `payload` is the whole AttributeProto.
+  void set_attribute(int node, const std::string& name, std::string payload);
+  // Heap copies of the strings and tensors the typed setters gave: the parsed views (Attribute::s, ::t)
+  // point into them.
+  std::vector<std::unique_ptr<std::string>> attribute_storage_;
   // What folds changed on initializers, value_info and inputs, applied by the writer. Only graph/ sees it
   // (graph/edit_record.h): folds edit through the methods above.
   struct GraphEdits {

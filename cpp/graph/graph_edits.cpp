@@ -19,7 +19,7 @@ void Graph::mark_dirty() {
 }
 
 void Graph::set_input(int node, int slot, const std::string& value) {
-  Node& n = nodes[node];
+  Node& n = nodes_[node];
   if (slot >= static_cast<int>(n.inputs.size())) n.inputs.resize(slot + 1);
   remove_use(n.inputs[slot], Use{node, slot});
   n.inputs[slot] = value;
@@ -29,7 +29,7 @@ void Graph::set_input(int node, int slot, const std::string& value) {
 }
 
 void Graph::set_output(int node, int slot, const std::string& value) {
-  Node& n = nodes[node];
+  Node& n = nodes_[node];
   auto it = producer_.find(n.outputs[slot]);
   if (it != producer_.end() && it->second == node) producer_.erase(it);
   n.outputs[slot] = value;
@@ -39,13 +39,13 @@ void Graph::set_output(int node, int slot, const std::string& value) {
 }
 
 void Graph::set_op_type(int node, const std::string& op_type) {
-  nodes[node].op_type = op_type;
-  nodes[node].edits_.edited = true;
+  nodes_[node].op_type = op_type;
+  nodes_[node].edits_.edited = true;
   mark_dirty();
 }
 
 void Graph::set_attribute(int node, const std::string& name, std::string payload) {
-  Node& n = nodes[node];
+  Node& n = nodes_[node];
   for (auto& [k, v] : n.edits_.set_attributes)
     if (k == name) { v = std::move(payload); mark_dirty(); return; }
   n.edits_.set_attributes.emplace_back(name, std::move(payload));
@@ -70,7 +70,7 @@ void Graph::set_int_attribute(int node, const std::string& name, int64_t value) 
   put_varint_field(a, num(AttributeField::I), static_cast<uint64_t>(value));
   put_varint_field(a, num(AttributeField::Type), static_cast<uint64_t>(AttributeType::Int));
   set_attribute(node, name, std::move(a));
-  Attribute& parsed = parsed_attribute(nodes[node], name, AttributeType::Int);
+  Attribute& parsed = parsed_attribute(nodes_[node], name, AttributeType::Int);
   parsed.has_i = true;
   parsed.i = value;
 }
@@ -83,13 +83,60 @@ void Graph::set_float_attribute(int node, const std::string& name, float value) 
   put_fixed32_field(a, num(AttributeField::F), bits);
   put_varint_field(a, num(AttributeField::Type), static_cast<uint64_t>(AttributeType::Float));
   set_attribute(node, name, std::move(a));
-  Attribute& parsed = parsed_attribute(nodes[node], name, AttributeType::Float);
+  Attribute& parsed = parsed_attribute(nodes_[node], name, AttributeType::Float);
   parsed.has_f = true;
   parsed.f = value;
 }
 
+void Graph::set_ints_attribute(int node, const std::string& name, const std::vector<int64_t>& values) {
+  std::string a;
+  put_bytes_field(a, num(AttributeField::Name), name);
+  for (int64_t v : values) put_varint_field(a, num(AttributeField::Ints), static_cast<uint64_t>(v));
+  put_varint_field(a, num(AttributeField::Type), static_cast<uint64_t>(AttributeType::Ints));
+  set_attribute(node, name, std::move(a));
+  parsed_attribute(nodes_[node], name, AttributeType::Ints).ints = values;
+}
+
+void Graph::set_floats_attribute(int node, const std::string& name, const std::vector<float>& values) {
+  std::string a;
+  put_bytes_field(a, num(AttributeField::Name), name);
+  for (float v : values) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    put_fixed32_field(a, num(AttributeField::Floats), bits);
+  }
+  put_varint_field(a, num(AttributeField::Type), static_cast<uint64_t>(AttributeType::Floats));
+  set_attribute(node, name, std::move(a));
+  parsed_attribute(nodes_[node], name, AttributeType::Floats).floats = values;
+}
+
+void Graph::set_string_attribute(int node, const std::string& name, const std::string& value) {
+  std::string a;
+  put_bytes_field(a, num(AttributeField::Name), name);
+  put_bytes_field(a, num(AttributeField::S), value);
+  put_varint_field(a, num(AttributeField::Type), static_cast<uint64_t>(AttributeType::String));
+  set_attribute(node, name, std::move(a));
+  attribute_storage_.push_back(std::make_unique<std::string>(value));
+  Attribute& parsed = parsed_attribute(nodes_[node], name, AttributeType::String);
+  parsed.has_s = true;
+  parsed.s = *attribute_storage_.back();
+}
+
+// Name, type, then the tensor: the order Constant nodes' values are written in (add_tensor, write_constant).
+void Graph::set_tensor_attribute(int node, const std::string& name, const std::string& tensor_payload) {
+  std::string a;
+  put_bytes_field(a, num(AttributeField::Name), name);
+  put_varint_field(a, num(AttributeField::Type), static_cast<uint64_t>(AttributeType::Tensor));
+  put_bytes_field(a, num(AttributeField::T), tensor_payload);
+  set_attribute(node, name, std::move(a));
+  attribute_storage_.push_back(std::make_unique<std::string>(tensor_payload));
+  Attribute& parsed = parsed_attribute(nodes_[node], name, AttributeType::Tensor);
+  parsed.has_t = true;
+  parsed.t = *attribute_storage_.back();
+}
+
 void Graph::remove_node(int node) {
-  Node& n = nodes[node];
+  Node& n = nodes_[node];
   if (n.removed()) return;
   for (size_t s = 0; s < n.inputs.size(); ++s) remove_use(n.inputs[s], Use{node, static_cast<int>(s)});
   for (const auto& sub : n.subgraphs)
@@ -105,9 +152,9 @@ void Graph::remove_node(int node) {
 int Graph::add_node(Node node, int insert_before) {
   node.edits_.created = true;
   node.edits_.insert_before = insert_before;
-  int k = static_cast<int>(nodes.size());
-  nodes.push_back(std::move(node));
-  const Node& n = nodes.back();
+  int k = static_cast<int>(nodes_.size());
+  nodes_.push_back(std::move(node));
+  const Node& n = nodes_.back();
   for (const auto& o : n.outputs) {
     producer_[o] = k;
     model->note_name(o);
@@ -118,7 +165,7 @@ int Graph::add_node(Node node, int insert_before) {
 }
 
 int Graph::add_node_before(Node node, int reader) {
-  const NodeEdits& r = nodes[reader].edits_;
+  const NodeEdits& r = nodes_[reader].edits_;
   return add_node(std::move(node), r.created ? r.insert_before : reader);
 }
 
@@ -155,11 +202,7 @@ Graph::WrittenConstant Graph::write_constant(const std::vector<Use>& readers, st
                                            [&](const Use& r) { return r.node == u.node && r.slot == u.slot; });
     if (only_ours) {
       if (ref->tensor.dims != dims) remove_value_info(old);
-      std::string attr;
-      put_bytes_field(attr, num(AttributeField::Name), "value");
-      put_varint_field(attr, num(AttributeField::Type), static_cast<uint64_t>(AttributeType::Tensor));
-      put_bytes_field(attr, num(AttributeField::T), reencode_tensor(ref->tensor, data_type, dims, raw));
-      set_attribute(ref->constant_node, "value", std::move(attr));
+      set_tensor_attribute(ref->constant_node, "value", reencode_tensor(ref->tensor, data_type, dims, raw));
       return {old, false};
     }
   }
@@ -225,8 +268,8 @@ void Graph::index_added_initializer(const std::string& name, Tensor tensor) {
     edits_.inputs_added.emplace_back(name, std::move(info));
     graph_inputs_.insert(name);
   }
-  int k = static_cast<int>(initializers.size());
-  initializers.push_back(std::move(tensor));
+  int k = static_cast<int>(initializers_.size());
+  initializers_.push_back(std::move(tensor));
   edits_.initializer_removed.push_back(false);
   edits_.initializer_replaced.push_back(nullptr);
   edits_.initializer_lazy.push_back(nullptr);
@@ -265,22 +308,22 @@ void Graph::add_tensor_lazy(const std::string& name, std::string header, LazyByt
 }
 
 void Graph::replace_initializer_lazy(int index, std::string header, LazyBytes data) {
-  drop_replaced_input(initializers[index].name);
+  drop_replaced_input(initializers_[index].name);
   auto lazy = std::make_unique<LazyInitializer>();
   lazy->header = std::move(header);
   lazy->data = std::make_shared<const LazyBytes>(std::move(data));
-  initializers[index] = lazy_tensor(lazy->header, lazy->data, path + " replaced initializer");
+  initializers_[index] = lazy_tensor(lazy->header, lazy->data, path + " replaced initializer");
   edits_.initializer_replaced[index] = nullptr;
   edits_.initializer_lazy[index] = std::move(lazy);
   mark_dirty();
 }
 
 void Graph::replace_initializer(int index, std::string tensor_payload) {
-  drop_replaced_input(initializers[index].name);
+  drop_replaced_input(initializers_[index].name);
   edits_.initializer_replaced[index] = std::make_unique<std::string>(std::move(tensor_payload));
   edits_.initializer_lazy[index] = nullptr;
   const std::string& stored = *edits_.initializer_replaced[index];
-  initializers[index] = parse_tensor(stored, stored.data(), path + " replaced initializer");
+  initializers_[index] = parse_tensor(stored, stored.data(), path + " replaced initializer");
   mark_dirty();
 }
 
@@ -295,10 +338,10 @@ void Graph::remove_value_info(const std::string& value) {
 }
 
 void Graph::release_outer_read(int owner, const std::string& value) {
-  for (const auto& sub : nodes[owner].subgraphs)
+  for (const auto& sub : nodes_[owner].subgraphs)
     if (sub->reader_count(value) > 0) return;
   remove_use(value, Use{owner, -1});
-  for (const auto& sub : nodes[owner].subgraphs) sub->outer_reads.erase(value);
+  for (const auto& sub : nodes_[owner].subgraphs) sub->outer_reads.erase(value);
   if (!defines(value) && parent && uses(value).empty()) {
     outer_reads.erase(value);
     parent->release_outer_read(owner_node, value);
@@ -319,19 +362,19 @@ void Graph::drop_if_unused(const std::string& value) {
     return;
   }
   int p = producer(value);
-  if (p >= 0 && nodes[p].is("Constant") && nodes[p].outputs.size() == 1) {
+  if (p >= 0 && nodes_[p].is("Constant") && nodes_[p].outputs.size() == 1) {
     remove_node(p);
-  } else if (p >= 0 && is_plain_identity(nodes[p]) && constant(value)) {
+  } else if (p >= 0 && is_plain_identity(nodes_[p]) && constant(value)) {
     // An Identity reading a constant (torch's shared initializers) goes with its last reader, and so may its
     // source.
-    const std::string source = nodes[p].inputs[0];
+    const std::string source = nodes_[p].inputs[0];
     remove_node(p);
     drop_if_unused(source);
-  } else if (p >= 0 && nodes[p].is("DequantizeLinear") && nodes[p].outputs.size() == 1 && nodes[p].subgraphs.empty()) {
+  } else if (p >= 0 && nodes_[p].is("DequantizeLinear") && nodes_[p].outputs.size() == 1 && nodes_[p].subgraphs.empty()) {
     // A DequantizeLinear of constants that fed only the folded node goes with it, and so do its inputs.
-    for (const auto& in : nodes[p].inputs)
+    for (const auto& in : nodes_[p].inputs)
       if (!in.empty() && !constant(in)) return;
-    const std::vector<std::string> dq_inputs = nodes[p].inputs;
+    const std::vector<std::string> dq_inputs = nodes_[p].inputs;
     remove_node(p);
     for (const auto& in : dq_inputs) drop_if_unused(in);
   } else if (p < 0 && parent && !defines(value)) {

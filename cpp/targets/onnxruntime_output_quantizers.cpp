@@ -82,7 +82,7 @@ BatchNormRecord kept(BatchNormRecord r, const char* code, std::string message) {
 }
 
 std::string describe(const Graph& g, int node) {
-  return g.nodes[node].op_type + " '" + g.nodes[node].display_name(node) + "'";
+  return g.nodes()[node].op_type + " '" + g.nodes()[node].display_name(node) + "'";
 }
 
 // A scalar constant's type and element bytes, or nullopt.
@@ -107,7 +107,7 @@ bool exactly_reversible(int32_t quantized, int32_t scale) {
 
 // The quantizer's parameters, or a sentence saying why the rewrite leaves it alone.
 std::variant<Quantizer, std::string> read_quantizer(Graph& g, int q) {
-  const Node& n = g.nodes[q];
+  const Node& n = g.nodes()[q];
   Quantizer out;
   out.node = q;
   out.domain = n.domain;
@@ -151,7 +151,7 @@ bool constant_clip(Graph& g, const Node& n) {
 
 // True for an op through which the rewrite stays exact (see the header comment), reading its input 0.
 bool commutes(Graph& g, int node) {
-  const Node& n = g.nodes[node];
+  const Node& n = g.nodes()[node];
   if (!n.domain.empty() && n.domain != "ai.onnx") return false;
   if (n.op_type == "Relu" || n.op_type == "Reshape" || n.op_type == "Flatten" || n.op_type == "Transpose" ||
       n.op_type == "Squeeze" || n.op_type == "Unsqueeze" || n.op_type == "Identity")
@@ -187,7 +187,7 @@ void walk(Graph& g, const std::string& value, Walk& w, int depth) {
       w.blocker = "'" + value + "' is read inside a subgraph of " + describe(g, u.node);
       return;
     }
-    const Node& n = g.nodes[u.node];
+    const Node& n = g.nodes()[u.node];
     if (n.is("QuantizeLinear") && u.slot == 0) {
       auto q = read_quantizer(g, u.node);
       if (auto* why = std::get_if<std::string>(&q)) {
@@ -223,7 +223,7 @@ void walk(Graph& g, const std::string& value, Walk& w, int depth) {
 
 bool dequantized(const Graph& g, const std::string& value) {
   const int p = value.empty() ? -1 : g.producer(value);
-  return p >= 0 && g.nodes[p].is("DequantizeLinear");
+  return p >= 0 && g.nodes()[p].is("DequantizeLinear");
 }
 
 // The constant under `name` as a name this graph can read where the new nodes go: the name itself when it is
@@ -242,7 +242,7 @@ std::string readable(graph::Model& model, Graph& g, const std::string& name, int
 }  // namespace
 
 BatchNormRecord output_quantizer(graph::Model& model, Graph& g, int layer) {
-  const Node& n = g.nodes[layer];
+  const Node& n = g.nodes()[layer];
   BatchNormRecord r;
   r.graph = g.path;
   r.node = n.display_name(layer);
@@ -258,7 +258,7 @@ BatchNormRecord output_quantizer(graph::Model& model, Graph& g, int layer) {
   // Already in the shape the selectors want: every reader a QuantizeLinear.
   const auto& uses = g.uses(y);
   bool all_quantizers = !uses.empty() && !g.is_graph_output(y);
-  for (const auto& u : uses) all_quantizers = all_quantizers && u.slot == 0 && g.nodes[u.node].is("QuantizeLinear");
+  for (const auto& u : uses) all_quantizers = all_quantizers && u.slot == 0 && g.nodes()[u.node].is("QuantizeLinear");
   if (all_quantizers) return kept(r, "already-quantized", "its output goes only to QuantizeLinear already");
   // plan: every path to its quantizers.
   Walk w;
@@ -266,9 +266,9 @@ BatchNormRecord output_quantizer(graph::Model& model, Graph& g, int layer) {
   if (!w.blocker.empty()) return kept(r, w.code.c_str(), "left in float: " + w.blocker);
   // apply: y' -> Q -> DQ -> y, with the first quantizer's parameters (they all agree).
   const Quantizer& q = w.quantizers[0];
-  for (const auto& leaf : w.quantizers) r.into.push_back(g.nodes[leaf.node].display_name(leaf.node));
+  for (const auto& leaf : w.quantizers) r.into.push_back(g.nodes()[leaf.node].display_name(leaf.node));
   r.into_op = "QuantizeLinear";
-  const std::string base = n.display_name(layer);  // before any edit: `n` is a reference into g.nodes
+  const std::string base = n.display_name(layer);  // before any edit: `n` is a reference into g.nodes()
   const std::string scale = readable(model, g, q.scale, q.scale_type, q.scale_raw, r.new_tensors);
   const std::string zero = readable(model, g, q.zero, q.zero_type, q.zero_raw, r.new_tensors);
   const std::string renamed = model.fresh_name(y + "_unquantized");
@@ -290,7 +290,7 @@ BatchNormRecord output_quantizer(graph::Model& model, Graph& g, int layer) {
   dqn.outputs = {y};
   const int qi = g.add_node(std::move(qn), layer + 1);
   const int dqi = g.add_node(std::move(dqn), layer + 1);
-  const Node& leaf = g.nodes[q.node];
+  const Node& leaf = g.nodes()[q.node];
   if (leaf.attr("output_dtype")) g.set_int_attribute(qi, "output_dtype", q.output_dtype);
   if (leaf.attr("saturate")) g.set_int_attribute(qi, "saturate", q.saturate);
   (void)dqi;

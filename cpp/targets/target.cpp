@@ -16,8 +16,8 @@ void run_target(graph::Model& model, const Options& options, std::map<std::strin
     // Functions are inlined by onnxruntime before its QDQ transformers; their bodies are left as they are.
     if (g->kind == graph::GraphKind::Function) continue;
     std::vector<int> layers;
-    for (size_t i = 0; i < g->nodes.size(); ++i) {
-      const graph::Node& n = g->nodes[i];
+    for (size_t i = 0; i < g->nodes().size(); ++i) {
+      const graph::Node& n = g->nodes()[i];
       if (!n.removed() && !n.created() && (n.is("Conv") || n.is("Gemm") || n.is("MatMul")))
         layers.push_back(static_cast<int>(i));
     }

@@ -54,7 +54,7 @@ static std::optional<std::vector<double>> dequantized_constant(Graph& g, const N
 std::optional<std::vector<double>> constant_values(Graph& g, const std::string& value) {
   if (auto c = g.constant(value)) return c->tensor.values();
   int p = g.producer(value);
-  if (p >= 0 && g.nodes[p].is("DequantizeLinear")) return dequantized_constant(g, g.nodes[p]);
+  if (p >= 0 && g.nodes()[p].is("DequantizeLinear")) return dequantized_constant(g, g.nodes()[p]);
   return std::nullopt;
 }
 
@@ -66,7 +66,7 @@ bool read_only_by(const Graph& g, const std::string& value, int reader) {
 
 bool reads_only_shape(const Graph& g, const graph::Use& u) {
   if (u.slot != 0) return false;  // a subgraph's read (slot < 0) may be anything
-  const Node& n = g.nodes[u.node];
+  const Node& n = g.nodes()[u.node];
   return n.is("Shape") || n.is("Size");
 }
 
@@ -99,7 +99,7 @@ std::variant<BatchNormAffine, Outcome> read_batchnorm_map(FoldContext& ctx, int 
 std::variant<BatchNormAffine, Outcome> read_batchnorm(FoldContext& ctx, int bn) {
   auto read = read_batchnorm_map(ctx, bn);
   if (auto* affine = std::get_if<BatchNormAffine>(&read))
-    if (auto kept = factor_beyond_headroom(ctx.graph.nodes[bn], *affine)) return std::move(*kept);
+    if (auto kept = factor_beyond_headroom(ctx.graph.nodes()[bn], *affine)) return std::move(*kept);
   return read;
 }
 
@@ -107,7 +107,7 @@ namespace {
 
 std::variant<BatchNormAffine, Outcome> read_batchnorm_map(FoldContext& ctx, int bn) {
   Graph& g = ctx.graph;
-  const Node& n = g.nodes[bn];
+  const Node& n = g.nodes()[bn];
   // An elementwise Mul/Add/Sub/Div by a per-channel constant is the same map (affine.h).
   if (!n.is("BatchNormalization")) return read_elementwise_affine(ctx, bn);
   const int64_t version = g.opset("");
@@ -185,7 +185,7 @@ std::variant<BatchNormAffine, Outcome> read_batchnorm_map(FoldContext& ctx, int 
 }  // namespace
 
 void remove_folded_batchnorm(Graph& g, int bn, const BatchNormAffine& affine) {
-  const std::string bn_input = g.nodes[bn].inputs[affine_data_slot(g, bn)];
+  const std::string bn_input = g.nodes()[bn].inputs[affine_data_slot(g, bn)];
   g.remove_node(bn);
   g.remove_value_info(bn_input);
   for (const auto& v : affine.parameter_values) g.drop_if_unused(v);

@@ -12,23 +12,23 @@ using graph::Node;
 
 bool produced_by_dequantize(const Graph& g, const std::string& value) {
   const int p = g.producer(value);
-  return p >= 0 && g.nodes[p].is("DequantizeLinear");
+  return p >= 0 && g.nodes()[p].is("DequantizeLinear");
 }
 
 std::variant<FloatWeight, Outcome> read_float_weight(FoldContext& ctx, int layer, bool backward_fold) {
   Graph& g = ctx.graph;
-  const Node& n = g.nodes[layer];
+  const Node& n = g.nodes()[layer];
   const std::string who = n.op_type + " '" + n.display_name(layer) + "'";
   if (n.inputs.size() < 2 || n.inputs[1].empty())
     return Outcome::kept(Reason::Malformed, who + " has no weight input");
   const std::string& name = n.inputs[1];
   if (produced_by_dequantize(g, name)) return Outcome::not_applicable();
   auto ref = g.constant(name);
-  if (const int p = g.producer(name); !ref && p >= 0 && g.nodes[p].domain == "trt") {
+  if (const int p = g.producer(name); !ref && p >= 0 && g.nodes()[p].domain == "trt") {
     // ModelOpt's FP8 export for TensorRT: trt::TRT_FP8QuantizeLinear -> trt::TRT_FP8DequantizeLinear (one
     // per-tensor scale, no axis). trt::DequantizeLinear of a float weight (INT4) is qdq_layer_bn's.
-    const std::string op = "trt::" + g.nodes[p].op_type;
-    if (g.nodes[p].op_type == "TRT_FP8DequantizeLinear")
+    const std::string op = "trt::" + g.nodes()[p].op_type;
+    if (g.nodes()[p].op_type == "TRT_FP8DequantizeLinear")
       return Outcome::kept(Reason::TensorrtQuantizer,
                            "the weight '" + name + "' of " + who + " comes out of TensorRT's " + op +
                                ", which takes one per-tensor scale and has no axis: BN's per-channel factors cannot "

@@ -17,7 +17,7 @@ using graph::Node;
 using wire::DataType;
 
 std::string describe_node(const Graph& g, int node) {
-  return g.nodes[node].op_type + " '" + g.nodes[node].display_name(node) + "'";
+  return g.nodes()[node].op_type + " '" + g.nodes()[node].display_name(node) + "'";
 }
 
 namespace {
@@ -55,7 +55,7 @@ void visit(Graph& g, const std::string& value, ForwardReader path, Walk& walk) {
                                                          "' through identity nodes, which must keep BN's values").at_(value);
   if (path.reshape < 0) path.values.push_back(value);
   for (const auto& use : g.uses(value)) {
-    const Node& n = g.nodes[use.node];
+    const Node& n = g.nodes()[use.node];
     const bool first = use.slot == 0;
     if (reads_only_shape(g, use)) continue;  // the fold changes no shape; remove_forward_batchnorm rewires it
     if (first && is_see_through(g, n) && !n.outputs.empty() && !n.outputs[0].empty()) {
@@ -72,7 +72,7 @@ void visit(Graph& g, const std::string& value, ForwardReader path, Walk& walk) {
       std::string dq;
       if (!n.outputs.empty())
         for (const auto& u : g.uses(n.outputs[0]))
-          if (g.nodes[u.node].is("DequantizeLinear")) dq = ", dequantized by " + describe_node(g, u.node);
+          if (g.nodes()[u.node].is("DequantizeLinear")) dq = ", dequantized by " + describe_node(g, u.node);
       walk.quantizer = Outcome::kept(
           Reason::ActivationQuantizer,
           "its output feeds the activation quantizer " + describe_node(g, use.node) + dq +
@@ -89,8 +89,8 @@ void visit(Graph& g, const std::string& value, ForwardReader path, Walk& walk) {
 
 // Rewires every reader of BN's output to BN's input and removes BN with its parameters.
 void remove_forward_batchnorm(Graph& g, int bn, const BatchNormAffine& affine) {
-  const std::string input = g.nodes[bn].inputs[affine_data_slot(g, bn)];
-  const std::string output = g.nodes[bn].outputs[0];
+  const std::string input = g.nodes()[bn].inputs[affine_data_slot(g, bn)];
+  const std::string output = g.nodes()[bn].outputs[0];
   const std::vector<graph::Use> uses = g.uses(output);  // a copy: set_input edits the list
   for (const auto& u : uses) g.set_input(u.node, u.slot, input);
   g.remove_node(bn);
@@ -102,7 +102,7 @@ void remove_forward_batchnorm(Graph& g, int bn, const BatchNormAffine& affine) {
 
 std::variant<std::vector<ForwardReader>, Outcome> forward_readers(FoldContext& ctx, int bn) {
   Graph& g = ctx.graph;
-  const Node& n = g.nodes[bn];
+  const Node& n = g.nodes()[bn];
   if (n.inputs.empty() || n.inputs[affine_data_slot(g, bn)].empty() || n.outputs.empty() || n.outputs[0].empty())
     return Outcome::not_applicable();
   Walk walk;
@@ -122,7 +122,7 @@ std::optional<std::vector<int64_t>> known_shape(const FoldContext& ctx, const st
 }
 
 std::optional<std::vector<int64_t>> activation_shape(const FoldContext& ctx, int bn, const ForwardReader& reader) {
-  std::vector<std::string> candidates{ctx.graph.nodes[bn].inputs[affine_data_slot(ctx.graph, bn)]};
+  std::vector<std::string> candidates{ctx.graph.nodes()[bn].inputs[affine_data_slot(ctx.graph, bn)]};
   candidates.insert(candidates.end(), reader.values.begin(), reader.values.end());
   std::optional<std::vector<int64_t>> partial;
   for (const auto& v : candidates) {
@@ -139,7 +139,7 @@ std::optional<std::vector<int64_t>> activation_shape(const FoldContext& ctx, int
 
 std::variant<FloatWeight, Outcome> read_forward_weight(FoldContext& ctx, int layer) {
   Graph& g = ctx.graph;
-  const Node& n = g.nodes[layer];
+  const Node& n = g.nodes()[layer];
   if (n.inputs.size() < 2 || n.inputs[1].empty() || n.outputs.empty() || n.outputs[0].empty())
     return Outcome::kept(Reason::MalformedLayer, describe_node(g, layer) + " has no weight input or no output");
   const std::string& weight = n.inputs[1];
@@ -164,8 +164,8 @@ std::variant<FloatWeight, Outcome> read_forward_weight(FoldContext& ctx, int lay
 void add_constant_after(FoldContext& ctx, int layer, int32_t data_type, const std::vector<int64_t>& dims,
                         const std::string& raw, const char* suffix, Outcome& outcome) {
   Graph& g = ctx.graph;
-  const std::string output = g.nodes[layer].outputs[0];
-  const std::string base = g.nodes[layer].display_name(layer);
+  const std::string output = g.nodes()[layer].outputs[0];
+  const std::string base = g.nodes()[layer].display_name(layer);
   const std::string constant = new_tensor_name(ctx.model, base, suffix);
   const std::string renamed = ctx.model.fresh_name(output + "_before" + suffix);
   g.add_tensor(constant, graph::encode_tensor(constant, data_type, dims, raw));
@@ -187,7 +187,7 @@ Outcome fold_bn_forward(FoldContext& ctx, int bn) {
 
   std::vector<LayerPlan> plans;
   for (const auto& reader : readers) {
-    const Node& layer = g.nodes[reader.layer];
+    const Node& layer = g.nodes()[reader.layer];
     PlanOrKept plan = is_spatial_layer(layer) ? plan_bn_conv(ctx, bn, affine, reader)
                                               : plan_bn_gemm(ctx, bn, affine, reader);
     if (auto* o = std::get_if<Outcome>(&plan)) {
@@ -204,8 +204,8 @@ Outcome fold_bn_forward(FoldContext& ctx, int bn) {
   std::vector<std::string> notes, ops;
   for (auto& plan : plans) {
     plan.apply(ctx, done);
-    done.into.push_back(g.nodes[plan.layer].display_name(plan.layer));
-    ops.push_back(g.nodes[plan.layer].op_type);
+    done.into.push_back(g.nodes()[plan.layer].display_name(plan.layer));
+    ops.push_back(g.nodes()[plan.layer].op_type);
     done.into_op = join_op_types(ops);  // each op once, in the table's order: not the readers' order
     if (done.code.empty()) done.code = code(plan.fold_name);
     else if (done.code != code(plan.fold_name)) done.code = code(FoldName::BnLayers);
