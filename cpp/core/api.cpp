@@ -4,6 +4,7 @@
 #include "../folds/fold.h"
 #include "../folds/merge_branches.h"
 #include "../folds/shapes.h"
+#include "edit_policy.h"
 #include "report_fields.h"
 #include "../targets/onnxruntime.h"
 
@@ -140,8 +141,8 @@ static Report run_folds_with(graph::Model& model, const Options& options, const 
   std::map<std::string, int64_t> kernels_before;
   if (!options.target.empty()) kernels_before = targets::predict_onnxruntime_kernels(model);
   const auto& rules = folds::fold_rules();
-  model.freeze_initializer_inputs = options.freeze_initializer_inputs || model.ir_version < 4;
-  const size_t overridable = model.freeze_initializer_inputs ? 0 : model.graph->overridable_initializer_count();
+  set_edit_policy(model, options);
+  const size_t overridable = model.policy.freeze_initializer_inputs ? 0 : model.graph->overridable_initializer_count();
   std::vector<Pending> pending;
   folds::BiasErrors bias_errors;
   folds::ShapeProofs shape_proofs;

@@ -17,9 +17,4 @@ struct EditRecord {
   static std::vector<Graph::FieldRef>& fields(Graph& g) { return g.fields_; }
 };
 
-// An Identity of one value, not removed (torch's exporter shares equal initializers through them).
-inline bool is_plain_identity(const Node& n) {
-  return n.is("Identity") && n.inputs.size() == 1 && n.outputs.size() == 1 && n.subgraphs.empty() && !n.removed();
-}
-
 }  // namespace qdqfold::graph

@@ -74,14 +74,14 @@ void Graph::drop_graph_input(const std::string& value) {
   mark_dirty();
 }
 
-// A frozen initializer replaced by a fold leaves the graph inputs, except under IR version < 4, where every
-// initializer stays listed as one (the new value is its default).
+// A frozen initializer replaced by a fold leaves the graph inputs, except where every initializer stays listed
+// as one (EditPolicy::initializers_are_inputs: the new value is its default).
 void Graph::drop_replaced_input(const std::string& value) {
-  if (frozen(value) && model->ir_version >= 4) drop_graph_input(value);
+  if (frozen(value) && !model->policy.initializers_are_inputs) drop_graph_input(value);
 }
 
 bool Graph::frozen(const std::string& value) const {
-  return kind == GraphKind::Main && parent == nullptr && model && model->freeze_initializer_inputs &&
+  return kind == GraphKind::Main && parent == nullptr && model && model->policy.freeze_initializer_inputs &&
          graph_inputs_.count(value);
 }
 
@@ -194,12 +194,12 @@ std::optional<ConstRef> Graph::constant(const std::string& value) {
     if (n.is("Constant") && (n.created() || n.edits_.edited)) {  // a value a fold wrote (write_constant)
       if (auto written = created_constant(p, value)) return written;
     }
-    if (is_plain_identity(n)) {
+    if (n.is_plain_identity()) {
       // Follow the chain in this graph; a cyclic one (malformed) is not a constant.
       std::string from = n.inputs[0];
       for (size_t steps = 0; steps <= nodes_.size(); ++steps) {
         const int q = producer(from);
-        if (q < 0 || !is_plain_identity(nodes_[q])) break;
+        if (q < 0 || !nodes_[q].is_plain_identity()) break;
         if (steps == nodes_.size()) return std::nullopt;
         from = nodes_[q].inputs[0];
       }

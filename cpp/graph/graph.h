@@ -39,6 +39,14 @@ class Graph;
 class Model;
 struct ExternalOutput;  // external_output.h
 
+// Decides, for Model::EditPolicy::removal, whether a producer goes with the last reader of its output.
+class RemovalPolicy {
+ public:
+  virtual ~RemovalPolicy() = default;
+  // True when node `node` of `g`, the producer of `value`, which nothing reads any more, goes too.
+  virtual bool goes_with_last_reader(Graph& g, int node, const std::string& value) const = 0;
+};
+
 // What folds changed on a node, applied by the writer (write.cpp). Only graph/ reads or writes it.
 struct NodeEdits {
   bool removed = false;
@@ -60,6 +68,10 @@ struct Node {
   bool created() const { return edits_.created; }  // made by a fold (Graph::add_node)
 
   bool is(std::string_view op) const { return op_type == op && (domain.empty() || domain == "ai.onnx"); }
+  // An Identity of one value, not removed (torch's exporter shares equal initializers through them).
+  bool is_plain_identity() const {
+    return is("Identity") && inputs.size() == 1 && outputs.size() == 1 && subgraphs.empty() && !removed();
+  }
   const Attribute* attr(std::string_view n) const;
   int64_t attr_int(std::string_view n, int64_t fallback) const;
   float attr_float(std::string_view n, float fallback) const;
@@ -137,7 +149,7 @@ class Graph {
   bool is_graph_output(const std::string& value) const { return graph_outputs_.count(value) > 0; }
   bool is_graph_input(const std::string& value) const { return graph_inputs_.count(value) > 0; }
   // An initializer also listed as a graph input (a default the caller may override): not a constant, unless
-  // the model freezes such inputs (Model::freeze_initializer_inputs).
+  // the model freezes such inputs (Model::EditPolicy::freeze_initializer_inputs).
   bool is_overridable_initializer(const std::string& value) const;
   // How many initializers of this graph are overridable graph inputs.
   size_t overridable_initializer_count() const;
@@ -272,10 +284,20 @@ class Model {
   };
   std::vector<FieldRef> fields;
   int64_t ir_version = 0;
-  // Initializers listed as graph inputs of the main graph are read as constants, and a folded one leaves the
-  // graph inputs (the freeze_initializer_inputs option; IR version < 4, where every initializer had to be
-  // listed as an input).
-  bool freeze_initializer_inputs = false;
+  // How edits treat what the index alone cannot decide, set by whoever runs the folds (core/edit_policy.h,
+  // from the options and the model); the defaults are the plain index's.
+  struct EditPolicy {
+    // Initializers listed as graph inputs of the main graph are read as constants, and a folded one leaves
+    // the graph inputs.
+    bool freeze_initializer_inputs = false;
+    // Every initializer of the main graph is also a graph input: an added one is listed as one too, and a
+    // replaced one stays listed (its new value is the input's default).
+    bool initializers_are_inputs = false;
+    // Which producers (beyond Constant nodes, which always do) go with their last reader when drop_if_unused
+    // drops a value, their inputs then dropped in turn if nothing else reads them. Null: Constant nodes only.
+    const RemovalPolicy* removal = nullptr;
+  };
+  EditPolicy policy;
   std::map<std::string, int64_t> opsets;
   // Opset versions a fold raised (domain "" is the default domain); the writer rewrites those opset_import
   // entries. raise_opset also updates `opsets`, so later queries see the new version.

@@ -252,8 +252,8 @@ void Graph::add_tensor(const std::string& name, std::string tensor_payload) {
 }
 
 void Graph::index_added_initializer(const std::string& name, Tensor tensor) {
-  if (kind == GraphKind::Main && !parent && model && model->ir_version < 4) {
-    // IR version < 4: every initializer is also a graph input.
+  if (kind == GraphKind::Main && !parent && model && model->policy.initializers_are_inputs) {
+    // Every initializer is also a graph input (IR version < 4, core/edit_policy.cpp).
     std::string shape, tensor_type, type, info;
     for (int64_t d : tensor.dims) {
       std::string dim;
@@ -364,19 +364,11 @@ void Graph::drop_if_unused(const std::string& value) {
   int p = producer(value);
   if (p >= 0 && nodes_[p].is("Constant") && nodes_[p].outputs.size() == 1) {
     remove_node(p);
-  } else if (p >= 0 && is_plain_identity(nodes_[p]) && constant(value)) {
-    // An Identity reading a constant (torch's shared initializers) goes with its last reader, and so may its
-    // source.
-    const std::string source = nodes_[p].inputs[0];
+  } else if (p >= 0 && model && model->policy.removal && model->policy.removal->goes_with_last_reader(*this, p, value)) {
+    // A producer the policy lets go with its last reader (core/edit_policy.cpp): its inputs may go in turn.
+    const std::vector<std::string> inputs_of_p = nodes_[p].inputs;
     remove_node(p);
-    drop_if_unused(source);
-  } else if (p >= 0 && nodes_[p].is("DequantizeLinear") && nodes_[p].outputs.size() == 1 && nodes_[p].subgraphs.empty()) {
-    // A DequantizeLinear of constants that fed only the folded node goes with it, and so do its inputs.
-    for (const auto& in : nodes_[p].inputs)
-      if (!in.empty() && !constant(in)) return;
-    const std::vector<std::string> dq_inputs = nodes_[p].inputs;
-    remove_node(p);
-    for (const auto& in : dq_inputs) drop_if_unused(in);
+    for (const auto& in : inputs_of_p) drop_if_unused(in);
   } else if (p < 0 && parent && !defines(value)) {
     parent->release_outer_read(owner_node, value);
   }
