@@ -28,4 +28,9 @@ void write_layer_input(FoldContext& ctx, int layer, int slot, int32_t data_type,
 void write_layer_input(FoldContext& ctx, int layer, int slot, int32_t data_type, const std::vector<int64_t>& dims,
                        const std::string& raw, const std::string& fallback_base, Outcome& outcome);
 
+// Adds a constant after `layer`: its output 0 is renamed, and Add(renamed, constant) produces the old name
+// (graph outputs, value_info and readers keep theirs). The constant is a new tensor named after the layer.
+void add_constant_after(FoldContext& ctx, int layer, int32_t data_type, const std::vector<int64_t>& dims,
+                        const std::string& raw, const char* suffix, Outcome& outcome);
+
 }  // namespace qdqfold::folds

@@ -18,11 +18,11 @@
 // dilations, group and channel counts agree; an identity needs stride 1, C_out = C_in and a tap J with
 // PB = J * dilation and PE = (K - 1 - J) * dilation (output position p reads x[p] there).
 //
-// select: the tree of Add/Sum/Sub under a root and its leaves (find_branches); plan: every condition, the
-// merged weight and bias (plan_merge); apply: the largest conv takes the merged weight and the root's output,
-// the other convs, the identity BNs and the tree go (apply_merge). Nothing is edited unless every condition
-// holds; each one that fails is a kept reason. Where the whole tree stays, each sum inside it is tried as a
-// tree of its own.
+// select: the tree of Add/Sum/Sub under a root, its terms and the input x they share (select_branches);
+// plan: every term a branch, every condition, the merged weight and bias (plan_merge); apply: the largest conv
+// takes the merged weight and the root's output, the other convs, the identity BNs and the tree go
+// (apply_merge); merge_branches/steps.h. Nothing is edited unless every condition holds; each one that fails
+// is a kept reason. Where the whole tree stays, each sum inside it is tried as a tree of its own.
 //
 // Quantized weights (DequantizeLinear, int or QAT form) merge only with requantize_merged, approximately:
 // W above from the dequantized branches, then s'[o] = max |W[o]| / q_max, q = round(W / s'), z = 0, written

@@ -6,8 +6,8 @@
 #include <initializer_list>
 #include <unordered_set>
 
-#include "folds/directions/forward/padding_correction.h"
-#include "folds/sources/batchnorm.h"
+#include "folds/common/conv_geometry.h"
+#include "folds/common/values.h"
 
 namespace qdqfold::folds {
 

@@ -8,7 +8,7 @@
 //   Conv weight [M, C/g, k...], out    groups 1, outer 1, channels M, inner C/g * k
 //   ConvTranspose [C, M/g, k...], out  groups g, outer C/g, channels M/g, inner k   (channel g*(M/g) + j)
 //   Gemm B [K, N] (transB=0), out      groups 1, outer K, channels N, inner 1
-// (folds/weights/layout.h builds these from a WeightLayout: WeightLayout::output_axis() / input_axis()).
+// (folds/common/layout.h builds these from a WeightLayout: WeightLayout::output_axis() / input_axis()).
 #pragma once
 
 #include <cstdint>

@@ -1,12 +1,13 @@
 // The elementwise affine source; see affine.h for the patterns and the map each op gives.
 #include "folds/sources/affine.h"
+#include "folds/expected.h"
 #include "folds/layer_kinds.h"
 
 #include <algorithm>
 #include <cmath>
 
-#include "folds/directions/backward/backward.h"
-#include "folds/weights/layout.h"
+#include "folds/common/values.h"
+#include "folds/common/layout.h"
 
 namespace qdqfold::folds {
 
@@ -103,7 +104,7 @@ int affine_data_slot(Graph& g, int node) {
   return slot < 0 ? 0 : 1 - slot;
 }
 
-std::variant<BatchNormAffine, Outcome> read_elementwise_affine(FoldContext& ctx, int node) {
+Expected<BatchNormAffine> read_elementwise_affine(FoldContext& ctx, int node) {
   Graph& g = ctx.graph;
   const Node& n = g.nodes()[node];
   const int cslot = constant_slot(g, n);

@@ -22,6 +22,7 @@
 #include <variant>
 
 #include "folds/sources/batchnorm.h"
+#include "folds/expected.h"
 
 namespace qdqfold::folds {
 
@@ -35,7 +36,7 @@ int affine_data_slot(graph::Graph& g, int node);
 // The affine map of an elementwise node, or why it is not per channel: Kept with "channel-axis-mismatch" when
 // the constant varies along another axis than 1, "unknown-rank" when x's rank is needed and unknown,
 // "non-finite-parameters" for NaN/Inf (or a zero divisor).
-std::variant<BatchNormAffine, Outcome> read_elementwise_affine(FoldContext& ctx, int node);
+Expected<BatchNormAffine> read_elementwise_affine(FoldContext& ctx, int node);
 
 // The name of a BN fold applied to elementwise node `n`: the "bn" of `bn_fold_name` becomes the node's op
 // ("conv-bn" -> "conv-mul", "bn-gemm" -> "add-gemm", "qdq-layer-bn" -> "qdq-layer-mul").

@@ -15,7 +15,7 @@ bool produced_by_dequantize(const Graph& g, const std::string& value) {
   return p >= 0 && g.nodes()[p].is("DequantizeLinear");
 }
 
-std::variant<FloatWeight, Outcome> read_float_weight(FoldContext& ctx, int layer, bool backward_fold) {
+Expected<FloatWeight> read_float_weight(FoldContext& ctx, int layer, bool backward_fold) {
   Graph& g = ctx.graph;
   const Node& n = g.nodes()[layer];
   const std::string who = n.op_type + " '" + n.display_name(layer) + "'";
@@ -58,7 +58,7 @@ std::variant<FloatWeight, Outcome> read_float_weight(FoldContext& ctx, int layer
   return w;
 }
 
-std::variant<std::vector<double>, Outcome> read_bias(Graph& g, const std::string& value, int64_t count,
+Expected<std::vector<double>> read_bias(Graph& g, const std::string& value, int64_t count,
                                                      const char* what) {
   if (value.empty()) return std::vector<double>(static_cast<size_t>(count), 0.0);
   auto values = constant_values(g, value);
@@ -92,7 +92,7 @@ static kernels::AffineResult check_rescale(const FoldHooks* hooks, int32_t dtype
   return total;
 }
 
-std::variant<graph::LazyBytes, Outcome> rescale_weight(FoldContext& ctx, const FloatWeight& w,
+Expected<graph::LazyBytes> rescale_weight(FoldContext& ctx, const FloatWeight& w,
                                                        const std::vector<double>& scale) {
   const auto axis = w.layout.output_axis();
   if (axis.channel_count() != static_cast<int64_t>(scale.size()))
@@ -130,7 +130,7 @@ std::variant<graph::LazyBytes, Outcome> rescale_weight(FoldContext& ctx, const F
   return data;
 }
 
-std::variant<std::string, Outcome> store_or_keep(int32_t data_type, const std::vector<double>& values, const char* what) {
+Expected<std::string> store_or_keep(int32_t data_type, const std::vector<double>& values, const char* what) {
   auto raw = kernels::store_values(data_type, values);
   if (!raw)
     return Outcome::kept(Reason::Overflow, std::string("the folded ") + what + " does not fit in " +
@@ -138,7 +138,7 @@ std::variant<std::string, Outcome> store_or_keep(int32_t data_type, const std::v
   return std::move(*raw);
 }
 
-std::variant<FoldedBias, Outcome> fold_bias(const std::optional<std::vector<int64_t>>& dims,
+Expected<FoldedBias> fold_bias(const std::optional<std::vector<int64_t>>& dims,
                                             const std::vector<double>& values, const std::vector<double>& factor,
                                             const std::vector<double>& shift, const std::string& what) {
   const auto features = static_cast<int64_t>(shift.size());
@@ -179,7 +179,7 @@ std::vector<std::vector<double>> shift_through_weight(const FloatWeight& w, cons
   return sums;
 }
 
-std::variant<std::string, Outcome> scale_input_features(const FloatWeight& w, const std::vector<double>& scale,
+Expected<std::string> scale_input_features(const FloatWeight& w, const std::vector<double>& scale,
                                                         int64_t features_per_channel) {
   const WeightLayout& l = w.layout;
   kernels::ChannelAxis axis = l.input_axis();

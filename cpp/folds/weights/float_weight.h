@@ -17,8 +17,8 @@
 #include <variant>
 #include <vector>
 
-#include "folds/fold.h"
-#include "folds/weights/layout.h"
+#include "folds/expected.h"
+#include "folds/common/layout.h"
 
 namespace qdqfold::folds {
 
@@ -37,20 +37,20 @@ struct FloatWeight {
 // Reads `layer`'s weight. NotApplicable when a DequantizeLinear produces it (another fold's pattern); Kept
 // with a reason when it is not a constant, not a float type we compute in, unreadable, or of a shape the
 // layer does not fit. `backward_fold`: see weight_layout (a Gemm with transA=1 is accepted only then).
-std::variant<FloatWeight, Outcome> read_float_weight(FoldContext& ctx, int layer, bool backward_fold = false);
+Expected<FloatWeight> read_float_weight(FoldContext& ctx, int layer, bool backward_fold = false);
 
 // Values of the layer's bias `value` (empty name: no bias, all zeros), which must hold `count` values.
-std::variant<std::vector<double>, Outcome> read_bias(graph::Graph& g, const std::string& value, int64_t count,
+Expected<std::vector<double>> read_bias(graph::Graph& g, const std::string& value, int64_t count,
                                                      const char* what);
 
 // W' = W * scale[output channel], rounded once to the weight's type; Kept when a value overflows the type.
 // Checked now; the values are computed when the model is written, straight into the output (a weight is
 // written once and never held twice).
-std::variant<graph::LazyBytes, Outcome> rescale_weight(FoldContext& ctx, const FloatWeight& w,
+Expected<graph::LazyBytes> rescale_weight(FoldContext& ctx, const FloatWeight& w,
                                                        const std::vector<double>& scale);
 
 // `values` in `data_type`; Kept ("overflow") when one does not fit.
-std::variant<std::string, Outcome> store_or_keep(int32_t data_type, const std::vector<double>& values, const char* what);
+Expected<std::string> store_or_keep(int32_t data_type, const std::vector<double>& values, const char* what);
 
 // A bias added to a 2-D [rows, features] output (Gemm's C, the Add after a MatMul), with the BN applied to it:
 // dims and values after the fold.
@@ -62,7 +62,7 @@ struct FoldedBias {
 // bias'[i, j] = factor[j] * bias[i, j] + t[j] for a bias of dims `dims` (rank <= 2, last dim 1 or F) that
 // broadcasts against [rows, F]; one broadcasting along the features (shape [], [1], [m, 1]) is widened to [F]
 // or [m, F]. An absent bias (`dims` nullopt) is zero. Kept ("shape-mismatch") when the dims do not broadcast.
-std::variant<FoldedBias, Outcome> fold_bias(const std::optional<std::vector<int64_t>>& dims,
+Expected<FoldedBias> fold_bias(const std::optional<std::vector<int64_t>>& dims,
                                             const std::vector<double>& values, const std::vector<double>& factor,
                                             const std::vector<double>& shift, const std::string& what);
 
@@ -72,7 +72,7 @@ std::vector<std::vector<double>> shift_through_weight(const FloatWeight& w, cons
                                                       int64_t features_per_channel);
 
 // W' = W * scale[channel of each input feature], rounded once; Kept when a value would overflow.
-std::variant<std::string, Outcome> scale_input_features(const FloatWeight& w, const std::vector<double>& scale,
+Expected<std::string> scale_input_features(const FloatWeight& w, const std::vector<double>& scale,
                                                         int64_t features_per_channel);
 
 }  // namespace qdqfold::folds

@@ -6,7 +6,8 @@
 #include <limits>
 
 #include "folds/edits.h"
-#include "folds/directions/backward/backward.h"
+#include "folds/common/values.h"
+#include "folds/weights/float_weight.h"
 #include "kernels/per_channel.h"
 
 namespace qdqfold::folds {
@@ -89,7 +90,7 @@ std::optional<Outcome> check_float_bias(const BiasPlan& plan, const std::string&
 // float16 bias of a folded layer (b' = a b + t, on the step s_x * s_w * |a|) does not survive (float16 holds
 // integers exactly only up to 2048 and overflows at 65504). The int32 form behind DequantizeLinear is left
 // alone by every optimisation level, so such a layer gets its bias in that form.
-std::variant<BiasPlan, Outcome> plan_int32_for_half(const std::vector<double>& target, const WeightLayout& wl,
+Expected<BiasPlan> plan_int32_for_half(const std::vector<double>& target, const WeightLayout& wl,
                                                     const QuantizedWeight& w, const RescaledWeight& r, double s_x,
                                                     BiasPlan plan, const std::string& who) {
   const auto M = target.size();
@@ -115,7 +116,7 @@ bool is_half(int32_t t) {
 
 }  // namespace
 
-std::variant<BiasPlan, Outcome> plan_bias(FoldContext& ctx, int layer, const WeightLayout& wl, const QuantizedWeight& w,
+Expected<BiasPlan> plan_bias(FoldContext& ctx, int layer, const WeightLayout& wl, const QuantizedWeight& w,
                                           const RescaledWeight& r, const BatchNormAffine& bn, double beta,
                                           bool raising_opset, const std::string& who) {
   Graph& g = ctx.graph;

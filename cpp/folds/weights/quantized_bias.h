@@ -17,7 +17,7 @@
 #include <variant>
 #include <vector>
 
-#include "folds/fold.h"
+#include "folds/expected.h"
 #include "folds/sources/batchnorm.h"
 #include "folds/weights/quantized_weight.h"
 
@@ -43,7 +43,7 @@ struct BiasPlan {
 // The folded bias of `layer` (weight `w` rescaled to `r`, layout `wl`) for BN `bn`, decided before anything is
 // edited; Kept with a reason when it cannot be carried. `raising_opset`: the model goes to opset 13 (a
 // per-tensor int32 bias scale may become per-channel).
-std::variant<BiasPlan, Outcome> plan_bias(FoldContext& ctx, int layer, const WeightLayout& wl, const QuantizedWeight& w,
+Expected<BiasPlan> plan_bias(FoldContext& ctx, int layer, const WeightLayout& wl, const QuantizedWeight& w,
                                           const RescaledWeight& r, const BatchNormAffine& bn, double beta,
                                           bool raising_opset, const std::string& who);
 

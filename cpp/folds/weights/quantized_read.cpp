@@ -59,7 +59,7 @@ bool same_constant(Graph& g, const std::string& a, const std::string& b) {
 
 // The integer range [lo, hi] of Clip node `clip` (opset >= 12 takes integer bounds as inputs; an absent bound is
 // none), which must be read only by DequantizeLinear `dq`.
-std::variant<std::pair<int64_t, int64_t>, Outcome> read_integer_clip(Graph& g, int clip, int dq,
+Expected<std::pair<int64_t, int64_t>> read_integer_clip(Graph& g, int clip, int dq,
                                                                             const std::string& who) {
   const Node& c = g.nodes()[clip];
   const std::string label = node_label(g, clip);
@@ -122,9 +122,8 @@ std::optional<Outcome> read_source(Reading& r, QuantizedWeight& w) {
   // integer type, so its range takes the place of the type's (mirrored integers must stay inside it).
   const std::string& x = r.chain.source;
   if (r.chain.clip >= 0) {
-    auto clip = read_integer_clip(g, r.chain.clip, dq, r.who);
-    if (auto* o = std::get_if<Outcome>(&clip)) return std::move(*o);
-    r.clip_range = std::get<std::pair<int64_t, int64_t>>(clip);
+    QDQFOLD_TRY(clip, read_integer_clip(g, r.chain.clip, dq, r.who));
+    r.clip_range = clip;
     w.clip = r.chain.clip;
   }
   // The integers: a constant, or what QuantizeLinear makes of a constant float weight.
@@ -291,7 +290,7 @@ std::optional<Outcome> read_data(Reading& r, QuantizedWeight& w) {
 
 }  // namespace
 
-std::variant<QuantizedWeight, Outcome> read_quantized_weight(Graph& g, int dq, int layer) {
+Expected<QuantizedWeight> read_quantized_weight(Graph& g, int dq, int layer) {
   const std::optional<QdqChain> chain = select_qdq_chain(g, dq);
   if (!chain) return Outcome::not_applicable();
   const Node& d = g.nodes()[dq];

@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "folds/weights/quantized_walk.h"
+#include "folds/expected.h"
 #include "folds/weights/quantized_weight.h"
 #include "kernels/numeric.h"
 
@@ -243,7 +244,7 @@ std::optional<Outcome> per_channel_scale_needs_axis(const QuantizedWeight& w, co
   return opset_too_old(who);
 }
 
-std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWeight& w, const WeightLayout& wl,
+Expected<RescaledWeight> rescale_quantized_weight(const QuantizedWeight& w, const WeightLayout& wl,
                                                                const std::vector<double>& a, const Options& options,
                                                                bool keep_quantizer, const std::string& who,
                                                                std::shared_ptr<DeferredChecks> deferred) {

@@ -20,8 +20,8 @@
 #include <vector>
 
 #include "kernels/quantized.h"
-#include "folds/fold.h"
-#include "folds/weights/layout.h"
+#include "folds/expected.h"
+#include "folds/common/layout.h"
 #include "folds/weights/qdq_chain.h"
 
 namespace qdqfold::folds {
@@ -98,7 +98,7 @@ struct QuantizedWeight {
 // Reads the weight DequantizeLinear node `dq` feeds to `layer`. NotApplicable when `dq` is not a
 // DequantizeLinear; Kept with a reason when the pattern is a quantized weight that cannot be read (not
 // constant, unsupported type, malformed scale, Q and DQ disagreeing, ...).
-std::variant<QuantizedWeight, Outcome> read_quantized_weight(graph::Graph& g, int dq, int layer);
+Expected<QuantizedWeight> read_quantized_weight(graph::Graph& g, int dq, int layer);
 
 // The weight after multiplying output channel o by a[o].
 struct RescaledWeight {
@@ -129,10 +129,17 @@ std::optional<Outcome> per_channel_scale_needs_axis(const QuantizedWeight& w, co
 // `deferred` (FoldContext::deferred_checks(), may be null): in the QAT form with a signed type and zero points of
 // 0, the read-only pass that finds whether a negated integer is the type's lowest value is skipped and the
 // generator checks that as it writes.
-std::variant<RescaledWeight, Outcome> rescale_quantized_weight(const QuantizedWeight& w, const WeightLayout& wl,
+Expected<RescaledWeight> rescale_quantized_weight(const QuantizedWeight& w, const WeightLayout& wl,
                                                                const std::vector<double>& a, const Options& options,
                                                                bool keep_quantizer, const std::string& who,
                                                                std::shared_ptr<DeferredChecks> deferred = {});
+
+// Writes one quantization parameter (slot 1 scale, slot 2 zero point) for the Q/DQ nodes `nodes`, through
+// write_constant_for (edits.h). Nodes that read different tensors for it (equal in value) get one new tensor
+// each. `keep_constant_node`: a parameter held by a Constant node only they read is rewritten in that node.
+void write_quantization_parameter(FoldContext& ctx, const std::vector<int>& nodes, int slot, int32_t data_type,
+                                  const std::vector<int64_t>& dims, const std::string& raw, const std::string& base,
+                                  Outcome& outcome, bool keep_constant_node = true);
 
 // Writes `r` into the graph for weight `w`: new scale and zero point for this layer's Q/DQ only (a tensor
 // that any other node reads is never edited), new integers or snapped float weight, axis attribute when the

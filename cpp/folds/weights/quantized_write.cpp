@@ -15,23 +15,6 @@ using wire::DataType;
 
 namespace {
 
-// Writes one quantization parameter (slot 1 scale, slot 2 zero point) for the given Q/DQ nodes. Nodes that
-// read different tensors for it (equal in value) get one new tensor each.
-void write_parameter(FoldContext& ctx, const std::vector<int>& nodes, int slot, int32_t data_type,
-                     const std::vector<int64_t>& dims, const std::string& raw, const std::string& base,
-                     Outcome& outcome) {
-  Graph& g = ctx.graph;
-  std::vector<std::pair<std::string, std::vector<Use>>> groups;
-  for (int n : nodes) {
-    const std::string name = slot < static_cast<int>(g.nodes()[n].inputs.size()) ? g.nodes()[n].inputs[slot] : "";
-    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& p) { return p.first == name; });
-    if (it == groups.end()) groups.push_back({name, {Use{n, slot}}});
-    else it->second.push_back(Use{n, slot});
-  }
-  for (const auto& [name, readers] : groups)
-    write_constant_for(ctx, readers, name, data_type, dims, raw, base, outcome, /*keep_constant_node=*/true);
-}
-
 // A parameter's values in the dims the model stores it with (QuantLayout::stored_scale_dims / stored_zero_dims;
 // a per-tensor scale made per-channel takes the broadcast shape when it was stored with the weight's rank),
 // where the new values still broadcast from them; else in the layout's own dims.
@@ -52,6 +35,21 @@ std::pair<std::vector<int64_t>, std::vector<double>> stored_form(const Quantized
 }
 
 }  // namespace
+
+void write_quantization_parameter(FoldContext& ctx, const std::vector<int>& nodes, int slot, int32_t data_type,
+                                  const std::vector<int64_t>& dims, const std::string& raw, const std::string& base,
+                                  Outcome& outcome, bool keep_constant_node) {
+  Graph& g = ctx.graph;
+  std::vector<std::pair<std::string, std::vector<Use>>> groups;
+  for (int n : nodes) {
+    const std::string name = slot < static_cast<int>(g.nodes()[n].inputs.size()) ? g.nodes()[n].inputs[slot] : "";
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& p) { return p.first == name; });
+    if (it == groups.end()) groups.push_back({name, {Use{n, slot}}});
+    else it->second.push_back(Use{n, slot});
+  }
+  for (const auto& [name, readers] : groups)
+    write_constant_for(ctx, readers, name, data_type, dims, raw, base, outcome, keep_constant_node);
+}
 
 void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const WeightLayout& wl,
                             const RescaledWeight& r, bool materialize, Outcome& outcome) {
@@ -81,7 +79,7 @@ void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const We
   }
   const auto [scale_dims, scale] = stored_form(w, r, r.layout.stored_scale_dims, r.scale);
   auto scale_raw = kernels::store_values(w.scale_type, scale);
-  write_parameter(ctx, qdq, 1, w.scale_type, scale_dims, scale_raw ? *scale_raw : std::string(), base + "_scale",
+  write_quantization_parameter(ctx, qdq, 1, w.scale_type, scale_dims, scale_raw ? *scale_raw : std::string(), base + "_scale",
                   outcome);
   bool any_nonzero = std::any_of(r.zero.begin(), r.zero.end(), [](int64_t z) { return z != 0; });
   // The zero point keeps its stored shape while the scale keeps its own; it follows the scale's otherwise.
@@ -94,7 +92,7 @@ void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const We
   const auto& old_zero_dims = w.layout.stored_zero_dims.empty() ? w.layout.scale_dims : w.layout.stored_zero_dims;
   const bool reshaped = !r.layout.per_tensor() && zero_dims != old_zero_dims;
   if ((w.has_zero && (r.zero_changed || reshaped)) || (!w.has_zero && any_nonzero)) {
-    write_parameter(ctx, qdq, 2, w.int_type, zero_dims,
+    write_quantization_parameter(ctx, qdq, 2, w.int_type, zero_dims,
                     kernels::write_quantized(std::vector<int64_t>(zero.begin(), zero.end()), w.int_type),
                     base + "_zero_point", outcome);
   }

@@ -44,14 +44,6 @@ std::optional<Outcome> layer_output_blocker(Graph& g, int layer, const std::stri
   return std::nullopt;
 }
 
-std::optional<std::vector<int64_t>> constant_dims(Graph& g, const std::string& value) {
-  if (auto c = g.constant(value)) return c->tensor.dims;
-  const int p = g.producer(value);
-  if (p >= 0 && g.nodes()[p].is("DequantizeLinear") && !g.nodes()[p].inputs.empty())
-    if (auto q = g.constant(g.nodes()[p].inputs[0])) return q->tensor.dims;
-  return std::nullopt;
-}
-
 void take_over_batchnorm_output(Graph& g, int layer, int slot, int bn, const BatchNormAffine& affine) {
   const std::string bn_output = g.nodes()[bn].outputs[0];
   const std::string old_output = g.nodes()[layer].outputs[slot];
@@ -62,14 +54,6 @@ void take_over_batchnorm_output(Graph& g, int layer, int slot, int bn, const Bat
   const std::vector<graph::Use> uses = g.uses(old_output);  // a copy: set_input edits the list
   for (const auto& u : uses)
     if (reads_only_shape(g, u)) g.set_input(u.node, u.slot, bn_output);
-}
-
-std::optional<size_t> known_rank(const Graph& g, const std::string& value) {
-  // Proven (folds/shapes.h: from the graph inputs through the ops the core knows, Flatten and Gemm among
-  // them, outer-scope values in their own graph), never a value_info claim: a MatMul output claimed 2-D
-  // but 3-D made gemm-bn write a Gemm that onnxruntime refuses.
-  if (auto s = proven_shape(g, value)) return s->size();
-  return std::nullopt;
 }
 
 }  // namespace qdqfold::folds

@@ -11,10 +11,11 @@
 #include <variant>
 #include <vector>
 
+#include "folds/common/values.h"
 #include "folds/edits.h"
 #include "folds/sources/batchnorm.h"
 #include "folds/weights/float_weight.h"
-#include "folds/weights/layout.h"
+#include "folds/common/layout.h"
 
 namespace qdqfold::folds {
 
@@ -40,15 +41,8 @@ std::optional<MatMulAdd> select_matmul_add(graph::Graph& g, int add);
 std::optional<Outcome> layer_output_blocker(graph::Graph& g, int layer, const std::string& value, int reader,
                                             int slot = -1);
 
-// Dims of a constant (initializer, Constant node, or DequantizeLinear of constant integers).
-std::optional<std::vector<int64_t>> constant_dims(graph::Graph& g, const std::string& value);
-
 // The last step of a backward fold: BN `bn` is removed and output `slot` of `layer` takes over the BN's
 // output name (so graph outputs and value_info keep their names).
 void take_over_batchnorm_output(graph::Graph& g, int layer, int slot, int bn, const BatchNormAffine& affine);
-
-// The rank of `value` when it is known: from shape information, or because its producer always makes
-// rank-2 outputs (Flatten, Gemm); for an outer-scope value read in a subgraph, from the enclosing graph.
-std::optional<size_t> known_rank(const graph::Graph& g, const std::string& value);
 
 }  // namespace qdqfold::folds

@@ -12,8 +12,7 @@
 #include "folds/directions/backward/backward.h"
 #include "folds/layer_kinds.h"
 #include "folds/expected.h"
-#include "folds/folds.h"
-#include "folds/directions/forward/padding_correction.h"
+#include "folds/common/conv_geometry.h"
 
 namespace qdqfold::folds {
 
@@ -63,14 +62,11 @@ Expected<std::optional<SlicePlan>> plan_slice(FoldContext& ctx, int concat, size
   Graph& g = ctx.graph;
   const int layer = g.producer(g.nodes()[concat].inputs[i]);
   const std::string who = describe(g, layer);
-  auto weight_or = read_float_weight(ctx, layer);
-  if (auto* o = std::get_if<Outcome>(&weight_or)) {
-    if (o->verdict == Verdict::NotApplicable)  // a quantized weight: the QDQ fold does not go through a Concat
-      return Outcome::kept(Reason::ConcatQuantizedLayer, who + " feeds the Concat through a quantized weight; "
-                                                         "BN folds through a Concat into float weights only");
-    return std::move(*o);
-  }
-  const FloatWeight& weight = std::get<FloatWeight>(weight_or);
+  // NotApplicable: a quantized weight, and the QDQ fold does not go through a Concat.
+  QDQFOLD_TRY(weight, if_not_applicable(read_float_weight(ctx, layer), [&] {
+                return Outcome::kept(Reason::ConcatQuantizedLayer, who + " feeds the Concat through a quantized "
+                                                                   "weight; BN folds through a Concat into float weights only");
+              }));
   const Node& conv = g.nodes()[layer];
   if (conv.outputs.size() != 1) return Outcome::kept(Reason::Malformed, who + " has more than one output");
   QDQFOLD_CHECK(layer_output_blocker(g, layer, conv.outputs[0], concat, static_cast<int>(i)));

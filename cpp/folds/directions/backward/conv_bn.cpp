@@ -12,8 +12,7 @@
 #include "folds/directions/backward/backward.h"
 #include "folds/layer_kinds.h"
 #include "folds/expected.h"
-#include "folds/folds.h"
-#include "folds/directions/forward/padding_correction.h"
+#include "folds/common/conv_geometry.h"
 
 namespace qdqfold::folds {
 

@@ -21,8 +21,8 @@
 #include "wire/writer.h"
 #include "folds/directions/backward/backward.h"
 #include "folds/expected.h"
-#include "folds/folds.h"
-#include "folds/directions/forward/forward.h"
+#include "folds/common/values.h"
+#include "folds/edits.h"
 
 namespace qdqfold::folds {
 

@@ -14,8 +14,8 @@
 // DequantizeLinear is the QDQ fold's pattern: not applicable here.
 #include "folds/directions/backward/backward.h"
 #include "folds/expected.h"
-#include "folds/folds.h"
-#include "folds/directions/forward/forward.h"
+#include "folds/common/values.h"
+#include "folds/edits.h"
 
 namespace qdqfold::folds {
 

@@ -31,7 +31,6 @@
 #include "kernels/per_channel.h"
 #include "folds/directions/backward/backward.h"
 #include "folds/expected.h"
-#include "folds/folds.h"
 #include "folds/weights/quantized_bias.h"
 #include "folds/weights/quantized_weight.h"
 

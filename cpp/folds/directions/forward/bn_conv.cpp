@@ -36,7 +36,7 @@ std::optional<std::vector<int64_t>> spatial_input(const std::optional<std::vecto
 
 }  // namespace
 
-PlanOrKept plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine& affine, const ForwardReader& reader) {
+Expected<LayerPlan> plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine& affine, const ForwardReader& reader) {
   Graph& g = ctx.graph;
   const int layer = reader.layer;
   const std::string who = describe_node(g, layer);
@@ -82,13 +82,18 @@ PlanOrKept plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine& affine,
 
   // The numbers.
   const int32_t dtype = w.tensor.data_type;
-  auto scaled = scale_input_features(w, affine.scale, 1);
-  if (auto* o = std::get_if<Outcome>(&scaled)) return std::move(*o);
+  QDQFOLD_TRY(scaled, scale_input_features(w, affine.scale, 1));
   LayerPlan plan;
   plan.layer = layer;
   plan.fold_name = geo.transposed ? FoldName::BnConvtranspose : FoldName::BnConv;
-  std::optional<std::string> bias_raw, correction_raw;
-  std::vector<int64_t> correction_dims;
+  ConvEdit edit;
+  edit.data_type = dtype;
+  edit.weight_dims = w.tensor.dims;
+  edit.out_channels = w.layout.out_channels;
+  edit.weight = std::move(scaled);
+  std::optional<std::string>& bias_raw = edit.bias;
+  std::optional<std::string>& correction_raw = edit.correction;
+  std::vector<int64_t>& correction_dims = edit.correction_dims;
   if (shifted) {
     const auto sums = shift_through_weight(w, affine.shift, 1);
     std::vector<double> bias = bias_values;
@@ -116,17 +121,18 @@ PlanOrKept plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine& affine,
                   std::to_string(largest) + ")";
     }
   }
-  plan.apply = [layer, dtype, weight_dims = w.tensor.dims, out_channels = w.layout.out_channels,
-                scaled = std::move(std::get<std::string>(scaled)), bias_raw, correction_raw,
-                correction_dims](FoldContext& ctx, Outcome& outcome) {
-    write_layer_input(ctx, layer, 1, dtype, weight_dims, scaled, "", outcome);
-    if (bias_raw)
-      write_layer_input(ctx, layer, 2, dtype, {out_channels}, *bias_raw,
-                        ctx.graph.nodes()[layer].display_name(layer) + "_bias", outcome);
-    if (correction_raw)
-      add_constant_after(ctx, layer, dtype, correction_dims, *correction_raw, "_bn_border_correction", outcome);
-  };
+  plan.edit = std::move(edit);
   return plan;
+}
+
+void apply_layer_edit(FoldContext& ctx, int layer, const ConvEdit& edit, Outcome& outcome) {
+  write_layer_input(ctx, layer, 1, edit.data_type, edit.weight_dims, edit.weight, "", outcome);
+  if (edit.bias)
+    write_layer_input(ctx, layer, 2, edit.data_type, {edit.out_channels}, *edit.bias,
+                      ctx.graph.nodes()[layer].display_name(layer) + "_bias", outcome);
+  if (edit.correction)
+    add_constant_after(ctx, layer, edit.data_type, edit.correction_dims, *edit.correction, "_bn_border_correction",
+                       outcome);
 }
 
 }  // namespace qdqfold::folds

@@ -25,7 +25,7 @@ using graph::Node;
 namespace {
 
 // How many input features of the layer belong to each BN channel (HW), or why the layout is not known.
-std::variant<int64_t, Outcome> features_per_channel(FoldContext& ctx, int bn, const ForwardReader& reader,
+Expected<int64_t> features_per_channel(FoldContext& ctx, int bn, const ForwardReader& reader,
                                                     int64_t channels, int64_t width) {
   Graph& g = ctx.graph;
   const std::string who = describe_node(g, reader.layer);
@@ -85,7 +85,7 @@ std::variant<int64_t, Outcome> features_per_channel(FoldContext& ctx, int bn, co
 
 }  // namespace
 
-PlanOrKept plan_bn_gemm(FoldContext& ctx, int bn, const BatchNormAffine& affine, const ForwardReader& reader) {
+Expected<LayerPlan> plan_bn_gemm(FoldContext& ctx, int bn, const BatchNormAffine& affine, const ForwardReader& reader) {
   Graph& g = ctx.graph;
   const int layer = reader.layer;
   const std::string who = describe_node(g, layer);
@@ -116,14 +116,20 @@ PlanOrKept plan_bn_gemm(FoldContext& ctx, int bn, const BatchNormAffine& affine,
                                                  ", which does not broadcast to " + std::to_string(outputs) + " outputs");
   }
 
-  auto scaled = scale_input_features(w, affine.scale, hw);
-  if (auto* o = std::get_if<Outcome>(&scaled)) return std::move(*o);
+  QDQFOLD_TRY(scaled, scale_input_features(w, affine.scale, hw));
   LayerPlan plan;
   plan.layer = layer;
   plan.fold_name = is_gemm ? FoldName::BnGemm : FoldName::BnMatmul;
   if (hw > 1) plan.note = "feature f of " + std::to_string(w.layout.in_channels) + " belongs to channel f / " + std::to_string(hw);
-  std::optional<std::string> bias_raw;
-  std::vector<int64_t> bias_dims{outputs};
+  GemmEdit edit;
+  edit.data_type = dtype;
+  edit.is_gemm = is_gemm;
+  edit.beta = beta;
+  edit.weight_dims = w.tensor.dims;
+  edit.weight = std::move(scaled);
+  edit.bias_dims = {outputs};
+  std::optional<std::string>& bias_raw = edit.bias;
+  std::vector<int64_t>& bias_dims = edit.bias_dims;
   if (!affine.zero_shift()) {
     const auto sums = shift_through_weight(w, affine.shift, hw);
     std::vector<double> bias;
@@ -141,20 +147,20 @@ PlanOrKept plan_bn_gemm(FoldContext& ctx, int bn, const BatchNormAffine& affine,
     QDQFOLD_TRY(stored, store_or_keep(dtype, bias, is_gemm ? "bias" : "shift"));
     bias_raw = std::move(stored);
   }
-  plan.apply = [layer, dtype, is_gemm, beta, weight_dims = w.tensor.dims,
-                scaled = std::move(std::get<std::string>(scaled)), bias_raw,
-                bias_dims](FoldContext& ctx, Outcome& outcome) {
-    write_layer_input(ctx, layer, 1, dtype, weight_dims, scaled, "", outcome);
-    if (!bias_raw) return;
-    if (!is_gemm) {
-      add_constant_after(ctx, layer, dtype, bias_dims, *bias_raw, "_bn_shift", outcome);
-      return;
-    }
-    write_layer_input(ctx, layer, 2, dtype, bias_dims, *bias_raw,
-                      ctx.graph.nodes()[layer].display_name(layer) + "_bias", outcome);
-    if (beta != 1.0) ctx.graph.set_float_attribute(layer, "beta", 1.0f);
-  };
+  plan.edit = std::move(edit);
   return plan;
+}
+
+void apply_layer_edit(FoldContext& ctx, int layer, const GemmEdit& edit, Outcome& outcome) {
+  write_layer_input(ctx, layer, 1, edit.data_type, edit.weight_dims, edit.weight, "", outcome);
+  if (!edit.bias) return;
+  if (!edit.is_gemm) {
+    add_constant_after(ctx, layer, edit.data_type, edit.bias_dims, *edit.bias, "_bn_shift", outcome);
+    return;
+  }
+  write_layer_input(ctx, layer, 2, edit.data_type, edit.bias_dims, *edit.bias,
+                    ctx.graph.nodes()[layer].display_name(layer) + "_bias", outcome);
+  if (edit.beta != 1.0) ctx.graph.set_float_attribute(layer, "beta", 1.0f);
 }
 
 }  // namespace qdqfold::folds

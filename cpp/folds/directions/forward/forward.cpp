@@ -16,10 +16,6 @@ using graph::Graph;
 using graph::Node;
 using wire::DataType;
 
-std::string describe_node(const Graph& g, int node) {
-  return g.nodes()[node].op_type + " '" + g.nodes()[node].display_name(node) + "'";
-}
-
 namespace {
 
 // Dropout is the identity at inference unless it is told to train: opset < 7 through is_test (default 0,
@@ -41,18 +37,12 @@ bool is_inference_dropout(Graph& g, const Node& n) {
 
 bool is_see_through(Graph& g, const Node& n) { return n.is("Identity") || is_inference_dropout(g, n); }
 
-struct Walk {
-  std::vector<ForwardReader> layers;
-  std::optional<Outcome> quantizer;  // an activation quantizer reads BN's output
-  std::optional<Outcome> other;      // something that is not a layer sees BN's output
-};
-
-void visit(Graph& g, const std::string& value, ForwardReader path, Walk& walk) {
-  if (g.is_graph_output(value) && !walk.other)
-    walk.other = Outcome::kept(Reason::GraphOutput, path.values.empty() && path.reshape < 0
-                                                   ? "its output is a graph output, which must keep BN's values"
-                                                   : "its output reaches graph output '" + value +
-                                                         "' through identity nodes, which must keep BN's values").at_(value);
+void visit(Graph& g, const std::string& value, ForwardReader path, ForwardMatch& walk) {
+  if (g.is_graph_output(value) && walk.other.kind == ForwardSighting::Kind::None) {
+    walk.other.kind = ForwardSighting::Kind::GraphOutput;
+    walk.other.value = value;
+    walk.other.direct = path.values.empty() && path.reshape < 0;
+  }
   if (path.reshape < 0) path.values.push_back(value);
   for (const auto& use : g.uses(value)) {
     const Node& n = g.nodes()[use.node];
@@ -67,25 +57,40 @@ void visit(Graph& g, const std::string& value, ForwardReader path, Walk& walk) {
     } else if (first && is_layer(n) && (path.reshape < 0 || !is_spatial_layer(n))) {  // layer_kinds.h
       ForwardReader reader = path;
       reader.layer = use.node;
-      walk.layers.push_back(std::move(reader));
-    } else if (first && n.is("QuantizeLinear") && !walk.quantizer) {
-      std::string dq;
+      walk.readers.push_back(std::move(reader));
+    } else if (first && n.is("QuantizeLinear") && walk.quantizer.kind == ForwardSighting::Kind::None) {
+      walk.quantizer.kind = ForwardSighting::Kind::Quantizer;
+      walk.quantizer.node = use.node;
       if (!n.outputs.empty())
         for (const auto& u : g.uses(n.outputs[0]))
-          if (g.nodes()[u.node].is("DequantizeLinear")) dq = ", dequantized by " + describe_node(g, u.node);
-      walk.quantizer = Outcome::kept(
-          Reason::ActivationQuantizer,
-          "its output feeds the activation quantizer " + describe_node(g, use.node) + dq +
-              ", which rounds BN's output: folding BN into the layer after it would change the quantized activations").at_(n.display_name(use.node));
-    } else if (!walk.other) {
-      walk.other = Outcome::kept(
-          Reason::OtherReader, use.slot < 0 ? "its output is read inside a subgraph of " + describe_node(g, use.node)
-                                       : "its output is also read by " + describe_node(g, use.node) +
-                                             ", which is not a layer it can fold into").at_(n.display_name(use.node));
+          if (g.nodes()[u.node].is("DequantizeLinear")) walk.quantizer.dequantizer = u.node;
+    } else if (walk.other.kind == ForwardSighting::Kind::None) {
+      walk.other.kind = ForwardSighting::Kind::Other;
+      walk.other.node = use.node;
+      walk.other.slot = use.slot;
     }
   }
 }
 
+// The reason a sighting of select keeps BN.
+Outcome kept_for(const Graph& g, const ForwardSighting& s) {
+  using Kind = ForwardSighting::Kind;
+  if (s.kind == Kind::GraphOutput)
+    return Outcome::kept(Reason::GraphOutput, s.direct ? "its output is a graph output, which must keep BN's values"
+                                                       : "its output reaches graph output '" + s.value +
+                                                             "' through identity nodes, which must keep BN's values").at_(s.value);
+  const std::string at = g.nodes()[s.node].display_name(s.node);
+  if (s.kind == Kind::Quantizer) {
+    const std::string dq = s.dequantizer >= 0 ? ", dequantized by " + describe_node(g, s.dequantizer) : "";
+    return Outcome::kept(
+        Reason::ActivationQuantizer,
+        "its output feeds the activation quantizer " + describe_node(g, s.node) + dq +
+            ", which rounds BN's output: folding BN into the layer after it would change the quantized activations").at_(at);
+  }
+  return Outcome::kept(Reason::OtherReader, s.slot < 0 ? "its output is read inside a subgraph of " + describe_node(g, s.node)
+                                                      : "its output is also read by " + describe_node(g, s.node) +
+                                                            ", which is not a layer it can fold into").at_(at);
+}
 
 // Rewires every reader of BN's output to BN's input and removes BN with its parameters.
 void remove_forward_batchnorm(Graph& g, int bn, const BatchNormAffine& affine) {
@@ -100,21 +105,14 @@ void remove_forward_batchnorm(Graph& g, int bn, const BatchNormAffine& affine) {
 
 }  // namespace
 
-std::variant<std::vector<ForwardReader>, Outcome> forward_readers(FoldContext& ctx, int bn) {
-  Graph& g = ctx.graph;
+std::optional<ForwardMatch> select_bn_forward(Graph& g, int bn) {
   const Node& n = g.nodes()[bn];
   if (n.inputs.empty() || n.inputs[affine_data_slot(g, bn)].empty() || n.outputs.empty() || n.outputs[0].empty())
-    return Outcome::not_applicable();
-  Walk walk;
-  visit(g, n.outputs[0], ForwardReader{}, walk);
-  if (walk.quantizer) return *walk.quantizer;
-  if (walk.layers.empty()) return Outcome::not_applicable();
-  if (walk.other) return *walk.other;
-  for (size_t i = 0; i < walk.layers.size(); ++i)
-    for (size_t j = 0; j < i; ++j)
-      if (walk.layers[i].layer == walk.layers[j].layer)
-        return Outcome::kept(Reason::OtherReader, describe_node(g, walk.layers[i].layer) + " reads its output twice");
-  return walk.layers;
+    return std::nullopt;
+  ForwardMatch match;
+  visit(g, n.outputs[0], ForwardReader{}, match);
+  if (match.quantizer.kind == ForwardSighting::Kind::None && match.readers.empty()) return std::nullopt;
+  return match;
 }
 
 std::optional<std::vector<int64_t>> known_shape(const FoldContext& ctx, const std::string& value) {
@@ -137,7 +135,7 @@ std::optional<std::vector<int64_t>> activation_shape(const FoldContext& ctx, int
   return partial;
 }
 
-std::variant<FloatWeight, Outcome> read_forward_weight(FoldContext& ctx, int layer) {
+Expected<FloatWeight> read_forward_weight(FoldContext& ctx, int layer) {
   Graph& g = ctx.graph;
   const Node& n = g.nodes()[layer];
   if (n.inputs.size() < 2 || n.inputs[1].empty() || n.outputs.empty() || n.outputs[0].empty())
@@ -148,8 +146,7 @@ std::variant<FloatWeight, Outcome> read_forward_weight(FoldContext& ctx, int lay
                                                  describe_node(g, g.producer(weight)) +
                                                  ": a quantized weight cannot absorb BN's per-input-channel factor "
                                                  "without new integers (re-quantization), which is not exact");
-  auto w = read_float_weight(ctx, layer);
-  if (std::holds_alternative<Outcome>(w)) return w;
+  QDQFOLD_TRY(w, read_float_weight(ctx, layer));
   if (!read_only_by(g, weight, layer)) {
     std::string who = "another node";
     for (const auto& u : g.uses(weight))
@@ -158,71 +155,84 @@ std::variant<FloatWeight, Outcome> read_forward_weight(FoldContext& ctx, int lay
                                               " is also read by " + who +
                                               ", which must keep it: folding BN would need a second copy");
   }
-  return w;
+  return std::move(w);
 }
 
-void add_constant_after(FoldContext& ctx, int layer, int32_t data_type, const std::vector<int64_t>& dims,
-                        const std::string& raw, const char* suffix, Outcome& outcome) {
-  Graph& g = ctx.graph;
-  const std::string output = g.nodes()[layer].outputs[0];
-  const std::string base = g.nodes()[layer].display_name(layer);
-  const std::string constant = new_tensor_name(ctx.model, base, suffix);
-  const std::string renamed = ctx.model.fresh_name(output + "_before" + suffix);
-  g.add_tensor(constant, graph::encode_tensor(constant, data_type, dims, raw));
-  outcome.new_tensors.push_back(constant);
-  g.set_output(layer, 0, renamed);
-  Node add;
-  add.op_type = "Add";
-  add.name = ctx.model.fresh_name(base + suffix);
-  add.inputs = {renamed, constant};
-  add.outputs = {output};
-  g.add_node(std::move(add), layer + 1);
-}
+namespace {
 
-Outcome fold_bn_forward(FoldContext& ctx, int bn) {
+struct ForwardPlan {
+  BatchNormAffine affine;
+  std::vector<LayerPlan> layers;  // one per reader, in the readers' order
+};
+
+// plan: what else sees BN's output, BN's affine map, then every layer's planner; Kept at the first that says
+// no. NotApplicable for an affine along a MatMul's last axis (known only once read: the MatMul folds' own).
+Expected<ForwardPlan> plan_bn_forward(FoldContext& ctx, int bn, const ForwardMatch& match) {
   Graph& g = ctx.graph;
-  QDQFOLD_TRY(readers, forward_readers(ctx, bn));
+  if (match.quantizer.kind != ForwardSighting::Kind::None) return kept_for(g, match.quantizer);
+  if (match.other.kind != ForwardSighting::Kind::None) return kept_for(g, match.other);
+  const auto& readers = match.readers;
+  for (size_t i = 0; i < readers.size(); ++i)
+    for (size_t j = 0; j < i; ++j)
+      if (readers[i].layer == readers[j].layer)
+        return Outcome::kept(Reason::OtherReader, describe_node(g, readers[i].layer) + " reads its output twice");
+  ForwardPlan plan;
   QDQFOLD_TRY(affine, read_batchnorm(ctx, bn));
-  if (affine.last_axis) return Outcome::not_applicable();  // a MatMul's features, folded backwards only
-
-  std::vector<LayerPlan> plans;
+  plan.affine = std::move(affine);
+  if (plan.affine.last_axis) return Outcome::not_applicable();  // a MatMul's features, folded backwards only
+  const std::string several =
+      " (it has " + std::to_string(readers.size()) + " layer readers and folds only into all of them)";
   for (const auto& reader : readers) {
-    const Node& layer = g.nodes()[reader.layer];
-    PlanOrKept plan = is_spatial_layer(layer) ? plan_bn_conv(ctx, bn, affine, reader)
-                                              : plan_bn_gemm(ctx, bn, affine, reader);
-    if (auto* o = std::get_if<Outcome>(&plan)) {
-      if (o->verdict == Verdict::Kept && readers.size() > 1)
-        o->message += " (it has " + std::to_string(readers.size()) + " layer readers and folds only into all of them)";
-      return std::move(*o);
-    }
-    plans.push_back(std::move(std::get<LayerPlan>(plan)));
+    auto one = is_spatial_layer(g.nodes()[reader.layer]) ? plan_bn_conv(ctx, bn, plan.affine, reader)
+                                                        : plan_bn_gemm(ctx, bn, plan.affine, reader);
+    if (readers.size() > 1) one = reworded(std::move(one), [&](const Outcome& o) {
+      Outcome with = o;
+      with.message += several;
+      return with;
+    });
+    QDQFOLD_TRY(layer, std::move(one));
+    plan.layers.push_back(std::move(layer));
   }
+  return plan;
+}
 
-  // Every layer can take BN exactly: edit.
+// apply: every layer's edit, the report entry, then the readers rewired to BN's input and BN removed.
+Outcome apply_bn_forward(FoldContext& ctx, int bn, ForwardPlan& plan) {
+  Graph& g = ctx.graph;
   Outcome done;
   done.verdict = Verdict::Folded;
   std::vector<std::string> notes, ops;
-  for (auto& plan : plans) {
-    plan.apply(ctx, done);
-    done.into.push_back(g.nodes()[plan.layer].display_name(plan.layer));
-    ops.push_back(g.nodes()[plan.layer].op_type);
+  for (auto& layer : plan.layers) {
+    std::visit([&](const auto& edit) { apply_layer_edit(ctx, layer.layer, edit, done); }, layer.edit);
+    done.into.push_back(g.nodes()[layer.layer].display_name(layer.layer));
+    ops.push_back(g.nodes()[layer.layer].op_type);
     done.into_op = join_op_types(ops);  // each op once, in the table's order: not the readers' order
-    if (done.code.empty()) done.code = code(plan.fold_name);
-    else if (done.code != code(plan.fold_name)) done.code = code(FoldName::BnLayers);
-    for (const auto& m : plan.metrics) {
+    if (done.code.empty()) done.code = code(layer.fold_name);
+    else if (done.code != code(layer.fold_name)) done.code = code(FoldName::BnLayers);
+    for (const auto& m : layer.metrics) {
       bool merged = false;
       for (auto& [k, v] : done.metrics)
         if (k == m.first) { v = k.rfind("max", 0) == 0 ? std::max(v, m.second) : v + m.second; merged = true; }
       if (!merged) done.metrics.push_back(m);
     }
-    if (!plan.note.empty()) notes.push_back(describe_node(g, plan.layer) + ": " + plan.note);
+    if (!layer.note.empty()) notes.push_back(describe_node(g, layer.layer) + ": " + layer.note);
   }
-  remove_forward_batchnorm(g, bn, affine);
-  done.message = "folded forwards into " + std::to_string(plans.size()) + (plans.size() == 1 ? " layer" : " layers") +
+  remove_forward_batchnorm(g, bn, plan.affine);
+  const size_t count = plan.layers.size();
+  done.message = "folded forwards into " + std::to_string(count) + (count == 1 ? " layer" : " layers") +
                  ": input channels scaled by BN's factor" +
-                 (affine.zero_shift() ? "" : ", its shift carried through the weights into the bias");
+                 (plan.affine.zero_shift() ? "" : ", its shift carried through the weights into the bias");
   for (const auto& n : notes) done.message += "; " + n;
   return done;
+}
+
+}  // namespace
+
+Outcome fold_bn_forward(FoldContext& ctx, int bn) {
+  const std::optional<ForwardMatch> match = select_bn_forward(ctx.graph, bn);
+  if (!match) return Outcome::not_applicable();
+  QDQFOLD_TRY(plan, plan_bn_forward(ctx, bn, *match));
+  return apply_bn_forward(ctx, bn, plan);
 }
 
 }  // namespace qdqfold::folds

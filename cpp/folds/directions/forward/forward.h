@@ -8,19 +8,22 @@
 // exact when every output position of the layer receives every kernel tap (no zero padding); otherwise the
 // difference is a constant map, added by one Add (padding_correction.h).
 //
-// The fold finds every layer that reads BN's output (seeing through inference-time identities), asks the
-// layer's planner (bn_conv.cpp, bn_gemm.cpp) whether it can take BN exactly, and only when every planner
-// agrees edits anything: the layers' weights, then the readers rewired to BN's input and BN removed.
+// select (select_bn_forward) finds every layer that reads BN's output, seeing through inference-time
+// identities; plan (plan_bn_forward) asks each layer's planner (bn_conv.cpp, bn_gemm.cpp) whether it can take
+// BN exactly, and gathers their edits (ConvEdit, GemmEdit); apply edits only when every planner agreed: the
+// layers' weights (apply_layer_edit), then the readers rewired to BN's input and BN removed.
 #pragma once
 
-#include <functional>
 #include <optional>
 #include <string>
 #include <variant>
 #include <vector>
 
+#include "folds/common/values.h"
+#include "folds/expected.h"
+#include "folds/edits.h"
 #include "folds/sources/batchnorm.h"
-#include "folds/directions/backward/backward.h"
+#include "folds/weights/float_weight.h"
 
 namespace qdqfold::folds {
 
@@ -31,10 +34,23 @@ struct ForwardReader {
   std::vector<std::string> values;  // values on the way that have BN's output shape (BN's output first)
 };
 
-// Every layer reading BN `bn`'s output, or the outcome when BN cannot fold forwards: NotApplicable when no
-// layer reads it, Kept when one does but something else also sees BN's output (a graph output, a non-layer
-// reader, a subgraph) or an activation quantizer stands between BN and the layer.
-std::variant<std::vector<ForwardReader>, Outcome> forward_readers(FoldContext& ctx, int bn);
+// select: every layer reading BN `bn`'s output (directly, through see-through nodes and at most one
+// Flatten/Reshape), and the first thing that is not such a layer but sees BN's output, or nullopt when BN has
+// no output to fold forwards or nothing of that kind reads it.
+struct ForwardSighting {
+  enum class Kind { None, GraphOutput, Quantizer, Other } kind = Kind::None;
+  std::string value;      // GraphOutput: the graph output BN's output reaches
+  bool direct = false;    // GraphOutput: BN's own output (no node on the way)
+  int node = -1;          // Quantizer, Other: the reader
+  int slot = 0;           // Other: the reader's input slot (< 0: a subgraph reads it)
+  int dequantizer = -1;   // Quantizer: a DequantizeLinear after it, or -1
+};
+struct ForwardMatch {
+  std::vector<ForwardReader> readers;
+  ForwardSighting quantizer;  // an activation quantizer reads BN's output
+  ForwardSighting other;      // something that is not a layer sees BN's output
+};
+std::optional<ForwardMatch> select_bn_forward(graph::Graph& g, int bn);
 
 // The shape of `value` as the core proves it (shapes.h: from the graph inputs' declared shapes, completed by
 // the `shapes` option for those inputs, through the ops it knows); never a value_info or output claim.
@@ -43,33 +59,46 @@ std::optional<std::vector<int64_t>> known_shape(const FoldContext& ctx, const st
 // The shape of BN's input (= output) from any value that carries it, preferring one with every dim known.
 std::optional<std::vector<int64_t>> activation_shape(const FoldContext& ctx, int bn, const ForwardReader& reader);
 
-// What a planner decided for one layer: the edits to make once every layer of the BN said yes.
+// What a planner decided for one layer: the edits to make once every layer of the BN said yes (apply).
+struct ConvEdit {  // bn_conv.cpp
+  int32_t data_type = 0;
+  std::vector<int64_t> weight_dims;
+  int64_t out_channels = 0;
+  std::string weight;                     // W' (raw bytes)
+  std::optional<std::string> bias;        // b', when BN shifts
+  std::optional<std::string> correction;  // the border correction, when a position misses taps
+  std::vector<int64_t> correction_dims;
+};
+struct GemmEdit {  // bn_gemm.cpp
+  int32_t data_type = 0;
+  bool is_gemm = true;
+  double beta = 1.0;
+  std::vector<int64_t> weight_dims;
+  std::string weight;               // B' (raw bytes)
+  std::optional<std::string> bias;  // C' (Gemm) or d (MatMul: an Add after it), when BN shifts
+  std::vector<int64_t> bias_dims;
+};
 struct LayerPlan {
   int layer = -1;
   FoldName fold_name = FoldName::BnConv;  // BnConv, BnConvtranspose, BnGemm or BnMatmul
   std::string note;       // appended to the report sentence (e.g. the correction's size), may be empty
   std::vector<std::pair<std::string, double>> metrics;
-  std::function<void(FoldContext&, Outcome&)> apply;
+  std::variant<ConvEdit, GemmEdit> edit;
 };
-using PlanOrKept = std::variant<LayerPlan, Outcome>;
 
 // The weight of a layer BN feeds, with the forward fold's own reasons for keeping BN: a quantized weight, a
 // weight other nodes read too.
-std::variant<FloatWeight, Outcome> read_forward_weight(FoldContext& ctx, int layer);
-
-// Adds a constant after `layer`: its output 0 is renamed, and Add(renamed, constant) produces the old name
-// (graph outputs, value_info and readers keep theirs). The constant is a new tensor named after the layer.
-void add_constant_after(FoldContext& ctx, int layer, int32_t data_type, const std::vector<int64_t>& dims,
-                        const std::string& raw, const char* suffix, Outcome& outcome);
-
-// "Conv '/c1/Conv'" for messages.
-std::string describe_node(const graph::Graph& g, int node);
+Expected<FloatWeight> read_forward_weight(FoldContext& ctx, int layer);
 
 // The forward fold (registered in registry.cpp after the backward folds).
 Outcome fold_bn_forward(FoldContext& ctx, int bn);
 
-// Planners, one per layer family.
-PlanOrKept plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine& affine, const ForwardReader& reader);  // bn_conv.cpp
-PlanOrKept plan_bn_gemm(FoldContext& ctx, int bn, const BatchNormAffine& affine, const ForwardReader& reader);  // bn_gemm.cpp
+// Planners and their edits, one per layer family.
+Expected<LayerPlan> plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine& affine,
+                                 const ForwardReader& reader);                        // bn_conv.cpp
+Expected<LayerPlan> plan_bn_gemm(FoldContext& ctx, int bn, const BatchNormAffine& affine,
+                                 const ForwardReader& reader);                        // bn_gemm.cpp
+void apply_layer_edit(FoldContext& ctx, int layer, const ConvEdit& edit, Outcome& outcome);  // bn_conv.cpp
+void apply_layer_edit(FoldContext& ctx, int layer, const GemmEdit& edit, Outcome& outcome);  // bn_gemm.cpp
 
 }  // namespace qdqfold::folds

@@ -17,37 +17,10 @@
 #include <variant>
 #include <vector>
 
-#include "folds/fold.h"
+#include "folds/common/conv_geometry.h"
+#include "folds/expected.h"
 
 namespace qdqfold::folds {
-
-// "[1, 32, ?, ?]": dims for messages, "?" where unknown (negative).
-std::string dims_text(const std::vector<int64_t>& dims);
-
-// The spatial attributes of a Conv or ConvTranspose, read and validated against its weight.
-struct ConvGeometry {
-  bool transposed = false;
-  std::vector<int64_t> kernel, strides, dilations, pads_begin, pads_end, output_padding, output_shape;
-  std::string auto_pad = "NOTSET";  // NOTSET, VALID, SAME_UPPER or SAME_LOWER
-
-  size_t rank() const { return kernel.size(); }
-  int64_t effective_kernel(size_t d) const { return (kernel[d] - 1) * dilations[d] + 1; }
-  std::string describe() const;  // "pads=[1, 1, 1, 1]" / "auto_pad=SAME_UPPER", strides, for messages
-};
-
-// The geometry of `layer` (Conv or ConvTranspose) whose weight has dims `weight_dims`, or Kept with the
-// reason when an attribute is malformed or of a form qdqfold does not fold into.
-std::variant<ConvGeometry, Outcome> read_conv_geometry(const graph::Node& layer,
-                                                      const std::vector<int64_t>& weight_dims);
-
-// True when every output position receives every kernel tap whatever the input size (a constant input
-// gives a per-channel constant output): a Conv that does not pad; a ConvTranspose with stride 1 whose pads
-// crop at least the kernel's reach on both sides.
-bool every_position_gets_every_tap(const ConvGeometry& geometry);
-
-// The output size of `geometry` in spatial dimension `d` for an input of size `in` (>= 1), as tap_map
-// computes it, or nullopt when there is none (a kernel larger than the padded input, an empty output).
-std::optional<int64_t> output_extent(const ConvGeometry& geometry, size_t d, int64_t in);
 
 // Per spatial dimension, the taps each output index receives.
 struct TapMap {
@@ -58,7 +31,7 @@ struct TapMap {
 
 // The tap map of `geometry` over an input of spatial size `input_dims` (all known), or Kept with the reason
 // (an output size below 1, an ambiguous split of an odd SAME / output_shape padding of a ConvTranspose).
-std::variant<TapMap, Outcome> tap_map(const ConvGeometry& geometry, const std::vector<int64_t>& input_dims,
+Expected<TapMap> tap_map(const ConvGeometry& geometry, const std::vector<int64_t>& input_dims,
                                       const std::string& layer_name);
 
 // The correction C = S - interior (see above) as a row-major [M, out...] map, from the per-output-channel

@@ -1,4 +1,4 @@
-#include "folds/weights/layout.h"
+#include "folds/common/layout.h"
 
 namespace qdqfold::folds {
 
