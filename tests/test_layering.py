@@ -39,7 +39,7 @@ LAYERS: list[list[tuple[str, list[str]]]] = [
     [("graph", ["graph/"])],
     [("core-basics", ["core/options", "core/report", "core/report_fields", "core/fold_hooks"])],
     [("folds/common", ["folds/common/", "folds/fold", "folds/expected", "folds/reasons", "folds/edits",
-                       "folds/layer_kinds", "folds/shapes"])],
+                       "folds/layer_kinds", "folds/shapes", "folds/shapes_ops"])],
     [("folds/sources", ["folds/sources/"])],
     [("folds/weights", ["folds/weights/"])],
     [("folds/directions/backward", ["folds/directions/backward/"]),

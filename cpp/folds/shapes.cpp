@@ -8,6 +8,7 @@
 
 #include "folds/common/conv_geometry.h"
 #include "folds/common/values.h"
+#include "folds/shapes_ops.h"
 
 namespace qdqfold::folds {
 
@@ -49,6 +50,7 @@ bool other_op(const Node& n) {
 // True when shapes.cpp computes output `slot` of `n`.
 bool computes(const Node& n, size_t slot) {
   if (n.is("Dropout")) return slot <= 1;
+  if (shape_ops::computes(n, slot)) return true;
   return slot == 0 && (same_shape_op(n) || broadcast_op(n) || other_op(n));
 }
 
@@ -203,10 +205,12 @@ Maybe matmul(const Maybe& a, const Maybe& b) {
   return out;
 }
 
-Maybe reshape(Graph& g, const Node& n, const Maybe& x) {
+// A constant target gives the dims it can (a 0 copies x's dim, a -1 is what x's size leaves); any other target
+// gives the rank alone, the length of the 1-D shape input (`target_shape`, proven), which is the output's rank.
+Maybe reshape(Graph& g, const Node& n, const Maybe& x, const Maybe& target_shape) {
   if (n.inputs.size() < 2) return std::nullopt;
   auto target = constant_values(g, n.inputs[1]);
-  if (!target) return std::nullopt;
+  if (!target) return shape_ops::reshape_by_length(target_shape);
   const bool allow_zero = n.attr_int("allowzero", 0) != 0;
   Dims out;
   int inferred = -1;
@@ -216,8 +220,8 @@ Maybe reshape(Graph& g, const Node& n, const Maybe& x) {
       inferred = static_cast<int>(k);
       out.push_back(-1);
     } else if (t == 0 && !allow_zero) {
-      if (!x || k >= x->size()) return std::nullopt;
-      out.push_back((*x)[k]);
+      if (x && k >= x->size()) return std::nullopt;  // not a valid Reshape
+      out.push_back(x ? (*x)[k] : -1);
     } else if (t >= 0 && t <= static_cast<double>(kMaxDim) && t == static_cast<double>(static_cast<int64_t>(t))) {
       out.push_back(static_cast<int64_t>(t));
     } else {
@@ -234,8 +238,14 @@ Maybe reshape(Graph& g, const Node& n, const Maybe& x) {
   return out;
 }
 
-Maybe compute(Graph& g, const Node& n, const Lookup& in) {
+// The proven shape of output `slot` of `n`.
+Maybe compute(Graph& g, const Node& n, size_t slot, const Lookup& in) {
   auto input = [&](size_t k) -> Maybe { return k < n.inputs.size() && !n.inputs[k].empty() ? in(n.inputs[k]) : std::nullopt; };
+  if (shape_ops::computes(n, slot)) {
+    std::vector<Maybe> shapes;
+    for (size_t k = 0; k < n.inputs.size(); ++k) shapes.push_back(input(k));
+    return shape_ops::compute(g, n, slot, shapes);
+  }
   if (same_shape_op(n)) return input(0);
   if (broadcast_op(n)) {
     std::vector<Maybe> shapes;
@@ -272,7 +282,7 @@ Maybe compute(Graph& g, const Node& n, const Lookup& in) {
     return Dims{(*a)[n.attr_int("transA", 0) ? 1 : 0], (*b)[n.attr_int("transB", 0) ? 0 : 1]};
   }
   if (n.is("MatMul")) return matmul(input(0), input(1));
-  if (n.is("Reshape")) return reshape(g, n, input(0));
+  if (n.is("Reshape")) return reshape(g, n, input(0), input(1));
   return std::nullopt;
 }
 
@@ -315,7 +325,8 @@ class Prover {
         auto it = known.find(key(in));
         return it == known.end() ? std::nullopt : it->second;
       };
-      known[key(v)] = sane_or_none(compute(g, n, lookup));
+      const auto slot = static_cast<size_t>(std::find(n.outputs.begin(), n.outputs.end(), v) - n.outputs.begin());
+      known[key(v)] = sane_or_none(compute(g, n, slot, lookup));
       stack.pop_back();
     }
     return known[key(root)];

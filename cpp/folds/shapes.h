@@ -10,7 +10,10 @@
 //   - an initializer or Constant: its dims;
 //   - a node output: computed from its inputs' proven shapes, for the ops listed in shapes.cpp
 //     (elementwise, broadcasting binary ops, Conv / ConvTranspose, pooling, Concat, Transpose, Flatten,
-//     Gemm, MatMul, Reshape to a constant shape, Q/DQ, normalisations); any other op gives nothing.
+//     Gemm, MatMul, Q/DQ, normalisations; Reshape: to a constant shape its dims, else the rank its 1-D shape
+//     input's proven length gives; and in shapes_ops.h: Shape, Size, Gather, Slice, Split, Unsqueeze,
+//     Squeeze, ConstantOfShape, which prove a rank from their inputs' ranks and lengths even where values
+//     are dynamic); any other op gives nothing.
 //
 // Dims are -1 where unknown (a symbolic input dim, or one that cannot be computed); nullopt when even the
 // rank is unknown.
