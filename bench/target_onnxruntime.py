@@ -117,10 +117,18 @@ def bench(label: str, data: bytes, rounds: int, runs: int) -> dict:
                     "predicted_before": {k: v for k, v in report["target_kernels"]["before"].items() if v},
                     "predicted_after": {k: v for k, v in report["target_kernels"]["after"].items() if v}},
     }
-    times = latency({"qat": data, "targeted": targeted, "float": float_twin(data)}, rounds, runs)
+    # --requantize-residuals (approximate): the residual Adds' float inputs rounded too.
+    requantized = qdqfold_native.fold(data, target="onnxruntime", requantize_residuals=True)
+    result["kernels"]["requantized"] = kernels(requantized)
+    # --store-float-weights (exact): the layers left in float read their weights as float constants.
+    float_weights = qdqfold_native.fold(data, target="onnxruntime", store_float_weights=True)
+    times = latency({"qat": data, "targeted": targeted, "float_weights": float_weights, "requantized": requantized,
+                     "float": float_twin(data)}, rounds, runs)
     result["latency_ms"] = {k: round(v * 1e3, 3) for k, v in times.items()}
     result["ratios"] = {"qat / targeted": round(times["qat"] / times["targeted"], 3),
-                        "float / targeted": round(times["float"] / times["targeted"], 3)}
+                        "float / targeted": round(times["float"] / times["targeted"], 3),
+                        "float / requantized": round(times["float"] / times["requantized"], 3),
+                        "float / float_weights": round(times["float"] / times["float_weights"], 3)}
     return result
 
 
@@ -129,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("models", nargs="*", help="QAT exports (default: the generated ModelOpt-style MobileNetV2)")
     parser.add_argument("--width", type=float, default=1.0, help="generated MobileNetV2's width (default 1)")
     parser.add_argument("--size", type=int, default=224, help="generated MobileNetV2's input side (default 224)")
+    parser.add_argument("--resnet", action="store_true", help="also the generated ModelOpt-style ResNet-18 "
+                        "(width 1, --size)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=10, help="runs per model per round")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -141,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         model = mobilenet_v2_qat(width=args.width, size=args.size, classes=1000)
         inputs = [(f"generated ModelOpt-style MobileNetV2 (width {args.width}, {args.size}x{args.size})",
                    model.SerializeToString())]
+        if args.resnet:
+            from helpers.exporters.modelopt_qat import resnet_qat
+
+            inputs.append((f"generated ModelOpt-style ResNet-18 ({args.size}x{args.size})",
+                           resnet_qat(width=1.0, size=args.size, classes=1000).SerializeToString()))
     print(f"onnxruntime {ort.__version__}, one thread, ORT_ENABLE_ALL, {args.rounds} rounds x {args.runs} runs")
     results = []
     for label, data in inputs:
@@ -149,11 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         k = r["kernels"]
         print(f"\n{label}")
         print(f"  layers given output quantizers: {r['layers']['given_output_quantizers']}, left: {r['layers']['left']}")
-        print(f"  integer kernels (onnxruntime): QAT {k['qat']} | folded {k['folded']} | targeted {k['targeted']}")
+        print(f"  integer kernels (onnxruntime): QAT {k['qat']} | folded {k['folded']} | targeted {k['targeted']}"
+              f" | requantize_residuals {k['requantized']}")
         print(f"  predicted by the report:      before {k['predicted_before']} | after {k['predicted_after']}")
         print(f"  size: {r['bytes']['qat']} -> {r['bytes']['targeted']} bytes")
         print(f"  latency ms: {r['latency_ms']}; QAT / targeted {r['ratios']['qat / targeted']}x, "
-              f"float / targeted {r['ratios']['float / targeted']}x")
+              f"float / targeted {r['ratios']['float / targeted']}x, float / requantized "
+              f"{r['ratios']['float / requantized']}x, float / (targeted + --store-float-weights) "
+              f"{r['ratios']['float / float_weights']}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -117,6 +117,8 @@ class Options(TypedDict, total=False):
     drop_activation_quantizers: bool  # False: APPROXIMATE, drop a Q/DQ pair between a layer and its BN
     merge_branches: bool  # False: merge parallel Conv/BN/identity branches summed over one input into one Conv
     requantize_merged: bool  # False: APPROXIMATE, merge quantized branches too, re-quantized per output channel
+    requantize_residuals: bool  # False: APPROXIMATE, with target: quantize residual Adds' float inputs (QLinearAdd)
+    store_float_weights: bool  # False: with target, float layers read their DQ'd weight as a float constant (exact)
     shapes: Mapping[str, Sequence[int | None]]  # static shapes for pad_correction (value name -> dims)
     target: Literal["onnxruntime"] | None  # None: after folding, rewrite for that runtime's integer kernels
 

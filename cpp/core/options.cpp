@@ -15,6 +15,8 @@ const std::vector<OptionSwitch>& option_switches() {
       {"drop_activation_quantizers", &Options::drop_activation_quantizers},
       {"merge_branches", &Options::merge_branches},
       {"requantize_merged", &Options::requantize_merged},
+      {"requantize_residuals", &Options::requantize_residuals},
+      {"store_float_weights", &Options::store_float_weights},
   };
   return switches;
 }

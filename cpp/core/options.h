@@ -50,6 +50,13 @@ struct Options {
   // layer whose output reaches activation quantizers through ops that commute with rounding those quantizers'
   // Q -> DQ right after it, exactly. Keyword `target` (a str); not a switch, so options() does not list it.
   std::string target;
+  // With target: also give a residual Add / Concat's float inputs (a conv's output, a block input) Q -> DQ
+  // pairs, so the Add becomes QLinearAdd and the convs feeding it QLinearConv. A new rounding: not exact,
+  // reported approximate per Add with its largest step (targets/onnxruntime_residuals.cpp).
+  bool requantize_residuals = false;
+  // With target: a layer the runtime will still run in float reads its weight as the float32 constant its
+  // DequantizeLinear computes (bit for bit), so no DQ runs per inference (targets/onnxruntime_weights.cpp).
+  bool store_float_weights = false;
 };
 
 // An option a caller named that does not exist, or a value or combination of options that is not taken (the

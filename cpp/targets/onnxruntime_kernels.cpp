@@ -11,6 +11,7 @@
 //   Gemm -> QGemm              Q optional; int8 A needs int8 B; a bias must be int32 behind a DQ (a float bias
 //       is left float, measured with onnxruntime 1.32) and beta 1.
 //   Add / Mul -> QLinearAdd / QLinearMul  both inputs from DQ of one type, output Q of that type.
+//   Concat -> QLinearConcat  every input from a DQ of one type, output Q of that type (measured with 1.32).
 //   Redundant Relu / Clip (GetQDQSelection): a single Relu between the node and its single Q counts as part of the
 //       unit when the Q's zero point is its type's minimum (Relu removed: ReluQuantFusion).
 //   QDQPropagationTransformer: a per-tensor Q (constant scalar scale and zero point) after a chain of MaxPool /
@@ -153,6 +154,16 @@ std::string kernel(Graph& g, int node) {
   if (!(n.domain.empty() || n.domain == "ai.onnx") || n.outputs.size() != 1 || n.outputs[0].empty()) return "";
   const bool conv = n.op_type == "Conv", gemm = n.op_type == "Gemm", matmul = n.op_type == "MatMul";
   const bool binary = n.op_type == "Add" || n.op_type == "Mul";
+  if (n.op_type == "Concat") {  // every input from a DQ of one type, output Q of that type
+    int32_t type = 0;
+    for (const auto& in : n.inputs) {
+      const int dq = input_dq(g, in, node);
+      const int32_t t = dq < 0 ? 0 : activation_type(g, dq);
+      if (t == 0 || t == static_cast<int32_t>(DataType::Int8) || (type != 0 && t != type)) return "";
+      type = t;
+    }
+    return !n.inputs.empty() && output_q(g, node) == type ? "QLinearConcat" : "";
+  }
   if (!(conv || gemm || matmul || binary) || n.inputs.size() < 2) return "";
   const int a = input_dq(g, n.inputs[0], node), b = input_dq(g, n.inputs[1], node);
   if (a < 0 || b < 0) return "";
@@ -184,9 +195,12 @@ std::string kernel(Graph& g, int node) {
 
 }  // namespace
 
+std::string predicted_kernel(Graph& g, int node) { return kernel(g, node); }
+
 std::map<std::string, int64_t> predict_onnxruntime_kernels(graph::Model& model) {
   std::map<std::string, int64_t> counts = {{"QLinearConv", 0}, {"QLinearMatMul", 0}, {"MatMulIntegerToFloat", 0},
-                                           {"QGemm", 0},       {"QLinearAdd", 0},    {"QLinearMul", 0}};
+                                           {"QGemm", 0},       {"QLinearAdd", 0},    {"QLinearMul", 0},
+                                           {"QLinearConcat", 0}};
   // onnxruntime's graph transformers run on the main graph's nodes (and subgraphs); functions are inlined
   // first, which this prediction does not model.
   for (Graph* g : model.all_graphs()) {

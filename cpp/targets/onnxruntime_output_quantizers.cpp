@@ -43,6 +43,7 @@
 
 #include "graph/tensor.h"
 #include "targets/onnxruntime.h"
+#include "targets/onnxruntime_rewrite.h"
 
 namespace qdqfold::targets {
 
@@ -51,22 +52,10 @@ using graph::Node;
 using wire::DataType;
 
 namespace {
-
 constexpr const char* kGiven = "output-quantizer";
+}  // namespace
 
-// One activation quantizer's parameters, as far as the rewrite needs them.
-struct Quantizer {
-  int node = -1;
-  std::string scale, zero;  // input names ("" when the zero point is absent)
-  int32_t scale_type = 0, zero_type = 0;
-  std::string scale_raw, zero_raw;  // the constants' element bytes
-  int64_t output_dtype = 0, saturate = 1;
-  std::string domain;
-  bool same_as(const Quantizer& o) const {
-    return scale_type == o.scale_type && zero_type == o.zero_type && scale_raw == o.scale_raw &&
-           zero_raw == o.zero_raw && output_dtype == o.output_dtype && saturate == o.saturate && domain == o.domain;
-  }
-};
+namespace detail {
 
 struct Walk {
   std::vector<Quantizer> quantizers;
@@ -114,6 +103,8 @@ std::variant<Quantizer, std::string> read_quantizer(Graph& g, int q) {
   out.output_dtype = n.attr_int("output_dtype", 0);
   out.saturate = n.attr_int("saturate", 1);
   if (n.inputs.size() < 2) return describe(g, q) + " has no scale";
+  if (n.is("DequantizeLinear") && (n.inputs.size() < 3 || n.inputs[2].empty()))
+    return describe(g, q) + " has no zero point";
   out.scale = n.inputs[1];
   out.zero = n.inputs.size() > 2 ? n.inputs[2] : "";
   auto scale = scalar_constant(g, out.scale);
@@ -229,17 +220,50 @@ bool dequantized(const Graph& g, const std::string& value) {
 // The constant under `name` as a name this graph can read where the new nodes go: the name itself when it is
 // an initializer (here or outside), else a copy (a Constant node may come after the layer).
 std::string readable(graph::Model& model, Graph& g, const std::string& name, int32_t type, const std::string& raw,
-                     std::vector<std::string>& new_tensors) {
+                     std::vector<std::string>& new_tensors, bool copy_always = false) {
   if (name.empty()) return name;
   auto ref = g.constant(name);
-  if (ref && ref->initializer >= 0 && !ref->through_identity) return name;
+  if (!copy_always && ref && ref->initializer >= 0 && !ref->through_identity) return name;
   const std::string copy = model.fresh_name(name + "_target");
   g.add_tensor(copy, graph::encode_tensor(copy, type, {}, raw));
   new_tensors.push_back(copy);
   return copy;
 }
 
-}  // namespace
+// The Q -> DQ pair with q's parameters from `in` to `out`, placed before node `before`.
+void add_rounding(graph::Model& model, Graph& g, const Quantizer& q, const std::string& in, const std::string& out,
+                  const std::string& base, int before, std::vector<std::string>& new_tensors, bool private_constants) {
+  const std::string scale = readable(model, g, q.scale, q.scale_type, q.scale_raw, new_tensors, private_constants);
+  const std::string zero = readable(model, g, q.zero, q.zero_type, q.zero_raw, new_tensors, private_constants);
+  const std::string quantized = model.fresh_name(out + "_quantized");
+  Node qn, dqn;
+  qn.op_type = "QuantizeLinear";
+  dqn.op_type = "DequantizeLinear";
+  qn.domain = dqn.domain = q.domain;
+  qn.name = model.fresh_name(base + "/QuantizeLinear");
+  dqn.name = model.fresh_name(base + "/DequantizeLinear");
+  qn.inputs = {in, scale};
+  dqn.inputs = {quantized, scale};
+  if (!zero.empty()) {
+    qn.inputs.push_back(zero);
+    dqn.inputs.push_back(zero);
+  }
+  qn.outputs = {quantized};
+  dqn.outputs = {out};
+  const int qi = g.add_node(std::move(qn), before);
+  g.add_node(std::move(dqn), before);
+  if (q.node >= 0) {
+    const Node& leaf = g.nodes()[q.node];
+    if (leaf.attr("output_dtype")) g.set_int_attribute(qi, "output_dtype", q.output_dtype);
+    if (leaf.attr("saturate")) g.set_int_attribute(qi, "saturate", q.saturate);
+  } else if (q.output_dtype) {
+    g.set_int_attribute(qi, "output_dtype", q.output_dtype);
+  }
+}
+
+}  // namespace detail
+
+using namespace detail;
 
 BatchNormRecord output_quantizer(graph::Model& model, Graph& g, int layer) {
   const Node& n = g.nodes()[layer];
@@ -251,14 +275,25 @@ BatchNormRecord output_quantizer(graph::Model& model, Graph& g, int layer) {
   // select: a layer with dequantized activation and weight.
   if (n.inputs.size() < 2 || n.outputs.size() != 1 || n.outputs[0].empty())
     return kept(r, "malformed-layer", "the layer lacks an input or its output");
-  if (!dequantized(g, n.inputs[0]) || !dequantized(g, n.inputs[1]))
-    return kept(r, "inputs-not-quantized",
-                "its activation or weight does not come from a DequantizeLinear, so no integer kernel can take it");
+  // A layer: its activation and weight; an Add / Mul / Concat (a residual the target gave its input
+  // quantizers, onnxruntime_residuals.cpp): every input.
+  const bool layer_op = n.is("Conv") || n.is("Gemm") || n.is("MatMul");
+  for (size_t i = 0; i < (layer_op ? 2 : n.inputs.size()); ++i)
+    if (!dequantized(g, n.inputs[i]))
+      return kept(r, "inputs-not-quantized",
+                  layer_op ? "its activation or weight does not come from a DequantizeLinear, so no integer kernel "
+                             "can take it"
+                           : "an input does not come from a DequantizeLinear, so no integer kernel can take it");
   const std::string y = n.outputs[0];
   // Already in the shape the selectors want: every reader a QuantizeLinear.
   const auto& uses = g.uses(y);
   bool all_quantizers = !uses.empty() && !g.is_graph_output(y);
   for (const auto& u : uses) all_quantizers = all_quantizers && u.slot == 0 && g.nodes()[u.node].is("QuantizeLinear");
+  // Several quantizers read it: onnxruntime's CSE makes them one only when they read the same constants (a
+  // kernel has one output quantizer); otherwise one new pair goes before them all (the walk below).
+  for (const auto& u : uses)
+    all_quantizers = all_quantizers && g.nodes()[u.node].inputs == g.nodes()[uses[0].node].inputs &&
+                     g.nodes()[u.node].attributes.size() == g.nodes()[uses[0].node].attributes.size();
   if (all_quantizers) return kept(r, "already-quantized", "its output goes only to QuantizeLinear already");
   // plan: every path to its quantizers.
   Walk w;
@@ -269,31 +304,9 @@ BatchNormRecord output_quantizer(graph::Model& model, Graph& g, int layer) {
   for (const auto& leaf : w.quantizers) r.into.push_back(g.nodes()[leaf.node].display_name(leaf.node));
   r.into_op = "QuantizeLinear";
   const std::string base = n.display_name(layer);  // before any edit: `n` is a reference into g.nodes()
-  const std::string scale = readable(model, g, q.scale, q.scale_type, q.scale_raw, r.new_tensors);
-  const std::string zero = readable(model, g, q.zero, q.zero_type, q.zero_raw, r.new_tensors);
   const std::string renamed = model.fresh_name(y + "_unquantized");
-  const std::string quantized = model.fresh_name(y + "_quantized");
   g.set_output(layer, 0, renamed);
-  Node qn, dqn;
-  qn.op_type = "QuantizeLinear";
-  dqn.op_type = "DequantizeLinear";
-  qn.domain = dqn.domain = q.domain;
-  qn.name = model.fresh_name(base + "/output_quantizer/QuantizeLinear");
-  dqn.name = model.fresh_name(base + "/output_quantizer/DequantizeLinear");
-  qn.inputs = {renamed, scale};
-  dqn.inputs = {quantized, scale};
-  if (!zero.empty()) {
-    qn.inputs.push_back(zero);
-    dqn.inputs.push_back(zero);
-  }
-  qn.outputs = {quantized};
-  dqn.outputs = {y};
-  const int qi = g.add_node(std::move(qn), layer + 1);
-  const int dqi = g.add_node(std::move(dqn), layer + 1);
-  const Node& leaf = g.nodes()[q.node];
-  if (leaf.attr("output_dtype")) g.set_int_attribute(qi, "output_dtype", q.output_dtype);
-  if (leaf.attr("saturate")) g.set_int_attribute(qi, "saturate", q.saturate);
-  (void)dqi;
+  add_rounding(model, g, q, renamed, y, base + "/output_quantizer", layer + 1, r.new_tensors);
   r.folded = true;
   r.code = kGiven;
   r.exact = true;

@@ -10,6 +10,7 @@
 // The layers whose BN was folded got theirs from the fold (materialize_quantized_weights, which the target
 // turns on). Left alone: a float16 / bfloat16 weight or scale (onnxruntime's float16 division is not modelled),
 // a weight or a quantized value read elsewhere, blocked quantization, float8 outputs.
+#include <cstring>
 #include <optional>
 
 #include "graph/tensor.h"
@@ -82,6 +83,67 @@ void store_integer_weight(graph::Model& model, Graph& g, int layer, BatchNormRec
   record.metrics.emplace_back("weight_stored_as_integers", 1.0);
   record.message += "; its float weight behind QuantizeLinear stored as the " +
                     std::string(graph::data_type_name(type)) + " integers it quantizes to (exact)";
+}
+
+}  // namespace qdqfold::targets
+
+// float-weight (target onnxruntime, store_float_weights): a layer onnxruntime will run in float reads its weight
+// as the float constant its DequantizeLinear computes, instead of running that DQ on every inference
+// (onnxruntime's constant folding skips DequantizeLinear).
+//
+//   before:  q (int8 / uint8 / int16 / uint16 constant) -> DequantizeLinear(s, z, axis) -> W -> layer (float)
+//   after:   W (float32 constant) -> layer
+//
+// W[i] = fl32(float(q[i] - z[c]) * s[c]): the int32 difference converted to float32 (exact: |q - z| < 2^24),
+// times the float32 scale, one rounding: what onnxruntime's DequantizeLinear computes, bit for bit. Only a float32
+// scale, no block_size, a DQ read by this layer alone.
+namespace qdqfold::targets {
+
+void store_float_weight(graph::Model& model, Graph& g, int layer, BatchNormRecord& record) {
+  if (g.nodes()[layer].inputs.size() < 2) return;
+  const std::string w_name = g.nodes()[layer].inputs[1];
+  const int dq = g.producer(w_name);
+  if (dq < 0 || !g.nodes()[dq].is("DequantizeLinear") || g.nodes()[dq].inputs.size() < 2) return;
+  const Node& dn = g.nodes()[dq];
+  if (dn.attr_int("block_size", 0) != 0 || dn.outputs.size() != 1 || !only_read_by(g, w_name, layer)) return;
+  auto q = g.constant(dn.inputs[0]);
+  auto s = g.constant(dn.inputs[1]);
+  const std::string z_name = dn.inputs.size() > 2 ? dn.inputs[2] : "";
+  auto z = z_name.empty() ? std::nullopt : g.constant(z_name);
+  if (!q || !s || (!z_name.empty() && !z) || s->tensor.data_type != static_cast<int32_t>(DataType::Float)) return;
+  const auto t = static_cast<DataType>(q->tensor.data_type);
+  if (t != DataType::Int8 && t != DataType::Uint8 && t != DataType::Int16 && t != DataType::Uint16) return;
+  auto qv = q->tensor.values();
+  auto sv = s->tensor.values();
+  std::optional<std::vector<double>> zv = z ? z->tensor.values() : std::vector<double>{0.0};
+  if (!qv || !sv || !zv || sv->empty() || (zv->size() != sv->size() && zv->size() != 1)) return;
+  const auto& dims = q->tensor.dims;
+  int64_t axis = dn.attr_int("axis", 1), inner = 1, channels = 1;
+  if (sv->size() > 1) {
+    if (axis < 0) axis += static_cast<int64_t>(dims.size());
+    if (axis < 0 || axis >= static_cast<int64_t>(dims.size()) || dims[axis] != static_cast<int64_t>(sv->size()))
+      return;
+    channels = dims[axis];
+    for (size_t d = static_cast<size_t>(axis) + 1; d < dims.size(); ++d) inner *= dims[d];
+  }
+  std::string raw(qv->size() * sizeof(float), '\0');
+  for (size_t i = 0; i < qv->size(); ++i) {
+    const size_t c = channels > 1 ? static_cast<size_t>((static_cast<int64_t>(i) / inner) % channels) : 0;
+    const auto n = static_cast<int32_t>((*qv)[i]) - static_cast<int32_t>((*zv)[zv->size() > 1 ? c : 0]);
+    const float v = static_cast<float>(n) * static_cast<float>((*sv)[c]);
+    std::memcpy(raw.data() + i * sizeof(float), &v, sizeof(float));
+  }
+  const std::string name = model.fresh_name(w_name + "_float");
+  g.add_tensor(name, graph::encode_tensor(name, static_cast<int32_t>(DataType::Float), dims, raw));
+  const std::string q_name = dn.inputs[0];
+  g.set_input(layer, 1, name);
+  g.remove_node(dq);
+  g.remove_value_info(w_name);
+  g.drop_if_unused(q_name);
+  record.new_tensors.push_back(name);
+  record.metrics.emplace_back("weight_stored_as_float", 1.0);
+  record.message += "; its weight stored as the float32 constant its DequantizeLinear computes (exact, "
+                    "store_float_weights): the layer runs in float, and no DequantizeLinear runs per inference";
 }
 
 }  // namespace qdqfold::targets

@@ -71,6 +71,10 @@ OPTION_FLAGS = {
                        "conv (RepVGG, MobileOne, ACNet, RepMixer), exactly"),
     "requantize_merged": ("--requantize-merged", "APPROXIMATE: with --merge-branches, merge branches with quantized "
                           "weights too, re-quantizing the merged kernel per output channel"),
+    "requantize_residuals": ("--requantize-residuals", "APPROXIMATE: with --target, quantize the float inputs of "
+                             "residual Adds / Concats so they and the convs feeding them become integer kernels"),
+    "store_float_weights": ("--store-float-weights", "with --target, a layer left in float reads its weight as the "
+                            "float constant its DequantizeLinear computes (exact; no DQ per inference)"),
 }
 
 

@@ -252,6 +252,8 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
         freeze_initializer_inputs: bool = False,
         merge_branches: bool = False,
         requantize_merged: bool = False,
+        requantize_residuals: bool = False,
+        store_float_weights: bool = False,
         shapes: Optional[Mapping[str, Sequence[Optional[int]]]] = None,
     ) -> None:
         super().__init__()
@@ -267,6 +269,8 @@ class FoldBatchNormalization(ir.passes.FunctionalPass):
             "freeze_initializer_inputs": freeze_initializer_inputs,
             "merge_branches": merge_branches,
             "requantize_merged": requantize_merged,
+            "requantize_residuals": requantize_residuals,
+            "store_float_weights": store_float_weights,
         }
         self.shapes = None if shapes is None else {k: list(v) for k, v in shapes.items()}
         self.report: Optional[FoldReport] = None

@@ -178,8 +178,9 @@ class FoldReport:
             return []
         given = [e for e in self.target_layers if e.folded]
         left = Counter(e.code for e in self.target_layers if not e.folded)
+        approximate = sum(not e.exact for e in given)
         lines = [f"Target {self.target}: {len(given)} of {len(self.target_layers)} layers given output quantizers "
-                 "(exactly)"]
+                 + ("(exactly)" if not approximate else f"({approximate} APPROXIMATE: requantize_residuals)")]
         for code, count in sorted(left.items()):
             lines.append(f"  unchanged {count} x {code}")
         before, after = self.target_kernels.get("before", {}), self.target_kernels.get("after", {})

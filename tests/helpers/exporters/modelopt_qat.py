@@ -139,3 +139,41 @@ def mobilenet_v2_qat(width: float = 0.5, size: int = 32, classes: int = 10, seed
     b.nodes.append(h.make_node("Gemm", [xq, wq, bias], ["output"], name="/classifier/classifier.1/Gemm",
                                alpha=1.0, beta=1.0, transB=1))
     return b.model([1, 3, size, size], "output", [1, classes])
+
+
+def resnet_qat(width: float = 0.25, size: int = 32, classes: int = 10, blocks=(2, 2, 2, 2), seed: int = 0,
+               amax: float = 4.0) -> onnx.ModelProto:
+    """ResNet-18's structure (torchvision BasicBlock, `blocks` per stage: (2, 2, 2, 2) is ResNet-18) in
+    ModelOpt's INT8 QAT layout: every conv (the downsample 1x1s too) has its own input quantizer, the residual
+    Adds none; the block input feeds its convs' quantizers and, in float, the Add. Channels 64 * `width`."""
+    b = _Builder(seed)
+    c = max(8, int(64 * width))
+    x = b.conv_bn("input", "/conv1", "conv1.0.weight", 3, c, 7, 2, 1, "relu", amax=3.0)
+    b.nodes.append(h.make_node("MaxPool", [x], ["/maxpool/MaxPool_output_0"], name="/maxpool/MaxPool",
+                               kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
+    x, c_in = "/maxpool/MaxPool_output_0", c
+    for stage, n in enumerate(blocks):
+        c_out = c * 2 ** stage
+        for i in range(n):
+            stride = 2 if stage > 0 and i == 0 else 1
+            p = f"/layer{stage + 1}/layer{stage + 1}.{i}"
+            wp = f"layer{stage + 1}.{i}"
+            y = b.conv_bn(x, f"{p}/conv1", f"{wp}.conv1.0.weight", c_in, c_out, 3, stride, 1, "relu", amax=amax)
+            y = b.conv_bn(y, f"{p}/conv2", f"{wp}.conv2.0.weight", c_out, c_out, 3, 1, 1, None, amax=amax)
+            identity = x
+            if stride != 1 or c_in != c_out:
+                identity = b.conv_bn(x, f"{p}/downsample/downsample.0", f"{wp}.downsample.0.weight", c_in, c_out, 1,
+                                     stride, 1, None, amax=amax)
+            b.nodes += [h.make_node("Add", [y, identity], [f"{p}/Add_output_0"], name=f"{p}/Add"),
+                        h.make_node("Relu", [f"{p}/Add_output_0"], [f"{p}/Relu_1_output_0"], name=f"{p}/Relu_1")]
+            x, c_in = f"{p}/Relu_1_output_0", c_out
+    b.nodes += [h.make_node("GlobalAveragePool", [x], ["/avgpool/GlobalAveragePool_output_0"],
+                            name="/avgpool/GlobalAveragePool"),
+                h.make_node("Flatten", ["/avgpool/GlobalAveragePool_output_0"], ["/Flatten_output_0"], name="/Flatten",
+                            axis=1)]
+    xq = b.input_quantizer("/Flatten_output_0", "/fc", amax)
+    w = b.rng.standard_normal((classes, c_in)) * np.sqrt(1.0 / c_in)
+    wq = b.weight_quantizer("fc.weight", "/fc", w)
+    bias = b.const("fc.bias", (b.rng.standard_normal(classes) * 0.1).astype(np.float32))
+    b.nodes.append(h.make_node("Gemm", [xq, wq, bias], ["output"], name="/fc/Gemm", alpha=1.0, beta=1.0, transB=1))
+    return b.model([1, 3, size, size], "output", [1, classes])
