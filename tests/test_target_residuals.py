@@ -231,3 +231,15 @@ def test_store_float_weights_gives_float_layers_the_dq_constant_bit_for_bit():
                                                     store_float_weights=True)
     assert all("weight_stored_as_float" not in dict(t["metrics"]) for t in report2["target_layers"])
     assert ort_counts(bytes(out2))["QLinearConv"] == 1
+
+
+def test_an_add_of_a_constant_is_no_residual_and_is_left_alone():
+    model = conv_residual()
+    add = next(n for n in model.graph.node if n.name == "add")
+    add.input[1] = "shift"
+    model.graph.initializer.append(nh.from_array(np.full(SHAPE, 0.3, np.float32), "shift"))
+    data = model.SerializeToString()
+    out, report = qdqfold_native.fold_with_report(data, target="onnxruntime", requantize_residuals=True)
+    assert all(t["node"] != "add" for t in report["target_layers"])
+    assert {t["code"] for t in report["target_layers"]} == {"not-commuting"}  # the conv, before the float Add
+    assert bytes(out) == data

@@ -112,9 +112,13 @@ std::vector<BatchNormRecord> residual_inputs(graph::Model& model, Graph& g, bool
   for (int node : sums) {
     const Node& n = g.nodes()[node];
     if (n.op_type == "Add" && n.inputs.size() != 2) continue;
-    bool all_dequantized = true;
-    for (const auto& in : n.inputs) all_dequantized = all_dequantized && dequantized(g, in);
-    if (all_dequantized || n.inputs.empty()) continue;
+    bool all_dequantized = true, constant = false;
+    for (const auto& in : n.inputs) {
+      all_dequantized = all_dequantized && dequantized(g, in);
+      constant = constant || (!in.empty() && g.constant(in).has_value());
+    }
+    // A constant operand (a bias Add after a MatMul, a shift) makes it no residual: not the target's business.
+    if (all_dequantized || constant || n.inputs.empty()) continue;
     BatchNormRecord r;
     r.graph = g.path;
     r.node = n.display_name(node);
