@@ -8,7 +8,8 @@ a new folder is placed on purpose.
     wire          the ONNX wire format (protobuf fields, reader, writer)
     kernels       scalar conversions, per-channel arithmetic, integer (de)quantization
     graph         the graph index: parse, query, edit, write
-    core-basics   options and report types the folds fill in (core/options, core/report, core/report_fields)
+    core-basics   options and report types the folds fill in (core/options, core/report, core/report_fields),
+                  and what a caller lends the folds (core/fold_hooks)
     folds/common  what every fold shares: the contract (fold.h, expected.h), reasons, edits, layer kinds,
                   proven shapes, and the graph-level helpers in folds/common/ (constants, ranks, conv geometry)
     folds/sources where (a, t) comes from: BatchNormalization, elementwise affine nodes
@@ -36,7 +37,7 @@ LAYERS: list[list[tuple[str, list[str]]]] = [
     [("wire", ["wire/"])],
     [("kernels", ["kernels/"])],
     [("graph", ["graph/"])],
-    [("core-basics", ["core/options", "core/report", "core/report_fields"])],
+    [("core-basics", ["core/options", "core/report", "core/report_fields", "core/fold_hooks"])],
     [("folds/common", ["folds/common/", "folds/fold", "folds/expected", "folds/reasons", "folds/edits",
                        "folds/layer_kinds", "folds/shapes", "folds/shapes_ops"])],
     [("folds/sources", ["folds/sources/"])],

@@ -16,8 +16,8 @@ constexpr int64_t kInt16Max = 32767, kInt16Min = -32768;
 
 const graph::Node* producer_op(graph::Graph& g, const std::string& value, std::string_view op) {
   const int p = g.producer(value);
-  if (p < 0 || g.nodes[p].removed() || !g.nodes[p].is(op)) return nullptr;
-  return &g.nodes[p];
+  if (p < 0 || g.nodes()[p].removed() || !g.nodes()[p].is(op)) return nullptr;
+  return &g.nodes()[p];
 }
 
 // The quantized side's type of a Q/DQ node: its zero point's type, uint8 without one; 0 when unknown.
@@ -120,11 +120,11 @@ int activation_before_q(graph::Graph& g, const std::string& value) {
   const auto& uses = g.uses(value);
   if (uses.size() != 1 || uses[0].node < 0 || g.is_graph_output(value)) return -1;
   const int a = uses[0].node;
-  const graph::Node& act = g.nodes[a];
+  const graph::Node& act = g.nodes()[a];
   if (!(act.is("Relu") || act.is("Clip")) || act.outputs.empty() || g.is_graph_output(act.outputs[0])) return -1;
   const auto& next = g.uses(act.outputs[0]);
-  if (next.size() != 1 || next[0].node < 0 || !g.nodes[next[0].node].is("QuantizeLinear")) return -1;
-  const graph::Node& q = g.nodes[next[0].node];
+  if (next.size() != 1 || next[0].node < 0 || !g.nodes()[next[0].node].is("QuantizeLinear")) return -1;
+  const graph::Node& q = g.nodes()[next[0].node];
   const int32_t t = zero_point_type(g, q);
   const auto zp = q.inputs.size() > 2 && !q.inputs[2].empty() ? scalar(g, q.inputs[2]) : std::optional<double>(0.0);
   const auto scale = q.inputs.size() > 1 ? scalar(g, q.inputs[1]) : std::nullopt;
@@ -195,8 +195,8 @@ bool reduction_rows(const graph::Node& node, const Integers& w, std::vector<int6
 std::vector<IntegerLayer> integer_layers(graph::Model& model) {
   std::vector<IntegerLayer> found;
   graph::Graph& g = *model.graph;
-  for (size_t i = 0; i < g.nodes.size(); ++i) {
-    const graph::Node& node = g.nodes[i];
+  for (size_t i = 0; i < g.nodes().size(); ++i) {
+    const graph::Node& node = g.nodes()[i];
     if (node.removed() || !(node.is("Conv") || node.is("MatMul") || node.is("Gemm")) || node.inputs.size() < 2 ||
         node.outputs.empty())
       continue;
@@ -205,17 +205,17 @@ std::vector<IntegerLayer> integer_layers(graph::Model& model) {
     if (!dq_x || !dq_w || dq_x->inputs.empty() || dq_w->inputs.empty()) continue;
     std::string out = node.outputs[0];
     if (g.is_graph_output(out)) continue;
-    if (const int act = activation_before_q(g, out); act >= 0) out = g.nodes[act].outputs[0];
+    if (const int act = activation_before_q(g, out); act >= 0) out = g.nodes()[act].outputs[0];
     const auto& uses = g.uses(out);
     bool to_q = !uses.empty();
-    for (const auto& u : uses) to_q = to_q && u.node >= 0 && g.nodes[u.node].is("QuantizeLinear");
+    for (const auto& u : uses) to_q = to_q && u.node >= 0 && g.nodes()[u.node].is("QuantizeLinear");
     // (onnxruntime's Gemm selector would also take a float output, but measured on its CPU provider it forms
     // QGemm only before a QuantizeLinear: tests/test_integer_kernels.py compares the lists.)
     if (!to_q) continue;
     const int32_t a_type = zero_point_type(g, *dq_x);
     bool same_type = true;
     if (to_q)
-      for (const auto& u : uses) same_type = same_type && zero_point_type(g, g.nodes[u.node]) == a_type;
+      for (const auto& u : uses) same_type = same_type && zero_point_type(g, g.nodes()[u.node]) == a_type;
     if (!same_type) continue;
     auto integers = weight_integers(g, *dq_w);
     auto range = activation_bytes(g, *dq_x);

@@ -4,6 +4,7 @@
 #include "../folds/fold.h"
 #include "../folds/merge_branches.h"
 #include "../folds/shapes.h"
+#include "edit_policy.h"
 #include "report_fields.h"
 #include "../targets/onnxruntime.h"
 
@@ -75,7 +76,7 @@ static_assert(std::is_aggregate_v<folds::Outcome> &&
 // One merge outcome into the report: its own entry in `merges`; the identity BNs it removed are recorded as
 // folded by it, those it kept get its reason.
 void record_merge(graph::Graph* g, folds::MergeOutcome& m, std::vector<Pending>& pending, Report& report) {
-  const std::string name = g->nodes[m.sum].display_name(m.sum);
+  const std::string name = g->nodes()[m.sum].display_name(m.sum);
   const bool merged = m.outcome.verdict == folds::Verdict::Folded;
   for (int bn : m.identity_batchnorms)
     for (Pending& p : pending)
@@ -90,22 +91,23 @@ void record_merge(graph::Graph* g, folds::MergeOutcome& m, std::vector<Pending>&
   Pending entry{g, m.sum, {}, std::move(m.outcome), merged ? "merge" : ""};
   entry.record.graph = g->path;
   entry.record.node = name;
-  entry.record.op_type = g->nodes[m.sum].op_type;  // Add, Sum or Sub
+  entry.record.op_type = g->nodes()[m.sum].op_type;  // Add, Sum or Sub
   note_attempt(entry, folds::code(folds::FoldName::MergeBranches), entry.chosen);
   finish(entry, false);
   report.merges.push_back(std::move(entry.record));
 }
 
 // After the BN folds: every sum of parallel branches merged into one Conv where exact (merge_branches.h).
-void merge_branch_sums(graph::Model& model, const Options& options, std::vector<Pending>& pending, Report& report) {
+void merge_branch_sums(graph::Model& model, const Options& options, const FoldHooks& hooks,
+                       std::vector<Pending>& pending, Report& report) {
   for (graph::Graph* g : model.all_graphs())
-    for (size_t i = 0; i < g->nodes.size(); ++i) {
-      if (g->nodes[i].removed() || g->nodes[i].created()) continue;
-      folds::FoldContext ctx{model, *g, options, nullptr};
+    for (size_t i = 0; i < g->nodes().size(); ++i) {
+      if (g->nodes()[i].removed() || g->nodes()[i].created()) continue;
+      folds::FoldContext ctx{model, *g, options, nullptr, nullptr, &hooks};
       auto outcomes = folds::merge_branches(ctx, static_cast<int>(i));
       if (outcomes.empty()) continue;  // not a sum of branches: nothing was read
       for (folds::MergeOutcome& m : outcomes) record_merge(g, m, pending, report);
-      if (model.after_each_fold) model.after_each_fold();
+      if (hooks.after_each_fold) hooks.after_each_fold();
     }
 }
 
@@ -118,43 +120,43 @@ void merge_branch_sums(graph::Model& model, const Options& options, std::vector<
 static std::map<std::string, int64_t> op_types(graph::Model& model) {
   std::map<std::string, int64_t> counts;
   for (graph::Graph* g : model.all_graphs())
-    for (const auto& n : g->nodes)
+    for (const auto& n : g->nodes())
       if (!n.removed()) ++counts[n.domain.empty() || n.domain == "ai.onnx" ? n.op_type : n.domain + "." + n.op_type];
   return counts;
 }
 
-static Report run_folds_with(graph::Model& model, const Options& options);
+static Report run_folds_with(graph::Model& model, const Options& options, const FoldHooks& hooks);
 
 // The onnxruntime target stores quantized weights as integers: folded ones through the folds' own
 // materialization (materialize_quantized_weights), the others in the target (targets/onnxruntime_weights.cpp).
-Report run_folds(graph::Model& model, const Options& options) {
-  if (options.target.empty() || options.materialize_quantized_weights) return run_folds_with(model, options);
+Report run_folds(graph::Model& model, const Options& options, const FoldHooks& hooks) {
+  if (options.target.empty() || options.materialize_quantized_weights) return run_folds_with(model, options, hooks);
   Options with_integers = options;
   with_integers.materialize_quantized_weights = true;
-  return run_folds_with(model, with_integers);
+  return run_folds_with(model, with_integers, hooks);
 }
 
-static Report run_folds_with(graph::Model& model, const Options& options) {
+static Report run_folds_with(graph::Model& model, const Options& options, const FoldHooks& hooks) {
   auto before = op_types(model);
   std::map<std::string, int64_t> kernels_before;
   if (!options.target.empty()) kernels_before = targets::predict_onnxruntime_kernels(model);
   const auto& rules = folds::fold_rules();
-  model.freeze_initializer_inputs = options.freeze_initializer_inputs || model.ir_version < 4;
-  const size_t overridable = model.freeze_initializer_inputs ? 0 : model.graph->overridable_initializer_count();
+  set_edit_policy(model, options);
+  const size_t overridable = model.policy.freeze_initializer_inputs ? 0 : model.graph->overridable_initializer_count();
   std::vector<Pending> pending;
   folds::BiasErrors bias_errors;
   folds::ShapeProofs shape_proofs;
   folds::ShapeScope shape_scope(options, shape_proofs);  // for known_rank, which is handed only a graph
   for (graph::Graph* g : model.all_graphs())
-    for (size_t i = 0; i < g->nodes.size(); ++i)
-      if (!g->nodes[i].removed() && !g->nodes[i].created() &&
-          (g->nodes[i].is("BatchNormalization") ||
+    for (size_t i = 0; i < g->nodes().size(); ++i)
+      if (!g->nodes()[i].removed() && !g->nodes()[i].created() &&
+          (g->nodes()[i].is("BatchNormalization") ||
            (options.fold_affine && folds::is_elementwise_affine(*g, static_cast<int>(i))))) {
         Pending p{g, static_cast<int>(i), {}, {}};
-        p.affine = !g->nodes[i].is("BatchNormalization");
+        p.affine = !g->nodes()[i].is("BatchNormalization");
         p.record.graph = g->path;
-        p.record.node = g->nodes[i].display_name(static_cast<int>(i));
-        p.record.op_type = g->nodes[i].op_type;
+        p.record.node = g->nodes()[i].display_name(static_cast<int>(i));
+        p.record.op_type = g->nodes()[i].op_type;
         pending.push_back(std::move(p));
       }
   for (const char* pass : {"backward", "forward"}) {
@@ -165,14 +167,14 @@ static Report run_folds_with(graph::Model& model, const Options& options) {
       Pending& p = pending[backward ? k : pending.size() - 1 - k];
       if (p.chosen.verdict == folds::Verdict::Folded) continue;
       // An elementwise node an earlier fold removed or changed is no longer a candidate.
-      if (p.affine && (p.graph->nodes[p.node].removed() || !folds::is_elementwise_affine(*p.graph, p.node))) continue;
-      folds::FoldContext ctx{model, *p.graph, options, &bias_errors, &shape_proofs};
+      if (p.affine && (p.graph->nodes()[p.node].removed() || !folds::is_elementwise_affine(*p.graph, p.node))) continue;
+      folds::FoldContext ctx{model, *p.graph, options, &bias_errors, &shape_proofs, &hooks};
       for (const auto& rule : rules) {
         if (std::string_view(rule.direction) != pass) continue;
         folds::Outcome o = rule.apply(ctx, p.node);
         if (o.verdict == folds::Verdict::Folded) {
           if (o.code.empty()) o.code = rule.name;
-          if (p.affine) o.code = folds::affine_fold_name(o.code, p.graph->nodes[p.node]);
+          if (p.affine) o.code = folds::affine_fold_name(o.code, p.graph->nodes()[p.node]);
           note_attempt(p, rule.name, o);
           p.chosen = std::move(o);
           p.direction = rule.direction;
@@ -181,15 +183,15 @@ static Report run_folds_with(graph::Model& model, const Options& options) {
         note_attempt(p, rule.name, o);
         if (o.verdict == folds::Verdict::Kept && p.chosen.verdict == folds::Verdict::NotApplicable) p.chosen = std::move(o);
       }
-      if (model.after_each_fold) model.after_each_fold();
+      if (hooks.after_each_fold) hooks.after_each_fold();
     }
   }
   Report report;
-  if (options.merge_branches) merge_branch_sums(model, options, pending, report);
+  if (options.merge_branches) merge_branch_sums(model, options, hooks, pending, report);
   for (Pending& p : pending) {
     // An elementwise node is reported when folded, or kept where it follows a layer with a constant weight.
     if (p.affine && p.chosen.verdict != folds::Verdict::Folded &&
-        (p.chosen.verdict == folds::Verdict::NotApplicable || p.graph->nodes[p.node].removed() ||
+        (p.chosen.verdict == folds::Verdict::NotApplicable || p.graph->nodes()[p.node].removed() ||
          !folds::affine_reported_when_kept(*p.graph, p.node)))
       continue;
     finish(p, rules.empty());
@@ -206,12 +208,13 @@ static Report run_folds_with(graph::Model& model, const Options& options) {
 }
 
 std::unique_ptr<FoldPlan> plan_fold(std::string_view model_bytes, const Options& options,
-                                    std::shared_ptr<graph::Model::DeferredChecks> deferred_checks,
+                                    std::shared_ptr<DeferredChecks> deferred_checks,
                                     graph::ExternalResolver* external) {
   auto plan = std::make_unique<FoldPlan>();
   plan->model = graph::parse_model(model_bytes, external);
-  plan->model->deferred_checks = std::move(deferred_checks);
-  plan->report = run_folds(*plan->model, options);
+  FoldHooks hooks;
+  hooks.deferred_checks = std::move(deferred_checks);
+  plan->report = run_folds(*plan->model, options, hooks);
   plan->pieces = graph::write_model(*plan->model, plan->arena);
   return plan;
 }

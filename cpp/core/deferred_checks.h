@@ -1,4 +1,4 @@
-// The two-run protocol of checks deferred to the writing (graph::Model::DeferredChecks), in one place: the
+// The two-run protocol of checks deferred to the writing (DeferredChecks, fold_hooks.h), in one place: the
 // binding's fold() and fold_with_report(), fold_file (core/files.cpp) and the fuzz harness all run a fold
 // through run_with_deferred_checks.
 //
@@ -13,11 +13,9 @@
 #include <atomic>
 #include <memory>
 
-#include "../graph/graph.h"
+#include "fold_hooks.h"
 
 namespace qdqfold {
-
-using DeferredChecks = graph::Model::DeferredChecks;
 
 // `attempt(checks)` runs the fold once: it plans the model with `checks` as its deferred_checks (plan_fold's
 // argument; null: check first), writes the output, and returns what the caller keeps of it, nothing yet

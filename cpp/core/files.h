@@ -22,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "../graph/external_output.h"
 #include "api.h"
 
 namespace qdqfold {

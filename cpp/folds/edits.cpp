@@ -25,7 +25,7 @@ std::string write_constant_for(FoldContext& ctx, const std::vector<graph::Use>& 
 
 void write_layer_input(FoldContext& ctx, int layer, int slot, int32_t data_type, const std::vector<int64_t>& dims,
                        graph::LazyBytes data, const std::string& fallback_base, Outcome& outcome) {
-  const auto& inputs = ctx.graph.nodes[layer].inputs;
+  const auto& inputs = ctx.graph.nodes()[layer].inputs;
   const std::string old = slot < static_cast<int>(inputs.size()) ? inputs[slot] : "";
   write_constant_for(ctx, {graph::Use{layer, slot}}, old, data_type, dims, std::move(data), fallback_base, outcome);
 }
@@ -42,8 +42,8 @@ void write_layer_input(FoldContext& ctx, int layer, int slot, int32_t data_type,
 void add_constant_after(FoldContext& ctx, int layer, int32_t data_type, const std::vector<int64_t>& dims,
                         const std::string& raw, const char* suffix, Outcome& outcome) {
   graph::Graph& g = ctx.graph;
-  const std::string output = g.nodes[layer].outputs[0];
-  const std::string base = g.nodes[layer].display_name(layer);
+  const std::string output = g.nodes()[layer].outputs[0];
+  const std::string base = g.nodes()[layer].display_name(layer);
   const std::string constant = new_tensor_name(ctx.model, base, suffix);
   const std::string renamed = ctx.model.fresh_name(output + "_before" + suffix);
   g.add_tensor(constant, graph::encode_tensor(constant, data_type, dims, raw));

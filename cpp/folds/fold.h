@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/fold_hooks.h"
 #include "core/options.h"
 #include "core/report.h"
 #include "graph/graph.h"
@@ -33,6 +34,10 @@ struct FoldContext {
   const Options& options;
   BiasErrors* bias_errors = nullptr;  // one per fold run (run_folds); null: chains are not tracked
   ShapeProofs* shape_proofs = nullptr;  // one per fold run (run_folds); null: proven shapes are not kept
+  const FoldHooks* hooks = nullptr;     // what the caller lends (core/fold_hooks.h); null: none
+
+  // The deferred checks of this run (core/deferred_checks.h), or null: check first.
+  std::shared_ptr<DeferredChecks> deferred_checks() const { return hooks ? hooks->deferred_checks : nullptr; }
 };
 
 enum class Verdict { NotApplicable, Kept, Folded };

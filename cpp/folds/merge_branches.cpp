@@ -12,11 +12,11 @@ using graph::Graph;
 using merge::is_sum_node;
 
 bool is_branch_sum_root(const Graph& g, int node) {
-  if (!is_sum_node(g.nodes[node]) || g.nodes[node].outputs.empty()) return false;
-  const std::string& out = g.nodes[node].outputs[0];
+  if (!is_sum_node(g.nodes()[node]) || g.nodes()[node].outputs.empty()) return false;
+  const std::string& out = g.nodes()[node].outputs[0];
   if (out.empty() || g.is_graph_output(out)) return true;
   const auto& uses = g.uses(out);
-  return !(uses.size() == 1 && uses[0].slot >= 0 && is_sum_node(g.nodes[uses[0].node]));
+  return !(uses.size() == 1 && uses[0].slot >= 0 && is_sum_node(g.nodes()[uses[0].node]));
 }
 
 namespace {
@@ -30,7 +30,7 @@ Outcome plan_and_apply(FoldContext& ctx, const merge::Selection& selection) {
 MergeOutcome merge_tree(FoldContext& ctx, int root) {
   MergeOutcome result;
   result.sum = root;
-  if (ctx.graph.nodes[root].outputs.size() != 1) return result;
+  if (ctx.graph.nodes()[root].outputs.size() != 1) return result;
   std::optional<merge::Selection> selection = merge::select_branches(ctx.graph, root);
   if (!selection) return result;  // NotApplicable
   result.identity_batchnorms = selection->identity_batchnorms;  // they share the tree's outcome
@@ -43,9 +43,9 @@ MergeOutcome merge_tree(FoldContext& ctx, int root) {
 void merge_tree_or_parts(FoldContext& ctx, int node, std::vector<MergeOutcome>& outcomes) {
   Graph& g = ctx.graph;
   std::vector<int> inner;
-  for (const auto& v : g.nodes[node].inputs) {
+  for (const auto& v : g.nodes()[node].inputs) {
     const int p = v.empty() ? -1 : g.producer(v);
-    if (p >= 0 && is_sum_node(g.nodes[p]) && read_only_by(g, v, node)) inner.push_back(p);
+    if (p >= 0 && is_sum_node(g.nodes()[p]) && read_only_by(g, v, node)) inner.push_back(p);
   }
   MergeOutcome whole = merge_tree(ctx, node);
   if (whole.outcome.verdict == Verdict::Folded) {

@@ -311,7 +311,7 @@ class Prover {
         stack.pop_back();
         continue;
       }
-      const Node& n = g.nodes[g.producer(v)];
+      const Node& n = g.nodes()[g.producer(v)];
       if (visited.insert(v).second) {
         bool ready = true;
         for (const auto& in : n.inputs)
@@ -352,7 +352,7 @@ class Prover {
     if (!g.defines(v)) return g.parent ? get(*g.parent, v) : std::nullopt;
     const int p = g.producer(v);
     if (p < 0) return std::nullopt;
-    const Node& n = g.nodes[p];
+    const Node& n = g.nodes()[p];
     const auto slot = static_cast<size_t>(std::find(n.outputs.begin(), n.outputs.end(), v) - n.outputs.begin());
     if (!computes(n, slot)) return std::nullopt;
     leaf = false;

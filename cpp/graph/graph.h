@@ -5,7 +5,6 @@
 // and copies everything else through as byte ranges.
 #pragma once
 
-#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -38,6 +37,15 @@ struct Attribute {
 
 class Graph;
 class Model;
+struct ExternalOutput;  // external_output.h
+
+// Decides, for Model::EditPolicy::removal, whether a producer goes with the last reader of its output.
+class RemovalPolicy {
+ public:
+  virtual ~RemovalPolicy() = default;
+  // True when node `node` of `g`, the producer of `value`, which nothing reads any more, goes too.
+  virtual bool goes_with_last_reader(Graph& g, int node, const std::string& value) const = 0;
+};
 
 // What folds changed on a node, applied by the writer (write.cpp). Only graph/ reads or writes it.
 struct NodeEdits {
@@ -60,6 +68,10 @@ struct Node {
   bool created() const { return edits_.created; }  // made by a fold (Graph::add_node)
 
   bool is(std::string_view op) const { return op_type == op && (domain.empty() || domain == "ai.onnx"); }
+  // An Identity of one value, not removed (torch's exporter shares equal initializers through them).
+  bool is_plain_identity() const {
+    return is("Identity") && inputs.size() == 1 && outputs.size() == 1 && subgraphs.empty() && !removed();
+  }
   const Attribute* attr(std::string_view n) const;
   int64_t attr_int(std::string_view n, int64_t fallback) const;
   float attr_float(std::string_view n, float fallback) const;
@@ -83,8 +95,8 @@ struct Use {
 // Where a constant came from, and its tensor.
 struct ConstRef {
   Graph* graph = nullptr;  // the graph that holds it (may be an outer graph of the one asked)
-  int initializer = -1;    // index into graph->initializers, or
-  int constant_node = -1;  // index of the Constant node in graph->nodes
+  int initializer = -1;    // index into graph->initializers(), or
+  int constant_node = -1;  // index of the Constant node in graph->nodes()
   Tensor tensor;
   // Read through Identity nodes (torch's exporter shares equal initializers that way): the tensor is another
   // value's, so `initializer` and `constant_node` are -1 and nothing edits it in place.
@@ -106,9 +118,7 @@ class Graph {
   int owner_node = -1;  // for subgraphs: the node of `parent` that holds this graph,
   int owner_attribute = -1, owner_position = -1;  // in which attribute, at which position
 
-  std::vector<Node> nodes;
-  std::vector<Tensor> initializers;
-  std::vector<ValueInfo> inputs, outputs, value_info;
+  std::vector<ValueInfo> inputs, outputs;
   std::map<std::string, int64_t> function_opsets;  // FunctionProto.opset_import (functions only)
 
   struct FieldRef {
@@ -116,7 +126,12 @@ class Graph {
     std::string_view whole;
     int index;  // position in nodes / initializers / value_info for those fields, else -1
   };
-  std::vector<FieldRef> fields;
+
+  // ---- the contents, read-only: every change goes through the edits below, which keep the index current
+  const std::vector<Node>& nodes() const { return nodes_; }
+  const std::vector<Tensor>& initializers() const { return initializers_; }
+  const std::vector<ValueInfo>& value_info() const { return value_info_; }
+  const std::vector<FieldRef>& fields() const { return fields_; }  // the GraphProto's fields, in order
 
   std::vector<ExternalRef> original_external;  // per original initializer: where its data lived, if external
 
@@ -134,7 +149,7 @@ class Graph {
   bool is_graph_output(const std::string& value) const { return graph_outputs_.count(value) > 0; }
   bool is_graph_input(const std::string& value) const { return graph_inputs_.count(value) > 0; }
   // An initializer also listed as a graph input (a default the caller may override): not a constant, unless
-  // the model freezes such inputs (Model::freeze_initializer_inputs).
+  // the model freezes such inputs (Model::EditPolicy::freeze_initializer_inputs).
   bool is_overridable_initializer(const std::string& value) const;
   // How many initializers of this graph are overridable graph inputs.
   size_t overridable_initializer_count() const;
@@ -159,12 +174,16 @@ class Graph {
   void set_input(int node, int slot, const std::string& value);
   void set_output(int node, int slot, const std::string& value);
   void set_op_type(int node, const std::string& op_type);
-  void set_attribute(int node, const std::string& name, std::string payload);
-  // Sets an int, float or ints attribute both in the written node and in its parsed view, so a later fold reading
-  // the node (a second BN folded into the same layer) sees the new value.
+  // One setter per attribute kind: each sets the attribute both in the written node and in its parsed view
+  // (Node::attr), so a later fold reading the node (a second BN folded into the same layer) sees the new value.
+  // An attribute of that name is replaced (where it was), else added.
   void set_int_attribute(int node, const std::string& name, int64_t value);
   void set_float_attribute(int node, const std::string& name, float value);
   void set_ints_attribute(int node, const std::string& name, const std::vector<int64_t>& values);
+  void set_floats_attribute(int node, const std::string& name, const std::vector<float>& values);
+  void set_string_attribute(int node, const std::string& name, const std::string& value);
+  // `tensor_payload`: a TensorProto (encode_tensor, reencode_tensor).
+  void set_tensor_attribute(int node, const std::string& name, const std::string& tensor_payload);
   void remove_node(int node);
   int add_node(Node node, int insert_before);
   // Adds `node` where the writer puts it just before node `reader` (an original node, or one a fold created).
@@ -207,6 +226,15 @@ class Graph {
 
  private:
   friend struct EditRecord;
+  std::vector<Node> nodes_;
+  std::vector<Tensor> initializers_;
+  std::vector<ValueInfo> value_info_;
+  std::vector<FieldRef> fields_;
+  // The raw setter behind the typed ones: `payload` is the whole AttributeProto.
+  void set_attribute(int node, const std::string& name, std::string payload);
+  // Heap copies of the strings and tensors the typed setters gave: the parsed views (Attribute::s, ::t)
+  // point into them.
+  std::vector<std::unique_ptr<std::string>> attribute_storage_;
   // What folds changed on initializers, value_info and inputs, applied by the writer. Only graph/ sees it
   // (graph/edit_record.h): folds edit through the methods above.
   struct GraphEdits {
@@ -245,53 +273,10 @@ class Graph {
   std::unordered_map<std::string, ValueInfoRefs> value_info_refs_;
 };
 
-// File mode: where external data goes. The file writer fills `location_out` before writing the model; the
-// model writer records the tensors whose data must overwrite the copied data files.
-struct ExternalOutput {
-  // Where the output's tensor data goes. AsInput: initializers stay inline or external as they were (each
-  // input data file copied to `location_out`, offsets kept). Inline: every initializer inline. External:
-  // every initializer with raw data of at least `threshold` bytes goes to `data_name`, one after another
-  // (those of 1 MB and more at 64 KB boundaries, as onnx.save aligns them), the others inline.
-  enum class Layout { AsInput, Inline, External };
-  Layout layout = Layout::AsInput;
-  int64_t threshold = 1024;
-  std::string data_name;
-  wire::Pieces data_pieces;  // External: the data file's contents, filled by the model writer
-  std::map<std::string, std::string> location_out;  // input location -> output location
-  // Output location -> where data appended to that file goes next (filled by the file writer with the
-  // input file's size). A folded tensor whose bytes another tensor also reads (aliased external data) cannot
-  // be overwritten in place: it is appended there instead, at a 4096-byte boundary.
-  std::map<std::string, int64_t> append_at;
-  struct Overwrite {
-    std::string location;  // output location
-    int64_t offset = 0;
-    std::string_view bytes;                 // or
-    std::shared_ptr<const LazyBytes> lazy;  // data to write there
-  };
-  std::vector<Overwrite> overwrites;
-};
-
 class Model {
  public:
   std::string_view buffer;
   ExternalResolver* external = nullptr;         // maps external data (file mode); null for bytes in memory
-  ExternalOutput* external_output = nullptr;    // file mode: how external data is written
-  // File mode: called after each BatchNormalization is dealt with, so the file writer can give back the
-  // pages of the mapped input that the fold read (they stay in the page cache).
-  std::function<void()> after_each_fold;
-  // File mode: gives back the pages of a view of a mapped file that a fold has finished reading, so a
-  // read-only pass over a weight larger than memory does not keep it resident. Null for bytes in memory.
-  std::function<void(std::string_view)> release_pages;
-  // Set by the caller for a first, optimistic run (see api.h, plan_fold): a fold may then skip a read-only
-  // pass over a whole weight whose only purpose is a check that almost never fails (a value overflowing once
-  // scaled, a negated integer leaving its type), and have the weight's generator make that check while it
-  // writes. A generator whose check fails calls fail(); the caller throws that output away and runs again
-  // without deferral, so the result is the same as with every check done first. Null: check first.
-  struct DeferredChecks {
-    std::atomic<bool> failed{false};
-    void fail() { failed.store(true, std::memory_order_relaxed); }
-  };
-  std::shared_ptr<DeferredChecks> deferred_checks;
   struct FieldRef {
     uint32_t number;
     std::string_view whole;
@@ -299,10 +284,20 @@ class Model {
   };
   std::vector<FieldRef> fields;
   int64_t ir_version = 0;
-  // Initializers listed as graph inputs of the main graph are read as constants, and a folded one leaves the
-  // graph inputs (the freeze_initializer_inputs option; IR version < 4, where every initializer had to be
-  // listed as an input).
-  bool freeze_initializer_inputs = false;
+  // How edits treat what the index alone cannot decide, set by whoever runs the folds (core/edit_policy.h,
+  // from the options and the model); the defaults are the plain index's.
+  struct EditPolicy {
+    // Initializers listed as graph inputs of the main graph are read as constants, and a folded one leaves
+    // the graph inputs.
+    bool freeze_initializer_inputs = false;
+    // Every initializer of the main graph is also a graph input: an added one is listed as one too, and a
+    // replaced one stays listed (its new value is the input's default).
+    bool initializers_are_inputs = false;
+    // Which producers (beyond Constant nodes, which always do) go with their last reader when drop_if_unused
+    // drops a value, their inputs then dropped in turn if nothing else reads them. Null: Constant nodes only.
+    const RemovalPolicy* removal = nullptr;
+  };
+  EditPolicy policy;
   std::map<std::string, int64_t> opsets;
   // Opset versions a fold raised (domain "" is the default domain); the writer rewrites those opset_import
   // entries. raise_opset also updates `opsets`, so later queries see the new version.
@@ -333,7 +328,8 @@ class Model {
 };
 
 // Serializes the model with its edits: untouched fields as views of the input, the rest re-encoded.
-wire::Pieces write_model(Model& model, wire::Arena& arena);
+// `external_output` (file mode, external_output.h): where tensor data goes; null keeps every tensor as it was.
+wire::Pieces write_model(Model& model, wire::Arena& arena, ExternalOutput* external_output = nullptr);
 
 // Parses a serialized ModelProto. Throws wire::WireError naming the problem and its byte offset. External
 // data is mapped through `external` when given.

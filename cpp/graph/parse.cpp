@@ -19,35 +19,35 @@ constexpr int kMaxGraphDepth = 128;
 // nothing encloses) no read of a value nothing defines. onnxruntime refuses models that break these; a fold
 // on one could rewire the wrong writer of a name or close a loop, so they are FoldErrors.
 void check_structure(const Graph& g) {
-  auto node_name = [&](size_t k) { return "node '" + g.nodes[k].display_name(static_cast<int>(k)) + "'"; };
-  for (size_t k = 0; k < g.nodes.size(); ++k)
-    for (const auto& o : g.nodes[k].outputs)
+  auto node_name = [&](size_t k) { return "node '" + g.nodes()[k].display_name(static_cast<int>(k)) + "'"; };
+  for (size_t k = 0; k < g.nodes().size(); ++k)
+    for (const auto& o : g.nodes()[k].outputs)
       if (!o.empty() && (g.producer(o) != static_cast<int>(k) || g.is_graph_input(o)))
         throw WireError(g.path + ": " + node_name(k) + " writes '" + o + "', which " +
                         (g.is_graph_input(o) ? "is a graph input" : "another node also writes"));
-  for (const auto& t : g.initializers)
+  for (const auto& t : g.initializers())
     if (int p = g.producer(t.name); p >= 0)
       throw WireError(g.path + ": " + node_name(p) + " writes '" + t.name + "', which is also an initializer");
   // Kahn's algorithm over the edges writer -> reader (reads inside a node's subgraphs included).
-  std::vector<size_t> pending(g.nodes.size(), 0);
-  for (const auto& n : g.nodes)
+  std::vector<size_t> pending(g.nodes().size(), 0);
+  for (const auto& n : g.nodes())
     for (const auto& o : n.outputs)
       if (!o.empty())
         for (const Use& u : g.uses(o)) ++pending[u.node];
   std::vector<size_t> ready;
-  for (size_t k = 0; k < g.nodes.size(); ++k)
+  for (size_t k = 0; k < g.nodes().size(); ++k)
     if (pending[k] == 0) ready.push_back(k);
   size_t sorted = 0;
   while (!ready.empty()) {
     const size_t k = ready.back();
     ready.pop_back();
     ++sorted;
-    for (const auto& o : g.nodes[k].outputs)
+    for (const auto& o : g.nodes()[k].outputs)
       if (!o.empty())
         for (const Use& u : g.uses(o))
           if (--pending[u.node] == 0) ready.push_back(u.node);
   }
-  if (sorted != g.nodes.size()) {
+  if (sorted != g.nodes().size()) {
     const size_t k = std::find_if(pending.begin(), pending.end(), [](size_t p) { return p > 0; }) - pending.begin();
     throw WireError(g.path + ": the graph has a cycle through " + node_name(k));
   }
@@ -207,10 +207,10 @@ struct Parser {
           case GraphField::Node: need_bytes(f, r, w); index = static_cast<int>(node_bodies.size()); node_bodies.push_back(f.bytes); break;
           case GraphField::Initializer: {
             need_bytes(f, r, w);
-            index = static_cast<int>(g.initializers.size());
-            g.initializers.push_back(
+            index = static_cast<int>(EditRecord::initializers(g).size());
+            EditRecord::initializers(g).push_back(
                 parse_tensor(f.bytes, base, g.path + " initializer #" + std::to_string(index), model.external));
-            model.note_name(g.initializers.back().name);
+            model.note_name(EditRecord::initializers(g).back().name);
             break;
           }
           case GraphField::Input:
@@ -222,8 +222,8 @@ struct Parser {
           case GraphField::Output: need_bytes(f, r, w); g.outputs.push_back(parse_value_info(f.bytes, w)); break;
           case GraphField::ValueInfo:
             need_bytes(f, r, w);
-            index = static_cast<int>(g.value_info.size());
-            g.value_info.push_back(parse_value_info(f.bytes, w));
+            index = static_cast<int>(EditRecord::value_info(g).size());
+            EditRecord::value_info(g).push_back(parse_value_info(f.bytes, w));
             break;
           case GraphField::SparseInitializer: need_bytes(f, r, w); check_fields(f.bytes, w); break;
           case GraphField::Name: need_bytes(f, r, w); break;
@@ -236,8 +236,8 @@ struct Parser {
           case FunctionField::Output: g.outputs.push_back(ValueInfo{str(f, r, w), {}}); break;
           case FunctionField::ValueInfo:
             need_bytes(f, r, w);
-            index = static_cast<int>(g.value_info.size());
-            g.value_info.push_back(parse_value_info(f.bytes, w));
+            index = static_cast<int>(EditRecord::value_info(g).size());
+            EditRecord::value_info(g).push_back(parse_value_info(f.bytes, w));
             break;
           case FunctionField::OpsetImport: {
             need_bytes(f, r, w);
@@ -248,16 +248,16 @@ struct Parser {
           default: break;
         }
       }
-      g.fields.push_back(Graph::FieldRef{f.number, f.whole, index});
+      EditRecord::fields(g).push_back(Graph::FieldRef{f.number, f.whole, index});
     }
-    g.nodes.resize(node_bodies.size());
-    for (size_t k = 0; k < node_bodies.size(); ++k) parse_node(g.nodes[k], node_bodies[k], g, depth, static_cast<int>(k));
-    EditRecord::of(g).initializer_removed.assign(g.initializers.size(), false);
-    EditRecord::of(g).initializer_replaced.resize(g.initializers.size());
-    EditRecord::of(g).original_initializer_count = g.initializers.size();
-    EditRecord::of(g).initializer_lazy.resize(g.initializers.size());
-    for (const auto& t : g.initializers) g.original_external.push_back(t.external ? t.external_ref : ExternalRef{});
-    EditRecord::of(g).value_info_removed.assign(g.value_info.size(), false);
+    EditRecord::nodes(g).resize(node_bodies.size());
+    for (size_t k = 0; k < node_bodies.size(); ++k) parse_node(EditRecord::nodes(g)[k], node_bodies[k], g, depth, static_cast<int>(k));
+    EditRecord::of(g).initializer_removed.assign(EditRecord::initializers(g).size(), false);
+    EditRecord::of(g).initializer_replaced.resize(EditRecord::initializers(g).size());
+    EditRecord::of(g).original_initializer_count = EditRecord::initializers(g).size();
+    EditRecord::of(g).initializer_lazy.resize(EditRecord::initializers(g).size());
+    for (const auto& t : EditRecord::initializers(g)) g.original_external.push_back(t.external ? t.external_ref : ExternalRef{});
+    EditRecord::of(g).value_info_removed.assign(EditRecord::value_info(g).size(), false);
     EditRecord::of(g).input_removed.assign(g.inputs.size(), false);
     g.build_index();
     check_structure(g);

@@ -8,6 +8,7 @@
 #include "../wire/fields.h"
 #include "../wire/writer.h"
 #include "edit_record.h"
+#include "external_output.h"
 #include "graph.h"
 
 namespace qdqfold::graph {
@@ -158,7 +159,7 @@ struct Writer {
     auto it = created_at.find(position);
     if (it == created_at.end()) return;
     for (int k : it->second)
-      if (!g.nodes[k].removed()) message(out, field, edited_node(g.nodes[k]));
+      if (!g.nodes()[k].removed()) message(out, field, edited_node(g.nodes()[k]));
   }
 
   // An initializer: as it was, replaced, added, or produced lazily; in file mode an initializer whose data
@@ -188,7 +189,7 @@ struct Writer {
   void laid_out_initializer(Pieces& out, Graph& g, size_t k, std::string_view whole) {
     ExternalOutput& ext = *external_output;
     const uint32_t field = num(GraphField::Initializer);
-    const Tensor& current = g.initializers[k];
+    const Tensor& current = g.initializers()[k];
     const Graph::LazyInitializer* lazy = EditRecord::of(g).initializer_lazy[k].get();
     const bool original = k < EditRecord::of(g).original_initializer_count;
     const bool was_external = original && !g.original_external[k].location.empty();
@@ -240,7 +241,7 @@ struct Writer {
   // Every initializer whose external bytes overlap another's: one sweep per data file in offset order, where
   // an interval overlaps an earlier one exactly when it starts before the furthest end seen so far (and
   // then overlaps the interval that reached that end too).
-  static std::set<std::pair<const Graph*, size_t>> find_shared_external(Model& model) {
+  std::set<std::pair<const Graph*, size_t>> find_shared_external(Model& model) const {
     struct Interval {
       int64_t begin, end;
       const Graph* graph;
@@ -252,7 +253,7 @@ struct Writer {
         const ExternalRef& r = g->original_external[i];
         if (r.location.empty() || r.length <= 0) continue;
         // Grouped by the file written, so that two names of one data file (m.data, ./m.data) are one file.
-        const std::string& file = model.external_output ? model.external_output->location_out.at(r.location) : r.location;
+        const std::string& file = external_output ? external_output->location_out.at(r.location) : r.location;
         by_file[file].push_back({r.offset, r.offset + r.length, g, i});
       }
     std::set<std::pair<const Graph*, size_t>> shared;
@@ -289,7 +290,7 @@ struct Writer {
   void external_initializer(Pieces& out, Graph& g, size_t k, std::string_view whole) {
     const ExternalRef& ref = g.original_external[k];
     const std::string& location = external_output->location_out.at(ref.location);
-    const Tensor& current = g.initializers[k];
+    const Tensor& current = g.initializers()[k];
     const Graph::LazyInitializer* lazy = EditRecord::of(g).initializer_lazy[k].get();
     const bool changed = lazy || EditRecord::of(g).initializer_replaced[k];
     const uint32_t field = num(GraphField::Initializer);
@@ -336,26 +337,26 @@ struct Writer {
     std::unordered_map<int, std::vector<int>> outer_created = std::move(created_at);
     created_at.clear();
     int original_nodes = 0;
-    for (size_t k = 0; k < g.nodes.size(); ++k) {
-      if (g.nodes[k].created()) created_at[EditRecord::of(g.nodes[k]).insert_before].push_back(static_cast<int>(k));
+    for (size_t k = 0; k < g.nodes().size(); ++k) {
+      if (g.nodes()[k].created()) created_at[EditRecord::of(g.nodes()[k]).insert_before].push_back(static_cast<int>(k));
       else ++original_nodes;
     }
     int last_node_field = -1, last_initializer_field = -1;
-    for (size_t k = 0; k < g.fields.size(); ++k) {
-      if (g.fields[k].number == node_field) last_node_field = static_cast<int>(k);
-      if (!function && g.fields[k].number == num(GraphField::Initializer)) last_initializer_field = static_cast<int>(k);
+    for (size_t k = 0; k < g.fields().size(); ++k) {
+      if (g.fields()[k].number == node_field) last_node_field = static_cast<int>(k);
+      if (!function && g.fields()[k].number == num(GraphField::Initializer)) last_initializer_field = static_cast<int>(k);
     }
     auto added_initializers = [&] {
-      for (size_t k = EditRecord::of(g).original_initializer_count; k < g.initializers.size(); ++k) initializer(out, g, k, {});
+      for (size_t k = EditRecord::of(g).original_initializer_count; k < g.initializers().size(); ++k) initializer(out, g, k, {});
     };
     // New initializers go first when the graph has none, so that they precede the nodes like the rest.
     if (!function && last_initializer_field < 0) added_initializers();
     if (last_node_field < 0) created_before(out, g, node_field, 0);
-    for (size_t k = 0; k < g.fields.size(); ++k) {
-      const auto& f = g.fields[k];
+    for (size_t k = 0; k < g.fields().size(); ++k) {
+      const auto& f = g.fields()[k];
       if (f.number == node_field) {
         created_before(out, g, node_field, f.index);
-        node(out, node_field, g.nodes[f.index], f.whole);
+        node(out, node_field, g.nodes()[f.index], f.whole);
         if (static_cast<int>(k) == last_node_field) created_before(out, g, node_field, -1);
         if (static_cast<int>(k) == last_node_field && original_nodes > 0) created_before(out, g, node_field, original_nodes);
       } else if (!function && f.number == num(GraphField::Initializer)) {
@@ -417,24 +418,24 @@ struct Writer {
 }  // namespace
 
 // In file mode every graph holding an initializer whose external data moves to another location is rewritten.
-static void mark_moved_external_data(Model& model) {
-  if (!model.external_output) return;
-  if (model.external_output->layout != ExternalOutput::Layout::AsInput) {  // any initializer may move
+static void mark_moved_external_data(Model& model, const ExternalOutput* external_output) {
+  if (!external_output) return;
+  if (external_output->layout != ExternalOutput::Layout::AsInput) {  // any initializer may move
     for (Graph* g : model.all_graphs())
-      if (!g->initializers.empty()) g->mark_dirty();
+      if (!g->initializers().empty()) g->mark_dirty();
     return;
   }
   for (Graph* g : model.all_graphs())
     for (const auto& ref : g->original_external)
-      if (!ref.location.empty() && model.external_output->location_out.at(ref.location) != ref.location) {
+      if (!ref.location.empty() && external_output->location_out.at(ref.location) != ref.location) {
         g->mark_dirty();
         break;
       }
 }
 
-Pieces write_model(Model& model, Arena& arena) {
-  mark_moved_external_data(model);
-  Writer writer(arena, model.external_output);
+Pieces write_model(Model& model, Arena& arena, ExternalOutput* external_output) {
+  mark_moved_external_data(model, external_output);
+  Writer writer(arena, external_output);
   writer.whole_model = &model;
   return writer.model(model);
 }

@@ -49,7 +49,7 @@ bool only_reader(const Graph& g, const std::string& value, int node) {
 
 // The integer type a Q / DQ node's integer side has (its zero point's, its output_dtype, or uint8), 0 unknown.
 int32_t integer_type(Graph& g, int qdq) {
-  const Node& n = g.nodes[qdq];
+  const Node& n = g.nodes()[qdq];
   if (n.inputs.size() > 2 && !n.inputs[2].empty()) {
     if (auto ref = g.constant(n.inputs[2])) return ref->tensor.data_type;
     return 0;
@@ -57,14 +57,14 @@ int32_t integer_type(Graph& g, int qdq) {
   if (n.is("DequantizeLinear") && !n.inputs.empty()) {
     if (auto ref = g.constant(n.inputs[0])) return ref->tensor.data_type;
     const int p = g.producer(n.inputs[0]);
-    return p >= 0 && g.nodes[p].is("QuantizeLinear") ? integer_type(g, p) : 0;
+    return p >= 0 && g.nodes()[p].is("QuantizeLinear") ? integer_type(g, p) : 0;
   }
   const int64_t dtype = n.attr_int("output_dtype", 0);
   return dtype ? static_cast<int32_t>(dtype) : static_cast<int32_t>(DataType::Uint8);
 }
 
 bool scalar_parameters(Graph& g, int qdq) {
-  const Node& n = g.nodes[qdq];
+  const Node& n = g.nodes()[qdq];
   for (size_t i = 1; i < n.inputs.size() && i < 3; ++i) {
     if (n.inputs[i].empty()) continue;
     auto ref = g.constant(n.inputs[i]);
@@ -77,9 +77,9 @@ bool scalar_parameters(Graph& g, int qdq) {
 int32_t activation_type(Graph& g, int qdq) {
   const int32_t t = integer_type(g, qdq);
   if (t != static_cast<int32_t>(DataType::Int8)) return t;
-  const Node& n = g.nodes[qdq];
+  const Node& n = g.nodes()[qdq];
   const bool pair = n.is("QuantizeLinear") || (!n.inputs.empty() && g.producer(n.inputs[0]) >= 0 &&
-                                                g.nodes[g.producer(n.inputs[0])].is("QuantizeLinear"));
+                                                g.nodes()[g.producer(n.inputs[0])].is("QuantizeLinear"));
   return pair ? static_cast<int32_t>(DataType::Uint8) : t;
 }
 
@@ -87,14 +87,14 @@ int32_t activation_type(Graph& g, int qdq) {
 int input_dq(Graph& g, const std::string& value, int reader) {
   int p = value.empty() ? -1 : g.producer(value);
   if (p < 0) return -1;
-  if (g.nodes[p].is("DequantizeLinear")) return p;
+  if (g.nodes()[p].is("DequantizeLinear")) return p;
   std::string v = value;
   int r = reader;
-  while (p >= 0 && propagates(g.nodes[p]) && only_reader(g, v, r) && !g.nodes[p].inputs.empty()) {
+  while (p >= 0 && propagates(g.nodes()[p]) && only_reader(g, v, r) && !g.nodes()[p].inputs.empty()) {
     r = p;
-    v = g.nodes[p].inputs[0];
+    v = g.nodes()[p].inputs[0];
     p = g.producer(v);
-    if (p >= 0 && g.nodes[p].is("DequantizeLinear"))
+    if (p >= 0 && g.nodes()[p].is("DequantizeLinear"))
       return scalar_parameters(g, p) && g.uses(v).size() == 1 ? p : -1;
   }
   return -1;
@@ -104,13 +104,13 @@ int input_dq(Graph& g, const std::string& value, int reader) {
 // Relu or a propagating chain to one Q. 0: none (readers exist but are not all quantizers, or a graph output);
 // -1: no reader at all.
 int32_t output_q(Graph& g, int node) {
-  const std::string& y = g.nodes[node].outputs[0];
+  const std::string& y = g.nodes()[node].outputs[0];
   if (g.is_graph_output(y)) return 0;
   const auto& uses = g.uses(y);
   if (uses.empty()) return -1;
   int32_t type = -2;
   for (const auto& u : uses) {
-    if (u.slot != 0 || !g.nodes[u.node].is("QuantizeLinear")) { type = 0; break; }
+    if (u.slot != 0 || !g.nodes()[u.node].is("QuantizeLinear")) { type = 0; break; }
     const int32_t t = activation_type(g, u.node);
     if (type != -2 && type != t) return 0;
     type = t;
@@ -119,12 +119,12 @@ int32_t output_q(Graph& g, int node) {
   if (uses.size() != 1 || uses[0].slot != 0) return 0;
   int next = uses[0].node;
   // A Relu the Q makes redundant (zero point at the type's minimum).
-  if (g.nodes[next].is("Relu") && g.nodes[next].outputs.size() == 1) {
-    const std::string& r = g.nodes[next].outputs[0];
+  if (g.nodes()[next].is("Relu") && g.nodes()[next].outputs.size() == 1) {
+    const std::string& r = g.nodes()[next].outputs[0];
     const auto& ru = g.uses(r);
-    if (g.is_graph_output(r) || ru.size() != 1 || !g.nodes[ru[0].node].is("QuantizeLinear")) return 0;
+    if (g.is_graph_output(r) || ru.size() != 1 || !g.nodes()[ru[0].node].is("QuantizeLinear")) return 0;
     const int q = ru[0].node;
-    const Node& qn = g.nodes[q];
+    const Node& qn = g.nodes()[q];
     const int32_t t = integer_type(g, q);
     double zp = 0;
     if (qn.inputs.size() > 2 && !qn.inputs[2].empty()) {
@@ -138,19 +138,19 @@ int32_t output_q(Graph& g, int node) {
     return at_minimum ? activation_type(g, q) : 0;
   }
   // Q propagated backwards over a chain of single-reader ops.
-  while (propagates(g.nodes[next]) && !g.nodes[next].outputs.empty()) {
-    const std::string& v = g.nodes[next].outputs[0];
+  while (propagates(g.nodes()[next]) && !g.nodes()[next].outputs.empty()) {
+    const std::string& v = g.nodes()[next].outputs[0];
     const auto& vu = g.uses(v);
     if (g.is_graph_output(v) || vu.size() != 1 || vu[0].slot != 0) return 0;
     next = vu[0].node;
-    if (g.nodes[next].is("QuantizeLinear")) return scalar_parameters(g, next) ? activation_type(g, next) : 0;
+    if (g.nodes()[next].is("QuantizeLinear")) return scalar_parameters(g, next) ? activation_type(g, next) : 0;
   }
   return 0;
 }
 
 // The kernel op `node` becomes, or "" when it stays float.
 std::string kernel(Graph& g, int node) {
-  const Node& n = g.nodes[node];
+  const Node& n = g.nodes()[node];
   if (!(n.domain.empty() || n.domain == "ai.onnx") || n.outputs.size() != 1 || n.outputs[0].empty()) return "";
   const bool conv = n.op_type == "Conv", gemm = n.op_type == "Gemm", matmul = n.op_type == "MatMul";
   const bool binary = n.op_type == "Add" || n.op_type == "Mul";
@@ -177,13 +177,13 @@ std::string kernel(Graph& g, int node) {
   if (binary) return quantized_out && ta == tb ? "QLinear" + n.op_type : "";
   // Without output quantizers MatMul and Gemm still form a kernel (float output), unless some reader is a Q.
   bool q_reader = false;
-  for (const auto& u : g.uses(n.outputs[0])) q_reader = q_reader || g.nodes[u.node].is("QuantizeLinear");
+  for (const auto& u : g.uses(n.outputs[0])) q_reader = q_reader || g.nodes()[u.node].is("QuantizeLinear");
   const bool float_out = !quantized_out && !q_reader;
   if (matmul) return quantized_out ? "QLinearMatMul" : float_out ? "MatMulIntegerToFloat" : "";
   const bool has_bias = n.inputs.size() > 2 && !n.inputs[2].empty();
   if (has_bias) {
     const int bias = g.producer(n.inputs[2]);
-    const bool int32_dq = bias >= 0 && g.nodes[bias].is("DequantizeLinear") &&
+    const bool int32_dq = bias >= 0 && g.nodes()[bias].is("DequantizeLinear") &&
                           integer_type(g, bias) == static_cast<int32_t>(DataType::Int32);
     const bool float_constant = conv && g.constant(n.inputs[2]).has_value();
     if (!int32_dq && !float_constant) return "";
@@ -205,8 +205,8 @@ std::map<std::string, int64_t> predict_onnxruntime_kernels(graph::Model& model) 
   // first, which this prediction does not model.
   for (Graph* g : model.all_graphs()) {
     if (g->kind == graph::GraphKind::Function) continue;
-    for (size_t i = 0; i < g->nodes.size(); ++i) {
-      if (g->nodes[i].removed()) continue;
+    for (size_t i = 0; i < g->nodes().size(); ++i) {
+      if (g->nodes()[i].removed()) continue;
       const std::string k = kernel(*g, static_cast<int>(i));
       if (!k.empty()) ++counts[k];
     }

@@ -71,7 +71,7 @@ BatchNormRecord kept(BatchNormRecord r, const char* code, std::string message) {
 }
 
 std::string describe(const Graph& g, int node) {
-  return g.nodes[node].op_type + " '" + g.nodes[node].display_name(node) + "'";
+  return g.nodes()[node].op_type + " '" + g.nodes()[node].display_name(node) + "'";
 }
 
 // A scalar constant's type and element bytes, or nullopt.
@@ -96,7 +96,7 @@ bool exactly_reversible(int32_t quantized, int32_t scale) {
 
 // The quantizer's parameters, or a sentence saying why the rewrite leaves it alone.
 std::variant<Quantizer, std::string> read_quantizer(Graph& g, int q) {
-  const Node& n = g.nodes[q];
+  const Node& n = g.nodes()[q];
   Quantizer out;
   out.node = q;
   out.domain = n.domain;
@@ -142,7 +142,7 @@ bool constant_clip(Graph& g, const Node& n) {
 
 // True for an op through which the rewrite stays exact (see the header comment), reading its input 0.
 bool commutes(Graph& g, int node) {
-  const Node& n = g.nodes[node];
+  const Node& n = g.nodes()[node];
   if (!n.domain.empty() && n.domain != "ai.onnx") return false;
   if (n.op_type == "Relu" || n.op_type == "Reshape" || n.op_type == "Flatten" || n.op_type == "Transpose" ||
       n.op_type == "Squeeze" || n.op_type == "Unsqueeze" || n.op_type == "Identity")
@@ -178,7 +178,7 @@ void walk(Graph& g, const std::string& value, Walk& w, int depth) {
       w.blocker = "'" + value + "' is read inside a subgraph of " + describe(g, u.node);
       return;
     }
-    const Node& n = g.nodes[u.node];
+    const Node& n = g.nodes()[u.node];
     if (n.is("QuantizeLinear") && u.slot == 0) {
       auto q = read_quantizer(g, u.node);
       if (auto* why = std::get_if<std::string>(&q)) {
@@ -214,7 +214,7 @@ void walk(Graph& g, const std::string& value, Walk& w, int depth) {
 
 bool dequantized(const Graph& g, const std::string& value) {
   const int p = value.empty() ? -1 : g.producer(value);
-  return p >= 0 && g.nodes[p].is("DequantizeLinear");
+  return p >= 0 && g.nodes()[p].is("DequantizeLinear");
 }
 
 // The constant under `name` as a name this graph can read where the new nodes go: the name itself when it is
@@ -253,7 +253,7 @@ void add_rounding(graph::Model& model, Graph& g, const Quantizer& q, const std::
   const int qi = g.add_node(std::move(qn), before);
   g.add_node(std::move(dqn), before);
   if (q.node >= 0) {
-    const Node& leaf = g.nodes[q.node];
+    const Node& leaf = g.nodes()[q.node];
     if (leaf.attr("output_dtype")) g.set_int_attribute(qi, "output_dtype", q.output_dtype);
     if (leaf.attr("saturate")) g.set_int_attribute(qi, "saturate", q.saturate);
   } else if (q.output_dtype) {
@@ -266,7 +266,7 @@ void add_rounding(graph::Model& model, Graph& g, const Quantizer& q, const std::
 using namespace detail;
 
 BatchNormRecord output_quantizer(graph::Model& model, Graph& g, int layer) {
-  const Node& n = g.nodes[layer];
+  const Node& n = g.nodes()[layer];
   BatchNormRecord r;
   r.graph = g.path;
   r.node = n.display_name(layer);
@@ -288,12 +288,12 @@ BatchNormRecord output_quantizer(graph::Model& model, Graph& g, int layer) {
   // Already in the shape the selectors want: every reader a QuantizeLinear.
   const auto& uses = g.uses(y);
   bool all_quantizers = !uses.empty() && !g.is_graph_output(y);
-  for (const auto& u : uses) all_quantizers = all_quantizers && u.slot == 0 && g.nodes[u.node].is("QuantizeLinear");
+  for (const auto& u : uses) all_quantizers = all_quantizers && u.slot == 0 && g.nodes()[u.node].is("QuantizeLinear");
   // Several quantizers read it: onnxruntime's CSE makes them one only when they read the same constants (a
   // kernel has one output quantizer); otherwise one new pair goes before them all (the walk below).
   for (const auto& u : uses)
-    all_quantizers = all_quantizers && g.nodes[u.node].inputs == g.nodes[uses[0].node].inputs &&
-                     g.nodes[u.node].attributes.size() == g.nodes[uses[0].node].attributes.size();
+    all_quantizers = all_quantizers && g.nodes()[u.node].inputs == g.nodes()[uses[0].node].inputs &&
+                     g.nodes()[u.node].attributes.size() == g.nodes()[uses[0].node].attributes.size();
   if (all_quantizers) return kept(r, "already-quantized", "its output goes only to QuantizeLinear already");
   // plan: every path to its quantizers.
   Walk w;
@@ -301,9 +301,9 @@ BatchNormRecord output_quantizer(graph::Model& model, Graph& g, int layer) {
   if (!w.blocker.empty()) return kept(r, w.code.c_str(), "left in float: " + w.blocker);
   // apply: y' -> Q -> DQ -> y, with the first quantizer's parameters (they all agree).
   const Quantizer& q = w.quantizers[0];
-  for (const auto& leaf : w.quantizers) r.into.push_back(g.nodes[leaf.node].display_name(leaf.node));
+  for (const auto& leaf : w.quantizers) r.into.push_back(g.nodes()[leaf.node].display_name(leaf.node));
   r.into_op = "QuantizeLinear";
-  const std::string base = n.display_name(layer);  // before any edit: `n` is a reference into g.nodes
+  const std::string base = n.display_name(layer);  // before any edit: `n` is a reference into g.nodes()
   const std::string renamed = model.fresh_name(y + "_unquantized");
   g.set_output(layer, 0, renamed);
   add_rounding(model, g, q, renamed, y, base + "/output_quantizer", layer + 1, r.new_tensors);

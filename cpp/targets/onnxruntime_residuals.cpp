@@ -66,7 +66,7 @@ bool keeps_grid(const Graph& g, const Node& n) {
 int grid_source(Graph& g, const std::string& value, int depth = 0) {
   const int p = value.empty() || depth > 64 ? -1 : g.producer(value);
   if (p < 0) return -1;
-  const Node& n = g.nodes[p];
+  const Node& n = g.nodes()[p];
   if (n.is("DequantizeLinear") && standard(n))
     return std::holds_alternative<Quantizer>(read_quantizer(g, p)) ? p : -1;
   return keeps_grid(g, n) ? grid_source(g, n.inputs[0], depth + 1) : -1;
@@ -75,7 +75,7 @@ int grid_source(Graph& g, const std::string& value, int depth = 0) {
 // A per-tensor quantizer the rewrite can copy that reads `value`, else -1.
 int reading_quantizer(Graph& g, const std::string& value) {
   for (const graph::Use& u : g.uses(value))
-    if (u.slot == 0 && g.nodes[u.node].is("QuantizeLinear") &&
+    if (u.slot == 0 && g.nodes()[u.node].is("QuantizeLinear") &&
         std::holds_alternative<Quantizer>(read_quantizer(g, u.node)))
       return u.node;
   return -1;
@@ -91,7 +91,7 @@ int downstream_quantizer(Graph& g, const std::string& value) {
     if (depth > 64 || !seen.insert(v).second) continue;
     if (const int q = reading_quantizer(g, v); q >= 0) return q;
     for (const graph::Use& u : g.uses(v))
-      if (u.slot == 0 && commutes(g, u.node)) todo.emplace_back(g.nodes[u.node].outputs[0], depth + 1);
+      if (u.slot == 0 && commutes(g, u.node)) todo.emplace_back(g.nodes()[u.node].outputs[0], depth + 1);
   }
   return -1;
 }
@@ -103,14 +103,14 @@ double scale_of(const Quantizer& q) { return graph::float_element(q.scale_type, 
 std::vector<BatchNormRecord> residual_inputs(graph::Model& model, Graph& g, bool requantize) {
   std::vector<BatchNormRecord> records;
   std::vector<int> sums;
-  for (size_t i = 0; i < g.nodes.size(); ++i) {
-    const Node& n = g.nodes[i];
+  for (size_t i = 0; i < g.nodes().size(); ++i) {
+    const Node& n = g.nodes()[i];
     if (!n.removed() && !n.created() && standard(n) && (n.op_type == "Add" || n.op_type == "Concat") &&
         n.outputs.size() == 1 && !n.outputs[0].empty())
       sums.push_back(static_cast<int>(i));
   }
   for (int node : sums) {
-    const Node& n = g.nodes[node];
+    const Node& n = g.nodes()[node];
     if (n.op_type == "Add" && n.inputs.size() != 2) continue;
     bool all_dequantized = true, constant = false;
     for (const auto& in : n.inputs) {
@@ -177,7 +177,7 @@ std::vector<BatchNormRecord> residual_inputs(graph::Model& model, Graph& g, bool
     bool exact = true;
     std::string parts;
     for (const Plan& p : plans) {
-      const std::string v = g.nodes[node].inputs[p.slot];
+      const std::string v = g.nodes()[node].inputs[p.slot];
       const std::string out = model.fresh_name(v + "_requantized");
       // Private copies of the scale and zero point: a pair equal to the next conv's (same constants) would be
       // merged with it by onnxruntime's common subexpression elimination into one Q read by two DQs, which its
@@ -186,7 +186,7 @@ std::vector<BatchNormRecord> residual_inputs(graph::Model& model, Graph& g, bool
                    true);
       g.set_input(node, static_cast<int>(p.slot), out);
       exact = exact && p.exact;
-      r.into.push_back(p.q.node >= 0 ? g.nodes[p.q.node].display_name(p.q.node) : "");
+      r.into.push_back(p.q.node >= 0 ? g.nodes()[p.q.node].display_name(p.q.node) : "");
       parts += std::string(parts.empty() ? "" : "; ") + "input '" + v + "' " +
                (p.exact ? "is on the grid of " : "rounded with the parameters of ") + describe(g, p.q.node);
     }

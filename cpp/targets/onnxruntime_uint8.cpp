@@ -24,8 +24,8 @@ using wire::DataType;
 
 int uint8_activations(graph::Model& model, Graph& g) {
   int changed = 0;
-  for (size_t i = 0; i < g.nodes.size(); ++i) {
-    const Node& q = g.nodes[i];
+  for (size_t i = 0; i < g.nodes().size(); ++i) {
+    const Node& q = g.nodes()[i];
     if (q.removed() || !q.is("QuantizeLinear") || q.inputs.size() != 3 || q.outputs.size() != 1 ||
         q.attr("output_dtype") || q.attr("saturate") || q.attr("axis") || g.is_graph_output(q.outputs[0]))
       continue;
@@ -37,7 +37,7 @@ int uint8_activations(graph::Model& model, Graph& g) {
     const auto& uses = g.uses(q.outputs[0]);
     bool pairs = !uses.empty();
     for (const auto& u : uses) {
-      const Node& dq = g.nodes[u.node];
+      const Node& dq = g.nodes()[u.node];
       pairs = pairs && u.slot == 0 && dq.is("DequantizeLinear") && dq.inputs.size() == 3 &&
               dq.inputs[1] == q.inputs[1] && dq.inputs[2] == q.inputs[2] && !dq.attr("axis");
     }

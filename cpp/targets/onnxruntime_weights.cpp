@@ -34,12 +34,12 @@ bool only_read_by(const Graph& g, const std::string& value, int node) {
 
 // Stores layer `layer`'s weight as integers where that is exact; notes it in `record`.
 void store_integer_weight(graph::Model& model, Graph& g, int layer, BatchNormRecord& record) {
-  if (g.nodes[layer].inputs.size() < 2) return;
-  const int dq = g.producer(g.nodes[layer].inputs[1]);
-  if (dq < 0 || !g.nodes[dq].is("DequantizeLinear") || g.nodes[dq].inputs.size() < 2) return;
-  const int q = g.producer(g.nodes[dq].inputs[0]);
-  if (q < 0 || !g.nodes[q].is("QuantizeLinear") || g.nodes[q].inputs.size() < 2) return;
-  const Node& qn = g.nodes[q];
+  if (g.nodes()[layer].inputs.size() < 2) return;
+  const int dq = g.producer(g.nodes()[layer].inputs[1]);
+  if (dq < 0 || !g.nodes()[dq].is("DequantizeLinear") || g.nodes()[dq].inputs.size() < 2) return;
+  const int q = g.producer(g.nodes()[dq].inputs[0]);
+  if (q < 0 || !g.nodes()[q].is("QuantizeLinear") || g.nodes()[q].inputs.size() < 2) return;
+  const Node& qn = g.nodes()[q];
   if (qn.attr_int("block_size", 0) != 0 || qn.outputs.size() != 1 || !only_read_by(g, qn.outputs[0], dq)) return;
   const std::string w_name = qn.inputs[0];
   auto w = g.constant(w_name);
@@ -74,7 +74,7 @@ void store_integer_weight(graph::Model& model, Graph& g, int layer, BatchNormRec
   }
   const std::string name = model.fresh_name(w_name + "_quantized");
   g.add_tensor(name, graph::encode_tensor(name, type, dims, kernels::write_quantized(ints, type)));
-  const std::string q_output = g.nodes[q].outputs[0];
+  const std::string q_output = g.nodes()[q].outputs[0];
   g.set_input(dq, 0, name);
   g.remove_node(q);
   g.remove_value_info(q_output);
@@ -100,11 +100,11 @@ void store_integer_weight(graph::Model& model, Graph& g, int layer, BatchNormRec
 namespace qdqfold::targets {
 
 void store_float_weight(graph::Model& model, Graph& g, int layer, BatchNormRecord& record) {
-  if (g.nodes[layer].inputs.size() < 2) return;
-  const std::string w_name = g.nodes[layer].inputs[1];
+  if (g.nodes()[layer].inputs.size() < 2) return;
+  const std::string w_name = g.nodes()[layer].inputs[1];
   const int dq = g.producer(w_name);
-  if (dq < 0 || !g.nodes[dq].is("DequantizeLinear") || g.nodes[dq].inputs.size() < 2) return;
-  const Node& dn = g.nodes[dq];
+  if (dq < 0 || !g.nodes()[dq].is("DequantizeLinear") || g.nodes()[dq].inputs.size() < 2) return;
+  const Node& dn = g.nodes()[dq];
   if (dn.attr_int("block_size", 0) != 0 || dn.outputs.size() != 1 || !only_read_by(g, w_name, layer)) return;
   auto q = g.constant(dn.inputs[0]);
   auto s = g.constant(dn.inputs[1]);

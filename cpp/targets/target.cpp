@@ -25,14 +25,14 @@ void run_target(graph::Model& model, const Options& options, std::map<std::strin
     }
     std::vector<int> layers;
     std::vector<std::pair<int, size_t>> layer_records;  // layer node -> its record
-    for (size_t i = 0; i < g->nodes.size(); ++i) {
-      const graph::Node& n = g->nodes[i];
+    for (size_t i = 0; i < g->nodes().size(); ++i) {
+      const graph::Node& n = g->nodes()[i];
       const bool sum = n.is("Add") || n.is("Concat");
       if (!n.removed() && !n.created() && (n.is("Conv") || n.is("Gemm") || n.is("MatMul") || sum))
         layers.push_back(static_cast<int>(i));
     }
     for (int layer : layers) {
-      const bool sum = g->nodes[layer].is("Add") || g->nodes[layer].is("Concat");
+      const bool sum = g->nodes()[layer].is("Add") || g->nodes()[layer].is("Concat");
       BatchNormRecord r = output_quantizer(model, *g, layer);
       // An Add / Concat whose inputs are not all quantized is reported by residual_inputs (or, with no
       // quantized input at all, is no residual of quantized layers): not listed twice.

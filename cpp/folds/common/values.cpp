@@ -50,7 +50,7 @@ std::optional<std::vector<double>> dequantized_constant(Graph& g, const Node& dq
 std::optional<std::vector<double>> constant_values(Graph& g, const std::string& value) {
   if (auto c = g.constant(value)) return c->tensor.values();
   int p = g.producer(value);
-  if (p >= 0 && g.nodes[p].is("DequantizeLinear")) return dequantized_constant(g, g.nodes[p]);
+  if (p >= 0 && g.nodes()[p].is("DequantizeLinear")) return dequantized_constant(g, g.nodes()[p]);
   return std::nullopt;
 }
 
@@ -62,7 +62,7 @@ bool read_only_by(const Graph& g, const std::string& value, int reader) {
 
 bool reads_only_shape(const Graph& g, const graph::Use& u) {
   if (u.slot != 0) return false;  // a subgraph's read (slot < 0) may be anything
-  const Node& n = g.nodes[u.node];
+  const Node& n = g.nodes()[u.node];
   return n.is("Shape") || n.is("Size");
 }
 
@@ -73,8 +73,8 @@ std::string new_tensor_name(graph::Model& model, const std::string& old_name, co
 std::optional<std::vector<int64_t>> constant_dims(Graph& g, const std::string& value) {
   if (auto c = g.constant(value)) return c->tensor.dims;
   const int p = g.producer(value);
-  if (p >= 0 && g.nodes[p].is("DequantizeLinear") && !g.nodes[p].inputs.empty())
-    if (auto q = g.constant(g.nodes[p].inputs[0])) return q->tensor.dims;
+  if (p >= 0 && g.nodes()[p].is("DequantizeLinear") && !g.nodes()[p].inputs.empty())
+    if (auto q = g.constant(g.nodes()[p].inputs[0])) return q->tensor.dims;
   return std::nullopt;
 }
 
@@ -87,7 +87,7 @@ std::optional<size_t> known_rank(const Graph& g, const std::string& value) {
 }
 
 std::string describe_node(const Graph& g, int node) {
-  return g.nodes[node].op_type + " '" + g.nodes[node].display_name(node) + "'";
+  return g.nodes()[node].op_type + " '" + g.nodes()[node].display_name(node) + "'";
 }
 
 }  // namespace qdqfold::folds

@@ -21,7 +21,7 @@ Expected<std::vector<Branch>> classify_terms(const Graph& g, const Selection& se
     Branch b{Branch::Kind::Identity, t.value, t.sign, -1};
     if (t.value != set.x) {
       const int p = t.value.empty() ? -1 : g.producer(t.value);
-      if (p < 0 || !(g.nodes[p].is("Conv") || g.nodes[p].is("BatchNormalization")))
+      if (p < 0 || !(g.nodes()[p].is("Conv") || g.nodes()[p].is("BatchNormalization")))
         return Outcome::kept(Reason::NotABranch, "term '" + t.value + "' of the sum is " +
                                                  (p < 0 ? std::string("not made by a node (a constant or an input)")
                                                         : "made by " + describe_node(g, p)) +
@@ -33,7 +33,7 @@ Expected<std::vector<Branch>> classify_terms(const Graph& g, const Selection& se
         return Outcome::kept(Reason::BranchOutputShared, "the output '" + t.value + "' of " + describe_node(g, p) +
                                                          " is also read elsewhere (or is a graph output), which "
                                                          "needs that branch on its own");
-      b.kind = g.nodes[p].is("Conv") ? Branch::Kind::Conv : Branch::Kind::BatchNorm;
+      b.kind = g.nodes()[p].is("Conv") ? Branch::Kind::Conv : Branch::Kind::BatchNorm;
       b.node = p;
     }
     branches.push_back(b);
@@ -73,14 +73,14 @@ Expected<ConvBranch> read_quantized_branch(FoldContext& ctx, int node) {
                          who + " has a quantized weight (DequantizeLinear): the merged kernel "
                          "needs new integers on a new grid, which no exact merge gives (requantize_merged=True "
                          "re-quantizes, approximately)");
-  const std::string& weight = g.nodes[node].inputs[1];
+  const std::string& weight = g.nodes()[node].inputs[1];
   auto read = reworded(read_quantized_weight(g, g.producer(weight), node),
                        [&](const Outcome& o) { return Outcome::kept_as(o, who + ": " + o.message); });
   QDQFOLD_TRY(q, if_not_applicable(std::move(read), [&] {
                 return Outcome::kept(Reason::NonConstantWeight, who + " has no constant weight");
               }));
   std::string why;
-  auto layout = weight_layout(g.nodes[node], q.dims, why);
+  auto layout = weight_layout(g.nodes()[node], q.dims, why);
   if (!layout) return Outcome::kept(Reason::Malformed, who + ": " + why);
   auto values = dequantized_values(q);
   if (!values || q.range.lo >= 0 || q.range.hi > 32767)
@@ -116,7 +116,7 @@ Expected<ConvBranch> read_branch_weight(FoldContext& ctx, int node) {
 
 Expected<ConvBranch> read_conv_branch(FoldContext& ctx, const Branch& b) {
   Graph& g = ctx.graph;
-  const Node& conv = g.nodes[b.node];
+  const Node& conv = g.nodes()[b.node];
   if (conv.outputs.size() != 1) return Outcome::kept(Reason::Malformed, describe_node(g, b.node) + " has more than one output");
   QDQFOLD_TRY(c, read_branch_weight(ctx, b.node));
   c.sign = b.sign;

@@ -13,12 +13,12 @@ namespace {
 // The terms under `node` with their signs: a term made by another Add/Sum/Sub read only here is expanded.
 void collect_terms(const Graph& g, int node, int sign, std::vector<int>& tree, std::vector<Term>& terms) {
   tree.push_back(node);
-  const Node& n = g.nodes[node];
+  const Node& n = g.nodes()[node];
   for (size_t s = 0; s < n.inputs.size(); ++s) {
     const std::string& v = n.inputs[s];
     const int term_sign = n.is("Sub") && s == 1 ? -sign : sign;
     const int p = v.empty() ? -1 : g.producer(v);
-    if (p >= 0 && is_sum_node(g.nodes[p]) && read_only_by(g, v, node)) collect_terms(g, p, term_sign, tree, terms);
+    if (p >= 0 && is_sum_node(g.nodes()[p]) && read_only_by(g, v, node)) collect_terms(g, p, term_sign, tree, terms);
     else terms.push_back({v, term_sign, node});
   }
 }
@@ -27,8 +27,8 @@ void collect_terms(const Graph& g, int node, int sign, std::vector<int>& tree, s
 
 std::string branch_input(const Graph& g, const std::string& v) {
   const int p = v.empty() ? -1 : g.producer(v);
-  if (p >= 0 && (g.nodes[p].is("Conv") || g.nodes[p].is("BatchNormalization")) && !g.nodes[p].inputs.empty())
-    return g.nodes[p].inputs[0];
+  if (p >= 0 && (g.nodes()[p].is("Conv") || g.nodes()[p].is("BatchNormalization")) && !g.nodes()[p].inputs.empty())
+    return g.nodes()[p].inputs[0];
   return v;
 }
 
@@ -44,8 +44,8 @@ std::optional<Selection> select_branches(const Graph& g, int root) {
   // x: the input of the first Conv term that at least one other term shares.
   for (const auto& t : set.terms) {
     const int p = t.value.empty() ? -1 : g.producer(t.value);
-    if (p < 0 || !g.nodes[p].is("Conv") || g.nodes[p].inputs.empty()) continue;
-    const std::string x = g.nodes[p].inputs[0];
+    if (p < 0 || !g.nodes()[p].is("Conv") || g.nodes()[p].inputs.empty()) continue;
+    const std::string x = g.nodes()[p].inputs[0];
     int sharing = 0;
     for (const auto& u : set.terms) sharing += branch_input(g, u.value) == x;
     if (sharing >= 2) { set.x = x; break; }
@@ -53,7 +53,7 @@ std::optional<Selection> select_branches(const Graph& g, int root) {
   if (set.x.empty()) return std::nullopt;
   for (const auto& t : set.terms) {
     const int p = t.value.empty() ? -1 : g.producer(t.value);
-    if (p >= 0 && g.nodes[p].is("BatchNormalization") && branch_input(g, t.value) == set.x &&
+    if (p >= 0 && g.nodes()[p].is("BatchNormalization") && branch_input(g, t.value) == set.x &&
         read_only_by(g, t.value, t.reader))
       set.identity_batchnorms.push_back(p);
   }

@@ -35,20 +35,20 @@ int constant_slot(Graph& g, const Node& n) {
 std::optional<std::vector<int64_t>> weight_dims(Graph& g, const std::string& w) {
   if (auto dims = constant_dims(g, w)) return dims;
   const int dq = g.producer(w);
-  if (dq < 0 || !g.nodes[dq].is("DequantizeLinear") || g.nodes[dq].inputs.empty()) return std::nullopt;
-  const int q = g.producer(g.nodes[dq].inputs[0]);
-  if (q < 0 || !g.nodes[q].is("QuantizeLinear") || g.nodes[q].inputs.empty()) return std::nullopt;
-  return constant_dims(g, g.nodes[q].inputs[0]);
+  if (dq < 0 || !g.nodes()[dq].is("DequantizeLinear") || g.nodes()[dq].inputs.empty()) return std::nullopt;
+  const int q = g.producer(g.nodes()[dq].inputs[0]);
+  if (q < 0 || !g.nodes()[q].is("QuantizeLinear") || g.nodes()[q].inputs.empty()) return std::nullopt;
+  return constant_dims(g, g.nodes()[q].inputs[0]);
 }
 
 // The layer whose output channels `x` carries, when its producer is one (for a scalar constant's channel count).
 std::optional<int64_t> producer_channels(Graph& g, const std::string& x) {
   const int p = g.producer(x);
-  if (p < 0 || g.nodes[p].inputs.size() < 2) return std::nullopt;
-  auto dims = weight_dims(g, g.nodes[p].inputs[1]);
+  if (p < 0 || g.nodes()[p].inputs.size() < 2) return std::nullopt;
+  auto dims = weight_dims(g, g.nodes()[p].inputs[1]);
   if (!dims) return std::nullopt;
   std::string why;
-  auto layout = weight_layout(g.nodes[p], *dims, why, /*backward_fold=*/true);
+  auto layout = weight_layout(g.nodes()[p], *dims, why, /*backward_fold=*/true);
   if (!layout) return std::nullopt;
   return layout->out_channels;
 }
@@ -56,12 +56,12 @@ std::optional<int64_t> producer_channels(Graph& g, const std::string& x) {
 // True when `x` comes out of a MatMul with a constant 2-D weight, directly or through the Add of its bias.
 bool from_matmul(Graph& g, const std::string& x) {
   int p = g.producer(x);
-  if (p >= 0 && g.nodes[p].is("Add") && g.nodes[p].inputs.size() == 2) {
-    for (const auto& in : g.nodes[p].inputs)
-      if (const int q = g.producer(in); q >= 0 && g.nodes[q].is("MatMul")) p = q;
+  if (p >= 0 && g.nodes()[p].is("Add") && g.nodes()[p].inputs.size() == 2) {
+    for (const auto& in : g.nodes()[p].inputs)
+      if (const int q = g.producer(in); q >= 0 && g.nodes()[q].is("MatMul")) p = q;
   }
-  if (p < 0 || !g.nodes[p].is("MatMul") || g.nodes[p].inputs.size() != 2) return false;
-  auto dims = weight_dims(g, g.nodes[p].inputs[1]);
+  if (p < 0 || !g.nodes()[p].is("MatMul") || g.nodes()[p].inputs.size() != 2) return false;
+  auto dims = weight_dims(g, g.nodes()[p].inputs[1]);
   return dims && dims->size() == 2;
 }
 
@@ -70,7 +70,7 @@ std::optional<size_t> activation_rank(Graph& g, const std::string& x, int depth 
   if (auto r = known_rank(g, x)) return r;
   const int p = g.producer(x);
   if (p < 0) return std::nullopt;
-  const Node& n = g.nodes[p];
+  const Node& n = g.nodes()[p];
   if ((n.is("Conv") || n.is("ConvTranspose")) && n.inputs.size() > 1)
     if (auto dims = weight_dims(g, n.inputs[1]); dims && dims->size() >= 3) return dims->size();
   if (n.is("MatMul") && n.inputs.size() == 2)
@@ -87,7 +87,7 @@ std::optional<size_t> activation_rank(Graph& g, const std::string& x, int depth 
 }  // namespace
 
 bool is_elementwise_affine(Graph& g, int node) {
-  const Node& n = g.nodes[node];
+  const Node& n = g.nodes()[node];
   const int slot = constant_slot(g, n);
   if (slot < 0) return false;
   auto c = g.constant(n.inputs[slot]);
@@ -98,7 +98,7 @@ bool is_elementwise_affine(Graph& g, int node) {
 }
 
 int affine_data_slot(Graph& g, int node) {
-  const Node& n = g.nodes[node];
+  const Node& n = g.nodes()[node];
   if (n.is("BatchNormalization")) return 0;
   const int slot = constant_slot(g, n);
   return slot < 0 ? 0 : 1 - slot;
@@ -106,13 +106,13 @@ int affine_data_slot(Graph& g, int node) {
 
 Expected<BatchNormAffine> read_elementwise_affine(FoldContext& ctx, int node) {
   Graph& g = ctx.graph;
-  const Node& n = g.nodes[node];
+  const Node& n = g.nodes()[node];
   const int cslot = constant_slot(g, n);
   if (cslot < 0) return Outcome::not_applicable();
   const std::string& x = n.inputs[1 - cslot];
   const std::string& cname = n.inputs[cslot];
   // A shift after a MatMul is the plain linear layer's own bias, not something to fold.
-  if ((n.is("Add") || (n.is("Sub") && cslot == 1)) && g.producer(x) >= 0 && g.nodes[g.producer(x)].is("MatMul"))
+  if ((n.is("Add") || (n.is("Sub") && cslot == 1)) && g.producer(x) >= 0 && g.nodes()[g.producer(x)].is("MatMul"))
     return Outcome::not_applicable();
   auto c = g.constant(cname);
   auto values = c ? c->tensor.values() : std::nullopt;
@@ -142,10 +142,10 @@ Expected<BatchNormAffine> read_elementwise_affine(FoldContext& ctx, int node) {
                                              static_cast<int64_t>(*rank) - 1);
   if (last_axis) {
     auto mm = g.producer(x);
-    if (g.nodes[mm].is("Add"))
-      for (const auto& in : g.nodes[mm].inputs)
-        if (const int q = g.producer(in); q >= 0 && g.nodes[q].is("MatMul")) mm = q;
-    const auto features = producer_channels(g, g.nodes[mm].outputs[0]);
+    if (g.nodes()[mm].is("Add"))
+      for (const auto& in : g.nodes()[mm].inputs)
+        if (const int q = g.producer(in); q >= 0 && g.nodes()[q].is("MatMul")) mm = q;
+    const auto features = producer_channels(g, g.nodes()[mm].outputs[0]);
     channels = varying >= 0 ? dims[varying] : features.value_or(-1);
     if (channels <= 0 || values->size() != (varying >= 0 ? static_cast<size_t>(channels) : 1))
       return Outcome::kept(Reason::ShapeMismatch, "its constant '" + cname + "' does not match the MatMul's features");
@@ -202,16 +202,16 @@ std::string affine_fold_name(const std::string& bn_fold_name, const Node& n) {
 }
 
 bool affine_reported_when_kept(Graph& g, int node) {
-  const Node& n = g.nodes[node];
+  const Node& n = g.nodes()[node];
   int p = g.producer(n.inputs[affine_data_slot(g, node)]);
   // Through an activation quantizer (layer -> Q -> DQ -> Mul): the layer's, kept for that quantizer.
-  if (p >= 0 && g.nodes[p].op_type == "DequantizeLinear" && !g.nodes[p].inputs.empty()) {
-    const int q = g.producer(g.nodes[p].inputs[0]);
-    p = q >= 0 && g.nodes[q].op_type == "QuantizeLinear" && !g.nodes[q].inputs.empty() ? g.producer(g.nodes[q].inputs[0])
+  if (p >= 0 && g.nodes()[p].op_type == "DequantizeLinear" && !g.nodes()[p].inputs.empty()) {
+    const int q = g.producer(g.nodes()[p].inputs[0]);
+    p = q >= 0 && g.nodes()[q].op_type == "QuantizeLinear" && !g.nodes()[q].inputs.empty() ? g.producer(g.nodes()[q].inputs[0])
                                                                                        : -1;
   }
   if (p < 0) return false;
-  const Node& layer = g.nodes[p];
+  const Node& layer = g.nodes()[p];
   if (!is_layer(layer)) return false;
   if (layer.is("MatMul") && n.is("Add")) return false;  // MatMul + Add(bias) is the plain linear layer
   return layer.inputs.size() > 1 && weight_dims(g, layer.inputs[1]).has_value();

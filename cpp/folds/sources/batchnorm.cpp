@@ -45,7 +45,7 @@ Expected<BatchNormAffine> read_batchnorm_map(FoldContext& ctx, int bn);
 Expected<BatchNormAffine> read_batchnorm(FoldContext& ctx, int bn) {
   auto read = read_batchnorm_map(ctx, bn);
   if (auto* affine = std::get_if<BatchNormAffine>(&read))
-    if (auto kept = factor_beyond_headroom(ctx.graph.nodes[bn], *affine)) return std::move(*kept);
+    if (auto kept = factor_beyond_headroom(ctx.graph.nodes()[bn], *affine)) return std::move(*kept);
   return read;
 }
 
@@ -53,7 +53,7 @@ namespace {
 
 Expected<BatchNormAffine> read_batchnorm_map(FoldContext& ctx, int bn) {
   Graph& g = ctx.graph;
-  const Node& n = g.nodes[bn];
+  const Node& n = g.nodes()[bn];
   // An elementwise Mul/Add/Sub/Div by a per-channel constant is the same map (affine.h).
   if (!n.is("BatchNormalization")) return read_elementwise_affine(ctx, bn);
   const int64_t version = g.opset("");
@@ -131,7 +131,7 @@ Expected<BatchNormAffine> read_batchnorm_map(FoldContext& ctx, int bn) {
 }  // namespace
 
 void remove_folded_batchnorm(Graph& g, int bn, const BatchNormAffine& affine) {
-  const std::string bn_input = g.nodes[bn].inputs[affine_data_slot(g, bn)];
+  const std::string bn_input = g.nodes()[bn].inputs[affine_data_slot(g, bn)];
   g.remove_node(bn);
   g.remove_value_info(bn_input);
   for (const auto& v : affine.parameter_values) g.drop_if_unused(v);

@@ -12,23 +12,23 @@ using graph::Node;
 
 bool produced_by_dequantize(const Graph& g, const std::string& value) {
   const int p = g.producer(value);
-  return p >= 0 && g.nodes[p].is("DequantizeLinear");
+  return p >= 0 && g.nodes()[p].is("DequantizeLinear");
 }
 
 Expected<FloatWeight> read_float_weight(FoldContext& ctx, int layer, bool backward_fold) {
   Graph& g = ctx.graph;
-  const Node& n = g.nodes[layer];
+  const Node& n = g.nodes()[layer];
   const std::string who = n.op_type + " '" + n.display_name(layer) + "'";
   if (n.inputs.size() < 2 || n.inputs[1].empty())
     return Outcome::kept(Reason::Malformed, who + " has no weight input");
   const std::string& name = n.inputs[1];
   if (produced_by_dequantize(g, name)) return Outcome::not_applicable();
   auto ref = g.constant(name);
-  if (const int p = g.producer(name); !ref && p >= 0 && g.nodes[p].domain == "trt") {
+  if (const int p = g.producer(name); !ref && p >= 0 && g.nodes()[p].domain == "trt") {
     // ModelOpt's FP8 export for TensorRT: trt::TRT_FP8QuantizeLinear -> trt::TRT_FP8DequantizeLinear (one
     // per-tensor scale, no axis). trt::DequantizeLinear of a float weight (INT4) is qdq_layer_bn's.
-    const std::string op = "trt::" + g.nodes[p].op_type;
-    if (g.nodes[p].op_type == "TRT_FP8DequantizeLinear")
+    const std::string op = "trt::" + g.nodes()[p].op_type;
+    if (g.nodes()[p].op_type == "TRT_FP8DequantizeLinear")
       return Outcome::kept(Reason::TensorrtQuantizer,
                            "the weight '" + name + "' of " + who + " comes out of TensorRT's " + op +
                                ", which takes one per-tensor scale and has no axis: BN's per-channel factors cannot "
@@ -72,11 +72,11 @@ Expected<std::vector<double>> read_bias(Graph& g, const std::string& value, int6
 
 // The read-only overflow check of W * scale, in slices of at most 64 MB whose pages are given back as it
 // goes: a weight in a mapped file is never resident all at once.
-static kernels::AffineResult check_rescale(const graph::Model& model, int32_t dtype, std::string_view bytes,
+static kernels::AffineResult check_rescale(const FoldHooks* hooks, int32_t dtype, std::string_view bytes,
                                            const kernels::ChannelAxis& axis, const std::vector<double>& scale) {
   const int64_t count = axis.element_count();
   char* const no_output = nullptr;  // check only
-  if (count <= 0 || !model.release_pages) return kernels::affine_channels(dtype, bytes, axis, scale.data(), nullptr, no_output);
+  if (count <= 0 || !hooks || !hooks->release_pages) return kernels::affine_channels(dtype, bytes, axis, scale.data(), nullptr, no_output);
   const size_t element = bytes.size() / static_cast<size_t>(count);
   const int64_t slice = std::max<int64_t>(1, static_cast<int64_t>((size_t(64) << 20) / std::max<size_t>(element, 1)));
   kernels::AffineResult total;
@@ -87,7 +87,7 @@ static kernels::AffineResult check_rescale(const graph::Model& model, int32_t dt
     if (r.overflowed && total.overflowed == 0) total.first_overflow_channel = r.first_overflow_channel;
     total.overflowed += r.overflowed;
     total.ok = r.ok;
-    model.release_pages(bytes.substr(static_cast<size_t>(first) * element, static_cast<size_t>(last - first) * element));
+    hooks->release_pages(bytes.substr(static_cast<size_t>(first) * element, static_cast<size_t>(last - first) * element));
   }
   return total;
 }
@@ -100,9 +100,9 @@ Expected<graph::LazyBytes> rescale_weight(FoldContext& ctx, const FloatWeight& w
                                                std::to_string(axis.channel_count()) + " output channels");
   const int32_t dtype = w.tensor.data_type;
   // Deferred: the generator counts overflows as it writes (one pass over the weight instead of two).
-  const auto deferred = ctx.model.deferred_checks;
+  const auto deferred = ctx.deferred_checks();
   if (!deferred) {
-    auto r = check_rescale(ctx.model, dtype, w.bytes, axis, scale);
+    auto r = check_rescale(ctx.hooks, dtype, w.bytes, axis, scale);
     if (!r.ok) return Outcome::kept(Reason::UnreadableWeight, "the weight '" + w.tensor.name + "' does not match its dims");
     if (r.overflowed)
       return Outcome::kept(Reason::Overflow, std::to_string(r.overflowed) + " weight values of channel " +

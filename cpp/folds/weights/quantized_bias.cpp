@@ -22,8 +22,8 @@ namespace {
 // s_x: the scale of the layer's input activation when a DequantizeLinear with one constant scale makes it.
 std::optional<double> input_scale(Graph& g, const Node& layer) {
   const int p = layer.inputs.empty() ? -1 : g.producer(layer.inputs[0]);
-  if (p < 0 || !is_dequantize(g.nodes[p]) || g.nodes[p].inputs.size() < 2) return std::nullopt;
-  auto s = g.constant(g.nodes[p].inputs[1]);
+  if (p < 0 || !is_dequantize(g.nodes()[p]) || g.nodes()[p].inputs.size() < 2) return std::nullopt;
+  auto s = g.constant(g.nodes()[p].inputs[1]);
   if (!s) return std::nullopt;
   auto v = s->tensor.values();
   if (!v || v->size() != 1) return std::nullopt;
@@ -43,14 +43,14 @@ std::optional<double> channel_scale(const QuantLayout& l, const std::vector<doub
 enum class BiasForm { Unknown, Float, Int32 };
 BiasForm graph_bias_form(Graph& g, int except) {
   bool saw_float = false;
-  for (size_t k = 0; k < g.nodes.size(); ++k) {
-    const Node& n = g.nodes[k];
+  for (size_t k = 0; k < g.nodes().size(); ++k) {
+    const Node& n = g.nodes()[k];
     if (n.removed() || static_cast<int>(k) == except || !is_layer(n) || layer_kind(n)->bias_input < 0) continue;
     if (n.inputs.size() < 3 || n.inputs[2].empty() || n.inputs[1].empty()) continue;
     const int w = g.producer(n.inputs[1]);
-    if (w < 0 || !is_dequantize(g.nodes[w])) continue;
+    if (w < 0 || !is_dequantize(g.nodes()[w])) continue;
     const int b = g.producer(n.inputs[2]);
-    if (b >= 0 && is_dequantize(g.nodes[b])) return BiasForm::Int32;
+    if (b >= 0 && is_dequantize(g.nodes()[b])) return BiasForm::Int32;
     if (g.constant(n.inputs[2])) saw_float = true;
   }
   return saw_float ? BiasForm::Float : BiasForm::Unknown;
@@ -120,7 +120,7 @@ Expected<BiasPlan> plan_bias(FoldContext& ctx, int layer, const WeightLayout& wl
                                           const RescaledWeight& r, const BatchNormAffine& bn, double beta,
                                           bool raising_opset, const std::string& who) {
   Graph& g = ctx.graph;
-  const Node& n = g.nodes[layer];
+  const Node& n = g.nodes()[layer];
   const auto M = static_cast<size_t>(wl.out_channels);
   const std::vector<double>& a = bn.scale;
   BiasPlan plan;
@@ -169,9 +169,9 @@ Expected<BiasPlan> plan_bias(FoldContext& ctx, int layer, const WeightLayout& wl
   }
 
   const int bp = g.producer(plan.old);
-  if (bp >= 0 && is_dequantize(g.nodes[bp])) {
+  if (bp >= 0 && is_dequantize(g.nodes()[bp])) {
     // int32 bias behind DequantizeLinear.
-    const Node& bd = g.nodes[bp];
+    const Node& bd = g.nodes()[bp];
     if (!read_only_by(g, plan.old, layer))
       return Outcome::kept(Reason::SharedBias, "the dequantized bias '" + plan.old + "' of " + who + " is also read elsewhere");
     auto bi = bd.inputs.empty() ? std::nullopt : g.constant(bd.inputs[0]);
@@ -246,7 +246,7 @@ Expected<BiasPlan> plan_bias(FoldContext& ctx, int layer, const WeightLayout& wl
 // Writes the planned bias into input 2 of `layer` (a MatMul becomes a Gemm to carry it).
 void write_bias(FoldContext& ctx, int layer, int weight_dq, const BiasPlan& plan, Outcome& out) {
   Graph& g = ctx.graph;
-  const Node& n = g.nodes[layer];
+  const Node& n = g.nodes()[layer];
   const std::string base = (n.name.empty() ? n.outputs[0] : n.name) + "_bias";
   const auto M = static_cast<int64_t>(plan.dims.empty() ? 0 : plan.dims[0]);
   if (plan.kind == BiasPlan::None) return;
@@ -264,7 +264,7 @@ void write_bias(FoldContext& ctx, int layer, int weight_dq, const BiasPlan& plan
   const auto int32 = static_cast<int32_t>(DataType::Int32);
   if (plan.kind == BiasPlan::Int32Existing) {
     const int bd = plan.bias_dq;
-    const std::vector<std::string> in = g.nodes[bd].inputs;
+    const std::vector<std::string> in = g.nodes()[bd].inputs;
     write_constant_for(ctx, {Use{bd, 0}}, in[0], int32, plan.dims, ints, base + "_quantized", out);
     write_constant_for(ctx, {Use{bd, 1}}, in[1], plan.data_type, plan.dims, scale, base + "_scale", out);
     // The new integers are quantized with zero point 0: a nonzero old one must go too.
@@ -276,7 +276,7 @@ void write_bias(FoldContext& ctx, int layer, int weight_dq, const BiasPlan& plan
   // A new int32 bias: int32 initializer -> DequantizeLinear(s_x * s'_w, 0, axis 0) -> layer input 2.
   Node dq;
   dq.op_type = "DequantizeLinear";
-  dq.domain = g.nodes[weight_dq].domain;
+  dq.domain = g.nodes()[weight_dq].domain;
   dq.inputs = {write_constant_for(ctx, {}, "", int32, plan.dims, ints, base + "_quantized", out),
                write_constant_for(ctx, {}, "", plan.data_type, plan.dims, scale, base + "_scale", out),
                write_constant_for(ctx, {}, "", int32, plan.dims, zeros, base + "_zero_point", out)};

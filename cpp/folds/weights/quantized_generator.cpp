@@ -21,7 +21,7 @@ struct WeightGenerator {
   QuantLayout layout;
   kernels::IntegerRange range;
   Rescale p;
-  std::shared_ptr<graph::Model::DeferredChecks> negation_check;  // see RescaledWeight::negation_check
+  std::shared_ptr<DeferredChecks> negation_check;  // see RescaledWeight::negation_check
   bool in_float32 = false;  // the QAT form kept with a float32 weight: kernels::requantize_float32
 
   size_t size() const {

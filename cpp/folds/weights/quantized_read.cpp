@@ -20,7 +20,7 @@ using wire::DataType;
 
 namespace {
 
-std::string node_label(const Graph& g, int n) { return g.nodes[n].op_type + " '" + g.nodes[n].display_name(n) + "'"; }
+std::string node_label(const Graph& g, int n) { return g.nodes()[n].op_type + " '" + g.nodes()[n].display_name(n) + "'"; }
 
 Outcome malformed(const std::string& who, const std::string& why) {
   return Outcome::kept(Reason::MalformedQuantization, who + ": " + why);
@@ -61,7 +61,7 @@ bool same_constant(Graph& g, const std::string& a, const std::string& b) {
 // none), which must be read only by DequantizeLinear `dq`.
 Expected<std::pair<int64_t, int64_t>> read_integer_clip(Graph& g, int clip, int dq,
                                                                             const std::string& who) {
-  const Node& c = g.nodes[clip];
+  const Node& c = g.nodes()[clip];
   const std::string label = node_label(g, clip);
   if (c.inputs.empty() || c.outputs.size() != 1 || !read_only_by(g, c.outputs[0], dq))
     return Outcome::kept(Reason::SharedWeight, "the output of " + label + " (" + who + ") is also read by another node");
@@ -149,7 +149,7 @@ std::optional<Outcome> read_source(Reading& r, QuantizedWeight& w) {
     const int qn = r.chain.quantize;
     if (qn < 0)
       return Outcome::kept(Reason::NonConstantWeight, "the input of " + node_label(g, dq) + " (" + r.who + ") is not a constant");
-    const Node& q = g.nodes[qn];
+    const Node& q = g.nodes()[qn];
     if (q.inputs.size() < 2 || q.inputs[0].empty()) return malformed(r.who, node_label(g, qn) + " lacks its inputs");
     if (!read_only_by(g, x, w.clip >= 0 ? w.clip : dq))
       return Outcome::kept(Reason::SharedWeight, "the quantized weight '" + x + "' of " + r.who +
@@ -293,7 +293,7 @@ std::optional<Outcome> read_data(Reading& r, QuantizedWeight& w) {
 Expected<QuantizedWeight> read_quantized_weight(Graph& g, int dq, int layer) {
   const std::optional<QdqChain> chain = select_qdq_chain(g, dq);
   if (!chain) return Outcome::not_applicable();
-  const Node& d = g.nodes[dq];
+  const Node& d = g.nodes()[dq];
   Reading r{g, *chain, d, "the weight of " + node_label(g, layer), false, 0, {}, {}, std::nullopt, std::nullopt,
             std::nullopt};
   if (d.inputs.size() < 2 || d.inputs[0].empty() || d.inputs[1].empty())

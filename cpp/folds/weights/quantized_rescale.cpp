@@ -247,7 +247,7 @@ std::optional<Outcome> per_channel_scale_needs_axis(const QuantizedWeight& w, co
 Expected<RescaledWeight> rescale_quantized_weight(const QuantizedWeight& w, const WeightLayout& wl,
                                                                const std::vector<double>& a, const Options& options,
                                                                bool keep_quantizer, const std::string& who,
-                                                               std::shared_ptr<graph::Model::DeferredChecks> deferred) {
+                                                               std::shared_ptr<DeferredChecks> deferred) {
   if (wl.P * wl.Q * wl.R != w.count || static_cast<int64_t>(a.size()) != wl.out_channels)
     return Outcome::kept(Reason::ShapeMismatch, "the BN has " + std::to_string(a.size()) + " channels but " + who + " has " +
                                                std::to_string(wl.out_channels) + " output channels");

@@ -111,9 +111,9 @@ struct RescaledWeight {
   bool ints_changed = false, zero_changed = false;
   int negated_channels = 0;
   bool complement = false;          // the complement form was used somewhere (zero point became nonzero)
-  // Set when the negation's range check was left to the generator (graph::Model::DeferredChecks): it fails
+  // Set when the negation's range check was left to the generator (DeferredChecks, core/fold_hooks.h): it fails
   // this if a negated integer is the type's lowest value, whose negation does not fit.
-  std::shared_ptr<graph::Model::DeferredChecks> negation_check;
+  std::shared_ptr<DeferredChecks> negation_check;
 };
 
 // Kept ("opset-too-old") when the factors `a` differ between output channels that share the per-tensor scale
@@ -126,13 +126,13 @@ std::optional<Outcome> per_channel_scale_needs_axis(const QuantizedWeight& w, co
 // Rescales `w` by the factors `a` (one per output channel of `layer`, whose weight layout is `wl`).
 // `keep_quantizer`: the QAT form stays Q -> DQ, so the new float weight must quantize to the new integers
 // (checked here for every element that occurs; the weight itself is computed when written).
-// `deferred` (graph::Model::deferred_checks, may be null): in the QAT form with a signed type and zero points of
+// `deferred` (FoldContext::deferred_checks(), may be null): in the QAT form with a signed type and zero points of
 // 0, the read-only pass that finds whether a negated integer is the type's lowest value is skipped and the
 // generator checks that as it writes.
 Expected<RescaledWeight> rescale_quantized_weight(const QuantizedWeight& w, const WeightLayout& wl,
                                                                const std::vector<double>& a, const Options& options,
                                                                bool keep_quantizer, const std::string& who,
-                                                               std::shared_ptr<graph::Model::DeferredChecks> deferred = {});
+                                                               std::shared_ptr<DeferredChecks> deferred = {});
 
 // Writes one quantization parameter (slot 1 scale, slot 2 zero point) for the Q/DQ nodes `nodes`, through
 // write_constant_for (edits.h). Nodes that read different tensors for it (equal in value) get one new tensor

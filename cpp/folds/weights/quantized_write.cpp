@@ -42,7 +42,7 @@ void write_quantization_parameter(FoldContext& ctx, const std::vector<int>& node
   Graph& g = ctx.graph;
   std::vector<std::pair<std::string, std::vector<Use>>> groups;
   for (int n : nodes) {
-    const std::string name = slot < static_cast<int>(g.nodes[n].inputs.size()) ? g.nodes[n].inputs[slot] : "";
+    const std::string name = slot < static_cast<int>(g.nodes()[n].inputs.size()) ? g.nodes()[n].inputs[slot] : "";
     auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& p) { return p.first == name; });
     if (it == groups.end()) groups.push_back({name, {Use{n, slot}}});
     else it->second.push_back(Use{n, slot});
@@ -54,13 +54,13 @@ void write_quantization_parameter(FoldContext& ctx, const std::vector<int>& node
 void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const WeightLayout& wl,
                             const RescaledWeight& r, bool materialize, Outcome& outcome) {
   Graph& g = ctx.graph;
-  const Node& d = g.nodes[w.dq];
+  const Node& d = g.nodes()[w.dq];
   const std::string base = d.name.empty() ? d.outputs[0] : d.name;
   std::vector<int> qdq = {w.dq};
   if (w.qat() && materialize) {
     // int initializer -> DequantizeLinear: the QuantizeLinear goes, its float weight too if nothing else reads it.
-    const std::vector<std::string> q_inputs = g.nodes[w.q].inputs;
-    const std::string q_output = g.nodes[w.q].outputs[0];
+    const std::vector<std::string> q_inputs = g.nodes()[w.q].inputs;
+    const std::string q_output = g.nodes()[w.q].outputs[0];
     const std::string name = new_tensor_name(ctx.model, q_inputs[0], "_quantized");
     g.add_tensor_lazy(name, graph::encode_tensor_header(name, w.int_type, w.dims), rescaled_weight_data(w, wl, r, true));
     g.set_input(w.clip >= 0 ? w.clip : w.dq, 0, name);
@@ -70,11 +70,11 @@ void write_quantized_weight(FoldContext& ctx, const QuantizedWeight& w, const We
     for (const auto& v : q_inputs) g.drop_if_unused(v);
   } else if (w.qat()) {
     if (w.q != w.dq) qdq.push_back(w.q);  // trt::DequantizeLinear is its own quantizer
-    write_constant_for(ctx, {Use{w.q, 0}}, g.nodes[w.q].inputs[0], w.float_type, w.dims,
+    write_constant_for(ctx, {Use{w.q, 0}}, g.nodes()[w.q].inputs[0], w.float_type, w.dims,
                        rescaled_weight_data(w, wl, r, false), base + "_weight", outcome);
   } else if (r.ints_changed) {  // else the integers stay as they are: not read, not copied
     const int reader = w.clip >= 0 ? w.clip : w.dq;  // the Clip (Brevitas) reads the integers before the DQ
-    write_constant_for(ctx, {Use{reader, 0}}, g.nodes[reader].inputs[0], w.int_type, w.dims,
+    write_constant_for(ctx, {Use{reader, 0}}, g.nodes()[reader].inputs[0], w.int_type, w.dims,
                        rescaled_weight_data(w, wl, r, true), base + "_weight", outcome);
   }
   const auto [scale_dims, scale] = stored_form(w, r, r.layout.stored_scale_dims, r.scale);

@@ -31,19 +31,19 @@ struct SlicePlan {
   std::string bias;
 };
 
-std::string describe(const Graph& g, int node) { return g.nodes[node].op_type + " '" + g.nodes[node].display_name(node) + "'"; }
+std::string describe(const Graph& g, int node) { return g.nodes()[node].op_type + " '" + g.nodes()[node].display_name(node) + "'"; }
 
 // ---------------------------------------------------------------- select
 
 // The Concat the BN reads, when every one of its inputs comes out of a convolution.
 std::optional<int> select_concat_bn(Graph& g, int bn) {
   const int concat = batchnorm_input_producer(g, bn);
-  if (concat < 0 || !g.nodes[concat].is("Concat") || g.nodes[concat].outputs.size() != 1) return std::nullopt;
-  const std::vector<std::string>& inputs = g.nodes[concat].inputs;
+  if (concat < 0 || !g.nodes()[concat].is("Concat") || g.nodes()[concat].outputs.size() != 1) return std::nullopt;
+  const std::vector<std::string>& inputs = g.nodes()[concat].inputs;
   if (inputs.empty()) return std::nullopt;
   for (const auto& in : inputs) {
     const int p = g.producer(in);
-    if (p < 0 || !is_spatial_layer(g.nodes[p])) return std::nullopt;
+    if (p < 0 || !is_spatial_layer(g.nodes()[p])) return std::nullopt;
   }
   return concat;
 }
@@ -60,25 +60,25 @@ struct ConcatBnPlan {
 Expected<std::optional<SlicePlan>> plan_slice(FoldContext& ctx, int concat, size_t i, int64_t offset,
                                               const BatchNormAffine& affine) {
   Graph& g = ctx.graph;
-  const int layer = g.producer(g.nodes[concat].inputs[i]);
+  const int layer = g.producer(g.nodes()[concat].inputs[i]);
   const std::string who = describe(g, layer);
   // NotApplicable: a quantized weight, and the QDQ fold does not go through a Concat.
   QDQFOLD_TRY(weight, if_not_applicable(read_float_weight(ctx, layer), [&] {
                 return Outcome::kept(Reason::ConcatQuantizedLayer, who + " feeds the Concat through a quantized "
                                                                    "weight; BN folds through a Concat into float weights only");
               }));
-  const Node& conv = g.nodes[layer];
+  const Node& conv = g.nodes()[layer];
   if (conv.outputs.size() != 1) return Outcome::kept(Reason::Malformed, who + " has more than one output");
   QDQFOLD_CHECK(layer_output_blocker(g, layer, conv.outputs[0], concat, static_cast<int>(i)));
   QDQFOLD_TRY(geometry, read_conv_geometry(conv, weight.tensor.dims));
   (void)geometry;
   if (i == 0) {
     const auto rank = static_cast<int64_t>(weight.tensor.dims.size());
-    int64_t axis = g.nodes[concat].attr_int("axis", 1);
+    int64_t axis = g.nodes()[concat].attr_int("axis", 1);
     if (axis < 0) axis += rank;
     if (axis != 1)
       return Outcome::kept(Reason::ChannelAxisMismatch, describe(g, concat) + " joins axis " +
-                                                            std::to_string(g.nodes[concat].attr_int("axis", 1)) +
+                                                            std::to_string(g.nodes()[concat].attr_int("axis", 1)) +
                                                             ", not the channels BN normalizes");
   }
   const int64_t channels = weight.layout.out_channels;
@@ -97,11 +97,11 @@ Expected<std::optional<SlicePlan>> plan_slice(FoldContext& ctx, int concat, size
 
 Expected<ConcatBnPlan> plan_concat_bn(FoldContext& ctx, int concat, int bn) {
   Graph& g = ctx.graph;
-  QDQFOLD_CHECK(layer_output_blocker(g, concat, g.nodes[concat].outputs[0], bn));
+  QDQFOLD_CHECK(layer_output_blocker(g, concat, g.nodes()[concat].outputs[0], bn));
   ConcatBnPlan plan;
   QDQFOLD_TRY(affine, read_batchnorm(ctx, bn));
   plan.affine = std::move(affine);
-  const size_t inputs = g.nodes[concat].inputs.size();
+  const size_t inputs = g.nodes()[concat].inputs.size();
   int64_t offset = 0;
   for (size_t i = 0; i < inputs; ++i) {
     QDQFOLD_TRY(slice, plan_slice(ctx, concat, i, offset, plan.affine));
@@ -122,10 +122,10 @@ Outcome apply_concat_bn(FoldContext& ctx, int concat, int bn, ConcatBnPlan& plan
   Graph& g = ctx.graph;
   Outcome out = Outcome::folded(FoldName::ConcatBn);
   std::vector<std::string> ops;
-  for (const auto& p : plan.slices) ops.push_back(g.nodes[p.layer].op_type);
+  for (const auto& p : plan.slices) ops.push_back(g.nodes()[p.layer].op_type);
   out.into_op = join_op_types(ops);  // each op once, in the table's order
   for (auto& p : plan.slices) {
-    const Node& conv = g.nodes[p.layer];
+    const Node& conv = g.nodes()[p.layer];
     out.into.push_back(conv.display_name(p.layer));
     const std::string layer_name = conv.name.empty() ? conv.outputs[0] : conv.name;
     write_layer_input(ctx, p.layer, 1, p.dtype, p.weight_dims, std::move(p.weight), layer_name + "_W", out);

@@ -21,8 +21,8 @@ namespace {
 // select: a Conv / ConvTranspose produces the BN's input, and its weight is not behind DequantizeLinear.
 std::optional<int> select_conv_bn(graph::Graph& g, int bn) {
   const int layer = batchnorm_input_producer(g, bn);
-  if (layer < 0 || !is_spatial_layer(g.nodes[layer])) return std::nullopt;
-  const auto& in = g.nodes[layer].inputs;
+  if (layer < 0 || !is_spatial_layer(g.nodes()[layer])) return std::nullopt;
+  const auto& in = g.nodes()[layer].inputs;
   if (in.size() >= 2 && !in[1].empty() && produced_by_dequantize(g, in[1])) return std::nullopt;  // qdq-layer-bn's
   return layer;
 }
@@ -40,7 +40,7 @@ Expected<ConvBnPlan> plan_conv_bn(FoldContext& ctx, int layer, int bn) {
   ConvBnPlan plan;
   QDQFOLD_TRY(weight, read_float_weight(ctx, layer));
   plan.weight = std::move(weight);
-  const graph::Node& conv = g.nodes[layer];
+  const graph::Node& conv = g.nodes()[layer];
   if (conv.outputs.size() != 1) return Outcome::kept(Reason::Malformed, conv.op_type + " has more than one output");
   QDQFOLD_CHECK(layer_output_blocker(g, layer, conv.outputs[0], bn));
   // A layer no runtime accepts (strides 0, pads of the wrong length, ...) is not folded into.
@@ -62,7 +62,7 @@ Expected<ConvBnPlan> plan_conv_bn(FoldContext& ctx, int layer, int bn) {
 // apply: edits only.
 Outcome apply_conv_bn(FoldContext& ctx, int layer, int bn, ConvBnPlan& plan) {
   graph::Graph& g = ctx.graph;
-  const graph::Node& conv = g.nodes[layer];
+  const graph::Node& conv = g.nodes()[layer];
   Outcome out = Outcome::folded(FoldName::ConvBn);
   out.into = {conv.display_name(layer)};
   out.into_op = conv.op_type;

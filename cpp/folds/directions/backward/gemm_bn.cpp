@@ -49,7 +49,7 @@ std::optional<Outcome> require_2d_output(const Graph& g, const std::string& valu
 
 Outcome folded(const Graph& g, std::vector<int> layers, const std::string& op, const std::string& how) {
   Outcome out = Outcome::folded(FoldName::GemmBn);
-  for (int l : layers) out.into.push_back(g.nodes[l].display_name(l));
+  for (int l : layers) out.into.push_back(g.nodes()[l].display_name(l));
   out.into_op = op;
   out.message = "folded into " + op + " '" + out.into[0] + "': " + how;
   return out;
@@ -71,11 +71,11 @@ std::optional<GemmBnMatch> select_gemm_bn(Graph& g, int bn) {
   if (producer < 0) return std::nullopt;
   GemmBnMatch m;
   m.layer = producer;
-  if (g.nodes[producer].is("Gemm")) {
+  if (g.nodes()[producer].is("Gemm")) {
     m.shape = GemmBnMatch::Shape::Gemm;
-  } else if (g.nodes[producer].is("MatMul")) {
+  } else if (g.nodes()[producer].is("MatMul")) {
     m.shape = GemmBnMatch::Shape::MatMul;
-  } else if (g.nodes[producer].is("Add")) {
+  } else if (g.nodes()[producer].is("Add")) {
     const auto ma = select_matmul_add(g, producer);
     if (!ma) return std::nullopt;
     m.shape = GemmBnMatch::Shape::MatMulAdd;
@@ -85,7 +85,7 @@ std::optional<GemmBnMatch> select_gemm_bn(Graph& g, int bn) {
   } else {
     return std::nullopt;
   }
-  const auto& in = g.nodes[m.layer].inputs;
+  const auto& in = g.nodes()[m.layer].inputs;
   if (in.size() >= 2 && !in[1].empty() && produced_by_dequantize(g, in[1])) return std::nullopt;  // qdq-layer-bn's
   return m;
 }
@@ -105,7 +105,7 @@ struct GemmBnPlan {
 // Gemm -> BN: B' = a * B per output column, C' = beta * a * C + t, beta = 1.
 Expected<GemmBnPlan> plan_gemm(FoldContext& ctx, const GemmBnMatch& m, int bn, GemmBnPlan plan) {
   Graph& g = ctx.graph;
-  const Node& n = g.nodes[m.layer];
+  const Node& n = g.nodes()[m.layer];
   if (n.outputs.size() != 1 || n.inputs.size() < 2) return Outcome::kept(Reason::Malformed, "Gemm has an unexpected arity");
   QDQFOLD_CHECK(layer_output_blocker(g, m.layer, n.outputs[0], bn));
   const std::string c_name = n.inputs.size() > 2 ? n.inputs[2] : "";
@@ -136,10 +136,10 @@ Expected<GemmBnPlan> plan_gemm(FoldContext& ctx, const GemmBnMatch& m, int bn, G
 // after the MatMul (no Gemm: its input is not 2-D).
 Expected<GemmBnPlan> plan_matmul(FoldContext& ctx, const GemmBnMatch& m, int bn, GemmBnPlan plan) {
   Graph& g = ctx.graph;
-  const Node& n = g.nodes[m.layer];
+  const Node& n = g.nodes()[m.layer];
   if (n.outputs.size() != 1 || n.inputs.size() != 2) return Outcome::kept(Reason::Malformed, "MatMul has an unexpected arity");
   QDQFOLD_CHECK(layer_output_blocker(g, m.layer, n.outputs[0], bn));
-  const std::string bn_output = g.nodes[bn].outputs[0];
+  const std::string bn_output = g.nodes()[bn].outputs[0];
   QDQFOLD_TRY(affine, read_batchnorm(ctx, bn));
   plan.affine = std::move(affine);
   if (plan.affine.last_axis) {
@@ -164,8 +164,8 @@ Expected<GemmBnPlan> plan_matmul(FoldContext& ctx, const GemmBnMatch& m, int bn,
 // MatMul -> Add(constant c) -> BN: B' = a * B per output column, c' = a * c + t.
 Expected<GemmBnPlan> plan_matmul_add(FoldContext& ctx, const GemmBnMatch& m, int bn, GemmBnPlan plan) {
   Graph& g = ctx.graph;
-  const Node& a = g.nodes[m.add];
-  const Node& mm = g.nodes[m.layer];
+  const Node& a = g.nodes()[m.add];
+  const Node& mm = g.nodes()[m.layer];
   plan.kind = GemmBnPlan::Kind::MatMulAdd;
   if (mm.outputs.size() != 1 || mm.inputs.size() != 2) return Outcome::kept(Reason::Malformed, "MatMul has an unexpected arity");
   QDQFOLD_CHECK(layer_output_blocker(g, m.layer, mm.outputs[0], m.add, 1 - m.bias_slot));
@@ -173,7 +173,7 @@ Expected<GemmBnPlan> plan_matmul_add(FoldContext& ctx, const GemmBnMatch& m, int
   QDQFOLD_TRY(affine, read_batchnorm(ctx, bn));
   plan.affine = std::move(affine);
   if (!plan.affine.last_axis)  // an affine along the last axis of a rank >= 3 output is on the features already
-    QDQFOLD_CHECK(require_2d_output(g, a.outputs[0], g.nodes[bn].outputs[0], mm.inputs[0]));
+    QDQFOLD_CHECK(require_2d_output(g, a.outputs[0], g.nodes()[bn].outputs[0], mm.inputs[0]));
   const std::string& bias_name = a.inputs[m.bias_slot];
   auto bias_values = constant_values(g, bias_name);
   auto bias_dims = constant_dims(g, bias_name);
@@ -204,7 +204,7 @@ Expected<GemmBnPlan> plan_gemm_bn(FoldContext& ctx, const GemmBnMatch& m, int bn
 
 Outcome apply_gemm_bn(FoldContext& ctx, const GemmBnMatch& m, int bn, GemmBnPlan& plan) {
   Graph& g = ctx.graph;
-  const std::string base = base_name(g.nodes[m.layer]);
+  const std::string base = base_name(g.nodes()[m.layer]);
   const int32_t dtype = plan.weight.tensor.data_type;
   const std::vector<int64_t> weight_dims = plan.weight.tensor.dims;
   const int64_t features = plan.weight.layout.out_channels;

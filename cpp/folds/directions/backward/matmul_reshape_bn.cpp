@@ -27,7 +27,7 @@ using graph::Node;
 // Kept unless `reshape` maps the MatMul output [.., F] to [rows, F] with F its axis 1.
 std::optional<Outcome> require_feature_axis_kept(Graph& g, int reshape, const std::string& matmul_output,
                                                  const std::string& matmul_input, int64_t features) {
-  const Node& r = g.nodes[reshape];
+  const Node& r = g.nodes()[reshape];
   const std::string who = describe_node(g, reshape);
   std::optional<size_t> rank = known_rank(g, matmul_output);
   if (!rank) rank = known_rank(g, matmul_input);  // with a 2-D weight, MatMul keeps its input's rank
@@ -65,17 +65,17 @@ struct MatmulReshapeMatch {
 std::optional<MatmulReshapeMatch> select_matmul_reshape_bn(Graph& g, int bn) {
   MatmulReshapeMatch m;
   m.reshape = batchnorm_input_producer(g, bn);
-  if (m.reshape < 0 || !(g.nodes[m.reshape].is("Flatten") || g.nodes[m.reshape].is("Reshape"))) return std::nullopt;
-  if (g.nodes[m.reshape].inputs.empty() || g.nodes[m.reshape].outputs.size() != 1) return std::nullopt;
-  m.matmul = g.producer(g.nodes[m.reshape].inputs[0]);
+  if (m.reshape < 0 || !(g.nodes()[m.reshape].is("Flatten") || g.nodes()[m.reshape].is("Reshape"))) return std::nullopt;
+  if (g.nodes()[m.reshape].inputs.empty() || g.nodes()[m.reshape].outputs.size() != 1) return std::nullopt;
+  m.matmul = g.producer(g.nodes()[m.reshape].inputs[0]);
   if (m.matmul >= 0)
     if (const auto ma = select_matmul_add(g, m.matmul)) {
       m.add = ma->add;
       m.bias_slot = ma->bias_slot;
       m.matmul = ma->matmul;
     }
-  if (m.matmul < 0 || !g.nodes[m.matmul].is("MatMul")) return std::nullopt;
-  const auto& in = g.nodes[m.matmul].inputs;
+  if (m.matmul < 0 || !g.nodes()[m.matmul].is("MatMul")) return std::nullopt;
+  const auto& in = g.nodes()[m.matmul].inputs;
   if (in.size() >= 2 && !in[1].empty() && produced_by_dequantize(g, in[1])) return std::nullopt;  // qdq-layer-bn's
   return m;
 }
@@ -97,16 +97,16 @@ Expected<MatmulReshapePlan> plan_matmul_reshape_bn(FoldContext& ctx, const Matmu
   MatmulReshapePlan plan;
   QDQFOLD_TRY(weight, read_float_weight(ctx, mt.matmul));
   plan.weight = std::move(weight);
-  const Node& m = g.nodes[mt.matmul];
+  const Node& m = g.nodes()[mt.matmul];
   if (m.outputs.size() != 1 || m.inputs.size() != 2) return Outcome::kept(Reason::Malformed, "MatMul has an unexpected arity");
-  const std::string feature_map = mt.add >= 0 ? g.nodes[mt.add].outputs[0] : m.outputs[0];  // what the reshape reads
+  const std::string feature_map = mt.add >= 0 ? g.nodes()[mt.add].outputs[0] : m.outputs[0];  // what the reshape reads
   if (mt.add >= 0) {
     QDQFOLD_CHECK(layer_output_blocker(g, mt.matmul, m.outputs[0], mt.add, 1 - mt.bias_slot));
     QDQFOLD_CHECK(layer_output_blocker(g, mt.add, feature_map, mt.reshape, 0));
   } else {
     QDQFOLD_CHECK(layer_output_blocker(g, mt.matmul, m.outputs[0], mt.reshape, 0));
   }
-  QDQFOLD_CHECK(layer_output_blocker(g, mt.reshape, g.nodes[mt.reshape].outputs[0], bn));
+  QDQFOLD_CHECK(layer_output_blocker(g, mt.reshape, g.nodes()[mt.reshape].outputs[0], bn));
   const int64_t features = plan.weight.layout.out_channels;
   QDQFOLD_CHECK(require_feature_axis_kept(g, mt.reshape, feature_map, m.inputs[0], features));
   QDQFOLD_TRY(affine, read_batchnorm(ctx, bn));
@@ -119,7 +119,7 @@ Expected<MatmulReshapePlan> plan_matmul_reshape_bn(FoldContext& ctx, const Matmu
   plan.new_weight = std::move(new_weight);
   plan.bias_type = plan.weight.tensor.data_type;
   if (mt.add >= 0) {  // the bias Add takes a * c + t
-    const std::string& name = g.nodes[mt.add].inputs[mt.bias_slot];
+    const std::string& name = g.nodes()[mt.add].inputs[mt.bias_slot];
     auto values = constant_values(g, name);
     auto dims = constant_dims(g, name);
     if (!values || !dims) return Outcome::kept(Reason::NonConstantBias, "the bias '" + name + "' is not a constant");
@@ -139,10 +139,10 @@ Expected<MatmulReshapePlan> plan_matmul_reshape_bn(FoldContext& ctx, const Matmu
 
 Outcome apply_matmul_reshape_bn(FoldContext& ctx, const MatmulReshapeMatch& mt, int bn, MatmulReshapePlan& plan) {
   Graph& g = ctx.graph;
-  const Node& m = g.nodes[mt.matmul];
+  const Node& m = g.nodes()[mt.matmul];
   Outcome out = Outcome::folded(FoldName::MatmulReshapeBn);
   out.into = {m.display_name(mt.matmul)};
-  if (mt.add >= 0) out.into.push_back(g.nodes[mt.add].display_name(mt.add));
+  if (mt.add >= 0) out.into.push_back(g.nodes()[mt.add].display_name(mt.add));
   out.into_op = "MatMul";
   out.message = "folded into MatMul '" + out.into[0] + "' through " + describe_node(g, mt.reshape) +
                 ": W' = a * W per output column" +

@@ -43,7 +43,7 @@ using graph::Node;
 using graph::Use;
 using wire::DataType;
 
-std::string label(const Graph& g, int n) { return g.nodes[n].op_type + " '" + g.nodes[n].display_name(n) + "'"; }
+std::string label(const Graph& g, int n) { return g.nodes()[n].op_type + " '" + g.nodes()[n].display_name(n) + "'"; }
 
 
 // The rank of `value`, looking through the activation quantizers (elementwise) in front of it, in this graph
@@ -54,8 +54,8 @@ std::optional<size_t> rank_through_quantizers(const Graph& graph, std::string va
     if (auto r = known_rank(*g, value)) return r;
     while (g->parent && !g->defines(value)) g = g->parent;
     const int p = g->producer(value);
-    if (p < 0 || !(is_quantize(g->nodes[p]) || is_dequantize(g->nodes[p])) || g->nodes[p].inputs.empty()) break;
-    value = g->nodes[p].inputs[0];
+    if (p < 0 || !(is_quantize(g->nodes()[p]) || is_dequantize(g->nodes()[p])) || g->nodes()[p].inputs.empty()) break;
+    value = g->nodes()[p].inputs[0];
   }
   return std::nullopt;
 }
@@ -82,7 +82,7 @@ bool can_raise_opset_to_13(graph::Model& m, std::string& why) {
     return false;
   }
   for (Graph* g : m.all_graphs())
-    for (const Node& n : g->nodes)
+    for (const Node& n : g->nodes())
       if (!n.removed() && (n.domain.empty() || n.domain == "ai.onnx") && !unchanged.count(n.op_type)) {
         why = "it uses " + n.op_type + ", whose definition changed by opset 13";
         return false;
@@ -94,10 +94,10 @@ bool can_raise_opset_to_13(graph::Model& m, std::string& why) {
 // QuantizeLinear, which then quantizes the folded layer's output in the dropped quantizer's place.
 std::optional<Outcome> quantizer_lost_by_dropping(Graph& g, int bn, const std::string& who,
                                                   const std::string& quantizer) {
-  const std::string& out = g.nodes[bn].outputs[0];
+  const std::string& out = g.nodes()[bn].outputs[0];
   std::string reader = g.is_graph_output(out) ? "a graph output" : "";
   for (const auto& u : g.uses(out))
-    if (reader.empty() && (u.slot != 0 || !is_quantize(g.nodes[u.node]))) reader = label(g, u.node);
+    if (reader.empty() && (u.slot != 0 || !is_quantize(g.nodes()[u.node]))) reader = label(g, u.node);
   if (reader.empty() && !g.uses(out).empty()) return std::nullopt;
   if (reader.empty()) reader = "nothing";
   return Outcome::kept(Reason::QuantizerWouldBeLost,
@@ -131,12 +131,12 @@ std::optional<QdqLayerMatch> select_qdq_layer_bn(Graph& g, int bn) {
   QdqLayerMatch m;
   m.bn = bn;
   m.layer = producer;
-  const Node& p = g.nodes[producer];
+  const Node& p = g.nodes()[producer];
   if (is_dequantize(p)) {
     const int qa = p.inputs.empty() ? -1 : g.producer(p.inputs[0]);
-    if (qa < 0 || !is_quantize(g.nodes[qa]) || g.nodes[qa].inputs.empty()) return std::nullopt;
+    if (qa < 0 || !is_quantize(g.nodes()[qa]) || g.nodes()[qa].inputs.empty()) return std::nullopt;
     m.shape = QdqLayerMatch::Shape::ActivationQuantizer;
-    m.layer = g.producer(g.nodes[qa].inputs[0]);
+    m.layer = g.producer(g.nodes()[qa].inputs[0]);
     if (m.layer < 0) return std::nullopt;
     m.act_q = qa;
     m.act_dq = producer;
@@ -148,10 +148,10 @@ std::optional<QdqLayerMatch> select_qdq_layer_bn(Graph& g, int bn) {
     m.add_bias_slot = ma->bias_slot;
     m.layer = ma->matmul;
   }
-  const Node& ln = g.nodes[m.layer];
+  const Node& ln = g.nodes()[m.layer];
   if (!is_layer(ln) || ln.inputs.size() < 2 || ln.outputs.size() != 1) return std::nullopt;
   const int wdq = g.producer(ln.inputs[1]);
-  if (wdq >= 0 && is_dequantize(g.nodes[wdq])) m.weight_dq = wdq;
+  if (wdq >= 0 && is_dequantize(g.nodes()[wdq])) m.weight_dq = wdq;
   // A float weight is the float folds' pattern, unless an activation quantizer makes it this fold's to keep.
   if (m.weight_dq < 0 && m.shape != QdqLayerMatch::Shape::ActivationQuantizer) return std::nullopt;
   return m;
@@ -181,7 +181,7 @@ struct QdqLayerPlan {
 // and only when a quantizer stays after the layer), or the Add, or the BN reads it alone.
 std::optional<Outcome> check_connections(FoldContext& ctx, const QdqLayerMatch& m, const std::string& who) {
   Graph& g = ctx.graph;
-  const Node& ln = g.nodes[m.layer];
+  const Node& ln = g.nodes()[m.layer];
   switch (m.shape) {
     case QdqLayerMatch::Shape::ActivationQuantizer: {
       const bool quantized_weight = m.weight_dq >= 0;
@@ -194,7 +194,7 @@ std::optional<Outcome> check_connections(FoldContext& ctx, const QdqLayerMatch& 
                                  (quantized_weight ? "; drop_activation_quantizers=True removes it and folds approximately"
                                                    : ""));
       QDQFOLD_CHECK(layer_output_blocker(g, m.layer, ln.outputs[0], m.act_q));
-      if (!read_only_by(g, g.nodes[m.act_q].outputs[0], m.act_dq) || !read_only_by(g, g.nodes[m.act_dq].outputs[0], m.bn))
+      if (!read_only_by(g, g.nodes()[m.act_q].outputs[0], m.act_dq) || !read_only_by(g, g.nodes()[m.act_dq].outputs[0], m.bn))
         return Outcome::kept(Reason::ActivationQuantizer, "the activation quantizer " + quantizer + " between " + who +
                                                               " and the BN also feeds other nodes, so it cannot be dropped");
       // Dropping it must leave the layer with a quantizer after it (the BN's readers), or a runtime can no
@@ -204,7 +204,7 @@ std::optional<Outcome> check_connections(FoldContext& ctx, const QdqLayerMatch& 
     case QdqLayerMatch::Shape::MatMulAdd:
       if (ln.inputs.size() != 2) return Outcome::kept(Reason::Malformed, who + " has an unexpected arity");
       QDQFOLD_CHECK(layer_output_blocker(g, m.layer, ln.outputs[0], m.add, 1 - m.add_bias_slot));
-      return layer_output_blocker(g, m.add, g.nodes[m.add].outputs[0], m.bn);
+      return layer_output_blocker(g, m.add, g.nodes()[m.add].outputs[0], m.bn);
     case QdqLayerMatch::Shape::Direct:
       return layer_output_blocker(g, m.layer, ln.outputs[0], m.bn);
   }
@@ -233,7 +233,7 @@ std::optional<Outcome> plan_opset(FoldContext& ctx, QdqLayerPlan& plan) {
 // MatMul + Add: the Add's bias becomes a * c + t, in the Add's type.
 Expected<QdqLayerPlan::AddBias> plan_add_bias(FoldContext& ctx, const QdqLayerMatch& m, const QdqLayerPlan& plan) {
   Graph& g = ctx.graph;
-  const std::string& name = g.nodes[m.add].inputs[m.add_bias_slot];
+  const std::string& name = g.nodes()[m.add].inputs[m.add_bias_slot];
   const std::string what = "the bias '" + name + "' of " + label(g, m.add);
   auto values = constant_values(g, name);
   auto dims = constant_dims(g, name);
@@ -251,7 +251,7 @@ Expected<QdqLayerPlan::AddBias> plan_add_bias(FoldContext& ctx, const QdqLayerMa
 
 Expected<QdqLayerPlan> plan_qdq_layer_bn(FoldContext& ctx, const QdqLayerMatch& m) {
   Graph& g = ctx.graph;
-  const Node& ln = g.nodes[m.layer];
+  const Node& ln = g.nodes()[m.layer];
   QdqLayerPlan plan;
   plan.who = label(g, m.layer);
   const std::string& who = plan.who;
@@ -282,7 +282,7 @@ Expected<QdqLayerPlan> plan_qdq_layer_bn(FoldContext& ctx, const QdqLayerMatch& 
   plan.materialize = plan.weight.qat() && !plan.weight.fused() && ctx.options.materialize_quantized_weights;
   QDQFOLD_CHECK(plan_opset(ctx, plan));
   QDQFOLD_TRY(rescaled, rescale_quantized_weight(plan.weight, plan.layout, plan.affine.scale, ctx.options,
-                                                 plan.weight.qat() && !plan.materialize, who, ctx.model.deferred_checks));
+                                                 plan.weight.qat() && !plan.materialize, who, ctx.deferred_checks()));
   plan.rescaled = std::move(rescaled);
   const auto& zero = plan.rescaled.zero;
   if (plan.weight.fused() && std::any_of(zero.begin(), zero.end(), [](int64_t z) { return z != 0; }))
@@ -318,12 +318,12 @@ std::string describe_fold(const Graph& g, const QdqLayerMatch& m, const QdqLayer
 
 // drop_activation_quantizers: the layer feeds the BN's readers directly.
 void drop_activation_quantizer(Graph& g, const QdqLayerMatch& m, const std::string& layer_output, Outcome& out) {
-  auto s = g.constant(g.nodes[m.act_q].inputs.size() > 1 ? g.nodes[m.act_q].inputs[1] : "");
+  auto s = g.constant(g.nodes()[m.act_q].inputs.size() > 1 ? g.nodes()[m.act_q].inputs[1] : "");
   if (s)
     if (auto v = s->tensor.values(); v && !v->empty()) out.metrics.emplace_back("dropped_quantizer_scale", (*v)[0]);
-  const std::vector<std::string> params = g.nodes[m.act_q].inputs;
-  const std::vector<std::string> dq_params = g.nodes[m.act_dq].inputs;
-  g.remove_value_info(g.nodes[m.act_q].outputs[0]);
+  const std::vector<std::string> params = g.nodes()[m.act_q].inputs;
+  const std::vector<std::string> dq_params = g.nodes()[m.act_dq].inputs;
+  g.remove_value_info(g.nodes()[m.act_q].outputs[0]);
   g.remove_value_info(layer_output);
   g.remove_node(m.act_dq);
   g.remove_node(m.act_q);
@@ -336,9 +336,9 @@ void drop_activation_quantizer(Graph& g, const QdqLayerMatch& m, const std::stri
 Outcome apply_qdq_layer_bn(FoldContext& ctx, const QdqLayerMatch& m, const QdqLayerPlan& plan) {
   Graph& g = ctx.graph;
   Outcome out = Outcome::folded(FoldName::QdqLayerBn);
-  const Node& ln = g.nodes[m.layer];
+  const Node& ln = g.nodes()[m.layer];
   out.into = {ln.display_name(m.layer)};
-  if (m.add >= 0) out.into.push_back(g.nodes[m.add].display_name(m.add));
+  if (m.add >= 0) out.into.push_back(g.nodes()[m.add].display_name(m.add));
   out.into_op = ln.op_type;
   out.message = describe_fold(g, m, plan);
   if (plan.raise_opset) {

@@ -45,8 +45,8 @@ Expected<LayerPlan> plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine
   if (w.layout.in_channels != channels)
     return Outcome::kept(Reason::ShapeMismatch, who + " has " + std::to_string(w.layout.in_channels) +
                                                " input channels but BN has " + std::to_string(channels));
-  QDQFOLD_TRY(geo, read_conv_geometry(g.nodes[layer], w.tensor.dims));
-  const std::string bias_name = g.nodes[layer].inputs.size() > 2 ? g.nodes[layer].inputs[2] : "";
+  QDQFOLD_TRY(geo, read_conv_geometry(g.nodes()[layer], w.tensor.dims));
+  const std::string bias_name = g.nodes()[layer].inputs.size() > 2 ? g.nodes()[layer].inputs[2] : "";
   if (!bias_name.empty() && produced_by_dequantize(g, bias_name))
     return Outcome::kept(Reason::QuantizedBias, who + " takes its bias through " + describe_node(g, g.producer(bias_name)));
   QDQFOLD_TRY(bias_values, read_bias(g, bias_name, w.layout.out_channels, "bias"));
@@ -58,7 +58,7 @@ Expected<LayerPlan> plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine
   const auto shape = activation_shape(ctx, bn, reader);
   const auto spatial = spatial_input(shape, geo.rank());
   if (!uniform && spatial) {
-    QDQFOLD_TRY(m, tap_map(geo, *spatial, g.nodes[layer].display_name(layer)));
+    QDQFOLD_TRY(m, tap_map(geo, *spatial, g.nodes()[layer].display_name(layer)));
     map = std::move(m);
     uniform = map->uniform;  // e.g. end pads that no window reaches
   }
@@ -67,18 +67,18 @@ Expected<LayerPlan> plan_bn_conv(FoldContext& ctx, int bn, const BatchNormAffine
       return Outcome::kept(Reason::UnevenTaps, who + " (" + geo.describe() + ") does not give every output position "
                                            "every kernel tap, so BN's shift would become a position-dependent map, "
                                            "not a bias; the option pad_correction=True folds it exactly with one "
-                                           "constant correction Add").at_(g.nodes[layer].display_name(layer));
+                                           "constant correction Add").at_(g.nodes()[layer].display_name(layer));
     return Outcome::kept(Reason::Padding, who + " pads its input (" + geo.describe() + ") and BN's shift is nonzero: "
                                     "after folding, the padded zeros would act as BN's shift t instead of 0; "
                                     "the option pad_correction=True folds it exactly with one constant "
-                                    "border-correction Add").at_(g.nodes[layer].display_name(layer));
+                                    "border-correction Add").at_(g.nodes()[layer].display_name(layer));
   }
   if (!uniform && !map)
     return Outcome::kept(Reason::DynamicShape, "pad_correction needs the static spatial size of the input of " + who +
                                               " to build its correction map, and the size it can infer from the graph "
                                               "inputs' declared shapes is " +
                                               (shape ? dims_text(*shape) : std::string("unknown")) +
-                                              " (value_info is a claim, not checked by runtimes, so not used)").at_(g.nodes[layer].display_name(layer));
+                                              " (value_info is a claim, not checked by runtimes, so not used)").at_(g.nodes()[layer].display_name(layer));
 
   // The numbers.
   const int32_t dtype = w.tensor.data_type;
@@ -129,7 +129,7 @@ void apply_layer_edit(FoldContext& ctx, int layer, const ConvEdit& edit, Outcome
   write_layer_input(ctx, layer, 1, edit.data_type, edit.weight_dims, edit.weight, "", outcome);
   if (edit.bias)
     write_layer_input(ctx, layer, 2, edit.data_type, {edit.out_channels}, *edit.bias,
-                      ctx.graph.nodes[layer].display_name(layer) + "_bias", outcome);
+                      ctx.graph.nodes()[layer].display_name(layer) + "_bias", outcome);
   if (edit.correction)
     add_constant_after(ctx, layer, edit.data_type, edit.correction_dims, *edit.correction, "_bn_border_correction",
                        outcome);

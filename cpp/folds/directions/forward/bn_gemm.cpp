@@ -45,7 +45,7 @@ Expected<int64_t> features_per_channel(FoldContext& ctx, int bn, const ForwardRe
                                                " features per sample but " + who + " takes " + std::to_string(width));
   if (reader.reshape < 0) {
     // Gemm reads a 2-D input by definition; a MatMul must be shown one.
-    if (g.nodes[reader.layer].is("MatMul") && (!shape || shape->size() != 2))
+    if (g.nodes()[reader.layer].is("MatMul") && (!shape || shape->size() != 2))
       return Outcome::kept(Reason::UnknownRank, who + " reads BN's output directly and its rank is not known to be 2 "
                                                  "(MatMul would contract its last axis, not the channels)");
     if (hw != 1)
@@ -53,7 +53,7 @@ Expected<int64_t> features_per_channel(FoldContext& ctx, int bn, const ForwardRe
                                                  std::to_string(channels) + " channels");
     return hw;
   }
-  const Node& reshape = g.nodes[reader.reshape];
+  const Node& reshape = g.nodes()[reader.reshape];
   const std::string how = describe_node(g, reader.reshape);
   if (reshape.is("Flatten")) {
     int64_t axis = reshape.attr_int("axis", 1);
@@ -92,14 +92,14 @@ Expected<LayerPlan> plan_bn_gemm(FoldContext& ctx, int bn, const BatchNormAffine
   QDQFOLD_TRY(w, read_forward_weight(ctx, layer));
   const auto channels = static_cast<int64_t>(affine.scale.size());
   QDQFOLD_TRY(hw, features_per_channel(ctx, bn, reader, channels, w.layout.in_channels));
-  const bool is_gemm = g.nodes[layer].is("Gemm");
+  const bool is_gemm = g.nodes()[layer].is("Gemm");
   const int64_t outputs = w.layout.out_channels;
   const int32_t dtype = w.tensor.data_type;
 
   // Gemm's C: any shape that broadcasts to [rows, N]: [], [1], [N], [r, 1], [r, N].
-  const std::string c_name = is_gemm && g.nodes[layer].inputs.size() > 2 ? g.nodes[layer].inputs[2] : "";
-  const double alpha = is_gemm ? g.nodes[layer].attr_float("alpha", 1.0f) : 1.0;
-  const double beta = is_gemm ? g.nodes[layer].attr_float("beta", 1.0f) : 1.0;
+  const std::string c_name = is_gemm && g.nodes()[layer].inputs.size() > 2 ? g.nodes()[layer].inputs[2] : "";
+  const double alpha = is_gemm ? g.nodes()[layer].attr_float("alpha", 1.0f) : 1.0;
+  const double beta = is_gemm ? g.nodes()[layer].attr_float("beta", 1.0f) : 1.0;
   std::vector<double> c_values;
   std::vector<int64_t> c_dims;
   if (!c_name.empty()) {
@@ -159,7 +159,7 @@ void apply_layer_edit(FoldContext& ctx, int layer, const GemmEdit& edit, Outcome
     return;
   }
   write_layer_input(ctx, layer, 2, edit.data_type, edit.bias_dims, *edit.bias,
-                    ctx.graph.nodes[layer].display_name(layer) + "_bias", outcome);
+                    ctx.graph.nodes()[layer].display_name(layer) + "_bias", outcome);
   if (edit.beta != 1.0) ctx.graph.set_float_attribute(layer, "beta", 1.0f);
 }
 

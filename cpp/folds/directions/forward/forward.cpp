@@ -45,7 +45,7 @@ void visit(Graph& g, const std::string& value, ForwardReader path, ForwardMatch&
   }
   if (path.reshape < 0) path.values.push_back(value);
   for (const auto& use : g.uses(value)) {
-    const Node& n = g.nodes[use.node];
+    const Node& n = g.nodes()[use.node];
     const bool first = use.slot == 0;
     if (reads_only_shape(g, use)) continue;  // the fold changes no shape; remove_forward_batchnorm rewires it
     if (first && is_see_through(g, n) && !n.outputs.empty() && !n.outputs[0].empty()) {
@@ -63,7 +63,7 @@ void visit(Graph& g, const std::string& value, ForwardReader path, ForwardMatch&
       walk.quantizer.node = use.node;
       if (!n.outputs.empty())
         for (const auto& u : g.uses(n.outputs[0]))
-          if (g.nodes[u.node].is("DequantizeLinear")) walk.quantizer.dequantizer = u.node;
+          if (g.nodes()[u.node].is("DequantizeLinear")) walk.quantizer.dequantizer = u.node;
     } else if (walk.other.kind == ForwardSighting::Kind::None) {
       walk.other.kind = ForwardSighting::Kind::Other;
       walk.other.node = use.node;
@@ -79,7 +79,7 @@ Outcome kept_for(const Graph& g, const ForwardSighting& s) {
     return Outcome::kept(Reason::GraphOutput, s.direct ? "its output is a graph output, which must keep BN's values"
                                                        : "its output reaches graph output '" + s.value +
                                                              "' through identity nodes, which must keep BN's values").at_(s.value);
-  const std::string at = g.nodes[s.node].display_name(s.node);
+  const std::string at = g.nodes()[s.node].display_name(s.node);
   if (s.kind == Kind::Quantizer) {
     const std::string dq = s.dequantizer >= 0 ? ", dequantized by " + describe_node(g, s.dequantizer) : "";
     return Outcome::kept(
@@ -94,8 +94,8 @@ Outcome kept_for(const Graph& g, const ForwardSighting& s) {
 
 // Rewires every reader of BN's output to BN's input and removes BN with its parameters.
 void remove_forward_batchnorm(Graph& g, int bn, const BatchNormAffine& affine) {
-  const std::string input = g.nodes[bn].inputs[affine_data_slot(g, bn)];
-  const std::string output = g.nodes[bn].outputs[0];
+  const std::string input = g.nodes()[bn].inputs[affine_data_slot(g, bn)];
+  const std::string output = g.nodes()[bn].outputs[0];
   const std::vector<graph::Use> uses = g.uses(output);  // a copy: set_input edits the list
   for (const auto& u : uses) g.set_input(u.node, u.slot, input);
   g.remove_node(bn);
@@ -106,7 +106,7 @@ void remove_forward_batchnorm(Graph& g, int bn, const BatchNormAffine& affine) {
 }  // namespace
 
 std::optional<ForwardMatch> select_bn_forward(Graph& g, int bn) {
-  const Node& n = g.nodes[bn];
+  const Node& n = g.nodes()[bn];
   if (n.inputs.empty() || n.inputs[affine_data_slot(g, bn)].empty() || n.outputs.empty() || n.outputs[0].empty())
     return std::nullopt;
   ForwardMatch match;
@@ -120,7 +120,7 @@ std::optional<std::vector<int64_t>> known_shape(const FoldContext& ctx, const st
 }
 
 std::optional<std::vector<int64_t>> activation_shape(const FoldContext& ctx, int bn, const ForwardReader& reader) {
-  std::vector<std::string> candidates{ctx.graph.nodes[bn].inputs[affine_data_slot(ctx.graph, bn)]};
+  std::vector<std::string> candidates{ctx.graph.nodes()[bn].inputs[affine_data_slot(ctx.graph, bn)]};
   candidates.insert(candidates.end(), reader.values.begin(), reader.values.end());
   std::optional<std::vector<int64_t>> partial;
   for (const auto& v : candidates) {
@@ -137,7 +137,7 @@ std::optional<std::vector<int64_t>> activation_shape(const FoldContext& ctx, int
 
 Expected<FloatWeight> read_forward_weight(FoldContext& ctx, int layer) {
   Graph& g = ctx.graph;
-  const Node& n = g.nodes[layer];
+  const Node& n = g.nodes()[layer];
   if (n.inputs.size() < 2 || n.inputs[1].empty() || n.outputs.empty() || n.outputs[0].empty())
     return Outcome::kept(Reason::MalformedLayer, describe_node(g, layer) + " has no weight input or no output");
   const std::string& weight = n.inputs[1];
@@ -183,7 +183,7 @@ Expected<ForwardPlan> plan_bn_forward(FoldContext& ctx, int bn, const ForwardMat
   const std::string several =
       " (it has " + std::to_string(readers.size()) + " layer readers and folds only into all of them)";
   for (const auto& reader : readers) {
-    auto one = is_spatial_layer(g.nodes[reader.layer]) ? plan_bn_conv(ctx, bn, plan.affine, reader)
+    auto one = is_spatial_layer(g.nodes()[reader.layer]) ? plan_bn_conv(ctx, bn, plan.affine, reader)
                                                         : plan_bn_gemm(ctx, bn, plan.affine, reader);
     if (readers.size() > 1) one = reworded(std::move(one), [&](const Outcome& o) {
       Outcome with = o;
@@ -204,8 +204,8 @@ Outcome apply_bn_forward(FoldContext& ctx, int bn, ForwardPlan& plan) {
   std::vector<std::string> notes, ops;
   for (auto& layer : plan.layers) {
     std::visit([&](const auto& edit) { apply_layer_edit(ctx, layer.layer, edit, done); }, layer.edit);
-    done.into.push_back(g.nodes[layer.layer].display_name(layer.layer));
-    ops.push_back(g.nodes[layer.layer].op_type);
+    done.into.push_back(g.nodes()[layer.layer].display_name(layer.layer));
+    ops.push_back(g.nodes()[layer.layer].op_type);
     done.into_op = join_op_types(ops);  // each op once, in the table's order: not the readers' order
     if (done.code.empty()) done.code = code(layer.fold_name);
     else if (done.code != code(layer.fold_name)) done.code = code(FoldName::BnLayers);
