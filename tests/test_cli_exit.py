@@ -29,6 +29,10 @@ def test_it_exits_at_once_when_nothing_is_left(exits, monkeypatch):
     monkeypatch.setattr(atexit, "_ncallbacks", lambda: 0)
     # threads an earlier test of this process left alive (a pool's idle workers) are not this test's subject
     monkeypatch.setattr(threading, "active_count", lambda: 1)
+    monkeypatch.setattr(sys, "gettrace", lambda: None)  # a coverage tool or debugger running this test
+    monkeypatch.setattr(sys, "getprofile", lambda: None)
+    if hasattr(sys, "monitoring"):
+        monkeypatch.setattr(sys.monitoring, "get_tool", lambda i: None)
     _start._exit_now(3)
     assert exits == [3]
 
@@ -81,3 +85,33 @@ def test_the_model_on_standard_output_is_all_there(tmp_path):
                            capture_output=True, env=env, timeout=300)
     assert filed.returncode == 0, filed.stderr
     assert piped.stdout == (tmp_path / "out.onnx").read_bytes()
+
+
+def test_a_tracer_keeps_the_normal_exit(exits, monkeypatch):
+    monkeypatch.setattr(atexit, "_ncallbacks", lambda: 0)
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
+    monkeypatch.setattr(sys, "gettrace", lambda: (lambda *a: None))
+    _start._exit_now(0)
+    assert exits == []
+
+
+def test_a_profiler_around_the_cli_still_writes_its_profile(tmp_path):
+    # python -m cProfile -o P -m qdqfold ...: cProfile writes P after qdqfold's main returns.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in sys.path if p)}
+    profile = tmp_path / "prof.out"
+    done = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "qdqfold", str(SEED),
+                           "-o", str(tmp_path / "out.onnx"), "-q"], capture_output=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out.onnx").stat().st_size > 0
+    assert profile.stat().st_size > 0
+
+
+def test_the_json_report_on_a_pipe_is_all_there(tmp_path):
+    # --json goes through print (text, not the binary buffer) and the process may end right after.
+    import json
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in sys.path if p)}
+    done = subprocess.run([sys.executable, "-m", "qdqfold", str(SEED), "-o", str(tmp_path / "out.onnx"), "--json"],
+                          capture_output=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["batchnorms"]

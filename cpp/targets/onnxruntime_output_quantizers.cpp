@@ -103,6 +103,11 @@ std::variant<Quantizer, std::string> read_quantizer(Graph& g, int q) {
   out.output_dtype = n.attr_int("output_dtype", 0);
   out.saturate = n.attr_int("saturate", 1);
   if (n.inputs.size() < 2) return describe(g, q) + " has no scale";
+  // QuantizeLinear's precision (opset 23) sets the type it divides in; a quantizer inserted without it would
+  // round differently. DequantizeLinear's output_dtype is the float type it computes, not a quantized type.
+  if (n.attr("precision")) return describe(g, q) + " has a precision attribute, which the rewrite does not copy";
+  if (n.is("DequantizeLinear") && n.attr("output_dtype"))
+    return describe(g, q) + " has an output_dtype attribute, which the rewrite does not copy";
   if (n.is("DequantizeLinear") && (n.inputs.size() < 3 || n.inputs[2].empty()))
     return describe(g, q) + " has no zero point";
   out.scale = n.inputs[1];

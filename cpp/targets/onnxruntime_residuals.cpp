@@ -96,6 +96,17 @@ int downstream_quantizer(Graph& g, const std::string& value) {
   return -1;
 }
 
+// A constant, or a DequantizeLinear of constants only (a quantized bias): never a residual's operand.
+bool constant_operand(Graph& g, const std::string& value) {
+  if (value.empty()) return false;
+  if (g.constant(value).has_value()) return true;
+  const int p = g.producer(value);
+  if (p < 0 || !g.nodes()[p].is("DequantizeLinear")) return false;
+  for (const auto& in : g.nodes()[p].inputs)
+    if (!in.empty() && !g.constant(in).has_value()) return false;
+  return true;
+}
+
 double scale_of(const Quantizer& q) { return graph::float_element(q.scale_type, q.scale_raw, 0); }
 
 }  // namespace
@@ -115,7 +126,7 @@ std::vector<BatchNormRecord> residual_inputs(graph::Model& model, Graph& g, bool
     bool all_dequantized = true, constant = false;
     for (const auto& in : n.inputs) {
       all_dequantized = all_dequantized && dequantized(g, in);
-      constant = constant || (!in.empty() && g.constant(in).has_value());
+      constant = constant || constant_operand(g, in);
     }
     // A constant operand (a bias Add after a MatMul, a shift) makes it no residual: not the target's business.
     if (all_dequantized || constant || n.inputs.empty()) continue;

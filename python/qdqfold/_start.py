@@ -38,6 +38,13 @@ def _exit_now(status: int) -> None:
     threading = sys.modules.get("threading")
     if callbacks is None or callbacks() or (threading is not None and threading.active_count() > 1):
         return
+    # A profiler, tracer or debugger that ran this in-process (python -m cProfile / trace / pdb -m qdqfold)
+    # writes its results after main returns.
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        return
+    monitoring = getattr(sys, "monitoring", None)  # Python 3.12+: cProfile and coverage use it there
+    if monitoring is not None and any(monitoring.get_tool(i) is not None for i in range(6)):
+        return
     try:
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:
