@@ -15,7 +15,6 @@
 #include "../core/files.h"
 #include "../core/report_fields.h"
 #include "report_dict.h"
-#include "../platform/backend.h"
 #include "../folds/reasons.h"
 #include "../folds/layer_kinds.h"
 #include "../targets/onnxruntime.h"
@@ -170,15 +169,10 @@ PYBIND11_MODULE(qdqfold_native, m) {
   m.doc() = "qdqfold's native core: folds BatchNormalization into neighbouring layers of an ONNX model, "
             "quantized (QDQ) weights included, reading and writing the protobuf wire format directly.";
   m.attr("__version__") = QDQFOLD_VERSION;
-  // Which file backend this build compiled (cpp/platform/backend.h): "linux" keeps an existing output's
-  // extended attributes and copies ranges in the kernel; "posix" (POSIX.1-2008 only) and "windows" do not.
-#if defined(QDQFOLD_IO_WINDOWS)
-  m.attr("file_backend") = "windows";
-#elif defined(QDQFOLD_IO_LINUX)
-  m.attr("file_backend") = "linux";
-#else
-  m.attr("file_backend") = "posix";
-#endif
+  // Which file backend this build compiled: "linux" keeps an existing output's extended attributes and copies
+  // ranges in the kernel; "posix" (POSIX.1-2008 only) and "windows" do not. Asked of the platform layer, the
+  // only code compiled with QDQFOLD_PORTABLE_IO.
+  m.attr("file_backend") = qdqfold::io::backend_name();
   static py::exception<qdqfold::FoldError> fold_error(m, "FoldError", PyExc_ValueError);
   static py::exception<qdqfold::io::FileError> file_error(m, "FileError", fold_error.ptr());
   py::register_exception_translator([](std::exception_ptr p) {

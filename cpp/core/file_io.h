@@ -172,4 +172,8 @@ class GuardedRange {
 void interrupt();
 uint64_t interrupt_generation();
 
+// The backend this build compiled (cpp/platform/backend.h): "linux", "posix" (POSIX.1-2008 only, e.g. Linux
+// with -DQDQFOLD_PORTABLE_IO=ON, which only the platform sources see) or "windows".
+const char* backend_name();
+
 }  // namespace qdqfold::io

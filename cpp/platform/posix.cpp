@@ -46,6 +46,14 @@ namespace qdqfold::io {
 
 using detail::close_keeping_errno;
 
+const char* backend_name() {
+#if defined(QDQFOLD_IO_LINUX)
+  return "linux";
+#else
+  return "posix";
+#endif
+}
+
 void throw_os_error(const std::string& what, const std::string& path) {
   throw FileError(path + ": " + what + ": " + std::strerror(errno));
 }

@@ -35,6 +35,8 @@
 
 namespace qdqfold::io {
 
+const char* backend_name() { return "windows"; }
+
 namespace {
 
 thread_local DWORD g_last_error = 0;  // the reason throw_os_error gives: of the last call here that failed
