@@ -108,3 +108,23 @@ def test_a_bias_behind_a_dequantizer_makes_no_residual(requantize):
     assert all(t.get("exact", True) for t in report["target_layers"])
     feeds = {"x": (rng.standard_normal([2, 8]) * 3).astype(np.float32)}
     assert np.array_equal(run_off(bytes(out), feeds)[0], run_off(data, feeds)[0])
+
+
+@pytest.mark.parametrize("option", ["requantize_residuals", "store_float_weights"])
+def test_a_target_switch_without_a_target_is_an_error(option, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers.samples import MODELS
+
+    data = (MODELS / "qat_seed_prebn.onnx").read_bytes()
+    with pytest.raises(TypeError, match=f"option '{option}' needs a target"):
+        qdqfold_native.fold(data, **{option: True})
+    assert qdqfold_native.fold(data, target="onnxruntime", **{option: True})  # with one, accepted
+    flag = "--" + option.replace("_", "-")
+    out = tmp_path / "o.onnx"
+    done = subprocess.run([sys.executable, "-m", "qdqfold", str(MODELS / "qat_seed_prebn.onnx"), "-o", str(out),
+                           flag], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert f"{flag} needs a deployment target: add --target onnxruntime" in done.stderr
+    assert not out.exists()

@@ -87,6 +87,11 @@ Options parse_options(const py::kwargs& kwargs) {
       throw py::type_error("option '" + key + "' takes True or False");
     options.*(option.member) = item.second.cast<bool>();
   }
+  // Switches of the deployment target do nothing without one: say so instead of ignoring them.
+  if (options.target.empty())
+    for (const auto& [on, name] : {std::pair{options.requantize_residuals, "requantize_residuals"},
+                                   std::pair{options.store_float_weights, "store_float_weights"}})
+      if (on) throw py::type_error(std::string("option '") + name + "' needs a target (target='onnxruntime')");
   return options;
 }
 

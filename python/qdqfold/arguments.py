@@ -270,6 +270,10 @@ def options_of(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {name: getattr(args, name) for name in OPTIONS}
     if getattr(args, "target", None):
         options["target"] = args.target
+    else:
+        for name in ("requantize_residuals", "store_float_weights"):
+            if options.get(name):
+                raise UsageError(f"{OPTION_FLAGS[name][0]} needs a deployment target: add --target onnxruntime")
     return options
 
 
