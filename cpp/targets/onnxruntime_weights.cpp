@@ -12,6 +12,8 @@
 // a weight or a quantized value read elsewhere, blocked quantization, float8 outputs.
 #include <cstring>
 #include <optional>
+#include <utility>
+#include <vector>
 
 #include "graph/tensor.h"
 #include "kernels/quantized.h"
@@ -28,6 +30,21 @@ namespace {
 bool only_read_by(const Graph& g, const std::string& value, int node) {
   const auto& uses = g.uses(value);
   return !g.is_graph_output(value) && uses.size() == 1 && uses[0].node == node && uses[0].slot >= 0;
+}
+
+// A per-tensor (count 1) or per-axis (count = dims[axis]) parameter's layout over a tensor of `dims`: the
+// number of channels along the axis and the elements within one, so element i is in channel (i / inner) %
+// channels. None when the axis or the count does not fit the tensor.
+std::optional<std::pair<int64_t, int64_t>> axis_layout(const std::vector<int64_t>& dims, int64_t axis, size_t count) {
+  int64_t inner = 1, channels = 1;
+  if (count > 1) {
+    if (axis < 0) axis += static_cast<int64_t>(dims.size());
+    if (axis < 0 || axis >= static_cast<int64_t>(dims.size()) || dims[axis] != static_cast<int64_t>(count))
+      return std::nullopt;
+    channels = dims[axis];
+    for (size_t d = static_cast<size_t>(axis) + 1; d < dims.size(); ++d) inner *= dims[d];
+  }
+  return std::pair{channels, inner};
 }
 
 }  // namespace
@@ -58,14 +75,9 @@ void store_integer_weight(graph::Model& model, Graph& g, int layer, BatchNormRec
   std::optional<std::vector<double>> zv = z ? z->tensor.values() : std::vector<double>{0.0};
   if (!wv || !sv || !zv || sv->size() != zv->size() || sv->empty()) return;
   const auto& dims = w->tensor.dims;
-  int64_t axis = qn.attr_int("axis", 1), inner = 1, channels = 1;
-  if (sv->size() > 1) {
-    if (axis < 0) axis += static_cast<int64_t>(dims.size());
-    if (axis < 0 || axis >= static_cast<int64_t>(dims.size()) || dims[axis] != static_cast<int64_t>(sv->size()))
-      return;
-    channels = dims[axis];
-    for (size_t d = static_cast<size_t>(axis) + 1; d < dims.size(); ++d) inner *= dims[d];
-  }
+  const auto layout = axis_layout(dims, qn.attr_int("axis", 1), sv->size());
+  if (!layout) return;
+  const auto [channels, inner] = *layout;
   std::vector<int64_t> ints(wv->size());
   for (size_t i = 0; i < wv->size(); ++i) {
     const size_t c = channels > 1 ? static_cast<size_t>((static_cast<int64_t>(i) / inner) % channels) : 0;
@@ -118,14 +130,9 @@ void store_float_weight(graph::Model& model, Graph& g, int layer, BatchNormRecor
   std::optional<std::vector<double>> zv = z ? z->tensor.values() : std::vector<double>{0.0};
   if (!qv || !sv || !zv || sv->empty() || (zv->size() != sv->size() && zv->size() != 1)) return;
   const auto& dims = q->tensor.dims;
-  int64_t axis = dn.attr_int("axis", 1), inner = 1, channels = 1;
-  if (sv->size() > 1) {
-    if (axis < 0) axis += static_cast<int64_t>(dims.size());
-    if (axis < 0 || axis >= static_cast<int64_t>(dims.size()) || dims[axis] != static_cast<int64_t>(sv->size()))
-      return;
-    channels = dims[axis];
-    for (size_t d = static_cast<size_t>(axis) + 1; d < dims.size(); ++d) inner *= dims[d];
-  }
+  const auto layout = axis_layout(dims, dn.attr_int("axis", 1), sv->size());
+  if (!layout) return;
+  const auto [channels, inner] = *layout;
   std::string raw(qv->size() * sizeof(float), '\0');
   for (size_t i = 0; i < qv->size(); ++i) {
     const size_t c = channels > 1 ? static_cast<size_t>((static_cast<int64_t>(i) / inner) % channels) : 0;
