@@ -128,3 +128,22 @@ def test_a_target_switch_without_a_target_is_an_error(option, tmp_path):
     assert done.returncode == 2, done.stderr
     assert f"{flag} needs a deployment target: add --target onnxruntime" in done.stderr
     assert not out.exists()
+
+
+def test_requantize_merged_without_merge_branches_is_an_error(tmp_path):
+    """--requantize-merged only changes what --merge-branches merges: alone it used to do nothing, silently."""
+    import subprocess
+    import sys
+
+    from helpers.samples import MODELS
+
+    data = (MODELS / "qat_seed_prebn.onnx").read_bytes()
+    with pytest.raises(TypeError, match="option 'requantize_merged' needs merge_branches=True"):
+        qdqfold_native.fold(data, requantize_merged=True)
+    assert qdqfold_native.fold(data, merge_branches=True, requantize_merged=True)  # with it, accepted
+    out = tmp_path / "o.onnx"
+    done = subprocess.run([sys.executable, "-m", "qdqfold", str(MODELS / "qat_seed_prebn.onnx"), "-o", str(out),
+                           "--requantize-merged"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "--requantize-merged needs --merge-branches" in done.stderr
+    assert not out.exists()

@@ -202,8 +202,11 @@ def test_a_concat_of_grid_inputs_becomes_qlinearconcat_exactly():
                          [h.make_tensor_value_info("y", T.FLOAT, [1, 8, 6, 6])], inits)
     data = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]).SerializeToString()
     out, report = qdqfold_native.fold_with_report(data, target="onnxruntime")
-    (rec,) = report["target_layers"]
-    assert rec["node"] == "concat" and rec["code"] == "grid-input" and rec["exact"]
+    records = {t["node"]: t for t in report["target_layers"]}
+    rec = records["concat"]
+    assert rec["code"] == "grid-input" and rec["exact"]
+    # The Relu, now between its input's quantizer and the Concat's equal new one, runs on the integers.
+    assert set(records) == {"concat", "relu"} and records["relu"]["code"] == "integer-activation"
     rng = np.random.default_rng(3)
     feeds = {n: (rng.standard_normal(SHAPE) * 4).astype(np.float32) for n in "ab"}
     np.testing.assert_array_equal(run(bytes(out), feeds)[0], run(data, feeds)[0])

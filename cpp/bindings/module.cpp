@@ -92,6 +92,8 @@ Options parse_options(const py::kwargs& kwargs) {
     for (const auto& [on, name] : {std::pair{options.requantize_residuals, "requantize_residuals"},
                                    std::pair{options.store_float_weights, "store_float_weights"}})
       if (on) throw py::type_error(std::string("option '") + name + "' needs a target (target='onnxruntime')");
+  if (options.requantize_merged && !options.merge_branches)
+    throw py::type_error("option 'requantize_merged' needs merge_branches=True");
   return options;
 }
 

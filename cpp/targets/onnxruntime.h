@@ -1,12 +1,14 @@
 // The onnxruntime deployment target (Options::target == "onnxruntime"): a stage after the folds that rewrites the
 // model into the shape onnxruntime's QDQ transformers turn into integer kernels, without changing what it
-// computes. Three parts, one file each:
+// computes. The parts, one file each:
 //
 //   onnxruntime_output_quantizers.cpp  a layer (Conv / Gemm / MatMul with dequantized inputs) whose output
 //       reaches activation quantizers only through ops that commute with rounding gets those quantizers'
 //       Q -> DQ right after it (exact: the same integers reach the downstream quantizers; the proof is there);
 //   onnxruntime_residuals.cpp  an Add / Concat's inputs given Q -> DQ pairs: exactly where an input is already on
 //       a DequantizeLinear's grid, by a new rounding only under requantize_residuals (approximate, reported);
+//   onnxruntime_integer_activations.cpp  DQ -> Relu / Clip -> Q between equal quantizers as an integer Clip;
+//   onnxruntime_uint8.cpp  int8 activation pairs as the equal uint8 pairs;
 //   onnxruntime_weights.cpp  a float weight behind QuantizeLinear stored as its integers (exact);
 //   onnxruntime_kernels.cpp  the integer kernels onnxruntime is expected to form, by op, predicted from its
 //       selector rules (qdq_selectors.cc) on the graph before the folds and after the target;
@@ -39,6 +41,12 @@ std::vector<BatchNormRecord> residual_inputs(graph::Model& model, graph::Graph& 
 // Every int8 activation Q -> DQ pair of `g` rewritten as the uint8 pair that computes the same floats
 // (onnxruntime_uint8.cpp); returns how many quantizers.
 int uint8_activations(graph::Model& model, graph::Graph& g);
+
+// Every uint8 DequantizeLinear -> Relu / Clip -> QuantizeLinear chain of `g` whose two quantizers agree, as one
+// integer Clip on the quantized tensor (onnxruntime_integer_activations.cpp; exact). Each is told in the record
+// of the layer that feeds it (metric "activation_on_integers"), else in a record of its own
+// ("integer-activation"). Returns how many.
+int integer_activations(graph::Model& model, graph::Graph& g, std::vector<BatchNormRecord>& records);
 
 // A constant float32 weight behind its own QuantizeLinear stored as the integers it quantizes to (exact);
 // noted in `record` (new_tensors, metric "weight_stored_as_integers", message).

@@ -62,6 +62,9 @@ void run_target(graph::Model& model, const Options& options, std::map<std::strin
   for (const auto& r : report.target_layers) changed = changed || r.folded;
   for (graph::Graph* g : model.all_graphs())
     if (changed && g->kind != graph::GraphKind::Function) uint8_activations(model, *g);
+  // Then, on those uint8 pairs, the activations between equal quantizers run on the integers.
+  for (graph::Graph* g : model.all_graphs())
+    if (changed && g->kind != graph::GraphKind::Function) integer_activations(model, *g, report.target_layers);
   report.target_kernels.before = std::move(kernels_before);
   report.target_kernels.after = predict_onnxruntime_kernels(model);
 }

@@ -274,6 +274,8 @@ def options_of(args: argparse.Namespace) -> dict[str, Any]:
         for name in ("requantize_residuals", "store_float_weights"):
             if options.get(name):
                 raise UsageError(f"{OPTION_FLAGS[name][0]} needs a deployment target: add --target onnxruntime")
+    if options.get("requantize_merged") and not options.get("merge_branches"):
+        raise UsageError(f"{OPTION_FLAGS['requantize_merged'][0]} needs {OPTION_FLAGS['merge_branches'][0]}")
     return options
 
 
