@@ -180,10 +180,14 @@ def _isolated(model: onnx.ModelProto, index: _Index, layers: list[KernelLayer]) 
     for k, layer in enumerate(layers):
         node = by_name[layer.node]
         dq_x = index.producer[node.input[0]]
-        q_out = index.readers[node.output[0]][0]
+        readers = index.readers.get(node.output[0], [])
+        q_out = readers[0] if readers else None
         between = None
-        if q_out.op_type in ("Relu", "Clip"):  # removed by onnxruntime before the Q (integer_kernels.h)
-            between, q_out = q_out, index.readers[q_out.output[0]][0]
+        if q_out is not None and q_out.op_type in ("Relu", "Clip"):  # absorbed by onnxruntime (integer_kernels.h)
+            between = q_out
+            q_out = (index.readers.get(q_out.output[0]) or [None])[0]
+        if q_out is None or q_out.op_type != "QuantizeLinear":
+            continue  # a float-output kernel (MatMulIntegerToFloat, QGemm): not isolated here
         constants = _closure(index, list(node.input[1:]) + list(dq_x.input[1:]) + list(q_out.input[1:]) +
                              (list(between.input[1:]) if between is not None else []))
         if constants is None:
