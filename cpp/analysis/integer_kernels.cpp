@@ -1,4 +1,4 @@
-// The static saturation check (integer_kernels.h): select the layers onnxruntime fuses, read their integer
+// The static saturation check (integer_kernels.h): the layers the kernel predictor (predict/) selects, their integer
 // weights and activation range, bound the pair sums.
 #include "integer_kernels.h"
 

@@ -30,7 +30,7 @@ class KernelLayer:
 
     node: str  # the layer node's name (or "<op>#<index>" when unnamed)
     op: str  # Conv / MatMul / Gemm
-    kernel: str  # QLinearConv / QLinearMatMul / QGemm
+    kernel: str  # QLinearConv / QLinearMatMul / MatMulIntegerToFloat / QGemm
     activation: str  # "uint8" or "int8" (run as uint8 on x86-64)
     weight: str  # "int8" or "uint8"
     activation_range: list[int]  # the activation bytes the kernel can see, after the x86-64 shift to uint8
