@@ -104,3 +104,10 @@ def test_modelopt_nets_before_and_after_the_target(nets, net, requantize):
     assert after.get("QLinearConv", 0) > before.get("QLinearConv", 0)
     for model, kernels in ((data, before), (out, after)):
         assert checked_layers(model) == {k: n for k, n in kernels.items() if k in GEMMS}
+
+
+def test_an_integer_clip_before_the_dequantizer_narrows_the_checked_activation_range():
+    """Q -> Clip(uint8 128..255) -> DQ -> Conv: the kernel reads only bytes 128..255 (the Relu of the lead's
+    integer-activation rewrite at zero point 128), so the pair bound uses that range."""
+    layers = qdqfold_native.integer_kernels(CASES["integer-clip-uint8"]().SerializeToString())
+    assert [lay["activation_range"] for lay in layers] == [(0, 255), (128, 255)]
