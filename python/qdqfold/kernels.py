@@ -179,7 +179,9 @@ def _isolated(model: onnx.ModelProto, index: _Index, layers: list[KernelLayer]) 
     nodes, inputs, outputs, used_inits, feeds_from, steps = [], [], [], set(), {}, {}
     for k, layer in enumerate(layers):
         node = by_name[layer.node]
-        dq_x = index.producer[node.input[0]]
+        dq_x = index.producer.get(node.input[0])
+        if dq_x is None or dq_x.op_type != "DequantizeLinear":
+            continue  # its DequantizeLinear is behind a MaxPool / Reshape onnxruntime crosses: not isolated here
         readers = index.readers.get(node.output[0], [])
         q_out = readers[0] if readers else None
         between = None
