@@ -16,6 +16,8 @@ a new folder is placed on purpose.
     folds/weights a layer's weight and how a per-channel factor enters it (reads BatchNormAffine)
     folds/directions/backward | folds/directions/forward   the folds, one direction each
     folds         the fold list (registry.cpp) and the branch merge (merge_branches/)
+    predict       which integer kernels onnxruntime forms from a QDQ graph: one predictor, read by both rows above
+                  (the target's kernel counts and the saturation check's layers), so it sits below them
     targets | analysis   what a runtime computes (onnxruntime); the integer-kernel analysis
     core          fold_model / fold_file: the driver and the file path
     platform      the file backends behind core/file_io.h
@@ -45,6 +47,7 @@ LAYERS: list[list[tuple[str, list[str]]]] = [
     [("folds/directions/backward", ["folds/directions/backward/"]),
      ("folds/directions/forward", ["folds/directions/forward/"])],
     [("folds", ["folds/"])],
+    [("predict", ["predict/"])],
     [("targets", ["targets/"]), ("analysis", ["analysis/"])],
     [("core", ["core/"])],
     [("platform", ["platform/"])],

@@ -1,6 +1,8 @@
-// The static saturation check (integer_kernels.h): select the layers onnxruntime fuses, read their integer
+// The static saturation check (integer_kernels.h): the layers the kernel predictor (predict/) selects, their integer
 // weights and activation range, bound the pair sums.
 #include "integer_kernels.h"
+
+#include "../predict/onnxruntime_kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -96,48 +98,30 @@ std::optional<Integers> weight_integers(graph::Graph& g, const graph::Node& dq) 
   return out;
 }
 
-// The activation bytes the kernel sees: the type's range (int8 shifted by 128), from the zero point up when
-// a Relu feeds the QuantizeLinear that made the activation.
-std::optional<std::pair<int64_t, int64_t>> activation_bytes(graph::Graph& g, const graph::Node& dq) {
+// The activation bytes the kernel sees: the integers DQ `dq` reads (narrowed by an integer Clip right before it,
+// or from the zero point up when a Relu feeds the QuantizeLinear that made them), shifted by 128 when an int8
+// pair runs as uint8 (`kernel_type`).
+std::optional<std::pair<int64_t, int64_t>> activation_bytes(graph::Graph& g, const graph::Node& dq,
+                                                            int32_t kernel_type) {
   const int32_t t = zero_point_type(g, dq);
   if (t != kInt8 && t != kUint8) return std::nullopt;
   int64_t lo = t == kInt8 ? -128 : 0, hi = t == kInt8 ? 127 : 255;
-  if (const graph::Node* q = producer_op(g, dq.inputs[0], "QuantizeLinear")) {
+  std::string integers = dq.inputs[0];
+  if (const graph::Node* clip = producer_op(g, integers, "Clip")) {  // Q -> Clip(integers) -> DQ
+    if (clip->inputs.size() > 1 && !clip->inputs[1].empty())
+      if (auto v = scalar(g, clip->inputs[1])) lo = std::max<int64_t>(lo, static_cast<int64_t>(*v));
+    if (clip->inputs.size() > 2 && !clip->inputs[2].empty())
+      if (auto v = scalar(g, clip->inputs[2])) hi = std::min<int64_t>(hi, static_cast<int64_t>(*v));
+    integers = clip->inputs[0];
+  }
+  if (const graph::Node* q = producer_op(g, integers, "QuantizeLinear")) {
     if (producer_op(g, q->inputs[0], "Relu") != nullptr) {
       const auto zp = q->inputs.size() > 2 && !q->inputs[2].empty() ? scalar(g, q->inputs[2]) : std::optional<double>(0.0);
       if (zp) lo = std::max<int64_t>(lo, static_cast<int64_t>(*zp));
     }
   }
-  const int64_t shift = t == kInt8 ? 128 : 0;
+  const int64_t shift = t == kInt8 && kernel_type == kUint8 ? 128 : 0;
   return std::make_pair(lo + shift, hi + shift);
-}
-
-// onnxruntime's ReluQuantFusion and ClipQuantFusion remove a Relu (or a Clip whose range holds the
-// quantizer's) between a layer and its only reader QuantizeLinear when the quantizer's zero point is its type's
-// minimum: then Q(Relu(y)) = Q(y) for every y, and the layer feeds the Q directly. The Relu / Clip node's index
-// when `value` feeds such a node, else -1.
-int activation_before_q(graph::Graph& g, const std::string& value) {
-  const auto& uses = g.uses(value);
-  if (uses.size() != 1 || uses[0].node < 0 || g.is_graph_output(value)) return -1;
-  const int a = uses[0].node;
-  const graph::Node& act = g.nodes()[a];
-  if (!(act.is("Relu") || act.is("Clip")) || act.outputs.empty() || g.is_graph_output(act.outputs[0])) return -1;
-  const auto& next = g.uses(act.outputs[0]);
-  if (next.size() != 1 || next[0].node < 0 || !g.nodes()[next[0].node].is("QuantizeLinear")) return -1;
-  const graph::Node& q = g.nodes()[next[0].node];
-  const int32_t t = zero_point_type(g, q);
-  const auto zp = q.inputs.size() > 2 && !q.inputs[2].empty() ? scalar(g, q.inputs[2]) : std::optional<double>(0.0);
-  const auto scale = q.inputs.size() > 1 ? scalar(g, q.inputs[1]) : std::nullopt;
-  if (!zp || !scale || (t != kInt8 && t != kUint8)) return -1;
-  const double qmin = t == kInt8 ? -128 : 0, qmax = t == kInt8 ? 127 : 255;
-  if (*zp != qmin) return -1;  // the quantizer's lowest value is 0: Relu's
-  if (act.is("Clip")) {
-    // Clip(lo, hi) is redundant when [lo, hi] holds the quantizer's range [0, (qmax - zp) * scale].
-    const auto lo = act.inputs.size() > 1 && !act.inputs[1].empty() ? scalar(g, act.inputs[1]) : std::nullopt;
-    const auto hi = act.inputs.size() > 2 && !act.inputs[2].empty() ? scalar(g, act.inputs[2]) : std::nullopt;
-    if (!lo || *lo > 0 || (hi && *hi < (qmax - *zp) * *scale)) return -1;
-  }
-  return a;
 }
 
 // Pair-sum bounds over rows of `k` weights each (row r's element j at rows[r * k + j]).
@@ -196,29 +180,15 @@ std::vector<IntegerLayer> integer_layers(graph::Model& model) {
   std::vector<IntegerLayer> found;
   graph::Graph& g = *model.graph;
   for (size_t i = 0; i < g.nodes().size(); ++i) {
+    // The layers onnxruntime runs as integer GEMMs, from the one predictor the target's counts use too.
+    const predict::Kernel kernel = predict::select_kernel(g, static_cast<int>(i));
+    if (kernel.op.empty() || kernel.input_dq < 0 || kernel.weight_dq < 0) continue;
     const graph::Node& node = g.nodes()[i];
-    if (node.removed() || !(node.is("Conv") || node.is("MatMul") || node.is("Gemm")) || node.inputs.size() < 2 ||
-        node.outputs.empty())
-      continue;
-    const graph::Node* dq_x = producer_op(g, node.inputs[0], "DequantizeLinear");
-    const graph::Node* dq_w = producer_op(g, node.inputs[1], "DequantizeLinear");
-    if (!dq_x || !dq_w || dq_x->inputs.empty() || dq_w->inputs.empty()) continue;
-    std::string out = node.outputs[0];
-    if (g.is_graph_output(out)) continue;
-    if (const int act = activation_before_q(g, out); act >= 0) out = g.nodes()[act].outputs[0];
-    const auto& uses = g.uses(out);
-    bool to_q = !uses.empty();
-    for (const auto& u : uses) to_q = to_q && u.node >= 0 && g.nodes()[u.node].is("QuantizeLinear");
-    // (onnxruntime's Gemm selector would also take a float output, but measured on its CPU provider it forms
-    // QGemm only before a QuantizeLinear: tests/test_integer_kernels.py compares the lists.)
-    if (!to_q) continue;
+    const graph::Node* dq_x = &g.nodes()[kernel.input_dq];
+    const graph::Node* dq_w = &g.nodes()[kernel.weight_dq];
     const int32_t a_type = zero_point_type(g, *dq_x);
-    bool same_type = true;
-    if (to_q)
-      for (const auto& u : uses) same_type = same_type && zero_point_type(g, g.nodes()[u.node]) == a_type;
-    if (!same_type) continue;
     auto integers = weight_integers(g, *dq_w);
-    auto range = activation_bytes(g, *dq_x);
+    auto range = activation_bytes(g, *dq_x, kernel.input_type);
     if (!integers || !range) continue;
     std::vector<int64_t> rows;
     int64_t channels = 0, k = 0;
@@ -226,7 +196,7 @@ std::vector<IntegerLayer> integer_layers(graph::Model& model) {
     IntegerLayer layer;
     layer.node = node.display_name(static_cast<int>(i));
     layer.op = node.op_type;
-    layer.kernel = node.is("Conv") ? "QLinearConv" : node.is("MatMul") ? "QLinearMatMul" : "QGemm";
+    layer.kernel = kernel.op;
     layer.activation = a_type == kInt8 ? "int8" : "uint8";
     layer.weight = integers->type == kInt8 ? "int8" : "uint8";
     layer.activation_lo = range->first;

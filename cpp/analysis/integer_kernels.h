@@ -2,13 +2,13 @@
 // x86-64 CPUs without VNNI: a static check of a (folded) model, no runtime needed.
 //
 //   DQ(x) -> Conv(DQ(W), b) -> Q        onnxruntime (QDQ selectors) ->  QLinearConv
-//   DQ(x) -> MatMul(DQ(W))  -> Q                                      ->  QLinearMatMul
-//   DQ(x) -> Gemm(DQ(W))   -> Q                                       ->  QGemm
+//   DQ(x) -> MatMul(DQ(W))  [-> Q]                                    ->  QLinearMatMul / MatMulIntegerToFloat
+//   DQ(x) -> Gemm(DQ(W))   [-> Q]                                     ->  QGemm
 //
-// when every data input comes from a DequantizeLinear, the layer's output goes only to QuantizeLinear nodes
-// and is not a graph output, and the input and output quantizers have one type. A
-// constant float weight behind Q -> DQ counts (onnxruntime folds the Q into integers). On x86-64 int8
-// activations run as uint8 (zero point + 128), so the kernel multiplies activation bytes a in [0, 255].
+// The layers are the ones cpp/predict/onnxruntime_kernels.h predicts (the target's kernel counts use the same
+// predictor, so the two lists agree); its rules are written there once. A constant float weight behind Q -> DQ
+// counts (onnxruntime folds the Q into integers). On x86-64 an int8 activation pair that onnxruntime converts runs
+// as uint8 (zero point + 128), so the kernel multiplies activation bytes a in [0, 255].
 //
 // Without VNNI the u8s8 GEMM multiplies with vpmaddubsw, adding each pair of neighbouring products along the
 // reduction into a saturating int16:
@@ -34,7 +34,7 @@ namespace qdqfold::analysis {
 struct IntegerLayer {
   std::string node;        // the layer's display name (its name, or "<op>#<position>")
   std::string op;          // Conv / MatMul / Gemm
-  std::string kernel;      // QLinearConv / QLinearMatMul / QGemm
+  std::string kernel;      // QLinearConv / QLinearMatMul / MatMulIntegerToFloat / QGemm
   std::string activation;  // "int8" or "uint8" (int8 runs as uint8 on x86-64)
   std::string weight;      // "int8" or "uint8"
   int64_t activation_lo = 0, activation_hi = 255;  // the activation bytes the kernel can see

@@ -30,7 +30,7 @@ class KernelLayer:
 
     node: str  # the layer node's name (or "<op>#<index>" when unnamed)
     op: str  # Conv / MatMul / Gemm
-    kernel: str  # QLinearConv / QLinearMatMul / QGemm
+    kernel: str  # QLinearConv / QLinearMatMul / MatMulIntegerToFloat / QGemm
     activation: str  # "uint8" or "int8" (run as uint8 on x86-64)
     weight: str  # "int8" or "uint8"
     activation_range: list[int]  # the activation bytes the kernel can see, after the x86-64 shift to uint8
@@ -179,11 +179,17 @@ def _isolated(model: onnx.ModelProto, index: _Index, layers: list[KernelLayer]) 
     nodes, inputs, outputs, used_inits, feeds_from, steps = [], [], [], set(), {}, {}
     for k, layer in enumerate(layers):
         node = by_name[layer.node]
-        dq_x = index.producer[node.input[0]]
-        q_out = index.readers[node.output[0]][0]
+        dq_x = index.producer.get(node.input[0])
+        if dq_x is None or dq_x.op_type != "DequantizeLinear":
+            continue  # its DequantizeLinear is behind a MaxPool / Reshape onnxruntime crosses: not isolated here
+        readers = index.readers.get(node.output[0], [])
+        q_out = readers[0] if readers else None
         between = None
-        if q_out.op_type in ("Relu", "Clip"):  # removed by onnxruntime before the Q (integer_kernels.h)
-            between, q_out = q_out, index.readers[q_out.output[0]][0]
+        if q_out is not None and q_out.op_type in ("Relu", "Clip"):  # absorbed by onnxruntime (integer_kernels.h)
+            between = q_out
+            q_out = (index.readers.get(q_out.output[0]) or [None])[0]
+        if q_out is None or q_out.op_type != "QuantizeLinear":
+            continue  # a float-output kernel (MatMulIntegerToFloat, QGemm): not isolated here
         constants = _closure(index, list(node.input[1:]) + list(dq_x.input[1:]) + list(q_out.input[1:]) +
                              (list(between.input[1:]) if between is not None else []))
         if constants is None:
