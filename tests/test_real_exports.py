@@ -35,6 +35,8 @@ CASES = [
     Case("float_torchscript_mobilenet_v2_3bn.onnx", 3, 3),
     Case("modelopt_int8_mobilenet_v2_3bn.onnx", 3, 3),
     Case("modelopt_int8_resnet18_1bn.onnx", 1, 1),
+    # A whole inverted residual block with its Add (tests/test_target_real.py runs the onnxruntime target on it).
+    Case("modelopt_int8_mobilenet_v2_block3_residual.onnx", 3, 3),
     Case("nncf_onnx_mobilenet_v2_3bn.onnx", 3, 3),
     Case("nncf_torch_qdq_mobilenet_v2_3bn.onnx", 3, 3),
     Case("brevitas_qcdq_mobilenet_v2_3bn.onnx", 3, 0, {"non-constant-parameters": 3}),

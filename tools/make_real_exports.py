@@ -4,6 +4,7 @@ on the CPU, calibrated on random data, plus timm's LeViT-128S as a float export.
 
     python tools/make_real_exports.py /work/exports                  # every exporter that imports
     python tools/make_real_exports.py /work/exports --only ortq nncf_onnx
+    python tools/make_real_exports.py /work/exports --only modelopt_int8 --models resnet18 mobilenet_v2
 
 Run it in a virtual environment of its own that has the exporters (torch, torchvision, timm, nvidia-modelopt,
 nncf, brevitas, aimet-onnx, onnxruntime): they are not the project's dependencies, and no test imports this
@@ -264,10 +265,13 @@ def versions() -> dict[str, str]:
 
 
 def main() -> None:
+    global MODELS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--only", nargs="+", choices=list(EXPORTERS))
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="torchvision models (default: all)")
     args = parser.parse_args()
+    MODELS = tuple(args.models or MODELS)
     args.out.mkdir(parents=True, exist_ok=True)
     errors_path = args.out / "errors.json"
     errors = json.loads(errors_path.read_text()) if errors_path.exists() else {}
