@@ -267,6 +267,43 @@ std::optional<std::vector<int64_t>> declared_dims(const ValueInfo& v, const char
 
 }  // namespace
 
+// ValueInfoProto.type -> TypeProto.tensor_type -> elem_type, or nullopt.
+static std::optional<int32_t> declared_elem_type(const ValueInfo& v, const char* base) {
+  auto sub = [&](std::string_view body, uint32_t field) -> std::optional<std::string_view> {
+    Reader r(body, base);
+    std::optional<std::string_view> found;
+    while (!r.done()) {
+      Field f = r.next("value_info");
+      if (f.number == field && f.type == WireType::Bytes) found = f.bytes;
+    }
+    return found;
+  };
+  auto type = sub(v.body, num(ValueInfoField::Type));
+  if (!type) return std::nullopt;
+  auto tensor = sub(*type, num(TypeField::TensorType));
+  if (!tensor) return std::nullopt;
+  std::optional<int32_t> elem;
+  Reader r(*tensor, base);
+  while (!r.done()) {
+    Field f = r.next("tensor_type");
+    if (f.number == num(TensorTypeField::ElemType) && f.type == WireType::Varint)
+      elem = static_cast<int32_t>(f.scalar);
+  }
+  return elem;
+}
+
+std::optional<int32_t> Graph::declared_type(const std::string& value) const {
+  auto refs = value_info_refs_.find(value);
+  if (refs != value_info_refs_.end()) {
+    const std::vector<ValueInfo>* lists[3] = {&inputs, &value_info_, &outputs};
+    for (int l = 0; l < 3; ++l)
+      if (int k = refs->second.first[l]; k >= 0)
+        if (auto t = declared_elem_type((*lists[l])[k], model->buffer.data()); t && *t != 0) return t;
+  }
+  if (parent && !defines(value)) return parent->declared_type(value);
+  return std::nullopt;
+}
+
 std::optional<std::vector<int64_t>> Graph::input_shape(const std::string& value) const {
   auto refs = value_info_refs_.find(value);
   if (refs == value_info_refs_.end() || refs->second.first[0] < 0) return std::nullopt;

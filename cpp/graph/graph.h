@@ -166,6 +166,8 @@ class Graph {
   // The shape a graph input of this graph declares (its type, which runtimes check feeds against), and nothing
   // else: no value_info or output claim. nullopt when `value` is no input here or declares no shape.
   std::optional<std::vector<int64_t>> input_shape(const std::string& value) const;
+  // The element type (TensorProto.DataType) graph inputs / value_info / outputs declare for `value`, or nullopt.
+  std::optional<int32_t> declared_type(const std::string& value) const;
   // True when this graph itself defines `value`: a node output, an initializer or a graph input.
   bool defines(const std::string& value) const;
   int64_t opset(const std::string& domain = "") const;

@@ -30,8 +30,9 @@
 //            Padding is -inf on both sides, which never wins a window holding a real element; a window of
 //            padding alone gives -inf on both sides (Q(-inf) = the type's minimum). The Indices output (which
 //            element won, ties among equal DQ values would change it) must not be used.
-//   Reshape / Flatten / Transpose / Squeeze / Unsqueeze / Identity  move elements: Q commutes with any
-//            permutation or copy of elements when s and z are one scalar each (checked: per-tensor only).
+//   Reshape / Flatten / Transpose / Squeeze / Unsqueeze / Identity / Cast float32 -> float32  move elements:
+//            Q commutes with any permutation or copy of elements when s and z are one scalar each (checked:
+//            per-tensor only; the Cast's input proven float32: declared, or made from one by ops that keep it).
 // Composing: each op maps the D(Q(.)) form to the same Q integers, so the chain's end does too. Several readers
 // of y (or of a value inside the chain) are fine when every path ends at a quantizer with the same s, z and
 // type: the new Q -> DQ feeds them all. Not covered (left alone): NaN inputs (Q(NaN) is the runtime's choice),
@@ -145,9 +146,41 @@ bool constant_clip(Graph& g, const Node& n) {
   return true;
 }
 
+// True when `value` is float32: declared so, or made by an op whose output type is its input 0's (or a float32
+// DequantizeLinear / Cast) from such a value.
+bool float32_value(Graph& g, const std::string& value, int depth) {
+  if (auto t = g.declared_type(value)) return *t == static_cast<int32_t>(DataType::Float);
+  const int p = value.empty() || depth > 64 ? -1 : g.producer(value);
+  if (p < 0) return false;
+  const Node& n = g.nodes()[p];
+  if (!n.domain.empty() && n.domain != "ai.onnx") return false;
+  if (n.is("Cast")) return n.attr_int("to", 0) == static_cast<int64_t>(DataType::Float);
+  if (n.is("DequantizeLinear")) {
+    if (n.attr("output_dtype") || n.inputs.size() < 2) return false;
+    auto scale = g.constant(n.inputs[1]);
+    return scale && scale->tensor.data_type == static_cast<int32_t>(DataType::Float);
+  }
+  static const char* const same_type[] = {"Conv", "BatchNormalization", "Relu", "Clip", "MaxPool", "AveragePool",
+                                          "GlobalAveragePool", "Add", "Sub", "Mul", "Div", "Gemm", "MatMul",
+                                          "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
+                                          "Concat", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu"};
+  for (const char* op : same_type)
+    if (n.op_type == op) return !n.inputs.empty() && float32_value(g, n.inputs[0], depth + 1);
+  return false;
+}
+
+// A Cast to float32 of a float32 value: it copies every element (ModelOpt reads a block's input through one
+// before the residual Add, `input_quantizer/Cast`).
+bool identity_cast(Graph& g, const Node& n) {
+  return n.is("Cast") && (n.domain.empty() || n.domain == "ai.onnx") && n.inputs.size() == 1 &&
+         n.outputs.size() == 1 && n.attr_int("to", 0) == static_cast<int64_t>(DataType::Float) &&
+         float32_value(g, n.inputs[0], 0);
+}
+
 // True for an op through which the rewrite stays exact (see the header comment), reading its input 0.
 bool commutes(Graph& g, int node) {
   const Node& n = g.nodes()[node];
+  if (identity_cast(g, n)) return true;
   if (!n.domain.empty() && n.domain != "ai.onnx") return false;
   if (n.op_type == "Relu" || n.op_type == "Reshape" || n.op_type == "Flatten" || n.op_type == "Transpose" ||
       n.op_type == "Squeeze" || n.op_type == "Unsqueeze" || n.op_type == "Identity")

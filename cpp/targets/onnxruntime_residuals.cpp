@@ -14,8 +14,8 @@
 //                the two D values is D of the max. max(q, z) is of the type, so the result is on the grid.
 //   MaxPool      max_i D(q_i) = D(max_i q_i) the same way; only with no padding and ceil_mode 0 (a window of
 //                padding alone would give -inf, which is on no grid) and its Indices output unused.
-//   Reshape / Flatten / Transpose / Squeeze / Unsqueeze / Identity  copy elements, each one D(q) of the grid,
-//                and the parameters are one scalar each (checked: per-tensor).
+//   Reshape / Flatten / Transpose / Squeeze / Unsqueeze / Identity / Cast float32 -> float32  copy elements,
+//                each one D(q) of the grid, and the parameters are one scalar each (checked: per-tensor).
 //   Clip is not taken: a bound off the grid puts values off it.
 //
 // The case that is NOT exact, kept unless requantize_residuals: an input u that is no DQ's grid value (a conv's
@@ -48,7 +48,8 @@ namespace {
 bool standard(const Node& n) { return n.domain.empty() || n.domain == "ai.onnx"; }
 
 // An op whose output is on its input's grid when its input is (see the header comment), reading input 0.
-bool keeps_grid(const Graph& g, const Node& n) {
+bool keeps_grid(Graph& g, const Node& n) {
+  if (identity_cast(g, n)) return true;
   if (!standard(n) || n.outputs.empty() || n.inputs.empty()) return false;
   if (n.op_type == "Relu" || n.op_type == "Reshape" || n.op_type == "Flatten" || n.op_type == "Transpose" ||
       n.op_type == "Squeeze" || n.op_type == "Unsqueeze" || n.op_type == "Identity")
@@ -72,12 +73,16 @@ int grid_source(Graph& g, const std::string& value, int depth = 0) {
   return keeps_grid(g, n) ? grid_source(g, n.inputs[0], depth + 1) : -1;
 }
 
-// A per-tensor quantizer the rewrite can copy that reads `value`, else -1.
+// A per-tensor quantizer the rewrite can copy that reads `value` (or, when `value` is an identity Cast's output,
+// the Cast's input: ModelOpt's block input reaches the Add through one and its next conv's quantizer directly),
+// else -1.
 int reading_quantizer(Graph& g, const std::string& value) {
   for (const graph::Use& u : g.uses(value))
     if (u.slot == 0 && g.nodes()[u.node].is("QuantizeLinear") &&
         std::holds_alternative<Quantizer>(read_quantizer(g, u.node)))
       return u.node;
+  const int p = value.empty() ? -1 : g.producer(value);
+  if (p >= 0 && identity_cast(g, g.nodes()[p])) return reading_quantizer(g, g.nodes()[p].inputs[0]);
   return -1;
 }
 

@@ -35,6 +35,8 @@ std::string describe(const graph::Graph& g, int node);
 std::variant<Quantizer, std::string> read_quantizer(graph::Graph& g, int q);
 // True for an op through which the rewrite stays exact, reading its input 0.
 bool commutes(graph::Graph& g, int node);
+// A Cast to float32 whose input is float32 (an identity).
+bool identity_cast(graph::Graph& g, const graph::Node& n);
 bool dequantized(const graph::Graph& g, const std::string& value);
 // Q(s, z) -> DQ(s, z) from `in` to `out` (new nodes, placed before node `before`), with q's parameters; with
 // `private_constants`, read from new copies of the scale and zero point.
