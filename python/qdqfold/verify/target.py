@@ -65,6 +65,9 @@ class TargetPlan:
     #: Why the approximate part could not be separated or is not what the report says (each a sentence).
     problems: list[str] = field(default_factory=list)
     not_separated: str | None = None  # why no reference could be built (the rows then compare with the original)
+    #: The quantizer checks: activation quantizers of the original whose grid the output keeps, and the copies
+    #: the target made, each on the grid of a quantizer the report names for it (``into``).
+    quantizers: dict[str, Any] = field(default_factory=dict)
 
 
 def target_of(report: Any) -> tuple[str, list[dict[str, Any]], dict[str, dict[str, int]]]:
@@ -85,6 +88,7 @@ def plan_target(base: _Model, fold: _Model, report: Any) -> TargetPlan | None:
         return None
     plan = TargetPlan(name=name, layers=layers, predicted=predicted,
                       approximate=[e for e in layers if e.get("folded") and e.get("exact") is False])
+    check_quantizers(plan, base, fold)
     if plan.approximate:
         _build_reference(plan, base, fold)
     return plan
@@ -133,7 +137,6 @@ def _build_reference(plan: TargetPlan, base: _Model, fold: _Model) -> None:
     original, folded = base.proto(), fold.proto()
     f_producer = {o: n for n in folded.graph.node for o in n.output}
     f_nodes, f_index = _nodes_by_report_name(folded.graph.node), {t.name: t for t in folded.graph.initializer}
-    o_nodes, o_index = _nodes_by_report_name(original.graph.node), {t.name: t for t in original.graph.initializer}
     reference = onnx.ModelProto()
     reference.CopyFrom(original)
     r_nodes = _nodes_by_report_name(reference.graph.node)
@@ -149,7 +152,6 @@ def _build_reference(plan: TargetPlan, base: _Model, fold: _Model) -> None:
             plan.not_separated = f"{node} is not the same node in the output and the original"
             break
         step = float(dict(entry.get("metrics") or {}).get("new_rounding_step", 0.0))
-        named = [_grid(o_index, o_nodes[q], base.folder) for q in entry.get("into", []) if q in o_nodes]
         for slot, (f_in, r_in) in enumerate(zip(fn.input, rn.input)):
             if f_in == r_in:
                 continue
@@ -166,9 +168,6 @@ def _build_reference(plan: TargetPlan, base: _Model, fold: _Model) -> None:
             if step and scale > step * (1 + 1e-6):
                 plan.problems.append(f"{node} rounds {r_in!r} with step {scale:.6g}, over the reported "
                                      f"new_rounding_step {step:.6g}")
-            if named and not any(_same_grid(grid, g) for g in named):
-                plan.problems.append(f"{node} rounds {r_in!r} on a grid that is none of the quantizers the report "
-                                     f"names for it ({', '.join(entry.get('into', []))})")
             tag = f"{_REFERENCE_TAG}::{node}::{slot}"
             inputs = []
             for k, name in enumerate(q.input[1:3], start=1):
@@ -204,3 +203,64 @@ def _build_reference(plan: TargetPlan, base: _Model, fold: _Model) -> None:
     reference.graph.node.extend(nodes)
     reference.graph.initializer.extend(tensors)
     plan.reference = _DerivedModel(reference, base.folder)
+
+
+def check_quantizers(plan: TargetPlan, base: _Model, fold: _Model) -> None:
+    """Static checks of the target's quantizers, what a certificate is to a fold: every activation quantizer of
+    the original that the output still has gives the same floats (the uint8 rewrite: zero point + 128), and every
+    activation QuantizeLinear the output adds at a target layer (after it, or on one of its inputs) is on the grid
+    of a quantizer the report names for that layer (``into``). A failure is a problem (verdict differs)."""
+    original, folded = base.proto(), fold.proto()
+    o_index, f_index = {t.name: t for t in original.graph.initializer}, {t.name: t for t in folded.graph.initializer}
+    o_nodes, f_nodes = _nodes_by_report_name(original.graph.node), _nodes_by_report_name(folded.graph.node)
+    o_named = {n.name: n for n in original.graph.node if n.name}
+    f_producer = {o: n for n in folded.graph.node for o in n.output}
+    f_readers: dict[str, list] = {}
+    for n in folded.graph.node:
+        for value in n.input:
+            f_readers.setdefault(value, []).append(n)
+    kept = copies = 0
+    unchecked: list[str] = []
+
+    def activation(n, index) -> bool:
+        return n.op_type in ("QuantizeLinear", "DequantizeLinear") and bool(n.input) and n.input[0] not in index
+
+    for n in folded.graph.node:  # the original's activation quantizers, kept
+        o = o_named.get(n.name) if n.name else None
+        if o is None or o.op_type != n.op_type or not activation(n, f_index) or not activation(o, o_index):
+            continue
+        grid_f, grid_o = _grid(f_index, n, fold.folder), _grid(o_index, o, base.folder)
+        if grid_f is None or grid_o is None:
+            continue
+        kept += 1
+        if not _same_grid(grid_f, grid_o):
+            plan.problems.append(f"{n.op_type} {n.name} gives other floats than in the original (scale or zero "
+                                 f"point changed: range {grid_f[1]:.6g}..{grid_f[2]:.6g}, was "
+                                 f"{grid_o[1]:.6g}..{grid_o[2]:.6g})")
+    new_qs: dict[int, tuple[Any, str]] = {}  # the output's added activation quantizers, by the target layer
+    for entry in plan.layers:
+        layer = f_nodes.get(entry["node"]) if entry.get("folded") else None
+        if layer is None:
+            continue
+        for n in (r for value in layer.output for r in f_readers.get(value, [])):
+            if n.op_type == "QuantizeLinear" and n.name not in o_named and activation(n, f_index):
+                new_qs[id(n)] = (n, entry["node"])
+        for value in layer.input:
+            dq = f_producer.get(value)
+            q = f_producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear" and q.name not in o_named and activation(q, f_index):
+                new_qs[id(q)] = (q, entry["node"])
+    into = {e["node"]: e.get("into", []) for e in plan.layers}
+    for q, layer_name in new_qs.values():
+        named = [_grid(o_index, o_nodes[name], base.folder) for name in into.get(layer_name, []) if name in o_nodes]
+        named = [g for g in named if g is not None]
+        grid = _grid(f_index, q, fold.folder)
+        if not named or grid is None:
+            unchecked.append(q.name or q.output[0])
+            continue
+        copies += 1
+        if not any(_same_grid(grid, g) for g in named):
+            plan.problems.append(f"the quantizer {q.name or q.output[0]} the target added at {layer_name} is on "
+                                 f"none of the grids of the quantizers the report names for it "
+                                 f"({', '.join(into.get(layer_name, []))})")
+    plan.quantizers = {"kept": kept, "copies": copies, "unchecked": unchecked}

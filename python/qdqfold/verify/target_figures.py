@@ -162,7 +162,7 @@ def target_section(plan: TargetPlan, result: VerifyResult, base: _Model, fold: _
         "rewrites": "differs" if plan.problems else "approximate" if plan.approximate else "exact",
         "judged_against": "the original (QAT export)" if plan.reference is None else
         "the original given the same new roundings (reference)",
-        "problems": list(plan.problems), "approximate": None,
+        "quantizers": dict(plan.quantizers), "problems": list(plan.problems), "approximate": None,
     }
     if plan.approximate:
         section["approximate"] = {

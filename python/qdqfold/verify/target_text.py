@@ -46,6 +46,10 @@ def target_lines(t: dict[str, Any], style: Any) -> list[str]:
         lines += ["    " + line for line in _table(rows, ["output", "max abs", "last-Q steps", "/range", "SNR dB",
                                                           "twin max abs", "twin/range", "top-1 changed"],
                                                    style, "lrrrrrrr")]
+    qz = t["quantizers"]
+    lines.append(f"  quantizers: {qz['kept']} of the original's give the same floats, {qz['copies']} added by the "
+                 f"target are on the grid of the quantizer each copies"
+                 + (f"; not checked: {', '.join(qz['unchecked'][:4])}" if qz["unchecked"] else ""))
     for problem in t["problems"]:
         lines += [style.bad(line) for line in wrapped(f"    {problem}", "", "      ")]
     s = t["saturation"]
