@@ -39,7 +39,9 @@ The package, one module a section: :mod:`.loading` (models and sessions), :mod:`
 :mod:`.steps` (quantization steps, quantized units), :mod:`.folds` (what the core's report says each fold did),
 :mod:`.twin` (the rounding twin), :mod:`.certificates`, :mod:`.judge` (figures and verdicts), :mod:`.attribution`
 (the runtime's integer kernels), :mod:`.result` (what verify returns); :mod:`.run` runs them level by level and
-:func:`verify` below drives it.
+:func:`verify` below drives it. A fold made with a deployment target (``target="onnxruntime"``) gets a ``target``
+section: :mod:`.target` (its plan, the reference an approximate rewrite is judged against, the quantizer checks),
+:mod:`.target_figures` (kernels measured, saturation coverage, deviation against the QAT export), :mod:`.target_text`.
 """
 
 from __future__ import annotations
