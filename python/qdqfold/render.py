@@ -178,6 +178,10 @@ def _verify_lines(v: VerifyResult, style: Style) -> list[str]:
         lines.append(text if after >= before else style.bad(text))
     if v.kernels is not None:
         lines += _kernel_verify_lines(v.kernels, style)
+    if v.target is not None:
+        from .verify.target_text import target_lines
+
+        lines += target_lines(v.target, style)
     return lines
 
 

@@ -39,7 +39,9 @@ The package, one module a section: :mod:`.loading` (models and sessions), :mod:`
 :mod:`.steps` (quantization steps, quantized units), :mod:`.folds` (what the core's report says each fold did),
 :mod:`.twin` (the rounding twin), :mod:`.certificates`, :mod:`.judge` (figures and verdicts), :mod:`.attribution`
 (the runtime's integer kernels), :mod:`.result` (what verify returns); :mod:`.run` runs them level by level and
-:func:`verify` below drives it.
+:func:`verify` below drives it. A fold made with a deployment target (``target="onnxruntime"``) gets a ``target``
+section: :mod:`.target` (its plan, the reference an approximate rewrite is judged against, the quantizer checks),
+:mod:`.target_figures` (kernels measured, saturation coverage, deviation against the QAT export), :mod:`.target_text`.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ from .loading import (_EXTERNAL_FOLDER, _IN_PLACE_BYTES, LEVELS, ModelLike, _der
                       _refer_to_file, _rewrite_trt, _run, _session)
 from .result import FLOOR_MULTIPLE, SCHEMA_VERSION, FoldCertificate, OutputCheck, VerifyError, VerifyResult
 from .run import EXTRA_INPUT_SETS, _Run
+from .target import plan_target
+from .target_figures import target_section
 from .steps import (QUANTIZED_UNIT_OPS, _units_in, _upstream, is_quantized_unit, last_quantizer_steps, onnx_external,
                     quantization_steps, quantized_units)
 from .twin import TWIN_ULPS, _next_ulp, _ort_bias_rounding, _twin_bytes, _twin_edits, rounding_twin
@@ -92,11 +96,24 @@ def verify(original: ModelLike, folded: ModelLike, *, tolerance: float = DEFAULT
         _level(lv)
     if report is None and (twin or certificates):
         report = _fold_again(base)
-    run = _Run(base, fold, report, levels, tolerance=tolerance, seed=seed, symbolic_size=symbolic_size, dims=dims,
+    # A fold with a deployment target: an approximate rewrite is judged against the original given the same new
+    # roundings (the reference), and measured against the original itself in the target section (.target).
+    plan = plan_target(base, fold, report)
+    compared = plan.reference if plan is not None and plan.reference is not None else base
+    run = _Run(compared, fold, report, levels, tolerance=tolerance, seed=seed, symbolic_size=symbolic_size, dims=dims,
                count_units=count_units, inputs=inputs, input_sets=input_sets, twin=twin, certificates=certificates)
+    if plan is not None and plan.approximate and plan.reference is None:
+        run.approximate = True  # not separable: the rows compare with the original, as for an approximate fold
     for lv in list(levels):
         run.level(lv)
-    return run.result(bool(rewritten))
+    result = run.result(bool(rewritten))
+    if plan is not None:
+        feeds = run.level_feeds.get("off", run.feed_sets)
+        result.target = target_section(plan, result, base, fold, report, seed, run.names, feeds)
+        if compared is not base and result.units_level is not None:  # the units before are the original's
+            result.quantized_units_before = result.target["kernels"]["measured"]["before"] \
+                if result.units_level == LEVELS["default"] else quantized_units(base)
+    return result
 
 
 def _fold_again(base: _Model) -> Any:

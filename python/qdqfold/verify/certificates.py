@@ -31,6 +31,13 @@ class _CertPlan:
     unit: float
     shift: Any = None  # per channel: |a * mean| + |beta|, the magnitudes the BN's own shift is rounded at
     forward_shift: Any = None  # forward folds: (|a * mean| + |beta|) / |a| per channel of x
+    #: The folded model's value compared with the original's ``y``: ``y`` itself, or where a deployment target
+    #: put an output quantizer after the layer (layer -> Q -> DQ -> y), the layer's own output before it.
+    y_folded: str = ""
+
+    @property
+    def compared(self) -> str:
+        return self.y_folded or self.y
 
 
 def _producer_closure(graph, targets: Sequence[str], stops: set[str]) -> list | None:
@@ -63,7 +70,8 @@ def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, repor
 
     o_nodes = _nodes_by_report_name(original.graph.node)
     f_nodes = _nodes_by_report_name(folded.graph.node)
-    f_produced = {o for n in folded.graph.node for o in n.output} | {i.name for i in folded.graph.input}
+    f_producer = {o: n for n in folded.graph.node for o in n.output}
+    f_produced = set(f_producer) | {i.name for i in folded.graph.input}
     f_inits = {t.name: t for t in folded.graph.initializer}
     o_inits = {t.name: t for t in original.graph.initializer}
     plans, skipped, chained = [], [], []
@@ -124,6 +132,7 @@ def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, repor
                              terms=max(terms, 1), bias=float(entry["metrics"].get("bias_error_at_output", 0.0)),
                              exact=entry["exact"] is not False, unit=_UNIT_ROUNDOFF.get(dtype, 2.0**-23))
             plan.abs_out = f"qdqfold_cert_abs::{y}" if layer is not None else None
+            plan.y_folded = _before_output_quantizer(f_producer, y)
             plan.layer = layer  # type: ignore[attr-defined]
             scale_shift = _bn_magnitudes(bn, o_inits, folder)
             if scale_shift is not None and backward:
@@ -157,6 +166,21 @@ def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, repor
             plans.append(plan)
     skipped += [node for node, layer in chained if layer is None or layer not in merged]
     return plans, skipped
+
+
+def _before_output_quantizer(producer: Mapping[str, Any], y: str) -> str:
+    """The layer's own output when a deployment target (``target="onnxruntime"``) put an output quantizer after
+    it, keeping the BN's output name on the DequantizeLinear: ``layer -> u -> Q -> DQ -> y`` gives ``u``, the value
+    the fold made (the quantizer's rounding is the target's, judged end to end); else "" (``y`` itself). A fold
+    alone never makes a DequantizeLinear produce a folded BN's output."""
+    dq = producer.get(y)
+    if dq is None or dq.op_type != "DequantizeLinear" or not dq.input:
+        return ""
+    q = producer.get(dq.input[0])
+    if q is None or q.op_type != "QuantizeLinear" or not q.input:
+        return ""
+    layer = producer.get(q.input[0])
+    return q.input[0] if layer is not None and layer.op_type in _LAYERS else ""
 
 
 def _nodes_by_report_name(nodes) -> dict[str, Any]:
@@ -276,7 +300,7 @@ def _certificate_model(folded: onnx.ModelProto, plans: list[_CertPlan], x_types:
         extra += _forward_magnitude(graph, p, layer.input[0], ax, x_types) or [helper.make_node("Abs", [layer.input[0]], [ax])]
         extra += [helper.make_node("Abs", [layer.input[1]], [aw]),
                   helper.make_node(layer.op_type, [ax, aw], [p.abs_out], **attrs)]
-    targets = [p.y for p in plans] + [p.abs_out for p in plans if p.abs_out]
+    targets = [p.compared for p in plans] + [p.abs_out for p in plans if p.abs_out]
     base = onnx.GraphProto()
     base.node.extend(list(graph.node) + extra)
     nodes = _producer_closure(base, targets, stops)

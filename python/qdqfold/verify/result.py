@@ -7,7 +7,7 @@ from typing import Any
 
 
 #: Version of the ``verify`` section of the JSON report.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: A fold is within the floor when its deviation is at most this multiple of the twin's (worst input sets).
 FLOOR_MULTIPLE = 4.0
@@ -81,14 +81,20 @@ class VerifyResult:
     #: (see _attribute_to_kernels): the level, the session option under which the fold is within the floor,
     #: the deployed figures per output, the integer layers measured one by one, and the option's cost.
     kernels: dict[str, Any] | None = None
+    #: Set when the output was made with a deployment target (the fold report's ``target``): onnxruntime's
+    #: integer kernels measured beside the report's prediction, the saturation check's coverage, the rewrites'
+    #: verdict and, for an approximate rewrite, how far the outputs move against the QAT export (verify/target.py).
+    target: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property
     def verdict(self) -> str:
         checks = [o for outs in (self.levels.values() or [self.outputs]) for o in outs]
-        if any(o.verdict == "differs" for o in checks) or any(not c.passed for c in self.certificates):
+        if any(o.verdict == "differs" for o in checks) or any(not c.passed for c in self.certificates) or \
+                (self.target is not None and self.target.get("problems")):
             return "differs"
-        if any(o.verdict == "approximate" for o in checks) or any(not c.exact_fold for c in self.certificates):
+        if any(o.verdict == "approximate" for o in checks) or any(not c.exact_fold for c in self.certificates) or \
+                (self.target is not None and self.target.get("approximate")):
             return "approximate"
         # No certificate, no "exact": the outputs agree, but a fold no certificate isolated is not proven.
         return "uncertified" if self.uncertified else "exact"
@@ -134,6 +140,9 @@ class VerifyResult:
         if self.passed:
             return None
         bad = [c for c in self.certificates if not c.passed]
+        if self.target is not None and self.target.get("problems") and not bad and \
+                all(o.verdict != "differs" for outs in self.levels.values() for o in outs):
+            return f"target {self.target['name']}: {self.target['problems'][0]}"
         if bad:
             c = max(bad, key=lambda c: c.ratio)
             return (f"fold of {c.node} into {', '.join(c.into)} is off by {c.max_abs:.3g} in channel {c.channel} "

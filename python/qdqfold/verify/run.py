@@ -216,7 +216,7 @@ class _Run:
                        for i in cert_session.get_inputs()}
         cert_out = dict(zip([o.name for o in cert_session.get_outputs()], cert_session.run(None, cert_inputs)))
         for p in plans:
-            c = _certify(p, exposed[p.y], cert_out[p.y], cert_out.get(p.abs_out) if p.abs_out else None)
+            c = _certify(p, exposed[p.y], cert_out[p.compared], cert_out.get(p.abs_out) if p.abs_out else None)
             key = f"{p.node}->{p.y}"
             if key not in self.certs or c.ratio > self.certs[key].ratio:
                 self.certs[key] = c
