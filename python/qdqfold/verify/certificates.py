@@ -104,7 +104,10 @@ def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, repor
                 continue
         dtype = o_inits[bn.input[1]].data_type if bn.input[1] in o_inits else 1
         for y in ys:
-            if y not in f_produced:
+            # The target's integer activations (cpp/targets/onnxruntime_integer_activations.cpp) remove the
+            # DequantizeLinear that carried y after the output quantizer: the layer's own output remains.
+            renamed = _renamed_by_target(f_produced, layer, y)
+            if y not in f_produced and not renamed:
                 # A chain (Conv -> BN -> BN): a later BN's fold into the same layer covers this one.
                 chained.append((entry["node"], layer.output[0] if layer is not None else None))
                 continue
@@ -132,7 +135,7 @@ def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, repor
                              terms=max(terms, 1), bias=float(entry["metrics"].get("bias_error_at_output", 0.0)),
                              exact=entry["exact"] is not False, unit=_UNIT_ROUNDOFF.get(dtype, 2.0**-23))
             plan.abs_out = f"qdqfold_cert_abs::{y}" if layer is not None else None
-            plan.y_folded = _before_output_quantizer(f_producer, y)
+            plan.y_folded = renamed or _before_output_quantizer(f_producer, y)
             plan.layer = layer  # type: ignore[attr-defined]
             scale_shift = _bn_magnitudes(bn, o_inits, folder)
             if scale_shift is not None and backward:
@@ -166,6 +169,15 @@ def _plan_certificates(original: onnx.ModelProto, folded: onnx.ModelProto, repor
             plans.append(plan)
     skipped += [node for node, layer in chained if layer is None or layer not in merged]
     return plans, skipped
+
+
+def _renamed_by_target(produced, layer, y: str) -> str:
+    """The layer's output when a deployment target renamed it ``y + "_unquantized"`` (an output quantizer after
+    it) and ``y`` itself is gone; else ""."""
+    if layer is None or not layer.output or y in produced:
+        return ""
+    out = layer.output[0]
+    return out if out in produced and out.startswith(y + "_unquantized") else ""
 
 
 def _before_output_quantizer(producer: Mapping[str, Any], y: str) -> str:
