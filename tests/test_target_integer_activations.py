@@ -139,3 +139,32 @@ def test_mobilenet_v2_relu6_chains_stay_integer_in_onnxruntime():
         return source(n.input[0]) if n.op_type == "Transpose" else n.op_type
 
     assert all(source(n.input[0]) == "QLinearConv" for n in clips), [source(n.input[0]) for n in clips]
+
+
+def test_a_relu_before_a_grid_input_stays_sorted_and_exact():
+    """A Relu between a DequantizeLinear and the Q -> DQ the residual rewrite added (grid-input) is a chain too,
+    whose QuantizeLinear the target itself created: the written graph must still be topologically sorted (found
+    by review: the Clip used to be written after the DequantizeLinear that reads it)."""
+    inits = [nh.from_array(np.array(0.05, np.float32), "s"), nh.from_array(np.array(128, np.uint8), "z"),
+             nh.from_array(np.array(0.07, np.float32), "s2"), nh.from_array(np.array(128, np.uint8), "z2")]
+    nodes = [h.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q0"),
+             h.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq0"),
+             h.make_node("Relu", ["xd"], ["v"], name="relu"),
+             h.make_node("QuantizeLinear", ["u", "s2", "z2"], ["uq"], name="qu"),
+             h.make_node("DequantizeLinear", ["uq", "s2", "z2"], ["ud"], name="dqu"),
+             h.make_node("Add", ["v", "ud"], ["y"], name="add")]
+    shape = [1, 4, 3, 3]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info(n, T.FLOAT, shape) for n in "xu"],
+                         [h.make_tensor_value_info("y", T.FLOAT, shape)], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    out, report = qdqfold_native.fold_with_report(model.SerializeToString(), target="onnxruntime")
+    records = {t["node"]: t for t in report["target_layers"]}
+    assert records["add"]["code"] == "grid-input" and records["relu"]["code"] == "integer-activation"
+    targeted = onnx.load_from_string(out)
+    onnx.checker.check_model(targeted, full_check=True)  # sorted, and every attribute valid for its op
+    (node,) = integer_clips(targeted)
+    assert [int(nh.to_array(t)) for n in node.input[1:] for t in targeted.graph.initializer if t.name == n] == [128, 255]
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        x = {"x": (rng.standard_normal(shape) * 5).astype(np.float32), "u": rng.standard_normal(shape).astype(np.float32)}
+        np.testing.assert_array_equal(run(out, x)[0], run(model, x)[0])

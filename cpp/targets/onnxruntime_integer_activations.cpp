@@ -3,6 +3,7 @@
 //
 //   before:  q -> DequantizeLinear(s, z) -> d -> Relu | Clip(lo, hi) -> c -> QuantizeLinear(s, z) -> q' -> ...
 //   after:   q -> Clip(q, L, H) -> q' -> ...          L = Q(lo) (Relu: Q(0) = z), H = Q(hi) (no hi: the type's max)
+//            (the QuantizeLinear node itself becomes the Clip, so it keeps its name and place)
 //
 // Why: at a symmetric zero point (ModelOpt's 0, z + 128 = 128 after uint8_activations) onnxruntime's
 // ReluQuantFusion and ClipQuantFusion cannot drop the activation, so after output_quantizer every Relu / Relu6
@@ -88,7 +89,10 @@ std::optional<Chain> select(Graph& g, int act) {
   const auto& uses = g.uses(c);
   if (g.is_graph_output(c) || g.reader_count(c) != 1 || uses.size() != 1 || uses[0].slot != 0) return std::nullopt;
   const int q = uses[0].node;
-  if (!g.nodes()[q].is("QuantizeLinear") || g.nodes()[q].outputs.size() != 1) return std::nullopt;
+  // The QuantizeLinear becomes the Clip: no attribute of its may remain (axis, saturate, ...).
+  if (!g.nodes()[q].is("QuantizeLinear") || g.nodes()[q].outputs.size() != 1 || g.nodes()[q].inputs.size() != 3 ||
+      !g.nodes()[q].attributes.empty())
+    return std::nullopt;
   auto from = read_quantizer(g, dq);
   auto to = read_quantizer(g, q);
   if (!std::holds_alternative<Quantizer>(from) || !std::holds_alternative<Quantizer>(to)) return std::nullopt;
@@ -124,23 +128,21 @@ std::string uint8_scalar(graph::Model& model, Graph& g, const std::string& base,
   return name;
 }
 
-// apply: DQ, the activation and Q become one integer Clip writing Q's output.
+// apply: the QuantizeLinear becomes the integer Clip, reading q (it stays where it is: after q's producer, which
+// comes before the DequantizeLinear, and before every reader of its output, so the graph stays sorted even when
+// the QuantizeLinear is one an earlier rewrite added); the DequantizeLinear and the activation go.
 void apply(graph::Model& model, Graph& g, const Chain& c, std::vector<std::string>& new_tensors) {
-  // Copies: the edits below move the node vector.
+  // Copies: the edits below change the nodes' inputs.
   const std::vector<std::string> dq_in = g.nodes()[c.dq].inputs, act_in = g.nodes()[c.act].inputs,
                                  q_in = g.nodes()[c.q].inputs;
-  const std::string d = g.nodes()[c.dq].outputs[0], a = g.nodes()[c.act].outputs[0], out = g.nodes()[c.q].outputs[0];
+  const std::string d = g.nodes()[c.dq].outputs[0], a = g.nodes()[c.act].outputs[0];
   const std::string base = g.nodes()[c.act].display_name(c.act) + "/integer";
-  Node clip;
-  clip.op_type = "Clip";
-  clip.name = model.fresh_name(base);
-  clip.inputs = {dq_in[0], uint8_scalar(model, g, base + "_min", c.lo, new_tensors),
-                 uint8_scalar(model, g, base + "_max", c.hi, new_tensors)};
-  clip.outputs = {out};
-  g.remove_node(c.q);
+  g.set_op_type(c.q, "Clip");
+  g.set_input(c.q, 0, dq_in[0]);
+  g.set_input(c.q, 1, uint8_scalar(model, g, base + "_min", c.lo, new_tensors));
+  g.set_input(c.q, 2, uint8_scalar(model, g, base + "_max", c.hi, new_tensors));
   g.remove_node(c.act);
   g.remove_node(c.dq);
-  g.add_node_before(std::move(clip), c.q);
   g.remove_value_info(d);
   g.remove_value_info(a);
   for (const auto* inputs : {&dq_in, &act_in, &q_in})
