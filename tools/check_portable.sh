@@ -38,7 +38,7 @@ compile() {  # source -> object; cpp/platform/ without the shim
   "$cxx" $STRICT "${extra[@]}" -c "$src" -o "$obj" || { echo "FAILED: $src" >&2; return 1; }
 }
 export -f compile
-sources=$(ls cpp/graph/*.cpp cpp/folds/*.cpp cpp/folds/*/*.cpp cpp/folds/*/*/*.cpp cpp/targets/*.cpp cpp/kernels/*.cpp cpp/core/*.cpp cpp/platform/*.cpp tools/fold_file_main.cpp)
+sources=$(ls cpp/graph/*.cpp cpp/folds/*.cpp cpp/folds/*/*.cpp cpp/folds/*/*/*.cpp cpp/targets/*.cpp cpp/predict/*.cpp cpp/kernels/*.cpp cpp/core/*.cpp cpp/platform/*.cpp tools/fold_file_main.cpp)
 echo "$sources" | xargs -P "$jobs" -I{} bash -c 'compile {}'
 "$cxx" -o "$build/qdqfold_fold_file" "$build"/obj/*.o -pthread
 echo "compiled $(echo "$sources" | wc -l) sources"

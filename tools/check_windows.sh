@@ -29,7 +29,7 @@ compile() {
     || { echo "FAILED: $1" >&2; return 1; }
 }
 export -f compile
-ls cpp/graph/*.cpp cpp/folds/*.cpp cpp/folds/*/*.cpp cpp/folds/*/*/*.cpp cpp/targets/*.cpp cpp/kernels/*.cpp cpp/core/*.cpp cpp/platform/*.cpp tools/fold_file_main.cpp \
+ls cpp/graph/*.cpp cpp/folds/*.cpp cpp/folds/*/*.cpp cpp/folds/*/*/*.cpp cpp/targets/*.cpp cpp/predict/*.cpp cpp/kernels/*.cpp cpp/core/*.cpp cpp/platform/*.cpp tools/fold_file_main.cpp \
   | xargs -P "$jobs" -I{} bash -c 'compile {}'
 # Static: the program runs under a bare Wine prefix with no MinGW DLLs beside it.
 "$cxx" -o "$build/qdqfold_fold_file.exe" "$build"/obj/*.o -static -static-libgcc -static-libstdc++
