@@ -104,3 +104,16 @@ def test_requantize_residuals_makes_every_conv_and_the_add_integer(data):
     (add,) = [e for e in report["target_layers"] if e["op_type"] == "Add"]
     assert (add["code"], add["exact"]) == ("requantized-residual", False)
     assert add["metrics"]["new_rounding_step"] > 0
+
+
+def test_requantize_residuals_rounds_the_cast_block_input_with_the_next_convs_quantizer(data):
+    """ModelOpt reads the block input through a float32 -> float32 Cast before the Add; that Cast is an identity,
+    so the input is rounded with the quantizer that already reads the Cast's input (features.3's first conv's), not
+    with the Add's output quantizer (features.4's), whose smaller range clipped it (found on real exports)."""
+    model = onnx.load_from_string(data)
+    (cast,) = [n for n in model.graph.node if n.op_type == "Cast"]
+    (reader,) = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == cast.input[0]]
+    _, report = qdqfold_native.fold_with_report(data, target="onnxruntime", requantize_residuals=True)
+    (add,) = [e for e in report["target_layers"] if e["op_type"] == "Add"]
+    assert reader.name in add["into"], (reader.name, add["into"])
+    assert f"input '{cast.output[0]}' rounded with the parameters of QuantizeLinear '{reader.name}'" in add["message"]

@@ -27,6 +27,7 @@ from helpers.exporters.modelopt_qat import mobilenet_v2_qat, resnet_qat
 from helpers.qdq import ort_op_counts
 from qdqfold.verify import verify
 from qdqfold.verify.steps import is_quantized_unit
+from test_target_residuals import conv_residual  # x -> Q -> DQ -> Conv -> c; Add(c, x) -> Q -> DQ -> y
 
 OFF = ("off",)
 SHAPE = [1, 4, 6, 6]
@@ -115,25 +116,6 @@ def test_a_wrong_output_quantizer_fails_verify(resnet):
     # Named either first (the outputs still within the twin) or among the target's problems (the outputs moved too).
     named = [p for p in [result.failure_message(), *result.target["problems"]] if inserted[0] in p and "grids" in p]
     assert named, (result.failure_message(), result.target["problems"])
-
-
-def conv_residual():
-    """x -> Q -> DQ -> Conv -> c; Add(c, x) -> Q(sy) -> DQ -> y: both Add inputs float, on no quantizer's grid."""
-    rng = np.random.default_rng(5)
-    inits = [nh.from_array(np.array(0.05, np.float32), "sx"), nh.from_array(np.array(0, np.int8), "z"),
-             nh.from_array(rng.integers(-127, 128, (4, 4, 3, 3)).astype(np.int8), "wq"),
-             nh.from_array(np.full(4, 0.004, np.float32), "sw"), nh.from_array(np.zeros(4, np.int8), "zw"),
-             nh.from_array(np.array(0.08, np.float32), "sy")]
-    nodes = [h.make_node("QuantizeLinear", ["x", "sx", "z"], ["xq"], name="qx"),
-             h.make_node("DequantizeLinear", ["xq", "sx", "z"], ["xd"], name="dqx"),
-             h.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], name="dqw", axis=0),
-             h.make_node("Conv", ["xd", "wd"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-             h.make_node("Add", ["c", "x"], ["s"], name="add"),
-             h.make_node("QuantizeLinear", ["s", "sy", "z"], ["sq"], name="qy"),
-             h.make_node("DequantizeLinear", ["sq", "sy", "z"], ["y"], name="dqy")]
-    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, SHAPE)],
-                         [h.make_tensor_value_info("y", T.FLOAT, SHAPE)], inits)
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
 
 
 def test_requantize_residuals_is_approximate_with_a_measured_bounded_deviation():

@@ -231,23 +231,30 @@ std::optional<ConstRef> Graph::constant(const std::string& value) {
 
 namespace {
 
+// The last length-delimited field `field` of message `body`, or nullopt.
+std::optional<std::string_view> sub_message(std::string_view body, uint32_t field, const char* base) {
+  Reader r(body, base);
+  std::optional<std::string_view> found;
+  while (!r.done()) {
+    Field f = r.next("value_info");
+    if (f.number == field && f.type == WireType::Bytes) found = f.bytes;
+  }
+  return found;
+}
+
+// ValueInfoProto.type -> TypeProto.tensor_type, or nullopt.
+std::optional<std::string_view> tensor_type(const ValueInfo& v, const char* base) {
+  auto type = sub_message(v.body, num(ValueInfoField::Type), base);
+  if (!type) return std::nullopt;
+  return sub_message(*type, num(TypeField::TensorType), base);
+}
+
 // The dims of a ValueInfoProto's tensor shape, -1 where a dim is symbolic or unknown; nullopt without a shape.
 std::optional<std::vector<int64_t>> declared_dims(const ValueInfo& v, const char* base) {
   // ValueInfoProto.type -> TypeProto.tensor_type -> shape -> dim*
-  auto sub = [&](std::string_view body, uint32_t field) -> std::optional<std::string_view> {
-    Reader r(body, base);
-    std::optional<std::string_view> found;
-    while (!r.done()) {
-      Field f = r.next("value_info");
-      if (f.number == field && f.type == WireType::Bytes) found = f.bytes;
-    }
-    return found;
-  };
-  auto type = sub(v.body, num(ValueInfoField::Type));
-  if (!type) return std::nullopt;
-  auto tensor = sub(*type, num(TypeField::TensorType));
+  auto tensor = tensor_type(v, base);
   if (!tensor) return std::nullopt;
-  auto shape = sub(*tensor, num(TensorTypeField::Shape));
+  auto shape = sub_message(*tensor, num(TensorTypeField::Shape), base);
   if (!shape) return std::nullopt;
   std::vector<int64_t> dims;
   Reader r(*shape, base);
@@ -269,18 +276,7 @@ std::optional<std::vector<int64_t>> declared_dims(const ValueInfo& v, const char
 
 // ValueInfoProto.type -> TypeProto.tensor_type -> elem_type, or nullopt.
 static std::optional<int32_t> declared_elem_type(const ValueInfo& v, const char* base) {
-  auto sub = [&](std::string_view body, uint32_t field) -> std::optional<std::string_view> {
-    Reader r(body, base);
-    std::optional<std::string_view> found;
-    while (!r.done()) {
-      Field f = r.next("value_info");
-      if (f.number == field && f.type == WireType::Bytes) found = f.bytes;
-    }
-    return found;
-  };
-  auto type = sub(v.body, num(ValueInfoField::Type));
-  if (!type) return std::nullopt;
-  auto tensor = sub(*type, num(TypeField::TensorType));
+  auto tensor = tensor_type(v, base);
   if (!tensor) return std::nullopt;
   std::optional<int32_t> elem;
   Reader r(*tensor, base);
