@@ -43,7 +43,7 @@ from onnx import numpy_helper
 import qdqfold_native
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from target_onnxruntime_cpu import machine, on_avx2_only  # noqa: E402
+from target_onnxruntime_cpu import machine, on_avx2_only, session_options  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Integer kernels onnxruntime forms on the CPU (any op whose name starts with QLinear counts too), and the float
@@ -59,14 +59,7 @@ TIMED = ("qat", "float", "folded", "target", "target_sfw", "requant", "requant_s
 
 
 def session(data: bytes, saved: str | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    if saved:
-        so.optimized_model_filepath = saved
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(data, session_options(saved), providers=["CPUExecutionProvider"])
 
 
 def optimized_ops(data: bytes) -> tuple[dict[str, int], dict[str, int]]:

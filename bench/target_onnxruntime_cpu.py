@@ -39,7 +39,9 @@ def machine() -> dict:
     return {"model_name": name, "flags": {f: f in words for f in FLAGS}, "cores": os.cpu_count()}
 
 
-def _outputs(path: Path, feeds: dict, option: bool) -> list[np.ndarray]:
+def session_options(saved: str | None = None, quant_precision: bool = False):
+    """The benches' onnxruntime options: default level, one thread, quiet; ``saved``: where onnxruntime writes the
+    model it optimised; ``quant_precision``: ``session.x64quantprecision=1`` (16-bit products, no saturation)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -47,8 +49,17 @@ def _outputs(path: Path, feeds: dict, option: bool) -> list[np.ndarray]:
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    if option:
+    if saved:
+        so.optimized_model_filepath = saved
+    if quant_precision:
         so.add_session_config_entry("session.x64quantprecision", "1")
+    return so
+
+
+def _outputs(path: Path, feeds: dict, option: bool) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    so = session_options(quant_precision=option)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
