@@ -60,11 +60,12 @@ void run_target(graph::Model& model, const Options& options, std::map<std::strin
   // leaves alone stays byte for byte as it was).
   bool changed = false;
   for (const auto& r : report.target_layers) changed = changed || r.folded;
-  for (graph::Graph* g : model.all_graphs())
-    if (changed && g->kind != graph::GraphKind::Function) uint8_activations(model, *g);
   // Then, on those uint8 pairs, the activations between equal quantizers run on the integers.
   for (graph::Graph* g : model.all_graphs())
-    if (changed && g->kind != graph::GraphKind::Function) integer_activations(model, *g, report.target_layers);
+    if (changed && g->kind != graph::GraphKind::Function) {
+      uint8_activations(model, *g);
+      integer_activations(model, *g, report.target_layers);
+    }
   report.target_kernels.before = std::move(kernels_before);
   report.target_kernels.after = predict_onnxruntime_kernels(model);
 }
